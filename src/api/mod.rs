@@ -1,0 +1,374 @@
+//! Client-facing endpoints: recognises the OpenAI shape (`/v1/...`) and the Azure shape
+//! (`/openai/deployments/{route}/...`), checks the body just enough to route it, and produces
+//! one `ApiCall`. It reads only the fields the gateway needs and never re-serialises a body.
+
+pub mod body;
+pub mod multipart;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::error::GatewayError;
+
+/// An operation of the OpenAI API that the gateway proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    ImagesGenerations,
+    AudioTranscriptions,
+    AudioTranslations,
+    AudioSpeech,
+    Moderations,
+    Responses,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 9] = [
+        Operation::ChatCompletions,
+        Operation::Completions,
+        Operation::Embeddings,
+        Operation::ImagesGenerations,
+        Operation::AudioTranscriptions,
+        Operation::AudioTranslations,
+        Operation::AudioSpeech,
+        Operation::Moderations,
+        Operation::Responses,
+    ];
+
+    /// The path below `/v1/` (and below `/openai/deployments/{d}/` for Azure).
+    pub fn path(self) -> &'static str {
+        match self {
+            Operation::ChatCompletions => "chat/completions",
+            Operation::Completions => "completions",
+            Operation::Embeddings => "embeddings",
+            Operation::ImagesGenerations => "images/generations",
+            Operation::AudioTranscriptions => "audio/transcriptions",
+            Operation::AudioTranslations => "audio/translations",
+            Operation::AudioSpeech => "audio/speech",
+            Operation::Moderations => "moderations",
+            Operation::Responses => "responses",
+        }
+    }
+
+    pub fn from_path(p: &str) -> Option<Operation> {
+        Operation::ALL.into_iter().find(|op| op.path() == p)
+    }
+
+    /// The request is `multipart/form-data` (audio uploads), not JSON.
+    pub fn is_multipart(self) -> bool {
+        matches!(
+            self,
+            Operation::AudioTranscriptions | Operation::AudioTranslations
+        )
+    }
+
+    /// Azure OpenAI serves this operation under `/openai/deployments/{deployment}/`;
+    /// the others (responses) take the deployment in the body's `model`.
+    pub fn azure_deployment_scoped(self) -> bool {
+        !matches!(self, Operation::Responses)
+    }
+
+    /// The body fields this operation cannot do without, checked before routing so a bad
+    /// request fails fast with a message that says where.
+    fn required(self) -> &'static [(&'static str, Expect)] {
+        match self {
+            Operation::ChatCompletions => &[("messages", Expect::Array)],
+            Operation::Completions => &[("prompt", Expect::Present)],
+            Operation::Embeddings => &[("input", Expect::Present)],
+            Operation::ImagesGenerations => &[("prompt", Expect::String)],
+            Operation::AudioSpeech => &[("input", Expect::String)],
+            Operation::Moderations => &[("input", Expect::Present)],
+            Operation::Responses => &[],
+            Operation::AudioTranscriptions | Operation::AudioTranslations => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Present,
+    Array,
+    String,
+}
+
+/// Which client shape the request came in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shape {
+    OpenAi,
+    /// `/openai/deployments/{route}/...`: the route comes from the path.
+    Azure {
+        route: String,
+    },
+}
+
+/// What a request asks of the gateway, by method and path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Call(Operation, Shape),
+    ListModels,
+    GetModel(String),
+    Healthz,
+    Readyz,
+    Metrics,
+    AdminRoutes,
+    AdminReload,
+    AdminSpend,
+    NotFound,
+    WrongMethod,
+}
+
+/// Maps method and path to a target. Accepts `/v1/x`, `/x` (clients whose base URL has no
+/// `/v1`), `/openai/v1/x` (Azure's v1 path) and `/openai/deployments/{route}/x`.
+pub fn classify(method: &http::Method, path: &str) -> Target {
+    let get = method == http::Method::GET;
+    let post = method == http::Method::POST;
+    let either = |ok: bool, t: Target| if ok { t } else { Target::WrongMethod };
+    match path {
+        "/healthz" => return either(get, Target::Healthz),
+        "/readyz" => return either(get, Target::Readyz),
+        "/metrics" => return either(get, Target::Metrics),
+        "/admin/routes" => return either(get, Target::AdminRoutes),
+        "/admin/reload" => return either(post, Target::AdminReload),
+        "/admin/spend" => return either(get, Target::AdminSpend),
+        _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/openai/deployments/") {
+        let Some((route, op)) = rest.split_once('/') else {
+            return Target::NotFound;
+        };
+        let Some(op) = Operation::from_path(op.trim_end_matches('/')) else {
+            return Target::NotFound;
+        };
+        let route = percent_decode(route);
+        return either(post, Target::Call(op, Shape::Azure { route }));
+    }
+    let rest = path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/openai/"))
+        .or_else(|| path.strip_prefix("/v1/"))
+        .or_else(|| path.strip_prefix('/'))
+        .unwrap_or(path)
+        .trim_end_matches('/');
+    if rest == "models" {
+        return either(get, Target::ListModels);
+    }
+    if let Some(id) = rest.strip_prefix("models/") {
+        return either(get, Target::GetModel(percent_decode(id)));
+    }
+    match Operation::from_path(rest) {
+        Some(op) => either(post, Target::Call(op, Shape::OpenAi)),
+        None => Target::NotFound,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = |b: u8| (b as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One client request, checked and ready to send: what every later stage works from.
+pub struct ApiRequest {
+    pub op: Operation,
+    /// The route named by `model` (OpenAI shape) or by the path (Azure shape).
+    pub route: String,
+    pub body: Bytes,
+    pub payload: Payload,
+    pub stream: bool,
+    /// The client's headers that may travel upstream (no credentials, no hop-by-hop).
+    pub upstream_headers: HeaderMap,
+    pub request_id: HeaderValue,
+}
+
+pub enum Payload {
+    Json {
+        slot: body::ModelSlot,
+        model: Option<String>,
+    },
+    Multipart {
+        boundary: String,
+        model: Option<String>,
+    },
+}
+
+/// Client headers that never go upstream: credentials, hop-by-hop headers, lengths and
+/// encodings the gateway sets itself, and the gateway's own.
+fn forwardable(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "host"
+            | "authorization"
+            | "api-key"
+            | "cookie"
+            | "content-length"
+            | "transfer-encoding"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "accept-encoding"
+            | "x-request-id"
+    ) && !name.as_str().starts_with("x-switchyard-")
+}
+
+impl ApiRequest {
+    pub fn parse(
+        op: Operation,
+        shape: Shape,
+        headers: &HeaderMap,
+        body: Bytes,
+        request_id: HeaderValue,
+    ) -> Result<ApiRequest, GatewayError> {
+        let (payload, stream) = if op.is_multipart() {
+            let ct = headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok());
+            let boundary = multipart::boundary(ct)?;
+            let model = multipart::field(&body, &boundary, "model");
+            let stream = multipart::field(&body, &boundary, "stream").as_deref() == Some("true");
+            (Payload::Multipart { boundary, model }, stream)
+        } else {
+            let head = body::JsonHead::parse(&body)?;
+            check_json_shape(op, &head)?;
+            let model = head.model()?;
+            let stream = head.stream()?;
+            (
+                Payload::Json {
+                    slot: head.model_slot(),
+                    model,
+                },
+                stream,
+            )
+        };
+        let client_model = match &payload {
+            Payload::Json { model, .. } | Payload::Multipart { model, .. } => model.clone(),
+        };
+        let route = match shape {
+            Shape::Azure { route } => route,
+            Shape::OpenAi => client_model.ok_or_else(|| {
+                GatewayError::invalid_request(format!("`model` is required for /v1/{}", op.path()))
+                    .with_param("model")
+            })?,
+        };
+        let mut upstream_headers = HeaderMap::with_capacity(headers.len() + 1);
+        for (name, value) in headers {
+            if forwardable(name) {
+                upstream_headers.append(name.clone(), value.clone());
+            }
+        }
+        upstream_headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        Ok(ApiRequest {
+            op,
+            route,
+            body,
+            payload,
+            stream,
+            upstream_headers,
+            request_id,
+        })
+    }
+
+    pub fn request_id_str(&self) -> &str {
+        self.request_id.to_str().unwrap_or("")
+    }
+
+    /// The body with `model` naming `model`; the same bytes when it already does.
+    pub fn body_with_model(&self, model: &str) -> Bytes {
+        match &self.payload {
+            Payload::Json { model: Some(m), .. } | Payload::Multipart { model: Some(m), .. }
+                if m == model =>
+            {
+                self.body.clone()
+            }
+            Payload::Json { slot, .. } => slot.apply(&self.body, model),
+            Payload::Multipart { boundary, .. } => {
+                multipart::with_field(&self.body, boundary, "model", model)
+            }
+        }
+    }
+}
+
+/// The body checked against the endpoint's shape, with what the gateway needs from it.
+pub fn check_json_shape(op: Operation, head: &body::JsonHead<'_>) -> Result<(), GatewayError> {
+    for (field, expect) in op.required() {
+        let value = head.field(field);
+        let ok = match (expect, value) {
+            (_, None) => false,
+            (Expect::Present, Some(v)) => v.get() != "null",
+            (Expect::Array, Some(v)) => v.get().starts_with('['),
+            (Expect::String, Some(v)) => v.get().starts_with('"'),
+        };
+        if !ok {
+            let what = match expect {
+                Expect::Present => "is required",
+                Expect::Array => "must be an array",
+                Expect::String => "must be a string",
+            };
+            return Err(GatewayError::invalid_request(format!(
+                "`{field}` {what} for /v1/{}",
+                op.path()
+            ))
+            .with_param(*field));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    #[test]
+    fn paths() {
+        assert_eq!(
+            classify(&Method::POST, "/v1/chat/completions"),
+            Target::Call(Operation::ChatCompletions, Shape::OpenAi)
+        );
+        assert_eq!(
+            classify(&Method::POST, "/chat/completions"),
+            Target::Call(Operation::ChatCompletions, Shape::OpenAi)
+        );
+        assert_eq!(
+            classify(
+                &Method::POST,
+                "/openai/deployments/gpt-4o/audio/transcriptions"
+            ),
+            Target::Call(
+                Operation::AudioTranscriptions,
+                Shape::Azure {
+                    route: "gpt-4o".into()
+                }
+            )
+        );
+        assert_eq!(classify(&Method::GET, "/v1/models"), Target::ListModels);
+        assert_eq!(classify(&Method::GET, "/openai/models"), Target::ListModels);
+        assert_eq!(
+            classify(&Method::GET, "/v1/models/a%2Fb"),
+            Target::GetModel("a/b".into())
+        );
+        assert_eq!(
+            classify(&Method::GET, "/v1/chat/completions"),
+            Target::WrongMethod
+        );
+        assert_eq!(classify(&Method::POST, "/v1/files"), Target::NotFound);
+    }
+}

@@ -1,0 +1,592 @@
+//! `routes.yaml`: reading, typing and checking. Owns every rule about the file; the rest of the
+//! gateway gets a `Loaded` value that already passed every check. Errors carry
+//! `file:line:column`, and all of them are reported at once.
+
+mod types;
+pub mod yaml;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+pub use types::*;
+use yaml::{path_string, EnvSource, Pos, Positions, Seg};
+
+/// One finding about the config, with its place in the file.
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// Every error found in one config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: String,
+    pub errors: Vec<Diagnostic>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, e.pos.line, e.pos.col, e.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A config that passed every check, with what was derived while checking it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub file: String,
+    pub config: Config,
+    /// SHA-256 of each client key, in the order of `config.keys`.
+    pub key_hashes: Vec<[u8; 32]>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    pub fn warning_lines(&self) -> Vec<String> {
+        self.warnings
+            .iter()
+            .map(|w| {
+                format!(
+                    "{}:{}:{}: warning: {}",
+                    self.file, w.pos.line, w.pos.col, w.message
+                )
+            })
+            .collect()
+    }
+}
+
+/// Reads a config file, taking `${VAR}` from the process environment.
+pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: file.clone(),
+        errors: vec![Diagnostic {
+            pos: Pos { line: 1, col: 1 },
+            message: format!("cannot read the config file: {e}"),
+        }],
+    })?;
+    let env = |name: &str| std::env::var(name).ok();
+    load_str(&text, &file, &env)
+}
+
+/// Parses and checks config text. `file` is only used in messages.
+pub fn load_str(text: &str, file: &str, env: &dyn EnvSource) -> Result<Loaded, ConfigErrors> {
+    let fail = |errors: Vec<Diagnostic>| ConfigErrors {
+        file: file.to_string(),
+        errors,
+    };
+    let (value, positions) = yaml::parse(text, env).map_err(|errs| {
+        fail(
+            errs.into_iter()
+                .map(|e| Diagnostic {
+                    pos: e.pos,
+                    message: e.message,
+                })
+                .collect(),
+        )
+    })?;
+    let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut path: Vec<Seg> = e
+            .path()
+            .iter()
+            .filter_map(|s| match s {
+                serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
+                _ => None,
+            })
+            .collect();
+        let inner = e.into_inner().to_string();
+        // Point an unknown field at the field itself, not at its parent.
+        let pos = match unknown_field_name(&inner) {
+            Some(name) if !path.ends_with(&[Seg::Key(name.clone())]) => {
+                path.push(Seg::Key(name));
+                positions.key(&path)
+            }
+            Some(_) => positions.key(&path),
+            None => positions.value(&path),
+        };
+        let at = path_string(&path);
+        let message = if at.is_empty() {
+            inner
+        } else {
+            format!("{at}: {inner}")
+        };
+        fail(vec![Diagnostic { pos, message }])
+    })?;
+    let mut check = Checker {
+        positions: &positions,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let key_hashes = check.run(&config);
+    if !check.errors.is_empty() {
+        return Err(fail(check.errors));
+    }
+    Ok(Loaded {
+        file: file.to_string(),
+        config,
+        key_hashes,
+        warnings: check.warnings,
+    })
+}
+
+fn unknown_field_name(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// SHA-256 of a client key, as stored in `routes.yaml` (`sha256:<hex>`).
+pub fn hash_key(plain: &str) -> [u8; 32] {
+    Sha256::digest(plain.as_bytes()).into()
+}
+
+struct Checker<'a> {
+    positions: &'a Positions,
+    errors: Vec<Diagnostic>,
+    warnings: Vec<Diagnostic>,
+}
+
+fn p(segs: &[&str]) -> Vec<Seg> {
+    segs.iter().map(|s| Seg::Key(s.to_string())).collect()
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: &[Seg], message: impl Into<String>) {
+        self.errors.push(Diagnostic {
+            pos: self.positions.value(path),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, path: &[Seg], message: impl Into<String>) {
+        self.warnings.push(Diagnostic {
+            pos: self.positions.key(path),
+            message: message.into(),
+        });
+    }
+
+    fn run(&mut self, c: &Config) -> Vec<[u8; 32]> {
+        self.server(c);
+        self.providers(c);
+        self.routes(c);
+        self.fallback_cycles(c);
+        let hashes = self.keys(c);
+        self.not_yet_enforced(c);
+        hashes
+    }
+
+    fn server(&mut self, c: &Config) {
+        if c.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            self.error(
+                &p(&["server", "listen"]),
+                format!(
+                    "server.listen: `{}` is not an address like 0.0.0.0:8080",
+                    c.server.listen
+                ),
+            );
+        }
+        if c.server.max_body.0 == 0 {
+            self.error(
+                &p(&["server", "max_body"]),
+                "server.max_body must be larger than 0",
+            );
+        }
+        if let Some(ledger) = &c.state.ledger {
+            if !(ledger.starts_with("sqlite:")
+                || ledger.starts_with("postgres://")
+                || ledger.starts_with("postgresql://"))
+            {
+                self.error(
+                    &p(&["state", "ledger"]),
+                    "state.ledger must be a sqlite:// or postgres:// URL",
+                );
+            }
+        }
+    }
+
+    fn providers(&mut self, c: &Config) {
+        for (name, provider) in &c.providers {
+            let (field, url) = match provider {
+                ProviderCfg::AzureOpenai(a) => ("endpoint", a.endpoint.as_str()),
+                ProviderCfg::Openai(o) => ("base_url", o.base_url.as_str()),
+                ProviderCfg::Mock(_) => continue,
+            };
+            let path = p(&["providers", name, field]);
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => self.error(
+                    &path,
+                    format!("providers.{name}.{field}: `{url}` is not an http(s) URL"),
+                ),
+            }
+        }
+    }
+
+    fn routes(&mut self, c: &Config) {
+        if c.models.is_empty() {
+            self.warn(
+                &p(&["models"]),
+                "no model routes: every request will get 404",
+            );
+        }
+        for (route, r) in &c.models {
+            let base = p(&["models", route]);
+            if r.deployments.is_empty() {
+                let mut path = base.clone();
+                path.push(Seg::Key("deployments".into()));
+                self.error(&path, format!("route `{route}` has no deployments"));
+            }
+            for (i, d) in r.deployments.iter().enumerate() {
+                let mut path = base.clone();
+                path.extend([Seg::Key("deployments".into()), Seg::Index(i)]);
+                if !c.providers.contains_key(&d.provider) {
+                    let mut pp = path.clone();
+                    pp.push(Seg::Key("provider".into()));
+                    self.error(
+                        &pp,
+                        format!(
+                            "route `{route}`: unknown provider `{}`{}",
+                            d.provider,
+                            known(c.providers.keys())
+                        ),
+                    );
+                }
+                if !(d.weight.is_finite() && d.weight >= 0.0) {
+                    let mut pp = path.clone();
+                    pp.push(Seg::Key("weight".into()));
+                    self.error(&pp, "weight must be a number >= 0");
+                }
+            }
+            if !r.deployments.is_empty() && r.deployments.iter().all(|d| d.weight == 0.0) {
+                let mut path = base.clone();
+                path.push(Seg::Key("deployments".into()));
+                self.error(
+                    &path,
+                    format!("route `{route}`: every deployment has weight 0"),
+                );
+            }
+            for (list_name, list) in [
+                ("fallbacks", &r.fallbacks),
+                ("context_fallbacks", &r.context_fallbacks),
+                ("content_filter_fallbacks", &r.content_filter_fallbacks),
+            ] {
+                for (i, target) in list.iter().enumerate() {
+                    let mut path = base.clone();
+                    path.extend([Seg::Key(list_name.into()), Seg::Index(i)]);
+                    if target == route {
+                        self.error(&path, format!("route `{route}` falls back to itself"));
+                    } else if !c.models.contains_key(target) {
+                        self.error(
+                            &path,
+                            format!("route `{route}`: {list_name} names unknown route `{target}`"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fallback chains must end: a cycle (a -> b -> a) would bounce a failing request forever.
+    fn fallback_cycles(&mut self, c: &Config) {
+        let mut state: HashMap<&str, Visit> = HashMap::new();
+        let mut trail = Vec::new();
+        for route in c.models.keys() {
+            self.visit(c, route, &mut state, &mut trail);
+        }
+    }
+
+    fn visit<'c>(
+        &mut self,
+        c: &'c Config,
+        route: &'c str,
+        state: &mut HashMap<&'c str, Visit>,
+        trail: &mut Vec<&'c str>,
+    ) {
+        if state.contains_key(route) {
+            return;
+        }
+        let Some(r) = c.models.get(route) else { return };
+        state.insert(route, Visit::OnPath);
+        trail.push(route);
+        for (list, targets) in [
+            ("fallbacks", &r.fallbacks),
+            ("context_fallbacks", &r.context_fallbacks),
+            ("content_filter_fallbacks", &r.content_filter_fallbacks),
+        ] {
+            for (i, target) in targets.iter().enumerate() {
+                if target == route || !c.models.contains_key(target) {
+                    continue; // reported by `routes`
+                }
+                match state.get(target.as_str()) {
+                    Some(Visit::OnPath) => {
+                        let from = trail.iter().position(|t| t == target).unwrap_or(0);
+                        let mut cycle = trail[from..].to_vec();
+                        cycle.push(target);
+                        let path = vec![
+                            Seg::Key("models".into()),
+                            Seg::Key(route.into()),
+                            Seg::Key(list.into()),
+                            Seg::Index(i),
+                        ];
+                        self.error(&path, format!("fallback cycle: {}", cycle.join(" -> ")));
+                    }
+                    Some(Visit::Done) => {}
+                    None => self.visit(c, target, state, trail),
+                }
+            }
+        }
+        trail.pop();
+        state.insert(route, Visit::Done);
+    }
+
+    fn keys(&mut self, c: &Config) -> Vec<[u8; 32]> {
+        if c.keys.is_empty() {
+            self.warn(
+                &p(&["keys"]),
+                "no `keys:`: the gateway serves without client authentication",
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut hashes: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut out = Vec::with_capacity(c.keys.len());
+        for (i, k) in c.keys.iter().enumerate() {
+            let base = vec![Seg::Key("keys".into()), Seg::Index(i)];
+            let at = |f: &str| {
+                let mut v = base.clone();
+                v.push(Seg::Key(f.into()));
+                v
+            };
+            if k.name.is_empty() {
+                self.error(&at("name"), "a key needs a non-empty name");
+            }
+            if let Some(first) = names.insert(&k.name, i) {
+                self.error(
+                    &at("name"),
+                    format!("duplicate key name `{}` (also keys[{first}])", k.name),
+                );
+            }
+            let raw = k.key.expose();
+            let hash = if let Some(hex_part) = raw.strip_prefix("sha256:") {
+                let mut h = [0u8; 32];
+                match hex::decode_to_slice(hex_part.trim(), &mut h) {
+                    Ok(()) => Some(h),
+                    Err(_) => {
+                        self.error(
+                            &at("key"),
+                            format!(
+                                "key `{}`: `sha256:` must be followed by 64 hex digits",
+                                k.name
+                            ),
+                        );
+                        None
+                    }
+                }
+            } else if self.positions.was_interpolated(&at("key")) {
+                if raw.is_empty() {
+                    self.error(&at("key"), format!("key `{}`: the key is empty", k.name));
+                    None
+                } else {
+                    Some(hash_key(raw))
+                }
+            } else {
+                self.error(
+                    &at("key"),
+                    format!(
+                        "key `{}`: a plain client key is refused; write `sha256:<hex>` \
+                         (see `switchyard keys generate`) or `${{ENV_VAR}}`",
+                        k.name
+                    ),
+                );
+                None
+            };
+            let hash = hash.unwrap_or([0; 32]);
+            if hash != [0; 32] {
+                if let Some(first) = hashes.insert(hash, i) {
+                    self.error(
+                        &at("key"),
+                        format!("key `{}` has the same secret as keys[{first}]", k.name),
+                    );
+                }
+            }
+            out.push(hash);
+            if let Some(team) = &k.team {
+                if !c.teams.contains_key(team) {
+                    self.error(
+                        &at("team"),
+                        format!(
+                            "key `{}`: unknown team `{team}`{}",
+                            k.name,
+                            known(c.teams.keys())
+                        ),
+                    );
+                }
+            }
+            if let Some(models) = &k.models {
+                for (j, m) in models.iter().enumerate() {
+                    if !c.models.contains_key(m) {
+                        let mut path = at("models");
+                        path.push(Seg::Index(j));
+                        self.error(&path, format!("key `{}`: unknown route `{m}`", k.name));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Fields the contract defines but this build does not act on yet: say so instead of
+    /// silently ignoring them.
+    fn not_yet_enforced(&mut self, c: &Config) {
+        let mut note = |path: Vec<Seg>, what: &str| {
+            self.warnings.push(Diagnostic {
+                pos: self.positions.key(&path),
+                message: format!("{what} is accepted but not enforced by this build yet"),
+            });
+        };
+        for (route, r) in &c.models {
+            if r.limits.is_some() {
+                note(p(&["models", route, "limits"]), "route `limits`");
+            }
+            if r.cache.is_some() {
+                note(p(&["models", route, "cache"]), "route `cache`");
+            }
+        }
+        for (team, t) in &c.teams {
+            if t.budget.is_some() || t.limits.is_some() {
+                note(p(&["teams", team]), "team budgets and limits");
+            }
+        }
+        for (i, k) in c.keys.iter().enumerate() {
+            if k.budget.is_some() || k.limits.is_some() {
+                note(
+                    vec![Seg::Key("keys".into()), Seg::Index(i)],
+                    "key budgets and limits",
+                );
+            }
+        }
+        if c.state.redis.is_some() {
+            note(p(&["state", "redis"]), "`state.redis`");
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Visit {
+    OnPath,
+    Done,
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(|s| s.as_str()).collect();
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" (known: {})", names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match load_str(text, "routes.yaml", &no_env) {
+            Ok(_) => vec![],
+            Err(e) => e.to_string().lines().map(String::from).collect(),
+        }
+    }
+
+    #[test]
+    fn unknown_field_points_at_the_field() {
+        let e = errors("providers:\n  demo:\n    kind: mock\nmodels:\n  m:\n    deployments:\n      - provider: demo\n        bogus: 1\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("routes.yaml:8:9: "), "{e:?}");
+        assert!(e[0].contains("unknown field `bogus`"), "{e:?}");
+    }
+
+    #[test]
+    fn semantic_errors_are_collected() {
+        let text = "\
+providers:
+  demo: { kind: mock }
+models:
+  a:
+    deployments: [ { provider: nope } ]
+    fallbacks: [b]
+  b:
+    deployments: [ { provider: demo } ]
+    fallbacks: [a]
+keys:
+  - { name: k, key: plain-secret }
+  - { name: k, key: \"sha256:zz\" }
+";
+        let e = errors(text);
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with("routes.yaml:5:32: ")
+                    && l.contains("unknown provider `nope`")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.contains("fallback cycle: a -> b -> a")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.starts_with("routes.yaml:11:21: ")
+                && l.contains("plain client key is refused")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|l| l.contains("duplicate key name `k`")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|l| l.contains("64 hex digits")), "{e:?}");
+    }
+
+    #[test]
+    fn env_keys_are_hashed_and_unset_vars_named() {
+        let text = "providers: { demo: { kind: mock } }\nmodels: { m: { deployments: [ { provider: demo } ] } }\nkeys:\n  - { name: k, key: \"${CLIENT_KEY}\" }\n";
+        let env = |n: &str| (n == "CLIENT_KEY").then(|| "sk-abc".to_string());
+        let loaded = load_str(text, "f.yaml", &env).unwrap();
+        assert_eq!(loaded.key_hashes[0], hash_key("sk-abc"));
+        let e = errors(text);
+        assert_eq!(
+            e,
+            vec!["f.yaml:4:21: environment variable `CLIENT_KEY` is not set"
+                .replace("f.yaml", "routes.yaml")]
+        );
+    }
+
+    #[test]
+    fn bad_kind_and_bad_duration() {
+        let e = errors("providers:\n  x: { kind: grpc }\n");
+        assert!(
+            e[0].contains("providers.x") && e[0].contains("grpc"),
+            "{e:?}"
+        );
+        let e = errors("routing:\n  timeout: soon\n");
+        assert!(
+            e[0].starts_with("routes.yaml:2:12: routing.timeout:"),
+            "{e:?}"
+        );
+    }
+}

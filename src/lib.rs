@@ -1,0 +1,19 @@
+//! Switchyard: an OpenAI-compatible inference gateway. The binary's CLI is in `main.rs`;
+//! the request path is described on `server` (see `server/mod.rs`).
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod provider;
+pub mod route;
+pub mod server;
+pub mod stream;
+pub mod telemetry;

@@ -1,0 +1,156 @@
+//! The `switchyard` command: parses arguments and hands over to serve, check or keys.
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::telemetry::{init_logging, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "An OpenAI-compatible inference gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Config file; else $SWITCHYARD_CONFIG, else ./routes.yaml.
+        #[arg(long, env = "SWITCHYARD_CONFIG", default_value = "routes.yaml")]
+        config: PathBuf,
+        /// Listen address, overriding `server.listen` (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Write the bound address (host:port) to this file once listening.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a config and print the routes it would serve.
+    Check {
+        #[arg(long, env = "SWITCHYARD_CONFIG", default_value = "routes.yaml")]
+        config: PathBuf,
+    },
+    /// Client keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Print a new random client key and the `keys:` entry for routes.yaml.
+    Generate {
+        #[arg(long, default_value = "my-app")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            ready_file,
+            log_format,
+        } => {
+            init_logging(log_format);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let opts = switchyard::server::ServeOptions {
+                config_path: config,
+                listen,
+                ready_file,
+            };
+            match runtime.block_on(switchyard::server::serve(opts)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config } => check(&config),
+        Command::Keys {
+            command: KeysCommand::Generate { name },
+        } => {
+            let (key, hash) = switchyard::auth::generate_key();
+            println!("key (give this to the client; it is shown only once):\n  {key}\n");
+            println!("routes.yaml entry:\n  keys:\n    - {{ name: {name}, key: \"{hash}\" }}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match switchyard::config::load_file(path) {
+        Err(e) => {
+            eprintln!("{e}");
+            eprintln!(
+                "{}: {} error(s); the config was not accepted",
+                path.display(),
+                e.errors.len()
+            );
+            ExitCode::FAILURE
+        }
+        Ok(loaded) => {
+            for w in loaded.warning_lines() {
+                eprintln!("{w}");
+            }
+            let c = &loaded.config;
+            println!("{}: ok", path.display());
+            println!("routes ({}):", c.models.len());
+            for (name, r) in &c.models {
+                let strategy = serde_json::to_value(r.strategy)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                println!("  {name}  [{strategy}]");
+                for d in &r.deployments {
+                    let kind = c
+                        .providers
+                        .get(&d.provider)
+                        .map(|p| p.kind())
+                        .unwrap_or("?");
+                    let upstream = d.deployment.as_deref().unwrap_or(name);
+                    println!(
+                        "    -> {}/{} ({kind}, weight {}, priority {})",
+                        d.provider, upstream, d.weight, d.priority
+                    );
+                }
+                if !r.fallbacks.is_empty() {
+                    println!("    fallbacks: {}", r.fallbacks.join(", "));
+                }
+            }
+            println!(
+                "keys: {}{}",
+                c.keys.len(),
+                if c.keys.is_empty() {
+                    " (no client authentication!)"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! `kind: azure_openai` and `kind: openai`: both are an HTTP upstream that differ only in the
+//! URL, the auth header and whether `model` in the body names the deployment. Errors come back
+//! normalised to the OpenAI shape, with the upstream's key scrubbed from any message.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use serde_json::{json, Map, Value};
+
+use super::AttemptError;
+use crate::api::{ApiRequest, Operation};
+use crate::config::ProviderCfg;
+use crate::error::GatewayError;
+use crate::server::body::{streaming, ResponseBody};
+use crate::stream::guard_upstream_stream;
+
+/// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
+const MAX_ERROR_BODY: usize = 1 << 20;
+
+pub struct HttpUpstream {
+    flavor: Flavor,
+    client: reqwest::Client,
+    auth: Option<(HeaderName, HeaderValue)>,
+    /// The upstream key, kept only to scrub it from error messages.
+    secret: Option<String>,
+}
+
+enum Flavor {
+    Azure {
+        endpoint: String,
+        api_version: String,
+    },
+    OpenAi {
+        base_url: String,
+    },
+}
+
+impl HttpUpstream {
+    pub fn new(cfg: &ProviderCfg, client: reqwest::Client) -> Result<HttpUpstream, String> {
+        let (flavor, key, header) = match cfg {
+            ProviderCfg::AzureOpenai(a) => (
+                Flavor::Azure {
+                    endpoint: a.endpoint.trim_end_matches('/').to_string(),
+                    api_version: a.api_version.clone(),
+                },
+                a.api_key.as_ref(),
+                HeaderName::from_static("api-key"),
+            ),
+            ProviderCfg::Openai(o) => (
+                Flavor::OpenAi {
+                    base_url: o.base_url.trim_end_matches('/').to_string(),
+                },
+                o.api_key.as_ref(),
+                http::header::AUTHORIZATION,
+            ),
+            ProviderCfg::Mock(_) => return Err("a mock provider is not an HTTP upstream".into()),
+        };
+        let key = key.filter(|k| !k.is_empty());
+        let auth = match key {
+            None => None,
+            Some(k) => {
+                let text = if header == http::header::AUTHORIZATION {
+                    format!("Bearer {}", k.expose())
+                } else {
+                    k.expose().to_string()
+                };
+                let mut v = HeaderValue::from_str(&text).map_err(|_| {
+                    "the api_key holds characters a header cannot carry".to_string()
+                })?;
+                v.set_sensitive(true);
+                Some((header, v))
+            }
+        };
+        Ok(HttpUpstream {
+            flavor,
+            client,
+            auth,
+            secret: key.map(|k| k.expose().to_string()),
+        })
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match self.flavor {
+            Flavor::Azure { .. } => "azure_openai",
+            Flavor::OpenAi { .. } => "openai",
+        }
+    }
+
+    fn url(&self, op: Operation, deployment: &str) -> String {
+        match &self.flavor {
+            Flavor::Azure {
+                endpoint,
+                api_version,
+            } => {
+                if op.azure_deployment_scoped() {
+                    format!(
+                        "{endpoint}/openai/deployments/{}/{}?api-version={api_version}",
+                        path_escape(deployment),
+                        op.path()
+                    )
+                } else {
+                    format!("{endpoint}/openai/{}?api-version={api_version}", op.path())
+                }
+            }
+            Flavor::OpenAi { base_url } => format!("{base_url}/{}", op.path()),
+        }
+    }
+
+    /// Azure takes the deployment from the path, so its body stays as the client sent it;
+    /// everywhere else `model` must name what the upstream serves.
+    fn body(&self, req: &ApiRequest, deployment: &str) -> Bytes {
+        match &self.flavor {
+            Flavor::Azure { .. } if req.op.azure_deployment_scoped() => req.body.clone(),
+            _ => req.body_with_model(deployment),
+        }
+    }
+
+    pub async fn send(
+        &self,
+        req: &ApiRequest,
+        deployment: &str,
+        timeout: Duration,
+    ) -> Result<http::Response<ResponseBody>, AttemptError> {
+        let mut builder = self
+            .client
+            .post(self.url(req.op, deployment))
+            .headers(req.upstream_headers.clone())
+            .timeout(timeout)
+            .body(self.body(req, deployment));
+        if let Some((name, value)) = &self.auth {
+            builder = builder.header(name, value);
+        }
+        let resp = builder.send().await.map_err(|e| classify(&e, timeout))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(self.error_from(resp).await);
+        }
+        let is_sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        let mut out = http::Response::builder().status(status);
+        for (name, value) in resp.headers() {
+            if PASS_HEADERS.contains(&name.as_str()) {
+                out = out.header(name, value);
+            }
+        }
+        let stream = guard_upstream_stream(resp.bytes_stream(), is_sse, timeout);
+        out.body(streaming(stream))
+            .map_err(|e| AttemptError::Connect(format!("bad upstream response: {e}")))
+    }
+
+    async fn error_from(&self, resp: reqwest::Response) -> AttemptError {
+        let status = resp.status();
+        let retry_after = retry_after(resp.headers());
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = read_limited(resp).await;
+        let mut error = normalize_error(status, &content_type, &body, self.secret.as_deref());
+        if let Some(ra) = retry_after {
+            error
+                .headers
+                .push(("retry-after", ra.as_secs_f64().ceil().max(1.0).to_string()));
+            error
+                .headers
+                .push(("retry-after-ms", ra.as_millis().to_string()));
+        }
+        AttemptError::Status { error, retry_after }
+    }
+}
+
+/// Response headers of the upstream worth keeping; the rest (its rate-limit figures, cookies,
+/// server names, lengths that no longer hold) stay behind.
+const PASS_HEADERS: &[&str] = &[
+    "content-type",
+    "content-disposition",
+    "openai-processing-ms",
+    "openai-version",
+];
+
+fn path_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn classify(e: &reqwest::Error, timeout: Duration) -> AttemptError {
+    if e.is_timeout() {
+        AttemptError::Timeout(format!(
+            "the upstream did not answer within {}s",
+            timeout.as_secs_f64()
+        ))
+    } else if e.is_connect() {
+        AttemptError::Connect("could not connect to the upstream".into())
+    } else {
+        AttemptError::Connect("the connection to the upstream failed before an answer".into())
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = resp.chunk().await {
+        let room = MAX_ERROR_BODY.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= MAX_ERROR_BODY {
+            break;
+        }
+    }
+    out
+}
+
+/// `retry-after-ms` (milliseconds) first, then `retry-after` (seconds).
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let num = |name: &str| -> Option<f64> {
+        headers
+            .get(name)?
+            .to_str()
+            .ok()?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+    };
+    if let Some(ms) = num("retry-after-ms") {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    num("retry-after").map(Duration::from_secs_f64)
+}
+
+/// Any upstream error body, in the shapes of OpenAI, Azure, vLLM, TGI, Ollama, llama.cpp
+/// and Azure AI inference, to `{"error":{"message","type","param","code"}}`. Extra fields of
+/// the upstream's error object (Azure's `innererror`) are kept.
+pub fn normalize_error(
+    status: StatusCode,
+    content_type: &str,
+    body: &[u8],
+    secret: Option<&str>,
+) -> GatewayError {
+    let default_type = if status.is_server_error() {
+        "api_error"
+    } else {
+        "invalid_request_error"
+    };
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let mut obj: Map<String, Value> = match parsed {
+        // OpenAI, Azure, vLLM, Ollama, llama.cpp: {"error": {...}}
+        Some(Value::Object(mut top)) => match top.remove("error") {
+            Some(Value::Object(inner)) => inner,
+            // TGI: {"error": "...", "error_type": "..."}
+            Some(Value::String(message)) => {
+                let mut m = Map::new();
+                m.insert("message".into(), Value::String(message));
+                if let Some(t) = top.remove("error_type") {
+                    m.insert("type".into(), t);
+                }
+                m
+            }
+            // Flat shapes: old vLLM {"object":"error",...}, Azure AI inference {status,code,detail,message}
+            _ => top,
+        },
+        _ => {
+            let text = String::from_utf8_lossy(body);
+            let text = text.trim();
+            let snippet: String = text.chars().take(300).collect();
+            let mut m = Map::new();
+            let message = if snippet.is_empty() {
+                format!(
+                    "the upstream answered {} with an empty body",
+                    status.as_u16()
+                )
+            } else if content_type.contains("html") || !content_type.contains("json") {
+                format!(
+                    "the upstream answered {} with a non-JSON body: {snippet}",
+                    status.as_u16()
+                )
+            } else {
+                snippet
+            };
+            m.insert("message".into(), Value::String(message));
+            m
+        }
+    };
+    let scrub = |s: String| match secret {
+        Some(k) if k.len() >= 4 && s.contains(k) => s.replace(k, "***"),
+        _ => s,
+    };
+    let message = match obj.remove("message") {
+        Some(Value::String(s)) => scrub(s),
+        Some(Value::Null) | None => format!("the upstream answered {}", status.as_u16()),
+        Some(other) => scrub(other.to_string()),
+    };
+    let kind = match obj.remove("type") {
+        Some(Value::String(s)) if !s.is_empty() => s,
+        _ => default_type.to_string(),
+    };
+    // OpenAI's code is a string; vLLM and llama.cpp send the status as an integer and Azure
+    // sometimes "429": those say nothing the status does not, so they become `upstream_error`.
+    let code = match obj.remove("code") {
+        Some(Value::String(s)) if !s.is_empty() && s.parse::<u16>().is_err() => s,
+        _ => "upstream_error".to_string(),
+    };
+    let param = match obj.remove("param") {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    obj.remove("object");
+    let mut error_obj = json!({
+        "message": message,
+        "type": kind,
+        "param": param,
+        "code": code,
+    });
+    if let Value::Object(m) = &mut error_obj {
+        for (k, v) in obj {
+            m.entry(k).or_insert(v);
+        }
+    }
+    let mut e = GatewayError::new(status, "api_error", code, message);
+    e.param = param;
+    e.upstream_body = Some(Bytes::from(json!({ "error": error_obj }).to_string()));
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(status: u16, ct: &str, body: &str) -> Value {
+        let e = normalize_error(
+            StatusCode::from_u16(status).unwrap(),
+            ct,
+            body.as_bytes(),
+            Some("sekrit-key"),
+        );
+        serde_json::from_slice(e.upstream_body.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn shapes_are_normalised() {
+        let v = norm(
+            400,
+            "application/json",
+            r#"{"error":{"message":"filtered","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation"}}}"#,
+        );
+        assert_eq!(v["error"]["code"], "content_filter");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            v["error"]["innererror"]["code"],
+            "ResponsibleAIPolicyViolation"
+        );
+        let v = norm(
+            422,
+            "application/json",
+            r#"{"error":"Input validation error","error_type":"validation"}"#,
+        );
+        assert_eq!(v["error"]["message"], "Input validation error");
+        assert_eq!(v["error"]["type"], "validation");
+        let v = norm(
+            400,
+            "application/json",
+            r#"{"error":{"message":"bad","type":"BadRequestError","param":null,"code":400}}"#,
+        );
+        assert_eq!(v["error"]["code"], "upstream_error");
+        let v = norm(
+            422,
+            "application/json",
+            r#"{"status":422,"code":"parameter_not_supported","detail":{"loc":["body"]},"message":"nope"}"#,
+        );
+        assert_eq!(v["error"]["code"], "parameter_not_supported");
+        assert_eq!(v["error"]["message"], "nope");
+        let v = norm(502, "text/html", "<html>Bad Gateway</html>");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("non-JSON body: <html>Bad Gateway"));
+        assert_eq!(v["error"]["type"], "api_error");
+        let v = norm(
+            401,
+            "application/json",
+            r#"{"error":{"message":"key sekrit-key is wrong"}}"#,
+        );
+        assert_eq!(v["error"]["message"], "key *** is wrong");
+    }
+
+    #[test]
+    fn retry_after_headers() {
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+    }
+}

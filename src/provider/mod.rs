@@ -1,0 +1,122 @@
+//! Upstreams: one module per kind. Each turns the gateway's `ApiRequest` into what its
+//! upstream expects (URL, auth header, the few body fields that must change) and the answer
+//! back into a response or a classified `AttemptError`. Nothing here decides where a request
+//! goes; that is `route/`.
+
+mod http_upstream;
+pub mod mock;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+
+use crate::api::ApiRequest;
+use crate::config::{ProviderCfg, RoutingCfg};
+use crate::error::GatewayError;
+use crate::server::body::ResponseBody;
+
+pub use http_upstream::HttpUpstream;
+
+/// A provider built from config: the client, URLs and header values ready for use.
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+}
+
+pub enum ProviderKind {
+    Http(HttpUpstream),
+    Mock(mock::MockProvider),
+}
+
+impl Provider {
+    pub fn build(
+        name: &str,
+        cfg: &ProviderCfg,
+        client: &reqwest::Client,
+    ) -> Result<Provider, String> {
+        let kind = match cfg {
+            ProviderCfg::Mock(m) => ProviderKind::Mock(mock::MockProvider::new(m.clone())),
+            _ => ProviderKind::Http(HttpUpstream::new(cfg, client.clone())?),
+        };
+        Ok(Provider {
+            name: name.to_string(),
+            kind,
+        })
+    }
+
+    pub fn kind_name(&self) -> &'static str {
+        match &self.kind {
+            ProviderKind::Http(h) => h.kind_name(),
+            ProviderKind::Mock(_) => "mock",
+        }
+    }
+
+    /// One attempt against this provider for `deployment` (the upstream's model or Azure
+    /// deployment name).
+    pub async fn send(
+        &self,
+        req: &ApiRequest,
+        deployment: &str,
+        timeout: Duration,
+    ) -> Result<http::Response<ResponseBody>, AttemptError> {
+        match &self.kind {
+            ProviderKind::Http(h) => h.send(req, deployment, timeout).await,
+            ProviderKind::Mock(m) => m.send(req, deployment).await,
+        }
+    }
+}
+
+/// Why one attempt failed, and whether another deployment may do better.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// No connection could be made, or it broke before an answer.
+    Connect(String),
+    /// No answer in time.
+    Timeout(String),
+    /// The upstream answered with an error status; `error` is its normalised body.
+    Status {
+        error: GatewayError,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl AttemptError {
+    /// Connect errors, timeouts, 408, 429, 500, 502, 503 and 504 may succeed elsewhere.
+    pub fn retryable(&self) -> bool {
+        match self {
+            AttemptError::Connect(_) | AttemptError::Timeout(_) => true,
+            AttemptError::Status { error, .. } => {
+                matches!(error.status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+            }
+        }
+    }
+
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            AttemptError::Status { error, .. } => Some(error.status),
+            _ => None,
+        }
+    }
+
+    pub fn into_gateway_error(self) -> GatewayError {
+        match self {
+            AttemptError::Connect(m) => GatewayError::upstream_error(StatusCode::BAD_GATEWAY, m),
+            AttemptError::Timeout(m) => GatewayError::upstream_timeout(m),
+            AttemptError::Status { error, .. } => error,
+        }
+    }
+}
+
+/// Providers by name, shared by every route of one config generation.
+pub type Providers = indexmap::IndexMap<String, Arc<Provider>>;
+
+/// The one upstream HTTP client of a config generation (connection pool, connect timeout).
+pub fn build_client(routing: &RoutingCfg) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(routing.connect_timeout.0)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))
+}

@@ -1,0 +1,294 @@
+//! The innermost service: one config generation per request, then path → auth → body →
+//! `ApiRequest` → route check → dispatch. Every failure becomes an OpenAI-shaped error here.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+use tower::Service;
+
+use super::body::{json_response, ResponseBody};
+use super::{Gateway, RequestId, Runtime};
+use crate::api::{self, ApiRequest, Shape, Target};
+use crate::auth::ClientKey;
+use crate::error::GatewayError;
+use crate::route::{self, Served};
+use crate::telemetry::RequestFacts;
+
+#[derive(Clone)]
+pub struct GatewayService {
+    gateway: Arc<Gateway>,
+}
+
+impl GatewayService {
+    pub fn new(gateway: Arc<Gateway>) -> Self {
+        GatewayService { gateway }
+    }
+}
+
+impl<B> Service<Request<B>> for GatewayService
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let gateway = self.gateway.clone();
+        Box::pin(async move { Ok(handle(gateway, req).await) })
+    }
+}
+
+async fn handle<B>(gateway: Arc<Gateway>, req: Request<B>) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let rt = gateway.runtime();
+    let mut facts = RequestFacts::default();
+    let target = api::classify(req.method(), req.uri().path());
+    let result = match target {
+        Target::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        Target::Readyz => Ok(readyz(&rt)),
+        Target::Metrics => Err(GatewayError::not_found(
+            "metrics are not served by this build yet",
+        )),
+        Target::AdminRoutes => rt
+            .keys
+            .authenticate_admin(req.headers())
+            .map(|()| admin_routes(&rt)),
+        Target::AdminSpend => rt.keys.authenticate_admin(req.headers()).and_then(|()| {
+            Err(GatewayError::not_found(
+                "the spend ledger is not part of this build yet",
+            ))
+        }),
+        Target::AdminReload => match rt.keys.authenticate_admin(req.headers()) {
+            Err(e) => Err(e),
+            Ok(()) => match gateway.reload("admin API").await {
+                Ok(generation) => Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"status": "ok", "generation": generation}),
+                )),
+                Err(errors) => Err(GatewayError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request_error",
+                    "invalid_config",
+                    format!("the new config was refused; the old one keeps serving:\n{errors}"),
+                )),
+            },
+        },
+        Target::ListModels => rt.keys.authenticate(req.headers()).map(|key| {
+            facts.key.clone_from(&key.name);
+            list_models(&rt, &key)
+        }),
+        Target::GetModel(id) => rt.keys.authenticate(req.headers()).and_then(|key| {
+            facts.key.clone_from(&key.name);
+            get_model(&rt, &key, &id)
+        }),
+        Target::Call(op, shape) => {
+            facts.endpoint = op.path();
+            proxy(&rt, op, shape, req, &mut facts).await
+        }
+        Target::WrongMethod => Err(GatewayError::method_not_allowed()),
+        Target::NotFound => Err(GatewayError::not_found(
+            "unknown endpoint: see GET /v1/models and the OpenAI API paths under /v1",
+        )),
+    };
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            facts.error_code.clone_from(&e.code);
+            e.into_response()
+        }
+    };
+    let h = resp.headers_mut();
+    if !facts.route.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&facts.route) {
+            h.insert("x-switchyard-route", v);
+        }
+    }
+    if !facts.deployment.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&facts.deployment) {
+            h.insert("x-switchyard-deployment", v);
+        }
+    }
+    resp.extensions_mut().insert(facts);
+    resp
+}
+
+async fn proxy<B>(
+    rt: &Arc<Runtime>,
+    op: api::Operation,
+    shape: Shape,
+    req: Request<B>,
+    facts: &mut RequestFacts,
+) -> Result<Response<ResponseBody>, GatewayError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let key = rt.keys.authenticate(req.headers())?;
+    facts.key.clone_from(&key.name);
+    // The Azure shape names the route in the path: check it before reading a large upload.
+    if let Shape::Azure { route } = &shape {
+        check_route(rt, &key, route)?;
+    }
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .and_then(|r| HeaderValue::from_str(&r.0).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("unknown"));
+    let (parts, body) = req.into_parts();
+    if let Some(len) = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > rt.max_body {
+            return Err(GatewayError::too_large(rt.max_body));
+        }
+    }
+    let body = read_body(body, rt.max_body).await?;
+    let api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id)?;
+    facts.route.clone_from(&api_req.route);
+    facts.stream = api_req.stream;
+    let route = check_route(rt, &key, &api_req.route)?;
+    let mut served = Served::default();
+    let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
+    if !served.route.is_empty() {
+        facts.route = served.route;
+    }
+    facts.deployment = served.deployment;
+    facts.provider = served.provider;
+    facts.attempts = served.attempts;
+    result
+}
+
+fn check_route<'a>(
+    rt: &'a Runtime,
+    key: &ClientKey,
+    route: &str,
+) -> Result<&'a Arc<route::Route>, GatewayError> {
+    let r = rt
+        .routes
+        .get(route)
+        .ok_or_else(|| GatewayError::model_not_found(route))?;
+    if !key.may_use(route) {
+        return Err(GatewayError::permission_denied(format!(
+            "the key `{}` may not use the model `{route}`",
+            key.name
+        ))
+        .with_param("model"));
+    }
+    Ok(r)
+}
+
+async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, GatewayError>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit_usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::too_large(limit)),
+        Err(_) => Err(GatewayError::invalid_request(
+            "the request body could not be read to its end",
+        )),
+    }
+}
+
+fn readyz(rt: &Runtime) -> Response<ResponseBody> {
+    let empty: Vec<&str> = rt
+        .routes
+        .values()
+        .filter(|r| r.deployments.is_empty())
+        .map(|r| r.name.as_str())
+        .collect();
+    let (status, state) = if empty.is_empty() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    json_response(
+        status,
+        &json!({"status": state, "generation": rt.generation, "routes": rt.routes.len(),
+                "routes_without_deployment": empty}),
+    )
+}
+
+fn model_object(rt: &Runtime, id: &str) -> serde_json::Value {
+    json!({"id": id, "object": "model", "created": rt.loaded_at, "owned_by": "switchyard"})
+}
+
+fn list_models(rt: &Runtime, key: &ClientKey) -> Response<ResponseBody> {
+    let data: Vec<_> = rt
+        .routes
+        .keys()
+        .filter(|r| key.may_use(r))
+        .map(|r| model_object(rt, r))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+fn get_model(
+    rt: &Runtime,
+    key: &ClientKey,
+    id: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    if !rt.routes.contains_key(id) || !key.may_use(id) {
+        return Err(GatewayError::model_not_found(id));
+    }
+    Ok(json_response(StatusCode::OK, &model_object(rt, id)))
+}
+
+/// The live route table, without a secret in it.
+fn admin_routes(rt: &Runtime) -> Response<ResponseBody> {
+    let routes: Vec<_> = rt
+        .routes
+        .values()
+        .map(|r| {
+            let deployments: Vec<_> = r
+                .deployments
+                .iter()
+                .map(|d| {
+                    json!({
+                        "deployment": d.label,
+                        "provider": d.provider.name,
+                        "kind": d.provider.kind_name(),
+                        "upstream": d.upstream,
+                        "model": d.model,
+                        "weight": d.weight,
+                        "priority": d.priority,
+                    })
+                })
+                .collect();
+            json!({
+                "route": r.name,
+                "strategy": r.strategy,
+                "retries": r.retries,
+                "timeout_seconds": r.timeout.as_secs_f64(),
+                "fallbacks": r.fallbacks,
+                "deployments": deployments,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"generation": rt.generation, "loaded_at": rt.loaded_at, "routes": routes}),
+    )
+}

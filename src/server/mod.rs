@@ -1,0 +1,374 @@
+//! The listener, the tower stack, reloads and graceful shutdown.
+//!
+//! The request path, in order (outermost first):
+//! 1. `RequestIdLayer` (here): takes the client's `x-request-id` or makes one; adds the
+//!    `RequestId` request extension; sets `x-request-id` on every response.
+//! 2. `AccessLogLayer` (`telemetry/`): reads `RequestId` and the `RequestFacts` response
+//!    extension (set by the handler) and writes one log line when the response body ends.
+//! 3. `handler::handle`: takes one config generation (`Runtime`) for the whole request, then
+//!    classifies the path (`api::classify`), authenticates (`auth/`), reads the body within
+//!    `server.max_body`, builds the `ApiRequest` (`api/`), resolves and checks the route, and
+//!    hands it to `route::dispatch`, which tries deployments and fallbacks through
+//!    `provider/`. Responses stream back untouched (`stream/`).
+//!
+//! Config generations: `Gateway::runtime` is swapped whole on reload; a request keeps the
+//! `Arc<Runtime>` it started with, so it finishes on that config.
+
+pub mod body;
+mod handler;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tower::{Layer, Service, ServiceBuilder};
+
+use crate::auth::KeyTable;
+use crate::config::{self, Loaded};
+use crate::provider::{self, Provider, Providers};
+use crate::route::{self, Routes};
+use crate::telemetry::AccessLogLayer;
+use body::ResponseBody;
+
+/// One config generation, compiled: everything a request needs, built once at load.
+pub struct Runtime {
+    pub loaded: Loaded,
+    pub generation: u64,
+    pub loaded_at: u64,
+    pub routes: Routes,
+    pub providers: Providers,
+    pub keys: KeyTable,
+    pub max_body: u64,
+}
+
+impl Runtime {
+    pub fn build(loaded: Loaded, generation: u64) -> Result<Runtime, String> {
+        let client = provider::build_client(&loaded.config.routing)?;
+        let mut providers = Providers::new();
+        for (name, cfg) in &loaded.config.providers {
+            let p = Provider::build(name, cfg, &client)
+                .map_err(|e| format!("provider `{name}`: {e}"))?;
+            providers.insert(name.clone(), Arc::new(p));
+        }
+        let routes = route::build_routes(&loaded, &providers)?;
+        let keys = KeyTable::build(&loaded);
+        Ok(Runtime {
+            max_body: loaded.config.server.max_body.0,
+            generation,
+            loaded_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            routes,
+            providers,
+            keys,
+            loaded,
+        })
+    }
+}
+
+/// The gateway: the current config generation and how to replace it.
+pub struct Gateway {
+    runtime: ArcSwap<Runtime>,
+    config_path: PathBuf,
+    generation: AtomicU64,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Gateway {
+    pub fn new(runtime: Runtime, config_path: PathBuf) -> Gateway {
+        Gateway {
+            generation: AtomicU64::new(runtime.generation),
+            runtime: ArcSwap::from_pointee(runtime),
+            config_path,
+            reload_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Reads, checks and swaps in the config file. A bad config is refused, logged, and the
+    /// current one keeps serving.
+    pub async fn reload(&self, trigger: &str) -> Result<u64, String> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let path = self.config_path.clone();
+        let result = tokio::task::spawn_blocking(move || config::load_file(&path))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|loaded| {
+                let generation = self.generation.load(Ordering::SeqCst) + 1;
+                Runtime::build(loaded, generation)
+            });
+        match result {
+            Ok(rt) => {
+                let old = self.runtime();
+                if rt.loaded.config.server.listen != old.loaded.config.server.listen {
+                    tracing::warn!("server.listen changed: it takes effect at the next restart");
+                }
+                for w in rt.loaded.warning_lines() {
+                    tracing::warn!("{w}");
+                }
+                let generation = rt.generation;
+                self.generation.store(generation, Ordering::SeqCst);
+                self.runtime.store(Arc::new(rt));
+                tracing::info!(trigger, generation, "config reloaded");
+                Ok(generation)
+            }
+            Err(e) => {
+                tracing::error!(trigger, errors = %e, "config reload refused; the old config keeps serving");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The request id: the client's `x-request-id` when it sent a sane one, else a new one.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+#[derive(Clone, Copy, Default)]
+pub struct RequestIdLayer;
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestIdService<S>;
+    fn layer(&self, inner: S) -> RequestIdService<S> {
+        RequestIdService { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestIdService<S> {
+    inner: S,
+}
+
+fn new_request_id() -> String {
+    use rand::Rng;
+    let n: u128 = rand::thread_rng().gen();
+    format!("req_{n:032x}")
+}
+
+impl<S, B> Service<Request<B>> for RequestIdService<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .map(String::from)
+            .unwrap_or_else(new_request_id);
+        let header = HeaderValue::from_str(&id).ok();
+        req.extensions_mut().insert(RequestId(id));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            if let Some(h) = header {
+                resp.headers_mut().insert("x-request-id", h);
+            }
+            Ok(resp)
+        })
+    }
+}
+
+pub struct ServeOptions {
+    pub config_path: PathBuf,
+    pub listen: Option<String>,
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    let loaded = config::load_file(&opts.config_path).map_err(|e| e.to_string())?;
+    for w in loaded.warning_lines() {
+        tracing::warn!("{w}");
+    }
+    if loaded.config.keys.is_empty() {
+        tracing::warn!(
+            "NO CLIENT KEYS CONFIGURED: the gateway serves anyone who can reach it. \
+             Add `keys:` to {} (see `switchyard keys generate`).",
+            opts.config_path.display()
+        );
+    }
+    let listen = opts
+        .listen
+        .clone()
+        .unwrap_or_else(|| loaded.config.server.listen.clone());
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| format!("`{listen}` is not an address like 0.0.0.0:8080"))?;
+    let grace = loaded.config.server.shutdown_grace.0;
+    let watch = loaded.config.server.watch_config;
+    let runtime = Runtime::build(loaded, 1)?;
+    let routes = runtime.routes.len();
+    let gateway = Arc::new(Gateway::new(runtime, opts.config_path.clone()));
+
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the bound address: {e}"))?;
+    tracing::info!(address = %bound, routes, config = %opts.config_path.display(), "switchyard listening");
+    if let Some(path) = &opts.ready_file {
+        write_ready_file(path, bound).map_err(|e| format!("cannot write the ready file: {e}"))?;
+    }
+
+    spawn_reload_on_sighup(gateway.clone());
+    if watch {
+        spawn_reload_on_change(gateway.clone());
+    }
+
+    let stack = ServiceBuilder::new()
+        .layer(RequestIdLayer)
+        .layer(AccessLogLayer)
+        .service(handler::GatewayService::new(gateway.clone()));
+
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a moment, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(stack.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            signal = &mut shutdown => {
+                tracing::info!(signal, "shutting down: no new connections; waiting for requests in flight");
+                break;
+            }
+        }
+    }
+    drop(listener);
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections closed"),
+        Err(_) => tracing::warn!(
+            grace_seconds = grace.as_secs_f64(),
+            "shutdown grace period over; closing the connections still open"
+        ),
+    }
+    Ok(())
+}
+
+fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
+    // Write then rename, so a reader never sees half an address.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, addr.to_string())?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => tokio::select! {
+            _ = t.recv() => "SIGTERM",
+            _ = i.recv() => "SIGINT",
+        },
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+fn spawn_reload_on_sighup(gateway: Arc<Gateway>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = gateway.reload("SIGHUP").await;
+        }
+    });
+}
+
+/// Watches the config file's folder (editors and Kubernetes ConfigMaps replace the file
+/// rather than write into it) and reloads shortly after the file changes.
+fn spawn_reload_on_change(gateway: Arc<Gateway>) {
+    use notify::{RecursiveMode, Watcher};
+    let path = gateway.config_path.clone();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let file_name = path.file_name().map(|f| f.to_os_string());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        let Ok(ev) = ev else { return };
+        if matches!(ev.kind, notify::EventKind::Access(_)) {
+            return;
+        }
+        let ours = ev.paths.iter().any(|p| {
+            p.file_name().map(|f| f.to_os_string()) == file_name
+                // ConfigMaps swap a `..data` symlink; the file name itself never changes.
+                || p.file_name().is_some_and(|f| f == "..data")
+        });
+        if ours {
+            let _ = tx.send(());
+        }
+    });
+    let mut watcher = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /admin/reload");
+            return;
+        }
+    };
+    if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+        tracing::warn!(error = %e, "cannot watch the config folder; reload with SIGHUP or POST /admin/reload");
+        return;
+    }
+    tokio::spawn(async move {
+        let _keep_watching = watcher;
+        while rx.recv().await.is_some() {
+            // Editors write in several steps: wait for the writes to settle, then reload once.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            while rx.try_recv().is_ok() {}
+            let _ = gateway.reload("file change").await;
+        }
+    });
+}

@@ -1,0 +1,218 @@
+//! Logs, defined once: the log setup and the one line each request writes when its response
+//! body ends (so a stream is logged when it finishes, with its time to first byte). Secrets
+//! are never fields of a log event.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tower::{Layer, Service};
+
+use crate::server::body::{BoxError, ResponseBody};
+use crate::server::RequestId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// What the handler learned about a request, for its log line. Set as a response extension.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFacts {
+    pub endpoint: &'static str,
+    pub route: String,
+    pub deployment: String,
+    pub provider: String,
+    pub key: String,
+    pub attempts: u32,
+    pub error_code: String,
+    pub stream: bool,
+}
+
+/// Writes one structured line per request when its response body ends or is dropped.
+#[derive(Clone, Copy, Default)]
+pub struct AccessLogLayer;
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for AccessLog<S>
+where
+    S: Service<Request<B>, Response = Response<ResponseBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let request_id = req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let (mut parts, body) = resp.into_parts();
+            let facts = parts
+                .extensions
+                .remove::<RequestFacts>()
+                .unwrap_or_default();
+            let line = LogLine {
+                start,
+                method,
+                path,
+                request_id,
+                status: parts.status.as_u16(),
+                facts,
+                first_byte: None,
+                bytes: 0,
+                logged: false,
+            };
+            let body = LoggedBody { inner: body, line }.boxed_unsync();
+            Ok(Response::from_parts(parts, body))
+        })
+    }
+}
+
+struct LogLine {
+    start: Instant,
+    method: http::Method,
+    path: String,
+    request_id: String,
+    status: u16,
+    facts: RequestFacts,
+    first_byte: Option<Instant>,
+    bytes: u64,
+    logged: bool,
+}
+
+impl LogLine {
+    fn emit(&mut self, outcome: &'static str) {
+        if self.logged {
+            return;
+        }
+        self.logged = true;
+        let f = &self.facts;
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let ttfb_ms = self
+            .first_byte
+            .map(|t| (t - self.start).as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "switchyard::request",
+            request_id = %self.request_id,
+            method = %self.method,
+            path = %self.path,
+            endpoint = f.endpoint,
+            status = self.status,
+            route = %f.route,
+            deployment = %f.deployment,
+            provider = %f.provider,
+            key = %f.key,
+            attempts = f.attempts,
+            stream = f.stream,
+            error_code = %f.error_code,
+            duration_ms,
+            ttfb_ms,
+            bytes = self.bytes,
+            outcome,
+            "request"
+        );
+    }
+}
+
+struct LoggedBody {
+    inner: ResponseBody,
+    line: LogLine,
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if this.line.first_byte.is_none() {
+                        this.line.first_byte = Some(Instant::now());
+                    }
+                    this.line.bytes += data.len() as u64;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.line.emit("upstream_broke_off");
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                this.line.emit("complete");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // hyper may drop a body whose end it already knows without polling it to `None`;
+        // any other body dropped early means the client went away (or the server shut down).
+        let outcome = if self.inner.is_end_stream() {
+            "complete"
+        } else {
+            "client_closed"
+        };
+        self.line.emit(outcome);
+    }
+}
