@@ -1,5 +1,7 @@
-//! Streams on their way to the client: chunks go through as they arrive, untouched. When an
-//! upstream stream breaks off, an SSE client gets a final OpenAI error event (so the SDK
+//! Streams on their way to the client. SSE is re-framed at event boundaries: every complete
+//! event goes out as soon as its blank line arrives, and a half-received event waits for its
+//! end (so a client never sees an event cut in two). When an upstream stream breaks off, the
+//! unfinished event is dropped and an SSE client gets a final OpenAI error event (the SDK
 //! raises instead of hanging or taking a cut answer for a whole one); any other body is cut,
 //! so the client sees an incomplete response.
 
@@ -7,7 +9,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use serde_json::json;
 
@@ -18,6 +20,19 @@ pub struct UpstreamStream<S> {
     is_sse: bool,
     timeout: Duration,
     done: bool,
+    /// SSE bytes after the last complete event, waiting for the rest of their event.
+    pending: BytesMut,
+}
+
+/// The index just past the last event boundary (a blank line) in `buf`.
+fn last_event_end(buf: &[u8]) -> Option<usize> {
+    (1..buf.len()).rev().find_map(|i| {
+        let two = &buf[i - 1..=i];
+        if two == b"\n\n" || two == b"\r\r" {
+            return Some(i + 1);
+        }
+        (i >= 3 && &buf[i - 3..=i] == b"\r\n\r\n").then_some(i + 1)
+    })
 }
 
 pub fn guard_upstream_stream<S>(inner: S, is_sse: bool, timeout: Duration) -> UpstreamStream<S>
@@ -29,6 +44,7 @@ where
         is_sse,
         timeout,
         done: false,
+        pending: BytesMut::new(),
     }
 }
 
@@ -49,39 +65,73 @@ where
         if self.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut self.inner).poll_next(cx) {
-            Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(b))),
-            Poll::Ready(Some(Err(e))) => {
-                self.done = true;
-                let (code, message) = if e.is_timeout() {
-                    (
-                        "upstream_timeout",
-                        format!(
-                            "the upstream did not finish within {}s",
-                            self.timeout.as_secs_f64()
-                        ),
-                    )
-                } else {
-                    (
-                        "upstream_error",
-                        "the upstream stream broke off before its end".to_string(),
-                    )
-                };
-                tracing::warn!(code, "upstream stream ended with an error");
-                if self.is_sse {
-                    // A leading newline closes any event the upstream left half-written.
-                    let mut ev = b"\n".to_vec();
-                    ev.extend_from_slice(&error_event(code, &message));
-                    Poll::Ready(Some(Ok(Bytes::from(ev))))
-                } else {
-                    Poll::Ready(Some(Err(message.into())))
+        loop {
+            let chunk = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Ready(Some(Ok(b))) => b,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(self.broke_off(&e))),
+                Poll::Ready(None) => {
+                    self.done = true;
+                    // Whatever the upstream left unfinished goes out as it was.
+                    if self.pending.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    let rest = self.pending.split().freeze();
+                    return Poll::Ready(Some(Ok(rest)));
                 }
+                Poll::Pending => return Poll::Pending,
+            };
+            if !self.is_sse {
+                return Poll::Ready(Some(Ok(chunk)));
             }
-            Poll::Ready(None) => {
-                self.done = true;
-                Poll::Ready(None)
+            // The common case, a chunk of whole events, goes out without a copy.
+            if self.pending.is_empty() && last_event_end(&chunk) == Some(chunk.len()) {
+                return Poll::Ready(Some(Ok(chunk)));
             }
-            Poll::Pending => Poll::Pending,
+            self.pending.extend_from_slice(&chunk);
+            if let Some(end) = last_event_end(&self.pending) {
+                let ready = self.pending.split_to(end).freeze();
+                return Poll::Ready(Some(Ok(ready)));
+            }
         }
+    }
+}
+
+impl<S> UpstreamStream<S> {
+    fn broke_off(&mut self, e: &reqwest::Error) -> Result<Bytes, BoxError> {
+        self.done = true;
+        self.pending.clear();
+        let (code, message) = if e.is_timeout() {
+            (
+                "upstream_timeout",
+                format!(
+                    "the upstream did not finish within {}s",
+                    self.timeout.as_secs_f64()
+                ),
+            )
+        } else {
+            (
+                "upstream_error",
+                "the upstream stream broke off before its end".to_string(),
+            )
+        };
+        tracing::warn!(code, "upstream stream ended with an error");
+        if self.is_sse {
+            Ok(error_event(code, &message))
+        } else {
+            Err(message.into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_boundaries() {
+        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(last_event_end(b"data: a\n"), None);
+        assert_eq!(last_event_end(b": ping\n\ndata: x\n\n"), Some(17));
     }
 }

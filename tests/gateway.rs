@@ -1,0 +1,882 @@
+//! Black-box tests of the gateway: the real binary on a real port, a recording mock upstream
+//! on another, reqwest as the client.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use gateway::{sha256_hex, Gateway};
+use serde_json::{json, Value};
+use upstream::{MockUpstream, Scripted, StreamEnd};
+
+const CLIENT_KEY: &str = "sk-client-test-key";
+const OTHER_KEY: &str = "sk-client-limited";
+const OPENAI_SECRET: &str = "upstream-secret-openai";
+const AZURE_SECRET: &str = "upstream-secret-azure";
+
+fn config(up: &MockUpstream, extra: &str) -> String {
+    format!(
+        r#"
+server:
+  admin_key: admin-secret
+  max_body: 64KiB
+  shutdown_grace: 10s
+providers:
+  up-openai: {{ kind: openai, base_url: "{u}/v1", api_key: {OPENAI_SECRET} }}
+  up-azure: {{ kind: azure_openai, endpoint: "{u}", api_key: {AZURE_SECRET}, api_version: "2024-10-21" }}
+  dead: {{ kind: openai, base_url: "http://127.0.0.1:9/v1" }}
+  demo: {{ kind: mock, stream_chunks: 4 }}
+models:
+  gpt-4o: {{ deployments: [ {{ provider: up-openai, deployment: gpt-4o-upstream }} ] }}
+  gpt-4o-azure: {{ deployments: [ {{ provider: up-azure, deployment: my-azure-dep }} ] }}
+  whisper: {{ deployments: [ {{ provider: up-openai, deployment: whisper-1 }} ] }}
+  flaky: {{ retries: 0, timeout: 700ms, deployments: [ {{ provider: up-openai, deployment: flaky-up }} ] }}
+  with-fallback:
+    retries: 0
+    deployments: [ {{ provider: dead }} ]
+    fallbacks: [gpt-4o]
+  demo: {{ deployments: [ {{ provider: demo, deployment: demo-model }} ] }}
+keys:
+  - {{ name: app, key: "sha256:{h1}" }}
+  - {{ name: limited, key: "sha256:{h2}", models: [demo] }}
+{extra}
+"#,
+        u = up.url(),
+        h1 = sha256_hex(CLIENT_KEY),
+        h2 = sha256_hex(OTHER_KEY),
+    )
+}
+
+async fn setup() -> (MockUpstream, Gateway) {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "")).await;
+    (up, gw)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+async fn post(gw: &Gateway, path: &str, body: &str) -> reqwest::Response {
+    client()
+        .post(gw.url(path))
+        .bearer_auth(CLIENT_KEY)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn error_of(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    let e = &body["error"];
+    assert!(e.get("message").is_some_and(Value::is_string), "{body}");
+    assert!(e.get("type").is_some(), "{body}");
+    assert!(e.get("param").is_some(), "{body}");
+    assert!(e.get("code").is_some(), "{body}");
+    (status, body)
+}
+
+#[tokio::test]
+async fn openai_upstream_gets_the_body_byte_for_byte_with_only_model_rewritten() {
+    let (up, gw) = setup().await;
+    // Odd spacing and key order on purpose: the gateway must not re-serialise.
+    let body = r#"{"messages": [{"role":"user","content":[{"type":"text","text":"what is this?"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}]}],  "model":"gpt-4o", "temperature":0.25,"tools":[{"type":"function","function":{"name":"lookup","parameters":{"type":"object"}}}], "x_custom": {"keep": [1, 2.50, "3"]}}"#;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .header("x-request-id", "client-chosen-id-1")
+        .header("x-stainless-retry-count", "0")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "client-chosen-id-1");
+    assert_eq!(resp.headers()["x-switchyard-route"], "gpt-4o");
+    assert_eq!(
+        resp.headers()["x-switchyard-deployment"],
+        "up-openai/gpt-4o-upstream"
+    );
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(
+        answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "lookup"
+    );
+
+    let reqs = up.requests();
+    assert_eq!(reqs.len(), 1);
+    let r = &reqs[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(
+        r.header("authorization"),
+        Some(format!("Bearer {OPENAI_SECRET}").as_str())
+    );
+    assert_eq!(r.header("x-stainless-retry-count"), Some("0"));
+    assert_eq!(r.header("x-request-id"), Some("client-chosen-id-1"));
+    let expected = body.replace(r#""model":"gpt-4o""#, r#""model":"gpt-4o-upstream""#);
+    assert_eq!(std::str::from_utf8(&r.body).unwrap(), expected);
+    for (name, value) in &r.headers {
+        assert!(
+            !value.contains(CLIENT_KEY),
+            "client key leaked upstream in {name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn azure_upstream_gets_deployment_path_api_version_and_api_key() {
+    let (up, gw) = setup().await;
+    let body = r#"{"model":"gpt-4o-azure","messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    let r = &up.requests()[0];
+    assert_eq!(r.path, "/openai/deployments/my-azure-dep/chat/completions");
+    assert_eq!(r.query.as_deref(), Some("api-version=2024-10-21"));
+    assert_eq!(r.header("api-key"), Some(AZURE_SECRET));
+    assert_eq!(r.header("authorization"), None);
+    assert_eq!(
+        &r.body[..],
+        body.as_bytes(),
+        "Azure takes the deployment from the path"
+    );
+}
+
+#[tokio::test]
+async fn azure_shaped_clients_reach_any_upstream() {
+    let (up, gw) = setup().await;
+    // The AzureOpenAI SDK: route in the path, api-key header, its own api-version.
+    let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = client()
+        .post(gw.url("/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01"))
+        .header("api-key", CLIENT_KEY)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-route"], "gpt-4o");
+    let r = &up.requests()[0];
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(
+        r.query, None,
+        "the client's api-version is not for an OpenAI upstream"
+    );
+    assert_eq!(
+        std::str::from_utf8(&r.body).unwrap(),
+        r#"{"model":"gpt-4o-upstream","messages":[{"role":"user","content":"hi"}]}"#
+    );
+    // And to an Azure upstream, the provider's api-version replaces the client's.
+    let resp = client()
+        .post(gw.url("/openai/deployments/gpt-4o-azure/embeddings?api-version=2023-05-15"))
+        .header("api-key", CLIENT_KEY)
+        .body(r#"{"input":"abc"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let r = &up.requests()[1];
+    assert_eq!(r.path, "/openai/deployments/my-azure-dep/embeddings");
+    assert_eq!(r.query.as_deref(), Some("api-version=2024-10-21"));
+}
+
+#[tokio::test]
+async fn multipart_upload_keeps_the_file_and_rewrites_the_model_field() {
+    let (up, gw) = setup().await;
+    let audio: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(audio.clone()).file_name("speech.wav"),
+        )
+        .text("model", "whisper")
+        .text("response_format", "text")
+        .text("timestamp_granularities[]", "word")
+        .text("timestamp_granularities[]", "segment");
+    let resp = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .bearer_auth(CLIENT_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = resp.text().await.unwrap();
+    assert!(!text.is_empty());
+    let r = &up.requests()[0];
+    let parts = upstream::parse_multipart(r.header("content-type").unwrap(), &r.body).unwrap();
+    let get = |n: &str| parts.iter().filter(|p| p.name == n).collect::<Vec<_>>();
+    assert_eq!(get("model")[0].data, "whisper-1".as_bytes());
+    assert_eq!(get("file")[0].data, audio);
+    assert_eq!(get("timestamp_granularities[]").len(), 2);
+}
+
+#[tokio::test]
+async fn streams_pass_through_chunk_by_chunk() {
+    let (up, gw) = setup().await;
+    let c1 = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first\"},\"finish_reason\":null}]}\n\n";
+    let c2 = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" second\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+    // The second chunk leaves the upstream long after the first.
+    up.script(Scripted::stream(&[(0, c1), (1500, c2)], StreamEnd::Finish));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut body = resp.bytes_stream();
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("first") {
+        got.extend_from_slice(&body.next().await.unwrap().unwrap());
+    }
+    // The first chunk reached the client while the upstream is still sending: not buffered.
+    assert_eq!(
+        up.in_flight(),
+        1,
+        "the first chunk arrived only after the upstream finished"
+    );
+    assert!(!String::from_utf8_lossy(&got).contains("second"));
+    while let Some(chunk) = body.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(String::from_utf8(got).unwrap(), format!("{c1}{c2}"));
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_upstream_request() {
+    let (up, gw) = setup().await;
+    // Mid-stream.
+    let c1 = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x\"}}]}\n\n";
+    up.script(Scripted::stream(
+        &[(0, c1), (30_000, c1)],
+        StreamEnd::Finish,
+    ));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await;
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    assert!(up.wait_in_flight(1, Duration::from_secs(5)).await);
+    drop(body);
+    assert!(
+        up.wait_in_flight(0, Duration::from_secs(5)).await,
+        "the upstream request outlived the client"
+    );
+    // Before any answer.
+    up.script(Scripted::Hang);
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let err = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .body(r#"{"model":"gpt-4o","messages":[]}"#)
+        .send()
+        .await;
+    assert!(err.is_err());
+    assert!(
+        up.wait_in_flight(0, Duration::from_secs(5)).await,
+        "a hanging upstream request outlived the client"
+    );
+    // The gateway keeps serving.
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"demo","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn client_errors_have_the_openai_shape_and_status() {
+    let (_up, gw) = setup().await;
+    let chat = r#"{"model":"gpt-4o","messages":[]}"#;
+    let c = client();
+
+    let resp = c
+        .post(gw.url("/v1/chat/completions"))
+        .body(chat)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+
+    let resp = c
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth("sk-wrong")
+        .body(chat)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    assert!(!body.to_string().contains("sk-wrong"));
+
+    let resp = c
+        .post(gw.url("/v1/chat/completions"))
+        .header("api-key", OTHER_KEY)
+        .body(chat)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("permission_denied"))
+    );
+
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"nope","messages":[]}"#,
+    )
+    .await;
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (404, Some("model_not_found"))
+    );
+
+    let resp = post(&gw, "/v1/chat/completions", "this is not json").await;
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_request"))
+    );
+
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":"hi"}"#,
+    )
+    .await;
+    let (status, body) = error_of(resp).await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`messages` must be an array"));
+    assert_eq!(body["error"]["param"], "messages");
+
+    let resp = post(&gw, "/v1/embeddings", r#"{"input":"x"}"#).await;
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["param"].as_str()),
+        (400, Some("model"))
+    );
+
+    let big = format!(
+        r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(70_000)
+    );
+    let resp = post(&gw, "/v1/chat/completions", &big).await;
+    let (status, body) = error_of(resp).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("request_too_large"))
+    );
+
+    let resp = c
+        .get(gw.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = error_of(resp).await;
+    assert_eq!(status, 405);
+
+    let resp = c
+        .get(gw.url("/v1/files"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = error_of(resp).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_key() {
+    let (up, gw) = setup().await;
+    let chat = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+
+    // 500 then success: retried, the client sees the success.
+    up.script(Scripted::server_error(500));
+    let resp = post(&gw, "/v1/chat/completions", chat).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.request_count(), 2);
+
+    // A content-filter refusal is not retried and keeps its code and inner error.
+    up.reset();
+    up.script(Scripted::azure_content_filter());
+    let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "content_filter");
+    assert_eq!(
+        body["error"]["innererror"]["code"],
+        "ResponsibleAIPolicyViolation"
+    );
+    assert_eq!(up.request_count(), 1);
+
+    // Every attempt fails: the upstream's last status and message.
+    up.reset();
+    for _ in 0..3 {
+        up.script(Scripted::html(502));
+    }
+    let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    assert_eq!(status, 502);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Bad Gateway"));
+    assert_eq!(up.request_count(), 3, "retries: 2 means three attempts");
+
+    // vLLM's integer code and TGI's string error become the OpenAI shape.
+    up.reset();
+    up.script(Scripted::vllm_error(
+        400,
+        "This model's maximum context length is 4096 tokens",
+    ));
+    let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["code"].is_string());
+    up.script(Scripted::tgi_error(
+        422,
+        "Input validation error",
+        "validation",
+    ));
+    let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    assert_eq!(
+        (status, body["error"]["type"].as_str()),
+        (422, Some("validation"))
+    );
+
+    // An upstream that echoes its key: scrubbed.
+    up.script(Scripted::respond(
+        401,
+        json!({"error": {"message": format!("bad key {OPENAI_SECRET}"), "code": "invalid_api_key"}}).to_string(),
+    ));
+    let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    assert_eq!(status, 401);
+    assert!(!body.to_string().contains(OPENAI_SECRET));
+
+    // A hanging upstream: 504 upstream_timeout after the route's timeout.
+    up.script(Scripted::Hang);
+    let (status, body) = error_of(
+        post(
+            &gw,
+            "/v1/chat/completions",
+            r#"{"model":"flaky","messages":[]}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("upstream_timeout"))
+    );
+
+    // Nothing listening: the fallback route serves.
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"with-fallback","messages":[]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-switchyard-route"], "gpt-4o");
+
+    let logs = gw.logs();
+    assert!(
+        !logs.contains(OPENAI_SECRET) && !logs.contains(AZURE_SECRET) && !logs.contains(CLIENT_KEY)
+    );
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_off_ends_with_an_error_event() {
+    let (up, gw) = setup().await;
+    let c1 = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"},\"finish_reason\":null}]}\n\ndata: {\"id\":\"c1\",\"obj";
+    up.script(Scripted::stream(&[(0, c1), (50, "")], StreamEnd::Abort));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.starts_with("data: {\"id\":\"c1\""), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let last: Value = serde_json::from_str(last.trim().trim_start_matches("data:").trim())
+        .unwrap_or_else(|e| panic!("last event is not JSON ({e}): {text}"));
+    assert_eq!(last["error"]["code"], "upstream_error");
+    assert!(!text.contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn models_list_shows_the_routes_a_key_may_use() {
+    let (_up, gw) = setup().await;
+    let c = client();
+    let list: Value = c
+        .get(gw.url("/v1/models"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "gpt-4o",
+            "gpt-4o-azure",
+            "whisper",
+            "flaky",
+            "with-fallback",
+            "demo"
+        ]
+    );
+    let list: Value = c
+        .get(gw.url("/v1/models"))
+        .bearer_auth(OTHER_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+    let one = c
+        .get(gw.url("/v1/models/demo"))
+        .bearer_auth(OTHER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(one.status(), 200);
+    let hidden = c
+        .get(gw.url("/v1/models/gpt-4o"))
+        .bearer_auth(OTHER_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hidden.status(), 404);
+}
+
+#[tokio::test]
+async fn the_mock_provider_answers_every_endpoint() {
+    let (_up, gw) = setup().await;
+    let resp = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"demo","input":["a","b"],"dimensions":4}"#,
+    )
+    .await;
+    let floats: Value = resp.json().await.unwrap();
+    assert_eq!(floats["data"].as_array().unwrap().len(), 2);
+    let v: Vec<f32> = serde_json::from_value(floats["data"][0]["embedding"].clone()).unwrap();
+    assert_eq!(v.len(), 4);
+    let resp = post(
+        &gw,
+        "/v1/embeddings",
+        r#"{"model":"demo","input":["a"],"dimensions":4,"encoding_format":"base64"}"#,
+    )
+    .await;
+    let b64: Value = resp.json().await.unwrap();
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    let decoded: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(
+        decoded, v,
+        "deterministic, and base64 decodes to the same vector"
+    );
+
+    let resp = post(&gw, "/v1/chat/completions", r#"{"model":"demo","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hello there"}]}"#).await;
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let usage: Value =
+        serde_json::from_str(events[events.len() - 2].trim_start_matches("data: ")).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 4);
+    assert!(usage["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    for (path, body) in [
+        ("/v1/completions", r#"{"model":"demo","prompt":"say hi"}"#),
+        (
+            "/v1/images/generations",
+            r#"{"model":"demo","prompt":"a cat"}"#,
+        ),
+        ("/v1/moderations", r#"{"model":"demo","input":"hello"}"#),
+        ("/v1/responses", r#"{"model":"demo","input":"hello"}"#),
+        (
+            "/v1/audio/speech",
+            r#"{"model":"demo","input":"hello","voice":"alloy"}"#,
+        ),
+    ] {
+        let resp = post(&gw, path, body).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        assert!(!resp.bytes().await.unwrap().is_empty(), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn reload_by_admin_api_signal_and_file_change_and_bad_configs_are_refused() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "")).await;
+    let c = client();
+    let route_status = |name: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            c.post(url)
+                .bearer_auth(CLIENT_KEY)
+                .body(format!(r#"{{"model":"{name}","messages":[]}}"#))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // A slow stream on the old config, in flight across every reload below.
+    up.script(Scripted::stream(
+        &[(0, "data: {\"n\":1}\n\n"), (1500, "data: [DONE]\n\n")],
+        StreamEnd::Finish,
+    ));
+    let slow = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await;
+    assert_eq!(slow.status(), 200);
+
+    // Admin API: wrong key refused; a bad config refused with its position; old one serves.
+    let resp = c
+        .post(gw.url("/admin/reload"))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        original.replace(
+            "kind: mock, stream_chunks: 4",
+            "kind: mock, stream_chunks: 4, bogus: 1",
+        ),
+    )
+    .unwrap();
+    let resp = c
+        .post(gw.url("/admin/reload"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(status, 400);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("routes.yaml:") && msg.contains("unknown field `bogus`"),
+        "{msg}"
+    );
+    assert_eq!(route_status("demo").await, 200);
+
+    // A good config: a new route appears.
+    let with_new = original.replace(
+        "  demo: { deployments:",
+        "  demo2: { deployments: [ { provider: demo } ] }\n  demo: { deployments:",
+    );
+    std::fs::write(gw.config_path(), &with_new).unwrap();
+    let resp = c
+        .post(gw.url("/admin/reload"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(route_status("demo2").await, 200);
+
+    // SIGHUP: the route goes away again.
+    std::fs::write(gw.config_path(), &original).unwrap();
+    gw.signal("HUP");
+    let mut gone = false;
+    for _ in 0..100 {
+        if route_status("demo2").await == 404 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "SIGHUP did not reload:\n{}", gw.logs());
+
+    // A change of the file alone.
+    std::fs::write(gw.config_path(), &with_new).unwrap();
+    let mut back = false;
+    for _ in 0..100 {
+        if route_status("demo2").await == 200 {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "a file change did not reload:\n{}", gw.logs());
+
+    // The stream that started before all this finished on its config.
+    let text = slow.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+
+    // The admin view has no secret in it.
+    let routes = c
+        .get(gw.url("/admin/routes"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(routes.status(), 200);
+    let text = routes.text().await.unwrap();
+    assert!(text.contains("up-openai/gpt-4o-upstream"));
+    for secret in [OPENAI_SECRET, AZURE_SECRET, "admin-secret", CLIENT_KEY] {
+        assert!(!text.contains(secret));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_streams_in_flight_finish() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    up.script(Scripted::stream(
+        &[
+            (0, "data: {\"n\":1}\n\n"),
+            (1000, "data: {\"n\":2}\n\n"),
+            (200, "data: [DONE]\n\n"),
+        ],
+        StreamEnd::Finish,
+    ));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await;
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("\"n\":1"));
+    gw.signal("TERM");
+    assert!(
+        gw.wait_log(|l| l.contains("shutting down"), Duration::from_secs(5))
+            .await
+    );
+    // No new connections once shutting down.
+    let refused = reqwest::Client::new().get(gw.url("/healthz")).send().await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted during shutdown"
+    );
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8_lossy(&rest).ends_with("data: [DONE]\n\n"));
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("gateway did not exit");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn json_logs_have_one_line_per_request_with_its_id_and_no_secret() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start_with(&config(&up, ""), &["--log-format", "json"]).await;
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .header("x-request-id", "log-test-42")
+        .body(r#"{"model":"gpt-4o","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    assert!(
+        gw.wait_log(|l| l.contains("log-test-42"), Duration::from_secs(5))
+            .await
+    );
+    let logs = gw.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .filter(|l| l.contains("log-test-42"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    let line = &lines[0];
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["route"], "gpt-4o");
+    assert_eq!(line["deployment"], "up-openai/gpt-4o-upstream");
+    assert_eq!(line["key"], "app");
+    for secret in [OPENAI_SECRET, AZURE_SECRET, "admin-secret", CLIENT_KEY] {
+        assert!(!logs.contains(secret), "{secret} in the logs");
+    }
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let (_up, gw) = setup().await;
+    let c = client();
+    assert_eq!(
+        c.get(gw.url("/healthz")).send().await.unwrap().status(),
+        200
+    );
+    let ready: Value = c
+        .get(gw.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+}

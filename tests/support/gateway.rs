@@ -1,0 +1,136 @@
+//! Runs the real `switchyard` binary on a free port with a config written to a temporary
+//! folder, for black-box tests. The gateway writes its bound address to a ready file.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the gateway on `config` (YAML text); `listen` is forced to 127.0.0.1:0.
+    pub async fn start(config: &str) -> Gateway {
+        Self::start_with(config, &[]).await
+    }
+
+    pub async fn start_with(config: &str, extra_args: &[&str]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("routes.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let ready = dir.path().join("ready");
+        let log = dir.path().join("gateway.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--listen", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
+            .args(extra_args)
+            .env_remove("SWITCHYARD_CONFIG")
+            .stdout(Stdio::from(log_file.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .expect("spawn switchyard");
+        let mut gw = Gateway {
+            child: Some(child),
+            addr: String::new(),
+            dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(addr) = std::fs::read_to_string(&ready) {
+                gw.addr = addr.trim().to_string();
+                return gw;
+            }
+            if let Some(status) = gw.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!(
+                    "switchyard exited with {status} before listening:\n{}",
+                    gw.logs()
+                );
+            }
+            if Instant::now() > deadline {
+                panic!("switchyard did not start in time:\n{}", gw.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("routes.yaml")
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+
+    /// Waits until `cond` holds for the log text.
+    pub async fn wait_log(&self, cond: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if cond(&self.logs()) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+pub fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write");
+}
