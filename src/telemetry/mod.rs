@@ -30,7 +30,8 @@ pub fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stdout)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -46,6 +47,8 @@ pub struct RequestFacts {
     pub provider: String,
     pub key: String,
     pub attempts: u32,
+    /// The route asked for, when a fallback route served.
+    pub fallback_from: String,
     pub error_code: String,
     pub stream: bool,
 }
@@ -148,6 +151,7 @@ impl LogLine {
             provider = %f.provider,
             key = %f.key,
             attempts = f.attempts,
+            fallback_from = %f.fallback_from,
             stream = f.stream,
             error_code = %f.error_code,
             duration_ms,
