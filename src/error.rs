@@ -134,6 +134,30 @@ impl GatewayError {
         )
     }
 
+    /// A prompt too long for the model, in the words of OpenAI/Azure
+    /// (`context_length_exceeded`), vLLM ("maximum context length"), TGI ("must be <= N
+    /// tokens") or Ollama/llama.cpp ("context length", "context size").
+    pub fn is_context_length(&self) -> bool {
+        if !matches!(self.status.as_u16(), 400 | 413 | 422) {
+            return false;
+        }
+        if self.code == "context_length_exceeded" || self.code == "string_above_max_length" {
+            return true;
+        }
+        let m = self.message.to_ascii_lowercase();
+        m.contains("maximum context length")
+            || m.contains("context length")
+            || m.contains("context window")
+            || m.contains("context size")
+            || (m.contains("tokens") && m.contains("must be <="))
+            || m.contains("too many tokens")
+    }
+
+    /// Azure's content-filter refusal of a prompt: 400 with code `content_filter`.
+    pub fn is_content_filter(&self) -> bool {
+        self.status == StatusCode::BAD_REQUEST && self.code == "content_filter"
+    }
+
     /// The OpenAI error object (the value under `"error"`).
     pub fn to_json(&self) -> serde_json::Value {
         json!({

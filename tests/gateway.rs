@@ -40,6 +40,7 @@ models:
     deployments: [ {{ provider: dead }} ]
     fallbacks: [gpt-4o]
   demo: {{ deployments: [ {{ provider: demo, deployment: demo-model }} ] }}
+routing: {{ allowed_fails: 100 }}
 keys:
   - {{ name: app, key: "sha256:{h1}" }}
   - {{ name: limited, key: "sha256:{h2}", models: [demo] }}

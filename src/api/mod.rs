@@ -190,6 +190,11 @@ pub struct ApiRequest {
     pub body: Bytes,
     pub payload: Payload,
     pub stream: bool,
+    /// Prompt tokens estimated from the body's text (about four bytes a token), for quotas
+    /// and context windows; the real count comes from the upstream's usage.
+    pub estimated_prompt_tokens: u64,
+    /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the client set one.
+    pub max_tokens: Option<u64>,
     /// The client's headers that may travel upstream (no credentials, no hop-by-hop).
     pub upstream_headers: HeaderMap,
     pub request_id: HeaderValue,
@@ -237,6 +242,7 @@ impl ApiRequest {
         body: Bytes,
         request_id: HeaderValue,
     ) -> Result<ApiRequest, GatewayError> {
+        let mut max_tokens = None;
         let (payload, stream) = if op.is_multipart() {
             let ct = headers
                 .get(http::header::CONTENT_TYPE)
@@ -250,6 +256,11 @@ impl ApiRequest {
             check_json_shape(op, &head)?;
             let model = head.model()?;
             let stream = head.stream()?;
+            for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+                if let Some(n) = head.uint(field)? {
+                    max_tokens = Some(n);
+                }
+            }
             (
                 Payload::Json {
                     slot: head.model_slot(),
@@ -275,12 +286,18 @@ impl ApiRequest {
             }
         }
         upstream_headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        let estimated_prompt_tokens = match payload {
+            Payload::Json { .. } => (text_bytes(&body) as u64).div_ceil(4),
+            Payload::Multipart { .. } => 0,
+        };
         Ok(ApiRequest {
             op,
             route,
             body,
             payload,
             stream,
+            estimated_prompt_tokens,
+            max_tokens,
             upstream_headers,
             request_id,
         })
@@ -304,6 +321,23 @@ impl ApiRequest {
             }
         }
     }
+}
+
+/// Bytes of a JSON body that are text, leaving out inline `data:` URLs (base64 images and
+/// audio), which count as a few hundred tokens upstream, not as their length.
+fn text_bytes(body: &[u8]) -> usize {
+    let mut total = body.len();
+    let mut i = 0;
+    while let Some(off) = body[i..].windows(6).position(|w| w == b"\"data:") {
+        let start = i + off + 1;
+        let end = body[start..]
+            .iter()
+            .position(|b| *b == b'"')
+            .map_or(body.len(), |e| start + e);
+        total -= end - start;
+        i = end;
+    }
+    total
 }
 
 /// The body checked against the endpoint's shape, with what the gateway needs from it.
@@ -336,6 +370,16 @@ pub fn check_json_shape(op: Operation, head: &body::JsonHead<'_>) -> Result<(), 
 mod tests {
     use super::*;
     use http::Method;
+
+    #[test]
+    fn inline_data_is_not_text() {
+        let body = br#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA"}}]}]}"#;
+        assert_eq!(
+            text_bytes(body),
+            body.len() - "data:image/png;base64,AAAAAAAAAAAAAAAA".len()
+        );
+        assert_eq!(text_bytes(b"{}"), 2);
+    }
 
     #[test]
     fn paths() {

@@ -264,11 +264,12 @@ fn to_value(
         Kind::Scalar { text, plain } => {
             let text = if text.contains('$') {
                 match interpolate(text, env) {
-                    Ok(Some(t)) => {
-                        positions.interpolated.insert(path.clone());
+                    Ok((t, from_env)) => {
+                        if from_env {
+                            positions.interpolated.insert(path.clone());
+                        }
                         t
                     }
-                    Ok(None) => text.clone(),
                     Err(msg) => {
                         errors.push(YamlError {
                             pos: node.pos,
@@ -361,12 +362,13 @@ fn resolve_plain(text: String) -> Value {
     Value::String(text)
 }
 
-/// Replaces `${VAR}` and `${VAR:-default}`; `$${` stands for a literal `${`.
-/// Returns `Ok(None)` when the text holds no reference.
-fn interpolate(text: &str, env: &dyn EnvSource) -> Result<Option<String>, String> {
+/// Replaces `${VAR}` and `${VAR:-default}`; `$${` stands for a literal `${`. Also says
+/// whether any of the text came from a variable that is set (a default does not count: a
+/// secret written as a default is still written in the file).
+fn interpolate(text: &str, env: &dyn EnvSource) -> Result<(String, bool), String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    let mut any = false;
+    let mut from_env = false;
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
@@ -393,17 +395,22 @@ fn interpolate(text: &str, env: &dyn EnvSource) -> Result<Option<String>, String
         }
         // Shell semantics: `:-` takes the default when the variable is unset or empty.
         let value = match (env.get(name), default) {
-            (Some(v), None) => v,
-            (Some(v), Some(_)) if !v.is_empty() => v,
+            (Some(v), None) => {
+                from_env = true;
+                v
+            }
+            (Some(v), Some(_)) if !v.is_empty() => {
+                from_env = true;
+                v
+            }
             (_, Some(d)) => d.to_string(),
             (None, None) => return Err(format!("environment variable `{name}` is not set")),
         };
         out.push_str(&value);
-        any = true;
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(any.then_some(out))
+    Ok((out, from_env))
 }
 
 #[cfg(test)]
@@ -420,12 +427,18 @@ mod tests {
 
     #[test]
     fn positions_and_interpolation() {
-        let text = "a:\n  b: ${SET}\n  c: [1, x]\n  d: ${NOPE:-dflt}\n  e: ${EMPTY:-d2}\n";
+        let text = "a:\n  b: ${SET}\n  c: [1, x]\n  d: ${NOPE:-dflt}\n  e: ${EMPTY:-d2}\n  f: $${LITERAL}\n";
         let (v, pos) = parse(text, &env).unwrap();
         assert_eq!(v["a"]["b"], "value");
         assert_eq!(v["a"]["c"][0], 1);
         assert_eq!(v["a"]["d"], "dflt");
         assert_eq!(v["a"]["e"], "d2");
+        assert_eq!(v["a"]["f"], "${LITERAL}");
+        let d = vec![Seg::Key("a".into()), Seg::Key("d".into())];
+        assert!(
+            !pos.was_interpolated(&d),
+            "a default is not from the environment"
+        );
         let p = vec![Seg::Key("a".into()), Seg::Key("b".into())];
         assert_eq!(pos.value(&p), Pos { line: 2, col: 6 });
         assert_eq!(pos.key(&p), Pos { line: 2, col: 3 });

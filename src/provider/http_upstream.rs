@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use serde_json::{json, Map, Value};
 
-use super::AttemptError;
+use super::{AttemptError, UpstreamQuota};
 use crate::api::{ApiRequest, Operation};
 use crate::config::ProviderCfg;
 use crate::error::GatewayError;
@@ -146,6 +146,9 @@ impl HttpUpstream {
             if PASS_HEADERS.contains(&name.as_str()) {
                 out = out.header(name, value);
             }
+        }
+        if let Some(q) = UpstreamQuota::from_headers(resp.headers()) {
+            out = out.extension(q);
         }
         let stream = guard_upstream_stream(resp.bytes_stream(), is_sse, timeout);
         out.body(streaming(stream))

@@ -108,6 +108,25 @@ impl AttemptError {
     }
 }
 
+/// What the upstream said is left of its quota (`x-ratelimit-remaining-*`), put on a
+/// successful response as an extension for the routing state to learn from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpstreamQuota {
+    pub remaining_requests: Option<i64>,
+    pub remaining_tokens: Option<i64>,
+}
+
+impl UpstreamQuota {
+    pub fn from_headers(h: &http::HeaderMap) -> Option<UpstreamQuota> {
+        let num = |n: &str| h.get(n)?.to_str().ok()?.trim().parse::<i64>().ok();
+        let q = UpstreamQuota {
+            remaining_requests: num("x-ratelimit-remaining-requests"),
+            remaining_tokens: num("x-ratelimit-remaining-tokens"),
+        };
+        (q.remaining_requests.is_some() || q.remaining_tokens.is_some()).then_some(q)
+    }
+}
+
 /// Providers by name, shared by every route of one config generation.
 pub type Providers = indexmap::IndexMap<String, Arc<Provider>>;
 

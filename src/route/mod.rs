@@ -1,18 +1,35 @@
-//! Where a request goes: the compiled route table, the pick among a route's deployments,
-//! retries on another deployment and the route's fallbacks. Strategies beyond a weighted
-//! pick, cooldowns and quotas slot in here (see the routing issue).
+//! Where a request goes: the compiled route table, the strategies that pick among a route's
+//! deployments (skipping those cooling down or out of upstream quota), retries on another
+//! deployment, cooldowns with a single probe, first-token timeouts, and the three kinds of
+//! fallback. Deployment state (`state.rs`) outlives config generations.
 
+pub mod state;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::StatusCode;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use indexmap::IndexMap;
 use rand::Rng;
 
 use crate::api::ApiRequest;
-use crate::config::{Loaded, Strategy};
+use crate::config::{Loaded, Pricing, Strategy};
 use crate::error::GatewayError;
-use crate::provider::{AttemptError, Provider, Providers};
-use crate::server::body::ResponseBody;
+use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
+use crate::server::body::{BoxError, ResponseBody};
+use state::{now_ms, DeploymentState, Health, StateRegistry};
+
+/// Share of `least_latency` picks that go to a random deployment, so a deployment that got
+/// faster (or recovered) is noticed.
+const EXPLORE: f64 = 0.1;
+/// Backoff before an attempt on a deployment already tried in this request.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 pub struct Deployment {
     pub provider: Arc<Provider>,
@@ -23,6 +40,11 @@ pub struct Deployment {
     pub model: Option<String>,
     pub weight: f64,
     pub priority: u32,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    /// Input + output price per million tokens, for `lowest_cost`.
+    pub price: Option<f64>,
+    pub state: Arc<DeploymentState>,
 }
 
 pub struct Route {
@@ -30,15 +52,31 @@ pub struct Route {
     pub strategy: Strategy,
     pub deployments: Vec<Deployment>,
     pub fallbacks: Vec<String>,
+    pub context_fallbacks: Vec<String>,
+    pub content_filter_fallbacks: Vec<String>,
+    pub context_window: Option<u64>,
     pub retries: u32,
     pub timeout: Duration,
+    pub first_token_timeout: Duration,
+    pub cooldown: Duration,
+    pub allowed_fails: u32,
+    round_robin: AtomicUsize,
 }
 
 pub type Routes = IndexMap<String, Arc<Route>>;
 
-pub fn build_routes(loaded: &Loaded, providers: &Providers) -> Result<Routes, String> {
+fn price_of(p: &Pricing) -> f64 {
+    p.input_per_1m + p.output_per_1m
+}
+
+pub fn build_routes(
+    loaded: &Loaded,
+    providers: &Providers,
+    registry: &StateRegistry,
+) -> Result<Routes, String> {
     let c = &loaded.config;
     let mut routes = IndexMap::new();
+    let mut labels = HashSet::new();
     for (name, r) in &c.models {
         let mut deployments = Vec::with_capacity(r.deployments.len());
         for d in &r.deployments {
@@ -47,15 +85,22 @@ pub fn build_routes(loaded: &Loaded, providers: &Providers) -> Result<Routes, St
                 .cloned()
                 .ok_or_else(|| format!("route `{name}`: unknown provider `{}`", d.provider))?;
             let upstream = d.deployment.clone().unwrap_or_else(|| name.clone());
+            let label = format!("{}/{}", d.provider, upstream);
+            labels.insert(label.clone());
             deployments.push(Deployment {
-                label: format!("{}/{}", d.provider, upstream),
+                state: registry.get(&label),
+                label,
                 provider,
                 upstream,
                 model: d.model.clone(),
                 weight: d.weight,
                 priority: d.priority,
+                rpm: d.rpm,
+                tpm: d.tpm,
+                price: d.pricing.as_ref().or(r.pricing.as_ref()).map(price_of),
             });
         }
+        let routing = &c.routing;
         routes.insert(
             name.clone(),
             Arc::new(Route {
@@ -63,11 +108,22 @@ pub fn build_routes(loaded: &Loaded, providers: &Providers) -> Result<Routes, St
                 strategy: r.strategy,
                 deployments,
                 fallbacks: r.fallbacks.clone(),
-                retries: r.retries.unwrap_or(c.routing.retries),
-                timeout: r.timeout.unwrap_or(c.routing.timeout).0,
+                context_fallbacks: r.context_fallbacks.clone(),
+                content_filter_fallbacks: r.content_filter_fallbacks.clone(),
+                context_window: r.context_window,
+                retries: r.retries.unwrap_or(routing.retries),
+                timeout: r.timeout.unwrap_or(routing.timeout).0,
+                first_token_timeout: r
+                    .first_token_timeout
+                    .unwrap_or(routing.first_token_timeout)
+                    .0,
+                cooldown: r.cooldown.unwrap_or(routing.cooldown).0,
+                allowed_fails: r.allowed_fails.unwrap_or(routing.allowed_fails),
+                round_robin: AtomicUsize::new(0),
             }),
         );
     }
+    registry.retain(&labels);
     Ok(routes)
 }
 
@@ -78,34 +134,230 @@ pub struct Served {
     pub deployment: String,
     pub provider: String,
     pub attempts: u32,
+    /// The route the client asked for, when a fallback route served instead.
+    pub fallback_from: Option<String>,
+}
+
+/// Why a route could not serve.
+enum RouteError {
+    /// Every attempt failed; the last failure.
+    Failed(AttemptError),
+    /// No deployment could take the request (cooling down, probing, out of quota).
+    Unavailable { retry_after: Option<Duration> },
+}
+
+impl RouteError {
+    fn into_gateway_error(self, route: &str) -> GatewayError {
+        match self {
+            RouteError::Failed(e) => e.into_gateway_error(),
+            RouteError::Unavailable { retry_after } => {
+                let mut e = GatewayError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "api_error",
+                    "no_deployment_available",
+                    format!(
+                        "no deployment of `{route}` can take the request now: every one is \
+                         cooling down or out of its upstream quota"
+                    ),
+                );
+                let secs = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);
+                e.headers.push(("retry-after", secs.to_string()));
+                e
+            }
+        }
+    }
+
+    /// Whether the route's `fallbacks` may do better.
+    fn falls_back(&self) -> bool {
+        match self {
+            RouteError::Unavailable { .. } => true,
+            RouteError::Failed(e) => e.retryable(),
+        }
+    }
+}
+
+/// Keeps a deployment's in-flight count up while its response body is alive.
+struct InFlight(Arc<DeploymentState>);
+
+impl InFlight {
+    fn new(state: &Arc<DeploymentState>) -> InFlight {
+        state.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Releases a claimed probe if its request ends without a verdict (cancelled mid-way).
+struct ProbeGuard(Option<Arc<DeploymentState>>);
+
+impl Drop for ProbeGuard {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.release_probe();
+        }
+    }
+}
+
+/// The response body after the gateway took its first frame (to time the first token),
+/// holding the deployment's in-flight count until it ends.
+struct TrackedBody {
+    first: Option<Frame<Bytes>>,
+    rest: ResponseBody,
+    _in_flight: InFlight,
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(f)));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut h = self.rest.size_hint();
+        if let Some(len) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        {
+            h.set_lower(h.lower() + len);
+            if let Some(u) = h.upper() {
+                h.set_upper(u + len);
+            }
+        }
+        h
+    }
 }
 
 impl Route {
-    /// A weighted random pick among deployments not tried yet; once every deployment was
-    /// tried, among all of them (a route with one deployment retries that one).
-    fn pick(&self, tried: &[bool]) -> Option<usize> {
-        let untried = |i: usize| !tried[i];
-        let pick_from = |filter: &dyn Fn(usize) -> bool| -> Option<usize> {
-            let total: f64 = (0..self.deployments.len())
-                .filter(|i| filter(*i))
-                .map(|i| self.deployments[i].weight)
-                .sum();
-            if total <= 0.0 {
-                return None;
-            }
-            let mut x = rand::thread_rng().gen_range(0.0..total);
-            for i in (0..self.deployments.len()).filter(|i| filter(*i)) {
-                let w = self.deployments[i].weight;
-                if x < w {
-                    return Some(i);
+    /// Picks a deployment for one attempt: among those not tried yet, else among all;
+    /// always skipping those cooling down or out of quota. `Err` carries the shortest
+    /// remaining cooldown when nothing can take the request.
+    fn pick(
+        &self,
+        tried: &[bool],
+        tokens: u64,
+        stream: bool,
+    ) -> Result<(usize, bool), Option<Duration>> {
+        let now = now_ms();
+        let mut wait: Option<Duration> = None;
+        let mut usable = Vec::with_capacity(self.deployments.len());
+        for (i, d) in self.deployments.iter().enumerate() {
+            match d.state.health(now) {
+                Health::Up | Health::ProbeDue => {}
+                Health::CoolingDown(left) => {
+                    wait = Some(wait.map_or(left, |w| w.min(left)));
+                    continue;
                 }
-                x -= w;
+                Health::Probing => continue,
             }
-            (0..self.deployments.len())
-                .rev()
-                .find(|i| filter(*i) && self.deployments[*i].weight > 0.0)
-        };
-        pick_from(&untried).or_else(|| pick_from(&|_| true))
+            if d.weight <= 0.0 && self.strategy == Strategy::Weighted {
+                continue;
+            }
+            if !d.state.quota_fits(tokens, d.rpm, d.tpm) {
+                continue;
+            }
+            usable.push(i);
+        }
+        let fresh: Vec<usize> = usable.iter().copied().filter(|i| !tried[*i]).collect();
+        let mut candidates = if fresh.is_empty() { usable } else { fresh };
+        while !candidates.is_empty() {
+            let chosen = self.choose(&candidates, stream);
+            let d = &self.deployments[chosen];
+            let probe = d.state.health(now) == Health::ProbeDue;
+            if probe && !d.state.claim_probe() {
+                // Another request took the probe first.
+                candidates.retain(|c| *c != chosen);
+                continue;
+            }
+            return Ok((chosen, probe));
+        }
+        Err(wait)
+    }
+
+    fn choose(&self, candidates: &[usize], stream: bool) -> usize {
+        let mut rng = rand::thread_rng();
+        let d = |i: usize| &self.deployments[i];
+        match self.strategy {
+            Strategy::Weighted => weighted(candidates, |i| d(i).weight, &mut rng),
+            Strategy::RoundRobin => {
+                let n = self.round_robin.fetch_add(1, Ordering::Relaxed);
+                candidates[n % candidates.len()]
+            }
+            Strategy::LeastBusy => {
+                // Power of two choices: two at random, the one with fewer in flight.
+                let a = candidates[rng.gen_range(0..candidates.len())];
+                let b = candidates[rng.gen_range(0..candidates.len())];
+                let busy = |i: usize| d(i).state.in_flight.load(Ordering::Acquire);
+                let (a, b) = if a == b && candidates.len() > 1 {
+                    (candidates[0], candidates[1])
+                } else {
+                    (a, b)
+                };
+                if busy(b) < busy(a) {
+                    b
+                } else {
+                    a
+                }
+            }
+            Strategy::LeastLatency => {
+                if rng.gen_bool(EXPLORE) {
+                    return candidates[rng.gen_range(0..candidates.len())];
+                }
+                // Not measured yet: measure it.
+                if let Some(i) = candidates
+                    .iter()
+                    .find(|i| d(**i).state.latency(stream).is_none())
+                {
+                    return *i;
+                }
+                let lat = |i: usize| d(i).state.latency(stream).unwrap_or(f64::MAX);
+                candidates
+                    .iter()
+                    .copied()
+                    .min_by(|a, b| lat(*a).total_cmp(&lat(*b)))
+                    .unwrap_or(candidates[0])
+            }
+            Strategy::LowestCost => {
+                let price = |i: usize| d(i).price.unwrap_or(f64::MAX);
+                let best = candidates
+                    .iter()
+                    .map(|i| price(*i))
+                    .fold(f64::MAX, f64::min);
+                let cheapest: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|i| price(*i) == best)
+                    .collect();
+                weighted(&cheapest, |i| d(i).weight, &mut rng)
+            }
+            Strategy::Priority => {
+                let tier = candidates.iter().map(|i| d(*i).priority).min().unwrap_or(0);
+                let in_tier: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|i| d(*i).priority == tier)
+                    .collect();
+                weighted(&in_tier, |i| d(i).weight, &mut rng)
+            }
+        }
     }
 
     /// Up to `retries + 1` attempts over this route's deployments.
@@ -113,26 +365,55 @@ impl Route {
         &self,
         req: &ApiRequest,
         served: &mut Served,
-    ) -> Result<http::Response<ResponseBody>, AttemptError> {
+    ) -> Result<http::Response<ResponseBody>, RouteError> {
+        let tokens = req.estimated_prompt_tokens + req.max_tokens.unwrap_or(0);
         let mut tried = vec![false; self.deployments.len()];
         let mut last: Option<AttemptError> = None;
-        for _ in 0..=self.retries {
-            let Some(i) = self.pick(&tried) else { break };
+        for attempt in 0..=self.retries {
+            let (i, probe) = match self.pick(&tried, tokens, req.stream) {
+                Ok(p) => p,
+                Err(wait) => {
+                    return Err(match last {
+                        Some(e) => RouteError::Failed(e),
+                        None => RouteError::Unavailable { retry_after: wait },
+                    })
+                }
+            };
+            if tried[i] && attempt > 0 {
+                // Again on a deployment that already failed this request: back off first.
+                let exp = BACKOFF_BASE.saturating_mul(1 << (attempt - 1).min(6));
+                let jitter = rand::thread_rng().gen_range(0.5..1.0);
+                tokio::time::sleep(exp.min(BACKOFF_CAP).mul_f64(jitter)).await;
+            }
             tried[i] = true;
             let d = &self.deployments[i];
             served.route.clone_from(&self.name);
             served.deployment.clone_from(&d.label);
             served.provider.clone_from(&d.provider.name);
             served.attempts += 1;
-            match d.provider.send(req, &d.upstream, self.timeout).await {
+            d.state.take_quota(tokens);
+            let _probe = ProbeGuard(probe.then(|| d.state.clone()));
+            match self.send_once(req, d).await {
                 Ok(resp) => return Ok(resp),
                 Err(e) => {
+                    // Only failures that say something about the deployment count against it.
+                    let cooled = if e.retryable() {
+                        let retry_after = match &e {
+                            AttemptError::Status { retry_after, .. } => *retry_after,
+                            _ => None,
+                        };
+                        d.state
+                            .failure(self.allowed_fails, self.cooldown, retry_after)
+                    } else {
+                        false
+                    };
                     tracing::warn!(
                         request_id = %req.request_id_str(),
                         route = %self.name,
                         deployment = %d.label,
                         status = e.status().map(|s| s.as_u16()),
                         retryable = e.retryable(),
+                        cooling_down = cooled,
                         "upstream attempt failed"
                     );
                     let retryable = e.retryable();
@@ -143,43 +424,164 @@ impl Route {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            AttemptError::Connect(format!("route `{}` has no deployment to try", self.name))
-        }))
+        Err(match last {
+            Some(e) => RouteError::Failed(e),
+            None => RouteError::Unavailable { retry_after: None },
+        })
+    }
+
+    /// One attempt on deployment `d`. A stream counts as answered only once its first
+    /// frame arrived within `first_token_timeout`; until then it may still fail over.
+    async fn send_once(
+        &self,
+        req: &ApiRequest,
+        d: &Deployment,
+    ) -> Result<http::Response<ResponseBody>, AttemptError> {
+        let in_flight = InFlight::new(&d.state);
+        let start = Instant::now();
+        let deadline = start
+            + if req.stream {
+                self.first_token_timeout
+            } else {
+                self.timeout
+            };
+        let no_first_token = || {
+            AttemptError::Timeout(format!(
+                "the upstream sent no first token within {}s",
+                self.first_token_timeout.as_secs_f64()
+            ))
+        };
+        let send = d.provider.send(req, &d.upstream, self.timeout);
+        let resp = if req.stream {
+            tokio::time::timeout_at(deadline.into(), send)
+                .await
+                .map_err(|_| no_first_token())??
+        } else {
+            send.await?
+        };
+        if let Some(q) = resp.extensions().get::<UpstreamQuota>() {
+            d.state
+                .learn_remaining(q.remaining_requests, q.remaining_tokens);
+        }
+        let (parts, mut body) = resp.into_parts();
+        let first = if req.stream {
+            match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+                Err(_) => return Err(no_first_token()),
+                Ok(Some(Err(_))) => {
+                    return Err(AttemptError::Connect(
+                        "the upstream stream broke off before its first byte".into(),
+                    ))
+                }
+                Ok(Some(Ok(frame))) => Some(frame),
+                Ok(None) => None,
+            }
+        } else {
+            None
+        };
+        let elapsed = start.elapsed();
+        d.state.success(elapsed, req.stream.then_some(elapsed));
+        let body = TrackedBody {
+            first,
+            rest: body,
+            _in_flight: in_flight,
+        };
+        Ok(http::Response::from_parts(parts, body.boxed_unsync()))
     }
 }
 
-/// Sends the request over `route`, then over its fallbacks in order when every attempt
-/// failed with an error another deployment might not have.
+fn weighted(candidates: &[usize], weight: impl Fn(usize) -> f64, rng: &mut impl Rng) -> usize {
+    let total: f64 = candidates.iter().map(|i| weight(*i).max(0.0)).sum();
+    if total <= 0.0 {
+        return candidates[rng.gen_range(0..candidates.len())];
+    }
+    let mut x = rng.gen_range(0.0..total);
+    for i in candidates {
+        let w = weight(*i).max(0.0);
+        if x < w {
+            return *i;
+        }
+        x -= w;
+    }
+    candidates[candidates.len() - 1]
+}
+
+/// Which fallback list an error leads to.
+fn context_error(e: &AttemptError) -> bool {
+    matches!(e, AttemptError::Status { error, .. } if error.is_context_length())
+}
+
+fn content_filter_error(e: &AttemptError) -> bool {
+    matches!(e, AttemptError::Status { error, .. } if error.is_content_filter())
+}
+
+/// Sends the request over `route`; when it cannot serve, over the fallback list that fits
+/// the failure: `context_fallbacks` for a prompt too long (known in advance from
+/// `context_window`, or from the upstream's error), `content_filter_fallbacks` for a
+/// content-filter refusal, `fallbacks` for anything another route might not have. Each
+/// route is tried at most once per request.
 pub async fn dispatch(
     route: &Arc<Route>,
     routes: &Routes,
     req: &ApiRequest,
     served: &mut Served,
 ) -> Result<http::Response<ResponseBody>, GatewayError> {
-    let err = match route.attempt(req, served).await {
-        Ok(resp) => return Ok(resp),
-        Err(e) => e,
+    let too_long = route
+        .context_window
+        .is_some_and(|w| req.estimated_prompt_tokens > w)
+        && !route.context_fallbacks.is_empty();
+    let err = if too_long {
+        tracing::info!(request_id = %req.request_id_str(), route = %route.name,
+            estimated_prompt_tokens = req.estimated_prompt_tokens,
+            "prompt longer than the route's context window: straight to its context fallbacks");
+        None
+    } else {
+        match route.attempt(req, served).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => Some(e),
+        }
     };
-    if !err.retryable() {
-        return Err(err.into_gateway_error());
-    }
+    let list = match &err {
+        None => &route.context_fallbacks,
+        Some(RouteError::Failed(e)) if context_error(e) && !route.context_fallbacks.is_empty() => {
+            &route.context_fallbacks
+        }
+        Some(RouteError::Failed(e))
+            if content_filter_error(e) && !route.content_filter_fallbacks.is_empty() =>
+        {
+            &route.content_filter_fallbacks
+        }
+        Some(e) if e.falls_back() => &route.fallbacks,
+        Some(_) => &Vec::new(),
+    };
     let mut last = err;
-    for name in &route.fallbacks {
+    let mut visited: HashSet<&str> = HashSet::from([route.name.as_str()]);
+    for name in list {
         let Some(fallback) = routes.get(name) else {
             continue;
         };
+        if !visited.insert(name.as_str()) {
+            continue;
+        }
         tracing::info!(request_id = %req.request_id_str(), from = %route.name, to = %name, "falling back");
+        served.fallback_from = Some(route.name.clone());
         match fallback.attempt(req, served).await {
             Ok(resp) => return Ok(resp),
             Err(e) => {
-                let retryable = e.retryable();
-                last = e;
-                if !retryable {
+                let go_on = e.falls_back()
+                    || matches!(&e, RouteError::Failed(a) if context_error(a) || content_filter_error(a));
+                last = Some(e);
+                if !go_on {
                     break;
                 }
             }
         }
     }
-    Err(last.into_gateway_error())
+    Err(match last {
+        Some(e) => e.into_gateway_error(&route.name),
+        None => GatewayError::invalid_request(format!(
+            "the prompt is longer than the context window of `{}` and no context fallback could take it",
+            route.name
+        ))
+        .with_param("messages"),
+    })
 }

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,6 +20,7 @@ use super::{Gateway, RequestId, Runtime};
 use crate::api::{self, ApiRequest, Shape, Target};
 use crate::auth::ClientKey;
 use crate::error::GatewayError;
+use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
 use crate::telemetry::RequestFacts;
 
@@ -175,6 +177,7 @@ where
     facts.deployment = served.deployment;
     facts.provider = served.provider;
     facts.attempts = served.attempts;
+    facts.fallback_from = served.fallback_from.unwrap_or_default();
     result
 }
 
@@ -212,14 +215,20 @@ where
     }
 }
 
+/// Ready when the config is loaded and every route has a deployment not cooling down.
 fn readyz(rt: &Runtime) -> Response<ResponseBody> {
-    let empty: Vec<&str> = rt
+    let now = now_ms();
+    let down: Vec<&str> = rt
         .routes
         .values()
-        .filter(|r| r.deployments.is_empty())
+        .filter(|r| {
+            !r.deployments
+                .iter()
+                .any(|d| matches!(d.state.health(now), Health::Up | Health::ProbeDue))
+        })
         .map(|r| r.name.as_str())
         .collect();
-    let (status, state) = if empty.is_empty() {
+    let (status, state) = if down.is_empty() {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
@@ -227,7 +236,7 @@ fn readyz(rt: &Runtime) -> Response<ResponseBody> {
     json_response(
         status,
         &json!({"status": state, "generation": rt.generation, "routes": rt.routes.len(),
-                "routes_without_deployment": empty}),
+                "routes_without_deployment": down}),
     )
 }
 
@@ -258,6 +267,7 @@ fn get_model(
 
 /// The live route table, without a secret in it.
 fn admin_routes(rt: &Runtime) -> Response<ResponseBody> {
+    let now = now_ms();
     let routes: Vec<_> = rt
         .routes
         .values()
@@ -266,6 +276,8 @@ fn admin_routes(rt: &Runtime) -> Response<ResponseBody> {
                 .deployments
                 .iter()
                 .map(|d| {
+                    let health = d.state.health(now);
+                    let quota = d.state.quota();
                     json!({
                         "deployment": d.label,
                         "provider": d.provider.name,
@@ -274,6 +286,23 @@ fn admin_routes(rt: &Runtime) -> Response<ResponseBody> {
                         "model": d.model,
                         "weight": d.weight,
                         "priority": d.priority,
+                        "up": matches!(health, Health::Up | Health::ProbeDue),
+                        "cooling_down_seconds": match health {
+                            Health::CoolingDown(left) => Some(left.as_secs_f64()),
+                            _ => None,
+                        },
+                        "probing": health == Health::Probing,
+                        "fails_in_row": d.state.fails_in_row(),
+                        "in_flight": d.state.in_flight.load(Ordering::Acquire),
+                        "latency_ms": d.state.latency(false),
+                        "time_to_first_token_ms": d.state.latency(true),
+                        "quota": {
+                            "rpm": d.rpm, "tpm": d.tpm,
+                            "requests_this_minute": quota.requests,
+                            "tokens_this_minute": quota.tokens,
+                            "upstream_remaining_requests": quota.upstream_remaining_requests,
+                            "upstream_remaining_tokens": quota.upstream_remaining_tokens,
+                        },
                     })
                 })
                 .collect();
@@ -283,6 +312,8 @@ fn admin_routes(rt: &Runtime) -> Response<ResponseBody> {
                 "retries": r.retries,
                 "timeout_seconds": r.timeout.as_secs_f64(),
                 "fallbacks": r.fallbacks,
+                "context_fallbacks": r.context_fallbacks,
+                "content_filter_fallbacks": r.content_filter_fallbacks,
                 "deployments": deployments,
             })
         })

@@ -37,6 +37,7 @@ use tower::{Layer, Service, ServiceBuilder};
 use crate::auth::KeyTable;
 use crate::config::{self, Loaded};
 use crate::provider::{self, Provider, Providers};
+use crate::route::state::StateRegistry;
 use crate::route::{self, Routes};
 use crate::telemetry::AccessLogLayer;
 use body::ResponseBody;
@@ -53,7 +54,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn build(loaded: Loaded, generation: u64) -> Result<Runtime, String> {
+    pub fn build(
+        loaded: Loaded,
+        generation: u64,
+        registry: &StateRegistry,
+    ) -> Result<Runtime, String> {
         let client = provider::build_client(&loaded.config.routing)?;
         let mut providers = Providers::new();
         for (name, cfg) in &loaded.config.providers {
@@ -61,7 +66,7 @@ impl Runtime {
                 .map_err(|e| format!("provider `{name}`: {e}"))?;
             providers.insert(name.clone(), Arc::new(p));
         }
-        let routes = route::build_routes(&loaded, &providers)?;
+        let routes = route::build_routes(&loaded, &providers, registry)?;
         let keys = KeyTable::build(&loaded);
         Ok(Runtime {
             max_body: loaded.config.server.max_body.0,
@@ -81,14 +86,17 @@ impl Runtime {
 /// The gateway: the current config generation and how to replace it.
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
+    /// Deployment health, latency and quota: kept across reloads.
+    registry: Arc<StateRegistry>,
     config_path: PathBuf,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Gateway {
-    pub fn new(runtime: Runtime, config_path: PathBuf) -> Gateway {
+    pub fn new(runtime: Runtime, registry: Arc<StateRegistry>, config_path: PathBuf) -> Gateway {
         Gateway {
+            registry,
             generation: AtomicU64::new(runtime.generation),
             runtime: ArcSwap::from_pointee(runtime),
             config_path,
@@ -111,7 +119,7 @@ impl Gateway {
             .and_then(|r| r.map_err(|e| e.to_string()))
             .and_then(|loaded| {
                 let generation = self.generation.load(Ordering::SeqCst) + 1;
-                Runtime::build(loaded, generation)
+                Runtime::build(loaded, generation, &self.registry)
             });
         match result {
             Ok(rt) => {
@@ -223,9 +231,10 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .map_err(|_| format!("`{listen}` is not an address like 0.0.0.0:8080"))?;
     let grace = loaded.config.server.shutdown_grace.0;
     let watch = loaded.config.server.watch_config;
-    let runtime = Runtime::build(loaded, 1)?;
+    let registry = Arc::new(StateRegistry::default());
+    let runtime = Runtime::build(loaded, 1, &registry)?;
     let routes = runtime.routes.len();
-    let gateway = Arc::new(Gateway::new(runtime, opts.config_path.clone()));
+    let gateway = Arc::new(Gateway::new(runtime, registry, opts.config_path.clone()));
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await

@@ -196,7 +196,24 @@ def _per_test(request):
             entry[1] = 0
     if "mock_upstream" in request.fixturenames:
         request.getfixturevalue("mock_upstream").reset()
+    if "gateway" in request.fixturenames:
+        _wait_deployments_up(request.getfixturevalue("gateway"))
     yield
+
+
+def _wait_deployments_up(gateway, timeout: float = 5.0) -> None:
+    """A scripted upstream failure can leave a deployment cooling down (a failed probe, a
+    429's retry-after): let that pass before the next test, so tests stay independent."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(
+            f"{gateway.url}/admin/routes", headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+        )
+        r.raise_for_status()
+        down = [d["deployment"] for route in r.json()["routes"] for d in route["deployments"] if not d["up"]]
+        if not down or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 @pytest.hookimpl(hookwrapper=True)
