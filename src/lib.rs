@@ -12,6 +12,8 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod ledger;
+pub mod policy;
 pub mod provider;
 pub mod route;
 pub mod server;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use switchyard::ledger::report::{self, Format};
+use switchyard::ledger::store::{GroupBy, Store};
 use switchyard::telemetry::{init_logging, LogFormat};
 
 #[derive(Parser)]
@@ -38,6 +40,21 @@ enum Command {
     Check {
         #[arg(long, env = "SWITCHYARD_CONFIG", default_value = "routes.yaml")]
         config: PathBuf,
+    },
+    /// Spend report from the ledger.
+    Spend {
+        #[arg(long, env = "SWITCHYARD_CONFIG", default_value = "routes.yaml")]
+        config: PathBuf,
+        #[arg(long, value_enum, default_value_t = GroupBy::Key)]
+        by: GroupBy,
+        /// From (inclusive): 2026-11-01, 2026-11-01T12:00:00Z, a Unix time, or 24h / 7d ago.
+        #[arg(long)]
+        since: Option<String>,
+        /// Until (exclusive), same forms.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
     },
     /// Client keys.
     Keys {
@@ -90,6 +107,13 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config } => check(&config),
+        Command::Spend {
+            config,
+            by,
+            since,
+            until,
+            format,
+        } => spend(&config, by, since, until, format),
         Command::Keys {
             command: KeysCommand::Generate { name },
         } => {
@@ -151,6 +175,71 @@ fn check(path: &std::path::Path) -> ExitCode {
                 }
             );
             ExitCode::SUCCESS
+        }
+    }
+}
+
+fn spend(
+    config: &std::path::Path,
+    by: GroupBy,
+    since: Option<String>,
+    until: Option<String>,
+    format: Format,
+) -> ExitCode {
+    let loaded = match switchyard::config::load_file(config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = switchyard::ledger::now_ms();
+    let window = (|| -> Result<(i64, i64), String> {
+        let since = since
+            .as_deref()
+            .map(|s| report::parse_time(s, now))
+            .transpose()?;
+        let until = until
+            .as_deref()
+            .map(|s| report::parse_time(s, now))
+            .transpose()?;
+        Ok((since.unwrap_or(0), until.unwrap_or(i64::MAX)))
+    })();
+    let (since, until) = match window {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = switchyard::server::ledger_url(&loaded);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let store = Store::open(&url).await?;
+        let lines = report::report(&store, by, since, until).await;
+        store.close().await;
+        lines
+    });
+    match result {
+        Ok(lines) => {
+            print!("{}", report::render(&lines, by, format));
+            if format == Format::Json {
+                println!();
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

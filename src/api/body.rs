@@ -132,43 +132,124 @@ impl<'a> JsonHead<'a> {
     pub fn model_slot(&self) -> ModelSlot {
         ModelSlot {
             span: self.field("model").map(|raw| self.span(raw)),
+            open: self.body.iter().position(|b| *b == b'{').unwrap_or(0),
             has_fields: !self.fields.is_empty(),
         }
     }
+
+    /// Whether the client asked for the usage chunk of a stream, and how to ask for it when
+    /// it did not (the ledger needs usage; the chunk is dropped again on the way back).
+    pub fn usage_ask(&self) -> Result<(bool, UsageAsk), GatewayError> {
+        let Some(raw) = self.field("stream_options").filter(|r| r.get() != "null") else {
+            let at = self.body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
+            return Ok((false, UsageAsk::AddField { at }));
+        };
+        let inner = JsonHead::parse(raw.get().as_bytes()).map_err(|_| {
+            GatewayError::invalid_request("`stream_options` must be an object")
+                .with_param("stream_options")
+        })?;
+        let base = self.span(raw).start;
+        match inner
+            .field("include_usage")
+            .map(|v| (v.get(), inner.span(v)))
+        {
+            Some(("true", _)) => Ok((true, UsageAsk::NotNeeded)),
+            Some((_, span)) => Ok((
+                false,
+                UsageAsk::Replace {
+                    span: base + span.start..base + span.end,
+                },
+            )),
+            None => Ok((
+                false,
+                UsageAsk::AddToObject {
+                    at: base + raw.get().find('{').unwrap_or(0) + 1,
+                    has_fields: !inner.fields.is_empty(),
+                },
+            )),
+        }
+    }
+}
+
+/// One change to a body: the bytes in `range` (empty for an insertion) become `with`.
+pub type Edit = (Range<usize>, Vec<u8>);
+
+/// The body with `edits` applied (in order of position; insertions at one place keep their
+/// order).
+pub fn splice(body: &[u8], mut edits: Vec<Edit>) -> Bytes {
+    edits.sort_by_key(|(r, _)| r.start);
+    let extra: usize = edits.iter().map(|(_, w)| w.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() + extra);
+    let mut at = 0;
+    for (range, with) in edits {
+        out.put_slice(&body[at..range.start]);
+        out.put_slice(&with);
+        at = range.end;
+    }
+    out.put_slice(&body[at..]);
+    out.freeze()
 }
 
 /// The place of `model` in a JSON body (or the lack of it).
 #[derive(Debug, Clone, Default)]
 pub struct ModelSlot {
     span: Option<Range<usize>>,
+    open: usize,
     has_fields: bool,
 }
 
 impl ModelSlot {
-    /// The body with `model` set to `model`: the old value is replaced in place, or the field
-    /// is added at the front. Everything else stays byte for byte.
-    pub fn apply(&self, body: &[u8], model: &str) -> Bytes {
+    /// The edit that sets `model`: the old value replaced in place, or the field added at
+    /// the front.
+    pub fn edit(&self, model: &str) -> Edit {
         let encoded = serde_json::Value::from(model).to_string();
         match &self.span {
-            Some(span) => {
-                let mut out = BytesMut::with_capacity(body.len() - span.len() + encoded.len());
-                out.put_slice(&body[..span.start]);
-                out.put_slice(encoded.as_bytes());
-                out.put_slice(&body[span.end..]);
-                out.freeze()
-            }
+            Some(span) => (span.clone(), encoded.into_bytes()),
             None => {
-                let open = body.iter().position(|b| *b == b'{').unwrap_or(0);
-                let mut out = BytesMut::with_capacity(body.len() + encoded.len() + 10);
-                out.put_slice(&body[..=open]);
-                out.put_slice(b"\"model\":");
-                out.put_slice(encoded.as_bytes());
+                let mut with = format!("\"model\":{encoded}").into_bytes();
                 if self.has_fields {
-                    out.put_u8(b',');
+                    with.push(b',');
                 }
-                out.put_slice(&body[open + 1..]);
-                out.freeze()
+                (self.open + 1..self.open + 1, with)
             }
+        }
+    }
+
+    pub fn apply(&self, body: &[u8], model: &str) -> Bytes {
+        splice(body, vec![self.edit(model)])
+    }
+}
+
+/// How to ask the upstream for a stream's usage chunk.
+#[derive(Debug, Clone, Default)]
+pub enum UsageAsk {
+    /// Not a stream of chat or completions, or the client asked already.
+    #[default]
+    NotNeeded,
+    /// No `stream_options`: add it after the body's `{`.
+    AddField { at: usize },
+    /// `stream_options` without `include_usage`: add it after that object's `{`.
+    AddToObject { at: usize, has_fields: bool },
+    /// `include_usage` set to something other than `true`.
+    Replace { span: Range<usize> },
+}
+
+impl UsageAsk {
+    pub fn edit(&self) -> Option<Edit> {
+        match self {
+            UsageAsk::NotNeeded => None,
+            UsageAsk::AddField { at } => Some((
+                *at..*at,
+                b"\"stream_options\":{\"include_usage\":true},".to_vec(),
+            )),
+            UsageAsk::AddToObject { at, has_fields } => {
+                let mut with = b"\"include_usage\":true".to_vec();
+                if *has_fields {
+                    with.push(b',');
+                }
+                Some((*at..*at, with))
+            }
+            UsageAsk::Replace { span } => Some((span.clone(), b"true".to_vec())),
         }
     }
 }
@@ -204,6 +285,31 @@ mod tests {
             &head.model_slot().apply(b"{}", "m")[..],
             br#"{"model":"m"}"#
         );
+    }
+
+    #[test]
+    fn asks_for_stream_usage_in_every_shape() {
+        let cases: [(&[u8], bool, &[u8]); 4] = [
+            (br#"{"model":"m","stream":true}"#, false,
+             br#"{"stream_options":{"include_usage":true},"model":"x","stream":true}"#),
+            (br#"{"model":"m","stream":true,"stream_options":{"include_obfuscation":false}}"#, false,
+             br#"{"model":"x","stream":true,"stream_options":{"include_usage":true,"include_obfuscation":false}}"#),
+            (br#"{"model":"m","stream":true,"stream_options":{ "include_usage" : false }}"#, false,
+             br#"{"model":"x","stream":true,"stream_options":{ "include_usage" : true }}"#),
+            (br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#, true,
+             br#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#),
+        ];
+        for (body, asked, want) in cases {
+            let head = JsonHead::parse(body).unwrap();
+            let (client_asked, ask) = head.usage_ask().unwrap();
+            assert_eq!(client_asked, asked);
+            let mut edits = vec![head.model_slot().edit("x")];
+            edits.extend(ask.edit());
+            assert_eq!(
+                std::str::from_utf8(&splice(body, edits)).unwrap(),
+                std::str::from_utf8(want).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -195,6 +195,10 @@ pub struct ApiRequest {
     pub estimated_prompt_tokens: u64,
     /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the client set one.
     pub max_tokens: Option<u64>,
+    /// The body's `user`, for the ledger.
+    pub user: Option<String>,
+    /// The client asked for the usage chunk of its stream (`stream_options.include_usage`).
+    pub client_wants_usage: bool,
     /// The client's headers that may travel upstream (no credentials, no hop-by-hop).
     pub upstream_headers: HeaderMap,
     pub request_id: HeaderValue,
@@ -204,6 +208,7 @@ pub enum Payload {
     Json {
         slot: body::ModelSlot,
         model: Option<String>,
+        usage: body::UsageAsk,
     },
     Multipart {
         boundary: String,
@@ -243,6 +248,8 @@ impl ApiRequest {
         request_id: HeaderValue,
     ) -> Result<ApiRequest, GatewayError> {
         let mut max_tokens = None;
+        let mut user = None;
+        let mut client_wants_usage = false;
         let (payload, stream) = if op.is_multipart() {
             let ct = headers
                 .get(http::header::CONTENT_TYPE)
@@ -261,10 +268,22 @@ impl ApiRequest {
                     max_tokens = Some(n);
                 }
             }
+            user = head
+                .field("user")
+                .and_then(|u| serde_json::from_str::<String>(u.get()).ok());
+            let usage =
+                if stream && matches!(op, Operation::ChatCompletions | Operation::Completions) {
+                    let (asked, ask) = head.usage_ask()?;
+                    client_wants_usage = asked;
+                    ask
+                } else {
+                    body::UsageAsk::NotNeeded
+                };
             (
                 Payload::Json {
                     slot: head.model_slot(),
                     model,
+                    usage,
                 },
                 stream,
             )
@@ -298,6 +317,8 @@ impl ApiRequest {
             stream,
             estimated_prompt_tokens,
             max_tokens,
+            user,
+            client_wants_usage,
             upstream_headers,
             request_id,
         })
@@ -307,18 +328,36 @@ impl ApiRequest {
         self.request_id.to_str().unwrap_or("")
     }
 
-    /// The body with `model` naming `model`; the same bytes when it already does.
-    pub fn body_with_model(&self, model: &str) -> Bytes {
+    /// The body as one upstream gets it: `model` set to `model` (when given and different)
+    /// and, when `ask_usage`, `stream_options.include_usage` turned on. The same bytes when
+    /// nothing must change.
+    pub fn upstream_body(&self, model: Option<&str>, ask_usage: bool) -> Bytes {
         match &self.payload {
-            Payload::Json { model: Some(m), .. } | Payload::Multipart { model: Some(m), .. }
-                if m == model =>
-            {
-                self.body.clone()
+            Payload::Json {
+                slot,
+                model: client_model,
+                usage,
+            } => {
+                let mut edits = Vec::new();
+                if let Some(m) = model.filter(|m| client_model.as_deref() != Some(*m)) {
+                    edits.push(slot.edit(m));
+                }
+                if ask_usage {
+                    edits.extend(usage.edit());
+                }
+                if edits.is_empty() {
+                    self.body.clone()
+                } else {
+                    body::splice(&self.body, edits)
+                }
             }
-            Payload::Json { slot, .. } => slot.apply(&self.body, model),
-            Payload::Multipart { boundary, .. } => {
-                multipart::with_field(&self.body, boundary, "model", model)
-            }
+            Payload::Multipart {
+                boundary,
+                model: client_model,
+            } => match model.filter(|m| client_model.as_deref() != Some(*m)) {
+                Some(m) => multipart::with_field(&self.body, boundary, "model", m),
+                None => self.body.clone(),
+            },
         }
     }
 }

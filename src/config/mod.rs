@@ -186,6 +186,7 @@ impl Checker<'_> {
         self.routes(c);
         self.fallback_cycles(c);
         let hashes = self.keys(c);
+        self.prices(c);
         self.not_yet_enforced(c);
         hashes
     }
@@ -206,7 +207,7 @@ impl Checker<'_> {
                 "server.max_body must be larger than 0",
             );
         }
-        if let Some(ledger) = &c.state.ledger {
+        if let Some(ledger) = c.state.ledger.as_ref().map(|l| l.expose()) {
             if !(ledger.starts_with("sqlite:")
                 || ledger.starts_with("postgres://")
                 || ledger.starts_with("postgresql://"))
@@ -449,6 +450,36 @@ impl Checker<'_> {
         out
     }
 
+    /// A route whose deployments have no price (no `pricing:`, no built-in entry) costs 0.
+    fn prices(&mut self, c: &Config) {
+        for (route, r) in &c.models {
+            for (i, d) in r.deployments.iter().enumerate() {
+                let provider_is_mock =
+                    matches!(c.providers.get(&d.provider), Some(ProviderCfg::Mock(_)));
+                let known = d.pricing.is_some()
+                    || r.pricing.is_some()
+                    || provider_is_mock
+                    || d.model
+                        .as_deref()
+                        .and_then(crate::ledger::cost::builtin_price)
+                        .is_some()
+                    || crate::ledger::cost::builtin_price(d.deployment.as_deref().unwrap_or(route))
+                        .is_some();
+                if !known {
+                    let mut path = p(&["models", route, "deployments"]);
+                    path.push(Seg::Index(i));
+                    self.warn(
+                        &path,
+                        format!(
+                            "route `{route}`: no price for deployment `{}` (set `pricing:` or `model:`); it costs 0",
+                            d.deployment.as_deref().unwrap_or(route)
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
     /// Fields the contract defines but this build does not act on yet: say so instead of
     /// silently ignoring them.
     fn not_yet_enforced(&mut self, c: &Config) {
@@ -459,24 +490,8 @@ impl Checker<'_> {
             });
         };
         for (route, r) in &c.models {
-            if r.limits.is_some() {
-                note(p(&["models", route, "limits"]), "route `limits`");
-            }
             if r.cache.is_some() {
                 note(p(&["models", route, "cache"]), "route `cache`");
-            }
-        }
-        for (team, t) in &c.teams {
-            if t.budget.is_some() || t.limits.is_some() {
-                note(p(&["teams", team]), "team budgets and limits");
-            }
-        }
-        for (i, k) in c.keys.iter().enumerate() {
-            if k.budget.is_some() || k.limits.is_some() {
-                note(
-                    vec![Seg::Key("keys".into()), Seg::Index(i)],
-                    "key budgets and limits",
-                );
             }
         }
         if c.state.redis.is_some() {

@@ -24,6 +24,8 @@ pub struct Config {
     pub teams: IndexMap<String, TeamCfg>,
     #[serde(default)]
     pub keys: Vec<KeyCfg>,
+    /// The `global` budget: all traffic together.
+    pub budget: Option<BudgetCfg>,
     #[serde(default)]
     pub cache: CacheCfg,
     #[serde(default)]
@@ -76,7 +78,8 @@ fn default_true() -> bool {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StateCfg {
-    pub ledger: Option<String>,
+    /// `sqlite://PATH` (default `sqlite://switchyard.db`) or `postgres://…`.
+    pub ledger: Option<Secret>,
     pub redis: Option<Secret>,
 }
 
@@ -106,6 +109,9 @@ pub struct AzureCfg {
     pub api_key: Option<Secret>,
     #[serde(default = "default_api_version")]
     pub api_version: String,
+    /// Ask for `stream_options.include_usage` on streams (usage for the ledger).
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
 }
 
 fn default_api_version() -> String {
@@ -118,6 +124,10 @@ pub struct OpenAiCfg {
     /// Up to and including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
     pub base_url: String,
     pub api_key: Option<Secret>,
+    /// Ask for `stream_options.include_usage` on streams (usage for the ledger); turn off
+    /// for servers that refuse the field.
+    #[serde(default = "default_true")]
+    pub stream_usage: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -193,6 +203,9 @@ pub struct RouteCfg {
     #[serde(default)]
     pub content_filter_fallbacks: Vec<String>,
     pub context_window: Option<u64>,
+    /// The most output tokens a request may ask for when it sets no `max_tokens`: the
+    /// worst case a budget reserves. Default 4096 for chat, completions and responses.
+    pub max_output_tokens: Option<u64>,
     pub pricing: Option<Pricing>,
     pub cache: Option<RouteCacheCfg>,
     pub limits: Option<LimitsCfg>,
@@ -230,6 +243,7 @@ fn default_weight() -> f64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pricing {
+    /// USD per 1M prompt tokens.
     #[serde(default)]
     pub input_per_1m: f64,
     pub cached_input_per_1m: Option<f64>,

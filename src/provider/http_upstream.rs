@@ -22,6 +22,7 @@ pub struct HttpUpstream {
     flavor: Flavor,
     client: reqwest::Client,
     auth: Option<(HeaderName, HeaderValue)>,
+    stream_usage: bool,
     /// The upstream key, kept only to scrub it from error messages.
     secret: Option<String>,
 }
@@ -38,6 +39,11 @@ enum Flavor {
 
 impl HttpUpstream {
     pub fn new(cfg: &ProviderCfg, client: reqwest::Client) -> Result<HttpUpstream, String> {
+        let stream_usage = match cfg {
+            ProviderCfg::AzureOpenai(a) => a.stream_usage,
+            ProviderCfg::Openai(o) => o.stream_usage,
+            ProviderCfg::Mock(_) => false,
+        };
         let (flavor, key, header) = match cfg {
             ProviderCfg::AzureOpenai(a) => (
                 Flavor::Azure {
@@ -76,6 +82,7 @@ impl HttpUpstream {
             flavor,
             client,
             auth,
+            stream_usage,
             secret: key.map(|k| k.expose().to_string()),
         })
     }
@@ -111,8 +118,10 @@ impl HttpUpstream {
     /// everywhere else `model` must name what the upstream serves.
     fn body(&self, req: &ApiRequest, deployment: &str) -> Bytes {
         match &self.flavor {
-            Flavor::Azure { .. } if req.op.azure_deployment_scoped() => req.body.clone(),
-            _ => req.body_with_model(deployment),
+            Flavor::Azure { .. } if req.op.azure_deployment_scoped() => {
+                req.upstream_body(None, self.stream_usage)
+            }
+            _ => req.upstream_body(Some(deployment), self.stream_usage),
         }
     }
 

@@ -81,7 +81,10 @@ impl MockProvider {
             });
         }
         let body: Value = match &req.payload {
-            Payload::Json { .. } => serde_json::from_slice(&req.body).unwrap_or(Value::Null),
+            // As an upstream would see it, asked for usage on streams.
+            Payload::Json { .. } => {
+                serde_json::from_slice(&req.upstream_body(None, true)).unwrap_or(Value::Null)
+            }
             Payload::Multipart { .. } => Value::Null,
         };
         let answer = Answer {

@@ -20,6 +20,7 @@ use rand::Rng;
 use crate::api::ApiRequest;
 use crate::config::{Loaded, Pricing, Strategy};
 use crate::error::GatewayError;
+use crate::ledger::cost::{builtin_price, Price};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
 use state::{now_ms, DeploymentState, Health, StateRegistry};
@@ -42,8 +43,10 @@ pub struct Deployment {
     pub priority: u32,
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
-    /// Input + output price per million tokens, for `lowest_cost`.
-    pub price: Option<f64>,
+    /// From `pricing:` (deployment, else route), else the built-in table; zero when none.
+    pub price: Price,
+    /// Whether `price` came from anywhere (an unpriced deployment is never "cheapest").
+    pub priced: bool,
     pub state: Arc<DeploymentState>,
 }
 
@@ -55,6 +58,7 @@ pub struct Route {
     pub context_fallbacks: Vec<String>,
     pub content_filter_fallbacks: Vec<String>,
     pub context_window: Option<u64>,
+    pub max_output_tokens: Option<u64>,
     pub retries: u32,
     pub timeout: Duration,
     pub first_token_timeout: Duration,
@@ -65,8 +69,19 @@ pub struct Route {
 
 pub type Routes = IndexMap<String, Arc<Route>>;
 
-fn price_of(p: &Pricing) -> f64 {
-    p.input_per_1m + p.output_per_1m
+/// The price of a deployment: its `pricing:`, the route's, or the built-in table by the
+/// underlying `model:` or the deployment name.
+fn resolve_price(
+    deployment: Option<&Pricing>,
+    route: Option<&Pricing>,
+    model: Option<&str>,
+    upstream: &str,
+) -> Option<Price> {
+    deployment
+        .or(route)
+        .map(Price::from)
+        .or_else(|| model.and_then(builtin_price))
+        .or_else(|| builtin_price(upstream))
 }
 
 pub fn build_routes(
@@ -87,6 +102,12 @@ pub fn build_routes(
             let upstream = d.deployment.clone().unwrap_or_else(|| name.clone());
             let label = format!("{}/{}", d.provider, upstream);
             labels.insert(label.clone());
+            let price = resolve_price(
+                d.pricing.as_ref(),
+                r.pricing.as_ref(),
+                d.model.as_deref(),
+                &upstream,
+            );
             deployments.push(Deployment {
                 state: registry.get(&label),
                 label,
@@ -97,7 +118,8 @@ pub fn build_routes(
                 priority: d.priority,
                 rpm: d.rpm,
                 tpm: d.tpm,
-                price: d.pricing.as_ref().or(r.pricing.as_ref()).map(price_of),
+                price: price.unwrap_or_default(),
+                priced: price.is_some(),
             });
         }
         let routing = &c.routing;
@@ -111,6 +133,7 @@ pub fn build_routes(
                 context_fallbacks: r.context_fallbacks.clone(),
                 content_filter_fallbacks: r.content_filter_fallbacks.clone(),
                 context_window: r.context_window,
+                max_output_tokens: r.max_output_tokens,
                 retries: r.retries.unwrap_or(routing.retries),
                 timeout: r.timeout.unwrap_or(routing.timeout).0,
                 first_token_timeout: r
@@ -136,6 +159,9 @@ pub struct Served {
     pub attempts: u32,
     /// The route the client asked for, when a fallback route served instead.
     pub fallback_from: Option<String>,
+    /// The serving deployment's price, and the model whose tokenizer counts its tokens.
+    pub price: Price,
+    pub tokenizer_model: String,
 }
 
 /// Why a route could not serve.
@@ -247,6 +273,24 @@ impl Body for TrackedBody {
 }
 
 impl Route {
+    /// The most a request can cost on this route: its prompt estimate and output cap on the
+    /// route's most expensive deployment.
+    pub fn worst_case_usd(&self, req: &ApiRequest) -> f64 {
+        use crate::api::Operation as Op;
+        let default_cap = match req.op {
+            Op::ChatCompletions | Op::Completions | Op::Responses => 4096,
+            _ => 0,
+        };
+        let max_out = req
+            .max_tokens
+            .or(self.max_output_tokens)
+            .unwrap_or(default_cap);
+        self.deployments
+            .iter()
+            .map(|d| d.price.worst_case(req.estimated_prompt_tokens, max_out))
+            .fold(0.0, f64::max)
+    }
+
     /// Picks a deployment for one attempt: among those not tried yet, else among all;
     /// always skipping those cooling down or out of quota. `Err` carries the shortest
     /// remaining cooldown when nothing can take the request.
@@ -336,7 +380,14 @@ impl Route {
                     .unwrap_or(candidates[0])
             }
             Strategy::LowestCost => {
-                let price = |i: usize| d(i).price.unwrap_or(f64::MAX);
+                let price = |i: usize| {
+                    let p = &d(i).price;
+                    if d(i).priced {
+                        p.input_per_1m + p.output_per_1m
+                    } else {
+                        f64::MAX
+                    }
+                };
                 let best = candidates
                     .iter()
                     .map(|i| price(*i))
@@ -391,6 +442,8 @@ impl Route {
             served.deployment.clone_from(&d.label);
             served.provider.clone_from(&d.provider.name);
             served.attempts += 1;
+            served.price = d.price;
+            served.tokenizer_model = d.model.clone().unwrap_or_else(|| d.upstream.clone());
             d.state.take_quota(tokens);
             let _probe = ProbeGuard(probe.then(|| d.state.clone()));
             match self.send_once(req, d).await {

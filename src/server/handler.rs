@@ -20,6 +20,10 @@ use super::{Gateway, RequestId, Runtime};
 use crate::api::{self, ApiRequest, Shape, Target};
 use crate::auth::ClientKey;
 use crate::error::GatewayError;
+use crate::ledger::report::{self, Format};
+use crate::ledger::store::GroupBy;
+use crate::ledger::{self, LedgerRow, RequestRecord, Tap};
+use crate::policy::{self, Refused};
 use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
 use crate::telemetry::RequestFacts;
@@ -72,11 +76,10 @@ where
             .keys
             .authenticate_admin(req.headers())
             .map(|()| admin_routes(&rt)),
-        Target::AdminSpend => rt.keys.authenticate_admin(req.headers()).and_then(|()| {
-            Err(GatewayError::not_found(
-                "the spend ledger is not part of this build yet",
-            ))
-        }),
+        Target::AdminSpend => match rt.keys.authenticate_admin(req.headers()) {
+            Err(e) => Err(e),
+            Ok(()) => admin_spend(&gateway, &rt, req.uri().query().unwrap_or("")).await,
+        },
         Target::AdminReload => match rt.keys.authenticate_admin(req.headers()) {
             Err(e) => Err(e),
             Ok(()) => match gateway.reload("admin API").await {
@@ -102,7 +105,7 @@ where
         }),
         Target::Call(op, shape) => {
             facts.endpoint = op.path();
-            proxy(&rt, op, shape, req, &mut facts).await
+            proxy(&gateway, &rt, op, shape, req, &mut facts).await
         }
         Target::WrongMethod => Err(GatewayError::method_not_allowed()),
         Target::NotFound => Err(GatewayError::not_found(
@@ -132,6 +135,7 @@ where
 }
 
 async fn proxy<B>(
+    gateway: &Gateway,
     rt: &Arc<Runtime>,
     op: api::Operation,
     shape: Shape,
@@ -169,16 +173,105 @@ where
     facts.route.clone_from(&api_req.route);
     facts.stream = api_req.stream;
     let route = check_route(rt, &key, &api_req.route)?;
+
+    // Admission: rate limits and budgets, reserved in one step.
+    let plan = rt.policy.plan(
+        &key.name,
+        &route.name,
+        api_req.estimated_prompt_tokens,
+        route.worst_case_usd(&api_req),
+    );
+    let mut record = RequestRecord {
+        accounting: gateway.accounting.clone(),
+        plan,
+        admitted: None,
+        row: LedgerRow {
+            ts_ms: ledger::now_ms(),
+            request_id: api_req.request_id_str().to_string(),
+            key: key.name.clone(),
+            team: key.team.clone().unwrap_or_default(),
+            user: api_req.user.clone().unwrap_or_default(),
+            route: route.name.clone(),
+            endpoint: op.path().to_string(),
+            ..Default::default()
+        },
+        started: std::time::Instant::now(),
+        op,
+        price: Default::default(),
+        tokenizer_model: String::new(),
+        request_body: api_req.body.clone(),
+    };
+    match gateway
+        .accounting
+        .policy
+        .admit(&record.plan, ledger::now_ms())
+        .await
+    {
+        Ok(admitted) => record.admitted = Some(admitted),
+        Err(refused) => {
+            if let Refused::Budget {
+                budget,
+                spent,
+                first_in_period: true,
+                ..
+            } = &refused
+            {
+                policy::send_alerts(
+                    &gateway.accounting.http,
+                    gateway.accounting.webhook.as_deref(),
+                    vec![policy::hard_alert(budget, *spent)],
+                );
+            }
+            let e = refused.into_error();
+            record.finish(e.status.as_u16(), None, None);
+            return Err(e);
+        }
+    }
+    let limit_headers = record
+        .admitted
+        .as_ref()
+        .map(|a| a.headers)
+        .unwrap_or_default();
+
     let mut served = Served::default();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
     if !served.route.is_empty() {
-        facts.route = served.route;
+        facts.route.clone_from(&served.route);
+        record.row.route.clone_from(&served.route);
     }
+    record.row.deployment.clone_from(&served.deployment);
+    record.row.provider.clone_from(&served.provider);
+    record.price = served.price;
+    record.tokenizer_model = served.tokenizer_model;
     facts.deployment = served.deployment;
     facts.provider = served.provider;
     facts.attempts = served.attempts;
     facts.fallback_from = served.fallback_from.unwrap_or_default();
-    result
+    match result {
+        Err(e) => {
+            record.finish(e.status.as_u16(), None, None);
+            Err(e)
+        }
+        Ok(resp) => {
+            let (mut parts, body) = resp.into_parts();
+            limit_headers.apply(&mut parts.headers);
+            let content_type = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let drop_usage_chunk = api_req.stream && !api_req.client_wants_usage;
+            let tap = Tap::new(
+                body,
+                record,
+                parts.status.as_u16(),
+                &content_type,
+                drop_usage_chunk,
+            );
+            Ok(Response::from_parts(parts, tap.boxed_unsync()))
+        }
+    }
 }
 
 fn check_route<'a>(
@@ -263,6 +356,67 @@ fn get_model(
         return Err(GatewayError::model_not_found(id));
     }
     Ok(json_response(StatusCode::OK, &model_object(rt, id)))
+}
+
+/// `GET /admin/spend?by=key|team|model|deployment&since=T&until=T&format=json|csv|table`:
+/// the same report as `switchyard spend`, plus each budget's state now.
+async fn admin_spend(
+    gateway: &Gateway,
+    rt: &Runtime,
+    query: &str,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let now = ledger::now_ms();
+    let mut by = GroupBy::Key;
+    let mut since = 0;
+    let mut until = i64::MAX;
+    let mut format = Format::Json;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let bad =
+            |what: &str| GatewayError::invalid_request(format!("bad `{k}`: {what}")).with_param(k);
+        match k {
+            "by" => {
+                by = report::parse_group(v).ok_or_else(|| bad("key, team, model or deployment"))?
+            }
+            "since" => since = report::parse_time(v, now).map_err(|e| bad(&e))?,
+            "until" => until = report::parse_time(v, now).map_err(|e| bad(&e))?,
+            "format" => format = Format::parse(v).ok_or_else(|| bad("json, csv or table"))?,
+            _ => return Err(bad("unknown parameter")),
+        }
+    }
+    let lines = report::report(&gateway.store, by, since, until)
+        .await
+        .map_err(GatewayError::internal)?;
+    if format != Format::Json {
+        let mut resp = Response::new(super::body::full(report::render(&lines, by, format)));
+        let ct = if format == Format::Csv {
+            "text/csv"
+        } else {
+            "text/plain; charset=utf-8"
+        };
+        resp.headers_mut()
+            .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
+        return Ok(resp);
+    }
+    let budgets: Vec<_> = rt
+        .policy
+        .all_budgets
+        .iter()
+        .map(|b| {
+            let (start, next) = policy::period_bounds(b.period, now);
+            let (spent, reserved) = gateway.accounting.policy.budget_status(b, start);
+            json!({"budget": b.id.as_ref(), "scope": b.scope.kind(), "name": b.scope.name(),
+                   "period": policy::period_name(b.period), "period_start_ms": start, "period_end_ms": next,
+                   "limit_usd": b.usd, "soft_usd": b.soft_usd, "spent_usd": spent, "reserved_usd": reserved})
+        })
+        .collect();
+    let mut body: serde_json::Value =
+        serde_json::from_str(&report::render(&lines, by, Format::Json))
+            .unwrap_or_else(|_| json!({}));
+    body["since_ms"] = json!(since);
+    body["until_ms"] = json!(if until == i64::MAX { None } else { Some(until) });
+    body["budgets"] = json!(budgets);
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// The live route table, without a secret in it.

@@ -36,6 +36,9 @@ use tower::{Layer, Service, ServiceBuilder};
 
 use crate::auth::KeyTable;
 use crate::config::{self, Loaded};
+use crate::ledger::store::{Scope, Store};
+use crate::ledger::{Accounting, LedgerWriter};
+use crate::policy::{self, BudgetScope, MemoryState, PolicyTable};
 use crate::provider::{self, Provider, Providers};
 use crate::route::state::StateRegistry;
 use crate::route::{self, Routes};
@@ -50,6 +53,7 @@ pub struct Runtime {
     pub routes: Routes,
     pub providers: Providers,
     pub keys: KeyTable,
+    pub policy: PolicyTable,
     pub max_body: u64,
 }
 
@@ -68,7 +72,9 @@ impl Runtime {
         }
         let routes = route::build_routes(&loaded, &providers, registry)?;
         let keys = KeyTable::build(&loaded);
+        let policy = PolicyTable::build(&loaded);
         Ok(Runtime {
+            policy,
             max_body: loaded.config.server.max_body.0,
             generation,
             loaded_at: SystemTime::now()
@@ -88,15 +94,29 @@ pub struct Gateway {
     runtime: ArcSwap<Runtime>,
     /// Deployment health, latency and quota: kept across reloads.
     registry: Arc<StateRegistry>,
+    pub accounting: Accounting,
+    /// The ledger, for spend reports and rebuilding budgets.
+    pub store: Store,
+    /// Budgets whose spend was already rebuilt from the ledger.
+    seeded: std::sync::Mutex<std::collections::HashSet<String>>,
     config_path: PathBuf,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Gateway {
-    pub fn new(runtime: Runtime, registry: Arc<StateRegistry>, config_path: PathBuf) -> Gateway {
+    pub fn new(
+        runtime: Runtime,
+        registry: Arc<StateRegistry>,
+        accounting: Accounting,
+        store: Store,
+        config_path: PathBuf,
+    ) -> Gateway {
         Gateway {
             registry,
+            accounting,
+            store,
+            seeded: Default::default(),
             generation: AtomicU64::new(runtime.generation),
             runtime: ArcSwap::from_pointee(runtime),
             config_path,
@@ -106,6 +126,37 @@ impl Gateway {
 
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
+    }
+
+    /// Rebuilds what each budget spent in its current period from the ledger, once per
+    /// budget (a reload seeds only budgets it did not know).
+    async fn seed_budgets(&self, rt: &Runtime) {
+        let now = crate::ledger::now_ms();
+        for b in &rt.policy.all_budgets {
+            let fresh = self
+                .seeded
+                .lock()
+                .map(|mut s| s.insert(b.id.to_string()))
+                .unwrap_or(false);
+            if !fresh {
+                continue;
+            }
+            let (start, _) = policy::period_bounds(b.period, now);
+            let scope = match &b.scope {
+                BudgetScope::Global => Scope::Global,
+                BudgetScope::Key(k) => Scope::Key(k),
+                BudgetScope::Team(t) => Scope::Team(t),
+            };
+            match self.store.spent_since(scope, start).await {
+                Ok(spent) => {
+                    self.accounting.policy.seed_spent(b, start, spent).await;
+                    tracing::info!(budget = %b.id, spent, limit = b.usd, "budget rebuilt from the ledger");
+                }
+                Err(e) => {
+                    tracing::error!(budget = %b.id, error = %e, "cannot read the ledger to rebuild a budget")
+                }
+            }
+        }
     }
 
     /// Reads, checks and swaps in the config file. A bad config is refused, logged, and the
@@ -131,6 +182,7 @@ impl Gateway {
                     tracing::warn!("{w}");
                 }
                 let generation = rt.generation;
+                self.seed_budgets(&rt).await;
                 self.generation.store(generation, Ordering::SeqCst);
                 self.runtime.store(Arc::new(rt));
                 tracing::info!(trigger, generation, "config reloaded");
@@ -231,10 +283,32 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .map_err(|_| format!("`{listen}` is not an address like 0.0.0.0:8080"))?;
     let grace = loaded.config.server.shutdown_grace.0;
     let watch = loaded.config.server.watch_config;
+    let ledger_url = ledger_url(&loaded);
+    let store = Store::open(&ledger_url).await?;
+    let (writer, ledger_task) = LedgerWriter::start(store.clone());
+    let accounting = Accounting {
+        policy: Arc::new(MemoryState::default()),
+        ledger: writer,
+        http: reqwest::Client::new(),
+        webhook: loaded
+            .config
+            .alerts
+            .webhook
+            .as_ref()
+            .filter(|w| !w.is_empty())
+            .map(|w| Arc::from(w.expose())),
+    };
     let registry = Arc::new(StateRegistry::default());
     let runtime = Runtime::build(loaded, 1, &registry)?;
     let routes = runtime.routes.len();
-    let gateway = Arc::new(Gateway::new(runtime, registry, opts.config_path.clone()));
+    let gateway = Arc::new(Gateway::new(
+        runtime,
+        registry,
+        accounting,
+        store,
+        opts.config_path.clone(),
+    ));
+    gateway.seed_budgets(&gateway.runtime()).await;
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -296,7 +370,22 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             "shutdown grace period over; closing the connections still open"
         ),
     }
+    // Let the settlements of the last requests queue their rows, then write them all.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    ledger_task.shutdown(Duration::from_secs(30)).await;
+    tracing::info!("ledger flushed");
     Ok(())
+}
+
+/// `state.ledger`, or the embedded default: SQLite in the working folder.
+pub fn ledger_url(loaded: &Loaded) -> String {
+    loaded
+        .config
+        .state
+        .ledger
+        .as_ref()
+        .map(|l| l.expose().to_string())
+        .unwrap_or_else(|| "sqlite://switchyard.db".to_string())
 }
 
 fn write_ready_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {

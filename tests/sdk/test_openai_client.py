@@ -97,7 +97,6 @@ def test_chat_stream(client, mock_upstream):
     assert_no_client_key([req])
 
 
-@pytest.mark.xfail(strict=True, reason="usage capture for streams is issue 4 (cost and ledger)")
 def test_stream_asks_upstream_for_usage(client, mock_upstream):
     """PRODUCT (Usage): usage comes from the last chunk of a stream, so the gateway asks the
     upstream for `stream_options.include_usage` even when the client did not."""

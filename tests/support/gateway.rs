@@ -34,6 +34,8 @@ impl Gateway {
             .arg(&ready)
             .args(extra_args)
             .env_remove("SWITCHYARD_CONFIG")
+            // The default ledger (sqlite://switchyard.db) lands in the test's own folder.
+            .current_dir(dir.path())
             .stdout(Stdio::from(log_file.try_clone().expect("clone log")))
             .stderr(Stdio::from(log_file))
             .spawn()

@@ -1,0 +1,435 @@
+//! Usage, prices, cost and the ledger. `Tap` wraps a response body on its way to the client:
+//! it passes every chunk through as it comes, reads the usage on the side (from the JSON
+//! answer, or from the stream's usage chunk — dropped again when only the gateway asked for
+//! it), and when the body ends (or the client goes away) it prices the request, settles the
+//! budget reservation and queues the ledger row.
+
+pub mod cost;
+pub mod report;
+pub mod store;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use serde_json::Value;
+
+use crate::api::Operation;
+use crate::policy::{send_alerts, Actual, Admitted, Plan, PolicyState};
+use crate::server::body::{BoxError, ResponseBody};
+use cost::{count_tokens, Price, Usage};
+pub use store::{LedgerRow, LedgerWriter};
+
+/// What settles a request: shared by every request of a gateway.
+#[derive(Clone)]
+pub struct Accounting {
+    pub policy: Arc<dyn PolicyState>,
+    pub ledger: LedgerWriter,
+    pub http: reqwest::Client,
+    pub webhook: Option<Arc<str>>,
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// One request's record, filled in as it goes and written once at its end.
+pub struct RequestRecord {
+    pub accounting: Accounting,
+    pub plan: Plan,
+    pub admitted: Option<Admitted>,
+    pub row: LedgerRow,
+    pub started: Instant,
+    pub op: Operation,
+    pub price: Price,
+    /// The model name whose tokenizer counts tokens when the upstream reports none.
+    pub tokenizer_model: String,
+    /// The request body, kept (not copied) for counting prompt tokens if needed.
+    pub request_body: Bytes,
+}
+
+impl RequestRecord {
+    /// Prices the request, settles its reservation and queues its ledger row. Off the
+    /// request path: the settlement runs in a task of its own.
+    pub fn finish(mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
+        let usage = usage.unwrap_or_default();
+        let cost = if (200..300).contains(&status) {
+            self.price.cost(&usage)
+        } else {
+            0.0
+        };
+        let r = &mut self.row;
+        r.status = status;
+        r.prompt_tokens = usage.prompt;
+        r.cached_tokens = usage.cached.min(usage.prompt);
+        r.completion_tokens = usage.completion;
+        r.cost_usd = cost;
+        r.estimated = usage.estimated;
+        r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
+        r.ttft_ms = first_byte.map(|t| (t - self.started).as_secs_f64() * 1000.0);
+        let actual = Actual {
+            cost_usd: cost,
+            tokens: usage.prompt + usage.completion,
+        };
+        let RequestRecord {
+            accounting,
+            plan,
+            admitted,
+            row,
+            ..
+        } = self;
+        accounting.ledger.record(row);
+        if let Some(admitted) = admitted {
+            let fut = async move {
+                let alerts = accounting
+                    .policy
+                    .settle(&plan, &admitted, actual, now_ms())
+                    .await;
+                send_alerts(&accounting.http, accounting.webhook.as_deref(), alerts);
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn(fut);
+                }
+                Err(_) => tracing::error!("no runtime to settle a reservation on"),
+            }
+        }
+    }
+
+    /// Counts tokens with the tokenizer when the upstream reported no usage.
+    fn estimate(&self, answer_text: &str) -> Usage {
+        let mut prompt_text = String::new();
+        if let Ok(v) = serde_json::from_slice::<Value>(&self.request_body) {
+            for field in ["messages", "prompt", "input", "instructions"] {
+                if let Some(x) = v.get(field) {
+                    collect_text(x, &mut prompt_text);
+                }
+            }
+        }
+        Usage {
+            prompt: count_tokens(&self.tokenizer_model, &prompt_text),
+            completion: count_tokens(&self.tokenizer_model, answer_text),
+            estimated: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// The text of a JSON value: every string but inline data and URLs.
+fn collect_text(v: &Value, out: &mut String) {
+    match v {
+        Value::String(s) => out.push_str(s),
+        Value::Array(a) => a.iter().for_each(|x| collect_text(x, out)),
+        Value::Object(o) => {
+            for (k, x) in o {
+                if !matches!(
+                    k.as_str(),
+                    "image_url" | "url" | "type" | "role" | "id" | "input_audio"
+                ) {
+                    collect_text(x, out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The answer text of a JSON answer or of one stream event, for counting completion tokens.
+fn answer_text(v: &Value, out: &mut String) {
+    if let Some(choices) = v.get("choices").and_then(Value::as_array) {
+        for c in choices {
+            for p in ["/message/content", "/delta/content", "/text"] {
+                if let Some(s) = c.pointer(p).and_then(Value::as_str) {
+                    out.push_str(s);
+                }
+            }
+            for p in ["/message/tool_calls", "/delta/tool_calls"] {
+                if let Some(t) = c.pointer(p) {
+                    collect_text(t, out);
+                }
+            }
+        }
+    }
+    if v.get("type").and_then(Value::as_str) == Some("response.output_text.delta") {
+        if let Some(s) = v.get("delta").and_then(Value::as_str) {
+            out.push_str(s);
+        }
+    }
+    if let Some(output) = v.get("output").and_then(Value::as_array) {
+        collect_text(&Value::Array(output.clone()), out);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Sse,
+    Json,
+    Other,
+}
+
+/// The response body with the ledger listening in.
+pub struct Tap {
+    inner: ResponseBody,
+    record: Option<RequestRecord>,
+    status: u16,
+    mode: Mode,
+    /// Drop the usage-only chunk: the gateway asked for it, the client did not.
+    drop_usage_chunk: bool,
+    usage: Option<Usage>,
+    /// Chunks kept (shared, not copied) to read usage from at the end, or to count tokens.
+    kept: Vec<Bytes>,
+    first_byte: Option<Instant>,
+}
+
+impl Tap {
+    pub fn new(
+        inner: ResponseBody,
+        record: RequestRecord,
+        status: u16,
+        content_type: &str,
+        drop_usage_chunk: bool,
+    ) -> Tap {
+        let mode = if content_type.starts_with("text/event-stream") {
+            Mode::Sse
+        } else if content_type.contains("json") {
+            Mode::Json
+        } else {
+            Mode::Other
+        };
+        Tap {
+            inner,
+            record: Some(record),
+            status,
+            mode,
+            drop_usage_chunk,
+            usage: None,
+            kept: Vec::new(),
+            first_byte: None,
+        }
+    }
+
+    /// Reads usage from the events of one chunk (chunks hold whole events) and returns the
+    /// chunk without the usage-only event when that one is to be dropped.
+    fn sse_chunk(&mut self, chunk: Bytes) -> Bytes {
+        self.kept.push(chunk.clone());
+        if memchr::memmem::find(&chunk, b"\"usage\"").is_none() {
+            return chunk;
+        }
+        let mut out: Option<BytesMut> = None;
+        let mut start = 0;
+        for end in event_ends(&chunk) {
+            let event = &chunk[start..end];
+            let mut dropped = false;
+            if memchr::memmem::find(event, b"\"usage\"").is_some() {
+                if let Some(v) = event_json(event) {
+                    let usage = v
+                        .get("usage")
+                        .and_then(Usage::from_usage_object)
+                        .or_else(|| {
+                            v.pointer("/response/usage")
+                                .and_then(Usage::from_usage_object)
+                        });
+                    if let Some(u) = usage {
+                        self.usage = Some(u);
+                        let usage_only = v
+                            .get("choices")
+                            .and_then(Value::as_array)
+                            .is_some_and(|c| c.is_empty());
+                        if self.drop_usage_chunk && usage_only {
+                            dropped = true;
+                        }
+                    }
+                }
+            }
+            match (&mut out, dropped) {
+                (None, true) => {
+                    let mut b = BytesMut::with_capacity(chunk.len());
+                    b.extend_from_slice(&chunk[..start]);
+                    out = Some(b);
+                }
+                (Some(b), false) => b.extend_from_slice(event),
+                _ => {}
+            }
+            start = end;
+        }
+        match out {
+            Some(mut b) => {
+                b.extend_from_slice(&chunk[start..]);
+                b.freeze()
+            }
+            None => chunk,
+        }
+    }
+
+    fn finish(&mut self) {
+        let Some(record) = self.record.take() else {
+            return;
+        };
+        let success = (200..300).contains(&self.status);
+        let mut usage = self.usage;
+        if success && self.mode == Mode::Json {
+            let whole: Bytes = if self.kept.len() == 1 {
+                self.kept[0].clone()
+            } else {
+                let mut b = BytesMut::new();
+                self.kept.iter().for_each(|c| b.extend_from_slice(c));
+                b.freeze()
+            };
+            if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
+                usage = Usage::from_answer(&v);
+                if usage.is_none() && counts_tokens(record.op) {
+                    let mut text = String::new();
+                    answer_text(&v, &mut text);
+                    usage = Some(record.estimate(&text));
+                }
+            }
+        }
+        if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
+            let mut text = String::new();
+            for chunk in &self.kept {
+                let mut start = 0;
+                for end in event_ends(chunk) {
+                    if let Some(v) = event_json(&chunk[start..end]) {
+                        answer_text(&v, &mut text);
+                    }
+                    start = end;
+                }
+            }
+            usage = Some(record.estimate(&text));
+        }
+        self.kept.clear();
+        record.finish(self.status, usage, self.first_byte);
+    }
+}
+
+fn counts_tokens(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::ChatCompletions
+            | Operation::Completions
+            | Operation::Responses
+            | Operation::Embeddings
+    )
+}
+
+/// Ends (exclusive) of the complete events in a chunk.
+fn event_ends(chunk: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut i = 0;
+    while i + 1 < chunk.len() {
+        if chunk[i] == b'\n' && chunk[i + 1] == b'\n' {
+            ends.push(i + 2);
+            i += 2;
+        } else if chunk[i..].starts_with(b"\r\n\r\n") {
+            ends.push(i + 4);
+            i += 4;
+        } else {
+            i += 1;
+        }
+    }
+    ends
+}
+
+/// The JSON of an event's `data:` lines.
+fn event_json(event: &[u8]) -> Option<Value> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data = String::new();
+    for line in text.lines() {
+        if let Some(d) = line.strip_prefix("data:") {
+            if !data.is_empty() {
+                data.push('\n');
+            }
+            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+        }
+    }
+    if data.is_empty() || data.starts_with("[DONE]") {
+        return None;
+    }
+    serde_json::from_str(&data).ok()
+}
+
+impl Body for Tap {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            if this.first_byte.is_none() {
+                                this.first_byte = Some(Instant::now());
+                            }
+                            let data = match this.mode {
+                                Mode::Sse => this.sse_chunk(data),
+                                Mode::Json => {
+                                    this.kept.push(data.clone());
+                                    data
+                                }
+                                Mode::Other => data,
+                            };
+                            if data.is_empty() {
+                                continue;
+                            }
+                            Frame::data(data)
+                        }
+                        Err(frame) => frame,
+                    };
+                    Poll::Ready(Some(Ok(frame)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.finish();
+                    Poll::Ready(Some(Err(e)))
+                }
+                Poll::Ready(None) => {
+                    this.finish();
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // A dropped usage chunk would make an exact length wrong.
+        if self.mode == Mode::Sse {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // The client went away, or hyper dropped a body whose end it knew: either way the
+        // request is over, and what it used so far is what it costs.
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_and_their_json() {
+        let chunk = b"data: {\"a\":1}\n\n: ping\n\ndata: [DONE]\n\n";
+        assert_eq!(event_ends(chunk), vec![15, 23, 37]);
+        assert_eq!(event_json(&chunk[..15]).unwrap()["a"], 1);
+        assert!(event_json(&chunk[15..23]).is_none());
+        assert!(event_json(&chunk[23..]).is_none());
+    }
+}

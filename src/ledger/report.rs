@@ -1,0 +1,165 @@
+//! Spend reports, the same for `switchyard spend` and `GET /admin/spend`: a time window,
+//! a grouping, and three formats.
+
+use chrono::{NaiveDate, TimeZone, Utc};
+
+use super::store::{GroupBy, SpendLine, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Table,
+    Json,
+    Csv,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "table" => Some(Format::Table),
+            "json" => Some(Format::Json),
+            "csv" => Some(Format::Csv),
+            _ => None,
+        }
+    }
+}
+
+pub fn parse_group(s: &str) -> Option<GroupBy> {
+    match s {
+        "key" => Some(GroupBy::Key),
+        "team" => Some(GroupBy::Team),
+        "model" | "route" => Some(GroupBy::Model),
+        "deployment" => Some(GroupBy::Deployment),
+        _ => None,
+    }
+}
+
+/// A time: RFC 3339 (`2026-11-01T00:00:00Z`), a date (`2026-11-01`, midnight UTC), a Unix
+/// time in seconds, or a time ago (`30m`, `24h`, `7d`).
+pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
+    let s = s.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(Utc.from_utc_datetime(&t).timestamp_millis());
+        }
+    }
+    if let Ok(secs) = s.parse::<i64>() {
+        return Ok(secs * 1000);
+    }
+    let (num, unit) = s.split_at(s.len().saturating_sub(1));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a time (2026-11-01, 2026-11-01T12:00:00Z, 24h, 7d)"))?;
+    let ms = match unit {
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a time (2026-11-01, 2026-11-01T12:00:00Z, 24h, 7d)"
+            ))
+        }
+    };
+    Ok(now_ms - ms)
+}
+
+pub async fn report(
+    store: &Store,
+    by: GroupBy,
+    since_ms: i64,
+    until_ms: i64,
+) -> Result<Vec<SpendLine>, String> {
+    store
+        .report(by, since_ms, until_ms)
+        .await
+        .map_err(|e| format!("cannot read the ledger: {e}"))
+}
+
+pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
+    let group = match by {
+        GroupBy::Key => "key",
+        GroupBy::Team => "team",
+        GroupBy::Model => "model",
+        GroupBy::Deployment => "deployment",
+    };
+    let total: f64 = lines.iter().map(|l| l.cost_usd).sum();
+    match format {
+        Format::Json => serde_json::json!({
+            "by": group,
+            "total_cost_usd": total,
+            "rows": lines,
+        })
+        .to_string(),
+        Format::Csv => {
+            let mut out = format!(
+                "{group},requests,prompt_tokens,cached_tokens,completion_tokens,cost_usd,cache_hits\n"
+            );
+            for l in lines {
+                let name = if l.name.contains([',', '"', '\n']) {
+                    format!("\"{}\"", l.name.replace('"', "\"\""))
+                } else {
+                    l.name.clone()
+                };
+                out.push_str(&format!(
+                    "{name},{},{},{},{},{:.6},{}\n",
+                    l.requests,
+                    l.prompt_tokens,
+                    l.cached_tokens,
+                    l.completion_tokens,
+                    l.cost_usd,
+                    l.cache_hits
+                ));
+            }
+            out
+        }
+        Format::Table => {
+            let width = lines
+                .iter()
+                .map(|l| l.name.chars().count())
+                .chain([group.len(), 5])
+                .max()
+                .unwrap_or(10);
+            let mut out = format!(
+                "{group:<width$}  {:>9}  {:>12}  {:>10}  {:>12}  {:>14}\n",
+                "requests", "prompt", "cached", "completion", "cost (USD)"
+            );
+            for l in lines {
+                let name = if l.name.is_empty() { "-" } else { &l.name };
+                out.push_str(&format!(
+                    "{name:<width$}  {:>9}  {:>12}  {:>10}  {:>12}  {:>14.6}\n",
+                    l.requests, l.prompt_tokens, l.cached_tokens, l.completion_tokens, l.cost_usd
+                ));
+            }
+            out.push_str(&format!(
+                "{:<width$}  {:>9}  {:>12}  {:>10}  {:>12}  {:>14.6}\n",
+                "total",
+                lines.iter().map(|l| l.requests).sum::<i64>(),
+                lines.iter().map(|l| l.prompt_tokens).sum::<i64>(),
+                lines.iter().map(|l| l.cached_tokens).sum::<i64>(),
+                lines.iter().map(|l| l.completion_tokens).sum::<i64>(),
+                total
+            ));
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_time("24h", now).unwrap(), now - 86_400_000);
+        assert_eq!(parse_time("2026-11-01", now).unwrap(), 1_793_491_200_000);
+        assert_eq!(
+            parse_time("2026-11-01T00:00:00Z", now).unwrap(),
+            1_793_491_200_000
+        );
+        assert!(parse_time("soon", now).is_err());
+    }
+}

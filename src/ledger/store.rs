@@ -1,0 +1,477 @@
+//! The ledger's storage: one row per request in SQLite (the embedded default, WAL) or
+//! PostgreSQL (`postgres://`), through sqlx. Rows are written in batches by one task, off the
+//! request path; `close` flushes what is queued. Schema changes are numbered migrations,
+//! applied at open.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Row;
+use tokio::sync::mpsc;
+
+/// One request as the ledger keeps it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LedgerRow {
+    pub ts_ms: i64,
+    pub request_id: String,
+    pub key: String,
+    pub team: String,
+    pub user: String,
+    pub route: String,
+    pub deployment: String,
+    pub provider: String,
+    pub endpoint: String,
+    pub status: u16,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub completion_tokens: u64,
+    pub cost_usd: f64,
+    pub latency_ms: f64,
+    pub ttft_ms: Option<f64>,
+    pub cache_hit: bool,
+    pub estimated: bool,
+}
+
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+const SQLITE_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        request_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        team TEXT NOT NULL,
+        client_user TEXT NOT NULL,
+        route TEXT NOT NULL,
+        deployment TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        latency_ms REAL NOT NULL,
+        ttft_ms REAL,
+        cache_hit INTEGER NOT NULL,
+        estimated INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+    CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts_ms);
+    CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts_ms);"];
+
+const POSTGRES_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
+        id BIGSERIAL PRIMARY KEY,
+        ts_ms BIGINT NOT NULL,
+        request_id TEXT NOT NULL,
+        key_name TEXT NOT NULL,
+        team TEXT NOT NULL,
+        client_user TEXT NOT NULL,
+        route TEXT NOT NULL,
+        deployment TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        prompt_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        cost_usd DOUBLE PRECISION NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        ttft_ms DOUBLE PRECISION,
+        cache_hit BOOLEAN NOT NULL,
+        estimated BOOLEAN NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
+    CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts_ms);
+    CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts_ms);"];
+
+/// A spend report's grouping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    Key,
+    Team,
+    Model,
+    Deployment,
+}
+
+impl GroupBy {
+    fn column(self) -> &'static str {
+        match self {
+            GroupBy::Key => "key_name",
+            GroupBy::Team => "team",
+            GroupBy::Model => "route",
+            GroupBy::Deployment => "deployment",
+        }
+    }
+}
+
+/// One line of a spend report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpendLine {
+    pub name: String,
+    pub requests: i64,
+    pub prompt_tokens: i64,
+    pub cached_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost_usd: f64,
+    pub cache_hits: i64,
+}
+
+/// A spend sum: which rows count.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Global,
+    Key(&'a str),
+    Team(&'a str),
+}
+
+impl Store {
+    pub async fn open(url: &str) -> Result<Store, String> {
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(|e| format!("cannot open the PostgreSQL ledger: {e}"))?;
+            Store::Postgres(pool)
+        } else {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(|e| format!("bad SQLite ledger URL: {e}"))?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(opts)
+                .await
+                .map_err(|e| format!("cannot open the SQLite ledger: {e}"))?;
+            Store::Sqlite(pool)
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), String> {
+        let err = |e: sqlx::Error| format!("ledger migration failed: {e}");
+        match self {
+            Store::Sqlite(pool) => {
+                sqlx::raw_sql(
+                    "CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)",
+                )
+                .execute(pool)
+                .await
+                .map_err(err)?;
+                let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(err)?
+                    .get(0);
+                for (i, m) in SQLITE_MIGRATIONS.iter().enumerate().skip(done as usize) {
+                    let mut tx = pool.begin().await.map_err(err)?;
+                    sqlx::raw_sql(m).execute(&mut *tx).await.map_err(err)?;
+                    sqlx::query("INSERT INTO ledger_schema (version) VALUES (?)")
+                        .bind(i as i64 + 1)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                    tx.commit().await.map_err(err)?;
+                }
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await.map_err(err)?;
+                // Replicas start together: one migrates, the others wait on the lock.
+                sqlx::query("SELECT pg_advisory_xact_lock(7316541)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err)?;
+                sqlx::raw_sql(
+                    "CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)",
+                )
+                .execute(&mut *tx)
+                .await
+                .map_err(err)?;
+                let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(err)?
+                    .get(0);
+                for (i, m) in POSTGRES_MIGRATIONS.iter().enumerate().skip(done as usize) {
+                    sqlx::raw_sql(m).execute(&mut *tx).await.map_err(err)?;
+                    sqlx::query("INSERT INTO ledger_schema (version) VALUES ($1)")
+                        .bind(i as i32 + 1)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err)?;
+                }
+                tx.commit().await.map_err(err)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn insert(&self, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
+        macro_rules! insert_all {
+            ($pool:expr, $sql:expr) => {{
+                let mut tx = $pool.begin().await?;
+                for r in rows {
+                    sqlx::query($sql)
+                        .bind(r.ts_ms)
+                        .bind(&r.request_id)
+                        .bind(&r.key)
+                        .bind(&r.team)
+                        .bind(&r.user)
+                        .bind(&r.route)
+                        .bind(&r.deployment)
+                        .bind(&r.provider)
+                        .bind(&r.endpoint)
+                        .bind(r.status as i32)
+                        .bind(r.prompt_tokens as i64)
+                        .bind(r.cached_tokens as i64)
+                        .bind(r.completion_tokens as i64)
+                        .bind(r.cost_usd)
+                        .bind(r.latency_ms)
+                        .bind(r.ttft_ms)
+                        .bind(r.cache_hit)
+                        .bind(r.estimated)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await
+            }};
+        }
+        const COLS: &str = "ts_ms, request_id, key_name, team, client_user, route, deployment, provider, endpoint, status, prompt_tokens, cached_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated";
+        match self {
+            Store::Sqlite(pool) => insert_all!(
+                pool,
+                &format!("INSERT INTO requests ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+            ),
+            Store::Postgres(pool) => insert_all!(
+                pool,
+                &format!("INSERT INTO requests ({COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)")
+            ),
+        }
+    }
+
+    /// What a scope spent since `since_ms` (cache hits cost nothing, so they add nothing).
+    pub async fn spent_since(&self, scope: Scope<'_>, since_ms: i64) -> Result<f64, sqlx::Error> {
+        let (filter, value) = match scope {
+            Scope::Global => ("", None),
+            Scope::Key(k) => (" AND key_name = ", Some(k)),
+            Scope::Team(t) => (" AND team = ", Some(t)),
+        };
+        macro_rules! sum {
+            ($pool:expr, $p1:expr, $p2:expr) => {{
+                let sql = match value {
+                    None => format!("SELECT CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) FROM requests WHERE ts_ms >= {}", $p1),
+                    Some(_) => format!("SELECT CAST(COALESCE(SUM(cost_usd), 0) AS DOUBLE PRECISION) FROM requests WHERE ts_ms >= {}{filter}{}", $p1, $p2),
+                };
+                let mut q = sqlx::query(&sql).bind(since_ms);
+                if let Some(v) = value {
+                    q = q.bind(v);
+                }
+                let row = q.fetch_one($pool).await?;
+                Ok(row.try_get::<f64, _>(0).unwrap_or(0.0))
+            }};
+        }
+        match self {
+            Store::Sqlite(pool) => sum!(pool, "?", "?"),
+            Store::Postgres(pool) => sum!(pool, "$1", "$2"),
+        }
+    }
+
+    /// A spend report: rows with `since_ms <= ts < until_ms`, grouped, costliest first.
+    pub async fn report(
+        &self,
+        by: GroupBy,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<SpendLine>, sqlx::Error> {
+        let col = by.column();
+        let select = |p1: &str, p2: &str| {
+            format!(
+                "SELECT {col}, COUNT(*), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), \
+                 CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cost_usd) AS DOUBLE PRECISION), \
+                 CAST(SUM(CASE WHEN cache_hit THEN 1 ELSE 0 END) AS BIGINT) \
+                 FROM requests WHERE ts_ms >= {p1} AND ts_ms < {p2} GROUP BY {col} ORDER BY 6 DESC, 1"
+            )
+        };
+        let rows = match self {
+            Store::Sqlite(pool) => sqlx::query(&select("?", "?"))
+                .bind(since_ms)
+                .bind(until_ms)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|r| line(&r))
+                .collect::<Result<Vec<_>, _>>()?,
+            Store::Postgres(pool) => sqlx::query(&select("$1", "$2"))
+                .bind(since_ms)
+                .bind(until_ms)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|r| line(&r))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        Ok(rows)
+    }
+
+    /// Every row, oldest first (for tests and exports).
+    pub async fn rows(&self) -> Result<Vec<LedgerRow>, sqlx::Error> {
+        const SQL: &str = "SELECT ts_ms, request_id, key_name, team, client_user, route, deployment, provider, endpoint, status, prompt_tokens, cached_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated FROM requests ORDER BY id";
+        macro_rules! all {
+            ($pool:expr) => {{
+                let rows = sqlx::query(SQL).fetch_all($pool).await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(LedgerRow {
+                            ts_ms: r.try_get(0)?,
+                            request_id: r.try_get(1)?,
+                            key: r.try_get(2)?,
+                            team: r.try_get(3)?,
+                            user: r.try_get(4)?,
+                            route: r.try_get(5)?,
+                            deployment: r.try_get(6)?,
+                            provider: r.try_get(7)?,
+                            endpoint: r.try_get(8)?,
+                            status: r.try_get::<i32, _>(9)? as u16,
+                            prompt_tokens: r.try_get::<i64, _>(10)? as u64,
+                            cached_tokens: r.try_get::<i64, _>(11)? as u64,
+                            completion_tokens: r.try_get::<i64, _>(12)? as u64,
+                            cost_usd: r.try_get(13)?,
+                            latency_ms: r.try_get(14)?,
+                            ttft_ms: r.try_get(15)?,
+                            cache_hit: r.try_get(16)?,
+                            estimated: r.try_get(17)?,
+                        })
+                    })
+                    .collect()
+            }};
+        }
+        match self {
+            Store::Sqlite(pool) => all!(pool),
+            Store::Postgres(pool) => all!(pool),
+        }
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(p) => p.close().await,
+            Store::Postgres(p) => p.close().await,
+        }
+    }
+}
+
+fn line<R: Row>(r: &R) -> Result<SpendLine, sqlx::Error>
+where
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> f64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(SpendLine {
+        name: r.try_get(0)?,
+        requests: r.try_get(1)?,
+        prompt_tokens: r.try_get::<Option<i64>, _>(2)?.unwrap_or(0),
+        cached_tokens: r.try_get::<Option<i64>, _>(3)?.unwrap_or(0),
+        completion_tokens: r.try_get::<Option<i64>, _>(4)?.unwrap_or(0),
+        cost_usd: r.try_get::<Option<f64>, _>(5)?.unwrap_or(0.0),
+        cache_hits: r.try_get::<Option<i64>, _>(6)?.unwrap_or(0),
+    })
+}
+
+/// The handle the request path writes to: a channel to the writer task.
+#[derive(Clone)]
+pub struct LedgerWriter {
+    tx: mpsc::UnboundedSender<LedgerRow>,
+}
+
+/// How often queued rows are written; after a crash at most this much is missing.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+const BATCH: usize = 512;
+
+/// The writer task; `shutdown` writes what is queued and stops it.
+pub struct LedgerTask {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LedgerTask {
+    pub async fn shutdown(self, timeout: Duration) {
+        self.stop.notify_one();
+        if tokio::time::timeout(timeout, self.task).await.is_err() {
+            tracing::error!("the ledger did not finish writing in time");
+        }
+    }
+}
+
+impl LedgerWriter {
+    /// Starts the writer task: rows are written every `FLUSH_INTERVAL`, or sooner when a
+    /// batch is full.
+    pub fn start(store: Store) -> (LedgerWriter, LedgerTask) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<LedgerRow>();
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(BATCH);
+            let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+            loop {
+                let stopping = tokio::select! {
+                    _ = stopped.notified() => true,
+                    _ = tick.tick() => false,
+                };
+                while let Ok(r) = rx.try_recv() {
+                    batch.push(r);
+                    if batch.len() >= BATCH {
+                        write_with_retry(&store, &mut batch).await;
+                    }
+                }
+                if !batch.is_empty() {
+                    write_with_retry(&store, &mut batch).await;
+                }
+                if stopping {
+                    break;
+                }
+            }
+            store.close().await;
+        });
+        (LedgerWriter { tx }, LedgerTask { stop, task })
+    }
+
+    pub fn record(&self, row: LedgerRow) {
+        if self.tx.send(row).is_err() {
+            tracing::error!("ledger writer is gone; a row was lost");
+        }
+    }
+}
+
+/// A failed write (database restarting, disk full) is retried with a pause; rows are kept
+/// in memory meanwhile rather than dropped.
+async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
+    let mut wait = Duration::from_millis(100);
+    for attempt in 0..8 {
+        match store.insert(batch).await {
+            Ok(()) => {
+                batch.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, attempt, rows = batch.len(), "ledger write failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    tracing::error!(
+        rows = batch.len(),
+        "ledger write kept failing; these rows are kept for the next flush"
+    );
+}

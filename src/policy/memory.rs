@@ -1,0 +1,356 @@
+//! Limits and budgets in process: one mutex over every counter, so an admission checks and
+//! reserves everything in one step. The lock is never held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+
+use super::{
+    period_bounds, period_name, Actual, Admitted, Alert, BudgetRef, LimitHeaders, Plan,
+    PolicyState, Refused,
+};
+
+#[derive(Debug, Default)]
+struct Window {
+    minute: u64,
+    requests: u64,
+    tokens: u64,
+    in_flight: u64,
+}
+
+#[derive(Debug, Default)]
+struct Budget {
+    period_start: i64,
+    spent: f64,
+    reserved: f64,
+    soft_alerted: bool,
+    hard_alerted: bool,
+}
+
+impl Budget {
+    fn roll(&mut self, start: i64) {
+        if self.period_start != start {
+            *self = Budget {
+                period_start: start,
+                ..Default::default()
+            };
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    windows: HashMap<Arc<str>, Window>,
+    budgets: HashMap<Arc<str>, Budget>,
+}
+
+#[derive(Default)]
+pub struct MemoryState {
+    inner: Mutex<Counters>,
+}
+
+fn minute_of(now_ms: i64) -> u64 {
+    (now_ms.max(0) as u64) / 60_000
+}
+
+/// Budget arithmetic in micro-dollars, so that float noise never lets a request through.
+fn fits(spent: f64, reserved: f64, worst: f64, limit: f64) -> bool {
+    let micros = |v: f64| (v * 1e6).round() as i64;
+    micros(spent) + micros(reserved) + micros(worst) <= micros(limit)
+}
+
+impl MemoryState {
+    fn admit_now(&self, plan: &Plan, now_ms: i64) -> Result<Admitted, Refused> {
+        let Ok(mut c) = self.inner.lock() else {
+            // A poisoned lock means a panic elsewhere; refuse rather than overspend.
+            return Err(Refused::Rate {
+                limit: "gateway".into(),
+                what: "internal state",
+                retry_after: Duration::from_secs(1),
+                headers: LimitHeaders::default(),
+            });
+        };
+        let minute = minute_of(now_ms);
+        let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
+        let mut headers = LimitHeaders::default();
+        // Check every limit first, then take: all or nothing.
+        for l in &plan.limits {
+            let w = c.windows.entry(l.id.clone()).or_default();
+            if w.minute != minute {
+                w.minute = minute;
+                w.requests = 0;
+                w.tokens = 0;
+            }
+            let refuse =
+                |what: &'static str, retry_after: Duration, h: LimitHeaders| Refused::Rate {
+                    limit: l.id.clone(),
+                    what,
+                    retry_after,
+                    headers: h,
+                };
+            let mut h = LimitHeaders::default();
+            if let Some(rpm) = l.rpm {
+                h.requests = Some((rpm, rpm.saturating_sub(w.requests)));
+            }
+            if let Some(tpm) = l.tpm {
+                h.tokens = Some((tpm, tpm.saturating_sub(w.tokens)));
+            }
+            if l.rpm.is_some_and(|rpm| w.requests + 1 > rpm) {
+                return Err(refuse("requests per minute", to_next_minute, h));
+            }
+            if l.tpm.is_some_and(|tpm| w.tokens + plan.tokens > tpm) {
+                return Err(refuse("tokens per minute", to_next_minute, h));
+            }
+            if l.max_parallel.is_some_and(|mp| w.in_flight + 1 > mp) {
+                return Err(refuse("requests in parallel", Duration::from_secs(1), h));
+            }
+        }
+        let mut periods = Vec::with_capacity(plan.budgets.len());
+        for b in &plan.budgets {
+            let (start, next) = period_bounds(b.period, now_ms);
+            let s = c.budgets.entry(b.id.clone()).or_default();
+            s.roll(start);
+            if !fits(s.spent, s.reserved, plan.worst_usd, b.usd) {
+                let first_in_period = !s.hard_alerted;
+                s.hard_alerted = true;
+                return Err(Refused::Budget {
+                    budget: b.clone(),
+                    spent: s.spent,
+                    reserved: s.reserved,
+                    retry_after: next.map(|n| Duration::from_millis((n - now_ms).max(0) as u64)),
+                    first_in_period,
+                });
+            }
+            periods.push((b.id.clone(), start));
+        }
+        for l in &plan.limits {
+            if let Some(w) = c.windows.get_mut(&l.id) {
+                w.requests += 1;
+                w.tokens += plan.tokens;
+                w.in_flight += 1;
+                // Headers: the tightest limit, counting this request.
+                if let Some(rpm) = l.rpm {
+                    let rem = rpm.saturating_sub(w.requests);
+                    if headers.requests.is_none_or(|(_, r)| rem < r) {
+                        headers.requests = Some((rpm, rem));
+                    }
+                }
+                if let Some(tpm) = l.tpm {
+                    let rem = tpm.saturating_sub(w.tokens);
+                    if headers.tokens.is_none_or(|(_, r)| rem < r) {
+                        headers.tokens = Some((tpm, rem));
+                    }
+                }
+            }
+        }
+        for (id, _) in &periods {
+            if let Some(s) = c.budgets.get_mut(id) {
+                s.reserved += plan.worst_usd;
+            }
+        }
+        Ok(Admitted {
+            minute,
+            periods,
+            headers,
+        })
+    }
+
+    fn settle_now(
+        &self,
+        plan: &Plan,
+        admitted: &Admitted,
+        actual: Actual,
+        now_ms: i64,
+    ) -> Vec<Alert> {
+        let mut alerts = Vec::new();
+        let Ok(mut c) = self.inner.lock() else {
+            return alerts;
+        };
+        for l in &plan.limits {
+            if let Some(w) = c.windows.get_mut(&l.id) {
+                w.in_flight = w.in_flight.saturating_sub(1);
+                // Correct the estimate with the real tokens, within the same minute.
+                if w.minute == admitted.minute {
+                    w.tokens = (w.tokens + actual.tokens).saturating_sub(plan.tokens);
+                }
+            }
+        }
+        for ((id, start), b) in admitted.periods.iter().zip(&plan.budgets) {
+            let (now_start, _) = period_bounds(b.period, now_ms);
+            let Some(s) = c.budgets.get_mut(id) else {
+                continue;
+            };
+            if s.period_start == *start {
+                s.reserved = (s.reserved - plan.worst_usd).max(0.0);
+            }
+            // A request that ends in the next period is spent there.
+            s.roll(now_start);
+            let before = s.spent;
+            s.spent += actual.cost_usd;
+            if let Some(soft) = b.soft_usd {
+                if before < soft && s.spent >= soft && !s.soft_alerted {
+                    s.soft_alerted = true;
+                    alerts.push(alert("soft", b, s.spent));
+                }
+            }
+        }
+        alerts
+    }
+}
+
+fn alert(kind: &'static str, b: &BudgetRef, spent: f64) -> Alert {
+    Alert {
+        kind,
+        scope: b.scope.kind(),
+        name: b.scope.name().to_string(),
+        spent,
+        limit: if kind == "soft" {
+            b.soft_usd.unwrap_or(b.usd)
+        } else {
+            b.usd
+        },
+        period: period_name(b.period),
+    }
+}
+
+pub fn hard_alert(b: &BudgetRef, spent: f64) -> Alert {
+    alert("hard", b, spent)
+}
+
+impl PolicyState for MemoryState {
+    fn admit<'a>(
+        &'a self,
+        plan: &'a Plan,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Admitted, Refused>> {
+        Box::pin(async move { self.admit_now(plan, now_ms) })
+    }
+
+    fn settle<'a>(
+        &'a self,
+        plan: &'a Plan,
+        admitted: &'a Admitted,
+        actual: Actual,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Vec<Alert>> {
+        Box::pin(async move { self.settle_now(plan, admitted, actual, now_ms) })
+    }
+
+    fn seed_spent<'a>(
+        &'a self,
+        budget: &'a BudgetRef,
+        period_start: i64,
+        spent: f64,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Ok(mut c) = self.inner.lock() {
+                let s = c.budgets.entry(budget.id.clone()).or_default();
+                s.roll(period_start);
+                s.spent = spent;
+                s.soft_alerted = budget.soft_usd.is_some_and(|soft| spent >= soft);
+            }
+        })
+    }
+
+    fn budget_status(&self, budget: &BudgetRef, period_start: i64) -> (f64, f64) {
+        self.inner
+            .lock()
+            .ok()
+            .and_then(|c| {
+                c.budgets
+                    .get(&budget.id)
+                    .filter(|s| s.period_start == period_start)
+                    .map(|s| (s.spent, s.reserved))
+            })
+            .unwrap_or((0.0, 0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Period;
+    use crate::policy::{BudgetScope, LimitRef};
+
+    fn plan(rpm: Option<u64>, usd: Option<f64>, worst: f64) -> Plan {
+        Plan {
+            limits: rpm
+                .map(|r| LimitRef {
+                    id: "key:k".into(),
+                    rpm: Some(r),
+                    tpm: Some(1000),
+                    max_parallel: None,
+                })
+                .into_iter()
+                .collect(),
+            budgets: usd
+                .map(|u| BudgetRef {
+                    id: "key:k".into(),
+                    scope: BudgetScope::Key("k".into()),
+                    usd: u,
+                    soft_usd: Some(u / 2.0),
+                    period: Period::Daily,
+                })
+                .into_iter()
+                .collect(),
+            tokens: 100,
+            worst_usd: worst,
+        }
+    }
+
+    #[test]
+    fn rpm_counts_down_then_refuses() {
+        let s = MemoryState::default();
+        let p = plan(Some(3), None, 0.0);
+        let now = 1_800_000_000_000;
+        let rem: Vec<u64> = (0..3)
+            .map(|_| s.admit_now(&p, now).unwrap().headers.requests.unwrap().1)
+            .collect();
+        assert_eq!(rem, [2, 1, 0]);
+        assert!(matches!(s.admit_now(&p, now), Err(Refused::Rate { .. })));
+        assert!(
+            s.admit_now(&p, now + 60_000).is_ok(),
+            "the next minute has room"
+        );
+    }
+
+    #[test]
+    fn reservations_never_overspend_and_settle_to_the_real_cost() {
+        let s = MemoryState::default();
+        let p = plan(None, Some(1.0), 0.3);
+        let now = 1_800_000_000_000;
+        let a: Vec<_> = (0..3).map(|_| s.admit_now(&p, now).unwrap()).collect();
+        assert!(
+            matches!(s.admit_now(&p, now), Err(Refused::Budget { .. })),
+            "0.9 reserved + 0.3 > 1"
+        );
+        let alerts = s.settle_now(
+            &p,
+            &a[0],
+            Actual {
+                cost_usd: 0.1,
+                tokens: 10,
+            },
+            now,
+        );
+        assert!(alerts.is_empty());
+        assert!(
+            s.admit_now(&p, now).is_ok(),
+            "0.1 spent + 0.6 reserved + 0.3 fits"
+        );
+        let alerts = s.settle_now(
+            &p,
+            &a[1],
+            Actual {
+                cost_usd: 0.45,
+                tokens: 10,
+            },
+            now,
+        );
+        assert_eq!(alerts.len(), 1, "soft budget 0.5 crossed once");
+        let (spent, reserved) = s.budget_status(&p.budgets[0], period_bounds(Period::Daily, now).0);
+        assert!((spent - 0.55).abs() < 1e-9 && (reserved - 0.6).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,455 @@
+//! Admission: rate limits (`rpm`, `tpm`, `max_parallel` on keys and teams; `rpm`, `tpm` on
+//! routes) and budgets (keys, teams, `global`; daily, weekly, monthly, total). A request is
+//! admitted only if every limit has room and every budget can hold spent + reserved + the
+//! request's worst-case cost; the reservation is settled to the real cost when the request
+//! ends. The counters live behind `PolicyState` (in process here; Redis for several
+//! replicas), and one admission is one atomic step there, so no budget is ever overspent.
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{Datelike, TimeZone, Utc};
+use futures_util::future::BoxFuture;
+use http::StatusCode;
+use serde_json::json;
+
+use crate::config::{BudgetCfg, LimitsCfg, Loaded, Period};
+use crate::error::GatewayError;
+
+pub use memory::{hard_alert, MemoryState};
+
+/// One rate limit that applies to a request: `key:NAME`, `team:NAME` or `route:NAME`.
+#[derive(Debug, Clone)]
+pub struct LimitRef {
+    pub id: Arc<str>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub max_parallel: Option<u64>,
+}
+
+/// One budget that applies to a request: `key:NAME`, `team:NAME` or `global`.
+#[derive(Debug, Clone)]
+pub struct BudgetRef {
+    pub id: Arc<str>,
+    pub scope: BudgetScope,
+    pub usd: f64,
+    pub soft_usd: Option<f64>,
+    pub period: Period,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetScope {
+    Global,
+    Key(String),
+    Team(String),
+}
+
+impl BudgetScope {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BudgetScope::Global => "global",
+            BudgetScope::Key(_) => "key",
+            BudgetScope::Team(_) => "team",
+        }
+    }
+    pub fn name(&self) -> &str {
+        match self {
+            BudgetScope::Global => "global",
+            BudgetScope::Key(n) | BudgetScope::Team(n) => n,
+        }
+    }
+}
+
+/// What one request asks of the limits and budgets.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    pub limits: Vec<LimitRef>,
+    pub budgets: Vec<BudgetRef>,
+    /// Prompt tokens estimated at admission (corrected with real usage at settlement).
+    pub tokens: u64,
+    /// The most the request can cost.
+    pub worst_usd: f64,
+}
+
+/// What an admission reserved, to settle later, and the figures for the response headers.
+#[derive(Debug, Clone, Default)]
+pub struct Admitted {
+    pub minute: u64,
+    /// `(budget id, period start)` of each reservation.
+    pub periods: Vec<(Arc<str>, i64)>,
+    pub headers: LimitHeaders,
+}
+
+/// The OpenAI rate-limit headers of the tightest limit (remaining counts after this request).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitHeaders {
+    pub requests: Option<(u64, u64)>,
+    pub tokens: Option<(u64, u64)>,
+}
+
+impl LimitHeaders {
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        let mut set = |name: &'static str, v: u64| {
+            h.insert(name, http::HeaderValue::from(v));
+        };
+        if let Some((limit, remaining)) = self.requests {
+            set("x-ratelimit-limit-requests", limit);
+            set("x-ratelimit-remaining-requests", remaining);
+        }
+        if let Some((limit, remaining)) = self.tokens {
+            set("x-ratelimit-limit-tokens", limit);
+            set("x-ratelimit-remaining-tokens", remaining);
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone)]
+pub enum Refused {
+    Rate {
+        limit: Arc<str>,
+        what: &'static str,
+        retry_after: Duration,
+        headers: LimitHeaders,
+    },
+    Budget {
+        budget: BudgetRef,
+        spent: f64,
+        reserved: f64,
+        retry_after: Option<Duration>,
+        first_in_period: bool,
+    },
+}
+
+impl Refused {
+    pub fn into_error(self) -> GatewayError {
+        match self {
+            Refused::Rate {
+                limit,
+                what,
+                retry_after,
+                headers,
+            } => {
+                let mut e = GatewayError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "requests",
+                    "rate_limit_exceeded",
+                    format!(
+                        "Rate limit reached for {limit} on {what}. Please retry after {}s.",
+                        retry_after.as_secs().max(1)
+                    ),
+                );
+                e.headers
+                    .push(("retry-after", retry_after.as_secs().max(1).to_string()));
+                let mut h = http::HeaderMap::new();
+                headers.apply(&mut h);
+                for (name, value) in &h {
+                    if let Ok(v) = value.to_str() {
+                        e.headers
+                            .push((header_static(name.as_str()), v.to_string()));
+                    }
+                }
+                e
+            }
+            Refused::Budget {
+                budget,
+                spent,
+                reserved,
+                retry_after,
+                ..
+            } => {
+                let mut e = GatewayError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "insufficient_quota",
+                    "budget_exceeded",
+                    format!(
+                        "Budget exceeded for {}: {:.6} of {:.2} USD ({:?}) spent or reserved.",
+                        budget.id,
+                        spent + reserved,
+                        budget.usd,
+                        budget.period
+                    ),
+                );
+                if let Some(ra) = retry_after {
+                    e.headers
+                        .push(("retry-after", ra.as_secs().max(1).to_string()));
+                }
+                e
+            }
+        }
+    }
+}
+
+fn header_static(name: &str) -> &'static str {
+    match name {
+        "x-ratelimit-limit-requests" => "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests" => "x-ratelimit-remaining-requests",
+        "x-ratelimit-limit-tokens" => "x-ratelimit-limit-tokens",
+        _ => "x-ratelimit-remaining-tokens",
+    }
+}
+
+/// The real outcome of a request, for its settlement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Actual {
+    pub cost_usd: f64,
+    /// Prompt + completion tokens, to correct the `tpm` estimate.
+    pub tokens: u64,
+}
+
+/// A soft budget crossed (or a hard stop hit) for the first time this period.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Alert {
+    pub kind: &'static str,
+    pub scope: &'static str,
+    pub name: String,
+    pub spent: f64,
+    pub limit: f64,
+    pub period: &'static str,
+}
+
+/// Where limit counters, reservations and spend live.
+pub trait PolicyState: Send + Sync {
+    fn admit<'a>(&'a self, plan: &'a Plan, now_ms: i64)
+        -> BoxFuture<'a, Result<Admitted, Refused>>;
+    fn settle<'a>(
+        &'a self,
+        plan: &'a Plan,
+        admitted: &'a Admitted,
+        actual: Actual,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Vec<Alert>>;
+    /// Seeds what a budget spent in its current period (from the ledger at start).
+    fn seed_spent<'a>(
+        &'a self,
+        budget: &'a BudgetRef,
+        period_start: i64,
+        spent: f64,
+    ) -> BoxFuture<'a, ()>;
+    /// Spent and reserved of a budget in the period starting at `period_start`.
+    fn budget_status(&self, budget: &BudgetRef, period_start: i64) -> (f64, f64);
+}
+
+pub fn period_name(p: Period) -> &'static str {
+    match p {
+        Period::Daily => "daily",
+        Period::Weekly => "weekly",
+        Period::Monthly => "monthly",
+        Period::Total => "total",
+    }
+}
+
+/// Start of the calendar period (UTC) that holds `now_ms`, and of the next one.
+pub fn period_bounds(p: Period, now_ms: i64) -> (i64, Option<i64>) {
+    let now = Utc
+        .timestamp_millis_opt(now_ms)
+        .single()
+        .unwrap_or_else(Utc::now);
+    let day = now.date_naive();
+    let midnight = |d: chrono::NaiveDate| {
+        d.and_hms_opt(0, 0, 0)
+            .map(|t| Utc.from_utc_datetime(&t).timestamp_millis())
+            .unwrap_or(0)
+    };
+    match p {
+        Period::Total => (0, None),
+        Period::Daily => (midnight(day), day.succ_opt().map(midnight)),
+        Period::Weekly => {
+            let start = day - chrono::Duration::days(day.weekday().num_days_from_monday() as i64);
+            (
+                midnight(start),
+                Some(midnight(start + chrono::Duration::days(7))),
+            )
+        }
+        Period::Monthly => {
+            let start = day.with_day(1).unwrap_or(day);
+            let next = if start.month() == 12 {
+                chrono::NaiveDate::from_ymd_opt(start.year() + 1, 1, 1)
+            } else {
+                chrono::NaiveDate::from_ymd_opt(start.year(), start.month() + 1, 1)
+            };
+            (midnight(start), next.map(midnight))
+        }
+    }
+}
+
+/// Limits and budgets compiled from the config, by key and by route.
+#[derive(Debug, Default)]
+pub struct PolicyTable {
+    /// By key name: the key's own and its team's limits.
+    key_limits: std::collections::HashMap<String, Vec<LimitRef>>,
+    /// By key name: the key's, its team's and the global budget.
+    key_budgets: std::collections::HashMap<String, Vec<BudgetRef>>,
+    route_limits: std::collections::HashMap<String, LimitRef>,
+    /// Budgets when the gateway runs without keys: only the global one.
+    global: Vec<BudgetRef>,
+    pub all_budgets: Vec<BudgetRef>,
+}
+
+fn limit(id: String, l: &LimitsCfg) -> LimitRef {
+    LimitRef {
+        id: id.into(),
+        rpm: l.rpm,
+        tpm: l.tpm,
+        max_parallel: l.max_parallel,
+    }
+}
+
+fn budget(id: String, scope: BudgetScope, b: &BudgetCfg) -> BudgetRef {
+    BudgetRef {
+        id: id.into(),
+        scope,
+        usd: b.usd,
+        soft_usd: b.soft_usd,
+        period: b.period,
+    }
+}
+
+impl PolicyTable {
+    pub fn build(loaded: &Loaded) -> PolicyTable {
+        let c = &loaded.config;
+        let global: Vec<BudgetRef> = c
+            .budget
+            .iter()
+            .map(|b| budget("global".into(), BudgetScope::Global, b))
+            .collect();
+        let team_budgets: std::collections::HashMap<&str, BudgetRef> = c
+            .teams
+            .iter()
+            .filter_map(|(n, t)| {
+                t.budget.as_ref().map(|b| {
+                    (
+                        n.as_str(),
+                        budget(format!("team:{n}"), BudgetScope::Team(n.clone()), b),
+                    )
+                })
+            })
+            .collect();
+        let mut t = PolicyTable {
+            global: global.clone(),
+            ..Default::default()
+        };
+        t.all_budgets.extend(global.iter().cloned());
+        t.all_budgets.extend(team_budgets.values().cloned());
+        for k in &c.keys {
+            let mut limits = Vec::new();
+            if let Some(l) = &k.limits {
+                limits.push(limit(format!("key:{}", k.name), l));
+            }
+            let team = k
+                .team
+                .as_deref()
+                .and_then(|n| c.teams.get(n).map(|t| (n, t)));
+            if let Some((n, tc)) = team {
+                if let Some(l) = &tc.limits {
+                    limits.push(limit(format!("team:{n}"), l));
+                }
+            }
+            let mut budgets = Vec::new();
+            if let Some(b) = &k.budget {
+                let r = budget(
+                    format!("key:{}", k.name),
+                    BudgetScope::Key(k.name.clone()),
+                    b,
+                );
+                t.all_budgets.push(r.clone());
+                budgets.push(r);
+            }
+            if let Some((n, _)) = team {
+                budgets.extend(team_budgets.get(n).cloned());
+            }
+            budgets.extend(global.iter().cloned());
+            t.key_limits.insert(k.name.clone(), limits);
+            t.key_budgets.insert(k.name.clone(), budgets);
+        }
+        for (name, r) in &c.models {
+            if let Some(l) = &r.limits {
+                t.route_limits
+                    .insert(name.clone(), limit(format!("route:{name}"), l));
+            }
+        }
+        t
+    }
+
+    pub fn plan(&self, key: &str, route: &str, tokens: u64, worst_usd: f64) -> Plan {
+        let mut limits = self.key_limits.get(key).cloned().unwrap_or_default();
+        limits.extend(self.route_limits.get(route).cloned());
+        let budgets = self
+            .key_budgets
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| self.global.clone());
+        Plan {
+            limits,
+            budgets,
+            tokens,
+            worst_usd,
+        }
+    }
+}
+
+/// Posts alerts to `alerts.webhook`, off the request path.
+pub fn send_alerts(client: &reqwest::Client, webhook: Option<&str>, alerts: Vec<Alert>) {
+    for a in alerts {
+        tracing::warn!(kind = a.kind, scope = a.scope, name = %a.name, spent = a.spent, limit = a.limit,
+            period = a.period, "budget alert");
+        let Some(url) = webhook else { continue };
+        let client = client.clone();
+        let url = url.to_string();
+        tokio::spawn(async move {
+            let body = json!({"kind": a.kind, "scope": a.scope, "name": a.name, "spent": a.spent,
+                              "limit": a.limit, "period": a.period});
+            let sent = client
+                .post(&url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            if let Err(e) = sent {
+                tracing::warn!(error = %e.without_url(), "budget alert webhook failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_periods() {
+        // 2026-11-28 (a Saturday) 13:00 UTC
+        let now = Utc
+            .with_ymd_and_hms(2026, 11, 28, 13, 0, 0)
+            .unwrap()
+            .timestamp_millis();
+        let at = |y, m, d| {
+            Utc.with_ymd_and_hms(y, m, d, 0, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        };
+        assert_eq!(
+            period_bounds(Period::Daily, now),
+            (at(2026, 11, 28), Some(at(2026, 11, 29)))
+        );
+        assert_eq!(
+            period_bounds(Period::Weekly, now),
+            (at(2026, 11, 23), Some(at(2026, 11, 30)))
+        );
+        assert_eq!(
+            period_bounds(Period::Monthly, now),
+            (at(2026, 11, 1), Some(at(2026, 12, 1)))
+        );
+        let dec = Utc
+            .with_ymd_and_hms(2026, 12, 31, 23, 0, 0)
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(
+            period_bounds(Period::Monthly, dec),
+            (at(2026, 12, 1), Some(at(2027, 1, 1)))
+        );
+        assert_eq!(period_bounds(Period::Total, now), (0, None));
+    }
+}
