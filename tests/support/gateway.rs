@@ -20,7 +20,25 @@ impl Gateway {
     }
 
     pub async fn start_with(config: &str, extra_args: &[&str]) -> Gateway {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::launch(config, tempfile::tempdir().expect("tempdir"), extra_args).await
+    }
+
+    /// Starts in a folder of an earlier gateway (its ledger and files), e.g. for a restart.
+    pub async fn start_in(config: &str, dir: tempfile::TempDir) -> Gateway {
+        Self::launch(config, dir, &[]).await
+    }
+
+    /// Stops the process and hands over its folder (which would go away with the gateway).
+    pub fn take_dir(&mut self) -> tempfile::TempDir {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
+    }
+
+    async fn launch(config: &str, dir: tempfile::TempDir, extra_args: &[&str]) -> Gateway {
+        let _ = std::fs::remove_file(dir.path().join("ready"));
         let config_path = dir.path().join("routes.yaml");
         std::fs::write(&config_path, config).expect("write config");
         let ready = dir.path().join("ready");

@@ -1,0 +1,573 @@
+//! Usage, cost, budgets, rate limits and the ledger, black-box: the real binary, a recording
+//! mock upstream, the ledger read back from SQLite and PostgreSQL after a clean shutdown.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use gateway::{sha256_hex, Gateway};
+use serde_json::{json, Value};
+use switchyard::ledger::store::{LedgerRow, Store};
+use upstream::{MockUpstream, Scripted};
+
+const KEY: &str = "sk-cost-test";
+const ADMIN: &str = "cost-admin";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+async fn post(gw: &Gateway, path: &str, body: Value) -> reqwest::Response {
+    client()
+        .post(gw.url(path))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Stops the gateway cleanly (the ledger is flushed at shutdown) and reads every row.
+async fn rows_after_shutdown(gw: &mut Gateway, url: &str) -> Vec<LedgerRow> {
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("gateway exits");
+    assert!(status.success(), "{}", gw.logs());
+    let store = Store::open(url).await.unwrap();
+    let rows = store.rows().await.unwrap();
+    store.close().await;
+    rows
+}
+
+fn sqlite_url(gw: &Gateway) -> String {
+    format!("sqlite://{}", gw.dir.path().join("switchyard.db").display())
+}
+
+/// Waits out the last seconds of a minute, so per-minute counters do not roll over mid-test.
+async fn not_near_a_minute_boundary() {
+    let secs = chrono::Utc::now().timestamp() % 60;
+    if secs > 45 {
+        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
+    }
+}
+
+fn config(up: &MockUpstream, extra: &str) -> String {
+    format!(
+        r#"
+server: {{ admin_key: {ADMIN} }}
+providers:
+  up: {{ kind: openai, base_url: "{u}/v1" }}
+  slow: {{ kind: mock, latency: 400ms, stream_chunks: 8 }}
+models:
+  gpt-4o:
+    pricing: {{ input_per_1m: 2.50, cached_input_per_1m: 1.25, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: up, deployment: gpt-4o-up }} ]
+  emb:
+    pricing: {{ input_per_1m: 0.02, output_per_1m: 0 }}
+    deployments: [ {{ provider: up, deployment: emb-up }} ]
+  slow:
+    pricing: {{ input_per_1m: 2.50, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: slow }} ]
+routing: {{ allowed_fails: 100 }}
+{extra}
+"#,
+        u = up.url()
+    )
+}
+
+fn keys(extra_key_fields: &str) -> String {
+    format!(
+        "teams:\n  research: {{}}\nkeys:\n  - {{ name: app, key: \"sha256:{}\", team: research{extra_key_fields} }}\n",
+        sha256_hex(KEY)
+    )
+}
+
+fn usage_of(v: &Value) -> (u64, u64, u64) {
+    let u = &v["usage"];
+    (
+        u["prompt_tokens"].as_u64().unwrap(),
+        u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        u["completion_tokens"].as_u64().unwrap(),
+    )
+}
+
+fn cost(
+    prompt: u64,
+    cached: u64,
+    completion: u64,
+    input: f64,
+    cached_price: f64,
+    output: f64,
+) -> f64 {
+    ((prompt - cached) as f64 * input + cached as f64 * cached_price + completion as f64 * output)
+        / 1e6
+}
+
+#[tokio::test]
+async fn the_ledger_matches_the_upstreams_usage_to_the_micro_dollar() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let hello = json!([{"role": "user", "content": "Hello there, how are you today?"}]);
+    let mut expected: Vec<(u64, u64, u64, f64)> = Vec::new();
+
+    // Plain.
+    let v: Value = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": hello, "user": "alice"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let (p, c, o) = usage_of(&v);
+    expected.push((p, c, o, cost(p, c, o, 2.5, 1.25, 10.0)));
+
+    // Streamed, the client asks for usage: it gets the usage chunk.
+    let text = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": hello, "stream": true,
+        "stream_options": {"include_usage": true}}),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    let usage_event = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["usage"].is_object())
+        .expect("the client asked for the usage chunk");
+    let (p, c, o) = usage_of(&usage_event);
+    expected.push((p, c, o, cost(p, c, o, 2.5, 1.25, 10.0)));
+
+    // Streamed, the client does not ask: the gateway asks upstream and drops the chunk.
+    let text = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": hello, "stream": true}),
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(
+        !text.contains("\"usage\":{"),
+        "the usage chunk reached a client that did not ask:\n{text}"
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    let sent: Value = up.requests().last().unwrap().json();
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "the gateway asked upstream"
+    );
+    let p = upstream::prompt_tokens_for(upstream::messages_chars(&hello));
+    expected.push((
+        p,
+        0,
+        upstream::COMPLETION_TOKENS,
+        cost(p, 0, upstream::COMPLETION_TOKENS, 2.5, 1.25, 10.0),
+    ));
+
+    // Cached prompt tokens at the cached price.
+    up.script(Scripted::respond(200, json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100,
+                  "prompt_tokens_details": {"cached_tokens": 400}}}).to_string()));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": hello}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+    expected.push((1000, 400, 100, 0.003));
+
+    // A 500 that is retried: one row, for the answer that served.
+    up.script(Scripted::server_error(500));
+    let v: Value = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": hello}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let (p, c, o) = usage_of(&v);
+    expected.push((p, c, o, cost(p, c, o, 2.5, 1.25, 10.0)));
+
+    // Embeddings.
+    let v: Value = post(
+        &gw,
+        "/v1/embeddings",
+        json!({"model": "emb", "input": ["one", "two"]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let p = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    expected.push((p, 0, 0, p as f64 * 0.02 / 1e6));
+
+    // A refusal by the upstream costs nothing.
+    up.script(Scripted::azure_content_filter());
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": hello}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    expected.push((0, 0, 0, 0.0));
+
+    // An upstream that reports no usage: counted with the tokenizer, marked estimated.
+    up.script(Scripted::respond(200, json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello world"}, "finish_reason": "stop"}]}).to_string()));
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello world"}]}),
+    )
+    .await;
+    resp.bytes().await.unwrap();
+
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    assert_eq!(rows.len(), expected.len() + 1, "{rows:#?}");
+    for (row, (p, c, o, usd)) in rows.iter().zip(&expected) {
+        assert_eq!(
+            (row.prompt_tokens, row.cached_tokens, row.completion_tokens),
+            (*p, *c, *o),
+            "{row:?}"
+        );
+        assert!(
+            (row.cost_usd - usd).abs() < 1e-9,
+            "cost {} != {usd}: {row:?}",
+            row.cost_usd
+        );
+        assert!(!row.estimated);
+        assert_eq!(row.key, "app");
+        assert_eq!(row.team, "research");
+    }
+    assert_eq!(rows[0].user, "alice");
+    assert_eq!(rows[0].deployment, "up/gpt-4o-up");
+    assert_eq!(rows[6].status, 400);
+    let est = rows.last().unwrap();
+    assert!(est.estimated);
+    assert_eq!(
+        (est.prompt_tokens, est.completion_tokens),
+        (2, 2),
+        "o200k: `hello world` is two tokens"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_never_overspend_a_budget() {
+    let up = MockUpstream::start().await;
+    // Worst case per request: ~20 prompt tokens × 2.5 + 1000 output × 10 ≈ 0.01 USD; the
+    // budget holds about ten of them at once.
+    let mut gw = Gateway::start(&config(&up, &keys(", budget: { usd: 0.1, period: daily }"))).await;
+    let body = json!({"model": "slow", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    let results = join_all((0..50).map(|_| post(&gw, "/v1/chat/completions", body.clone()))).await;
+    let mut ok = 0;
+    let mut refused = 0;
+    for r in results {
+        match r.status().as_u16() {
+            200 => {
+                ok += 1;
+                r.bytes().await.unwrap();
+            }
+            429 => {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "budget_exceeded");
+                refused += 1;
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!((1..=10).contains(&ok), "{ok} admitted");
+    assert_eq!(ok + refused, 50);
+    let spend: Value = client()
+        .get(gw.url("/admin/spend?by=key"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let budget = &spend["budgets"][0];
+    assert_eq!(budget["budget"], "key:app");
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let spent: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    assert!(spent <= 0.1, "spent {spent}");
+    assert_eq!(rows.iter().filter(|r| r.status == 200).count(), ok);
+    assert_eq!(rows.iter().filter(|r| r.status == 429).count(), refused);
+}
+
+#[tokio::test]
+async fn max_parallel_and_rpm_refuse_with_openai_headers() {
+    not_near_a_minute_boundary().await;
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, &keys(", limits: { rpm: 6, max_parallel: 3 }"))).await;
+    let body = json!({"model": "slow", "messages": [{"role": "user", "content": "hi"}]});
+    let results = join_all((0..5).map(|_| post(&gw, "/v1/chat/completions", body.clone()))).await;
+    let statuses: Vec<u16> = results.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        3,
+        "{statuses:?}"
+    );
+    for r in results {
+        if r.status() == 429 {
+            assert!(r.headers().contains_key("retry-after"));
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        }
+    }
+    // rpm 6: three used above; the refused ones took nothing. 2, 1, 0 left, then 429.
+    let fast = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let r = post(&gw, "/v1/chat/completions", fast.clone()).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-limit-requests"], "6");
+        remaining.push(
+            r.headers()["x-ratelimit-remaining-requests"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(remaining, ["2", "1", "0"]);
+    let r = post(&gw, "/v1/chat/completions", fast).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait));
+}
+
+#[tokio::test]
+async fn tokens_estimated_at_admission_are_corrected_by_real_usage() {
+    not_near_a_minute_boundary().await;
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, &keys(", limits: { tpm: 10000 }"))).await;
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let text = body.to_string();
+    let estimate = (text.len() as u64).div_ceil(4);
+    up.script(Scripted::respond(200, json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 900, "completion_tokens": 100, "total_tokens": 1000}}).to_string()));
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .body(text.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap(),
+        (10000 - estimate).to_string()
+    );
+    r.bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // settlement runs off the request path
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .body(text)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap(),
+        (10000 - 1000 - estimate).to_string(),
+        "the first request's estimate was replaced by its 1000 real tokens"
+    );
+}
+
+async fn restart_keeps_spend(ledger: Option<String>) {
+    let up = MockUpstream::start().await;
+    let state = ledger
+        .as_ref()
+        .map(|l| format!("state: {{ ledger: \"{l}\" }}\n"))
+        .unwrap_or_default();
+    let cfg = config(
+        &up,
+        &format!(
+            "{state}{}",
+            keys(", budget: { usd: 0.015, period: monthly }")
+        ),
+    );
+    let mut gw = Gateway::start(&cfg).await;
+    let url = ledger.clone().unwrap_or_else(|| sqlite_url(&gw));
+    let costly = || {
+        Scripted::respond(200, json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 2000, "completion_tokens": 500, "total_tokens": 2500}}).to_string())
+    };
+    up.script(costly());
+    let body = json!({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(&gw, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let spent = 2000.0 * 2.5 / 1e6 + 500.0 * 10.0 / 1e6; // 0.01
+    assert!((rows.iter().map(|r| r.cost_usd).sum::<f64>() - spent).abs() < 1e-9);
+
+    // Same folder, same ledger: the budget knows what was spent.
+    let dir = gw.take_dir();
+    drop(gw);
+    let gw = Gateway::start_in(&cfg, dir).await;
+    let spend: Value = client()
+        .get(gw.url("/admin/spend"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = &spend["budgets"][0];
+    assert!(
+        (b["spent_usd"].as_f64().unwrap() - spent).abs() < 1e-9,
+        "{spend}"
+    );
+    // 0.01 spent + a worst case of ~0.001 fits 0.015 once; after its real cost (0.01) no more.
+    up.script(costly());
+    let r = post(&gw, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+}
+
+#[tokio::test]
+async fn spend_survives_a_restart_with_sqlite() {
+    restart_keeps_spend(None).await;
+}
+
+#[tokio::test]
+async fn spend_survives_a_restart_with_postgresql() {
+    use sqlx::Connection;
+    let admin_url = std::env::var("SWITCHYARD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let db = format!("switchyard_test_{}_{}", std::process::id(), rand_suffix());
+    let mut conn = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must run for this test (scripts/test starts it)");
+    sqlx::raw_sql(&format!("CREATE DATABASE {db}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let base = admin_url.rsplit_once('/').unwrap().0;
+    restart_keeps_spend(Some(format!("{base}/{db}"))).await;
+    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
+
+#[tokio::test]
+async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_once() {
+    let up = MockUpstream::start().await;
+    let hook = MockUpstream::start().await;
+    let extra = format!(
+        "alerts: {{ webhook: \"{}/hook\" }}\n{}",
+        hook.url(),
+        keys(", budget: { usd: 10, soft_usd: 0.000001, period: daily }")
+    );
+    let mut gw = Gateway::start(&config(&up, &extra)).await;
+    for _ in 0..3 {
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        r.bytes().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await; // one flush interval and the webhook
+    let api: Value = client()
+        .get(gw.url("/admin/spend?by=model&format=json"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let hooks = hook.requests();
+    assert_eq!(hooks.len(), 1, "one soft-budget alert per period");
+    let alert = hooks[0].json();
+    assert_eq!(
+        (
+            alert["kind"].as_str(),
+            alert["scope"].as_str(),
+            alert["name"].as_str()
+        ),
+        (Some("soft"), Some("key"), Some("app"))
+    );
+    let _ = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["spend", "--by", "model", "--format", "json", "--config"])
+        .arg(gw.config_path())
+        .current_dir(gw.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli["rows"], api["rows"]);
+    assert_eq!(cli["rows"][0]["name"], "gpt-4o");
+    assert_eq!(cli["rows"][0]["requests"], 3);
+    let table = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["spend", "--by", "key", "--config"])
+        .arg(gw.config_path())
+        .current_dir(gw.dir.path())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.lines().any(|l| l.starts_with("app ")), "{table}");
+}
