@@ -64,6 +64,14 @@ impl Operation {
         )
     }
 
+    /// Answers the exact-match cache may keep: chat, completions, embeddings.
+    pub fn cacheable(self) -> bool {
+        matches!(
+            self,
+            Operation::ChatCompletions | Operation::Completions | Operation::Embeddings
+        )
+    }
+
     /// Azure OpenAI serves this operation under `/openai/deployments/{deployment}/`;
     /// the others (responses) take the deployment in the body's `model`.
     pub fn azure_deployment_scoped(self) -> bool {

@@ -70,6 +70,30 @@ impl RequestRecord {
         r.estimated = usage.estimated;
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_byte.map(|t| (t - self.started).as_secs_f64() * 1000.0);
+        if let Some(m) = crate::telemetry::metrics::metrics() {
+            let labels = |kind: &'static str| {
+                [
+                    r.route.as_str(),
+                    r.deployment.as_str(),
+                    r.team.as_str(),
+                    r.key.as_str(),
+                    kind,
+                ]
+            };
+            let uncached = r.prompt_tokens - r.cached_tokens;
+            m.tokens
+                .with_label_values(&labels("prompt"))
+                .inc_by(uncached);
+            m.tokens
+                .with_label_values(&labels("cached"))
+                .inc_by(r.cached_tokens);
+            m.tokens
+                .with_label_values(&labels("completion"))
+                .inc_by(r.completion_tokens);
+            m.cost
+                .with_label_values(&[&r.route, &r.deployment, &r.team, &r.key])
+                .inc_by(cost);
+        }
         let actual = Actual {
             cost_usd: cost,
             tokens: usage.prompt + usage.completion,

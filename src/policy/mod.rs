@@ -373,6 +373,20 @@ impl PolicyTable {
         t
     }
 
+    /// Every rate limit's id (`key:NAME`, `team:NAME`, `route:NAME`).
+    pub fn limit_ids(&self) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = self
+            .key_limits
+            .values()
+            .flatten()
+            .map(|l| l.id.clone())
+            .chain(self.route_limits.values().map(|l| l.id.clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
     pub fn plan(&self, key: &str, route: &str, tokens: u64, worst_usd: f64) -> Plan {
         let mut limits = self.key_limits.get(key).cloned().unwrap_or_default();
         limits.extend(self.route_limits.get(route).cloned());

@@ -23,6 +23,7 @@ use crate::error::GatewayError;
 use crate::ledger::cost::{builtin_price, Price};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
+use crate::telemetry::metrics;
 use state::{now_ms, DeploymentState, Health, StateRegistry};
 
 /// Share of `least_latency` picks that go to a random deployment, so a deployment that got
@@ -438,6 +439,11 @@ impl Route {
             }
             tried[i] = true;
             let d = &self.deployments[i];
+            if attempt > 0 {
+                if let Some(m) = metrics::metrics() {
+                    m.retries.with_label_values(&[&self.name]).inc();
+                }
+            }
             served.route.clone_from(&self.name);
             served.deployment.clone_from(&d.label);
             served.provider.clone_from(&d.provider.name);
@@ -460,6 +466,16 @@ impl Route {
                     } else {
                         false
                     };
+                    if let Some(m) = metrics::metrics() {
+                        let kind = match &e {
+                            AttemptError::Connect(_) => "connect".to_string(),
+                            AttemptError::Timeout(_) => "timeout".to_string(),
+                            AttemptError::Status { error, .. } => error.status.as_u16().to_string(),
+                        };
+                        m.upstream_errors
+                            .with_label_values(&[&self.name, &d.label, &d.provider.name, &kind])
+                            .inc();
+                    }
                     tracing::warn!(
                         request_id = %req.request_id_str(),
                         route = %self.name,
@@ -593,19 +609,20 @@ pub async fn dispatch(
             Err(e) => Some(e),
         }
     };
-    let list = match &err {
-        None => &route.context_fallbacks,
+    let (list, list_name) = match &err {
+        None => (&route.context_fallbacks, "context_fallbacks"),
         Some(RouteError::Failed(e)) if context_error(e) && !route.context_fallbacks.is_empty() => {
-            &route.context_fallbacks
+            (&route.context_fallbacks, "context_fallbacks")
         }
         Some(RouteError::Failed(e))
             if content_filter_error(e) && !route.content_filter_fallbacks.is_empty() =>
         {
-            &route.content_filter_fallbacks
+            (&route.content_filter_fallbacks, "content_filter_fallbacks")
         }
-        Some(e) if e.falls_back() => &route.fallbacks,
-        Some(_) => &Vec::new(),
+        Some(e) if e.falls_back() => (&route.fallbacks, "fallbacks"),
+        Some(_) => (&route.fallbacks, "none"),
     };
+    let list: &[String] = if list_name == "none" { &[] } else { list };
     let mut last = err;
     let mut visited: HashSet<&str> = HashSet::from([route.name.as_str()]);
     for name in list {
@@ -617,6 +634,11 @@ pub async fn dispatch(
         }
         tracing::info!(request_id = %req.request_id_str(), from = %route.name, to = %name, "falling back");
         served.fallback_from = Some(route.name.clone());
+        if let Some(m) = metrics::metrics() {
+            m.fallbacks
+                .with_label_values(&[&route.name, list_name])
+                .inc();
+        }
         match fallback.attempt(req, served).await {
             Ok(resp) => return Ok(resp),
             Err(e) => {

@@ -26,7 +26,7 @@ use crate::ledger::{self, LedgerRow, RequestRecord, Tap};
 use crate::policy::{self, Refused};
 use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
-use crate::telemetry::RequestFacts;
+use crate::telemetry::{metrics, RequestFacts};
 
 #[derive(Clone)]
 pub struct GatewayService {
@@ -69,9 +69,7 @@ where
     let result = match target {
         Target::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         Target::Readyz => Ok(readyz(&rt)),
-        Target::Metrics => Err(GatewayError::not_found(
-            "metrics are not served by this build yet",
-        )),
+        Target::Metrics => Ok(metrics_response(&gateway, &rt)),
         Target::AdminRoutes => rt
             .keys
             .authenticate_admin(req.headers())
@@ -96,6 +94,7 @@ where
             },
         },
         Target::ListModels => rt.keys.authenticate(req.headers()).map(|key| {
+            facts.endpoint = "models";
             facts.key.clone_from(&key.name);
             list_models(&rt, &key)
         }),
@@ -146,8 +145,10 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
+    let start = std::time::Instant::now();
     let key = rt.keys.authenticate(req.headers())?;
     facts.key.clone_from(&key.name);
+    facts.team = key.team.clone().unwrap_or_default();
     // The Azure shape names the route in the path: check it before reading a large upload.
     if let Shape::Azure { route } = &shape {
         check_route(rt, &key, route)?;
@@ -170,9 +171,10 @@ where
     }
     let body = read_body(body, rt.max_body).await?;
     let api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id)?;
-    facts.route.clone_from(&api_req.route);
     facts.stream = api_req.stream;
     let route = check_route(rt, &key, &api_req.route)?;
+    // Only a configured route name becomes a header or a metric label.
+    facts.route.clone_from(&route.name);
 
     // Admission: rate limits and budgets, reserved in one step.
     let plan = rt.policy.plan(
@@ -209,6 +211,28 @@ where
     {
         Ok(admitted) => record.admitted = Some(admitted),
         Err(refused) => {
+            if let Some(m) = metrics::metrics() {
+                let (scope, name, kind) = match &refused {
+                    Refused::Rate { limit, what, .. } => {
+                        let (scope, name) = limit.split_once(':').unwrap_or(("", limit));
+                        let kind = match *what {
+                            "requests per minute" => "rpm",
+                            "tokens per minute" => "tpm",
+                            "requests in parallel" => "max_parallel",
+                            _ => "internal",
+                        };
+                        (scope.to_string(), name.to_string(), kind)
+                    }
+                    Refused::Budget { budget, .. } => (
+                        budget.scope.kind().to_string(),
+                        budget.scope.name().to_string(),
+                        "budget",
+                    ),
+                };
+                m.ratelimited
+                    .with_label_values(&[&scope, &name, kind])
+                    .inc();
+            }
             if let Refused::Budget {
                 budget,
                 spent,
@@ -234,7 +258,16 @@ where
         .unwrap_or_default();
 
     let mut served = Served::default();
+    let before_upstream = start.elapsed();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
+    let after_upstream = std::time::Instant::now();
+    if let Some(m) = metrics::metrics() {
+        if api_req.op.cacheable() {
+            m.cache_requests
+                .with_label_values(&[&route.name, "skip"])
+                .inc();
+        }
+    }
     if !served.route.is_empty() {
         facts.route.clone_from(&served.route);
         record.row.route.clone_from(&served.route);
@@ -269,6 +302,14 @@ where
                 &content_type,
                 drop_usage_chunk,
             );
+            if let Some(m) = metrics::metrics() {
+                // Everything but the wait on the upstream (retries and backoffs included in
+                // that wait): before dispatch, and from the answer to handing it over.
+                let overhead = before_upstream + after_upstream.elapsed();
+                m.overhead
+                    .with_label_values(&[&route.name])
+                    .observe(overhead.as_secs_f64());
+            }
             Ok(Response::from_parts(parts, tap.boxed_unsync()))
         }
     }
@@ -417,6 +458,47 @@ async fn admin_spend(
     body["until_ms"] = json!(if until == i64::MAX { None } else { Some(until) });
     body["budgets"] = json!(budgets);
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// `GET /metrics`: gauges read from the live state, then every family.
+fn metrics_response(gateway: &Gateway, rt: &Runtime) -> Response<ResponseBody> {
+    if let Some(m) = metrics::metrics() {
+        let now = now_ms();
+        m.deployment_up.reset();
+        m.inflight.reset();
+        for r in rt.routes.values() {
+            let mut in_flight = 0;
+            for d in &r.deployments {
+                let up = matches!(d.state.health(now), Health::Up | Health::ProbeDue);
+                m.deployment_up
+                    .with_label_values(&[&r.name, &d.label, &d.provider.name])
+                    .set(i64::from(up));
+                in_flight += d.state.in_flight.load(Ordering::Acquire) as i64;
+            }
+            m.inflight.with_label_values(&[&r.name]).set(in_flight);
+        }
+        // Budgets: removed ones disappear at the next scrape.
+        m.budget_spent.reset();
+        m.budget_limit.reset();
+        let now = ledger::now_ms();
+        for b in &rt.policy.all_budgets {
+            let (start, _) = policy::period_bounds(b.period, now);
+            let (spent, _) = gateway.accounting.policy.budget_status(b, start);
+            let labels = [
+                b.scope.kind(),
+                b.scope.name(),
+                policy::period_name(b.period),
+            ];
+            m.budget_spent.with_label_values(&labels).set(spent);
+            m.budget_limit.with_label_values(&labels).set(b.usd);
+        }
+    }
+    let mut resp = Response::new(super::body::full(metrics::encode()));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 /// The live route table, without a secret in it.

@@ -73,6 +73,37 @@ impl Runtime {
         let routes = route::build_routes(&loaded, &providers, registry)?;
         let keys = KeyTable::build(&loaded);
         let policy = PolicyTable::build(&loaded);
+        {
+            let routes_labels: Vec<(&str, Vec<(&str, &str)>)> = routes
+                .values()
+                .map(|r| {
+                    (
+                        r.name.as_str(),
+                        r.deployments
+                            .iter()
+                            .map(|d| (d.label.as_str(), d.provider.name.as_str()))
+                            .collect(),
+                    )
+                })
+                .collect();
+            let limits = policy.limit_ids();
+            let limit_labels: Vec<(&str, &str)> = limits
+                .iter()
+                .map(|id| id.split_once(':').unwrap_or(("", id.as_ref())))
+                .collect();
+            let budgets: Vec<(&str, &str, &str)> = policy
+                .all_budgets
+                .iter()
+                .map(|b| {
+                    (
+                        b.scope.kind(),
+                        b.scope.name(),
+                        policy::period_name(b.period),
+                    )
+                })
+                .collect();
+            crate::telemetry::metrics::init_series(&routes_labels, &limit_labels, &budgets);
+        }
         Ok(Runtime {
             policy,
             max_body: loaded.config.server.max_body.0,
@@ -186,10 +217,16 @@ impl Gateway {
                 self.generation.store(generation, Ordering::SeqCst);
                 self.runtime.store(Arc::new(rt));
                 tracing::info!(trigger, generation, "config reloaded");
+                if let Some(m) = crate::telemetry::metrics::metrics() {
+                    m.config_reloads.with_label_values(&["ok"]).inc();
+                }
                 Ok(generation)
             }
             Err(e) => {
                 tracing::error!(trigger, errors = %e, "config reload refused; the old config keeps serving");
+                if let Some(m) = crate::telemetry::metrics::metrics() {
+                    m.config_reloads.with_label_values(&["error"]).inc();
+                }
                 Err(e)
             }
         }

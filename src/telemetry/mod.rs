@@ -2,6 +2,8 @@
 //! body ends (so a stream is logged when it finishes, with its time to first byte). Secrets
 //! are never fields of a log event.
 
+pub mod metrics;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +48,7 @@ pub struct RequestFacts {
     pub deployment: String,
     pub provider: String,
     pub key: String,
+    pub team: String,
     pub attempts: u32,
     /// The route asked for, when a fallback route served.
     pub fallback_from: String,
@@ -135,7 +138,27 @@ impl LogLine {
         }
         self.logged = true;
         let f = &self.facts;
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = self.start.elapsed();
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        if let (Some(m), false) = (metrics::metrics(), f.endpoint.is_empty()) {
+            let route = if f.route.is_empty() {
+                "unknown"
+            } else {
+                &f.route
+            };
+            let status = self.status.to_string();
+            m.requests
+                .with_label_values(&[route, &f.deployment, f.endpoint, &status, &f.team, &f.key])
+                .inc();
+            m.request_duration
+                .with_label_values(&[route, &f.deployment, f.endpoint])
+                .observe(elapsed.as_secs_f64());
+            if let (true, Some(t)) = (f.stream, self.first_byte) {
+                m.time_to_first_token
+                    .with_label_values(&[route, &f.deployment])
+                    .observe((t - self.start).as_secs_f64());
+            }
+        }
         let ttfb_ms = self
             .first_byte
             .map(|t| (t - self.start).as_secs_f64() * 1000.0);

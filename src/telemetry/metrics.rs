@@ -1,0 +1,190 @@
+//! Every Prometheus metric family of the gateway, defined once. Label values come only from
+//! the config (route, deployment, provider, key and team names) or from fixed sets (status
+//! codes, endpoints, kinds), so series stay bounded whatever clients send: a request for an
+//! unknown model counts under `route="unknown"`.
+
+use std::sync::OnceLock;
+
+use prometheus::{
+    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub time_to_first_token: HistogramVec,
+    pub overhead: HistogramVec,
+    pub tokens: IntCounterVec,
+    pub cost: prometheus::CounterVec,
+    pub budget_spent: GaugeVec,
+    pub budget_limit: GaugeVec,
+    pub ratelimited: IntCounterVec,
+    pub cache_requests: IntCounterVec,
+    pub cache_saved: prometheus::CounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub retries: IntCounterVec,
+    pub fallbacks: IntCounterVec,
+    pub deployment_up: IntGaugeVec,
+    pub inflight: IntGaugeVec,
+    pub config_reloads: IntCounterVec,
+}
+
+/// Latency buckets for LLM calls: 10 ms to about 3 minutes.
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.01, 2.0, 15).unwrap_or_default()
+}
+
+/// The gateway's own time: 10 µs to about 0.3 s.
+fn overhead_buckets() -> Vec<f64> {
+    exponential_buckets(0.00001, 2.0, 15).unwrap_or_default()
+}
+
+fn build() -> Result<Metrics, prometheus::Error> {
+    let registry = Registry::new();
+    macro_rules! reg {
+        ($m:expr) => {{
+            let m = $m;
+            registry.register(Box::new(m.clone()))?;
+            m
+        }};
+    }
+    Ok(Metrics {
+        requests: reg!(IntCounterVec::new(
+            Opts::new("switchyard_requests_total", "Requests answered, by route, deployment, endpoint, status, team and key."),
+            &["route", "deployment", "endpoint", "status", "team", "key"]
+        )?),
+        request_duration: reg!(HistogramVec::new(
+            HistogramOpts::new("switchyard_request_duration_seconds", "Time from request to the end of the response body.")
+                .buckets(latency_buckets()),
+            &["route", "deployment", "endpoint"]
+        )?),
+        time_to_first_token: reg!(HistogramVec::new(
+            HistogramOpts::new("switchyard_time_to_first_token_seconds", "Time from request to the first byte of a streamed answer.")
+                .buckets(latency_buckets()),
+            &["route", "deployment"]
+        )?),
+        overhead: reg!(HistogramVec::new(
+            HistogramOpts::new("switchyard_overhead_seconds", "Time spent in the gateway itself: request time minus time waiting on the upstream.")
+                .buckets(overhead_buckets()),
+            &["route"]
+        )?),
+        tokens: reg!(IntCounterVec::new(
+            Opts::new("switchyard_tokens_total", "Tokens by kind (prompt, cached, completion)."),
+            &["route", "deployment", "team", "key", "kind"]
+        )?),
+        cost: reg!(prometheus::CounterVec::new(
+            Opts::new("switchyard_cost_usd_total", "Cost in USD, as written to the ledger."),
+            &["route", "deployment", "team", "key"]
+        )?),
+        budget_spent: reg!(GaugeVec::new(
+            Opts::new("switchyard_budget_spent_usd", "Spent in the budget's current period."),
+            &["scope", "name", "period"]
+        )?),
+        budget_limit: reg!(GaugeVec::new(
+            Opts::new("switchyard_budget_limit_usd", "The budget's limit per period."),
+            &["scope", "name", "period"]
+        )?),
+        ratelimited: reg!(IntCounterVec::new(
+            Opts::new("switchyard_ratelimited_total", "Requests refused by a rate limit or a budget; kind: rpm, tpm, max_parallel, budget."),
+            &["scope", "name", "kind"]
+        )?),
+        cache_requests: reg!(IntCounterVec::new(
+            Opts::new("switchyard_cache_requests_total", "Cache lookups by result (hit, miss, skip)."),
+            &["route", "result"]
+        )?),
+        cache_saved: reg!(prometheus::CounterVec::new(
+            Opts::new("switchyard_cache_saved_usd_total", "What cache hits would have cost upstream."),
+            &["route"]
+        )?),
+        upstream_errors: reg!(IntCounterVec::new(
+            Opts::new("switchyard_upstream_errors_total", "Failed upstream attempts; kind: connect, timeout, or the status code."),
+            &["route", "deployment", "provider", "kind"]
+        )?),
+        retries: reg!(IntCounterVec::new(
+            Opts::new("switchyard_retries_total", "Attempts after the first, within a route."),
+            &["route"]
+        )?),
+        fallbacks: reg!(IntCounterVec::new(
+            Opts::new("switchyard_fallbacks_total", "Requests sent on to a fallback route; kind: fallbacks, context_fallbacks, content_filter_fallbacks."),
+            &["route", "kind"]
+        )?),
+        deployment_up: reg!(IntGaugeVec::new(
+            Opts::new("switchyard_deployment_up", "1 when the deployment takes requests, 0 while it cools down."),
+            &["route", "deployment", "provider"]
+        )?),
+        inflight: reg!(IntGaugeVec::new(
+            Opts::new("switchyard_inflight_requests", "Requests in flight to upstreams, by route."),
+            &["route"]
+        )?),
+        config_reloads: reg!(IntCounterVec::new(
+            Opts::new("switchyard_config_reloads_total", "Config reloads by result (ok, error)."),
+            &["result"]
+        )?),
+        registry,
+    })
+}
+
+/// The gateway's metrics. Built on first use; if building fails (it cannot with these
+/// static definitions), metrics are simply absent rather than a crash.
+pub fn metrics() -> Option<&'static Metrics> {
+    static M: OnceLock<Option<Metrics>> = OnceLock::new();
+    M.get_or_init(|| match build() {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::error!(error = %e, "metrics unavailable");
+            None
+        }
+    })
+    .as_ref()
+}
+
+pub fn encode() -> String {
+    let Some(m) = metrics() else {
+        return String::new();
+    };
+    let mut buf = Vec::new();
+    if TextEncoder::new()
+        .encode(&m.registry.gather(), &mut buf)
+        .is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Creates the series every configured name will have, at zero, so dashboards and alerts
+/// see a 0 rather than nothing before the first retry, refusal or reload.
+pub fn init_series(
+    routes: &[(&str, Vec<(&str, &str)>)],
+    limits: &[(&str, &str)],
+    budgets: &[(&str, &str, &str)],
+) {
+    let Some(m) = metrics() else { return };
+    for result in ["ok", "error"] {
+        m.config_reloads.with_label_values(&[result]);
+    }
+    for (route, deployments) in routes {
+        m.retries.with_label_values(&[route]);
+        m.cache_saved.with_label_values(&[route]);
+        for kind in ["fallbacks", "context_fallbacks", "content_filter_fallbacks"] {
+            m.fallbacks.with_label_values(&[route, kind]);
+        }
+        for result in ["hit", "miss", "skip"] {
+            m.cache_requests.with_label_values(&[route, result]);
+        }
+        for (deployment, provider) in deployments {
+            m.upstream_errors
+                .with_label_values(&[route, deployment, provider, "timeout"]);
+        }
+    }
+    for (scope, name) in limits {
+        for kind in ["rpm", "tpm", "max_parallel"] {
+            m.ratelimited.with_label_values(&[scope, name, kind]);
+        }
+    }
+    for (scope, name, _period) in budgets {
+        m.ratelimited.with_label_values(&[scope, name, "budget"]);
+    }
+}
