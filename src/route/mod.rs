@@ -347,15 +347,15 @@ impl Route {
                 candidates[n % candidates.len()]
             }
             Strategy::LeastBusy => {
-                // Power of two choices: two at random, the one with fewer in flight.
-                let a = candidates[rng.gen_range(0..candidates.len())];
-                let b = candidates[rng.gen_range(0..candidates.len())];
+                // Power of two choices: two different ones at random, the one with fewer in
+                // flight (a tie goes to either, at random).
+                if candidates.len() == 1 {
+                    return candidates[0];
+                }
+                let i = rng.gen_range(0..candidates.len());
+                let j = (i + rng.gen_range(1..candidates.len())) % candidates.len();
+                let (a, b) = (candidates[i], candidates[j]);
                 let busy = |i: usize| d(i).state.in_flight.load(Ordering::Acquire);
-                let (a, b) = if a == b && candidates.len() > 1 {
-                    (candidates[0], candidates[1])
-                } else {
-                    (a, b)
-                };
                 if busy(b) < busy(a) {
                     b
                 } else {

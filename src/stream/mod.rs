@@ -20,6 +20,9 @@ pub struct UpstreamStream<S> {
     is_sse: bool,
     timeout: Duration,
     done: bool,
+    /// Whether any byte went on towards the client: before that, a broken stream is an
+    /// error the route may still retry elsewhere; after it, the client gets an error event.
+    sent_any: bool,
     /// SSE bytes after the last complete event, waiting for the rest of their event.
     pending: BytesMut,
 }
@@ -44,6 +47,7 @@ where
         is_sse,
         timeout,
         done: false,
+        sent_any: false,
         pending: BytesMut::new(),
     }
 }
@@ -81,15 +85,18 @@ where
                 Poll::Pending => return Poll::Pending,
             };
             if !self.is_sse {
+                self.sent_any = true;
                 return Poll::Ready(Some(Ok(chunk)));
             }
             // The common case, a chunk of whole events, goes out without a copy.
             if self.pending.is_empty() && last_event_end(&chunk) == Some(chunk.len()) {
+                self.sent_any = true;
                 return Poll::Ready(Some(Ok(chunk)));
             }
             self.pending.extend_from_slice(&chunk);
             if let Some(end) = last_event_end(&self.pending) {
                 let ready = self.pending.split_to(end).freeze();
+                self.sent_any = true;
                 return Poll::Ready(Some(Ok(ready)));
             }
         }
@@ -115,7 +122,7 @@ impl<S> UpstreamStream<S> {
             )
         };
         tracing::warn!(code, "upstream stream ended with an error");
-        if self.is_sse {
+        if self.is_sse && self.sent_any {
             Ok(error_event(code, &message))
         } else {
             Err(message.into())
