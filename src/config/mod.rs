@@ -489,11 +489,6 @@ impl Checker<'_> {
                 message: format!("{what} is accepted but not enforced by this build yet"),
             });
         };
-        for (route, r) in &c.models {
-            if r.cache.is_some() {
-                note(p(&["models", route, "cache"]), "route `cache`");
-            }
-        }
         if c.state.redis.is_some() {
             note(p(&["state", "redis"]), "`state.redis`");
         }

@@ -206,6 +206,10 @@ pub struct Tap {
     /// Chunks kept (shared, not copied) to read usage from at the end, or to count tokens.
     kept: Vec<Bytes>,
     first_byte: Option<Instant>,
+    /// The body reached its end (not cut by an error or a client going away).
+    complete: bool,
+    /// Store the answer in the cache once complete.
+    cache: Option<(crate::cache::Leader, std::time::Duration)>,
 }
 
 impl Tap {
@@ -232,7 +236,15 @@ impl Tap {
             usage: None,
             kept: Vec::new(),
             first_byte: None,
+            complete: false,
+            cache: None,
         }
+    }
+
+    /// Stores the answer under `leader`'s key for `ttl` if it completes successfully.
+    pub fn cache_into(mut self, leader: crate::cache::Leader, ttl: std::time::Duration) -> Tap {
+        self.cache = Some((leader, ttl));
+        self
     }
 
     /// Reads usage from the events of one chunk (chunks hold whole events) and returns the
@@ -324,6 +336,31 @@ impl Tap {
             }
             usage = Some(record.estimate(&text));
         }
+        if let (Some((leader, ttl)), true, true) = (self.cache.take(), self.complete, success) {
+            let entry = match self.mode {
+                Mode::Json => self.kept.first().map(|_| {
+                    let mut b = BytesMut::new();
+                    self.kept.iter().for_each(|c| b.extend_from_slice(c));
+                    (b.freeze(), None)
+                }),
+                Mode::Sse => {
+                    let events = crate::cache::split_events(&self.kept);
+                    crate::cache::assemble(record.op, &events).map(|json| (json, Some(events)))
+                }
+                Mode::Other => None,
+            };
+            // Estimated usage is not the upstream's: such answers are not worth keeping.
+            if let (Some((json, events)), Some(u)) = (entry, usage.filter(|u| !u.estimated)) {
+                leader.store(crate::cache::Entry {
+                    json,
+                    events,
+                    usage: u,
+                    cost_usd: record.price.cost(&u),
+                    ttl,
+                    stored: Instant::now(),
+                });
+            }
+        }
         self.kept.clear();
         record.finish(self.status, usage, self.first_byte);
     }
@@ -400,6 +437,10 @@ impl Body for Tap {
                                 }
                                 Mode::Other => data,
                             };
+                            // hyper may stop polling once it knows the end: mark it now.
+                            if this.inner.is_end_stream() {
+                                this.complete = true;
+                            }
                             if data.is_empty() {
                                 continue;
                             }
@@ -414,6 +455,7 @@ impl Body for Tap {
                     Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
+                    this.complete = true;
                     this.finish();
                     Poll::Ready(None)
                 }

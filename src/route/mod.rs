@@ -60,6 +60,8 @@ pub struct Route {
     pub content_filter_fallbacks: Vec<String>,
     pub context_window: Option<u64>,
     pub max_output_tokens: Option<u64>,
+    /// `cache: { ttl }`: answers of this route are cached for that long.
+    pub cache_ttl: Option<Duration>,
     pub retries: u32,
     pub timeout: Duration,
     pub first_token_timeout: Duration,
@@ -135,6 +137,7 @@ pub fn build_routes(
                 content_filter_fallbacks: r.content_filter_fallbacks.clone(),
                 context_window: r.context_window,
                 max_output_tokens: r.max_output_tokens,
+                cache_ttl: r.cache.as_ref().map(|c| c.ttl.0),
                 retries: r.retries.unwrap_or(routing.retries),
                 timeout: r.timeout.unwrap_or(routing.timeout).0,
                 first_token_timeout: r

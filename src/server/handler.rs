@@ -15,10 +15,13 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 use tower::Service;
 
+use super::body::BoxError;
 use super::body::{json_response, ResponseBody};
 use super::{Gateway, RequestId, Runtime};
 use crate::api::{self, ApiRequest, Shape, Target};
 use crate::auth::ClientKey;
+use crate::cache;
+use crate::config::CacheScope;
 use crate::error::GatewayError;
 use crate::ledger::report::{self, Format};
 use crate::ledger::store::GroupBy;
@@ -176,6 +179,44 @@ where
     // Only a configured route name becomes a header or a metric label.
     facts.route.clone_from(&route.name);
 
+    // The cache, on routes that set one: a hit is served here, costs nothing and takes
+    // nothing from limits or budgets; a miss leads (others asking the same wait for it).
+    let mut cache_leader = None;
+    let mut cache_result = None;
+    if let (Some(ttl), true) = (route.cache_ttl, op.cacheable()) {
+        let (lookup, store) = cache::directives(&parts.headers);
+        let scope = match rt.loaded.config.cache.scope {
+            CacheScope::Global => "global".to_string(),
+            CacheScope::Key => format!("key:{}", key.name),
+            CacheScope::Team => match &key.team {
+                Some(t) => format!("team:{t}"),
+                // A key without a team is a team of its own.
+                None => format!("key:{}", key.name),
+            },
+        };
+        if let Some(k) = cache::key(&route.name, op, &scope, &api_req.body) {
+            if lookup {
+                match gateway.cache.lookup(k, route.timeout).await {
+                    cache::Lookup::Hit(entry) => {
+                        return Ok(serve_hit(gateway, route, &key, &api_req, op, &entry, facts));
+                    }
+                    cache::Lookup::Lead(leader) => {
+                        cache_result = Some("miss");
+                        cache_leader = store.then_some((leader, ttl));
+                    }
+                }
+            } else {
+                cache_result = Some("skip");
+                cache_leader = store.then(|| (gateway.cache.store_only(k), ttl));
+            }
+        }
+        if let (Some(m), Some(result)) = (metrics::metrics(), cache_result) {
+            m.cache_requests
+                .with_label_values(&[&route.name, result])
+                .inc();
+        }
+    }
+
     // Admission: rate limits and budgets, reserved in one step.
     let plan = rt.policy.plan(
         &key.name,
@@ -261,13 +302,6 @@ where
     let before_upstream = start.elapsed();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
     let after_upstream = std::time::Instant::now();
-    if let Some(m) = metrics::metrics() {
-        if api_req.op.cacheable() {
-            m.cache_requests
-                .with_label_values(&[&route.name, "skip"])
-                .inc();
-        }
-    }
     if !served.route.is_empty() {
         facts.route.clone_from(&served.route);
         record.row.route.clone_from(&served.route);
@@ -295,13 +329,21 @@ where
                 .unwrap_or("")
                 .to_string();
             let drop_usage_chunk = api_req.stream && !api_req.client_wants_usage;
-            let tap = Tap::new(
+            let mut tap = Tap::new(
                 body,
                 record,
                 parts.status.as_u16(),
                 &content_type,
                 drop_usage_chunk,
             );
+            if let Some((leader, ttl)) = cache_leader {
+                tap = tap.cache_into(leader, ttl);
+            }
+            if let Some(result) = cache_result {
+                parts
+                    .headers
+                    .insert("x-switchyard-cache", HeaderValue::from_static(result));
+            }
             if let Some(m) = metrics::metrics() {
                 // Everything but the wait on the upstream (retries and backoffs included in
                 // that wait): before dispatch, and from the answer to handing it over.
@@ -313,6 +355,68 @@ where
             Ok(Response::from_parts(parts, tap.boxed_unsync()))
         }
     }
+}
+
+/// A cache hit: the stored answer, as one JSON body or replayed as a stream; a ledger row
+/// that says it was a hit and cost nothing; what it saved, counted.
+fn serve_hit(
+    gateway: &Gateway,
+    route: &route::Route,
+    key: &ClientKey,
+    req: &ApiRequest,
+    op: api::Operation,
+    entry: &cache::Entry,
+    facts: &mut RequestFacts,
+) -> Response<ResponseBody> {
+    facts.deployment = "cache".into();
+    if let Some(m) = metrics::metrics() {
+        m.cache_requests
+            .with_label_values(&[&route.name, "hit"])
+            .inc();
+        m.cache_saved
+            .with_label_values(&[&route.name])
+            .inc_by(entry.cost_usd);
+    }
+    let (body, content_type) = if req.stream {
+        let events = cache::stream_events(entry, op, req.client_wants_usage);
+        let s = futures_util::stream::iter(events.into_iter().map(Ok::<Bytes, BoxError>));
+        (super::body::streaming(s), "text/event-stream")
+    } else {
+        (super::body::full(entry.json.clone()), "application/json")
+    };
+    let mut row = LedgerRow {
+        ts_ms: ledger::now_ms(),
+        request_id: req.request_id_str().to_string(),
+        key: key.name.clone(),
+        team: key.team.clone().unwrap_or_default(),
+        user: req.user.clone().unwrap_or_default(),
+        route: route.name.clone(),
+        deployment: "cache".into(),
+        endpoint: op.path().to_string(),
+        cache_hit: true,
+        ..Default::default()
+    };
+    row.status = 200;
+    RequestRecord {
+        accounting: gateway.accounting.clone(),
+        plan: Default::default(),
+        admitted: None,
+        row,
+        started: std::time::Instant::now(),
+        op,
+        price: Default::default(),
+        tokenizer_model: String::new(),
+        request_body: Bytes::new(),
+    }
+    .finish(200, None, Some(std::time::Instant::now()));
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    h.insert("x-switchyard-cache", HeaderValue::from_static("hit"));
+    resp
 }
 
 fn check_route<'a>(

@@ -126,6 +126,8 @@ pub struct Gateway {
     /// Deployment health, latency and quota: kept across reloads.
     registry: Arc<StateRegistry>,
     pub accounting: Accounting,
+    /// The response cache: kept across reloads (its size is set at start).
+    pub cache: Arc<crate::cache::Cache>,
     /// The ledger, for spend reports and rebuilding budgets.
     pub store: Store,
     /// Budgets whose spend was already rebuilt from the ledger.
@@ -143,7 +145,9 @@ impl Gateway {
         store: Store,
         config_path: PathBuf,
     ) -> Gateway {
+        let cache = crate::cache::Cache::new(runtime.loaded.config.cache.max_bytes.0);
         Gateway {
+            cache,
             registry,
             accounting,
             store,

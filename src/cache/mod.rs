@@ -1,0 +1,578 @@
+//! The exact-match response cache, in process (moka, bounded by bytes, a TTL per route).
+//! Key: route, operation, the scope (team, key or global) and the request body in canonical
+//! form (key order and number formatting do not matter) without `user`, `stream` and
+//! `stream_options`. Only complete, successful answers are stored; a streamed answer is kept
+//! as its events (replayed as they came) and as one JSON answer (served to plain requests).
+//! Concurrent identical misses go upstream once: the first is the leader, the others wait
+//! for its answer.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::api::Operation;
+use crate::ledger::cost::Usage;
+
+pub type Key = [u8; 32];
+
+/// A stored answer.
+#[derive(Debug)]
+pub struct Entry {
+    /// The whole answer as one JSON body.
+    pub json: Bytes,
+    /// The events of a streamed answer, as the upstream sent them (usage chunk included).
+    pub events: Option<Vec<Bytes>>,
+    pub usage: Usage,
+    /// What the answer cost when it was fetched: what each hit saves.
+    pub cost_usd: f64,
+    pub ttl: Duration,
+    pub stored: Instant,
+}
+
+impl Entry {
+    fn weight(&self) -> u32 {
+        let events: usize = self.events.iter().flatten().map(|e| e.len()).sum();
+        u32::try_from(self.json.len() + events + 128).unwrap_or(u32::MAX)
+    }
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
+    fn expire_after_create(&self, _k: &Key, v: &Arc<Entry>, _now: Instant) -> Option<Duration> {
+        Some(v.ttl)
+    }
+}
+
+type Waiting = watch::Receiver<Option<Arc<Entry>>>;
+
+pub struct Cache {
+    store: moka::sync::Cache<Key, Arc<Entry>>,
+    in_flight: Mutex<HashMap<Key, Waiting>>,
+}
+
+/// What a request does about the cache.
+pub enum Lookup {
+    Hit(Arc<Entry>),
+    /// Fetch it, then store it (and wake those waiting).
+    Lead(Leader),
+}
+
+/// The request that fetches an answer others wait for. Dropped without `store`, it tells
+/// the others to fetch their own.
+pub struct Leader {
+    cache: Arc<Cache>,
+    key: Key,
+    tx: Option<watch::Sender<Option<Arc<Entry>>>>,
+}
+
+impl Leader {
+    pub fn store(mut self, entry: Entry) {
+        let entry = Arc::new(entry);
+        self.cache.store.insert(self.key, entry.clone());
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(entry));
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.cache.in_flight.lock() {
+            m.remove(&self.key);
+        }
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(None);
+        }
+    }
+}
+
+impl Cache {
+    pub fn new(max_bytes: u64) -> Arc<Cache> {
+        Arc::new(Cache {
+            store: moka::sync::Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
+                .expire_after(PerEntryTtl)
+                .build(),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        self.store.get(key)
+    }
+
+    /// A hit; or, when the same request is already being fetched, its answer once it comes
+    /// (up to `wait`); or the lead, to fetch it.
+    pub async fn lookup(self: &Arc<Self>, key: Key, wait: Duration) -> Lookup {
+        loop {
+            if let Some(e) = self.store.get(&key) {
+                return Lookup::Hit(e);
+            }
+            let waiting = {
+                let Ok(mut m) = self.in_flight.lock() else {
+                    return Lookup::Lead(self.leader(key, None));
+                };
+                match m.get(&key) {
+                    Some(rx) => Some(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        m.insert(key, rx);
+                        drop(m);
+                        return Lookup::Lead(self.leader(key, Some(tx)));
+                    }
+                }
+            };
+            let Some(mut rx) = waiting else { continue };
+            match tokio::time::timeout(wait, rx.changed()).await {
+                Ok(Ok(())) => {
+                    if let Some(e) = rx.borrow().clone() {
+                        return Lookup::Hit(e);
+                    }
+                    // The leader failed: try again (one of the waiters becomes the leader).
+                }
+                // The leader went away, or takes too long: fetch it without waiting more.
+                Ok(Err(_)) => {}
+                Err(_) => return Lookup::Lead(self.leader(key, None)),
+            }
+        }
+    }
+
+    /// The lead without a lookup (`Cache-Control: no-cache`): fetch, then store.
+    pub fn store_only(self: &Arc<Self>, key: Key) -> Leader {
+        self.leader(key, None)
+    }
+
+    fn leader(self: &Arc<Self>, key: Key, tx: Option<watch::Sender<Option<Arc<Entry>>>>) -> Leader {
+        Leader {
+            cache: self.clone(),
+            key,
+            tx,
+        }
+    }
+
+    pub fn entries(&self) -> u64 {
+        self.store.run_pending_tasks();
+        self.store.entry_count()
+    }
+}
+
+/// The cache key of a request, or `None` when the body is not JSON.
+pub fn key(route: &str, op: Operation, scope: &str, body: &[u8]) -> Option<Key> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    if let Value::Object(o) = &mut v {
+        for f in ["user", "stream", "stream_options"] {
+            o.remove(f);
+        }
+    }
+    let mut canonical = String::with_capacity(body.len());
+    write_canonical(&v, &mut canonical);
+    let mut h = Sha256::new();
+    for part in [route, op.path(), scope] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.update(canonical.as_bytes());
+    Some(h.finalize().into())
+}
+
+/// JSON with sorted keys and one spelling per number (`1`, `1.0` and `1e0` are the same).
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                let _ = write!(out, "{i}");
+            } else if let Some(u) = n.as_u64() {
+                let _ = write!(out, "{u}");
+            } else {
+                let f = n.as_f64().unwrap_or(0.0);
+                if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                    let _ = write!(out, "{}", f as i64);
+                } else {
+                    let _ = write!(out, "{f}");
+                }
+            }
+        }
+        Value::String(s) => out.push_str(&Value::String(s.clone()).to_string()),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(']');
+        }
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&o[k], out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// What `Cache-Control` asks: `(look up, store)`.
+pub fn directives(headers: &http::HeaderMap) -> (bool, bool) {
+    let mut lookup = true;
+    let mut store = true;
+    for v in headers.get_all(http::header::CACHE_CONTROL) {
+        for d in v.to_str().unwrap_or("").split(',') {
+            match d.trim().to_ascii_lowercase().as_str() {
+                "no-cache" => lookup = false,
+                "no-store" => {
+                    lookup = false;
+                    store = false;
+                }
+                _ => {}
+            }
+        }
+    }
+    (lookup, store)
+}
+
+fn data_of(event: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(event).ok()?;
+    text.lines().find_map(|l| {
+        l.strip_prefix("data:")
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+    })
+}
+
+/// Splits chunks into events (each ending with its blank line).
+pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    for c in chunks {
+        let mut start = 0;
+        let mut i = 0;
+        while i + 1 < c.len() {
+            if c[i] == b'\n' && c[i + 1] == b'\n' {
+                out.push(c.slice(start..i + 2));
+                start = i + 2;
+                i += 2;
+            } else {
+                i += 1;
+            }
+        }
+        if start < c.len() {
+            out.push(c.slice(start..));
+        }
+    }
+    out
+}
+
+/// The one JSON answer a complete stream adds up to; `None` when the stream did not end
+/// properly (no `[DONE]` / `response.completed`, or an error event).
+pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
+    let mut done = false;
+    let mut base: Option<Value> = None;
+    let mut choices: Vec<Map<String, Value>> = Vec::new();
+    let mut usage = Value::Null;
+    for e in events {
+        let Some(data) = data_of(e) else { continue };
+        if data.starts_with("[DONE]") {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).ok()?;
+        if v.get("error").is_some_and(|e| !e.is_null()) {
+            return None;
+        }
+        if op == Operation::Responses {
+            if v.get("type").and_then(Value::as_str) == Some("response.completed") {
+                return v.get("response").map(|r| Bytes::from(r.to_string()));
+            }
+            continue;
+        }
+        if v.get("usage").is_some_and(Value::is_object) {
+            usage = v["usage"].clone();
+        }
+        if base.is_none()
+            && v.get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty())
+        {
+            base = Some(v.clone());
+        }
+        for c in v
+            .get("choices")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            while choices.len() <= idx {
+                choices.push(Map::new());
+            }
+            merge_choice(&mut choices[idx], c, op);
+        }
+    }
+    if !done {
+        return None;
+    }
+    let mut out = base.unwrap_or_else(|| json!({}));
+    let object = if op == Operation::ChatCompletions {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    out["object"] = json!(object);
+    out["choices"] = Value::Array(
+        choices
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                c.insert("index".into(), json!(i));
+                c.entry("finish_reason").or_insert(Value::Null);
+                c.entry("logprobs").or_insert(Value::Null);
+                Value::Object(c)
+            })
+            .collect(),
+    );
+    if let Value::Object(o) = &mut out {
+        o.remove("obfuscation");
+    }
+    out["usage"] = usage;
+    Some(Bytes::from(out.to_string()))
+}
+
+fn merge_choice(acc: &mut Map<String, Value>, c: &Value, op: Operation) {
+    if let Some(f) = c.get("finish_reason").filter(|f| !f.is_null()) {
+        acc.insert("finish_reason".into(), f.clone());
+    }
+    if op == Operation::Completions {
+        let text = acc.entry("text").or_insert(json!(""));
+        if let (Some(t), Value::String(s)) = (c.get("text").and_then(Value::as_str), text) {
+            s.push_str(t);
+        }
+        return;
+    }
+    let Some(delta) = c.get("delta") else { return };
+    let msg = acc
+        .entry("message")
+        .or_insert_with(|| json!({"role": "assistant", "content": null}));
+    if let Some(t) = delta.get("content").and_then(Value::as_str) {
+        match &mut msg["content"] {
+            Value::String(s) => s.push_str(t),
+            other => *other = json!(t),
+        }
+    }
+    if let Some(r) = delta.get("refusal").and_then(Value::as_str) {
+        match &mut msg["refusal"] {
+            Value::String(s) => s.push_str(r),
+            other => *other = json!(r),
+        }
+    }
+    for tc in delta
+        .get("tool_calls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if !msg["tool_calls"].is_array() {
+            msg["tool_calls"] = json!([]);
+        }
+        let Some(calls) = msg["tool_calls"].as_array_mut() else {
+            return;
+        };
+        while calls.len() <= i {
+            calls.push(
+                json!({"id": null, "type": "function", "function": {"name": "", "arguments": ""}}),
+            );
+        }
+        let call = &mut calls[i];
+        if let Some(id) = tc.get("id").filter(|v| !v.is_null()) {
+            call["id"] = id.clone();
+        }
+        if let Some(name) = tc.pointer("/function/name").and_then(Value::as_str) {
+            call["function"]["name"] = json!(name);
+        }
+        if let Some(args) = tc.pointer("/function/arguments").and_then(Value::as_str) {
+            if let Value::String(s) = &mut call["function"]["arguments"] {
+                s.push_str(args);
+            }
+        }
+    }
+}
+
+/// The events a streamed hit sends: the stored ones (without the usage chunk unless the
+/// client asked), or, for an answer first fetched as a plain request, events made from it.
+pub fn stream_events(entry: &Entry, op: Operation, include_usage: bool) -> Vec<Bytes> {
+    if let Some(events) = &entry.events {
+        return events
+            .iter()
+            .filter(|e| {
+                include_usage || {
+                    let usage_only = data_of(e)
+                        .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                        .is_some_and(|v| {
+                            v.get("usage").is_some_and(Value::is_object)
+                                && v.get("choices")
+                                    .and_then(Value::as_array)
+                                    .is_some_and(|c| c.is_empty())
+                        });
+                    !usage_only
+                }
+            })
+            .cloned()
+            .collect();
+    }
+    synthesize(entry, op, include_usage)
+}
+
+fn synthesize(entry: &Entry, op: Operation, include_usage: bool) -> Vec<Bytes> {
+    let Ok(v) = serde_json::from_slice::<Value>(&entry.json) else {
+        return Vec::new();
+    };
+    let ev = |x: Value| Bytes::from(format!("data: {x}\n\n"));
+    let mut out = Vec::new();
+    if op == Operation::Responses {
+        let mut seq = 0;
+        let mut event = |kind: &str, mut data: Value| {
+            data["type"] = json!(kind);
+            data["sequence_number"] = json!(seq);
+            seq += 1;
+            Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+        };
+        out.push(event("response.created", json!({"response": v})));
+        out.push(event("response.completed", json!({"response": v})));
+        return out;
+    }
+    let usage_null = if include_usage {
+        json!({"usage": null})
+    } else {
+        json!({})
+    };
+    let head = |mut x: Value| {
+        for k in ["id", "created", "model", "system_fingerprint"] {
+            if let Some(val) = v.get(k) {
+                x[k] = val.clone();
+            }
+        }
+        if let (Value::Object(o), Value::Object(u)) = (&mut x, &usage_null) {
+            o.extend(u.clone());
+        }
+        x
+    };
+    let object = if op == Operation::ChatCompletions {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    for c in v
+        .get("choices")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let i = c.get("index").cloned().unwrap_or(json!(0));
+        let finish = c.get("finish_reason").cloned().unwrap_or(Value::Null);
+        if op == Operation::ChatCompletions {
+            let m = c.get("message").cloned().unwrap_or(json!({}));
+            let mut delta = json!({"role": "assistant", "content": m.get("content").cloned().unwrap_or(Value::Null)});
+            if let Some(tc) = m.get("tool_calls").and_then(Value::as_array) {
+                delta["tool_calls"] = json!(tc
+                    .iter()
+                    .enumerate()
+                    .map(|(n, t)| {
+                        let mut t = t.clone();
+                        t["index"] = json!(n);
+                        t
+                    })
+                    .collect::<Vec<_>>());
+            }
+            out.push(ev(head(json!({"object": object, "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]}))));
+            out.push(ev(head(json!({"object": object, "choices": [{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}]}))));
+        } else {
+            out.push(ev(head(json!({"object": object, "choices": [{"index": i, "text": c.get("text").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish}]}))));
+        }
+    }
+    if include_usage {
+        let mut u = head(json!({"object": object, "choices": []}));
+        u["usage"] = v.get("usage").cloned().unwrap_or(Value::Null);
+        out.push(ev(u));
+    }
+    out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ignore_order_number_spelling_and_stream_fields() {
+        let a = key("r", Operation::ChatCompletions, "team:a", br#"{"model":"m","temperature":1.0,"messages":[{"role":"user","content":"hi"}],"user":"x"}"#);
+        let b = key("r", Operation::ChatCompletions, "team:a", br#"{"messages":[{"content":"hi","role":"user"}],"temperature":1,"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        assert_eq!(a, b);
+        let other_team = key(
+            "r",
+            Operation::ChatCompletions,
+            "team:b",
+            br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#,
+        );
+        assert_ne!(a, other_team);
+        let other_text = key(
+            "r",
+            Operation::ChatCompletions,
+            "team:a",
+            br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"ho"}]}"#,
+        );
+        assert_ne!(a, other_text);
+    }
+
+    #[test]
+    fn a_stream_assembles_into_one_answer() {
+        let evs: Vec<Bytes> = [
+            r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}"#,
+            r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}],"usage":null}"#,
+            r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}],"usage":null}"#,
+            r#"data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+            "data: [DONE]",
+        ]
+        .iter()
+        .map(|s| Bytes::from(format!("{s}\n\n")))
+        .collect();
+        let json: Value =
+            serde_json::from_slice(&assemble(Operation::ChatCompletions, &evs).unwrap()).unwrap();
+        assert_eq!(json["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(json["choices"][0]["finish_reason"], "stop");
+        assert_eq!(json["usage"]["completion_tokens"], 2);
+        assert!(
+            assemble(Operation::ChatCompletions, &evs[..3]).is_none(),
+            "no [DONE]: incomplete"
+        );
+        let entry = Entry {
+            json: Bytes::from(json.to_string()),
+            events: None,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            ttl: Duration::from_secs(1),
+            stored: Instant::now(),
+        };
+        let replay = synthesize(&entry, Operation::ChatCompletions, true);
+        let again = assemble(Operation::ChatCompletions, &replay).unwrap();
+        let again: Value = serde_json::from_slice(&again).unwrap();
+        assert_eq!(again["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(again["usage"], json["usage"]);
+    }
+}
