@@ -1,0 +1,1306 @@
+//! Black-box tests of routing (docs/routing.md): the real binary on a real port, scripted
+//! upstreams on other ports (one per deployment, so what each one received tells the
+//! deployments apart) or built-in `mock` providers, reqwest as the client. Strategies,
+//! retries with backoff, cooldowns with one probe, retry-after, timeouts, the three fallback
+//! lists, upstream quotas, `/admin/routes`, `/readyz` and `503 no_deployment_available`.
+//!
+//! Statistical tests: the gateway's RNG cannot be seeded from outside, so each states its
+//! sample size and tolerance and why a false failure is below 1 in 10,000.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use gateway::Gateway;
+use serde_json::{json, Value};
+use upstream::{MockUpstream, Scripted, StreamEnd};
+
+const ADMIN_KEY: &str = "routing-admin-key";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// What the client got back.
+struct Answer {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    text: String,
+    elapsed: Duration,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// `x-switchyard-deployment`: what served (or last tried) the request.
+    fn deployment(&self) -> &str {
+        self.header("x-switchyard-deployment").unwrap_or("")
+    }
+
+    fn route(&self) -> &str {
+        self.header("x-switchyard-route").unwrap_or("")
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Asserts a 200 served by `route` on `deployment`.
+    #[track_caller]
+    fn served_by(&self, route: &str, deployment: &str) {
+        assert_eq!(
+            (self.status, self.route(), self.deployment()),
+            (200, route, deployment),
+            "{}",
+            self.text
+        );
+    }
+}
+
+async fn send(c: &reqwest::Client, gw: &Gateway, body: &Value) -> Answer {
+    let start = Instant::now();
+    let resp = c
+        .post(gw.url("/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    Answer {
+        status,
+        headers,
+        text,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn chat_body(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+fn stream_body(model: &str) -> Value {
+    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+async fn chat(gw: &Gateway, model: &str) -> Answer {
+    send(&client(), gw, &chat_body(model)).await
+}
+
+/// `GET /admin/routes`, as JSON.
+async fn admin(gw: &Gateway) -> Value {
+    let resp = client()
+        .get(gw.url("/admin/routes"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+/// The first deployment called `label` in the admin view.
+fn dep(admin: &Value, label: &str) -> Value {
+    admin["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["deployments"].as_array().unwrap().iter())
+        .find(|d| d["deployment"] == label)
+        .unwrap_or_else(|| panic!("no deployment {label} in {admin}"))
+        .clone()
+}
+
+async fn dep_state(gw: &Gateway, label: &str) -> Value {
+    dep(&admin(gw).await, label)
+}
+
+/// Polls the admin view until `cond` holds for deployment `label`.
+async fn wait_dep(gw: &Gateway, label: &str, cond: impl Fn(&Value) -> bool, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let d = dep_state(gw, label).await;
+        if cond(&d) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{label} never got there: {d}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn readyz(gw: &Gateway) -> (u16, Value) {
+    let resp = client().get(gw.url("/readyz")).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// A provider line for `providers:` pointing at a scripted upstream.
+fn openai(name: &str, up: &MockUpstream) -> String {
+    format!(
+        "  {name}: {{ kind: openai, base_url: \"{}/v1\", api_key: sk-upstream-{name} }}\n",
+        up.url()
+    )
+}
+
+fn config(providers: &str, rest: &str) -> String {
+    format!("server: {{ admin_key: {ADMIN_KEY} }}\nproviders:\n{providers}{rest}")
+}
+
+/// A chat completion for scripted answers.
+fn completion_json() -> String {
+    json!({"id": "chatcmpl-scripted", "object": "chat.completion", "created": 1, "model": "m",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": "scripted"},
+                        "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    .to_string()
+}
+
+fn ok_after(ms: u64) -> Scripted {
+    Scripted::Delay(
+        Duration::from_millis(ms),
+        Box::new(Scripted::respond(200, completion_json())),
+    )
+}
+
+fn sse_chunk(text: &str) -> String {
+    format!(
+        "data: {}\n\n",
+        json!({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]})
+    )
+}
+
+/// Counts answers by `x-switchyard-deployment`.
+fn tally<'a>(answers: impl IntoIterator<Item = &'a Answer>) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for a in answers {
+        assert_eq!(a.status, 200, "{}", a.text);
+        *m.entry(a.deployment().to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Sends `n` copies of `body`, `parallel` at a time.
+async fn many(gw: &Gateway, body: &Value, n: usize, parallel: usize) -> Vec<Answer> {
+    let c = client();
+    futures_util::stream::iter(0..n)
+        .map(|_| send(&c, gw, body))
+        .buffer_unordered(parallel)
+        .collect()
+        .await
+}
+
+fn minute_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scripted failures.
+
+#[tokio::test]
+async fn a_500_is_retried_on_an_untried_deployment_first_with_backoff_only_on_a_repeat() {
+    let (a, b, c) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b) + &openai("c", &c)),
+        r#"
+models:
+  two:
+    strategy: priority
+    retries: 3
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+  solo:
+    retries: 2
+    allowed_fails: 10
+    deployments: [ { provider: c, deployment: solo } ]
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    // a (tier 0) fails, b has not been tried: b next, at once; b fails too: back to a, after
+    // a backoff of 200 ms × [0.5, 1) (third attempt).
+    a.script(Scripted::server_error(500));
+    b.script(Scripted::server_error(500));
+    let r = chat(&gw, "two").await;
+    r.served_by("two", "a/m");
+    assert_eq!((a.request_count(), b.request_count()), (2, 1));
+    assert!(r.elapsed >= Duration::from_millis(100), "{:?}", r.elapsed);
+
+    // One deployment: 500, 500, then success on the same one, backing off 100 ms × [0.5, 1)
+    // then 200 ms × [0.5, 1) before the re-tries.
+    c.script(Scripted::server_error(500));
+    c.script(Scripted::server_error(500));
+    let r = chat(&gw, "solo").await;
+    r.served_by("solo", "c/solo");
+    assert_eq!(c.request_count(), 3);
+    assert!(r.elapsed >= Duration::from_millis(150), "{:?}", r.elapsed);
+    let d = dep_state(&gw, "c/solo").await;
+    assert_eq!(
+        (d["up"].clone(), d["fails_in_row"].clone()),
+        (json!(true), json!(0))
+    );
+
+    // `retries: 2` is three attempts at most; the client gets the last (normalised) 500.
+    for _ in 0..4 {
+        c.script(Scripted::server_error(500));
+    }
+    let r = chat(&gw, "solo").await;
+    assert_eq!(r.status, 500, "{}", r.text);
+    assert_eq!(r.json()["error"]["type"], "server_error");
+    assert_eq!((r.route(), r.deployment()), ("solo", "c/solo"));
+    assert_eq!(c.request_count(), 6);
+    let d = dep_state(&gw, "c/solo").await;
+    assert_eq!(d["fails_in_row"], 3);
+    assert_eq!(d["up"], true, "allowed_fails 10: no cooldown yet");
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_ms_cools_the_deployment_down_for_that_long_then_it_is_back() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let t0 = Instant::now();
+    a.script(Scripted::rate_limited(1500));
+    chat(&gw, "r").await.served_by("r", "b/m");
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(d["up"], false, "{d}");
+    let left = d["cooling_down_seconds"].as_f64().unwrap();
+    assert!(left > 0.0 && left <= 1.5, "{d}");
+    assert_eq!(
+        d["fails_in_row"], 1,
+        "one 429 is enough: allowed_fails is not waited for"
+    );
+    // While a cools down, tier 0 is skipped; the route stays ready on b.
+    for _ in 0..3 {
+        chat(&gw, "r").await.served_by("r", "b/m");
+    }
+    assert_eq!(a.request_count(), 1);
+    assert_eq!(readyz(&gw).await.0, 200);
+    wait_dep(&gw, "a/m", |d| d["up"] == true, Duration::from_secs(5)).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1450),
+        "back after {:?}, before its retry-after-ms",
+        t0.elapsed()
+    );
+    // The next request is the probe; it succeeds and tier 0 serves again.
+    chat(&gw, "r").await.served_by("r", "a/m");
+    chat(&gw, "r").await.served_by("r", "a/m");
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (
+            &d["up"],
+            &d["fails_in_row"],
+            &d["probing"],
+            &d["cooling_down_seconds"]
+        ),
+        (&json!(true), &json!(0), &json!(false), &Value::Null)
+    );
+}
+
+#[tokio::test]
+async fn no_deployment_available_is_a_503_with_retry_after_and_readyz_follows() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &(openai("a", &a) + "  demo: { kind: mock }\n"),
+        r#"
+models:
+  solo: { deployments: [ { provider: a, deployment: solo } ] }
+  # The same deployment (same provider/deployment, so the same state), with a fallback.
+  guarded: { deployments: [ { provider: a, deployment: solo } ], fallbacks: [backup] }
+  backup: { deployments: [ { provider: demo, deployment: backup } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    assert_eq!(readyz(&gw).await.0, 200);
+    a.script(Scripted::rate_limited(2000));
+    // The only deployment answers 429 and cools down: nothing left to retry on, so the
+    // client gets the 429 with its retry-after.
+    let r = chat(&gw, "solo").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.header("retry-after-ms"), Some("2000"));
+    assert_eq!(r.deployment(), "a/solo");
+    // Now no deployment can take a request at all.
+    let r = chat(&gw, "solo").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "no_deployment_available", "{e}");
+    assert_eq!(e["error"]["type"], "api_error", "{e}");
+    let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&ra), "retry-after {ra}");
+    assert_eq!(r.route(), "solo");
+    assert_eq!(r.header("x-switchyard-deployment"), None, "nothing served");
+    assert_eq!(a.request_count(), 1);
+    let (status, ready) = readyz(&gw).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["status"], "not_ready");
+    assert_eq!(
+        ready["routes_without_deployment"],
+        json!(["solo", "guarded"])
+    );
+    // A route with nothing available goes to its fallbacks.
+    chat(&gw, "guarded")
+        .await
+        .served_by("backup", "demo/backup");
+    assert_eq!(a.request_count(), 1);
+    // After the retry-after, readiness comes back, and so does the deployment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while readyz(&gw).await.0 != 200 {
+        assert!(Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    chat(&gw, "solo").await.served_by("solo", "a/solo");
+}
+
+#[tokio::test]
+async fn a_hang_times_out_and_moves_to_another_deployment() {
+    let (a, b, c) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b) + &openai("c", &c)),
+        r#"
+models:
+  r:
+    strategy: priority
+    timeout: 600ms
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+  hung: { retries: 0, timeout: 400ms, deployments: [ { provider: c, deployment: hung } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::Hang);
+    let r = chat(&gw, "r").await;
+    r.served_by("r", "b/m");
+    assert!(r.elapsed >= Duration::from_millis(600), "{:?}", r.elapsed);
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    assert!(
+        a.wait_in_flight(0, Duration::from_secs(5)).await,
+        "the gateway kept the hanging upstream request open"
+    );
+    assert_eq!(dep_state(&gw, "a/m").await["fails_in_row"], 1);
+
+    c.script(Scripted::Hang);
+    let r = chat(&gw, "hung").await;
+    assert_eq!(r.status, 504, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+    assert_eq!(r.deployment(), "c/hung");
+}
+
+#[tokio::test]
+async fn a_stream_reset_after_its_first_chunk_is_passed_on_and_not_retried() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let first = sse_chunk("par");
+    a.script(Scripted::stream(&[(0, &first)], StreamEnd::Abort));
+    let r = send(&client(), &gw, &stream_body("r")).await;
+    r.served_by("r", "a/m");
+    assert!(r.text.starts_with(&first), "{}", r.text);
+    let last = r.text.trim_end().rsplit("\n\n").next().unwrap();
+    let last: Value = serde_json::from_str(last.trim_start_matches("data:").trim()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error", "{}", r.text);
+    assert_eq!(
+        b.request_count(),
+        0,
+        "a stream that reached the client is not retried"
+    );
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!((&d["up"], &d["fails_in_row"]), (&json!(true), &json!(0)));
+}
+
+/// Headers, then the connection breaks before the first byte of the stream: nothing reached
+/// the client yet, so it is an attempt failure like any connection error, retried elsewhere.
+#[tokio::test]
+async fn a_stream_reset_before_its_first_byte_is_retried_elsewhere() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::stream(&[], StreamEnd::Abort));
+    let r = send(&client(), &gw, &stream_body("r")).await;
+    r.served_by("r", "b/m");
+    assert!(r.text.contains("[DONE]"), "{}", r.text);
+    assert_eq!(dep_state(&gw, "a/m").await["fails_in_row"], 1);
+}
+
+#[tokio::test]
+async fn a_slow_first_token_moves_the_stream_but_not_a_plain_request() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: priority
+    first_token_timeout: 500ms
+    timeout: 10s
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let c = client();
+    // Headers at once, first chunk after 6 s. (Upper bounds on times here only say "did
+    // not wait for the upstream"; they are loose because a loaded machine is slow.)
+    let late = sse_chunk("late");
+    a.script(Scripted::stream(
+        &[(6000, &late), (0, "data: [DONE]\n\n")],
+        StreamEnd::Finish,
+    ));
+    let r = send(&c, &gw, &stream_body("r")).await;
+    r.served_by("r", "b/m");
+    assert!(
+        r.text.contains("[DONE]") && !r.text.contains("late"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.elapsed >= Duration::from_millis(500) && r.elapsed < Duration::from_secs(5),
+        "{:?}",
+        r.elapsed
+    );
+    // Headers late too.
+    a.script(Scripted::Delay(
+        Duration::from_secs(6),
+        Box::new(Scripted::stream(&[(0, &late)], StreamEnd::Finish)),
+    ));
+    let r = send(&c, &gw, &stream_body("r")).await;
+    r.served_by("r", "b/m");
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (&d["fails_in_row"], &d["in_flight"]),
+        (&json!(2), &json!(0))
+    );
+    // first_token_timeout is for streams: a plain request may take longer (within timeout).
+    a.script(ok_after(1000));
+    let r = send(&c, &gw, &chat_body("r")).await;
+    r.served_by("r", "a/m");
+    assert!(r.elapsed >= Duration::from_millis(1000), "{:?}", r.elapsed);
+    assert_eq!(b.request_count(), 2);
+}
+
+#[tokio::test]
+async fn timeout_bounds_the_whole_stream() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        r#"
+models:
+  r: { timeout: 800ms, first_token_timeout: 5s, deployments: [ { provider: a, deployment: m } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let first = sse_chunk("one");
+    a.script(Scripted::stream(
+        &[(0, &first), (6000, &sse_chunk("two"))],
+        StreamEnd::Finish,
+    ));
+    let r = send(&client(), &gw, &stream_body("r")).await;
+    r.served_by("r", "a/m");
+    assert!(r.text.starts_with(&first), "{}", r.text);
+    assert!(r.text.contains("\"upstream_timeout\""), "{}", r.text);
+    assert!(!r.text.contains("two"), "{}", r.text);
+    assert!(
+        r.elapsed >= Duration::from_millis(800) && r.elapsed < Duration::from_secs(5),
+        "{:?}",
+        r.elapsed
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fallbacks.
+
+#[tokio::test]
+async fn a_context_length_error_and_a_long_prompt_go_to_the_context_fallbacks() {
+    let (a, b, c) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b) + &openai("c", &c)),
+        r#"
+models:
+  small:
+    context_window: 100
+    deployments: [ { provider: a, deployment: small } ]
+    context_fallbacks: [big]
+    fallbacks: [other]
+  # No context_fallbacks: the window is not checked, a context error goes to the client.
+  small-alone:
+    context_window: 100
+    deployments: [ { provider: a, deployment: small-alone } ]
+    fallbacks: [other]
+  big: { deployments: [ { provider: b, deployment: big } ] }
+  other: { deployments: [ { provider: c, deployment: other } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let too_long = "This model's maximum context length is 4096 tokens. However, you requested \
+                    5000 tokens (4900 in the messages, 100 in the completion). Please reduce the \
+                    length of the messages or completion.";
+    a.script(Scripted::vllm_error(400, too_long));
+    chat(&gw, "small").await.served_by("big", "b/big");
+    assert_eq!(a.request_count(), 1, "a 400 is not retried");
+    assert_eq!(b.requests()[0].json()["model"], "big");
+
+    // Estimated at ceil(bytes / 4) > 100 tokens: straight to the context fallback.
+    let long =
+        json!({"model": "small", "messages": [{"role": "user", "content": "x".repeat(500)}]});
+    send(&client(), &gw, &long).await.served_by("big", "b/big");
+    assert_eq!(
+        a.request_count(),
+        1,
+        "the long prompt was not sent to `small`"
+    );
+    chat(&gw, "small").await.served_by("small", "a/small");
+
+    let mut long = long;
+    long["model"] = json!("small-alone");
+    a.script(Scripted::vllm_error(400, too_long));
+    let r = send(&client(), &gw, &long).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("maximum context length"), "{}", r.text);
+    assert_eq!(r.deployment(), "a/small-alone");
+    assert_eq!(
+        c.request_count(),
+        0,
+        "a context error does not go to `fallbacks`"
+    );
+}
+
+#[tokio::test]
+async fn an_azure_content_filter_400_goes_to_the_content_filter_fallbacks_only() {
+    let (a, b, c) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    let providers = format!(
+        "  az: {{ kind: azure_openai, endpoint: \"{}\", api_key: sk-upstream-az }}\n{}{}",
+        a.url(),
+        openai("lenient", &b),
+        openai("c", &c)
+    );
+    let yaml = config(
+        &providers,
+        r#"
+models:
+  guarded:
+    deployments: [ { provider: az, deployment: gpt-4o-eu } ]
+    content_filter_fallbacks: [lenient]
+    fallbacks: [other]
+  strict:
+    deployments: [ { provider: az, deployment: gpt-4o-strict } ]
+    fallbacks: [other]
+  lenient: { deployments: [ { provider: lenient, deployment: open-model } ] }
+  other: { deployments: [ { provider: c, deployment: other } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::azure_content_filter());
+    chat(&gw, "guarded")
+        .await
+        .served_by("lenient", "lenient/open-model");
+    assert_eq!(a.request_count(), 1);
+
+    a.script(Scripted::azure_content_filter());
+    let r = chat(&gw, "strict").await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "content_filter", "{e}");
+    assert_eq!(r.deployment(), "az/gpt-4o-strict");
+    assert_eq!(a.request_count(), 2, "not retried");
+    assert_eq!(c.request_count(), 0, "a refusal does not go to `fallbacks`");
+}
+
+#[tokio::test]
+async fn fallbacks_are_tried_in_order_each_route_once_and_not_chained() {
+    let (b, c, d) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    let providers = format!(
+        "  dead: {{ kind: openai, base_url: \"http://127.0.0.1:9/v1\" }}\n{}{}{}",
+        openai("b", &b),
+        openai("c", &c),
+        openai("d", &d)
+    );
+    let yaml = config(
+        &providers,
+        r#"
+models:
+  first: { retries: 0, deployments: [ { provider: dead, deployment: x } ], fallbacks: [second, second, third] }
+  second: { retries: 1, deployments: [ { provider: b, deployment: second } ], fallbacks: [fourth] }
+  third: { deployments: [ { provider: c, deployment: third } ] }
+  fourth: { deployments: [ { provider: d, deployment: fourth } ] }
+  picky: { deployments: [ { provider: b, deployment: picky } ], fallbacks: [third] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    b.script(Scripted::server_error(503));
+    b.script(Scripted::server_error(503));
+    chat(&gw, "first").await.served_by("third", "c/third");
+    assert_eq!(
+        b.request_count(),
+        2,
+        "`second` once, with its own retries: 1"
+    );
+    assert_eq!(
+        d.request_count(),
+        0,
+        "the fallback's own fallbacks are not followed"
+    );
+    assert_eq!(dep_state(&gw, "dead/x").await["fails_in_row"], 1);
+
+    // A 400 is the client's fault: no retry, no fallback.
+    b.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "bad temperature", "type": "invalid_request_error",
+                         "param": "temperature", "code": null}})
+        .to_string(),
+    ));
+    let r = chat(&gw, "picky").await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"]["param"], "temperature");
+    assert_eq!(c.request_count(), 1);
+    assert_eq!(b.request_count(), 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Strategies.
+
+/// 2,000 requests over weights 3 : 1 : 0. The count on the weight-3 deployment is
+/// Binomial(2000, 0.75): mean 1500, σ = √(2000 · 0.75 · 0.25) ≈ 19.4. The tolerance ±90 is
+/// 4.65σ; a false failure has probability 2·Φ(−4.65) ≈ 3.3·10⁻⁶. The weight-0 deployment
+/// is never picked (exact).
+#[tokio::test]
+async fn weighted_splits_by_weight() {
+    let yaml = config(
+        "  m1: { kind: mock }\n  m2: { kind: mock }\n  m3: { kind: mock }\n",
+        r#"
+models:
+  w:
+    deployments:
+      - { provider: m1, deployment: w, weight: 3 }
+      - { provider: m2, deployment: w, weight: 1 }
+      - { provider: m3, deployment: w, weight: 0 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let answers = many(&gw, &chat_body("w"), 2000, 16).await;
+    let t = tally(&answers);
+    let heavy = t.get("m1/w").copied().unwrap_or(0);
+    let light = t.get("m2/w").copied().unwrap_or(0);
+    assert_eq!(t.get("m3/w"), None, "{t:?}");
+    assert_eq!(heavy + light, 2000);
+    assert!(heavy.abs_diff(1500) <= 90, "{t:?}");
+}
+
+/// Round robin keeps one counter per route and takes one turn per pick, so with no failures
+/// the split is exact whatever the concurrency: tolerance 0.
+#[tokio::test]
+async fn round_robin_takes_turns() {
+    let yaml = config(
+        "  m1: { kind: mock }\n  m2: { kind: mock }\n  m3: { kind: mock }\n",
+        r#"
+models:
+  rr:
+    strategy: round_robin
+    deployments:
+      - { provider: m1, deployment: rr }
+      - { provider: m2, deployment: rr }
+      - { provider: m3, deployment: rr }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        order.push(chat(&gw, "rr").await.deployment().to_string());
+    }
+    assert_eq!(order[..3], order[3..], "{order:?}");
+    assert_eq!(
+        order[..3]
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        3,
+        "{order:?}"
+    );
+    let answers = many(&gw, &chat_body("rr"), 594, 12).await;
+    let t = tally(&answers);
+    assert_eq!(
+        t,
+        HashMap::from([
+            ("m1/rr".to_string(), 198),
+            ("m2/rr".to_string(), 198),
+            ("m3/rr".to_string(), 198),
+        ])
+    );
+}
+
+/// Power of two choices over two deployments always compares both, so while `a` holds
+/// streams and `b` does not, every request goes to `b` (exact). Once `a` is idle again it
+/// takes requests again: ties go to either at random, so it gets none of 40 with
+/// probability at most 0.5⁴⁰ < 10⁻¹².
+#[tokio::test]
+async fn least_busy_avoids_a_deployment_holding_long_requests() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  # Another route on the same deployment a/m: they share its state, in-flight count included.
+  hold: { deployments: [ { provider: a, deployment: m } ] }
+  chat:
+    strategy: least_busy
+    deployments:
+      - { provider: a, deployment: m }
+      - { provider: b, deployment: m }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let c = client();
+    let first = sse_chunk("long");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        a.script(Scripted::stream(
+            &[(0, &first), (8000, "data: [DONE]\n\n")],
+            StreamEnd::Finish,
+        ));
+        let resp = c
+            .post(gw.url("/v1/chat/completions"))
+            .json(&stream_body("hold"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    assert_eq!(dep_state(&gw, "a/m").await["in_flight"], 4);
+    for _ in 0..20 {
+        chat(&gw, "chat").await.served_by("chat", "b/m");
+    }
+    assert_eq!(a.request_count(), 4);
+
+    drop(held);
+    wait_dep(&gw, "a/m", |d| d["in_flight"] == 0, Duration::from_secs(5)).await;
+    let mut to_a = 0;
+    for _ in 0..40 {
+        let r = chat(&gw, "chat").await;
+        assert_eq!(r.status, 200);
+        to_a += usize::from(r.deployment() == "a/m");
+    }
+    assert!(to_a > 0, "a never picked again once idle");
+}
+
+/// With equal in-flight counts a tie goes to either deployment at random: an even split (a
+/// first version favoured the first one listed, 3 : 1). 400 sequential requests over two idle
+/// deployments: Binomial(400, 0.5), σ = 10; ±45 is 4.5σ, P(false failure) ≈ 7·10⁻⁶.
+#[tokio::test]
+async fn least_busy_splits_evenly_between_idle_deployments() {
+    let yaml = config(
+        "  m1: { kind: mock }\n  m2: { kind: mock }\n",
+        r#"
+models:
+  lb:
+    strategy: least_busy
+    deployments: [ { provider: m1, deployment: lb }, { provider: m2, deployment: lb } ]
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let answers = many(&gw, &chat_body("lb"), 400, 1).await;
+    let t = tally(&answers);
+    let first = t.get("m1/lb").copied().unwrap_or(0);
+    assert!(first.abs_diff(200) <= 45, "{t:?}");
+}
+
+/// `b` always answers in 40 ms; `a` in a few ms, then 300 ms for a while, then fast again.
+/// Only exploration (10 % of picks, half of them to `a`) sends traffic to the slower one.
+/// - While `a` is slow, `a` gets ≤ 6 of 20 requests: P(Binomial(20, 0.05) ≥ 7) ≈ 3·10⁻⁵.
+/// - After `a` recovers, exploration notices: each fast answer cuts its moving average by
+///   30 %. After at most 7 slow samples its average is under 300 ms, and six explorations
+///   bring it under `b`'s 40 ms. The cap is 400 requests: fewer than six explorations hit `a`
+///   in 400 with P(Binomial(400, 0.05) ≤ 5) ≈ 7·10⁻⁵. Typically `a` is back within about 60.
+#[tokio::test]
+async fn least_latency_moves_to_the_faster_deployment_and_comes_back_after_recovery() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: least_latency
+    deployments:
+      - { provider: a, deployment: m }
+      - { provider: b, deployment: m }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    for _ in 0..1000 {
+        b.script(ok_after(40));
+    }
+    let c = client();
+    let body = chat_body("r");
+    // Both get measured (an unmeasured deployment is picked first).
+    for _ in 0..6 {
+        assert_eq!(send(&c, &gw, &body).await.status, 200);
+    }
+    let admin_view = admin(&gw).await;
+    assert!(dep(&admin_view, "a/m")["latency_ms"].is_number());
+    assert!(dep(&admin_view, "b/m")["latency_ms"].as_f64().unwrap() >= 40.0);
+
+    // `a` turns slow. Wait for its first slow answer, then count.
+    for _ in 0..50 {
+        a.script(ok_after(300));
+    }
+    let mut waited = 0;
+    while send(&c, &gw, &body).await.deployment() != "a/m" {
+        waited += 1;
+        assert!(waited < 400, "a never picked");
+    }
+    let mut slow_phase = Vec::new();
+    for _ in 0..20 {
+        slow_phase.push(send(&c, &gw, &body).await);
+    }
+    let t = tally(&slow_phase);
+    assert!(t.get("a/m").copied().unwrap_or(0) <= 6, "{t:?}");
+
+    // `a` recovers (unscripted answers take a few ms): traffic comes back to it.
+    a.reset();
+    let mut streak = 0;
+    let mut n = 0;
+    while streak < 5 {
+        n += 1;
+        assert!(n <= 400, "a not back after 400 requests");
+        let r = send(&c, &gw, &body).await;
+        assert_eq!(r.status, 200);
+        streak = if r.deployment() == "a/m" {
+            streak + 1
+        } else {
+            0
+        };
+    }
+    let d = dep_state(&gw, "a/m").await;
+    let lat_a = d["latency_ms"].as_f64().unwrap();
+    let lat_b = dep_state(&gw, "b/m").await["latency_ms"].as_f64().unwrap();
+    assert!(lat_a < lat_b, "a {lat_a} ms, b {lat_b} ms");
+}
+
+#[tokio::test]
+async fn lowest_cost_picks_the_cheapest_healthy_deployment() {
+    let (b, c) = (MockUpstream::start().await, MockUpstream::start().await);
+    let providers = format!(
+        "  demo: {{ kind: mock }}\n{}{}",
+        openai("b", &b),
+        openai("c", &c)
+    );
+    let yaml = config(
+        &providers,
+        r#"
+models:
+  r:
+    strategy: lowest_cost
+    pricing: { input_per_1m: 2.5, output_per_1m: 10 }   # for deployments without their own
+    deployments:
+      - { provider: demo, deployment: dear }                                          # 12.5
+      - { provider: b, deployment: cheap, pricing: { input_per_1m: 0.15, output_per_1m: 0.6 } } # 0.75
+      - { provider: c, deployment: middle, pricing: { input_per_1m: 1, output_per_1m: 4 } }     # 5
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    for _ in 0..10 {
+        chat(&gw, "r").await.served_by("r", "b/cheap");
+    }
+    // The cheapest cools down (429, retry-after 10 s): the next cheapest takes over, at once.
+    b.script(Scripted::rate_limited(10_000));
+    chat(&gw, "r").await.served_by("r", "c/middle");
+    for _ in 0..5 {
+        chat(&gw, "r").await.served_by("r", "c/middle");
+    }
+    assert_eq!(b.request_count(), 11);
+    // The next cheapest cools down too: the dearest is the only healthy one left.
+    c.script(Scripted::rate_limited(10_000));
+    chat(&gw, "r").await.served_by("r", "demo/dear");
+    chat(&gw, "r").await.served_by("r", "demo/dear");
+    assert_eq!((b.request_count(), c.request_count()), (11, 7));
+}
+
+/// Priority: the provisioned-throughput deployment (tier 0) takes requests until its tpm is
+/// used up this minute, then pay-as-you-go (tier 1) until its rpm is, then 503. Quota windows
+/// are wall-clock minutes: if the minute turns during a run, that run proves nothing and is
+/// done again (it lasts well under a second, so the second run is in one minute).
+#[tokio::test]
+async fn priority_fills_tier_0_to_its_tpm_then_spills_to_tier_1_then_503() {
+    let body = json!({"model": "gpt-4o", "max_tokens": 200,
+                      "messages": [{"role": "user", "content": "Summarise our meeting notes."}]});
+    let bytes = serde_json::to_vec(&body).unwrap().len() as u64;
+    // The gateway's estimate: ceil(text bytes / 4) + max_tokens.
+    let estimate = bytes.div_ceil(4) + 200;
+    let fits = 1000 / estimate;
+    assert!(fits >= 2, "estimate {estimate}");
+    for _run in 0..2 {
+        let (ptu, paygo) = (MockUpstream::start().await, MockUpstream::start().await);
+        let providers = format!(
+            "  ptu: {{ kind: azure_openai, endpoint: \"{}\", api_key: sk-ptu }}\n  paygo: {{ kind: azure_openai, endpoint: \"{}\", api_key: sk-paygo }}\n",
+            ptu.url(),
+            paygo.url()
+        );
+        let yaml = config(
+            &providers,
+            r#"
+models:
+  gpt-4o:
+    strategy: priority
+    deployments:
+      - { provider: ptu, deployment: gpt-4o-ptu, priority: 0, tpm: 1000 }
+      - { provider: paygo, deployment: gpt-4o-global, priority: 1, rpm: 3 }
+"#,
+        );
+        let gw = Gateway::start(&yaml).await;
+        let c = client();
+        let minute = minute_now();
+        let mut served = Vec::new();
+        for _ in 0..(fits + 4) {
+            served.push(send(&c, &gw, &body).await);
+        }
+        let view = admin(&gw).await;
+        if minute_now() != minute {
+            continue;
+        }
+        for (i, r) in served.iter().enumerate() {
+            let want = if (i as u64) < fits {
+                "ptu/gpt-4o-ptu"
+            } else if (i as u64) < fits + 3 {
+                "paygo/gpt-4o-global"
+            } else {
+                ""
+            };
+            if want.is_empty() {
+                assert_eq!(r.status, 503, "request {i}: {}", r.text);
+                assert_eq!(r.json()["error"]["code"], "no_deployment_available");
+                assert!(r.header("retry-after").is_some());
+            } else {
+                r.served_by("gpt-4o", want);
+            }
+        }
+        assert_eq!(ptu.request_count() as u64, fits);
+        assert_eq!(paygo.request_count(), 3);
+        let q = &dep(&view, "ptu/gpt-4o-ptu")["quota"];
+        assert_eq!(q["tpm"], 1000);
+        assert_eq!(q["tokens_this_minute"], fits * estimate, "{q}");
+        assert_eq!(q["requests_this_minute"], fits);
+        let q = &dep(&view, "paygo/gpt-4o-global")["quota"];
+        assert_eq!(
+            (&q["rpm"], &q["requests_this_minute"]),
+            (&json!(3), &json!(3))
+        );
+        assert_eq!(q["tokens_this_minute"], 3 * estimate);
+        return;
+    }
+    panic!("the minute turned during both runs");
+}
+
+/// `x-ratelimit-remaining-*` on a successful answer: a figure steers the next requests away
+/// (counted down by each request sent until the upstream says again); Azure's `-1` is no
+/// figure. Same wall-clock-minute rule as above.
+#[tokio::test]
+async fn x_ratelimit_remaining_is_learned_and_minus_one_ignored() {
+    let body =
+        json!({"model": "r", "max_tokens": 200, "messages": [{"role": "user", "content": "hi"}]});
+    let estimate = (serde_json::to_vec(&body).unwrap().len() as u64).div_ceil(4) + 200;
+    let limited = |headers: &[(&str, &str)]| Scripted::Respond {
+        status: 200,
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        body: completion_json(),
+    };
+    for _run in 0..2 {
+        let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+        let yaml = config(
+            &(openai("a", &a) + &openai("b", &b)),
+            r#"
+models:
+  r:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+        );
+        let gw = Gateway::start(&yaml).await;
+        let c = client();
+        let minute = minute_now();
+        let mut got = Vec::new();
+        let mut views = Vec::new();
+        // -1 (Azure, some Responses calls): ignored, `a` keeps serving.
+        a.script(limited(&[
+            ("x-ratelimit-remaining-requests", "-1"),
+            ("x-ratelimit-remaining-tokens", "-1"),
+        ]));
+        got.push(send(&c, &gw, &body).await);
+        got.push(send(&c, &gw, &body).await);
+        views.push(dep_state(&gw, "a/m").await);
+        // One request left: it is taken, then `a` is skipped.
+        a.script(limited(&[("x-ratelimit-remaining-requests", "1")]));
+        got.push(send(&c, &gw, &body).await);
+        views.push(dep_state(&gw, "a/m").await);
+        got.push(send(&c, &gw, &body).await);
+        got.push(send(&c, &gw, &body).await);
+        views.push(dep_state(&gw, "a/m").await);
+        if minute_now() != minute {
+            continue;
+        }
+        let who: Vec<&str> = got.iter().map(Answer::deployment).collect();
+        assert_eq!(who, ["a/m", "a/m", "a/m", "a/m", "b/m"]);
+        assert_eq!(
+            views[0]["quota"]["upstream_remaining_requests"],
+            Value::Null
+        );
+        assert_eq!(views[0]["quota"]["upstream_remaining_tokens"], Value::Null);
+        assert_eq!(views[1]["quota"]["upstream_remaining_requests"], 1);
+        assert_eq!(views[2]["quota"]["upstream_remaining_requests"], 0);
+
+        // Tokens: room for one more request of this size, not two.
+        let room = (estimate + estimate / 2).to_string();
+        b.script(limited(&[("x-ratelimit-remaining-tokens", &room)]));
+        let before = b.request_count();
+        let t = send(&c, &gw, &body).await;
+        let u = send(&c, &gw, &body).await;
+        let v = send(&c, &gw, &body).await;
+        if minute_now() != minute {
+            continue;
+        }
+        assert_eq!((t.deployment(), u.deployment()), ("b/m", "b/m"));
+        assert_eq!(v.status, 503, "{}", v.text);
+        assert_eq!(v.json()["error"]["code"], "no_deployment_available");
+        assert_eq!(b.request_count(), before + 2);
+        return;
+    }
+    panic!("the minute turned during both runs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cooldowns, the admin view and readiness.
+
+#[tokio::test]
+async fn allowed_fails_cool_a_deployment_down_then_exactly_one_probe_brings_it_back() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: priority
+    allowed_fails: 2
+    cooldown: 1s
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::server_error(500));
+    a.script(Scripted::server_error(500));
+    chat(&gw, "r").await.served_by("r", "b/m");
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!((&d["up"], &d["fails_in_row"]), (&json!(true), &json!(1)));
+    chat(&gw, "r").await.served_by("r", "b/m");
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!((&d["up"], &d["fails_in_row"]), (&json!(false), &json!(2)));
+    let left = d["cooling_down_seconds"].as_f64().unwrap();
+    assert!(left > 0.0 && left <= 1.0, "{d}");
+    chat(&gw, "r").await.served_by("r", "b/m");
+    assert_eq!(a.request_count(), 2);
+    assert_eq!(readyz(&gw).await.0, 200, "b is up");
+
+    // The cooldown ends: up again, and the next request is the one probe.
+    wait_dep(&gw, "a/m", |d| d["up"] == true, Duration::from_secs(4)).await;
+    a.script(ok_after(800));
+    let probe = tokio::spawn({
+        let (c, url) = (client(), gw.url("/v1/chat/completions"));
+        async move {
+            let r = c.post(url).json(&chat_body("r")).send().await.unwrap();
+            let who = r.headers()["x-switchyard-deployment"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (r.status().as_u16(), who)
+        }
+    });
+    assert!(a.wait_in_flight(1, Duration::from_secs(5)).await);
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (&d["probing"], &d["up"], &d["in_flight"]),
+        (&json!(true), &json!(false), &json!(1)),
+        "{d}"
+    );
+    // While the probe is out, nothing else goes to `a`.
+    for _ in 0..3 {
+        chat(&gw, "r").await.served_by("r", "b/m");
+    }
+    assert_eq!(a.request_count(), 3);
+    assert_eq!(probe.await.unwrap(), (200, "a/m".to_string()));
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (&d["up"], &d["probing"], &d["fails_in_row"]),
+        (&json!(true), &json!(false), &json!(0))
+    );
+    assert!(d["latency_ms"].as_f64().unwrap() > 0.0);
+    chat(&gw, "r").await.served_by("r", "a/m");
+}
+
+#[tokio::test]
+async fn admin_routes_shows_the_live_state_without_a_secret() {
+    let a = MockUpstream::start().await;
+    let yaml = format!(
+        r#"
+server: {{ admin_key: {ADMIN_KEY} }}
+providers:
+  a: {{ kind: openai, base_url: "{u}/v1", api_key: sk-upstream-very-secret }}
+  az: {{ kind: azure_openai, endpoint: "{u}", api_key: azure-very-secret-key }}
+  demo: {{ kind: mock, stream_chunks: 3 }}
+models:
+  r:
+    strategy: least_latency
+    retries: 1
+    timeout: 30s
+    fallbacks: [demo]
+    content_filter_fallbacks: [demo]
+    deployments:
+      - {{ provider: a, deployment: m, model: gpt-4o-2024-08-06, weight: 2, tpm: 50000, rpm: 100 }}
+      - {{ provider: az, deployment: eu, priority: 1 }}
+  demo: {{ deployments: [ {{ provider: demo, deployment: demo }} ] }}
+"#,
+        u = a.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let c = client();
+    let resp = c.get(gw.url("/admin/routes")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = c
+        .get(gw.url("/admin/routes"))
+        .bearer_auth("sk-upstream-very-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    for _ in 0..4 {
+        assert_eq!(chat(&gw, "r").await.status, 200);
+    }
+    let s = send(&c, &gw, &stream_body("demo")).await;
+    s.served_by("demo", "demo/demo");
+
+    let text = c
+        .get(gw.url("/admin/routes"))
+        .header("api-key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for secret in [
+        "sk-upstream-very-secret",
+        "azure-very-secret-key",
+        ADMIN_KEY,
+    ] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+    let view: Value = serde_json::from_str(&text).unwrap();
+    let r = &view["routes"][0];
+    assert_eq!(r["route"], "r");
+    assert_eq!(r["strategy"], "least_latency");
+    assert_eq!(r["retries"], 1);
+    assert_eq!(r["timeout_seconds"], 30.0);
+    assert_eq!(r["fallbacks"], json!(["demo"]));
+    assert_eq!(r["content_filter_fallbacks"], json!(["demo"]));
+    assert_eq!(r["context_fallbacks"], json!([]));
+    let d = dep(&view, "a/m");
+    assert_eq!(d["provider"], "a");
+    assert_eq!(d["kind"], "openai");
+    assert_eq!(d["upstream"], "m");
+    assert_eq!(d["model"], "gpt-4o-2024-08-06");
+    assert_eq!(d["weight"], 2.0);
+    assert_eq!(d["priority"], 0);
+    assert_eq!(d["up"], true);
+    assert_eq!(d["cooling_down_seconds"], Value::Null);
+    assert_eq!(d["probing"], false);
+    assert_eq!(d["fails_in_row"], 0);
+    assert_eq!(d["in_flight"], 0);
+    assert!(d["latency_ms"].as_f64().unwrap() > 0.0, "{d}");
+    assert_eq!(d["quota"]["tpm"], 50000);
+    assert_eq!(d["quota"]["rpm"], 100);
+    let az = dep(&view, "az/eu");
+    assert_eq!(
+        (&az["kind"], &az["priority"]),
+        (&json!("azure_openai"), &json!(1))
+    );
+    let sent = d["quota"]["requests_this_minute"].as_u64().unwrap()
+        + az["quota"]["requests_this_minute"].as_u64().unwrap();
+    // A minute may have turned between the requests and the view: never more than sent.
+    assert!(sent <= 4, "{view}");
+    let demo = dep(&view, "demo/demo");
+    assert!(
+        demo["time_to_first_token_ms"].as_f64().unwrap() > 0.0,
+        "{demo}"
+    );
+}
