@@ -571,3 +571,45 @@ async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_on
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.lines().any(|l| l.starts_with("app ")), "{table}");
 }
+
+#[tokio::test]
+async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstream() {
+    let up = MockUpstream::start().await;
+    let extra = format!("{}\n", keys(", budget: { usd: 5, period: daily }"));
+    let cfg = config(&up, &extra).replace(
+        "  gpt-4o:\n    pricing:",
+        "  gpt-4o:\n    max_output_tokens: 300\n    pricing:",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let sent = up.requests()[0].json();
+    assert_eq!(
+        sent["max_tokens"], 300,
+        "the cap the reservation assumed goes upstream"
+    );
+    // A client's own cap is left alone.
+    let r = post(&gw, "/v1/chat/completions", json!({"model": "gpt-4o", "max_tokens": 7, "messages": [{"role": "user", "content": "hi"}]})).await;
+    r.bytes().await.unwrap();
+    let sent = up.requests()[1].json();
+    assert_eq!(sent["max_tokens"], 7);
+    assert!(sent.get("max_completion_tokens").is_none());
+
+    // Without a budget, nothing is added.
+    let up2 = MockUpstream::start().await;
+    let gw2 = Gateway::start(&config(&up2, &keys(""))).await;
+    let r = post(
+        &gw2,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    r.bytes().await.unwrap();
+    assert!(up2.requests()[0].json().get("max_tokens").is_none());
+}

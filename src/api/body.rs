@@ -215,6 +215,15 @@ impl ModelSlot {
         }
     }
 
+    /// An edit that adds a top-level field (after the body's `{`).
+    pub fn add_field(&self, name: &str, json_value: &str) -> Edit {
+        let mut with = format!("\"{name}\":{json_value}").into_bytes();
+        if self.has_fields {
+            with.push(b',');
+        }
+        (self.open + 1..self.open + 1, with)
+    }
+
     pub fn apply(&self, body: &[u8], model: &str) -> Bytes {
         splice(body, vec![self.edit(model)])
     }

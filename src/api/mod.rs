@@ -171,7 +171,7 @@ pub fn classify(method: &http::Method, path: &str) -> Target {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -203,6 +203,14 @@ pub struct ApiRequest {
     pub estimated_prompt_tokens: u64,
     /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`, when the client set one.
     pub max_tokens: Option<u64>,
+    /// An upper bound of the prompt's tokens (a token is at least one byte; an image counts
+    /// as 1,600), for the worst case a budget reserves.
+    pub prompt_bound: u64,
+    /// `n`: answers asked for.
+    pub choices: u64,
+    /// The output cap the gateway sets upstream when the client set none and a budget
+    /// applies, so the request cannot cost more than it reserved. Set by the handler.
+    pub output_cap: Option<u64>,
     /// The body's `user`, for the ledger.
     pub user: Option<String>,
     /// The client asked for the usage chunk of its stream (`stream_options.include_usage`).
@@ -256,6 +264,7 @@ impl ApiRequest {
         request_id: HeaderValue,
     ) -> Result<ApiRequest, GatewayError> {
         let mut max_tokens = None;
+        let mut choices = 1;
         let mut user = None;
         let mut client_wants_usage = false;
         let (payload, stream) = if op.is_multipart() {
@@ -276,6 +285,7 @@ impl ApiRequest {
                     max_tokens = Some(n);
                 }
             }
+            choices = head.uint("n")?.unwrap_or(1).max(1);
             user = head
                 .field("user")
                 .and_then(|u| serde_json::from_str::<String>(u.get()).ok());
@@ -313,9 +323,14 @@ impl ApiRequest {
             }
         }
         upstream_headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
-        let estimated_prompt_tokens = match payload {
-            Payload::Json { .. } => (text_bytes(&body) as u64).div_ceil(4),
-            Payload::Multipart { .. } => 0,
+        let (estimated_prompt_tokens, prompt_bound) = match payload {
+            Payload::Json { .. } => {
+                let text = text_bytes(&body) as u64;
+                let images = memchr::memmem::find_iter(&body, b"\"image_url\"").count()
+                    + memchr::memmem::find_iter(&body, b"\"input_image\"").count();
+                (text.div_ceil(4), text + 1600 * images as u64)
+            }
+            Payload::Multipart { .. } => (0, 0),
         };
         Ok(ApiRequest {
             op,
@@ -325,6 +340,9 @@ impl ApiRequest {
             stream,
             estimated_prompt_tokens,
             max_tokens,
+            prompt_bound,
+            choices,
+            output_cap: None,
             user,
             client_wants_usage,
             upstream_headers,
@@ -339,7 +357,8 @@ impl ApiRequest {
     /// The body as one upstream gets it: `model` set to `model` (when given and different)
     /// and, when `ask_usage`, `stream_options.include_usage` turned on. The same bytes when
     /// nothing must change.
-    pub fn upstream_body(&self, model: Option<&str>, ask_usage: bool) -> Bytes {
+    /// `served_model` (the upstream's name for it) picks the name of the output-cap field.
+    pub fn upstream_body(&self, model: Option<&str>, ask_usage: bool, served_model: &str) -> Bytes {
         match &self.payload {
             Payload::Json {
                 slot,
@@ -352,6 +371,9 @@ impl ApiRequest {
                 }
                 if ask_usage {
                     edits.extend(usage.edit());
+                }
+                if let Some(cap) = self.output_cap {
+                    edits.push(slot.add_field(cap_field(self.op, served_model), &cap.to_string()));
                 }
                 if edits.is_empty() {
                     self.body.clone()
@@ -367,6 +389,22 @@ impl ApiRequest {
                 None => self.body.clone(),
             },
         }
+    }
+}
+
+/// The field that caps output: the Responses API's `max_output_tokens`; `max_tokens` for
+/// completions and most chat models; `max_completion_tokens` for reasoning models, which
+/// refuse `max_tokens`.
+fn cap_field(op: Operation, model: &str) -> &'static str {
+    let m = model.to_ascii_lowercase();
+    match op {
+        Operation::Responses => "max_output_tokens",
+        Operation::ChatCompletions
+            if ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p)) =>
+        {
+            "max_completion_tokens"
+        }
+        _ => "max_tokens",
     }
 }
 

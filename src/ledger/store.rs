@@ -97,6 +97,7 @@ const POSTGRES_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
 pub enum GroupBy {
     Key,
     Team,
+    #[value(alias = "route")]
     Model,
     Deployment,
 }

@@ -138,11 +138,11 @@ impl Refused {
                     "rate_limit_exceeded",
                     format!(
                         "Rate limit reached for {limit} on {what}. Please retry after {}s.",
-                        retry_after.as_secs().max(1)
+                        secs_up(retry_after)
                     ),
                 );
                 e.headers
-                    .push(("retry-after", retry_after.as_secs().max(1).to_string()));
+                    .push(("retry-after", secs_up(retry_after).to_string()));
                 let mut h = http::HeaderMap::new();
                 headers.apply(&mut h);
                 for (name, value) in &h {
@@ -165,21 +165,26 @@ impl Refused {
                     "insufficient_quota",
                     "budget_exceeded",
                     format!(
-                        "Budget exceeded for {}: {:.6} of {:.2} USD ({:?}) spent or reserved.",
+                        "Budget exceeded for {}: {} USD of its {} USD {} budget is spent or \
+                         reserved, and this request could cost more than what is left.",
                         budget.id,
                         spent + reserved,
                         budget.usd,
-                        budget.period
+                        period_name(budget.period)
                     ),
                 );
                 if let Some(ra) = retry_after {
-                    e.headers
-                        .push(("retry-after", ra.as_secs().max(1).to_string()));
+                    e.headers.push(("retry-after", secs_up(ra).to_string()));
                 }
                 e
             }
         }
     }
+}
+
+/// Whole seconds, rounded up: a client that waits that long finds room.
+fn secs_up(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
 }
 
 fn header_static(name: &str) -> &'static str {
@@ -407,6 +412,11 @@ impl PolicyTable {
 /// Posts alerts to `alerts.webhook`, off the request path.
 pub fn send_alerts(client: &reqwest::Client, webhook: Option<&str>, alerts: Vec<Alert>) {
     for a in alerts {
+        if let Some(m) = crate::telemetry::metrics::metrics() {
+            m.budget_alerts
+                .with_label_values(&[a.scope, &a.name, a.kind])
+                .inc();
+        }
         tracing::warn!(kind = a.kind, scope = a.scope, name = %a.name, spent = a.spent, limit = a.limit,
             period = a.period, "budget alert");
         let Some(url) = webhook else { continue };

@@ -119,9 +119,9 @@ impl HttpUpstream {
     fn body(&self, req: &ApiRequest, deployment: &str) -> Bytes {
         match &self.flavor {
             Flavor::Azure { .. } if req.op.azure_deployment_scoped() => {
-                req.upstream_body(None, self.stream_usage)
+                req.upstream_body(None, self.stream_usage, deployment)
             }
-            _ => req.upstream_body(Some(deployment), self.stream_usage),
+            _ => req.upstream_body(Some(deployment), self.stream_usage, deployment),
         }
     }
 

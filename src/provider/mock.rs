@@ -83,7 +83,7 @@ impl MockProvider {
         let body: Value = match &req.payload {
             // As an upstream would see it, asked for usage on streams.
             Payload::Json { .. } => {
-                serde_json::from_slice(&req.upstream_body(None, true)).unwrap_or(Value::Null)
+                serde_json::from_slice(&req.upstream_body(None, true, model)).unwrap_or(Value::Null)
             }
             Payload::Multipart { .. } => Value::Null,
         };

@@ -277,21 +277,37 @@ impl Body for TrackedBody {
 }
 
 impl Route {
-    /// The most a request can cost on this route: its prompt estimate and output cap on the
-    /// route's most expensive deployment.
-    pub fn worst_case_usd(&self, req: &ApiRequest) -> f64 {
+    /// The output tokens a request may produce: its `max_tokens`, else the route's
+    /// `max_output_tokens`, else 4096 for chat, completions and responses.
+    pub fn output_cap(&self, req: &ApiRequest) -> u64 {
         use crate::api::Operation as Op;
         let default_cap = match req.op {
             Op::ChatCompletions | Op::Completions | Op::Responses => 4096,
             _ => 0,
         };
-        let max_out = req
-            .max_tokens
+        req.max_tokens
             .or(self.max_output_tokens)
-            .unwrap_or(default_cap);
-        self.deployments
+            .unwrap_or(default_cap)
+    }
+
+    /// The most a request can cost: an upper bound of its prompt and its output cap (times
+    /// `n`), on the most expensive deployment of this route and of every route it may fall
+    /// back to.
+    pub fn worst_case_usd(&self, req: &ApiRequest, routes: &Routes) -> f64 {
+        let out = self.output_cap(req).saturating_mul(req.choices);
+        let fallbacks = self
+            .fallbacks
             .iter()
-            .map(|d| d.price.worst_case(req.estimated_prompt_tokens, max_out))
+            .chain(&self.context_fallbacks)
+            .chain(&self.content_filter_fallbacks)
+            .filter_map(|n| routes.get(n));
+        std::iter::once(self)
+            .chain(fallbacks.map(|r| r.as_ref()))
+            .flat_map(|r| r.deployments.iter())
+            .map(|d| {
+                d.price.worst_case(req.prompt_bound, out)
+                    + d.price.per_image * (req.choices.saturating_sub(1)) as f64
+            })
             .fold(0.0, f64::max)
     }
 
@@ -320,6 +336,9 @@ impl Route {
                 continue;
             }
             if !d.state.quota_fits(tokens, d.rpm, d.tpm) {
+                // Out of quota until the minute turns.
+                let left = state::until_next_minute();
+                wait = Some(wait.map_or(left, |w| w.min(left)));
                 continue;
             }
             usable.push(i);
@@ -467,6 +486,8 @@ impl Route {
                         d.state
                             .failure(self.allowed_fails, self.cooldown, retry_after)
                     } else {
+                        // A refusal of this request (a 400): the deployment itself is up.
+                        d.state.answered();
                         false
                     };
                     if let Some(m) = metrics::metrics() {
@@ -550,8 +571,13 @@ impl Route {
         } else {
             None
         };
+        // A stream's sample is its time to first token; a plain request's, its latency.
         let elapsed = start.elapsed();
-        d.state.success(elapsed, req.stream.then_some(elapsed));
+        if req.stream {
+            d.state.success(None, Some(elapsed));
+        } else {
+            d.state.success(Some(elapsed), None);
+        }
         let body = TrackedBody {
             first,
             rest: body,

@@ -23,6 +23,15 @@ pub fn current_minute() -> u64 {
         .unwrap_or(0)
 }
 
+/// Time until the wall-clock minute turns (and quota windows start empty).
+pub fn until_next_minute() -> Duration {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Duration::from_millis(60_000 - ms % 60_000)
+}
+
 /// Weight of the newest sample in the moving averages.
 const EWMA_ALPHA: f64 = 0.3;
 
@@ -163,9 +172,15 @@ impl DeploymentState {
     }
 
     /// The upstream answered, if only to refuse the client's request (a 400): it is up.
+    ///
+    /// An answer to a request sent before a cooldown began (a long stream ending after a
+    /// 429's `retry-after`) does not end that cooldown early.
     pub fn answered(&self) {
         self.fails_in_row.store(0, Ordering::Release);
-        self.cooldown_until.store(0, Ordering::Release);
+        let until = self.cooldown_until.load(Ordering::Acquire);
+        if until != 0 && now_ms() >= until {
+            self.cooldown_until.store(0, Ordering::Release);
+        }
         self.probing.store(false, Ordering::Release);
     }
 
@@ -175,9 +190,11 @@ impl DeploymentState {
         self.probing.store(false, Ordering::Release);
     }
 
-    pub fn success(&self, latency: Duration, ttft: Option<Duration>) {
+    pub fn success(&self, latency: Option<Duration>, ttft: Option<Duration>) {
         self.answered();
-        ewma(&self.latency_ms, latency.as_secs_f64() * 1000.0);
+        if let Some(l) = latency {
+            ewma(&self.latency_ms, l.as_secs_f64() * 1000.0);
+        }
         if let Some(t) = ttft {
             ewma(&self.ttft_ms, t.as_secs_f64() * 1000.0);
         }
@@ -316,7 +333,7 @@ mod tests {
         assert!(matches!(s.health(now_ms()), Health::CoolingDown(_)));
         std::thread::sleep(Duration::from_millis(60));
         assert!(s.claim_probe());
-        s.success(Duration::from_millis(5), None);
+        s.success(Some(Duration::from_millis(5)), None);
         assert_eq!(s.health(now_ms()), Health::Up);
         assert_eq!(s.fails_in_row(), 0);
     }
@@ -341,9 +358,9 @@ mod tests {
     fn moving_latency() {
         let s = DeploymentState::default();
         assert_eq!(s.latency(false), None);
-        s.success(Duration::from_millis(100), None);
+        s.success(Some(Duration::from_millis(100)), None);
         assert_eq!(s.latency(false), Some(100.0));
-        s.success(Duration::from_millis(200), None);
+        s.success(Some(Duration::from_millis(200)), None);
         assert!((s.latency(false).unwrap() - 130.0).abs() < 1e-6);
         assert_eq!(s.latency(true), Some(130.0), "no TTFT yet: plain latency");
     }

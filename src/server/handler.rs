@@ -173,7 +173,7 @@ where
         }
     }
     let body = read_body(body, rt.max_body).await?;
-    let api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id)?;
+    let mut api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id)?;
     facts.stream = api_req.stream;
     let route = check_route(rt, &key, &api_req.route)?;
     // Only a configured route name becomes a header or a metric label.
@@ -222,8 +222,20 @@ where
         &key.name,
         &route.name,
         api_req.estimated_prompt_tokens,
-        route.worst_case_usd(&api_req),
+        route.worst_case_usd(&api_req, &rt.routes),
     );
+    // Under a budget, a request without an output cap gets the one its reservation assumed.
+    if !plan.budgets.is_empty()
+        && api_req.max_tokens.is_none()
+        && matches!(
+            op,
+            api::Operation::ChatCompletions
+                | api::Operation::Completions
+                | api::Operation::Responses
+        )
+    {
+        api_req.output_cap = Some(route.output_cap(&api_req));
+    }
     let mut record = RequestRecord {
         accounting: gateway.accounting.clone(),
         plan,
@@ -517,6 +529,8 @@ async fn admin_spend(
     let mut format = Format::Json;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = &api::percent_decode(&v.replace('+', " "));
+        let k = &*api::percent_decode(k);
         let bad =
             |what: &str| GatewayError::invalid_request(format!("bad `{k}`: {what}")).with_param(k);
         match k {

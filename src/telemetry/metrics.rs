@@ -21,6 +21,7 @@ pub struct Metrics {
     pub budget_spent: GaugeVec,
     pub budget_limit: GaugeVec,
     pub ratelimited: IntCounterVec,
+    pub budget_alerts: IntCounterVec,
     pub cache_requests: IntCounterVec,
     pub cache_saved: prometheus::CounterVec,
     pub upstream_errors: IntCounterVec,
@@ -88,6 +89,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         )?),
         ratelimited: reg!(IntCounterVec::new(
             Opts::new("switchyard_ratelimited_total", "Requests refused by a rate limit or a budget; kind: rpm, tpm, max_parallel, budget."),
+            &["scope", "name", "kind"]
+        )?),
+        budget_alerts: reg!(IntCounterVec::new(
+            Opts::new("switchyard_budget_alerts_total", "Budget alerts: kind soft (soft_usd crossed) or hard (first refusal of a period)."),
             &["scope", "name", "kind"]
         )?),
         cache_requests: reg!(IntCounterVec::new(
