@@ -490,7 +490,10 @@ impl Checker<'_> {
             });
         };
         if c.state.redis.is_some() {
-            note(p(&["state", "redis"]), "`state.redis`");
+            note(
+                p(&["state", "redis"]),
+                "sharing deployment cooldowns, upstream quotas and the cache through `state.redis`",
+            );
         }
     }
 }

@@ -80,7 +80,46 @@ fn default_true() -> bool {
 pub struct StateCfg {
     /// `sqlite://PATH` (default `sqlite://switchyard.db`) or `postgres://…`.
     pub ledger: Option<Secret>,
+    /// `redis://[:password@]host:port[/db]` or `rediss://…` (TLS): limits and budgets
+    /// shared by every replica.
     pub redis: Option<Secret>,
+    #[serde(default)]
+    pub on_redis_error: OnRedisError,
+}
+
+/// What admission does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Admit without counting.
+    Open,
+    /// Refuse with 503 `state_unavailable`.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnRedisError {
+    #[serde(default = "fail_closed")]
+    pub budgets: FailMode,
+    #[serde(default = "fail_open")]
+    pub rate_limits: FailMode,
+}
+
+impl Default for OnRedisError {
+    fn default() -> Self {
+        OnRedisError {
+            budgets: FailMode::Closed,
+            rate_limits: FailMode::Open,
+        }
+    }
+}
+
+fn fail_closed() -> FailMode {
+    FailMode::Closed
+}
+fn fail_open() -> FailMode {
+    FailMode::Open
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -154,6 +154,7 @@ impl MemoryState {
             minute,
             periods,
             headers,
+            counted: true,
         })
     }
 
@@ -254,7 +255,18 @@ impl PolicyState for MemoryState {
         })
     }
 
-    fn budget_status(&self, budget: &BudgetRef, period_start: i64) -> (f64, f64) {
+    fn budget_status<'a>(
+        &'a self,
+        budget: &'a BudgetRef,
+        period_start: i64,
+    ) -> BoxFuture<'a, (f64, f64)> {
+        let status = self.status_now(budget, period_start);
+        Box::pin(async move { status })
+    }
+}
+
+impl MemoryState {
+    fn status_now(&self, budget: &BudgetRef, period_start: i64) -> (f64, f64) {
         self.inner
             .lock()
             .ok()
@@ -350,7 +362,7 @@ mod tests {
             now,
         );
         assert_eq!(alerts.len(), 1, "soft budget 0.5 crossed once");
-        let (spent, reserved) = s.budget_status(&p.budgets[0], period_bounds(Period::Daily, now).0);
+        let (spent, reserved) = s.status_now(&p.budgets[0], period_bounds(Period::Daily, now).0);
         assert!((spent - 0.55).abs() < 1e-9 && (reserved - 0.6).abs() < 1e-9);
     }
 }

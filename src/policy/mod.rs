@@ -6,6 +6,7 @@
 //! replicas), and one admission is one atomic step there, so no budget is ever overspent.
 
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::config::{BudgetCfg, LimitsCfg, Loaded, Period};
 use crate::error::GatewayError;
 
 pub use memory::{hard_alert, MemoryState};
+pub use redis::RedisState;
 
 /// One rate limit that applies to a request: `key:NAME`, `team:NAME` or `route:NAME`.
 #[derive(Debug, Clone)]
@@ -80,6 +82,9 @@ pub struct Admitted {
     /// `(budget id, period start)` of each reservation.
     pub periods: Vec<(Arc<str>, i64)>,
     pub headers: LimitHeaders,
+    /// Whether anything was counted (false when Redis was down and the policy is `open`):
+    /// only what was counted is settled.
+    pub counted: bool,
 }
 
 /// The OpenAI rate-limit headers of the tightest limit (remaining counts after this request).
@@ -121,6 +126,8 @@ pub enum Refused {
         retry_after: Option<Duration>,
         first_in_period: bool,
     },
+    /// The shared state (Redis) is unreachable and `on_redis_error` says `closed`.
+    Unavailable,
 }
 
 impl Refused {
@@ -151,6 +158,17 @@ impl Refused {
                             .push((header_static(name.as_str()), v.to_string()));
                     }
                 }
+                e
+            }
+            Refused::Unavailable => {
+                let mut e = GatewayError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "api_error",
+                    "state_unavailable",
+                    "Limits and budgets cannot be checked right now (shared state unreachable); \
+                     please retry.",
+                );
+                e.headers.push(("retry-after", "1".to_string()));
                 e
             }
             Refused::Budget {
@@ -234,7 +252,11 @@ pub trait PolicyState: Send + Sync {
         spent: f64,
     ) -> BoxFuture<'a, ()>;
     /// Spent and reserved of a budget in the period starting at `period_start`.
-    fn budget_status(&self, budget: &BudgetRef, period_start: i64) -> (f64, f64);
+    fn budget_status<'a>(
+        &'a self,
+        budget: &'a BudgetRef,
+        period_start: i64,
+    ) -> BoxFuture<'a, (f64, f64)>;
 }
 
 pub fn period_name(p: Period) -> &'static str {

@@ -72,7 +72,7 @@ where
     let result = match target {
         Target::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         Target::Readyz => Ok(readyz(&rt)),
-        Target::Metrics => Ok(metrics_response(&gateway, &rt)),
+        Target::Metrics => Ok(metrics_response(&gateway, &rt).await),
         Target::AdminRoutes => rt
             .keys
             .authenticate_admin(req.headers())
@@ -281,6 +281,7 @@ where
                         budget.scope.name().to_string(),
                         "budget",
                     ),
+                    Refused::Unavailable => ("state".into(), "redis".into(), "unavailable"),
                 };
                 m.ratelimited
                     .with_label_values(&[&scope, &name, kind])
@@ -557,18 +558,14 @@ async fn admin_spend(
             .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(ct));
         return Ok(resp);
     }
-    let budgets: Vec<_> = rt
-        .policy
-        .all_budgets
-        .iter()
-        .map(|b| {
-            let (start, next) = policy::period_bounds(b.period, now);
-            let (spent, reserved) = gateway.accounting.policy.budget_status(b, start);
-            json!({"budget": b.id.as_ref(), "scope": b.scope.kind(), "name": b.scope.name(),
-                   "period": policy::period_name(b.period), "period_start_ms": start, "period_end_ms": next,
-                   "limit_usd": b.usd, "soft_usd": b.soft_usd, "spent_usd": spent, "reserved_usd": reserved})
-        })
-        .collect();
+    let mut budgets = Vec::with_capacity(rt.policy.all_budgets.len());
+    for b in &rt.policy.all_budgets {
+        let (start, next) = policy::period_bounds(b.period, now);
+        let (spent, reserved) = gateway.accounting.policy.budget_status(b, start).await;
+        budgets.push(json!({"budget": b.id.as_ref(), "scope": b.scope.kind(), "name": b.scope.name(),
+               "period": policy::period_name(b.period), "period_start_ms": start, "period_end_ms": next,
+               "limit_usd": b.usd, "soft_usd": b.soft_usd, "spent_usd": spent, "reserved_usd": reserved}));
+    }
     let mut body: serde_json::Value =
         serde_json::from_str(&report::render(&lines, by, Format::Json))
             .unwrap_or_else(|_| json!({}));
@@ -579,7 +576,7 @@ async fn admin_spend(
 }
 
 /// `GET /metrics`: gauges read from the live state, then every family.
-fn metrics_response(gateway: &Gateway, rt: &Runtime) -> Response<ResponseBody> {
+async fn metrics_response(gateway: &Gateway, rt: &Runtime) -> Response<ResponseBody> {
     if let Some(m) = metrics::metrics() {
         let now = now_ms();
         m.deployment_up.reset();
@@ -601,7 +598,7 @@ fn metrics_response(gateway: &Gateway, rt: &Runtime) -> Response<ResponseBody> {
         let now = ledger::now_ms();
         for b in &rt.policy.all_budgets {
             let (start, _) = policy::period_bounds(b.period, now);
-            let (spent, _) = gateway.accounting.policy.budget_status(b, start);
+            let (spent, _) = gateway.accounting.policy.budget_status(b, start).await;
             let labels = [
                 b.scope.kind(),
                 b.scope.name(),

@@ -38,7 +38,7 @@ use crate::auth::KeyTable;
 use crate::config::{self, Loaded};
 use crate::ledger::store::{Scope, Store};
 use crate::ledger::{Accounting, LedgerWriter};
-use crate::policy::{self, BudgetScope, MemoryState, PolicyTable};
+use crate::policy::{self, BudgetScope, MemoryState, PolicyTable, RedisState};
 use crate::provider::{self, Provider, Providers};
 use crate::route::state::StateRegistry;
 use crate::route::{self, Routes};
@@ -327,8 +327,15 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let ledger_url = ledger_url(&loaded);
     let store = Store::open(&ledger_url).await?;
     let (writer, ledger_task) = LedgerWriter::start(store.clone());
+    let policy_state: Arc<dyn policy::PolicyState> = match &loaded.config.state.redis {
+        Some(url) if !url.is_empty() => {
+            let on = loaded.config.state.on_redis_error;
+            Arc::new(RedisState::start(url.expose(), on.budgets, on.rate_limits)?)
+        }
+        _ => Arc::new(MemoryState::default()),
+    };
     let accounting = Accounting {
-        policy: Arc::new(MemoryState::default()),
+        policy: policy_state,
         ledger: writer,
         http: reqwest::Client::new(),
         webhook: loaded

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub deployment_up: IntGaugeVec,
     pub inflight: IntGaugeVec,
     pub config_reloads: IntCounterVec,
+    pub state_errors: IntCounterVec,
 }
 
 /// Latency buckets for LLM calls: 10 ms to about 3 minutes.
@@ -127,8 +128,19 @@ fn build() -> Result<Metrics, prometheus::Error> {
             Opts::new("switchyard_config_reloads_total", "Config reloads by result (ok, error)."),
             &["result"]
         )?),
+        state_errors: reg!(IntCounterVec::new(
+            Opts::new("switchyard_state_errors_total", "Failed calls to the shared state (Redis), by operation."),
+            &["operation"]
+        )?),
         registry,
     })
+}
+
+/// Counts a failed call to the shared state.
+pub fn state_error(operation: &str) {
+    if let Some(m) = metrics() {
+        m.state_errors.with_label_values(&[operation]).inc();
+    }
 }
 
 /// The gateway's metrics. Built on first use; if building fails (it cannot with these

@@ -1,0 +1,461 @@
+//! Limits and budgets in Redis, shared by every replica. One admission is one Lua script
+//! (check every limit and budget, then take all or nothing) and one settlement another: one
+//! round trip each. Keys expire with their minute or period, so nothing leaks. All keys
+//! share one hash tag, so a script's keys live in one slot of a Redis Cluster.
+//!
+//! When Redis cannot be reached, `on_redis_error` decides: `open` admits without counting,
+//! `closed` refuses (503); by default budgets fail closed and rate limits open.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use futures_util::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+use super::{
+    period_bounds, period_name, Actual, Admitted, Alert, BudgetRef, LimitHeaders, Plan,
+    PolicyState, Refused,
+};
+use crate::config::FailMode;
+
+/// How long one Redis call may take before it counts as Redis being down.
+const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+const PREFIX: &str = "{switchyard}";
+
+const ADMIT: &str = r#"
+local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local wttl = tonumber(ARGV[5])
+local a = 6
+for i = 1, n do
+  local w = KEYS[2*i-1]; local p = KEYS[2*i]
+  local rpm = tonumber(ARGV[a]); local tpm = tonumber(ARGV[a+1]); local mp = tonumber(ARGV[a+2]); a = a + 3
+  local req = tonumber(redis.call('HGET', w, 'r') or '0'); local tok = tonumber(redis.call('HGET', w, 't') or '0')
+  local inf = tonumber(redis.call('GET', p) or '0')
+  if rpm >= 0 and req + 1 > rpm then return {0, i, 1, req, tok} end
+  if tpm >= 0 and tok + tokens > tpm then return {0, i, 2, req, tok} end
+  if mp >= 0 and inf + 1 > mp then return {0, i, 3, req, tok} end
+end
+for j = 1, m do
+  local b = KEYS[2*n+j]; local lim = tonumber(ARGV[a]); local bttl = tonumber(ARGV[a+1]); a = a + 2
+  local spent = tonumber(redis.call('HGET', b, 's') or '0'); local res = tonumber(redis.call('HGET', b, 'r') or '0')
+  if spent + res + worst > lim then
+    local first = redis.call('HSETNX', b, 'hard', 1)
+    if bttl > 0 then redis.call('EXPIRE', b, bttl) end
+    return {-1, j, spent, res, first}
+  end
+end
+local out = {1}
+for i = 1, n do
+  local w = KEYS[2*i-1]; local p = KEYS[2*i]
+  table.insert(out, redis.call('HINCRBY', w, 'r', 1))
+  table.insert(out, redis.call('HINCRBY', w, 't', tokens))
+  redis.call('EXPIRE', w, wttl)
+  redis.call('INCR', p); redis.call('EXPIRE', p, 3600)
+end
+a = 6 + 3*n
+for j = 1, m do
+  local b = KEYS[2*n+j]; local bttl = tonumber(ARGV[a+1]); a = a + 2
+  redis.call('HINCRBY', b, 'r', worst)
+  if bttl > 0 then redis.call('EXPIRE', b, bttl) end
+end
+return out
+"#;
+
+const SETTLE: &str = r#"
+local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
+local est = tonumber(ARGV[3]); local act = tonumber(ARGV[4]); local worst = tonumber(ARGV[5]); local cost = tonumber(ARGV[6])
+for i = 1, n do
+  local w = KEYS[2*i-1]; local p = KEYS[2*i]
+  if redis.call('EXISTS', w) == 1 then
+    local t = redis.call('HINCRBY', w, 't', act - est)
+    if t < 0 then redis.call('HSET', w, 't', 0) end
+  end
+  if redis.call('DECR', p) < 0 then redis.call('SET', p, 0) end
+end
+local out = {}
+for j = 1, m do
+  local b = KEYS[2*n+j]; local soft = tonumber(ARGV[6+j])
+  if redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
+  local before = tonumber(redis.call('HGET', b, 's') or '0')
+  local after = redis.call('HINCRBY', b, 's', cost)
+  local crossed = 0
+  if soft >= 0 and before < soft and after >= soft then crossed = redis.call('HSETNX', b, 'soft', 1) end
+  table.insert(out, crossed); table.insert(out, after)
+end
+return out
+"#;
+
+fn micros(usd: f64) -> i64 {
+    (usd * 1e6).round() as i64
+}
+
+/// Reserve whole micro-dollars, rounded up, so rounding never lets a request through.
+fn micros_up(usd: f64) -> i64 {
+    (usd * 1e6).ceil() as i64
+}
+
+pub struct RedisState {
+    client: redis::Client,
+    conn: Arc<ArcSwapOption<ConnectionManager>>,
+    connecting: Arc<AtomicBool>,
+    admit: Script,
+    settle: Script,
+    budgets_fail: FailMode,
+    limits_fail: FailMode,
+}
+
+fn window_key(id: &str, minute: u64) -> String {
+    format!("{PREFIX}:w:{id}:{minute}")
+}
+fn parallel_key(id: &str) -> String {
+    format!("{PREFIX}:p:{id}")
+}
+fn budget_key(id: &str, period_start: i64) -> String {
+    format!("{PREFIX}:b:{id}:{period_start}")
+}
+
+/// Seconds a budget key must live: to its period's end and a week beyond (for reports and
+/// late settlements); 0 for `total`, which never ends.
+fn budget_ttl(b: &BudgetRef, now_ms: i64) -> i64 {
+    match period_bounds(b.period, now_ms).1 {
+        Some(end) => ((end - now_ms) / 1000).max(1) + 7 * 86_400,
+        None => 0,
+    }
+}
+
+/// Connects (again) in the background, with backoff, until Redis answers.
+fn spawn_connect(
+    client: redis::Client,
+    slot: Arc<ArcSwapOption<ConnectionManager>>,
+    connecting: Arc<AtomicBool>,
+) {
+    if connecting.swap(true, Ordering::AcqRel) {
+        return; // already on it
+    }
+    tokio::spawn(async move {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(CALL_TIMEOUT)
+            .set_number_of_retries(1);
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
+                Ok(m) => {
+                    slot.store(Some(Arc::new(m)));
+                    connecting.store(false, Ordering::Release);
+                    tracing::info!("connected to Redis: limits and budgets are shared");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot reach Redis; retrying");
+                    crate::telemetry::metrics::state_error("connect");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    });
+}
+
+impl RedisState {
+    /// Connects in the background; until Redis answers, `on_redis_error` applies.
+    pub fn start(
+        url: &str,
+        budgets_fail: FailMode,
+        limits_fail: FailMode,
+    ) -> Result<RedisState, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("bad state.redis URL: {e}"))?;
+        let state = RedisState {
+            client,
+            conn: Arc::new(ArcSwapOption::empty()),
+            connecting: Arc::new(AtomicBool::new(false)),
+            admit: Script::new(ADMIT),
+            settle: Script::new(SETTLE),
+            budgets_fail,
+            limits_fail,
+        };
+        state.reconnect();
+        Ok(state)
+    }
+
+    /// Drops the connection and connects anew in the background: a call that failed or
+    /// timed out leaves no half-dead connection behind.
+    fn reconnect(&self) {
+        self.conn.store(None);
+        spawn_connect(
+            self.client.clone(),
+            self.conn.clone(),
+            self.connecting.clone(),
+        );
+    }
+
+    fn conn(&self) -> Option<ConnectionManager> {
+        self.conn.load_full().map(|c| (*c).clone())
+    }
+
+    /// What to do when Redis is down for this plan.
+    fn on_error(&self, plan: &Plan, what: &str) -> Result<Admitted, Refused> {
+        crate::telemetry::metrics::state_error(what);
+        let closed = (!plan.budgets.is_empty() && self.budgets_fail == FailMode::Closed)
+            || (!plan.limits.is_empty() && self.limits_fail == FailMode::Closed);
+        if closed {
+            Err(Refused::Unavailable)
+        } else {
+            // Open: admit, and settle nothing (the periods list stays empty).
+            Ok(Admitted::default())
+        }
+    }
+
+    async fn admit_redis(&self, plan: &Plan, now_ms: i64) -> Result<Admitted, Refused> {
+        if plan.limits.is_empty() && plan.budgets.is_empty() {
+            return Ok(Admitted::default());
+        }
+        let Some(mut conn) = self.conn() else {
+            tracing::warn!("Redis is not connected: admission falls back to on_redis_error");
+            return self.on_error(plan, "admit");
+        };
+        let minute = (now_ms.max(0) as u64) / 60_000;
+        let worst = micros_up(plan.worst_usd);
+        let mut inv = self.admit.prepare_invoke();
+        for l in &plan.limits {
+            inv.key(window_key(&l.id, minute)).key(parallel_key(&l.id));
+        }
+        let mut periods = Vec::with_capacity(plan.budgets.len());
+        for b in &plan.budgets {
+            let (start, _) = period_bounds(b.period, now_ms);
+            inv.key(budget_key(&b.id, start));
+            periods.push((b.id.clone(), start));
+        }
+        inv.arg(plan.limits.len())
+            .arg(plan.budgets.len())
+            .arg(plan.tokens)
+            .arg(worst)
+            .arg(120);
+        let opt = |v: Option<u64>| v.map_or(-1, |x| x as i64);
+        for l in &plan.limits {
+            inv.arg(opt(l.rpm)).arg(opt(l.tpm)).arg(opt(l.max_parallel));
+        }
+        for b in &plan.budgets {
+            inv.arg(micros(b.usd)).arg(budget_ttl(b, now_ms));
+        }
+        let reply: Vec<i64> =
+            match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "Redis admission failed");
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                        self.reconnect();
+                    }
+                    return self.on_error(plan, "admit");
+                }
+                Err(_) => {
+                    tracing::warn!("Redis admission timed out");
+                    self.reconnect();
+                    return self.on_error(plan, "admit");
+                }
+            };
+        let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
+        match reply.first().copied() {
+            Some(1) => {
+                let mut headers = LimitHeaders::default();
+                for (i, l) in plan.limits.iter().enumerate() {
+                    let used_r = reply.get(1 + 2 * i).copied().unwrap_or(0).max(0) as u64;
+                    let used_t = reply.get(2 + 2 * i).copied().unwrap_or(0).max(0) as u64;
+                    if let Some(rpm) = l.rpm {
+                        let rem = rpm.saturating_sub(used_r);
+                        if headers.requests.is_none_or(|(_, r)| rem < r) {
+                            headers.requests = Some((rpm, rem));
+                        }
+                    }
+                    if let Some(tpm) = l.tpm {
+                        let rem = tpm.saturating_sub(used_t);
+                        if headers.tokens.is_none_or(|(_, r)| rem < r) {
+                            headers.tokens = Some((tpm, rem));
+                        }
+                    }
+                }
+                Ok(Admitted {
+                    minute,
+                    periods,
+                    headers,
+                    counted: true,
+                })
+            }
+            Some(0) => {
+                let i = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
+                let l = &plan.limits[i.min(plan.limits.len().saturating_sub(1))];
+                let (req, tok) = (
+                    reply.get(3).copied().unwrap_or(0).max(0) as u64,
+                    reply.get(4).copied().unwrap_or(0).max(0) as u64,
+                );
+                let h = LimitHeaders {
+                    requests: l.rpm.map(|r| (r, r.saturating_sub(req))),
+                    tokens: l.tpm.map(|t| (t, t.saturating_sub(tok))),
+                };
+                let (what, retry_after) = match reply.get(2).copied() {
+                    Some(1) => ("requests per minute", to_next_minute),
+                    Some(2) => ("tokens per minute", to_next_minute),
+                    _ => ("requests in parallel", Duration::from_secs(1)),
+                };
+                Err(Refused::Rate {
+                    limit: l.id.clone(),
+                    what,
+                    retry_after,
+                    headers: h,
+                })
+            }
+            _ => {
+                let j = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
+                let b = &plan.budgets[j.min(plan.budgets.len().saturating_sub(1))];
+                let (_, next) = period_bounds(b.period, now_ms);
+                Err(Refused::Budget {
+                    budget: b.clone(),
+                    spent: reply.get(2).copied().unwrap_or(0) as f64 / 1e6,
+                    reserved: reply.get(3).copied().unwrap_or(0) as f64 / 1e6,
+                    retry_after: next.map(|n| Duration::from_millis((n - now_ms).max(0) as u64)),
+                    first_in_period: reply.get(4).copied() == Some(1),
+                })
+            }
+        }
+    }
+
+    async fn settle_redis(&self, plan: &Plan, admitted: &Admitted, actual: Actual) -> Vec<Alert> {
+        if !admitted.counted {
+            return Vec::new();
+        }
+        let Some(mut conn) = self.conn() else {
+            crate::telemetry::metrics::state_error("settle");
+            tracing::error!("Redis is not connected: a reservation could not be settled (it expires with its period)");
+            return Vec::new();
+        };
+        let mut inv = self.settle.prepare_invoke();
+        for l in &plan.limits {
+            inv.key(window_key(&l.id, admitted.minute))
+                .key(parallel_key(&l.id));
+        }
+        for (id, start) in &admitted.periods {
+            inv.key(budget_key(id, *start));
+        }
+        inv.arg(plan.limits.len())
+            .arg(admitted.periods.len())
+            .arg(plan.tokens)
+            .arg(actual.tokens)
+            .arg(micros_up(plan.worst_usd))
+            .arg(micros(actual.cost_usd));
+        for b in &plan.budgets {
+            inv.arg(b.soft_usd.map_or(-1, micros));
+        }
+        let reply: Vec<i64> = match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn))
+            .await
+        {
+            Ok(Ok(r)) => r,
+            _ => {
+                crate::telemetry::metrics::state_error("settle");
+                tracing::error!("Redis settlement failed; the reservation expires with its period");
+                self.reconnect();
+                return Vec::new();
+            }
+        };
+        plan.budgets
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| reply.get(2 * j).copied() == Some(1))
+            .map(|(j, b)| Alert {
+                kind: "soft",
+                scope: b.scope.kind(),
+                name: b.scope.name().to_string(),
+                spent: reply.get(2 * j + 1).copied().unwrap_or(0) as f64 / 1e6,
+                limit: b.soft_usd.unwrap_or(b.usd),
+                period: period_name(b.period),
+            })
+            .collect()
+    }
+}
+
+impl PolicyState for RedisState {
+    fn admit<'a>(
+        &'a self,
+        plan: &'a Plan,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<Admitted, Refused>> {
+        Box::pin(self.admit_redis(plan, now_ms))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        plan: &'a Plan,
+        admitted: &'a Admitted,
+        actual: Actual,
+        _now_ms: i64,
+    ) -> BoxFuture<'a, Vec<Alert>> {
+        Box::pin(self.settle_redis(plan, admitted, actual))
+    }
+
+    fn seed_spent<'a>(
+        &'a self,
+        budget: &'a BudgetRef,
+        period_start: i64,
+        spent: f64,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            // Wait a little for the first connection: seeding happens at start.
+            for _ in 0..20 {
+                if self.conn().is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let Some(mut conn) = self.conn() else { return };
+            let key = budget_key(&budget.id, period_start);
+            let ttl = budget_ttl(budget, crate::ledger::now_ms());
+            // The first replica to start seeds; the others find the figure there.
+            let mut pipe = redis::pipe();
+            pipe.hset_nx(&key, "s", micros(spent)).ignore();
+            if budget.soft_usd.is_some_and(|s| spent >= s) {
+                pipe.hset_nx(&key, "soft", 1).ignore();
+            }
+            if ttl > 0 {
+                pipe.expire(&key, ttl).ignore();
+            }
+            let r: Result<(), _> = pipe.query_async(&mut conn).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, budget = %budget.id, "cannot seed a budget in Redis");
+            }
+        })
+    }
+
+    fn budget_status<'a>(
+        &'a self,
+        budget: &'a BudgetRef,
+        period_start: i64,
+    ) -> BoxFuture<'a, (f64, f64)> {
+        Box::pin(async move {
+            let Some(mut conn) = self.conn() else {
+                return (0.0, 0.0);
+            };
+            let key = budget_key(&budget.id, period_start);
+            let r: Result<(Option<i64>, Option<i64>), _> = tokio::time::timeout(
+                CALL_TIMEOUT,
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("s")
+                    .arg("r")
+                    .query_async(&mut conn),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from((
+                    redis::ErrorKind::IoError,
+                    "timeout",
+                )))
+            });
+            match r {
+                Ok((s, r)) => (s.unwrap_or(0) as f64 / 1e6, r.unwrap_or(0) as f64 / 1e6),
+                Err(_) => (0.0, 0.0),
+            }
+        })
+    }
+}

@@ -1,0 +1,283 @@
+//! Several gateway processes sharing a real Redis (limits, budgets) and a real PostgreSQL
+//! (the ledger). Each test starts a Redis of its own on a free port, so it can stop it.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use gateway::{sha256_hex, Gateway};
+use serde_json::{json, Value};
+use switchyard::ledger::store::Store;
+use upstream::MockUpstream;
+
+const KEY: &str = "sk-replica-budget";
+const OPEN_KEY: &str = "sk-replica-rpm";
+
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = Redis { port, child: None };
+        r.restart();
+        r
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--port",
+            ])
+            .arg(self.port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A fresh PostgreSQL database, dropped at the end.
+struct Pg {
+    admin: String,
+    name: String,
+}
+
+impl Pg {
+    async fn create() -> Pg {
+        use sqlx::Connection;
+        let admin = std::env::var("SWITCHYARD_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!("switchyard_replicas_{}_{nanos}", std::process::id());
+        let mut c = sqlx::PgConnection::connect(&admin)
+            .await
+            .expect("PostgreSQL must run");
+        sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+            .execute(&mut c)
+            .await
+            .unwrap();
+        Pg { admin, name }
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", self.admin.rsplit_once('/').unwrap().0, self.name)
+    }
+
+    async fn drop_db(self) {
+        use sqlx::Connection;
+        if let Ok(mut c) = sqlx::PgConnection::connect(&self.admin).await {
+            let _ = sqlx::raw_sql(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut c)
+            .await;
+        }
+    }
+}
+
+fn config(redis: &Redis, ledger: &str, key_extra: &str, open_extra: &str) -> String {
+    format!(
+        r#"
+server: {{ admin_key: admin }}
+state:
+  redis: "redis://127.0.0.1:{port}"
+  ledger: "{ledger}"
+providers:
+  slow: {{ kind: mock, latency: 400ms, stream_chunks: 8 }}
+  fast: {{ kind: mock, stream_chunks: 2 }}
+models:
+  slow: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slow }} ] }}
+  fast: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: fast }} ] }}
+keys:
+  - {{ name: budgeted, key: "sha256:{h1}"{key_extra} }}
+  - {{ name: limited, key: "sha256:{h2}"{open_extra} }}
+"#,
+        port = redis.port,
+        h1 = sha256_hex(KEY),
+        h2 = sha256_hex(OPEN_KEY),
+    )
+}
+
+async fn post(gw: &Gateway, key: &str, body: &Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn not_near_a_minute_boundary() {
+    let secs = chrono::Utc::now().timestamp() % 60;
+    if secs > 45 {
+        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_rpm_limit_holds_across_replicas() {
+    not_near_a_minute_boundary().await;
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), "", ", limits: { rpm: 20 }");
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let mut ok = 0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match post(gw, OPEN_KEY, &body).await.status().as_u16() {
+            200 => ok += 1,
+            429 => refused += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    assert_eq!((ok, refused), (20, 10), "exactly rpm across both replicas");
+    drop((a, b));
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_budget_holds_across_replicas_and_the_shared_ledger_agrees() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    // Worst case per request ≈ 0.01 USD (1000 output tokens at 10/1M): the budget holds ~15.
+    let cfg = config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 0.15, period: daily }",
+        "",
+    );
+    let mut a = Gateway::start(&cfg).await;
+    let mut b = Gateway::start(&cfg).await;
+    let body = json!({"model": "slow", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    let results = join_all((0..60).map(|i| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        post(gw, KEY, &body)
+    }))
+    .await;
+    let mut ok = 0;
+    for r in results {
+        match r.status().as_u16() {
+            200 => {
+                ok += 1;
+                r.bytes().await.unwrap();
+            }
+            429 => {
+                let v: Value = r.json().await.unwrap();
+                assert_eq!(v["error"]["code"], "budget_exceeded");
+            }
+            s => panic!("status {s}"),
+        }
+    }
+    assert!((1..=15).contains(&ok), "{ok} admitted over both replicas");
+    for gw in [&mut a, &mut b] {
+        gw.signal("TERM");
+        assert!(gw
+            .wait_exit(Duration::from_secs(20))
+            .await
+            .expect("exit")
+            .success());
+    }
+    let store = Store::open(&pg.url()).await.unwrap();
+    let rows = store.rows().await.unwrap();
+    store.close().await;
+    assert_eq!(rows.len(), 60, "both replicas wrote the one ledger");
+    assert_eq!(rows.iter().filter(|r| r.status == 200).count(), ok);
+    let spent: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    assert!(spent <= 0.15, "spent {spent}");
+    pg.drop_db().await;
+}
+
+#[tokio::test]
+async fn redis_down_fails_budgets_closed_and_rate_limits_open_then_recovers() {
+    let mut redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 100, period: daily }",
+        ", limits: { rpm: 1000 }",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&gw, KEY, &body).await.status(), 200);
+
+    redis.stop();
+    let r = post(&gw, KEY, &body).await;
+    assert_eq!(r.status(), 503, "a budget cannot be checked: closed");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "state_unavailable");
+    assert_eq!(
+        post(&gw, OPEN_KEY, &body).await.status(),
+        200,
+        "rate limits fail open"
+    );
+    let metrics = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("switchyard_state_errors_total"), "counted");
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if post(&gw, KEY, &body).await.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after Redis came back:\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(gw);
+    pg.drop_db().await;
+}
