@@ -3,8 +3,6 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
-#[path = "support/upstream.rs"]
-mod upstream;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +11,6 @@ use futures_util::future::join_all;
 use gateway::{sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::Store;
-use upstream::MockUpstream;
 
 const KEY: &str = "sk-replica-budget";
 const OPEN_KEY: &str = "sk-replica-rpm";
