@@ -278,3 +278,67 @@ async fn redis_down_fails_budgets_closed_and_rate_limits_open_then_recovers() {
     drop(gw);
     pg.drop_db().await;
 }
+
+#[path = "support/upstream.rs"]
+mod upstream;
+
+#[tokio::test]
+async fn a_cooldown_set_by_one_replica_is_honoured_by_the_others() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let primary = upstream::MockUpstream::start().await;
+    let spare = upstream::MockUpstream::start().await;
+    let cfg = format!(
+        r#"
+state: {{ redis: "redis://127.0.0.1:{port}", ledger: "{ledger}" }}
+providers:
+  primary: {{ kind: openai, base_url: "{p}/v1" }}
+  spare: {{ kind: openai, base_url: "{s}/v1" }}
+models:
+  m:
+    strategy: priority
+    retries: 0
+    deployments:
+      - {{ provider: primary, deployment: gpt-4o, priority: 0 }}
+      - {{ provider: spare, deployment: gpt-4o, priority: 1 }}
+"#,
+        port = redis.port,
+        ledger = pg.url(),
+        p = primary.url(),
+        s = spare.url(),
+    );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let served_by = |r: &reqwest::Response| {
+        r.headers()["x-switchyard-deployment"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // Replica b uses the primary while it is healthy.
+    let r = post(&b, KEY, &body).await;
+    assert_eq!(served_by(&r), "primary/gpt-4o");
+    // Replica a hears a 429 with retry-after-ms: the primary cools down for 5 s.
+    primary.script(upstream::Scripted::rate_limited(5000));
+    assert_eq!(post(&a, KEY, &body).await.status(), 429);
+    // Within a sync interval or two, b steers away from the primary too.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let before = primary.request_count();
+        let r = post(&b, KEY, &body).await;
+        assert_eq!(r.status(), 200);
+        if served_by(&r) == "spare/gpt-4o" {
+            assert_eq!(primary.request_count(), before);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica b never learned the cooldown:\n{}",
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop((a, b));
+    pg.drop_db().await;
+}

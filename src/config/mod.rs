@@ -492,7 +492,7 @@ impl Checker<'_> {
         if c.state.redis.is_some() {
             note(
                 p(&["state", "redis"]),
-                "sharing deployment cooldowns, upstream quotas and the cache through `state.redis`",
+                "sharing upstream quotas and the cache through `state.redis`",
             );
         }
     }

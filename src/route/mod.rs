@@ -3,6 +3,7 @@
 //! deployment, cooldowns with a single probe, first-token timeouts, and the three kinds of
 //! fallback. Deployment state (`state.rs`) outlives config generations.
 
+pub mod shared;
 pub mod state;
 
 use std::collections::HashSet;

@@ -225,6 +225,21 @@ impl DeploymentState {
         }
     }
 
+    /// The end of the current cooldown on the monotonic clock, if cooling down.
+    pub fn cooling_until(&self) -> Option<u64> {
+        let until = self.cooldown_until.load(Ordering::Acquire);
+        (until > now_ms()).then_some(until)
+    }
+
+    /// A cooldown another replica set: taken when it ends later than ours.
+    pub fn apply_remote_cooldown(&self, until: u64) {
+        let _ = self
+            .cooldown_until
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mine| {
+                (until > mine.max(now_ms())).then_some(until)
+            });
+    }
+
     pub fn fails_in_row(&self) -> u32 {
         self.fails_in_row.load(Ordering::Acquire)
     }
@@ -276,6 +291,14 @@ impl StateRegistry {
             Ok(mut m) => m.entry(label.to_string()).or_default().clone(),
             Err(_) => Arc::default(),
         }
+    }
+
+    /// Every deployment state, with its label.
+    pub fn snapshot(&self) -> Vec<(String, Arc<DeploymentState>)> {
+        self.states
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
     }
 
     /// Forgets deployments that the new config no longer has.

@@ -347,6 +347,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             .map(|w| Arc::from(w.expose())),
     };
     let registry = Arc::new(StateRegistry::default());
+    if let Some(url) = loaded.config.state.redis.as_ref().filter(|u| !u.is_empty()) {
+        crate::route::shared::spawn_cooldown_sync(url.expose(), registry.clone())?;
+    }
     let runtime = Runtime::build(loaded, 1, &registry)?;
     let routes = runtime.routes.len();
     let gateway = Arc::new(Gateway::new(
