@@ -342,3 +342,67 @@ models:
     drop((a, b));
     pg.drop_db().await;
 }
+
+#[tokio::test]
+async fn replicas_serve_each_others_cached_answers_and_redis_down_is_a_miss() {
+    let mut redis = Redis::start();
+    let pg = Pg::create().await;
+    let up = upstream::MockUpstream::start().await;
+    let cfg = format!(
+        r#"
+state: {{ redis: "redis://127.0.0.1:{port}", ledger: "{ledger}" }}
+providers:
+  up: {{ kind: openai, base_url: "{u}/v1" }}
+models:
+  m: {{ cache: {{ ttl: 1m }}, deployments: [ {{ provider: up, deployment: gpt-4o }} ] }}
+"#,
+        port = redis.port,
+        ledger = pg.url(),
+        u = up.url(),
+    );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "cache me"}]});
+    let r = post(&a, KEY, &body).await;
+    assert_eq!(r.headers()["x-switchyard-cache"], "miss");
+    let first: Value = r.json().await.unwrap();
+    // The Redis write is off the request path: wait until a's answer is there.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("{switchyard}:cache:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a's answer never reached Redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = post(&b, KEY, &body).await;
+    assert_eq!(
+        r.headers()["x-switchyard-cache"],
+        "hit",
+        "b serves a's answer"
+    );
+    let second: Value = r.json().await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(up.request_count(), 1);
+    let upstream_calls = up.request_count();
+
+    redis.stop();
+    let other = json!({"model": "m", "messages": [{"role": "user", "content": "not cached yet"}]});
+    let r = post(&b, KEY, &other).await;
+    assert_eq!(
+        r.status(),
+        200,
+        "Redis down makes the cache a miss, never an error"
+    );
+    assert_eq!(r.headers()["x-switchyard-cache"], "miss");
+    assert_eq!(up.request_count(), upstream_calls + 1);
+    drop((a, b));
+    pg.drop_db().await;
+}

@@ -211,6 +211,8 @@ pub struct ApiRequest {
     /// The output cap the gateway sets upstream when the client set none and a budget
     /// applies, so the request cannot cost more than it reserved. Set by the handler.
     pub output_cap: Option<u64>,
+    /// The body has a cap field (even `null`): the gateway adds none beside it.
+    pub client_set_cap_field: bool,
     /// The body's `user`, for the ledger.
     pub user: Option<String>,
     /// The client asked for the usage chunk of its stream (`stream_options.include_usage`).
@@ -264,6 +266,7 @@ impl ApiRequest {
         request_id: HeaderValue,
     ) -> Result<ApiRequest, GatewayError> {
         let mut max_tokens = None;
+        let mut client_set_cap_field = false;
         let mut choices = 1;
         let mut user = None;
         let mut client_wants_usage = false;
@@ -283,6 +286,9 @@ impl ApiRequest {
             for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
                 if let Some(n) = head.uint(field)? {
                     max_tokens = Some(n);
+                }
+                if head.field(field).is_some() {
+                    client_set_cap_field = true;
                 }
             }
             choices = head.uint("n")?.unwrap_or(1).max(1);
@@ -326,8 +332,10 @@ impl ApiRequest {
         let (estimated_prompt_tokens, prompt_bound) = match payload {
             Payload::Json { .. } => {
                 let text = text_bytes(&body) as u64;
-                let images = memchr::memmem::find_iter(&body, b"\"image_url\"").count()
-                    + memchr::memmem::find_iter(&body, b"\"input_image\"").count();
+                // The `image_url` key of a chat part or a Responses `input_image` part (not
+                // the `"type":"image_url"` value beside it).
+                let images = memchr::memmem::find_iter(&body, b"\"image_url\":").count()
+                    + memchr::memmem::find_iter(&body, b"\"image_url\" :").count();
                 (text.div_ceil(4), text + 1600 * images as u64)
             }
             Payload::Multipart { .. } => (0, 0),
@@ -343,6 +351,7 @@ impl ApiRequest {
             prompt_bound,
             choices,
             output_cap: None,
+            client_set_cap_field,
             user,
             client_wants_usage,
             upstream_headers,

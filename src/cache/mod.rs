@@ -55,6 +55,169 @@ type Waiting = watch::Receiver<Option<Arc<Entry>>>;
 pub struct Cache {
     store: moka::sync::Cache<Key, Arc<Entry>>,
     in_flight: Mutex<HashMap<Key, Waiting>>,
+    /// The second tier, shared by replicas (`state.redis`).
+    redis: Option<RedisTier>,
+}
+
+/// Entries in Redis, under the same keys; Redis being away makes lookups misses.
+struct RedisTier {
+    client: redis::Client,
+    conn: Arc<arc_swap::ArcSwapOption<redis::aio::MultiplexedConnection>>,
+    connecting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long a lookup may wait on Redis before it counts as a miss.
+const REDIS_WAIT: Duration = Duration::from_millis(250);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    json: String,
+    events: Option<Vec<String>>,
+    prompt: u64,
+    cached: u64,
+    completion: u64,
+    cost_usd: f64,
+}
+
+impl RedisTier {
+    fn conn(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let c = self.conn.load_full().map(|c| (*c).clone());
+        if c.is_none() {
+            self.reconnect();
+        }
+        c
+    }
+
+    fn reconnect(&self) {
+        use std::sync::atomic::Ordering;
+        self.conn.store(None);
+        if self.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (client, slot, flag) = (
+            self.client.clone(),
+            self.conn.clone(),
+            self.connecting.clone(),
+        );
+        tokio::spawn(async move {
+            let c = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.get_multiplexed_async_connection(),
+            )
+            .await;
+            if let Ok(Ok(c)) = c {
+                slot.store(Some(Arc::new(c)));
+            } else {
+                // Not yet: the next lookup tries again, at most every half second.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+
+    fn key(key: &Key) -> String {
+        let mut s = String::from("{switchyard}:cache:");
+        for b in key {
+            let _ = write!(s, "{b:02x}");
+        }
+        s
+    }
+
+    async fn get(&self, key: &Key) -> Option<Entry> {
+        let mut conn = self.conn()?;
+        let k = Self::key(key);
+        let got: Result<Result<(Option<String>, i64), redis::RedisError>, _> =
+            tokio::time::timeout(
+                REDIS_WAIT,
+                redis::pipe().get(&k).pttl(&k).query_async(&mut conn),
+            )
+            .await;
+        let (raw, pttl) = match got {
+            Ok(Ok((Some(raw), pttl))) => (raw, pttl),
+            Ok(Ok((None, _))) => return None,
+            _ => {
+                crate::telemetry::metrics::state_error("cache_get");
+                self.reconnect();
+                return None;
+            }
+        };
+        let s: Stored = serde_json::from_str(&raw).ok()?;
+        Some(Entry {
+            json: Bytes::from(s.json),
+            events: s.events.map(|e| e.into_iter().map(Bytes::from).collect()),
+            usage: Usage {
+                prompt: s.prompt,
+                cached: s.cached,
+                completion: s.completion,
+                ..Default::default()
+            },
+            cost_usd: s.cost_usd,
+            // The rest of its life in Redis.
+            ttl: Duration::from_millis(pttl.max(1) as u64),
+            stored: Instant::now(),
+        })
+    }
+
+    fn put(&self, key: &Key, e: &Entry) {
+        let slot = self.conn.clone();
+        if slot.load().is_none() {
+            self.reconnect();
+        }
+        let events = e.events.as_ref().map(|evs| {
+            evs.iter()
+                .map(|b| String::from_utf8(b.to_vec()))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let (Ok(json), events) = (String::from_utf8(e.json.to_vec()), events) else {
+            return;
+        };
+        let events = match events {
+            Some(Ok(v)) => Some(v),
+            Some(Err(_)) => return,
+            None => None,
+        };
+        let stored = Stored {
+            json,
+            events,
+            prompt: e.usage.prompt,
+            cached: e.usage.cached,
+            completion: e.usage.completion,
+            cost_usd: e.cost_usd,
+        };
+        let Ok(raw) = serde_json::to_string(&stored) else {
+            return;
+        };
+        let k = Self::key(key);
+        let ttl = e.ttl.as_millis().max(1) as u64;
+        tokio::spawn(async move {
+            // A connection being made is worth a short wait; a missing Redis is not.
+            let mut conn = None;
+            for _ in 0..20 {
+                if let Some(c) = slot.load_full() {
+                    conn = Some((*c).clone());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let Some(mut conn) = conn else {
+                crate::telemetry::metrics::state_error("cache_set");
+                return;
+            };
+            let r: Result<Result<(), redis::RedisError>, _> = tokio::time::timeout(
+                Duration::from_secs(2),
+                redis::cmd("SET")
+                    .arg(&k)
+                    .arg(raw)
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async(&mut conn),
+            )
+            .await;
+            if !matches!(r, Ok(Ok(()))) {
+                crate::telemetry::metrics::state_error("cache_set");
+            }
+        });
+    }
 }
 
 /// What a request does about the cache.
@@ -74,6 +237,9 @@ pub struct Leader {
 
 impl Leader {
     pub fn store(mut self, entry: Entry) {
+        if let Some(r) = &self.cache.redis {
+            r.put(&self.key, &entry);
+        }
         let entry = Arc::new(entry);
         self.cache.store.insert(self.key, entry.clone());
         if let Some(tx) = self.tx.take() {
@@ -94,15 +260,29 @@ impl Drop for Leader {
 }
 
 impl Cache {
-    pub fn new(max_bytes: u64) -> Arc<Cache> {
-        Arc::new(Cache {
+    pub fn new(max_bytes: u64, redis_url: Option<&str>) -> Result<Arc<Cache>, String> {
+        let redis = match redis_url {
+            None => None,
+            Some(url) => {
+                let tier = RedisTier {
+                    client: redis::Client::open(url)
+                        .map_err(|e| format!("bad state.redis URL: {e}"))?,
+                    conn: Arc::new(arc_swap::ArcSwapOption::empty()),
+                    connecting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                };
+                tier.reconnect();
+                Some(tier)
+            }
+        };
+        Ok(Arc::new(Cache {
+            redis,
             store: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
                 .expire_after(PerEntryTtl)
                 .build(),
             in_flight: Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
@@ -115,6 +295,13 @@ impl Cache {
         loop {
             if let Some(e) = self.store.get(&key) {
                 return Lookup::Hit(e);
+            }
+            if let Some(r) = &self.redis {
+                if let Some(e) = r.get(&key).await {
+                    let e = Arc::new(e);
+                    self.store.insert(key, e.clone());
+                    return Lookup::Hit(e);
+                }
             }
             let waiting = {
                 let Ok(mut m) = self.in_flight.lock() else {

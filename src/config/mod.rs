@@ -187,6 +187,7 @@ impl Checker<'_> {
         self.fallback_cycles(c);
         let hashes = self.keys(c);
         self.prices(c);
+        self.money(c);
         self.not_yet_enforced(c);
         hashes
     }
@@ -355,6 +356,66 @@ impl Checker<'_> {
         state.insert(route, Visit::Done);
     }
 
+    /// Budgets and prices are money: none may be negative, a soft budget sits below its limit.
+    fn money(&mut self, c: &Config) {
+        let mut budgets: Vec<(Vec<Seg>, &BudgetCfg)> = Vec::new();
+        if let Some(b) = &c.budget {
+            budgets.push((p(&["budget"]), b));
+        }
+        for (n, t) in &c.teams {
+            if let Some(b) = &t.budget {
+                budgets.push((p(&["teams", n, "budget"]), b));
+            }
+        }
+        for (i, k) in c.keys.iter().enumerate() {
+            if let Some(b) = &k.budget {
+                budgets.push((
+                    vec![
+                        Seg::Key("keys".into()),
+                        Seg::Index(i),
+                        Seg::Key("budget".into()),
+                    ],
+                    b,
+                ));
+            }
+        }
+        for (path, b) in budgets {
+            if !(b.usd.is_finite() && b.usd >= 0.0) {
+                self.error(&path, "a budget's `usd` must be a number >= 0");
+            }
+            if let Some(soft) = b.soft_usd {
+                if !(soft.is_finite() && soft >= 0.0 && soft <= b.usd) {
+                    self.error(&path, "`soft_usd` must be between 0 and the budget's `usd`");
+                }
+            }
+        }
+        let mut prices: Vec<(Vec<Seg>, &Pricing)> = Vec::new();
+        for (route, r) in &c.models {
+            if let Some(pr) = &r.pricing {
+                prices.push((p(&["models", route, "pricing"]), pr));
+            }
+            for (i, d) in r.deployments.iter().enumerate() {
+                if let Some(pr) = &d.pricing {
+                    let mut path = p(&["models", route, "deployments"]);
+                    path.extend([Seg::Index(i), Seg::Key("pricing".into())]);
+                    prices.push((path, pr));
+                }
+            }
+        }
+        for (path, pr) in prices {
+            let all = [
+                Some(pr.input_per_1m),
+                pr.cached_input_per_1m,
+                Some(pr.output_per_1m),
+                pr.per_image,
+                pr.per_audio_second,
+            ];
+            if all.iter().flatten().any(|v| !(v.is_finite() && *v >= 0.0)) {
+                self.error(&path, "prices must be numbers >= 0");
+            }
+        }
+    }
+
     fn keys(&mut self, c: &Config) -> Vec<[u8; 32]> {
         if c.keys.is_empty() {
             self.warn(
@@ -492,7 +553,7 @@ impl Checker<'_> {
         if c.state.redis.is_some() {
             note(
                 p(&["state", "redis"]),
-                "sharing upstream quotas and the cache through `state.redis`",
+                "sharing upstream quota counters through `state.redis`",
             );
         }
     }

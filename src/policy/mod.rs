@@ -183,8 +183,8 @@ impl Refused {
                     "insufficient_quota",
                     "budget_exceeded",
                     format!(
-                        "Budget exceeded for {}: {} USD of its {} USD {} budget is spent or \
-                         reserved, and this request could cost more than what is left.",
+                        "Budget exceeded for {}: {:.6} USD of its {:.6} USD {} budget is spent \
+                         or reserved, and this request could cost more than what is left.",
                         budget.id,
                         spent + reserved,
                         budget.usd,

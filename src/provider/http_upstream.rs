@@ -116,12 +116,12 @@ impl HttpUpstream {
 
     /// Azure takes the deployment from the path, so its body stays as the client sent it;
     /// everywhere else `model` must name what the upstream serves.
-    fn body(&self, req: &ApiRequest, deployment: &str) -> Bytes {
+    fn body(&self, req: &ApiRequest, deployment: &str, model: &str) -> Bytes {
         match &self.flavor {
             Flavor::Azure { .. } if req.op.azure_deployment_scoped() => {
-                req.upstream_body(None, self.stream_usage, deployment)
+                req.upstream_body(None, self.stream_usage, model)
             }
-            _ => req.upstream_body(Some(deployment), self.stream_usage, deployment),
+            _ => req.upstream_body(Some(deployment), self.stream_usage, model),
         }
     }
 
@@ -129,6 +129,7 @@ impl HttpUpstream {
         &self,
         req: &ApiRequest,
         deployment: &str,
+        model: &str,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         let mut builder = self
@@ -136,7 +137,7 @@ impl HttpUpstream {
             .post(self.url(req.op, deployment))
             .headers(req.upstream_headers.clone())
             .timeout(timeout)
-            .body(self.body(req, deployment));
+            .body(self.body(req, deployment, model));
         if let Some((name, value)) = &self.auth {
             builder = builder.header(name, value);
         }

@@ -53,15 +53,16 @@ impl Provider {
     }
 
     /// One attempt against this provider for `deployment` (the upstream's model or Azure
-    /// deployment name).
+    /// deployment name); `model` is the underlying model when the config names it.
     pub async fn send(
         &self,
         req: &ApiRequest,
         deployment: &str,
+        model: &str,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         match &self.kind {
-            ProviderKind::Http(h) => h.send(req, deployment, timeout).await,
+            ProviderKind::Http(h) => h.send(req, deployment, model, timeout).await,
             ProviderKind::Mock(m) => m.send(req, deployment).await,
         }
     }

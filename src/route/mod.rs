@@ -286,6 +286,9 @@ impl Route {
             Op::ChatCompletions | Op::Completions | Op::Responses => 4096,
             _ => 0,
         };
+        if default_cap == 0 {
+            return req.max_tokens.unwrap_or(0);
+        }
         req.max_tokens
             .or(self.max_output_tokens)
             .unwrap_or(default_cap)
@@ -545,7 +548,8 @@ impl Route {
                 self.first_token_timeout.as_secs_f64()
             ))
         };
-        let send = d.provider.send(req, &d.upstream, self.timeout);
+        let model = d.model.as_deref().unwrap_or(&d.upstream);
+        let send = d.provider.send(req, &d.upstream, model, self.timeout);
         let resp = if req.stream {
             tokio::time::timeout_at(deadline.into(), send)
                 .await

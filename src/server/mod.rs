@@ -143,9 +143,9 @@ impl Gateway {
         registry: Arc<StateRegistry>,
         accounting: Accounting,
         store: Store,
+        cache: Arc<crate::cache::Cache>,
         config_path: PathBuf,
     ) -> Gateway {
-        let cache = crate::cache::Cache::new(runtime.loaded.config.cache.max_bytes.0);
         Gateway {
             cache,
             registry,
@@ -210,8 +210,26 @@ impl Gateway {
         match result {
             Ok(rt) => {
                 let old = self.runtime();
-                if rt.loaded.config.server.listen != old.loaded.config.server.listen {
-                    tracing::warn!("server.listen changed: it takes effect at the next restart");
+                let (new, old) = (&rt.loaded.config, &old.loaded.config);
+                let restart_only = [
+                    ("server.listen", new.server.listen != old.server.listen),
+                    (
+                        "state",
+                        format!("{:?}", new.state) != format!("{:?}", old.state),
+                    ),
+                    (
+                        "cache.max_bytes",
+                        new.cache.max_bytes != old.cache.max_bytes,
+                    ),
+                    ("alerts.webhook", new.alerts.webhook != old.alerts.webhook),
+                ];
+                for (field, changed) in restart_only {
+                    if changed {
+                        tracing::warn!(
+                            field,
+                            "changed in the config: it takes effect at the next restart"
+                        );
+                    }
                 }
                 for w in rt.loaded.warning_lines() {
                     tracing::warn!("{w}");
@@ -352,11 +370,24 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     }
     let runtime = Runtime::build(loaded, 1, &registry)?;
     let routes = runtime.routes.len();
+    let redis_url = runtime
+        .loaded
+        .config
+        .state
+        .redis
+        .as_ref()
+        .filter(|u| !u.is_empty())
+        .map(|u| u.expose().to_string());
+    let cache = crate::cache::Cache::new(
+        runtime.loaded.config.cache.max_bytes.0,
+        redis_url.as_deref(),
+    )?;
     let gateway = Arc::new(Gateway::new(
         runtime,
         registry,
         accounting,
         store,
+        cache,
         opts.config_path.clone(),
     ));
     gateway.seed_budgets(&gateway.runtime()).await;
