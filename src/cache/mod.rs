@@ -48,9 +48,30 @@ impl moka::Expiry<Key, Arc<Entry>> for PerEntryTtl {
     fn expire_after_create(&self, _k: &Key, v: &Arc<Entry>, _now: Instant) -> Option<Duration> {
         Some(v.ttl)
     }
+
+    /// A replaced entry lives its own TTL, not what was left of the old one's.
+    fn expire_after_update(
+        &self,
+        _k: &Key,
+        v: &Arc<Entry>,
+        _now: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.ttl)
+    }
 }
 
-type Waiting = watch::Receiver<Option<Arc<Entry>>>;
+/// How a leader's fetch ended, for those waiting on it.
+#[derive(Clone)]
+enum Outcome {
+    Stored(Arc<Entry>),
+    /// Answered, but not cacheable: the waiters fetch their own, all at once.
+    NotStored,
+    /// Failed: one waiter tries again for the others (a failing upstream is not flooded).
+    Failed,
+}
+
+type Waiting = watch::Receiver<Option<Outcome>>;
 
 pub struct Cache {
     store: moka::sync::Cache<Key, Arc<Entry>>,
@@ -232,7 +253,9 @@ pub enum Lookup {
 pub struct Leader {
     cache: Arc<Cache>,
     key: Key,
-    tx: Option<watch::Sender<Option<Arc<Entry>>>>,
+    tx: Option<watch::Sender<Option<Outcome>>>,
+    /// This leader registered the key as in flight (and must take it out again).
+    registered: bool,
 }
 
 impl Leader {
@@ -243,18 +266,27 @@ impl Leader {
         let entry = Arc::new(entry);
         self.cache.store.insert(self.key, entry.clone());
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Some(entry));
+            let _ = tx.send(Some(Outcome::Stored(entry)));
+        }
+    }
+
+    /// The answer came but is not to be stored.
+    pub fn not_stored(mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Some(Outcome::NotStored));
         }
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.cache.in_flight.lock() {
-            m.remove(&self.key);
+        if self.registered {
+            if let Ok(mut m) = self.cache.in_flight.lock() {
+                m.remove(&self.key);
+            }
         }
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(None);
+            let _ = tx.send(Some(Outcome::Failed));
         }
     }
 }
@@ -320,10 +352,14 @@ impl Cache {
             let Some(mut rx) = waiting else { continue };
             match tokio::time::timeout(wait, rx.changed()).await {
                 Ok(Ok(())) => {
-                    if let Some(e) = rx.borrow().clone() {
-                        return Lookup::Hit(e);
+                    let outcome = rx.borrow().clone();
+                    match outcome {
+                        Some(Outcome::Stored(e)) => return Lookup::Hit(e),
+                        // Not cacheable: everyone fetches their own, at once.
+                        Some(Outcome::NotStored) => return Lookup::Lead(self.leader(key, None)),
+                        // Failed: loop; one waiter becomes the leader, the others wait for it.
+                        Some(Outcome::Failed) | None => {}
                     }
-                    // The leader failed: try again (one of the waiters becomes the leader).
                 }
                 // The leader went away, or takes too long: fetch it without waiting more.
                 Ok(Err(_)) => {}
@@ -337,10 +373,11 @@ impl Cache {
         self.leader(key, None)
     }
 
-    fn leader(self: &Arc<Self>, key: Key, tx: Option<watch::Sender<Option<Arc<Entry>>>>) -> Leader {
+    fn leader(self: &Arc<Self>, key: Key, tx: Option<watch::Sender<Option<Outcome>>>) -> Leader {
         Leader {
             cache: self.clone(),
             key,
+            registered: tx.is_some(),
             tx,
         }
     }

@@ -350,15 +350,16 @@ impl Tap {
                 Mode::Other => None,
             };
             // Estimated usage is not the upstream's: such answers are not worth keeping.
-            if let (Some((json, events)), Some(u)) = (entry, usage.filter(|u| !u.estimated)) {
-                leader.store(crate::cache::Entry {
+            match (entry, usage.filter(|u| !u.estimated)) {
+                (Some((json, events)), Some(u)) => leader.store(crate::cache::Entry {
                     json,
                     events,
                     usage: u,
                     cost_usd: record.price.cost(&u),
                     ttl,
                     stored: Instant::now(),
-                });
+                }),
+                _ => leader.not_stored(),
             }
         }
         self.kept.clear();

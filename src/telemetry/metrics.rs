@@ -192,8 +192,10 @@ pub fn init_series(
             m.cache_requests.with_label_values(&[route, result]);
         }
         for (deployment, provider) in deployments {
-            m.upstream_errors
-                .with_label_values(&[route, deployment, provider, "timeout"]);
+            for kind in ["connect", "timeout", "429", "500", "502", "503", "504"] {
+                m.upstream_errors
+                    .with_label_values(&[route, deployment, provider, kind]);
+            }
         }
     }
     for (scope, name) in limits {
@@ -203,5 +205,18 @@ pub fn init_series(
     }
     for (scope, name, _period) in budgets {
         m.ratelimited.with_label_values(&[scope, name, "budget"]);
+        for kind in ["soft", "hard"] {
+            m.budget_alerts.with_label_values(&[scope, name, kind]);
+        }
+    }
+    for operation in [
+        "connect",
+        "admit",
+        "settle",
+        "cooldown_sync",
+        "cache_get",
+        "cache_set",
+    ] {
+        m.state_errors.with_label_values(&[operation]);
     }
 }

@@ -141,10 +141,11 @@ impl LogLine {
         let elapsed = self.start.elapsed();
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         if let (Some(m), false) = (metrics::metrics(), f.endpoint.is_empty()) {
-            let route = if f.route.is_empty() {
-                "unknown"
-            } else {
-                &f.route
+            let route = match (f.route.is_empty(), f.endpoint) {
+                (false, _) => f.route.as_str(),
+                // A model list names no route.
+                (true, "models") => "none",
+                (true, _) => "unknown",
             };
             let status = self.status.to_string();
             m.requests
