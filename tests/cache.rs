@@ -1,0 +1,974 @@
+//! The response cache, black-box: the real binary on a real port, a recording mock upstream
+//! that counts what reaches it, the ledger read back after a clean shutdown and `/metrics`.
+//! Every default mock answer has its own id (`chatcmpl-mock-N`), so a hit is recognisable by
+//! carrying the id of the answer it was stored from.
+//!
+//! Not here (the Redis tier is not built): two gateways sharing a Redis serve each other's
+//! answers; Redis stopped mid-test makes misses, not errors.
+
+#[path = "support/gateway.rs"]
+mod gateway;
+#[path = "support/upstream.rs"]
+mod upstream;
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use gateway::{sha256_hex, Gateway};
+use serde_json::{json, Value};
+use switchyard::ledger::store::{LedgerRow, Store};
+use upstream::{MockUpstream, Scripted, StreamEnd};
+
+/// Client keys by name: `red1`, `red2` (team red), `blue1` (team blue), `solo`, `solo2` (no
+/// team), `narrow` (may only use the route `plain`), `metered` (team red, 1 request a minute).
+const KEYS: [(&str, &str, &str); 7] = [
+    ("red1", "sk-cache-red1", "team: red"),
+    ("red2", "sk-cache-red2", "team: red"),
+    ("blue1", "sk-cache-blue1", "team: blue"),
+    ("solo", "sk-cache-solo", ""),
+    ("solo2", "sk-cache-solo2", ""),
+    ("narrow", "sk-cache-narrow", "models: [plain]"),
+    (
+        "metered",
+        "sk-cache-metered",
+        "team: red, limits: { rpm: 1 }",
+    ),
+];
+
+fn secret(name: &str) -> &'static str {
+    KEYS.iter()
+        .find(|(n, _, _)| *n == name)
+        .map(|(_, s, _)| *s)
+        .expect("a known key")
+}
+
+/// `cache` is the top-level `cache:` section (YAML flow map).
+fn config(up: &MockUpstream, cache: &str) -> String {
+    let keys: String = KEYS
+        .iter()
+        .map(|(name, s, extra)| {
+            let extra = if extra.is_empty() {
+                String::new()
+            } else {
+                format!(", {extra}")
+            };
+            format!(
+                "  - {{ name: {name}, key: \"sha256:{}\"{extra} }}\n",
+                sha256_hex(s)
+            )
+        })
+        .collect();
+    format!(
+        r#"
+cache: {cache}
+providers:
+  up: {{ kind: openai, base_url: "{u}/v1" }}
+models:
+  m:
+    cache: {{ ttl: 30s }}
+    pricing: {{ input_per_1m: 2.50, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: up, deployment: m-up }} ]
+  m2:
+    cache: {{ ttl: 30s }}
+    pricing: {{ input_per_1m: 2.50, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: up, deployment: m-up }} ]
+  short:
+    cache: {{ ttl: 1s }}
+    pricing: {{ input_per_1m: 2.50, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: up, deployment: m-up }} ]
+  ttl2:
+    cache: {{ ttl: 2s }}
+    pricing: {{ input_per_1m: 2.50, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: up, deployment: m-up }} ]
+  plain:
+    pricing: {{ input_per_1m: 2.50, output_per_1m: 10.00 }}
+    deployments: [ {{ provider: up, deployment: m-up }} ]
+  emb:
+    cache: {{ ttl: 30s }}
+    pricing: {{ input_per_1m: 0.02, output_per_1m: 0 }}
+    deployments: [ {{ provider: up, deployment: emb-up }} ]
+routing: {{ allowed_fails: 100, retries: 0 }}
+teams:
+  red: {{}}
+  blue: {{}}
+keys:
+{keys}"#,
+        u = up.url()
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// One answer as the client saw it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// `x-switchyard-cache`, when the gateway sent one.
+    cache: Option<String>,
+    deployment: Option<String>,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    fn cache(&self) -> &str {
+        self.cache.as_deref().unwrap_or("<none>")
+    }
+}
+
+async fn send(gw: &Gateway, key: &str, path: &str, body: &Value, cache_control: &str) -> Answer {
+    let mut req = client()
+        .post(gw.url(path))
+        .bearer_auth(secret(key))
+        .json(body);
+    if !cache_control.is_empty() {
+        req = req.header("cache-control", cache_control);
+    }
+    let resp = req.send().await.unwrap();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let cache = header("x-switchyard-cache");
+    let deployment = header("x-switchyard-deployment");
+    let status = resp.status().as_u16();
+    Answer {
+        status,
+        cache,
+        deployment,
+        body: resp.text().await.unwrap(),
+    }
+}
+
+async fn chat(gw: &Gateway, key: &str, body: &Value) -> Answer {
+    send(gw, key, "/v1/chat/completions", body, "").await
+}
+
+fn ask(route: &str, text: &str) -> Value {
+    json!({"model": route, "messages": [{"role": "user", "content": text}]})
+}
+
+/// The JSON data of every SSE event but `[DONE]`.
+fn events(body: &str) -> Vec<Value> {
+    body.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("event {d}: {e}")))
+        .collect()
+}
+
+/// The text a client reassembles from a chat stream (choice 0).
+fn stream_text(body: &str) -> String {
+    events(body)
+        .iter()
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// The usage chunk's usage, if the stream had one.
+fn stream_usage(body: &str) -> Option<Value> {
+    events(body)
+        .into_iter()
+        .find(|v| v["usage"].is_object())
+        .map(|v| v["usage"].clone())
+}
+
+fn stream_finish(body: &str) -> Option<String> {
+    events(body)
+        .iter()
+        .find_map(|v| v["choices"][0]["finish_reason"].as_str().map(String::from))
+}
+
+/// A sample's value on `/metrics`: the line of `name` whose labels include all of `labels`.
+async fn metric(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = client()
+        .get(gw.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .map(|v| v.parse().unwrap())
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+}
+
+/// Stops the gateway cleanly (the ledger is flushed at shutdown) and reads every row.
+async fn rows_after_shutdown(gw: &mut Gateway) -> Vec<LedgerRow> {
+    gw.signal("TERM");
+    let status = gw
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("gateway exits");
+    assert!(status.success(), "{}", gw.logs());
+    let url = format!("sqlite://{}", gw.dir.path().join("switchyard.db").display());
+    let store = Store::open(&url).await.unwrap();
+    let rows = store.rows().await.unwrap();
+    store.close().await;
+    rows
+}
+
+/// Waits out the last seconds of a minute, so per-minute counters do not roll over mid-test.
+async fn not_near_a_minute_boundary() {
+    let secs = chrono::Utc::now().timestamp() % 60;
+    if secs > 50 {
+        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
+    }
+}
+
+/// A complete chat answer with usage, `content` as its text.
+fn chat_answer(id: &str, content: &str) -> String {
+    json!({"id": id, "object": "chat.completion", "created": 1, "model": "m-up",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "logprobs": null, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30}})
+    .to_string()
+}
+
+#[tokio::test]
+async fn a_hit_is_served_without_the_upstream_costs_nothing_and_its_saving_is_counted() {
+    not_near_a_minute_boundary().await;
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "{}")).await;
+    let q = ask("m", "What is the capital of France?");
+
+    let first = chat(&gw, "red1", &q).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.cache(), "miss");
+    assert_eq!(first.deployment.as_deref(), Some("up/m-up"));
+    assert_eq!(up.request_count(), 1);
+
+    let second = chat(&gw, "red1", &q).await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert_eq!(second.cache(), "hit");
+    assert_eq!(second.deployment.as_deref(), Some("cache"));
+    assert_eq!(up.request_count(), 1, "a hit does not reach the upstream");
+    assert_eq!(second.json(), first.json(), "the hit is the stored answer");
+    assert_eq!(second.json()["id"], "chatcmpl-mock-1");
+
+    // A route without `cache:` and an operation the cache does not keep: no header.
+    let plain = chat(&gw, "red1", &ask("plain", "What is the capital of France?")).await;
+    assert_eq!((plain.status, plain.cache.as_deref()), (200, None));
+    let responses = send(
+        &gw,
+        "red1",
+        "/v1/responses",
+        &json!({"model": "m", "input": "hi"}),
+        "",
+    )
+    .await;
+    assert_eq!(responses.status, 200, "{}", responses.body);
+    assert_eq!(responses.cache, None, "responses are not cached");
+    let responses = send(
+        &gw,
+        "red1",
+        "/v1/responses",
+        &json!({"model": "m", "input": "hi"}),
+        "",
+    )
+    .await;
+    assert_eq!(responses.cache, None);
+    assert_eq!(up.request_count(), 4);
+
+    // Embeddings are kept too.
+    let e = json!({"model": "emb", "input": "cache me"});
+    let e1 = send(&gw, "red1", "/v1/embeddings", &e, "").await;
+    let e2 = send(&gw, "red1", "/v1/embeddings", &e, "").await;
+    assert_eq!((e1.cache(), e2.cache()), ("miss", "hit"));
+    assert_eq!(e1.json(), e2.json());
+    assert_eq!(up.request_count(), 5);
+
+    // A hit takes nothing from limits: `metered` may make one request a minute.
+    let m1 = chat(&gw, "metered", &ask("m", "metered question")).await;
+    assert_eq!((m1.status, m1.cache()), (200, "miss"));
+    for _ in 0..3 {
+        let again = chat(&gw, "metered", &ask("m", "metered question")).await;
+        assert_eq!(
+            (again.status, again.cache()),
+            (200, "hit"),
+            "{}",
+            again.body
+        );
+    }
+    let other = chat(&gw, "metered", &ask("m", "another question")).await;
+    assert_eq!(other.status, 429, "the minute's one request was the miss");
+    assert_eq!(up.request_count(), 6);
+
+    // A key that may not use the route gets no answer from the cache either.
+    let denied = chat(&gw, "narrow", &q).await;
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert_eq!(denied.cache, None);
+
+    // Metrics: the hits and misses of `m`, and what the hits saved.
+    let hits = metric(
+        &gw,
+        "switchyard_cache_requests_total",
+        &[("route", "m"), ("result", "hit")],
+    )
+    .await;
+    let misses = metric(
+        &gw,
+        "switchyard_cache_requests_total",
+        &[("route", "m"), ("result", "miss")],
+    )
+    .await;
+    assert_eq!((hits, misses), (4.0, 3.0));
+    let saved = metric(&gw, "switchyard_cache_saved_usd_total", &[("route", "m")]).await;
+
+    let rows = rows_after_shutdown(&mut gw).await;
+    let m_rows: Vec<&LedgerRow> = rows
+        .iter()
+        .filter(|r| r.route == "m" && r.endpoint == "chat/completions" && r.status == 200)
+        .collect();
+    assert_eq!(m_rows.len(), 6, "{rows:#?}");
+    let (hit_rows, miss_rows): (Vec<&LedgerRow>, Vec<&LedgerRow>) =
+        m_rows.iter().partition(|r| r.cache_hit);
+    assert_eq!((hit_rows.len(), miss_rows.len()), (4, 2), "{rows:#?}");
+    for r in &hit_rows {
+        assert_eq!(r.cost_usd, 0.0, "a hit costs nothing: {r:?}");
+        assert_eq!(r.deployment, "cache");
+        assert_eq!((r.prompt_tokens, r.completion_tokens), (0, 0));
+    }
+    let france = miss_rows.iter().find(|r| r.key == "red1").unwrap();
+    let metered = miss_rows.iter().find(|r| r.key == "metered").unwrap();
+    assert!(france.cost_usd > 0.0 && !france.cache_hit);
+    // One hit of the first answer, three of the metered one.
+    let expected = france.cost_usd + 3.0 * metered.cost_usd;
+    assert!(
+        (saved - expected).abs() < 1e-12,
+        "saved {saved}, the misses cost {expected}"
+    );
+    let emb_hits = rows.iter().filter(|r| r.route == "emb" && r.cache_hit);
+    assert_eq!(emb_hits.count(), 1);
+}
+
+#[tokio::test]
+async fn the_key_ignores_key_order_number_spelling_user_and_stream_options() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let stored = chat(
+        &gw,
+        "red1",
+        &serde_json::from_str(
+            r#"{"model":"m","temperature":0,"max_tokens":50,"top_p":1.0,
+                "messages":[{"role":"user","content":"canonical"}],"user":"alice"}"#,
+        )
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(stored.cache(), "miss");
+    let id = stored.json()["id"].clone();
+
+    // The same request, spelled differently: all hits on the stored answer.
+    for same in [
+        r#"{"messages":[{"content":"canonical","role":"user"}],"max_tokens":50,"top_p":1,"temperature":0,"model":"m"}"#,
+        r#"{"model":"m","temperature":0.0,"max_tokens":50,"top_p":1.0,"messages":[{"role":"user","content":"canonical"}],"user":"bob"}"#,
+        r#"  { "model" : "m" , "temperature" : 0 , "max_tokens" : 50 , "top_p" : 1e0 ,
+             "messages" : [ { "role" : "user" , "content" : "canonical" } ] }  "#,
+        r#"{"model":"m","temperature":0,"max_tokens":50,"top_p":1,"messages":[{"role":"user","content":"canonical"}],"stream":false,"stream_options":{"include_usage":false}}"#,
+    ] {
+        let a = chat(&gw, "red1", &serde_json::from_str(same).unwrap()).await;
+        assert_eq!((a.status, a.cache()), (200, "hit"), "{same}: {}", a.body);
+        assert_eq!(a.json()["id"], id, "{same}");
+    }
+    assert_eq!(up.request_count(), 1);
+
+    // Anything else that can change the answer is another entry.
+    for different in [
+        r#"{"model":"m","temperature":0,"max_tokens":50,"top_p":1,"messages":[{"role":"user","content":"Canonical"}]}"#,
+        r#"{"model":"m","temperature":0.5,"max_tokens":50,"top_p":1,"messages":[{"role":"user","content":"canonical"}]}"#,
+        r#"{"model":"m","temperature":0,"max_tokens":51,"top_p":1,"messages":[{"role":"user","content":"canonical"}]}"#,
+        r#"{"model":"m","temperature":0,"max_tokens":50,"top_p":1,"messages":[{"role":"system","content":"canonical"}]}"#,
+        r#"{"model":"m","temperature":0,"max_tokens":50,"top_p":1,"messages":[{"role":"user","content":"canonical"}],"seed":7}"#,
+        // Another route on the same upstream.
+        r#"{"model":"m2","temperature":0,"max_tokens":50,"top_p":1,"messages":[{"role":"user","content":"canonical"}]}"#,
+    ] {
+        let a = chat(&gw, "red1", &serde_json::from_str(different).unwrap()).await;
+        assert_eq!(
+            (a.status, a.cache()),
+            (200, "miss"),
+            "{different}: {}",
+            a.body
+        );
+        assert_ne!(a.json()["id"], id, "{different}");
+    }
+    assert_eq!(up.request_count(), 7);
+
+    // The same body on another operation is another entry: completions with a `prompt`.
+    let p = json!({"model": "m", "prompt": "canonical", "max_tokens": 5});
+    let c1 = send(&gw, "red1", "/v1/completions", &p, "").await;
+    let c2 = send(&gw, "red1", "/v1/completions", &p, "").await;
+    assert_eq!((c1.cache(), c2.cache()), ("miss", "hit"), "{}", c1.body);
+    assert_eq!(c1.json(), c2.json());
+}
+
+#[tokio::test]
+async fn scope_team_by_default_keeps_teams_apart_and_a_key_without_team_to_itself() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let q = ask("m", "scoped question");
+    let mut seen = Vec::new();
+    for (key, expected) in [
+        ("red1", "miss"),
+        ("red2", "hit"), // same team
+        ("blue1", "miss"),
+        ("blue1", "hit"),
+        ("solo", "miss"), // no team: scoped to itself
+        ("solo", "hit"),
+        ("solo2", "miss"),
+        ("red1", "hit"),
+    ] {
+        let a = chat(&gw, key, &q).await;
+        assert_eq!((a.status, a.cache()), (200, expected), "{key}: {}", a.body);
+        seen.push((key, a.json()["id"].as_str().unwrap().to_string()));
+    }
+    assert_eq!(up.request_count(), 4);
+    let id_of = |k: &str| {
+        seen.iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, id)| id.clone())
+            .unwrap()
+    };
+    assert_eq!(seen[1].1, id_of("red1"), "red2 got red1's answer");
+    assert_ne!(id_of("blue1"), id_of("red1"));
+    assert_ne!(id_of("solo"), id_of("solo2"));
+}
+
+#[tokio::test]
+async fn scope_key_keeps_every_key_apart() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{ scope: key }")).await;
+    let q = ask("m", "per-key question");
+    for (key, expected) in [
+        ("red1", "miss"),
+        ("red2", "miss"), // same team, another key
+        ("red1", "hit"),
+        ("red2", "hit"),
+        ("solo", "miss"),
+    ] {
+        let a = chat(&gw, key, &q).await;
+        assert_eq!((a.status, a.cache()), (200, expected), "{key}: {}", a.body);
+    }
+    assert_eq!(up.request_count(), 3);
+}
+
+#[tokio::test]
+async fn scope_global_shares_answers_between_everyone() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{ scope: global }")).await;
+    let q = ask("m", "shared question");
+    let first = chat(&gw, "red1", &q).await;
+    assert_eq!(first.cache(), "miss");
+    for key in ["red2", "blue1", "solo", "solo2"] {
+        let a = chat(&gw, key, &q).await;
+        assert_eq!((a.status, a.cache()), (200, "hit"), "{key}: {}", a.body);
+        assert_eq!(a.json(), first.json());
+    }
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn entries_expire_after_their_routes_ttl() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let short = ask("short", "ttl question");
+    let long = ask("m", "ttl question");
+    assert_eq!(chat(&gw, "red1", &short).await.cache(), "miss");
+    assert_eq!(chat(&gw, "red1", &long).await.cache(), "miss");
+    assert_eq!(chat(&gw, "red1", &short).await.cache(), "hit");
+    assert_eq!(chat(&gw, "red1", &long).await.cache(), "hit");
+    assert_eq!(up.request_count(), 2);
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let expired = chat(&gw, "red1", &short).await;
+    assert_eq!(
+        (expired.status, expired.cache()),
+        (200, "miss"),
+        "ttl 1s, 1.5s later"
+    );
+    assert_eq!(
+        chat(&gw, "red1", &long).await.cache(),
+        "hit",
+        "ttl 30s: still there"
+    );
+    assert_eq!(up.request_count(), 3);
+    // The fresh answer is stored again.
+    let again = chat(&gw, "red1", &short).await;
+    assert_eq!(again.cache(), "hit");
+    assert_eq!(again.json(), expired.json());
+}
+
+// Fails: `PerEntryTtl` (src/cache/mod.rs) implements only `expire_after_create`; moka's default
+// `expire_after_update` keeps the old entry's remaining time, so an answer stored over an
+// existing one (`Cache-Control: no-cache`) expires when the one it replaced would have.
+#[tokio::test]
+
+async fn a_no_cache_refresh_lives_its_own_ttl() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let q = ask("ttl2", "refreshed question");
+    assert_eq!(chat(&gw, "red1", &q).await.cache(), "miss");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Replaces the stored answer: it is kept for the route's 2s from now.
+    let fresh = send(&gw, "red1", "/v1/chat/completions", &q, "no-cache").await;
+    assert_eq!(fresh.cache(), "skip");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // 2.4s after the first answer, 1.2s after the refresh.
+    let a = chat(&gw, "red1", &q).await;
+    assert_eq!(
+        a.cache(),
+        "hit",
+        "the refreshed answer expired with the one it replaced"
+    );
+    assert_eq!(a.json(), fresh.json());
+}
+
+/// An embeddings request whose answer is about 2.3 KB (400 dimensions in base64).
+fn big_embedding(input: &str) -> Value {
+    json!({"model": "emb", "input": input, "dimensions": 400, "encoding_format": "base64"})
+}
+
+/// What an answer weighs in the cache: its JSON and 128 bytes.
+fn weight(a: &Answer) -> usize {
+    a.body.len() + 128
+}
+
+#[tokio::test]
+async fn the_cache_holds_no_more_than_max_bytes() {
+    const MAX: usize = 10 * 1024;
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{ max_bytes: 10KiB }")).await;
+    let get = |input: String| {
+        let gw = &gw;
+        async move { send(gw, "red1", "/v1/embeddings", &big_embedding(&input), "").await }
+    };
+    const N: usize = 12;
+    for i in 0..N {
+        let a = get(format!("text {i:02}")).await;
+        assert_eq!((a.status, a.cache()), (200, "miss"), "{}", a.body);
+        assert!((2200..2500).contains(&weight(&a)), "{}", weight(&a));
+    }
+    assert_eq!(up.request_count(), N);
+    // The cache settles its size lazily, on its operations after a short while.
+    for poke in ["poke 1", "poke 2"] {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let p = json!({"model": "emb", "input": poke});
+        send(&gw, "red1", "/v1/embeddings", &p, "").await;
+    }
+
+    // Ask for the twelve again: only what fits in 10 KiB can still be there (four of them).
+    // A miss here stores again, which can only push others out: the hits counted never
+    // weigh more than the cache holds.
+    let mut held = 0;
+    let mut hits = Vec::new();
+    for i in 0..N {
+        let a = get(format!("text {i:02}")).await;
+        assert_eq!(a.status, 200);
+        if a.cache() == "hit" {
+            held += weight(&a);
+            hits.push(i);
+        } else {
+            assert_eq!(a.cache(), "miss");
+        }
+    }
+    assert!(held <= MAX, "hits {hits:?} weigh {held} bytes > {MAX}");
+    assert!(hits.len() <= 4, "{hits:?}");
+
+    // When full, a new answer gets in by being asked for more often than what it pushes
+    // out (moka's TinyLFU admission): ask one until it is kept.
+    let mut in_a_row = 0;
+    let mut newcomer = 0;
+    for _ in 0..20 {
+        let a = get("newcomer".to_string()).await;
+        assert_eq!(a.status, 200);
+        newcomer = weight(&a);
+        in_a_row = if a.cache() == "hit" { in_a_row + 1 } else { 0 };
+        if in_a_row == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        in_a_row, 2,
+        "the newcomer asked twenty times was never kept"
+    );
+    // It pushed older answers out: with it, at most three of the twelve still fit.
+    let mut held = newcomer;
+    let mut hits = Vec::new();
+    for i in 0..N {
+        let a = get(format!("text {i:02}")).await;
+        if a.cache() == "hit" {
+            held += weight(&a);
+            hits.push(i);
+        }
+    }
+    assert!(
+        held <= MAX,
+        "the newcomer and {hits:?} weigh {held} bytes > {MAX}"
+    );
+    assert!(hits.len() <= 3, "{hits:?}");
+}
+
+#[tokio::test]
+async fn cache_control_no_cache_skips_the_lookup_and_stores_no_store_does_neither() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let q = ask("m", "directive question");
+    let path = "/v1/chat/completions";
+
+    let a = send(&gw, "red1", path, &q, "no-store").await;
+    assert_eq!((a.status, a.cache()), (200, "skip"));
+    let b = chat(&gw, "red1", &q).await;
+    assert_eq!(b.cache(), "miss", "no-store stored nothing");
+    assert_ne!(b.json()["id"], a.json()["id"]);
+    let c = send(&gw, "red1", path, &q, "no-store").await;
+    assert_eq!(c.cache(), "skip", "no-store does not read either");
+    assert_ne!(c.json()["id"], b.json()["id"]);
+    assert_eq!(
+        chat(&gw, "red1", &q).await.json(),
+        b.json(),
+        "b still stored"
+    );
+
+    let d = send(&gw, "red1", path, &q, "no-cache").await;
+    assert_eq!(d.cache(), "skip");
+    assert_ne!(d.json()["id"], b.json()["id"], "no-cache went upstream");
+    let e = chat(&gw, "red1", &q).await;
+    assert_eq!(e.cache(), "hit");
+    assert_eq!(e.json(), d.json(), "no-cache stored its fresh answer");
+
+    // Directives are case-insensitive and may come with others.
+    let f = send(&gw, "red1", path, &q, "max-age=0, No-Cache").await;
+    assert_eq!(f.cache(), "skip");
+    assert_eq!(up.request_count(), 5);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_stored_and_replayed_to_streams_and_plain_requests() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "{}")).await;
+    let mut stream_q = ask("m", "stream me");
+    stream_q["stream"] = json!(true);
+    stream_q["stream_options"] = json!({"include_usage": true});
+
+    let original = chat(&gw, "red1", &stream_q).await;
+    assert_eq!((original.status, original.cache()), (200, "miss"));
+    let text = stream_text(&original.body);
+    assert_eq!(text, upstream::MOCK_TEXT);
+    let usage = stream_usage(&original.body).expect("the usage chunk");
+    assert!(original.body.ends_with("data: [DONE]\n\n"));
+
+    // Streamed again, with usage: the same events, byte for byte.
+    let replay = chat(&gw, "red1", &stream_q).await;
+    assert_eq!((replay.status, replay.cache()), (200, "hit"));
+    assert_eq!(stream_text(&replay.body), text);
+    assert_eq!(stream_usage(&replay.body), Some(usage.clone()));
+    assert_eq!(stream_finish(&replay.body).as_deref(), Some("stop"));
+    assert_eq!(replay.body, original.body);
+
+    // Streamed without asking for usage: the usage chunk is left out.
+    let mut no_usage_q = stream_q.clone();
+    no_usage_q.as_object_mut().unwrap().remove("stream_options");
+    let quiet = chat(&gw, "red1", &no_usage_q).await;
+    assert_eq!(quiet.cache(), "hit");
+    assert_eq!(stream_text(&quiet.body), text);
+    assert_eq!(stream_usage(&quiet.body), None);
+    assert!(quiet.body.ends_with("data: [DONE]\n\n"));
+    assert_eq!(events(&quiet.body).len(), events(&original.body).len() - 1);
+
+    // Asked as a plain request: one JSON answer with the same text, usage and id.
+    let whole = chat(&gw, "red1", &ask("m", "stream me")).await;
+    assert_eq!(
+        (whole.status, whole.cache()),
+        (200, "hit"),
+        "{}",
+        whole.body
+    );
+    let v = whole.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"], usage);
+    assert_eq!(v["id"], events(&original.body)[0]["id"]);
+    assert_eq!(up.request_count(), 1);
+
+    // The other way round: a plain answer replayed as a stream.
+    let plain = chat(&gw, "red1", &ask("m", "plain first")).await;
+    assert_eq!(plain.cache(), "miss");
+    let pv = plain.json();
+    let mut as_stream = ask("m", "plain first");
+    as_stream["stream"] = json!(true);
+    as_stream["stream_options"] = json!({"include_usage": true});
+    let s = chat(&gw, "red1", &as_stream).await;
+    assert_eq!((s.status, s.cache()), (200, "hit"));
+    assert_eq!(stream_text(&s.body), pv["choices"][0]["message"]["content"]);
+    assert_eq!(stream_usage(&s.body), Some(pv["usage"].clone()));
+    assert_eq!(stream_finish(&s.body).as_deref(), Some("stop"));
+    assert!(s.body.ends_with("data: [DONE]\n\n"));
+    as_stream.as_object_mut().unwrap().remove("stream_options");
+    let s = chat(&gw, "red1", &as_stream).await;
+    assert_eq!(s.cache(), "hit");
+    assert_eq!(stream_text(&s.body), pv["choices"][0]["message"]["content"]);
+    assert_eq!(stream_usage(&s.body), None);
+
+    // A stream whose client did not ask for usage is stored with the usage the gateway asked
+    // for: a later client that asks gets it.
+    let mut quiet_first = ask("m", "quiet first");
+    quiet_first["stream"] = json!(true);
+    let q1 = chat(&gw, "red1", &quiet_first).await;
+    assert_eq!((q1.cache(), stream_usage(&q1.body)), ("miss", None));
+    quiet_first["stream_options"] = json!({"include_usage": true});
+    let q2 = chat(&gw, "red1", &quiet_first).await;
+    assert_eq!(q2.cache(), "hit");
+    assert_eq!(stream_text(&q2.body), stream_text(&q1.body));
+    let q_usage = stream_usage(&q2.body).expect("the stored usage chunk");
+    assert_eq!(q_usage["completion_tokens"], upstream::COMPLETION_TOKENS);
+    assert_eq!(up.request_count(), 3);
+
+    // The ledger: three misses that cost, six hits that cost nothing.
+    let rows = rows_after_shutdown(&mut gw).await;
+    let hits: Vec<&LedgerRow> = rows.iter().filter(|r| r.cache_hit).collect();
+    let misses: Vec<&LedgerRow> = rows.iter().filter(|r| !r.cache_hit).collect();
+    assert_eq!((hits.len(), misses.len()), (6, 3), "{rows:#?}");
+    assert!(hits.iter().all(|r| r.cost_usd == 0.0 && r.status == 200));
+    assert!(misses.iter().all(|r| r.cost_usd > 0.0));
+}
+
+#[tokio::test]
+async fn a_stream_cut_into_odd_pieces_upstream_is_stored_whole() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let all = [
+        upstream::chat_chunk(Some("assistant"), Some(""), None),
+        upstream::chat_chunk(None, Some("Pie"), None),
+        upstream::chat_chunk(None, Some("ces"), None),
+        upstream::chat_chunk(None, None, Some("stop")),
+        upstream::usage_chunk(7, 3),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    // Writes that end in the middle of events.
+    let cuts = [0, 17, 150, 151, 400, 401, 402, all.len() - 3, all.len()];
+    let pieces: Vec<(u64, &str)> = cuts.windows(2).map(|w| (5, &all[w[0]..w[1]])).collect();
+    up.script(Scripted::stream(&pieces, StreamEnd::Finish));
+    let mut q = ask("m", "odd pieces");
+    q["stream"] = json!(true);
+    q["stream_options"] = json!({"include_usage": true});
+    let first = chat(&gw, "red1", &q).await;
+    assert_eq!((first.status, first.cache()), (200, "miss"));
+    assert_eq!(stream_text(&first.body), "Pieces");
+    let second = chat(&gw, "red1", &q).await;
+    assert_eq!(second.cache(), "hit");
+    assert_eq!(second.body, first.body);
+    let whole = chat(&gw, "red1", &ask("m", "odd pieces")).await;
+    assert_eq!(whole.cache(), "hit");
+    assert_eq!(whole.json()["choices"][0]["message"]["content"], "Pieces");
+    assert_eq!(whole.json()["usage"]["prompt_tokens"], 7);
+    assert_eq!(up.request_count(), 1);
+}
+
+#[tokio::test]
+async fn failures_cut_streams_and_answers_without_usage_are_not_stored() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+
+    // An upstream error.
+    up.script(Scripted::server_error(500));
+    let q = ask("m", "fails first");
+    let a = chat(&gw, "red1", &q).await;
+    assert!(a.status >= 500, "{}", a.body);
+    let b = chat(&gw, "red1", &q).await;
+    assert_eq!((b.status, b.cache()), (200, "miss"), "{}", b.body);
+    let c = chat(&gw, "red1", &q).await;
+    assert_eq!(c.cache(), "hit");
+
+    // A stream that breaks off: the client gets an error event, nothing is stored.
+    up.script(Scripted::stream(
+        &[
+            (0, &upstream::chat_chunk(Some("assistant"), Some(""), None)),
+            (5, &upstream::chat_chunk(None, Some("Half"), None)),
+        ],
+        StreamEnd::Abort,
+    ));
+    let mut s = ask("m", "breaks off");
+    s["stream"] = json!(true);
+    let cut = chat(&gw, "red1", &s).await;
+    assert_eq!(cut.status, 200);
+    assert!(cut.body.contains("\"error\""), "{}", cut.body);
+    let whole = chat(&gw, "red1", &s).await;
+    assert_eq!(whole.cache(), "miss");
+    assert_eq!(stream_text(&whole.body), upstream::MOCK_TEXT);
+    assert_eq!(chat(&gw, "red1", &s).await.cache(), "hit");
+
+    // An answer without usage (the gateway would only estimate it) is not kept.
+    let mut no_usage: Value = serde_json::from_str(&chat_answer("no-usage", "hi")).unwrap();
+    no_usage.as_object_mut().unwrap().remove("usage");
+    up.script(Scripted::respond(200, no_usage.to_string()));
+    let n = ask("m", "no usage");
+    let n1 = chat(&gw, "red1", &n).await;
+    assert_eq!(
+        (n1.cache(), n1.json()["id"].as_str()),
+        ("miss", Some("no-usage"))
+    );
+    let n2 = chat(&gw, "red1", &n).await;
+    assert_eq!(n2.cache(), "miss");
+    assert_ne!(n2.json()["id"], "no-usage");
+    assert_eq!(up.request_count(), 6);
+}
+
+#[tokio::test]
+async fn ten_concurrent_identical_requests_reach_the_upstream_once() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    up.script(Scripted::Delay(
+        Duration::from_millis(600),
+        Box::new(Scripted::respond(200, chat_answer("the-one", "together"))),
+    ));
+    let q = ask("m", "all at once");
+    let answers = join_all((0..10).map(|_| chat(&gw, "red1", &q))).await;
+    assert_eq!(up.request_count(), 1, "{answers:#?}");
+    let mut results: Vec<&str> = answers.iter().map(Answer::cache).collect();
+    results.sort();
+    assert_eq!(results, [vec!["hit"; 9], vec!["miss"]].concat());
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.json()["id"], "the-one");
+    }
+
+    // Streams wait the same way, and are replayed the stream they waited for.
+    let mut s = ask("m", "stream all at once");
+    s["stream"] = json!(true);
+    s["stream_options"] = json!({"include_usage": true});
+    let events: Vec<(u64, String)> = [
+        upstream::chat_chunk(Some("assistant"), Some(""), None),
+        upstream::chat_chunk(None, Some("Toge"), None),
+        upstream::chat_chunk(None, Some("ther"), None),
+        upstream::chat_chunk(None, None, Some("stop")),
+        upstream::usage_chunk(5, 2),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .into_iter()
+    .map(|e| (100, e))
+    .collect();
+    let refs: Vec<(u64, &str)> = events.iter().map(|(d, e)| (*d, e.as_str())).collect();
+    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    let answers = join_all((0..10).map(|_| chat(&gw, "red1", &s))).await;
+    assert_eq!(up.request_count(), 2);
+    let misses = answers.iter().filter(|a| a.cache() == "miss").count();
+    assert_eq!(misses, 1);
+    for a in &answers {
+        assert_eq!(a.status, 200);
+        assert_eq!(stream_text(&a.body), "Together");
+        assert_eq!(a.body, answers[0].body);
+    }
+}
+
+#[tokio::test]
+async fn when_the_leading_request_fails_one_waiter_fetches_for_the_others() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    up.script(Scripted::Delay(
+        Duration::from_millis(500),
+        Box::new(Scripted::server_error(500)),
+    ));
+    up.script(Scripted::Delay(
+        Duration::from_millis(300),
+        Box::new(Scripted::respond(200, chat_answer("second-try", "ok"))),
+    ));
+    let q = ask("m", "first one fails");
+    let answers = join_all((0..10).map(|_| chat(&gw, "red1", &q))).await;
+    assert_eq!(up.request_count(), 2, "{answers:#?}");
+    let failed = answers.iter().filter(|a| a.status != 200).count();
+    assert_eq!(failed, 1, "only the leader's client sees the failure");
+    let ok: Vec<&Answer> = answers.iter().filter(|a| a.status == 200).collect();
+    assert!(ok.iter().all(|a| a.json()["id"] == "second-try"));
+    assert_eq!(ok.iter().filter(|a| a.cache() == "miss").count(), 1);
+}
+
+// Fails: `Leader`'s `Drop` (src/cache/mod.rs) removes the key's in-flight entry whoever put
+// it there. A `no-cache` request (its leader from `store_only`, no channel) whose answer fails
+// removes the entry of the request already fetching, so the next identical request does not
+// wait for that one and goes upstream too. (A waiter that gave up after the route's timeout
+// leads the same way.)
+#[tokio::test]
+
+async fn a_no_cache_request_does_not_undo_the_wait_for_one_in_flight() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    up.script(Scripted::Delay(
+        Duration::from_millis(1000),
+        Box::new(Scripted::respond(200, chat_answer("slow-leader", "ok"))),
+    ));
+    up.script(Scripted::server_error(500));
+    let q = ask("m", "in flight");
+    let leader = chat(&gw, "red1", &q);
+    let refresh = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send(&gw, "red1", "/v1/chat/completions", &q, "no-cache").await
+    };
+    let follower = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        chat(&gw, "red1", &q).await
+    };
+    let (leader, refresh, follower) = tokio::join!(leader, refresh, follower);
+    assert_eq!((leader.status, leader.cache()), (200, "miss"));
+    assert!(refresh.status >= 500, "{}", refresh.body);
+    assert_eq!(follower.status, 200);
+    assert_eq!(
+        (follower.cache(), follower.json()["id"].as_str()),
+        ("hit", Some("slow-leader")),
+        "the follower should have waited for the request in flight"
+    );
+    assert_eq!(up.request_count(), 2);
+}
+
+// Slow, not wrong: when the leader's answer is not stored (an upstream error, or an answer
+// without usage), `Cache::lookup` (src/cache/mod.rs) makes one waiter the next leader and the
+// others wait for it again, so identical requests whose answers are never stored go upstream
+// one after another: ten of them take ten upstream round trips end to end.
+#[tokio::test]
+
+async fn identical_requests_whose_answers_are_not_stored_are_not_serialised() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let mut no_usage: Value = serde_json::from_str(&chat_answer("no-usage", "hi")).unwrap();
+    no_usage.as_object_mut().unwrap().remove("usage");
+    for _ in 0..10 {
+        up.script(Scripted::Delay(
+            Duration::from_millis(300),
+            Box::new(Scripted::respond(200, no_usage.to_string())),
+        ));
+    }
+    let q = ask("m", "never stored");
+    let started = std::time::Instant::now();
+    let answers = join_all((0..10).map(|_| chat(&gw, "red1", &q))).await;
+    let took = started.elapsed();
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert_eq!(up.request_count(), 10);
+    assert!(
+        took < Duration::from_millis(1500),
+        "ten 300 ms requests took {took:?}: they went upstream one at a time"
+    );
+}
