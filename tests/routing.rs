@@ -1304,3 +1304,83 @@ models:
         "{demo}"
     );
 }
+
+/// Active health checks: a provider whose `/health` fails leaves rotation (even at priority 0)
+/// and rejoins once it answers 2xx again.
+#[tokio::test]
+async fn a_failing_health_check_takes_a_provider_out_of_rotation_and_back() {
+    let primary = MockUpstream::start().await;
+    let spare = MockUpstream::start().await;
+    let cfg = format!(
+        r#"
+server: {{ admin_key: hc-admin }}
+providers:
+  primary: {{ kind: openai, base_url: "{p}/v1", health_check: {{ path: /health, interval: 100ms, timeout: 1s }} }}
+  spare: {{ kind: openai, base_url: "{s}/v1" }}
+models:
+  m:
+    strategy: priority
+    deployments:
+      - {{ provider: primary, deployment: gpt-4o, priority: 0 }}
+      - {{ provider: spare, deployment: gpt-4o, priority: 1 }}
+"#,
+        p = primary.url(),
+        s = spare.url(),
+    );
+    let gw = Gateway::start(&cfg).await;
+    let client = reqwest::Client::new();
+    let ask = || async {
+        let r = client
+            .post(gw.url("/v1/chat/completions"))
+            .json(
+                &serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        r.headers()["x-switchyard-deployment"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    // The mock has no /health: 404, so the primary goes out of rotation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ask().await != "spare/gpt-4o" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failing check never took the primary out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let checks = primary
+        .requests()
+        .iter()
+        .filter(|r| r.path == "/health" && r.method == "GET")
+        .count();
+    assert!(
+        checks >= 1,
+        "the check is GET {{origin}}/health, not under /v1"
+    );
+    let routes: serde_json::Value = client
+        .get(gw.url("/admin/routes"))
+        .bearer_auth("hc-admin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(routes["routes"][0]["deployments"][0]["up"], false);
+    // /health answers 200 from now on (each check takes one scripted answer).
+    for _ in 0..200 {
+        primary.script(Scripted::respond(200, ""));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while ask().await != "primary/gpt-4o" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the passing check never brought the primary back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -131,6 +131,18 @@ pub enum ProviderCfg {
 }
 
 impl ProviderCfg {
+    /// The active health check and the server's origin (`scheme://host:port`), if any.
+    pub fn health_check(&self) -> Option<(&HealthCheckCfg, String)> {
+        let (hc, base) = match self {
+            ProviderCfg::AzureOpenai(a) => (a.health_check.as_ref()?, a.endpoint.as_str()),
+            ProviderCfg::Openai(o) => (o.health_check.as_ref()?, o.base_url.as_str()),
+            ProviderCfg::Mock(_) => return None,
+        };
+        let url = reqwest::Url::parse(base).ok()?;
+        let origin = url.origin().ascii_serialization();
+        Some((hc, origin))
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderCfg::AzureOpenai(_) => "azure_openai",
@@ -151,6 +163,28 @@ pub struct AzureCfg {
     /// Ask for `stream_options.include_usage` on streams (usage for the ledger).
     #[serde(default = "default_true")]
     pub stream_usage: bool,
+    pub health_check: Option<HealthCheckCfg>,
+}
+
+/// An active health check: `GET {origin}{path}` every `interval`; a 2xx answer in `timeout`
+/// keeps the provider's deployments in rotation, anything else takes them out until the
+/// next good answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckCfg {
+    /// From the server's root: `/health` (vLLM, TGI, llama.cpp), `/` (Ollama).
+    pub path: String,
+    #[serde(default = "default_health_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_health_interval() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+fn default_health_timeout() -> Dur {
+    Dur(Duration::from_secs(2))
 }
 
 fn default_api_version() -> String {
@@ -167,6 +201,7 @@ pub struct OpenAiCfg {
     /// for servers that refuse the field.
     #[serde(default = "default_true")]
     pub stream_usage: bool,
+    pub health_check: Option<HealthCheckCfg>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

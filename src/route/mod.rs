@@ -334,7 +334,7 @@ impl Route {
                     wait = Some(wait.map_or(left, |w| w.min(left)));
                     continue;
                 }
-                Health::Probing => continue,
+                Health::Probing | Health::Down => continue,
             }
             if d.weight <= 0.0 && self.strategy == Strategy::Weighted {
                 continue;

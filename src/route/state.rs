@@ -46,6 +46,8 @@ pub struct DeploymentState {
     cooldown_until: AtomicU64,
     /// A cooldown ended and one probe request is deciding whether the deployment is back.
     probing: AtomicBool,
+    /// The provider's active health check failed: out of rotation until it passes.
+    check_failed: AtomicBool,
     quota: Mutex<QuotaWindow>,
 }
 
@@ -105,10 +107,15 @@ pub enum Health {
     ProbeDue,
     /// The probe is out; wait for its answer.
     Probing,
+    /// The provider's health check fails.
+    Down,
 }
 
 impl DeploymentState {
     pub fn health(&self, now: u64) -> Health {
+        if self.check_failed.load(Ordering::Acquire) {
+            return Health::Down;
+        }
         let until = self.cooldown_until.load(Ordering::Acquire);
         if until == 0 {
             return Health::Up;
@@ -120,6 +127,14 @@ impl DeploymentState {
             Health::Probing
         } else {
             Health::ProbeDue
+        }
+    }
+
+    /// The result of the provider's active health check.
+    pub fn set_checked(&self, healthy: bool) {
+        let was = self.check_failed.swap(!healthy, Ordering::AcqRel);
+        if was == healthy {
+            tracing::info!(healthy, "health check changed a deployment's state");
         }
     }
 

@@ -55,6 +55,45 @@ pub struct Runtime {
     pub keys: KeyTable,
     pub policy: PolicyTable,
     pub max_body: u64,
+    /// Active health checks of this generation's providers; stopped with it.
+    health_checks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        for h in &self.health_checks {
+            h.abort();
+        }
+    }
+}
+
+/// Checks a provider every `interval`: a 2xx in time keeps its deployments in rotation.
+fn spawn_health_check(
+    client: reqwest::Client,
+    provider: String,
+    url: String,
+    interval: Duration,
+    timeout: Duration,
+    states: Vec<Arc<crate::route::state::DeploymentState>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        let mut last = None;
+        loop {
+            tick.tick().await;
+            let healthy = matches!(
+                client.get(&url).timeout(timeout).send().await,
+                Ok(r) if r.status().is_success()
+            );
+            if last != Some(healthy) {
+                tracing::info!(provider = %provider, healthy, "health check");
+                last = Some(healthy);
+            }
+            for s in &states {
+                s.set_checked(healthy);
+            }
+        }
+    })
 }
 
 impl Runtime {
@@ -73,6 +112,44 @@ impl Runtime {
         let routes = route::build_routes(&loaded, &providers, registry)?;
         let keys = KeyTable::build(&loaded);
         let policy = PolicyTable::build(&loaded);
+        let mut health_checks = Vec::new();
+        // A deployment whose provider lost its health check (a reload) is back in rotation.
+        for d in routes.values().flat_map(|r| r.deployments.iter()) {
+            let checked = loaded
+                .config
+                .providers
+                .get(&d.provider.name)
+                .is_some_and(|p| p.health_check().is_some());
+            if !checked {
+                d.state.set_checked(true);
+            }
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            for (name, cfg) in &loaded.config.providers {
+                let Some((hc, origin)) = cfg.health_check() else {
+                    continue;
+                };
+                let states: Vec<_> = routes
+                    .values()
+                    .flat_map(|r| r.deployments.iter())
+                    .filter(|d| &d.provider.name == name)
+                    .map(|d| d.state.clone())
+                    .collect();
+                let path = if hc.path.starts_with('/') {
+                    hc.path.clone()
+                } else {
+                    format!("/{}", hc.path)
+                };
+                health_checks.push(spawn_health_check(
+                    client.clone(),
+                    name.clone(),
+                    format!("{origin}{path}"),
+                    hc.interval.0,
+                    hc.timeout.0,
+                    states,
+                ));
+            }
+        }
         {
             let routes_labels: Vec<(&str, Vec<(&str, &str)>)> = routes
                 .values()
@@ -105,6 +182,7 @@ impl Runtime {
             crate::telemetry::metrics::init_series(&routes_labels, &limit_labels, &budgets);
         }
         Ok(Runtime {
+            health_checks,
             policy,
             max_body: loaded.config.server.max_body.0,
             generation,
