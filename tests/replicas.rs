@@ -406,3 +406,49 @@ models:
     drop((a, b));
     pg.drop_db().await;
 }
+
+#[tokio::test]
+async fn a_deployments_upstream_quota_is_counted_across_replicas() {
+    not_near_a_minute_boundary().await;
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let primary = upstream::MockUpstream::start().await;
+    let spare = upstream::MockUpstream::start().await;
+    let cfg = format!(
+        r#"
+state: {{ redis: "redis://127.0.0.1:{port}", ledger: "{ledger}" }}
+providers:
+  primary: {{ kind: openai, base_url: "{p}/v1" }}
+  spare: {{ kind: openai, base_url: "{s}/v1" }}
+models:
+  m:
+    strategy: priority
+    deployments:
+      - {{ provider: primary, deployment: gpt-4o, priority: 0, rpm: 10 }}
+      - {{ provider: spare, deployment: gpt-4o, priority: 1 }}
+"#,
+        port = redis.port,
+        ledger = pg.url(),
+        p = primary.url(),
+        s = spare.url(),
+    );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..6 {
+        assert_eq!(post(&a, KEY, &body).await.status(), 200);
+    }
+    // Two sync intervals: b learns that a sent 6 of the primary's 10 this minute.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for _ in 0..8 {
+        assert_eq!(post(&b, KEY, &body).await.status(), 200);
+    }
+    assert_eq!(
+        primary.request_count(),
+        10,
+        "the primary's rpm holds for the fleet"
+    );
+    assert_eq!(spare.request_count(), 4);
+    drop((a, b));
+    pg.drop_db().await;
+}

@@ -188,7 +188,6 @@ impl Checker<'_> {
         let hashes = self.keys(c);
         self.prices(c);
         self.money(c);
-        self.not_yet_enforced(c);
         hashes
     }
 
@@ -538,23 +537,6 @@ impl Checker<'_> {
                     );
                 }
             }
-        }
-    }
-
-    /// Fields the contract defines but this build does not act on yet: say so instead of
-    /// silently ignoring them.
-    fn not_yet_enforced(&mut self, c: &Config) {
-        let mut note = |path: Vec<Seg>, what: &str| {
-            self.warnings.push(Diagnostic {
-                pos: self.positions.key(&path),
-                message: format!("{what} is accepted but not enforced by this build yet"),
-            });
-        };
-        if c.state.redis.is_some() {
-            note(
-                p(&["state", "redis"]),
-                "sharing upstream quota counters through `state.redis`",
-            );
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Cooldowns shared by replicas through Redis. A replica that cools a deployment down
-//! publishes the end of the cooldown; every replica reads them all twice a second and cools
-//! down too. Off the request path: picking a deployment never waits on Redis.
+//! Deployment state shared by replicas through Redis, twice a second, off the request path
+//! (picking a deployment never waits on Redis): cooldowns (a replica that cools a deployment
+//! down publishes the end; the others cool down too) and upstream quota counters (each
+//! replica adds what it sent this minute and learns the fleet's total).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,7 +80,32 @@ async fn sync_once(
     if any {
         let _: () = pipe.query_async(conn).await?;
     }
-    // Theirs in.
+    // Quota counters: add ours, read the fleet's total.
+    let mut pipe = redis::pipe();
+    let mut own = Vec::with_capacity(states.len());
+    for (label, s) in &states {
+        let Some((minute, dr, dt, own_r, own_t)) = s.take_unsynced() else {
+            continue;
+        };
+        let k = format!("{{switchyard}}:quota:{label}:{minute}");
+        pipe.hincr(&k, "r", dr)
+            .hincr(&k, "t", dt)
+            .expire(&k, 120)
+            .ignore();
+        own.push((s.clone(), minute, (own_r, own_t)));
+    }
+    if !own.is_empty() {
+        let totals: Vec<(u64, u64)> = pipe
+            .query_async::<Vec<u64>>(conn)
+            .await?
+            .chunks(2)
+            .map(|c| (c[0], c.get(1).copied().unwrap_or(0)))
+            .collect();
+        for ((s, minute, mine), total) in own.iter().zip(totals) {
+            s.set_fleet(*minute, total, *mine);
+        }
+    }
+    // Cooldowns in.
     let keys: Vec<String> = states.iter().map(|(l, _)| key(l)).collect();
     let ends: Vec<Option<u64>> = conn.mget(&keys).await?;
     for ((_, s), end) in states.iter().zip(ends) {

@@ -59,6 +59,12 @@ pub struct QuotaWindow {
     pub tokens: u64,
     pub upstream_remaining_requests: Option<u64>,
     pub upstream_remaining_tokens: Option<u64>,
+    /// What the other replicas sent this minute, as of the last sync through Redis.
+    pub others_requests: u64,
+    pub others_tokens: u64,
+    /// What this replica sent since the last sync.
+    unsynced_requests: u64,
+    unsynced_tokens: u64,
 }
 
 impl QuotaWindow {
@@ -74,8 +80,12 @@ impl QuotaWindow {
     /// Whether a request of `tokens` estimated tokens fits in `minute`.
     pub fn fits(&mut self, minute: u64, tokens: u64, rpm: Option<u64>, tpm: Option<u64>) -> bool {
         self.roll(minute);
-        let rpm_ok = rpm.is_none_or(|r| self.requests < r);
-        let tpm_ok = tpm.is_none_or(|t| self.tokens + tokens <= t || self.tokens == 0);
+        let (sent_requests, sent_tokens) = (
+            self.requests + self.others_requests,
+            self.tokens + self.others_tokens,
+        );
+        let rpm_ok = rpm.is_none_or(|r| sent_requests < r);
+        let tpm_ok = tpm.is_none_or(|t| sent_tokens + tokens <= t || sent_tokens == 0);
         let upstream_ok = self.upstream_remaining_requests.is_none_or(|r| r > 0)
             && self
                 .upstream_remaining_tokens
@@ -87,6 +97,8 @@ impl QuotaWindow {
         self.roll(minute);
         self.requests += 1;
         self.tokens += tokens;
+        self.unsynced_requests += 1;
+        self.unsynced_tokens += tokens;
         // Until the upstream says again, count down what it said was left.
         if let Some(r) = &mut self.upstream_remaining_requests {
             *r = r.saturating_sub(1);
@@ -169,6 +181,34 @@ impl DeploymentState {
                 *q
             })
             .unwrap_or_default()
+    }
+
+    /// This minute's sends not yet shared, handed to the sync (and counted as shared):
+    /// `(minute, requests, tokens, own requests, own tokens)`.
+    pub fn take_unsynced(&self) -> Option<(u64, u64, u64, u64, u64)> {
+        let minute = current_minute();
+        let mut q = self.quota.lock().ok()?;
+        q.roll(minute);
+        let out = (
+            minute,
+            q.unsynced_requests,
+            q.unsynced_tokens,
+            q.requests,
+            q.tokens,
+        );
+        q.unsynced_requests = 0;
+        q.unsynced_tokens = 0;
+        Some(out)
+    }
+
+    /// The fleet's totals for `minute` after a sync: the others' share is what is not ours.
+    pub fn set_fleet(&self, minute: u64, total: (u64, u64), own: (u64, u64)) {
+        if let Ok(mut q) = self.quota.lock() {
+            if q.minute == minute {
+                q.others_requests = total.0.saturating_sub(own.0);
+                q.others_tokens = total.1.saturating_sub(own.1);
+            }
+        }
     }
 
     /// What the upstream said is left this minute (`x-ratelimit-remaining-*`). Negative
