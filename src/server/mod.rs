@@ -4,12 +4,18 @@
 //! 1. `RequestIdLayer` (here): takes the client's `x-request-id` or makes one; adds the
 //!    `RequestId` request extension; sets `x-request-id` on every response.
 //! 2. `AccessLogLayer` (`telemetry/`): reads `RequestId` and the `RequestFacts` response
-//!    extension (set by the handler) and writes one log line when the response body ends.
+//!    extension (set by the handler), and when the response body ends writes one log line
+//!    and observes the request metrics (`switchyard_requests_total`, durations, TTFT).
 //! 3. `handler::handle`: takes one config generation (`Runtime`) for the whole request, then
 //!    classifies the path (`api::classify`), authenticates (`auth/`), reads the body within
-//!    `server.max_body`, builds the `ApiRequest` (`api/`), resolves and checks the route, and
-//!    hands it to `route::dispatch`, which tries deployments and fallbacks through
-//!    `provider/`. Responses stream back untouched (`stream/`).
+//!    `server.max_body`, builds the `ApiRequest` (`api/`), resolves and checks the route,
+//!    looks in the cache (`cache/`; a hit ends here), admits the request against rate limits
+//!    and budgets (`policy/`, memory or Redis; a refusal ends here), and hands it to
+//!    `route::dispatch`, which picks deployments (`route/`), tries them and the fallbacks
+//!    through `provider/`. The answer streams back through `stream/` (SSE re-framed at event
+//!    boundaries) and `ledger::Tap`, which reads usage on the side and, when the body ends,
+//!    settles the reservation, writes the ledger row and stores the answer in the cache.
+//!    The handler sets `RequestFacts` and the `x-switchyard-*` and `x-ratelimit-*` headers.
 //!
 //! Config generations: `Gateway::runtime` is swapped whole on reload; a request keeps the
 //! `Arc<Runtime>` it started with, so it finishes on that config.
