@@ -61,6 +61,42 @@ impl Usage {
         None
     }
 
+    /// Usage from a whole answer's bytes, reading only the fields usage lives in: the rest
+    /// of the answer (the text, an embedding's thousands of numbers) is skipped, not built.
+    pub fn from_answer_bytes(body: &[u8]) -> Option<Usage> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            usage: Option<Value>,
+            response: Option<ResponseHead>,
+            data: Option<Count>,
+            created: Option<serde::de::IgnoredAny>,
+            object: Option<serde::de::IgnoredAny>,
+            duration: Option<f64>,
+        }
+        #[derive(serde::Deserialize)]
+        struct ResponseHead {
+            usage: Option<Value>,
+        }
+        let h: Head = serde_json::from_slice(body).ok()?;
+        let mut usage = h
+            .usage
+            .as_ref()
+            .and_then(Usage::from_usage_object)
+            .or_else(|| {
+                h.response
+                    .and_then(|r| r.usage)
+                    .as_ref()
+                    .and_then(Usage::from_usage_object)
+            });
+        if let (Some(Count(n)), true, true) = (h.data, h.created.is_some(), h.object.is_none()) {
+            usage.get_or_insert_with(Usage::default).images = n;
+        }
+        if let Some(d) = h.duration {
+            usage.get_or_insert_with(Usage::default).audio_seconds = d;
+        }
+        usage
+    }
+
     /// Usage from a whole (non-streamed) answer.
     pub fn from_answer(answer: &Value) -> Option<Usage> {
         let mut usage = answer
@@ -84,6 +120,32 @@ impl Usage {
             u.audio_seconds = d;
         }
         usage
+    }
+}
+
+/// The length of a JSON array, counted without building its items.
+struct Count(u64);
+
+impl<'de> serde::Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(V)
     }
 }
 
@@ -210,6 +272,24 @@ mod tests {
         let emb = json!({"object": "list", "data": [{"embedding": []}], "usage": {"prompt_tokens": 3, "total_tokens": 3}});
         let u = Usage::from_answer(&emb).unwrap();
         assert_eq!((u.prompt, u.images), (3, 0));
+    }
+
+    #[test]
+    fn usage_from_bytes_matches_usage_from_values() {
+        for v in [
+            json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}, "choices": [{"message": {"content": "x"}}]}),
+            json!({"object": "response", "usage": {"input_tokens": 7, "output_tokens": 3}}),
+            json!({"created": 1, "data": [{"b64_json": "x"}, {"b64_json": "y"}]}),
+            json!({"object": "list", "data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}}),
+            json!({"text": "hi", "duration": 3.5}),
+            json!({"choices": []}),
+        ] {
+            assert_eq!(
+                Usage::from_answer_bytes(v.to_string().as_bytes()),
+                Usage::from_answer(&v),
+                "{v}"
+            );
+        }
     }
 
     #[test]

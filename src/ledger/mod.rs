@@ -314,9 +314,9 @@ impl Tap {
                 self.kept.iter().for_each(|c| b.extend_from_slice(c));
                 b.freeze()
             };
-            if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
-                usage = Usage::from_answer(&v);
-                if usage.is_none() && counts_tokens(record.op) {
+            usage = Usage::from_answer_bytes(&whole);
+            if usage.is_none() && counts_tokens(record.op) {
+                if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
                     let mut text = String::new();
                     answer_text(&v, &mut text);
                     usage = Some(record.estimate(&text));
