@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             ready_file,
             log_format,
         } => {
-            init_logging(log_format);
+            let _flush_logs_at_exit = init_logging(log_format);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -250,7 +250,9 @@ impl Tap {
     /// Reads usage from the events of one chunk (chunks hold whole events) and returns the
     /// chunk without the usage-only event when that one is to be dropped.
     fn sse_chunk(&mut self, chunk: Bytes) -> Bytes {
-        self.kept.push(chunk.clone());
+        // A copy: `chunk` is a slice of the upstream connection's read buffer (8 KiB or
+        // more), which a kept slice would pin for as long as the stream (or its cache entry) lives.
+        self.kept.push(Bytes::copy_from_slice(&chunk));
         if memchr::memmem::find(&chunk, b"\"usage\"").is_none() {
             return chunk;
         }
@@ -433,7 +435,7 @@ impl Body for Tap {
                             let data = match this.mode {
                                 Mode::Sse => this.sse_chunk(data),
                                 Mode::Json => {
-                                    this.kept.push(data.clone());
+                                    this.kept.push(Bytes::copy_from_slice(&data));
                                     data
                                 }
                                 Mode::Other => data,

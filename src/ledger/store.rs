@@ -219,45 +219,47 @@ impl Store {
     }
 
     pub async fn insert(&self, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
+        const INSERT_HEAD: &str = "INSERT INTO requests (ts_ms, request_id, key_name, team, \
+            client_user, route, deployment, provider, endpoint, status, prompt_tokens, \
+            cached_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated) ";
+        // One multi-row INSERT per chunk: one round-trip to the database (for SQLite, to
+        // sqlx's worker thread) per chunk instead of one per row. 18 binds a row; SQLite
+        // allows 32766 binds in a statement, PostgreSQL 65535.
+        const ROWS_PER_STATEMENT: usize = 500;
         macro_rules! insert_all {
-            ($pool:expr, $sql:expr) => {{
+            ($pool:expr, $db:ty) => {{
                 let mut tx = $pool.begin().await?;
-                for r in rows {
-                    sqlx::query($sql)
-                        .bind(r.ts_ms)
-                        .bind(&r.request_id)
-                        .bind(&r.key)
-                        .bind(&r.team)
-                        .bind(&r.user)
-                        .bind(&r.route)
-                        .bind(&r.deployment)
-                        .bind(&r.provider)
-                        .bind(&r.endpoint)
-                        .bind(r.status as i32)
-                        .bind(r.prompt_tokens as i64)
-                        .bind(r.cached_tokens as i64)
-                        .bind(r.completion_tokens as i64)
-                        .bind(r.cost_usd)
-                        .bind(r.latency_ms)
-                        .bind(r.ttft_ms)
-                        .bind(r.cache_hit)
-                        .bind(r.estimated)
-                        .execute(&mut *tx)
-                        .await?;
+                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(INSERT_HEAD);
+                    qb.push_values(chunk, |mut b, r| {
+                        b.push_bind(r.ts_ms)
+                            .push_bind(&r.request_id)
+                            .push_bind(&r.key)
+                            .push_bind(&r.team)
+                            .push_bind(&r.user)
+                            .push_bind(&r.route)
+                            .push_bind(&r.deployment)
+                            .push_bind(&r.provider)
+                            .push_bind(&r.endpoint)
+                            .push_bind(r.status as i32)
+                            .push_bind(r.prompt_tokens as i64)
+                            .push_bind(r.cached_tokens as i64)
+                            .push_bind(r.completion_tokens as i64)
+                            .push_bind(r.cost_usd)
+                            .push_bind(r.latency_ms)
+                            .push_bind(r.ttft_ms)
+                            .push_bind(r.cache_hit)
+                            .push_bind(r.estimated);
+                    });
+                    // Not kept in the statement cache: every row count is another statement.
+                    qb.build().persistent(false).execute(&mut *tx).await?;
                 }
                 tx.commit().await
             }};
         }
-        const COLS: &str = "ts_ms, request_id, key_name, team, client_user, route, deployment, provider, endpoint, status, prompt_tokens, cached_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated";
         match self {
-            Store::Sqlite(pool) => insert_all!(
-                pool,
-                &format!("INSERT INTO requests ({COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
-            ),
-            Store::Postgres(pool) => insert_all!(
-                pool,
-                &format!("INSERT INTO requests ({COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18)")
-            ),
+            Store::Sqlite(pool) => insert_all!(pool, sqlx::Sqlite),
+            Store::Postgres(pool) => insert_all!(pool, sqlx::Postgres),
         }
     }
 

@@ -26,18 +26,26 @@ pub enum LogFormat {
     Json,
 }
 
-pub fn init_logging(format: LogFormat) {
+/// Sets up logging to stdout. Lines are written by a thread of their own, so no request
+/// waits on a `write` to stdout; the returned guard flushes what is queued when dropped
+/// (keep it until the process ends). Nothing is dropped when the queue is full: writers wait.
+pub fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("switchyard-log")
+        .finish(std::io::stdout());
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 /// What the handler learned about a request, for its log line. Set as a response extension.
