@@ -1,0 +1,115 @@
+# Shared by bench/run.sh and bench/profile.sh: helpers, the configs of every target.
+# Source it after setting HERE (bench/) and ROOT (the repo).
+
+CHUNKS=20
+CHUNK_DELAY_MS=5
+CLIENT_KEY="sk-sy-benchmark0000000000000000000000000000"
+UPSTREAM_BIN=$HERE/upstream/target/release/bench-upstream
+SSE_BIN=$HERE/sse-load/target/release/sse-load
+SY_BIN=${SY_BIN:-$ROOT/target/release/switchyard}
+
+build_all() {
+    echo "== building (release)" >&2
+    (cd "$ROOT" && cargo build --release -q)
+    (cd "$HERE/upstream" && cargo build --release -q)
+    (cd "$HERE/sse-load" && cargo build --release -q)
+}
+
+free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+wait_file() { for _ in $(seq 200); do [ -s "$1" ] && return 0; sleep 0.05; done; echo "timed out waiting for $1" >&2; return 1; }
+wait_http() { for _ in $(seq 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "timed out waiting for $1" >&2; return 1; }
+# utime+stime (clock ticks) of the given processes, all their threads, live and exited.
+cpu_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{sub(/.*\) /,""); print $12+$13}' "/proc/$p/stat"))); done; echo $s; }
+# Sum of VmHWM (peak resident set, KiB); reset_hwm starts a new peak.
+hwm_kib() { local s=0 p; for p in "$@"; do s=$((s + $(awk '/^VmHWM/{print $2}' "/proc/$p/status"))); done; echo $s; }
+reset_hwm() { local p; for p in "$@"; do echo 5 >"/proc/$p/clear_refs"; done; }
+
+
+# write_configs DIR UPSTREAM_ADDR NGINX_PORT: DIR/nginx/nginx.conf, DIR/sy-bare/conf/routes.yaml,
+# DIR/sy-real/conf/routes.yaml. Each config sits in a folder of its own (Switchyard watches
+# its config's folder), apart from its ledger.
+write_configs() {
+    local T=$1 UP=$2 NGINX_PORT=$3 KEY_HASH
+    mkdir -p "$T/nginx/tmp" "$T/sy-bare/conf" "$T/sy-real/conf"
+    cat >"$T/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $T/nginx/nginx.pid;
+error_log $T/nginx/error.log warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 16384; }
+http {
+    access_log $T/nginx/access.log;
+    client_body_temp_path $T/nginx/tmp/body;
+    proxy_temp_path $T/nginx/tmp/proxy;
+    fastcgi_temp_path $T/nginx/tmp/fastcgi;
+    uwsgi_temp_path $T/nginx/tmp/uwsgi;
+    scgi_temp_path $T/nginx/tmp/scgi;
+    keepalive_requests 100000000;
+    upstream mock {
+        server $UP;
+        keepalive 1024;
+        keepalive_requests 100000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT backlog=4096;
+        location / {
+            proxy_pass http://mock;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+
+    cat >"$T/sy-bare/conf/routes.yaml" <<EOF
+# bare: one route, one openai deployment on the mock, no keys.
+state:
+  ledger: sqlite://$T/sy-bare/ledger.db
+providers:
+  up:
+    kind: openai
+    base_url: http://$UP/v1
+models:
+  bench:
+    deployments:
+      - { provider: up, deployment: bench-model }
+EOF
+
+    KEY_HASH=$(printf '%s' "$CLIENT_KEY" | sha256sum | cut -d' ' -f1)
+    cat >"$T/sy-real/conf/routes.yaml" <<EOF
+# realistic: a client key with limits and a budget, a route with two deployments, prices,
+# the ledger on SQLite, a cache on the route (every request misses), metrics (always on).
+state:
+  ledger: sqlite://$T/sy-real/ledger.db
+providers:
+  up-a:
+    kind: openai
+    base_url: http://$UP/v1
+    api_key: sk-upstream-a
+  up-b:
+    kind: openai
+    base_url: http://$UP/v1
+    api_key: sk-upstream-b
+models:
+  bench:
+    pricing: { input_per_1m: 2.5, output_per_1m: 10 }
+    cache: { ttl: 1m }
+    deployments:
+      - { provider: up-a, deployment: bench-model }
+      - { provider: up-b, deployment: bench-model }
+keys:
+  - name: bench-client
+    key: "sha256:$KEY_HASH"
+    limits: { rpm: 100000000, tpm: 10000000000 }
+    budget: { usd: 1000000, period: daily }
+EOF
+    # REAL_CACHE_MAX (e.g. 8MiB): bound the cache of the realistic config (default 256MiB).
+    if [ -n "${REAL_CACHE_MAX:-}" ]; then
+        printf 'cache:\n  max_bytes: %s\n' "$REAL_CACHE_MAX" >>"$T/sy-real/conf/routes.yaml"
+    fi
+    for c in sy-bare sy-real; do
+        "$SY_BIN" check --config "$T/$c/conf/routes.yaml" >"$T/$c/check.txt" 2>&1 || { cat "$T/$c/check.txt" >&2; return 1; }
+    done
+}
