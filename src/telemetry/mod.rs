@@ -29,9 +29,12 @@ pub enum LogFormat {
 /// Sets up logging to stdout. Lines are written by a thread of their own, so no request
 /// waits on a `write` to stdout; the returned guard flushes what is queued when dropped
 /// (keep it until the process ends). Nothing is dropped when the queue is full: writers wait.
+/// The queue holds 16,384 lines (a few MiB at most; the default 128,000 lines let a burst
+/// grow the process by tens of MiB).
 pub fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(16_384)
         .thread_name("switchyard-log")
         .finish(std::io::stdout());
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
