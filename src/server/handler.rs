@@ -237,26 +237,7 @@ where
     {
         api_req.output_cap = Some(route.output_cap(&api_req));
     }
-    let mut record = RequestRecord {
-        accounting: gateway.accounting.clone(),
-        plan,
-        admitted: None,
-        row: LedgerRow {
-            ts_ms: ledger::now_ms(),
-            request_id: api_req.request_id_str().to_string(),
-            key: key.name.clone(),
-            team: key.team.clone().unwrap_or_default(),
-            user: api_req.user.clone().unwrap_or_default(),
-            route: route.name.clone(),
-            endpoint: op.path().to_string(),
-            ..Default::default()
-        },
-        started: std::time::Instant::now(),
-        op,
-        price: Default::default(),
-        tokenizer_model: String::new(),
-        request_body: api_req.body.clone(),
-    };
+    let mut record = new_record(gateway, &key, &api_req, route, plan);
     match gateway
         .accounting
         .policy
@@ -371,6 +352,36 @@ where
     }
 }
 
+/// The ledger record of a request that reached `route`, filled in further as it goes.
+fn new_record(
+    gateway: &Gateway,
+    key: &ClientKey,
+    req: &ApiRequest,
+    route: &route::Route,
+    plan: policy::Plan,
+) -> RequestRecord {
+    RequestRecord {
+        accounting: gateway.accounting.clone(),
+        plan,
+        admitted: None,
+        row: LedgerRow {
+            ts_ms: ledger::now_ms(),
+            request_id: req.request_id_str().to_string(),
+            key: key.name.clone(),
+            team: key.team.clone().unwrap_or_default(),
+            user: req.user.clone().unwrap_or_default(),
+            route: route.name.clone(),
+            endpoint: req.op.path().to_string(),
+            ..Default::default()
+        },
+        started: std::time::Instant::now(),
+        op: req.op,
+        price: Default::default(),
+        tokenizer_model: String::new(),
+        request_body: req.body.clone(),
+    }
+}
+
 /// A cache hit: the stored answer, as one JSON body or replayed as a stream; a ledger row
 /// that says it was a hit and cost nothing; what it saved, counted.
 fn serve_hit(
@@ -398,31 +409,10 @@ fn serve_hit(
     } else {
         (super::body::full(entry.json.clone()), "application/json")
     };
-    let mut row = LedgerRow {
-        ts_ms: ledger::now_ms(),
-        request_id: req.request_id_str().to_string(),
-        key: key.name.clone(),
-        team: key.team.clone().unwrap_or_default(),
-        user: req.user.clone().unwrap_or_default(),
-        route: route.name.clone(),
-        deployment: "cache".into(),
-        endpoint: op.path().to_string(),
-        cache_hit: true,
-        ..Default::default()
-    };
-    row.status = 200;
-    RequestRecord {
-        accounting: gateway.accounting.clone(),
-        plan: Default::default(),
-        admitted: None,
-        row,
-        started: std::time::Instant::now(),
-        op,
-        price: Default::default(),
-        tokenizer_model: String::new(),
-        request_body: Bytes::new(),
-    }
-    .finish(200, None, Some(std::time::Instant::now()));
+    let mut record = new_record(gateway, key, req, route, Default::default());
+    record.row.deployment = "cache".into();
+    record.row.cache_hit = true;
+    record.finish(200, None, Some(std::time::Instant::now()));
     let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(
