@@ -223,10 +223,6 @@ impl ModelSlot {
         }
         (self.open + 1..self.open + 1, with)
     }
-
-    pub fn apply(&self, body: &[u8], model: &str) -> Bytes {
-        splice(body, vec![self.edit(model)])
-    }
 }
 
 /// How to ask the upstream for a stream's usage chunk.
@@ -274,7 +270,7 @@ mod tests {
         assert_eq!(head.model().unwrap().as_deref(), Some("gpt-4o"));
         assert!(head.stream().unwrap());
         assert_eq!(head.uint("max_tokens").unwrap(), Some(5));
-        let out = head.model_slot().apply(body, "dep-1");
+        let out = splice(body, vec![head.model_slot().edit("dep-1")]);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             r#"{ "model" : "dep-1", "messages":[{"role":"user","content":"hi \"there\""}], "stream": true, "max_tokens": 5 }"#
@@ -286,12 +282,12 @@ mod tests {
         let body = br#" {"input":"x"}"#;
         let head = JsonHead::parse(body).unwrap();
         assert_eq!(
-            &head.model_slot().apply(body, "m")[..],
+            &splice(body, vec![head.model_slot().edit("m")])[..],
             br#" {"model":"m","input":"x"}"#
         );
         let head = JsonHead::parse(b"{}").unwrap();
         assert_eq!(
-            &head.model_slot().apply(b"{}", "m")[..],
+            &splice(b"{}", vec![head.model_slot().edit("m")])[..],
             br#"{"model":"m"}"#
         );
     }

@@ -87,10 +87,6 @@ impl KeyTable {
         self.by_hash.is_empty()
     }
 
-    pub fn admin_enabled(&self) -> bool {
-        self.admin.is_some()
-    }
-
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<ClientKey>, GatewayError> {
         if self.is_open() {
             return Ok(self.open.clone());

@@ -32,7 +32,6 @@ pub struct Entry {
     /// What the answer cost when it was fetched: what each hit saves.
     pub cost_usd: f64,
     pub ttl: Duration,
-    pub stored: Instant,
 }
 
 impl Entry {
@@ -175,7 +174,6 @@ impl RedisTier {
             cost_usd: s.cost_usd,
             // The rest of its life in Redis.
             ttl: Duration::from_millis(pttl.max(1) as u64),
-            stored: Instant::now(),
         })
     }
 
@@ -317,10 +315,6 @@ impl Cache {
         }))
     }
 
-    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
-        self.store.get(key)
-    }
-
     /// A hit; or, when the same request is already being fetched, its answer once it comes
     /// (up to `wait`); or the lead, to fetch it.
     pub async fn lookup(self: &Arc<Self>, key: Key, wait: Duration) -> Lookup {
@@ -380,11 +374,6 @@ impl Cache {
             registered: tx.is_some(),
             tx,
         }
-    }
-
-    pub fn entries(&self) -> u64 {
-        self.store.run_pending_tasks();
-        self.store.entry_count()
     }
 }
 
@@ -791,7 +780,6 @@ mod tests {
             usage: Usage::default(),
             cost_usd: 0.0,
             ttl: Duration::from_secs(1),
-            stored: Instant::now(),
         };
         let replay = synthesize(&entry, Operation::ChatCompletions, true);
         let again = assemble(Operation::ChatCompletions, &replay).unwrap();

@@ -96,31 +96,6 @@ impl Usage {
         }
         usage
     }
-
-    /// Usage from a whole (non-streamed) answer.
-    pub fn from_answer(answer: &Value) -> Option<Usage> {
-        let mut usage = answer
-            .get("usage")
-            .and_then(Usage::from_usage_object)
-            .or_else(|| {
-                answer
-                    .pointer("/response/usage")
-                    .and_then(Usage::from_usage_object)
-            });
-        // Images are priced per image; transcriptions (verbose_json) report their duration.
-        if let (Some(data), true) = (
-            answer.get("data").and_then(Value::as_array),
-            answer.get("created").is_some() && answer.get("object").is_none(),
-        ) {
-            let u = usage.get_or_insert_with(Usage::default);
-            u.images = data.len() as u64;
-        }
-        if let Some(d) = answer.get("duration").and_then(Value::as_f64) {
-            let u = usage.get_or_insert_with(Usage::default);
-            u.audio_seconds = d;
-        }
-        usage
-    }
 }
 
 /// The length of a JSON array, counted without building its items.
@@ -256,40 +231,40 @@ mod tests {
     fn usage_shapes() {
         let chat = json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
             "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 2}}});
-        let u = Usage::from_answer(&chat).unwrap();
+        let u = Usage::from_answer_bytes(chat.to_string().as_bytes()).unwrap();
         assert_eq!(
             (u.prompt, u.cached, u.completion, u.reasoning),
             (10, 4, 5, 2)
         );
         let resp = json!({"object": "response", "usage": {"input_tokens": 7, "output_tokens": 3,
             "input_tokens_details": {"cached_tokens": 1}}});
-        let u = Usage::from_answer(&resp).unwrap();
+        let u = Usage::from_answer_bytes(resp.to_string().as_bytes()).unwrap();
         assert_eq!((u.prompt, u.cached, u.completion), (7, 1, 3));
         let images = json!({"created": 1, "data": [{"b64_json": "x"}, {"b64_json": "y"}]});
-        assert_eq!(Usage::from_answer(&images).unwrap().images, 2);
+        assert_eq!(
+            Usage::from_answer_bytes(images.to_string().as_bytes())
+                .unwrap()
+                .images,
+            2
+        );
         let whisper = json!({"text": "hi", "usage": {"type": "duration", "seconds": 12.5}});
-        assert_eq!(Usage::from_answer(&whisper).unwrap().audio_seconds, 12.5);
+        assert_eq!(
+            Usage::from_answer_bytes(whisper.to_string().as_bytes())
+                .unwrap()
+                .audio_seconds,
+            12.5
+        );
         let emb = json!({"object": "list", "data": [{"embedding": []}], "usage": {"prompt_tokens": 3, "total_tokens": 3}});
-        let u = Usage::from_answer(&emb).unwrap();
+        let u = Usage::from_answer_bytes(emb.to_string().as_bytes()).unwrap();
         assert_eq!((u.prompt, u.images), (3, 0));
-    }
-
-    #[test]
-    fn usage_from_bytes_matches_usage_from_values() {
-        for v in [
-            json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}, "choices": [{"message": {"content": "x"}}]}),
-            json!({"object": "response", "usage": {"input_tokens": 7, "output_tokens": 3}}),
-            json!({"created": 1, "data": [{"b64_json": "x"}, {"b64_json": "y"}]}),
-            json!({"object": "list", "data": [{"embedding": [0.1, 0.2]}], "usage": {"prompt_tokens": 3, "total_tokens": 3}}),
-            json!({"text": "hi", "duration": 3.5}),
-            json!({"choices": []}),
-        ] {
-            assert_eq!(
-                Usage::from_answer_bytes(v.to_string().as_bytes()),
-                Usage::from_answer(&v),
-                "{v}"
-            );
-        }
+        let verbose = json!({"text": "hi", "duration": 3.5});
+        assert_eq!(
+            Usage::from_answer_bytes(verbose.to_string().as_bytes())
+                .unwrap()
+                .audio_seconds,
+            3.5
+        );
+        assert_eq!(Usage::from_answer_bytes(br#"{"choices":[]}"#), None);
     }
 
     #[test]

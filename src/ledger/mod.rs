@@ -359,7 +359,6 @@ impl Tap {
                     usage: u,
                     cost_usd: record.price.cost(&u),
                     ttl,
-                    stored: Instant::now(),
                 }),
                 _ => leader.not_stored(),
             }

@@ -15,10 +15,6 @@ pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
         .boxed_unsync()
 }
 
-pub fn empty() -> ResponseBody {
-    full(Bytes::new())
-}
-
 /// A body fed chunk by chunk from a stream, each chunk sent as it arrives.
 pub fn streaming<S>(s: S) -> ResponseBody
 where
