@@ -14,7 +14,7 @@ mod upstream;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use gateway::{sha256_hex, Gateway};
+use gateway::{not_near_a_minute_boundary, sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::{LedgerRow, Store};
 use upstream::{MockUpstream, Scripted, StreamEnd};
@@ -227,14 +227,6 @@ async fn rows_after_shutdown(gw: &mut Gateway) -> Vec<LedgerRow> {
     let rows = store.rows().await.unwrap();
     store.close().await;
     rows
-}
-
-/// Waits out the last seconds of a minute, so per-minute counters do not roll over mid-test.
-async fn not_near_a_minute_boundary() {
-    let secs = chrono::Utc::now().timestamp() % 60;
-    if secs > 50 {
-        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
-    }
 }
 
 /// A complete chat answer with usage, `content` as its text.

@@ -9,7 +9,7 @@ mod upstream;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use gateway::{sha256_hex, Gateway};
+use gateway::{not_near_a_minute_boundary, sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::{LedgerRow, Store};
 use upstream::{MockUpstream, Scripted};
@@ -50,14 +50,6 @@ async fn rows_after_shutdown(gw: &mut Gateway, url: &str) -> Vec<LedgerRow> {
 
 fn sqlite_url(gw: &Gateway) -> String {
     format!("sqlite://{}", gw.dir.path().join("switchyard.db").display())
-}
-
-/// Waits out the last seconds of a minute, so per-minute counters do not roll over mid-test.
-async fn not_near_a_minute_boundary() {
-    let secs = chrono::Utc::now().timestamp() % 60;
-    if secs > 45 {
-        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
-    }
 }
 
 fn config(up: &MockUpstream, extra: &str) -> String {
@@ -304,15 +296,7 @@ async fn concurrent_requests_never_overspend_a_budget() {
     }
     assert!((1..=10).contains(&ok), "{ok} admitted");
     assert_eq!(ok + refused, 50);
-    let spend: Value = client()
-        .get(gw.url("/admin/spend?by=key"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spend: Value = gw.get_json("/admin/spend?by=key", ADMIN).await;
     let budget = &spend["budgets"][0];
     assert_eq!(budget["budget"], "key:app");
     let rows = {
@@ -446,15 +430,7 @@ async fn restart_keeps_spend(ledger: Option<String>) {
     let dir = gw.take_dir();
     drop(gw);
     let gw = Gateway::start_in(&cfg, dir).await;
-    let spend: Value = client()
-        .get(gw.url("/admin/spend"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
     let b = &spend["budgets"][0];
     assert!(
         (b["spent_usd"].as_f64().unwrap() - spent).abs() < 1e-9,
@@ -523,15 +499,9 @@ async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_on
         r.bytes().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(800)).await; // one flush interval and the webhook
-    let api: Value = client()
-        .get(gw.url("/admin/spend?by=model&format=json"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let api: Value = gw
+        .get_json("/admin/spend?by=model&format=json", ADMIN)
+        .await;
     let hooks = hook.requests();
     assert_eq!(hooks.len(), 1, "one soft-budget alert per period");
     let alert = hooks[0].json();

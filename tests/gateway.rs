@@ -548,15 +548,7 @@ async fn a_stream_that_breaks_off_ends_with_an_error_event() {
 async fn models_list_shows_the_routes_a_key_may_use() {
     let (_up, gw) = setup().await;
     let c = client();
-    let list: Value = c
-        .get(gw.url("/v1/models"))
-        .bearer_auth(CLIENT_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = gw.get_json("/v1/models", CLIENT_KEY).await;
     let ids: Vec<&str> = list["data"]
         .as_array()
         .unwrap()
@@ -574,15 +566,7 @@ async fn models_list_shows_the_routes_a_key_may_use() {
             "demo"
         ]
     );
-    let list: Value = c
-        .get(gw.url("/v1/models"))
-        .bearer_auth(OTHER_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = gw.get_json("/v1/models", OTHER_KEY).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
     let one = c
         .get(gw.url("/v1/models/demo"))

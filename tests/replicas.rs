@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use gateway::{sha256_hex, Gateway};
+use gateway::{not_near_a_minute_boundary, sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::Store;
 
@@ -145,13 +145,6 @@ async fn post(gw: &Gateway, key: &str, body: &Value) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-async fn not_near_a_minute_boundary() {
-    let secs = chrono::Utc::now().timestamp() % 60;
-    if secs > 45 {
-        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
-    }
 }
 
 #[tokio::test]

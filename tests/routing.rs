@@ -1361,15 +1361,7 @@ models:
         checks >= 1,
         "the check is GET {{origin}}/health, not under /v1"
     );
-    let routes: serde_json::Value = client
-        .get(gw.url("/admin/routes"))
-        .bearer_auth("hc-admin")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes: serde_json::Value = gw.get_json("/admin/routes", "hc-admin").await;
     assert_eq!(routes["routes"][0]["deployments"][0]["up"], false);
     // /health answers 200 from now on (each check takes one scripted answer).
     for _ in 0..200 {

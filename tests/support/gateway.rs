@@ -87,6 +87,19 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// `GET path` with `Authorization: Bearer key`, read as JSON.
+    pub async fn get_json(&self, path: &str, key: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("routes.yaml")
     }
@@ -153,4 +166,13 @@ pub fn sha256_hex(s: &str) -> String {
 
 pub fn write(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write");
+}
+
+/// Waits out the last seconds of a wall-clock minute, so per-minute counters do not roll
+/// over in the middle of a test.
+pub async fn not_near_a_minute_boundary() {
+    let secs = chrono::Utc::now().timestamp() % 60;
+    if secs > 45 {
+        tokio::time::sleep(Duration::from_secs((61 - secs) as u64)).await;
+    }
 }
