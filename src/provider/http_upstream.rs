@@ -2,10 +2,16 @@
 //! URL, the auth header and whether `model` in the body names the deployment. Errors come back
 //! normalised to the OpenAI shape, with the upstream's key scrubbed from any message.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{json, Map, Value};
 
 use super::{AttemptError, UpstreamQuota};
@@ -18,9 +24,34 @@ use crate::stream::guard_upstream_stream;
 /// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
 const MAX_ERROR_BODY: usize = 1 << 20;
 
+/// The upstream HTTP client: hyper's pooled client over rustls (HTTP/1.1, and HTTP/2 where
+/// the upstream offers it by ALPN). One per config generation, shared by its providers.
+pub type UpstreamClient =
+    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Builds the upstream client: connect timeout, no Nagle delay, idle connections kept 90 s.
+pub fn build_client(connect_timeout: Duration) -> Result<UpstreamClient, String> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    Ok(
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_timer(TokioTimer::new())
+            .build(https),
+    )
+}
+
 pub struct HttpUpstream {
     flavor: Flavor,
-    client: reqwest::Client,
+    client: UpstreamClient,
     auth: Option<(HeaderName, HeaderValue)>,
     stream_usage: bool,
     /// The upstream key, kept only to scrub it from error messages.
@@ -38,7 +69,7 @@ enum Flavor {
 }
 
 impl HttpUpstream {
-    pub fn new(cfg: &ProviderCfg, client: reqwest::Client) -> Result<HttpUpstream, String> {
+    pub fn new(cfg: &ProviderCfg, client: UpstreamClient) -> Result<HttpUpstream, String> {
         let stream_usage = match cfg {
             ProviderCfg::AzureOpenai(a) => a.stream_usage,
             ProviderCfg::Openai(o) => o.stream_usage,
@@ -132,50 +163,68 @@ impl HttpUpstream {
         model: &str,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
-        let mut builder = self
-            .client
-            .post(self.url(req.op, deployment))
-            .headers(req.upstream_headers.clone())
-            .timeout(timeout)
-            .body(self.body(req, deployment, model));
+        // One deadline for the whole attempt: the answer's head, then its body to the end.
+        let mut deadline = Box::pin(tokio::time::sleep(timeout));
+        let uri: http::Uri = self
+            .url(req.op, deployment)
+            .parse()
+            .map_err(|_| AttemptError::Connect("the upstream URL is not valid".into()))?;
+        let mut request = http::Request::new(Full::new(self.body(req, deployment, model)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = req.upstream_headers.clone();
         if let Some((name, value)) = &self.auth {
-            builder = builder.header(name, value);
+            request.headers_mut().insert(name.clone(), value.clone());
         }
-        let resp = builder.send().await.map_err(|e| classify(&e, timeout))?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(self.error_from(resp).await);
+        let resp = tokio::select! {
+            biased;
+            r = self.client.request(request) => r.map_err(|e| classify(&e))?,
+            () = deadline.as_mut() => return Err(timed_out(timeout)),
+        };
+        let (parts, body) = resp.into_parts();
+        if !parts.status.is_success() {
+            return Err(self.error_from(&parts, body, deadline, timeout).await);
         }
-        let is_sse = resp
-            .headers()
+        let is_sse = parts
+            .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-        let mut out = http::Response::builder().status(status);
-        for (name, value) in resp.headers() {
+        let mut out = http::Response::new(streaming(guard_upstream_stream(
+            body, is_sse, deadline, timeout,
+        )));
+        *out.status_mut() = parts.status;
+        for (name, value) in &parts.headers {
             if PASS_HEADERS.contains(&name.as_str()) {
-                out = out.header(name, value);
+                out.headers_mut().append(name.clone(), value.clone());
             }
         }
-        if let Some(q) = UpstreamQuota::from_headers(resp.headers()) {
-            out = out.extension(q);
+        if let Some(q) = UpstreamQuota::from_headers(&parts.headers) {
+            out.extensions_mut().insert(q);
         }
-        let stream = guard_upstream_stream(resp.bytes_stream(), is_sse, timeout);
-        out.body(streaming(stream))
-            .map_err(|e| AttemptError::Connect(format!("bad upstream response: {e}")))
+        Ok(out)
     }
 
-    async fn error_from(&self, resp: reqwest::Response) -> AttemptError {
-        let status = resp.status();
-        let retry_after = retry_after(resp.headers());
-        let content_type = resp
-            .headers()
+    async fn error_from(
+        &self,
+        parts: &http::response::Parts,
+        body: Incoming,
+        deadline: Pin<Box<tokio::time::Sleep>>,
+        timeout: Duration,
+    ) -> AttemptError {
+        let status = parts.status;
+        let retry_after = retry_after(&parts.headers);
+        let content_type = parts
+            .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let body = read_limited(resp).await;
-        let mut error = normalize_error(status, &content_type, &body, self.secret.as_deref());
+            .unwrap_or("");
+        let body = tokio::select! {
+            biased;
+            b = read_limited(body) => b,
+            () = deadline => return timed_out(timeout),
+        };
+        let mut error = normalize_error(status, content_type, &body, self.secret.as_deref());
         if let Some(ra) = retry_after {
             error
                 .headers
@@ -209,22 +258,27 @@ fn path_escape(s: &str) -> String {
     out
 }
 
-fn classify(e: &reqwest::Error, timeout: Duration) -> AttemptError {
-    if e.is_timeout() {
-        AttemptError::Timeout(format!(
-            "the upstream did not answer within {}s",
-            timeout.as_secs_f64()
-        ))
-    } else if e.is_connect() {
+fn timed_out(timeout: Duration) -> AttemptError {
+    AttemptError::Timeout(format!(
+        "the upstream did not answer within {}s",
+        timeout.as_secs_f64()
+    ))
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> AttemptError {
+    if e.is_connect() {
         AttemptError::Connect("could not connect to the upstream".into())
     } else {
         AttemptError::Connect("the connection to the upstream failed before an answer".into())
     }
 }
 
-async fn read_limited(mut resp: reqwest::Response) -> Vec<u8> {
+async fn read_limited(mut body: Incoming) -> Vec<u8> {
     let mut out = Vec::new();
-    while let Ok(Some(chunk)) = resp.chunk().await {
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
         let room = MAX_ERROR_BODY.saturating_sub(out.len());
         out.extend_from_slice(&chunk[..chunk.len().min(room)]);
         if out.len() >= MAX_ERROR_BODY {

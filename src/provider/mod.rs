@@ -16,7 +16,7 @@ use crate::config::{ProviderCfg, RoutingCfg};
 use crate::error::GatewayError;
 use crate::server::body::ResponseBody;
 
-pub use http_upstream::HttpUpstream;
+pub use http_upstream::{HttpUpstream, UpstreamClient};
 
 /// A provider built from config: the client, URLs and header values ready for use.
 pub struct Provider {
@@ -25,7 +25,7 @@ pub struct Provider {
 }
 
 pub enum ProviderKind {
-    Http(HttpUpstream),
+    Http(Box<HttpUpstream>),
     Mock(mock::MockProvider),
 }
 
@@ -33,11 +33,11 @@ impl Provider {
     pub fn build(
         name: &str,
         cfg: &ProviderCfg,
-        client: &reqwest::Client,
+        client: &UpstreamClient,
     ) -> Result<Provider, String> {
         let kind = match cfg {
             ProviderCfg::Mock(m) => ProviderKind::Mock(mock::MockProvider::new(m.clone())),
-            _ => ProviderKind::Http(HttpUpstream::new(cfg, client.clone())?),
+            _ => ProviderKind::Http(Box::new(HttpUpstream::new(cfg, client.clone())?)),
         };
         Ok(Provider {
             name: name.to_string(),
@@ -132,11 +132,15 @@ impl UpstreamQuota {
 pub type Providers = indexmap::IndexMap<String, Arc<Provider>>;
 
 /// The one upstream HTTP client of a config generation (connection pool, connect timeout).
-pub fn build_client(routing: &RoutingCfg) -> Result<reqwest::Client, String> {
+pub fn build_client(routing: &RoutingCfg) -> Result<UpstreamClient, String> {
+    http_upstream::build_client(routing.connect_timeout.0)
+}
+
+/// The client of active health checks: off the request path, so reqwest's conveniences.
+pub fn build_check_client(routing: &RoutingCfg) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .connect_timeout(routing.connect_timeout.0)
-        .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .build()
-        .map_err(|e| format!("cannot build the upstream HTTP client: {e}"))
+        .map_err(|e| format!("cannot build the health-check HTTP client: {e}"))
 }

@@ -130,7 +130,13 @@ impl Runtime {
                 d.state.set_checked(true);
             }
         }
-        if tokio::runtime::Handle::try_current().is_ok() {
+        let checked = loaded
+            .config
+            .providers
+            .values()
+            .any(|p| p.health_check().is_some());
+        if checked && tokio::runtime::Handle::try_current().is_ok() {
+            let check_client = provider::build_check_client(&loaded.config.routing)?;
             for (name, cfg) in &loaded.config.providers {
                 let Some((hc, origin)) = cfg.health_check() else {
                     continue;
@@ -147,7 +153,7 @@ impl Runtime {
                     format!("/{}", hc.path)
                 };
                 health_checks.push(spawn_health_check(
-                    client.clone(),
+                    check_client.clone(),
                     name.clone(),
                     format!("{origin}{path}"),
                     hc.interval.0,

@@ -5,19 +5,24 @@
 //! raises instead of hanging or taking a cut answer for a whole one); any other body is cut,
 //! so the client sees an incomplete response.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
+use http_body::Body;
 use serde_json::json;
+use tokio::time::Sleep;
 
 use crate::server::body::BoxError;
 
-pub struct UpstreamStream<S> {
-    inner: S,
+pub struct UpstreamStream<B> {
+    inner: B,
     is_sse: bool,
+    /// When the attempt's time is up (its head and its whole body).
+    deadline: Pin<Box<Sleep>>,
     timeout: Duration,
     done: bool,
     /// Whether any byte went on towards the client: before that, a broken stream is an
@@ -38,13 +43,20 @@ fn last_event_end(buf: &[u8]) -> Option<usize> {
     })
 }
 
-pub fn guard_upstream_stream<S>(inner: S, is_sse: bool, timeout: Duration) -> UpstreamStream<S>
+/// The upstream's body as a stream of chunks for the client, cut off at `deadline`.
+pub fn guard_upstream_stream<B>(
+    inner: B,
+    is_sse: bool,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+) -> UpstreamStream<B>
 where
-    S: Stream<Item = Result<Bytes, reqwest::Error>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
     UpstreamStream {
         inner,
         is_sse,
+        deadline,
         timeout,
         done: false,
         sent_any: false,
@@ -59,9 +71,9 @@ pub fn error_event(code: &str, message: &str) -> Bytes {
     Bytes::from(format!("data: {body}\n\n"))
 }
 
-impl<S> Stream for UpstreamStream<S>
+impl<B> Stream for UpstreamStream<B>
 where
-    S: Stream<Item = Result<Bytes, reqwest::Error>> + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
     type Item = Result<Bytes, BoxError>;
 
@@ -70,9 +82,13 @@ where
             return Poll::Ready(None);
         }
         loop {
-            let chunk = match Pin::new(&mut self.inner).poll_next(cx) {
-                Poll::Ready(Some(Ok(b))) => b,
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(self.broke_off(&e))),
+            let chunk = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(b) => b,
+                    // Trailers: nothing the client needs.
+                    Err(_) => continue,
+                },
+                Poll::Ready(Some(Err(_))) => return Poll::Ready(Some(self.broke_off(false))),
                 Poll::Ready(None) => {
                     self.done = true;
                     // Whatever the upstream left unfinished goes out as it was.
@@ -82,7 +98,12 @@ where
                     let rest = self.pending.split().freeze();
                     return Poll::Ready(Some(Ok(rest)));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if self.deadline.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Some(self.broke_off(true)));
+                    }
+                    return Poll::Pending;
+                }
             };
             if !self.is_sse {
                 self.sent_any = true;
@@ -103,11 +124,11 @@ where
     }
 }
 
-impl<S> UpstreamStream<S> {
-    fn broke_off(&mut self, e: &reqwest::Error) -> Result<Bytes, BoxError> {
+impl<B> UpstreamStream<B> {
+    fn broke_off(&mut self, timed_out: bool) -> Result<Bytes, BoxError> {
         self.done = true;
         self.pending.clear();
-        let (code, message) = if e.is_timeout() {
+        let (code, message) = if timed_out {
             (
                 "upstream_timeout",
                 format!(
