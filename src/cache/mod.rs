@@ -6,12 +6,15 @@
 //! Concurrent identical misses go upstream once: the first is the leader, the others wait
 //! for its answer.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -20,6 +23,28 @@ use crate::api::Operation;
 use crate::ledger::cost::Usage;
 
 pub type Key = [u8; 32];
+
+/// Keys are SHA-256 digests, already uniform: their first 8 bytes are the hash (SipHash over
+/// all 32 cost as much as the rest of a cache insert).
+#[derive(Clone, Default)]
+pub struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(head) = bytes.first_chunk::<8>() {
+            self.0 ^= u64::from_le_bytes(*head);
+        } else {
+            for b in bytes {
+                self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+            }
+        }
+    }
+}
+
+type DigestState = std::hash::BuildHasherDefault<DigestHasher>;
 
 /// A stored answer.
 #[derive(Debug)]
@@ -73,8 +98,8 @@ enum Outcome {
 type Waiting = watch::Receiver<Option<Outcome>>;
 
 pub struct Cache {
-    store: moka::sync::Cache<Key, Arc<Entry>>,
-    in_flight: Mutex<HashMap<Key, Waiting>>,
+    store: moka::sync::Cache<Key, Arc<Entry>, DigestState>,
+    in_flight: Mutex<HashMap<Key, Waiting, DigestState>>,
     /// The second tier, shared by replicas (`state.redis`).
     redis: Option<RedisTier>,
 }
@@ -138,7 +163,7 @@ impl RedisTier {
     fn key(key: &Key) -> String {
         let mut s = String::from("{switchyard}:cache:");
         for b in key {
-            let _ = write!(s, "{b:02x}");
+            let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
         }
         s
     }
@@ -310,8 +335,8 @@ impl Cache {
                 .max_capacity(max_bytes)
                 .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
                 .expire_after(PerEntryTtl)
-                .build(),
-            in_flight: Mutex::new(HashMap::new()),
+                .build_with_hasher(DigestState::default()),
+            in_flight: Mutex::new(HashMap::default()),
         }))
     }
 
@@ -379,29 +404,120 @@ impl Cache {
 
 /// The cache key of a request, or `None` when the body is not JSON.
 pub fn key(route: &str, op: Operation, scope: &str, body: &[u8]) -> Option<Key> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    if let Value::Object(o) = &mut v {
-        for f in ["user", "stream", "stream_options"] {
-            o.remove(f);
-        }
-    }
-    let mut canonical = String::with_capacity(body.len());
-    write_canonical(&v, &mut canonical);
+    let text = std::str::from_utf8(body).ok()?;
+    let top: &RawValue = serde_json::from_str(text).ok()?;
+    let mut canonical = Vec::with_capacity(body.len());
+    write_canonical(top, &mut canonical, true)?;
     let mut h = Sha256::new();
     for part in [route, op.path(), scope] {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    h.update(canonical.as_bytes());
+    h.update(&canonical);
     Some(h.finalize().into())
 }
 
-/// JSON with sorted keys and one spelling per number (`1`, `1.0` and `1e0` are the same).
-fn write_canonical(v: &Value, out: &mut String) {
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => {
+/// A JSON object's members in order, keys and values borrowed from the body.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((k, v)) = map.next_entry::<MemberName<'de>, &'de RawValue>()? {
+                    out.push((k.0, v));
+                }
+                Ok(Members(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An object key: borrowed unless it holds escapes.
+struct MemberName<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for MemberName<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MemberName<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MemberName(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A JSON string as serde_json writes it: as it came when it has no escapes (the usual case).
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.extend_from_slice(serde_json::to_string(s).unwrap_or_default().as_bytes());
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// JSON with sorted keys, no whitespace, one spelling per number (`1`, `1.0` and `1e0` are
+/// the same) and per string (escapes decoded), written without building a tree: objects and
+/// arrays are split into borrowed raw members, scalars copied or respelled. At the top level,
+/// `user`, `stream` and `stream_options` are left out (they do not change the answer).
+fn write_canonical(raw: &RawValue, out: &mut Vec<u8>, top: bool) -> Option<()> {
+    let text = raw.get();
+    match text.as_bytes().first()? {
+        b'{' => {
+            let mut members = serde_json::from_str::<Members>(text).ok()?.0;
+            if top {
+                members.retain(|(k, _)| !matches!(&**k, "user" | "stream" | "stream_options"));
+            }
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            out.push(b'{');
+            for (i, (k, v)) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_string(k, out);
+                out.push(b':');
+                write_canonical(v, out, false)?;
+            }
+            out.push(b'}');
+        }
+        b'[' => {
+            let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(v, out, false)?;
+            }
+            out.push(b']');
+        }
+        b'"' => {
+            if text.contains('\\') {
+                let s: String = serde_json::from_str(text).ok()?;
+                write_string(&s, out);
+            } else {
+                out.extend_from_slice(text.as_bytes());
+            }
+        }
+        b'-' | b'0'..=b'9' => {
+            let n: serde_json::Number = serde_json::from_str(text).ok()?;
             if let Some(i) = n.as_i64() {
                 let _ = write!(out, "{i}");
             } else if let Some(u) = n.as_u64() {
@@ -415,32 +531,10 @@ fn write_canonical(v: &Value, out: &mut String) {
                 }
             }
         }
-        Value::String(s) => out.push_str(&Value::String(s.clone()).to_string()),
-        Value::Array(a) => {
-            out.push('[');
-            for (i, x) in a.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                write_canonical(x, out);
-            }
-            out.push(']');
-        }
-        Value::Object(o) => {
-            let mut keys: Vec<&String> = o.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(&o[k], out);
-            }
-            out.push('}');
-        }
+        // true, false, null: one spelling each.
+        _ => out.extend_from_slice(text.as_bytes()),
     }
+    Some(())
 }
 
 /// What `Cache-Control` asks: `(look up, store)`.
@@ -751,6 +845,21 @@ mod tests {
             br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"ho"}]}"#,
         );
         assert_ne!(a, other_text);
+        let spaced = key(
+            "r",
+            Operation::ChatCompletions,
+            "team:a",
+            b"  {\"model\" : \"m\", \"temperature\": 1e0,\n \"messages\": [ {\"role\":\"user\", \"content\":\"h\\u0069\"} ] }  ",
+        );
+        assert_eq!(a, spaced);
+        let nested_user = key(
+            "r",
+            Operation::ChatCompletions,
+            "team:a",
+            br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"hi","user":"x"}]}"#,
+        );
+        assert_ne!(a, nested_user, "only the top-level `user` is left out");
+        assert!(key("r", Operation::ChatCompletions, "team:a", b"{\"model\":").is_none());
     }
 
     #[test]

@@ -223,9 +223,10 @@ impl Store {
             client_user, route, deployment, provider, endpoint, status, prompt_tokens, \
             cached_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated) ";
         // One multi-row INSERT per chunk: one round-trip to the database (for SQLite, to
-        // sqlx's worker thread) per chunk instead of one per row. 18 binds a row; SQLite
-        // allows 32766 binds in a statement, PostgreSQL 65535.
-        const ROWS_PER_STATEMENT: usize = 500;
+        // sqlx's worker thread) per chunk instead of one per row. Chunks of at most 32 rows
+        // make at most 32 statement texts, each prepared once and kept in sqlx's statement
+        // cache (parsing a fresh 500-row statement cost SQLite more than inserting its rows).
+        const ROWS_PER_STATEMENT: usize = 32;
         macro_rules! insert_all {
             ($pool:expr, $db:ty) => {{
                 let mut tx = $pool.begin().await?;
@@ -251,8 +252,7 @@ impl Store {
                             .push_bind(r.cache_hit)
                             .push_bind(r.estimated);
                     });
-                    // Not kept in the statement cache: every row count is another statement.
-                    qb.build().persistent(false).execute(&mut *tx).await?;
+                    qb.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await
             }};

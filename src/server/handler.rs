@@ -148,7 +148,6 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let start = std::time::Instant::now();
     let key = rt.keys.authenticate(req.headers())?;
     facts.key.clone_from(&key.name);
     facts.team = key.team.clone().unwrap_or_default();
@@ -294,9 +293,9 @@ where
         .unwrap_or_default();
 
     let mut served = Served::default();
-    let before_upstream = start.elapsed();
+    let dispatched = std::time::Instant::now();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
-    let after_upstream = std::time::Instant::now();
+    facts.upstream_wait = Some(dispatched.elapsed());
     if !served.route.is_empty() {
         facts.route.clone_from(&served.route);
         record.row.route.clone_from(&served.route);
@@ -338,14 +337,6 @@ where
                 parts
                     .headers
                     .insert("x-switchyard-cache", HeaderValue::from_static(result));
-            }
-            if let Some(m) = metrics::metrics() {
-                // Everything but the wait on the upstream (retries and backoffs included in
-                // that wait): before dispatch, and from the answer to handing it over.
-                let overhead = before_upstream + after_upstream.elapsed();
-                m.overhead
-                    .with_label_values(&[&route.name])
-                    .observe(overhead.as_secs_f64());
             }
             Ok(Response::from_parts(parts, tap.boxed_unsync()))
         }

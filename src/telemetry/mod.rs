@@ -65,6 +65,10 @@ pub struct RequestFacts {
     pub fallback_from: String,
     pub error_code: String,
     pub stream: bool,
+    /// For a request sent upstream: how long the attempts took, from the dispatch to the
+    /// answer's head (retries and their backoff included). With the time the response body
+    /// waited on upstream chunks, it is what `switchyard_overhead_seconds` leaves out.
+    pub upstream_wait: Option<std::time::Duration>,
 }
 
 /// Writes one structured line per request when its response body ends or is dropped.
@@ -122,6 +126,8 @@ where
                 facts,
                 first_byte: None,
                 bytes: 0,
+                body_wait: std::time::Duration::ZERO,
+                pending_since: None,
                 logged: false,
             };
             let body = LoggedBody { inner: body, line }.boxed_unsync();
@@ -139,6 +145,9 @@ struct LogLine {
     facts: RequestFacts,
     first_byte: Option<Instant>,
     bytes: u64,
+    /// Time the response body spent waiting on its source (the upstream's chunks).
+    body_wait: std::time::Duration,
+    pending_since: Option<Instant>,
     logged: bool,
 }
 
@@ -169,6 +178,13 @@ impl LogLine {
                 m.time_to_first_token
                     .with_label_values(&[route, &f.deployment])
                     .observe((t - self.start).as_secs_f64());
+            }
+            // The gateway's own time: the whole request minus the waits on the upstream.
+            if let Some(upstream) = f.upstream_wait {
+                let own = elapsed.saturating_sub(upstream + self.body_wait);
+                m.overhead
+                    .with_label_values(&[route])
+                    .observe(own.as_secs_f64());
             }
         }
         let ttfb_ms = self
@@ -212,6 +228,9 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(since) = this.line.pending_since.take() {
+            this.line.body_wait += since.elapsed();
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -230,7 +249,12 @@ impl Body for LoggedBody {
                 this.line.emit("complete");
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if this.line.facts.upstream_wait.is_some() {
+                    this.line.pending_since = Some(Instant::now());
+                }
+                Poll::Pending
+            }
         }
     }
 
