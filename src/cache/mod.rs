@@ -60,9 +60,13 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// What an entry occupies, as near as can be told: its bytes, 48 per kept event (the
+    /// `Bytes` handle and its allocation's header), and 512 for the entry itself, its key and
+    /// moka's bookkeeping (hash table slot, LRU and timer-wheel nodes). Counting the payload
+    /// alone let a full cache take about twice `cache.max_bytes`.
     fn weight(&self) -> u32 {
-        let events: usize = self.events.iter().flatten().map(|e| e.len()).sum();
-        u32::try_from(self.json.len() + events + 128).unwrap_or(u32::MAX)
+        let events: usize = self.events.iter().flatten().map(|e| e.len() + 48).sum();
+        u32::try_from(self.json.len() + events + 512).unwrap_or(u32::MAX)
     }
 }
 
