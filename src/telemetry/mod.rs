@@ -6,7 +6,10 @@ pub mod metrics;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Write as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,29 +29,133 @@ pub enum LogFormat {
     Json,
 }
 
-/// Sets up logging to stdout. Lines are written by a thread of their own, so no request
-/// waits on a `write` to stdout; the returned guard flushes what is queued when dropped
-/// (keep it until the process ends). Nothing is dropped when the queue is full: writers wait.
-/// The queue holds 16,384 lines (a few MiB at most; the default 128,000 lines let a burst
-/// grow the process by tens of MiB).
-pub fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(16_384)
-        .thread_name("switchyard-log")
-        .finish(std::io::stdout());
+/// Sets up logging to stdout. Lines are gathered in memory and written by a thread of its
+/// own every `LOG_FLUSH` (sooner past `LOG_HIGH_WATER` bytes), so no request waits on a
+/// `write` to stdout or wakes a thread: at one request at a time, waking a log thread for
+/// every line cost more CPU than formatting it. The returned guard writes what is gathered
+/// when dropped (keep it until the process ends). Nothing is dropped: past `LOG_MAX` bytes
+/// waiting, the logging thread writes them itself.
+pub fn init_logging(format: LogFormat) -> LogGuard {
+    let shared = Arc::new(LogShared::default());
+    let flusher = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("switchyard-log".into())
+            .spawn(move || shared.run())
+            .ok()
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("SWITCHYARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(LogWriter(shared.clone()))
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
-    guard
+    LogGuard { shared, flusher }
+}
+
+/// How long a log line may wait in memory before it is written.
+const LOG_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
+/// Gathered bytes that wake the writing thread before its time.
+const LOG_HIGH_WATER: usize = 256 << 10;
+/// Gathered bytes past which a logging thread writes them itself.
+const LOG_MAX: usize = 4 << 20;
+
+#[derive(Default)]
+struct LogShared {
+    lines: Mutex<Vec<u8>>,
+    wake: Condvar,
+    /// Held while writing to stdout, taken before `lines`: batches go out in order.
+    out: Mutex<()>,
+    stop: AtomicBool,
+}
+
+impl LogShared {
+    fn lock_lines(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes everything gathered so far.
+    fn write_out(&self) {
+        let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = std::mem::take(&mut *self.lock_lines());
+        if !batch.is_empty() {
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&batch);
+            let _ = stdout.flush();
+        }
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let lines = self.lock_lines();
+                if lines.len() < LOG_HIGH_WATER && !self.stop.load(Ordering::Acquire) {
+                    let _ = self.wake.wait_timeout(lines, LOG_FLUSH);
+                }
+            }
+            self.write_out();
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+        }
+    }
+}
+
+/// Flushes the gathered log lines and stops the writing thread when dropped.
+pub struct LogGuard {
+    shared: Arc<LogShared>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_one();
+        match self.flusher.take() {
+            Some(t) => {
+                let _ = t.join();
+            }
+            None => self.shared.write_out(),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct LogWriter(Arc<LogShared>);
+
+/// One formatted event (tracing's fmt layer writes each event with one `write_all`).
+struct LogLineWriter<'a>(&'a LogShared);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogLineWriter<'a>;
+    fn make_writer(&'a self) -> Self::Writer {
+        LogLineWriter(&self.0)
+    }
+}
+
+impl std::io::Write for LogLineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let len = {
+            let mut lines = self.0.lock_lines();
+            lines.extend_from_slice(buf);
+            lines.len()
+        };
+        if len >= LOG_MAX {
+            self.0.write_out();
+        } else if len >= LOG_HIGH_WATER && len - buf.len() < LOG_HIGH_WATER {
+            self.0.wake.notify_one();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What the handler learned about a request, for its log line. Set as a response extension.
