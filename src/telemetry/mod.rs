@@ -55,7 +55,132 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    let _ = REQUEST_LOG.set((shared.clone(), format));
     LogGuard { shared, flusher }
+}
+
+/// Where request lines go once logging is set up, and in which format.
+static REQUEST_LOG: std::sync::OnceLock<(Arc<LogShared>, LogFormat)> = std::sync::OnceLock::new();
+
+/// One request's log line: `<time>  INFO request k=v ...` or a flat JSON object, as
+/// tracing's text and JSON formatters write events.
+struct RequestLine {
+    json: bool,
+    out: String,
+}
+
+impl RequestLine {
+    fn new(format: LogFormat) -> RequestLine {
+        let json = format == LogFormat::Json;
+        let mut out = String::with_capacity(384);
+        let now = rfc3339_now();
+        if json {
+            out.push_str("{\"timestamp\":\"");
+            out.push_str(&now);
+            out.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
+        } else {
+            out.push_str(&now);
+            out.push_str("  INFO request");
+        }
+        RequestLine { json, out }
+    }
+
+    fn str(&mut self, name: &str, value: &str) {
+        if self.json {
+            self.out.push_str(",\"");
+            self.out.push_str(name);
+            self.out.push_str("\":");
+            json_string(&mut self.out, value);
+        } else {
+            self.out.push(' ');
+            self.out.push_str(name);
+            self.out.push('=');
+            // As tracing's text format shows a Display field: quoted only when it must be.
+            if value.is_empty()
+                || value
+                    .bytes()
+                    .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
+            {
+                let _ = write!(StrWriter(&mut self.out), "{value:?}");
+            } else {
+                self.out.push_str(value);
+            }
+        }
+    }
+
+    fn num(&mut self, name: &str, value: impl std::fmt::Display) {
+        if self.json {
+            let _ = write!(StrWriter(&mut self.out), ",\"{name}\":{value}");
+        } else {
+            let _ = write!(StrWriter(&mut self.out), " {name}={value}");
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.json {
+            self.out.push('}');
+        }
+        self.out.push('\n');
+        self.out.into_bytes()
+    }
+}
+
+/// `std::fmt::Write` for a `String` without importing the trait over `std::io::Write`.
+struct StrWriter<'a>(&'a mut String);
+
+impl StrWriter<'_> {
+    fn write_fmt(&mut self, args: std::fmt::Arguments<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_fmt(self.0, args)
+    }
+}
+
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(StrWriter(out), "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Now as `2026-11-28T21:42:16.279627Z` (UTC, microseconds), like tracing's timestamps.
+fn rfc3339_now() -> String {
+    rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+fn rfc3339(since: std::time::Duration) -> String {
+    let secs = since.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_micros()
+    )
 }
 
 /// How long a log line may wait in memory before it is written.
@@ -75,6 +200,21 @@ struct LogShared {
 }
 
 impl LogShared {
+    /// Adds formatted bytes; wakes the writing thread past the high-water mark, or writes
+    /// them here when far too much is waiting.
+    fn push(&self, buf: &[u8]) {
+        let len = {
+            let mut lines = self.lock_lines();
+            lines.extend_from_slice(buf);
+            lines.len()
+        };
+        if len >= LOG_MAX {
+            self.write_out();
+        } else if len >= LOG_HIGH_WATER && len - buf.len() < LOG_HIGH_WATER {
+            self.wake.notify_one();
+        }
+    }
+
     fn lock_lines(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         self.lines.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -140,16 +280,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 
 impl std::io::Write for LogLineWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let len = {
-            let mut lines = self.0.lock_lines();
-            lines.extend_from_slice(buf);
-            lines.len()
-        };
-        if len >= LOG_MAX {
-            self.0.write_out();
-        } else if len >= LOG_HIGH_WATER && len - buf.len() < LOG_HIGH_WATER {
-            self.0.wake.notify_one();
-        }
+        self.0.push(buf);
         Ok(buf.len())
     }
 
@@ -297,6 +428,35 @@ impl LogLine {
         let ttfb_ms = self
             .first_byte
             .map(|t| (t - self.start).as_secs_f64() * 1000.0);
+        // Written straight into the gathered log bytes, in the shape tracing's formatter
+        // gives other lines: formatting 18 fields through tracing's visitors cost more than
+        // the rest of the access log.
+        if let Some((shared, format)) = REQUEST_LOG.get() {
+            if tracing::enabled!(target: "switchyard::request", tracing::Level::INFO) {
+                let mut line = RequestLine::new(*format);
+                line.str("request_id", &self.request_id);
+                line.str("method", self.method.as_str());
+                line.str("path", &self.path);
+                line.str("endpoint", f.endpoint);
+                line.num("status", self.status);
+                line.str("route", &f.route);
+                line.str("deployment", &f.deployment);
+                line.str("provider", &f.provider);
+                line.str("key", &f.key);
+                line.num("attempts", f.attempts);
+                line.str("fallback_from", &f.fallback_from);
+                line.num("stream", f.stream);
+                line.str("error_code", &f.error_code);
+                line.num("duration_ms", duration_ms);
+                if let Some(t) = ttfb_ms {
+                    line.num("ttfb_ms", t);
+                }
+                line.num("bytes", self.bytes);
+                line.str("outcome", outcome);
+                shared.push(&line.finish());
+            }
+            return;
+        }
         tracing::info!(
             target: "switchyard::request",
             request_id = %self.request_id,
@@ -384,5 +544,48 @@ impl Drop for LoggedBody {
             "client_closed"
         };
         self.line.emit(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_in_both_formats() {
+        use std::time::Duration;
+        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(Duration::from_micros(1_795_902_136_279_627)),
+            "2026-11-28T21:42:16.279627Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000000Z"
+        );
+        let mut l = RequestLine::new(LogFormat::Json);
+        l.str("request_id", "a\"b\\c\n\u{1}");
+        l.num("status", 200u16);
+        l.num("stream", false);
+        l.num("duration_ms", 0.25f64);
+        let line = l.finish();
+        assert_eq!(line.last(), Some(&b'\n'));
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["request_id"], "a\"b\\c\n\u{1}");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["stream"], false);
+        assert_eq!(v["duration_ms"], 0.25);
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "request");
+        let mut l = RequestLine::new(LogFormat::Text);
+        l.str("route", "gpt-4o");
+        l.str("key", "");
+        l.str("path", "/v1/a b");
+        l.num("status", 429u16);
+        let text = String::from_utf8(l.finish()).unwrap();
+        assert!(
+            text.ends_with("Z  INFO request route=gpt-4o key=\"\" path=\"/v1/a b\" status=429\n"),
+            "{text}"
+        );
     }
 }
