@@ -17,7 +17,7 @@ from collections import Counter
 RULES = [
     ("ledger: sqlx-sqlite worker threads", r"^sqlx-sqlite", None),
     ("ledger: writer task (one sqlx round-trip per row)", None, r"LedgerWriter::start|ledger::store::Store::insert"),
-    ("access log line (tracing fmt + write(2))", None, r"telemetry::LogLine::emit"),
+    ("access log line and per-request metrics (LogLine::emit)", None, r"telemetry::LogLine::emit"),
     ("metrics (prometheus label lookups, observe)", None, r"prometheus::|MetricVec"),
     ("cache: key (canonical JSON + sha256)", None, r"switchyard::cache::key|switchyard::cache::write_canonical"),
     ("cache: store answer (moka insert)", None, r"switchyard::cache::Leader::store|cache::Leader::finish|moka::sync::cache::Cache<K,V,S>::insert"),
@@ -28,7 +28,7 @@ RULES = [
     ("auth: key lookup (sha256)", None, r"switchyard::auth::"),
     ("request parse (ApiRequest::parse, body edits)", None, r"ApiRequest::parse|ApiRequest::upstream_body|api::body::"),
     ("route pick + bookkeeping", None, r"switchyard::route::(?!Route::send_once|Route::attempt)|route::state::"),
-    ("upstream client: reqwest request building", None, r"reqwest::async_impl::request|reqwest::async_impl::client::Client::(execute_request|request|post)|into_url|url::parser"),
+    ("upstream client: request building (URL, headers, body)", None, r"reqwest::async_impl::request|reqwest::async_impl::client::Client::(execute_request|request|post)|into_url|url::parser|HttpUpstream::url|HttpUpstream::body|http::uri::Uri::from_shared"),
     ("upstream client: hyper client connection (read/write syscalls)", None, r"hyper::client::|hyper_util::client::legacy::client::Client|reqwest::connect|PendingRequest|HttpUpstream::send"),
     ("response body passing (Tap/LoggedBody/guard)", None, r"ledger::Tap as http_body|LoggedBody|UpstreamStream|stream::guard"),
     ("request id (rand + format)", None, r"new_request_id"),
