@@ -194,24 +194,9 @@ fn stream_finish(body: &str) -> Option<String> {
 
 /// A sample's value on `/metrics`: the line of `name` whose labels include all of `labels`.
 async fn metric(gw: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let text = client()
-        .get(gw.url("/metrics"))
-        .send()
+    gw.metric(name, labels)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .find(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|v| v.parse().unwrap())
-        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+        .unwrap_or_else(|| panic!("no {name} {labels:?} on /metrics"))
 }
 
 /// Stops the gateway cleanly (the ledger is flushed at shutdown) and reads every row.

@@ -6,14 +6,13 @@
 //! Concurrent identical misses go upstream once: the first is the leader, the others wait
 //! for its answer.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -167,7 +166,7 @@ impl RedisTier {
     fn key(key: &Key) -> String {
         let mut s = String::from("{switchyard}:cache:");
         for b in key {
-            let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+            let _ = write!(s, "{b:02x}");
         }
         s
     }
@@ -421,51 +420,6 @@ pub fn key(route: &str, op: Operation, scope: &str, body: &[u8]) -> Option<Key> 
     Some(h.finalize().into())
 }
 
-/// A JSON object's members in order, keys and values borrowed from the body.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'de> Deserialize<'de> for Members<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Members<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some((k, v)) = map.next_entry::<MemberName<'de>, &'de RawValue>()? {
-                    out.push((k.0, v));
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// An object key: borrowed unless it holds escapes.
-struct MemberName<'a>(Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for MemberName<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MemberName<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string key")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(MemberName(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(MemberName(Cow::Owned(v.to_string())))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
 /// A JSON string as serde_json writes it: as it came when it has no escapes (the usual case).
 fn write_string(s: &str, out: &mut Vec<u8>) {
     if s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
@@ -485,7 +439,7 @@ fn write_canonical(raw: &RawValue, out: &mut Vec<u8>, top: bool) -> Option<()> {
     let text = raw.get();
     match text.as_bytes().first()? {
         b'{' => {
-            let mut members = serde_json::from_str::<Members>(text).ok()?.0;
+            let mut members = crate::api::body::object_members(text)?;
             if top {
                 members.retain(|(k, _)| !matches!(&**k, "user" | "stream" | "stream_options"));
             }

@@ -5,6 +5,7 @@
 pub mod metrics;
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;
@@ -59,7 +60,8 @@ pub fn init_logging(format: LogFormat) -> LogGuard {
     LogGuard { shared, flusher }
 }
 
-/// Where request lines go once logging is set up, and in which format.
+/// Where request lines go, and in which format: set by `init_logging` (without it, as in a
+/// library user that sets up its own subscriber, no request lines are written).
 static REQUEST_LOG: std::sync::OnceLock<(Arc<LogShared>, LogFormat)> = std::sync::OnceLock::new();
 
 /// One request's log line: `<time>  INFO request k=v ...` or a flat JSON object, as
@@ -101,7 +103,7 @@ impl RequestLine {
                     .bytes()
                     .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
             {
-                let _ = write!(StrWriter(&mut self.out), "{value:?}");
+                let _ = write!(self.out, "{value:?}");
             } else {
                 self.out.push_str(value);
             }
@@ -110,9 +112,9 @@ impl RequestLine {
 
     fn num(&mut self, name: &str, value: impl std::fmt::Display) {
         if self.json {
-            let _ = write!(StrWriter(&mut self.out), ",\"{name}\":{value}");
+            let _ = write!(self.out, ",\"{name}\":{value}");
         } else {
-            let _ = write!(StrWriter(&mut self.out), " {name}={value}");
+            let _ = write!(self.out, " {name}={value}");
         }
     }
 
@@ -122,15 +124,6 @@ impl RequestLine {
         }
         self.out.push('\n');
         self.out.into_bytes()
-    }
-}
-
-/// `std::fmt::Write` for a `String` without importing the trait over `std::io::Write`.
-struct StrWriter<'a>(&'a mut String);
-
-impl StrWriter<'_> {
-    fn write_fmt(&mut self, args: std::fmt::Arguments<'_>) -> std::fmt::Result {
-        std::fmt::Write::write_fmt(self.0, args)
     }
 }
 
@@ -144,7 +137,7 @@ fn json_string(out: &mut String, s: &str) {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             c if (c as u32) < 0x20 => {
-                let _ = write!(StrWriter(out), "\\u{:04x}", c as u32);
+                let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),
         }
@@ -455,29 +448,7 @@ impl LogLine {
                 line.str("outcome", outcome);
                 shared.push(&line.finish());
             }
-            return;
         }
-        tracing::info!(
-            target: "switchyard::request",
-            request_id = %self.request_id,
-            method = %self.method,
-            path = %self.path,
-            endpoint = f.endpoint,
-            status = self.status,
-            route = %f.route,
-            deployment = %f.deployment,
-            provider = %f.provider,
-            key = %f.key,
-            attempts = f.attempts,
-            fallback_from = %f.fallback_from,
-            stream = f.stream,
-            error_code = %f.error_code,
-            duration_ms,
-            ttfb_ms,
-            bytes = self.bytes,
-            outcome,
-            "request"
-        );
     }
 }
 

@@ -87,6 +87,29 @@ impl Gateway {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// A sample's value on `/metrics`: the line of `name` whose labels include all of
+    /// `labels`, or `None` when there is no such line.
+    pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let text = reqwest::Client::new()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text");
+        let prefix = format!("{name}{{");
+        text.lines()
+            .filter(|l| l.starts_with(&prefix))
+            .find(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().expect("a sample value"))
+    }
+
     /// `GET path` with `Authorization: Bearer key`, read as JSON.
     pub async fn get_json(&self, path: &str, key: &str) -> serde_json::Value {
         reqwest::Client::new()
