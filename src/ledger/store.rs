@@ -4,7 +4,7 @@
 //! applied at open.
 
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -224,47 +224,57 @@ impl Store {
     }
 
     pub async fn insert(&self, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
-        const INSERT_HEAD: &str = "INSERT INTO requests (ts_ms, request_id, key_name, team, \
-            client_user, route, deployment, provider, endpoint, status, prompt_tokens, \
-            cached_tokens, completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated) ";
-        // One multi-row INSERT per chunk: one round-trip to the database (for SQLite, to
-        // sqlx's worker thread) per chunk instead of one per row. Chunks of at most 32 rows
-        // make at most 32 statement texts, each prepared once and kept in sqlx's statement
-        // cache (parsing a fresh 500-row statement cost SQLite more than inserting its rows).
-        const ROWS_PER_STATEMENT: usize = 32;
+        // One multi-row INSERT per chunk of at most `ROWS_PER_STATEMENT` rows: one round-trip
+        // to the database (for SQLite, to sqlx's worker thread) per chunk instead of one per
+        // row. Each chunk size has its statement text made once (`insert_sql`), so SQLite
+        // parses it once (sqlx's statement cache) and the writer builds no SQL per batch;
+        // the arguments are sized up front instead of growing value by value.
         macro_rules! insert_all {
-            ($pool:expr, $db:ty) => {{
+            ($pool:expr, $db:ty, $sql:expr) => {{
                 let mut tx = $pool.begin().await?;
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(INSERT_HEAD);
-                    qb.push_values(chunk, |mut b, r| {
-                        b.push_bind(r.ts_ms)
-                            .push_bind(&r.request_id)
-                            .push_bind(&r.key)
-                            .push_bind(&r.team)
-                            .push_bind(&r.user)
-                            .push_bind(&r.route)
-                            .push_bind(&r.deployment)
-                            .push_bind(&r.provider)
-                            .push_bind(&r.endpoint)
-                            .push_bind(r.status as i32)
-                            .push_bind(r.prompt_tokens as i64)
-                            .push_bind(r.cached_tokens as i64)
-                            .push_bind(r.completion_tokens as i64)
-                            .push_bind(r.cost_usd)
-                            .push_bind(r.latency_ms)
-                            .push_bind(r.ttft_ms)
-                            .push_bind(r.cache_hit)
-                            .push_bind(r.estimated);
-                    });
-                    qb.build().execute(&mut *tx).await?;
+                    use sqlx::Arguments;
+                    let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
+                    args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
+                    for r in chunk {
+                        add_row!(args, r);
+                    }
+                    sqlx::query_with(&$sql[chunk.len() - 1], args)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await
             }};
         }
+        macro_rules! add_row {
+            ($args:expr, $r:expr) => {{
+                let r = $r;
+                let enc = sqlx::Error::Encode;
+                $args.add(r.ts_ms).map_err(enc)?;
+                $args.add(r.request_id.as_str()).map_err(enc)?;
+                $args.add(r.key.as_str()).map_err(enc)?;
+                $args.add(r.team.as_str()).map_err(enc)?;
+                $args.add(r.user.as_str()).map_err(enc)?;
+                $args.add(r.route.as_str()).map_err(enc)?;
+                $args.add(r.deployment.as_str()).map_err(enc)?;
+                $args.add(r.provider.as_str()).map_err(enc)?;
+                $args.add(r.endpoint.as_str()).map_err(enc)?;
+                $args.add(r.status as i32).map_err(enc)?;
+                $args.add(r.prompt_tokens as i64).map_err(enc)?;
+                $args.add(r.cached_tokens as i64).map_err(enc)?;
+                $args.add(r.completion_tokens as i64).map_err(enc)?;
+                $args.add(r.cost_usd).map_err(enc)?;
+                $args.add(r.latency_ms).map_err(enc)?;
+                $args.add(r.ttft_ms).map_err(enc)?;
+                $args.add(r.cache_hit).map_err(enc)?;
+                $args.add(r.estimated).map_err(enc)?;
+            }};
+        }
+        static SQLITE_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(false));
+        static POSTGRES_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(true));
         match self {
-            Store::Sqlite(pool) => insert_all!(pool, sqlx::Sqlite),
-            Store::Postgres(pool) => insert_all!(pool, sqlx::Postgres),
+            Store::Sqlite(pool) => insert_all!(pool, sqlx::Sqlite, SQLITE_SQL),
+            Store::Postgres(pool) => insert_all!(pool, sqlx::Postgres, POSTGRES_SQL),
         }
     }
 
@@ -419,6 +429,43 @@ impl LedgerTask {
             tracing::error!("the ledger did not finish writing in time");
         }
     }
+}
+
+/// Rows per INSERT statement: at most this many statement texts, each prepared once and
+/// kept in sqlx's statement cache (parsing a fresh 500-row statement cost SQLite more than
+/// inserting its rows).
+const ROWS_PER_STATEMENT: usize = 32;
+/// Values per ledger row, in the order `Store::insert` adds them.
+const COLUMNS: usize = 18;
+
+/// The INSERT for 1..=`ROWS_PER_STATEMENT` rows (index n - 1), with `?` placeholders for
+/// SQLite or `$n` for PostgreSQL.
+fn insert_sql(postgres: bool) -> Vec<String> {
+    use std::fmt::Write;
+    let mut all = Vec::with_capacity(ROWS_PER_STATEMENT);
+    for rows in 1..=ROWS_PER_STATEMENT {
+        let mut sql = String::from(
+            "INSERT INTO requests (ts_ms, request_id, key_name, team, client_user, route, \
+             deployment, provider, endpoint, status, prompt_tokens, cached_tokens, \
+             completion_tokens, cost_usd, latency_ms, ttft_ms, cache_hit, estimated) VALUES ",
+        );
+        for row in 0..rows {
+            sql.push_str(if row == 0 { "(" } else { ", (" });
+            for col in 0..COLUMNS {
+                if col > 0 {
+                    sql.push_str(", ");
+                }
+                if postgres {
+                    let _ = write!(sql, "${}", row * COLUMNS + col + 1);
+                } else {
+                    sql.push('?');
+                }
+            }
+            sql.push(')');
+        }
+        all.push(sql);
+    }
+    all
 }
 
 impl LedgerWriter {
