@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Pricing;
@@ -24,70 +26,36 @@ pub struct Usage {
     pub estimated: bool,
 }
 
-fn u(v: Option<&Value>) -> u64 {
-    v.and_then(Value::as_u64).unwrap_or(0)
-}
-
 impl Usage {
     /// Usage from a `usage` object of any OpenAI shape: chat/completions/embeddings
     /// (`prompt_tokens`...), the Responses API (`input_tokens`...), Whisper's
     /// `{"type":"duration","seconds"}`.
     pub fn from_usage_object(usage: &Value) -> Option<Usage> {
-        let o = usage.as_object()?;
-        if o.get("type").and_then(Value::as_str) == Some("duration") {
-            return Some(Usage {
-                audio_seconds: o.get("seconds").and_then(Value::as_f64).unwrap_or(0.0),
-                ..Default::default()
-            });
-        }
-        if o.contains_key("prompt_tokens") || o.contains_key("completion_tokens") {
-            return Some(Usage {
-                prompt: u(o.get("prompt_tokens")),
-                cached: u(usage.pointer("/prompt_tokens_details/cached_tokens")),
-                completion: u(o.get("completion_tokens")),
-                reasoning: u(usage.pointer("/completion_tokens_details/reasoning_tokens")),
-                ..Default::default()
-            });
-        }
-        if o.contains_key("input_tokens") || o.contains_key("output_tokens") {
-            return Some(Usage {
-                prompt: u(o.get("input_tokens")),
-                cached: u(usage.pointer("/input_tokens_details/cached_tokens")),
-                completion: u(o.get("output_tokens")),
-                reasoning: u(usage.pointer("/output_tokens_details/reasoning_tokens")),
-                ..Default::default()
-            });
-        }
-        None
+        UsageObject::deserialize(usage).ok()?.usage()
     }
 
     /// Usage from a whole answer's bytes, reading only the fields usage lives in: the rest
-    /// of the answer (the text, an embedding's thousands of numbers) is skipped, not built.
+    /// of the answer (the text, an embedding's thousands of numbers) is skipped, not built,
+    /// and `usage` is read straight into numbers (no JSON tree).
     pub fn from_answer_bytes(body: &[u8]) -> Option<Usage> {
         #[derive(serde::Deserialize)]
         struct Head {
-            usage: Option<Value>,
+            usage: Option<UsageObject>,
             response: Option<ResponseHead>,
             data: Option<Count>,
-            created: Option<serde::de::IgnoredAny>,
-            object: Option<serde::de::IgnoredAny>,
+            created: Option<IgnoredAny>,
+            object: Option<IgnoredAny>,
             duration: Option<f64>,
         }
         #[derive(serde::Deserialize)]
         struct ResponseHead {
-            usage: Option<Value>,
+            usage: Option<UsageObject>,
         }
         let h: Head = serde_json::from_slice(body).ok()?;
         let mut usage = h
             .usage
-            .as_ref()
-            .and_then(Usage::from_usage_object)
-            .or_else(|| {
-                h.response
-                    .and_then(|r| r.usage)
-                    .as_ref()
-                    .and_then(Usage::from_usage_object)
-            });
+            .and_then(|u| u.usage())
+            .or_else(|| h.response.and_then(|r| r.usage).and_then(|u| u.usage()));
         if let (Some(Count(n)), true, true) = (h.data, h.created.is_some(), h.object.is_none()) {
             usage.get_or_insert_with(Usage::default).images = n;
         }
@@ -95,6 +63,168 @@ impl Usage {
             usage.get_or_insert_with(Usage::default).audio_seconds = d;
         }
         usage
+    }
+}
+
+/// A `usage` object as the upstreams write it. Lenient like reading it from a JSON tree:
+/// a field of another type counts as 0 rather than failing the answer; a field present
+/// (even `null`) is what tells the shapes apart.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct UsageObject {
+    #[serde(rename = "type", deserialize_with = "present")]
+    kind: Option<Field>,
+    seconds: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    prompt_tokens: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    completion_tokens: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    prompt_tokens_details: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    completion_tokens_details: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    input_tokens: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    output_tokens: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    input_tokens_details: Option<Field>,
+    #[serde(deserialize_with = "present")]
+    output_tokens_details: Option<Field>,
+}
+
+impl UsageObject {
+    fn usage(self) -> Option<Usage> {
+        let n = |f: Option<Field>| match f {
+            Some(Field::Count(n)) => n,
+            _ => 0,
+        };
+        let details = |f: Option<Field>| match f {
+            Some(Field::Details { cached, reasoning }) => (cached, reasoning),
+            _ => (0, 0),
+        };
+        if matches!(self.kind, Some(Field::Duration)) {
+            return Some(Usage {
+                audio_seconds: match self.seconds {
+                    Some(Field::Count(n)) => n as f64,
+                    Some(Field::Float(x)) => x,
+                    _ => 0.0,
+                },
+                ..Default::default()
+            });
+        }
+        // `Option<Field>` is `None` only for a missing field: `null` reads as `Field::Other`.
+        let (prompt, completion, prompt_details, completion_details) =
+            if self.prompt_tokens.is_some() || self.completion_tokens.is_some() {
+                (
+                    self.prompt_tokens,
+                    self.completion_tokens,
+                    self.prompt_tokens_details,
+                    self.completion_tokens_details,
+                )
+            } else if self.input_tokens.is_some() || self.output_tokens.is_some() {
+                (
+                    self.input_tokens,
+                    self.output_tokens,
+                    self.input_tokens_details,
+                    self.output_tokens_details,
+                )
+            } else {
+                return None;
+            };
+        Some(Usage {
+            prompt: n(prompt),
+            cached: details(prompt_details).0,
+            completion: n(completion),
+            reasoning: details(completion_details).1,
+            ..Default::default()
+        })
+    }
+}
+
+/// A field that is there, whatever it holds (`null` included); `None` only when missing.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Field>, D::Error> {
+    Field::deserialize(d).map(Some)
+}
+
+/// One value inside `usage`, as much as the ledger needs of it: a count (a non-negative
+/// integer, as `Value::as_u64` reads it), Whisper's `"duration"`, the counts of a
+/// `*_tokens_details` object, or anything else (skipped).
+enum Field {
+    Count(u64),
+    /// Any other number (only Whisper's `seconds` is read as one).
+    Float(f64),
+    Duration,
+    Details {
+        cached: u64,
+        reasoning: u64,
+    },
+    Other,
+}
+
+impl<'de> serde::Deserialize<'de> for Field {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(field_identifier, rename_all = "snake_case")]
+        enum Key {
+            CachedTokens,
+            ReasoningTokens,
+            #[serde(other)]
+            Other,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Field;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a usage value")
+            }
+            fn visit_u64<E>(self, n: u64) -> Result<Field, E> {
+                Ok(Field::Count(n))
+            }
+            fn visit_i64<E>(self, n: i64) -> Result<Field, E> {
+                Ok(u64::try_from(n).map_or(Field::Float(n as f64), Field::Count))
+            }
+            fn visit_f64<E>(self, x: f64) -> Result<Field, E> {
+                Ok(Field::Float(x))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Field, E> {
+                Ok(if s == "duration" {
+                    Field::Duration
+                } else {
+                    Field::Other
+                })
+            }
+            fn visit_unit<E>(self) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_none<E>(self) -> Result<Field, E> {
+                Ok(Field::Other)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
+                let (mut cached, mut reasoning) = (0, 0);
+                while let Some(k) = map.next_key::<Key>()? {
+                    let v = map.next_value::<Field>()?;
+                    let n = match v {
+                        Field::Count(n) => n,
+                        _ => 0,
+                    };
+                    match k {
+                        Key::CachedTokens => cached = n,
+                        Key::ReasoningTokens => reasoning = n,
+                        Key::Other => {}
+                    }
+                }
+                Ok(Field::Details { cached, reasoning })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Field::Other)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -265,6 +395,32 @@ mod tests {
             3.5
         );
         assert_eq!(Usage::from_answer_bytes(br#"{"choices":[]}"#), None);
+        // Odd values read as a JSON tree would read them: 0, not a lost answer.
+        let odd = br#"{"usage": {"prompt_tokens": null, "completion_tokens": -3,
+            "prompt_tokens_details": null, "completion_tokens_details": {"reasoning_tokens": 1.5},
+            "extra": {"a": [1, {"b": 2}]}}}"#;
+        let u = Usage::from_answer_bytes(odd).unwrap();
+        assert_eq!(
+            (u.prompt, u.cached, u.completion, u.reasoning),
+            (0, 0, 0, 0)
+        );
+        let u = Usage::from_answer_bytes(br#"{"usage": {"output_tokens": "7"}}"#).unwrap();
+        assert_eq!((u.prompt, u.completion), (0, 0));
+        let whisper = br#"{"usage": {"type": "duration", "seconds": 3}}"#;
+        assert_eq!(
+            Usage::from_answer_bytes(whisper).unwrap().audio_seconds,
+            3.0
+        );
+        // The Responses API's usage inside `response`, and the same reader on a JSON tree
+        // (stream events).
+        let nested = json!({"response": {"usage": {"input_tokens": 2, "output_tokens": 9,
+            "output_tokens_details": {"reasoning_tokens": 4}}}});
+        let u = Usage::from_answer_bytes(nested.to_string().as_bytes()).unwrap();
+        assert_eq!((u.prompt, u.completion, u.reasoning), (2, 9, 4));
+        let u = Usage::from_usage_object(&nested["response"]["usage"]).unwrap();
+        assert_eq!((u.prompt, u.completion, u.reasoning), (2, 9, 4));
+        assert_eq!(Usage::from_usage_object(&json!({"total_tokens": 3})), None);
+        assert_eq!(Usage::from_usage_object(&json!([1, 2])), None);
     }
 
     #[test]
