@@ -75,13 +75,12 @@ impl RequestLine {
     fn new(format: LogFormat) -> RequestLine {
         let json = format == LogFormat::Json;
         let mut out = String::with_capacity(384);
-        let now = rfc3339_now();
         if json {
             out.push_str("{\"timestamp\":\"");
-            out.push_str(&now);
+            write_rfc3339_now(&mut out);
             out.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
         } else {
-            out.push_str(&now);
+            write_rfc3339_now(&mut out);
             out.push_str("  INFO request");
         }
         RequestLine { json, out }
@@ -110,12 +109,36 @@ impl RequestLine {
         }
     }
 
-    fn num(&mut self, name: &str, value: impl std::fmt::Display) {
+    fn key(&mut self, name: &str) {
         if self.json {
-            let _ = write!(self.out, ",\"{name}\":{value}");
+            self.out.push_str(",\"");
+            self.out.push_str(name);
+            self.out.push_str("\":");
         } else {
-            let _ = write!(self.out, " {name}={value}");
+            self.out.push(' ');
+            self.out.push_str(name);
+            self.out.push('=');
         }
+    }
+
+    fn int(&mut self, name: &str, value: u64) {
+        self.key(name);
+        self.out.push_str(itoa::Buffer::new().format(value));
+    }
+
+    fn flag(&mut self, name: &str, value: bool) {
+        self.key(name);
+        self.out.push_str(if value { "true" } else { "false" });
+    }
+
+    /// A duration in milliseconds, to the microsecond (`12.345`).
+    fn ms(&mut self, name: &str, value: std::time::Duration) {
+        self.key(name);
+        let us = value.as_micros() as u64;
+        self.out.push_str(itoa::Buffer::new().format(us / 1000));
+        let frac = (us % 1000) as u32;
+        self.out.push('.');
+        push_digits(&mut self.out, frac, 3);
     }
 
     fn finish(mut self) -> Vec<u8> {
@@ -145,17 +168,37 @@ fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Now as `2026-11-28T21:42:16.279627Z` (UTC, microseconds), like tracing's timestamps.
-fn rfc3339_now() -> String {
-    rfc3339(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default(),
-    )
+/// Writes now as `2026-11-28T21:42:16.279627Z` (UTC, microseconds), like tracing's
+/// timestamps. The date and time to the second are formatted once per second per thread.
+fn write_rfc3339_now(out: &mut String) {
+    use std::cell::RefCell;
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let cached = SECOND.try_with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            c.1.clear();
+            write_second(&mut c.1, secs);
+            c.0 = secs;
+        }
+        out.push_str(&c.1);
+    });
+    if cached.is_err() {
+        write_second(out, secs);
+    }
+    out.push('.');
+    push_digits(out, since.subsec_micros(), 6);
+    out.push('Z');
 }
 
-fn rfc3339(since: std::time::Duration) -> String {
-    let secs = since.as_secs() as i64;
+/// `2026-11-28T21:42:16` for seconds since the epoch.
+fn write_second(out: &mut String, secs: u64) {
+    let secs = secs as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -167,13 +210,32 @@ fn rfc3339(since: std::time::Duration) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
         rem / 3600,
         rem % 3600 / 60,
-        rem % 60,
-        since.subsec_micros()
-    )
+        rem % 60
+    );
+}
+
+/// `value` as exactly `width` decimal digits (zero-padded; `value` < 10^width).
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    let mut div = 10u32.pow(width - 1);
+    while div > 0 {
+        out.push(char::from(b'0' + (value / div % 10) as u8));
+        div /= 10;
+    }
+}
+
+#[cfg(test)]
+fn rfc3339(since: std::time::Duration) -> String {
+    let mut out = String::new();
+    write_second(&mut out, since.as_secs());
+    out.push('.');
+    push_digits(&mut out, since.subsec_micros(), 6);
+    out.push('Z');
+    out
 }
 
 /// How long a log line may wait in memory before it is written.
@@ -390,7 +452,6 @@ impl LogLine {
         self.logged = true;
         let f = &self.facts;
         let elapsed = self.start.elapsed();
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
         if let (Some(m), false) = (metrics::metrics(), f.endpoint.is_empty()) {
             let route = match (f.route.is_empty(), f.endpoint) {
                 (false, _) => f.route.as_str(),
@@ -398,9 +459,10 @@ impl LogLine {
                 (true, "models") => "none",
                 (true, _) => "unknown",
             };
-            let status = self.status.to_string();
+            let mut status = itoa::Buffer::new();
+            let status = status.format(self.status);
             m.requests
-                .with_label_values(&[route, &f.deployment, f.endpoint, &status, &f.team, &f.key])
+                .with_label_values(&[route, &f.deployment, f.endpoint, status, &f.team, &f.key])
                 .inc();
             m.request_duration
                 .with_label_values(&[route, &f.deployment, f.endpoint])
@@ -418,9 +480,6 @@ impl LogLine {
                     .observe(own.as_secs_f64());
             }
         }
-        let ttfb_ms = self
-            .first_byte
-            .map(|t| (t - self.start).as_secs_f64() * 1000.0);
         // Written straight into the gathered log bytes, in the shape tracing's formatter
         // gives other lines: formatting 18 fields through tracing's visitors cost more than
         // the rest of the access log.
@@ -431,20 +490,20 @@ impl LogLine {
                 line.str("method", self.method.as_str());
                 line.str("path", &self.path);
                 line.str("endpoint", f.endpoint);
-                line.num("status", self.status);
+                line.int("status", u64::from(self.status));
                 line.str("route", &f.route);
                 line.str("deployment", &f.deployment);
                 line.str("provider", &f.provider);
                 line.str("key", &f.key);
-                line.num("attempts", f.attempts);
+                line.int("attempts", u64::from(f.attempts));
                 line.str("fallback_from", &f.fallback_from);
-                line.num("stream", f.stream);
+                line.flag("stream", f.stream);
                 line.str("error_code", &f.error_code);
-                line.num("duration_ms", duration_ms);
-                if let Some(t) = ttfb_ms {
-                    line.num("ttfb_ms", t);
+                line.ms("duration_ms", elapsed);
+                if let Some(t) = self.first_byte {
+                    line.ms("ttfb_ms", t - self.start);
                 }
-                line.num("bytes", self.bytes);
+                line.int("bytes", self.bytes);
                 line.str("outcome", outcome);
                 shared.push(&line.finish());
             }
@@ -536,9 +595,9 @@ mod tests {
         );
         let mut l = RequestLine::new(LogFormat::Json);
         l.str("request_id", "a\"b\\c\n\u{1}");
-        l.num("status", 200u16);
-        l.num("stream", false);
-        l.num("duration_ms", 0.25f64);
+        l.int("status", 200);
+        l.flag("stream", false);
+        l.ms("duration_ms", Duration::from_micros(250));
         let line = l.finish();
         assert_eq!(line.last(), Some(&b'\n'));
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
@@ -547,15 +606,21 @@ mod tests {
         assert_eq!(v["stream"], false);
         assert_eq!(v["duration_ms"], 0.25);
         assert_eq!(v["level"], "INFO");
+        let ts = v["timestamp"].as_str().unwrap();
+        assert!(
+            ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.',
+            "{ts}"
+        );
         assert_eq!(v["message"], "request");
         let mut l = RequestLine::new(LogFormat::Text);
         l.str("route", "gpt-4o");
         l.str("key", "");
         l.str("path", "/v1/a b");
-        l.num("status", 429u16);
+        l.int("status", 429);
+        l.ms("ttfb_ms", Duration::from_micros(12_345_678));
         let text = String::from_utf8(l.finish()).unwrap();
         assert!(
-            text.ends_with("Z  INFO request route=gpt-4o key=\"\" path=\"/v1/a b\" status=429\n"),
+            text.ends_with("Z  INFO request route=gpt-4o key=\"\" path=\"/v1/a b\" status=429 ttfb_ms=12345.678\n"),
             "{text}"
         );
     }
