@@ -7,6 +7,7 @@ pub mod multipart;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::sync::LazyLock;
 
 use crate::error::GatewayError;
 
@@ -334,8 +335,13 @@ impl ApiRequest {
                 let text = text_bytes(&body) as u64;
                 // The `image_url` key of a chat part or a Responses `input_image` part (not
                 // the `"type":"image_url"` value beside it).
-                let images = memchr::memmem::find_iter(&body, b"\"image_url\":").count()
-                    + memchr::memmem::find_iter(&body, b"\"image_url\" :").count();
+                static KEY: LazyLock<[memchr::memmem::Finder<'static>; 2]> = LazyLock::new(|| {
+                    [
+                        memchr::memmem::Finder::new(b"\"image_url\":"),
+                        memchr::memmem::Finder::new(b"\"image_url\" :"),
+                    ]
+                });
+                let images: usize = KEY.iter().map(|f| f.find_iter(&body).count()).sum();
                 (text.div_ceil(4), text + 1600 * images as u64)
             }
             Payload::Multipart { .. } => (0, 0),

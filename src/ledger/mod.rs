@@ -9,7 +9,7 @@ pub mod report;
 pub mod store;
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -22,6 +22,10 @@ use crate::policy::{send_alerts, Actual, Admitted, Plan, PolicyState};
 use crate::server::body::{BoxError, ResponseBody};
 use cost::{count_tokens, Price, Usage};
 pub use store::{LedgerRow, LedgerWriter};
+
+/// Finds `"usage"` in stream events (built once, not per chunk).
+static USAGE_KEY: LazyLock<memchr::memmem::Finder<'static>> =
+    LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
 
 /// What settles a request: shared by every request of a gateway.
 #[derive(Clone)]
@@ -253,7 +257,7 @@ impl Tap {
         // A copy: `chunk` is a slice of the upstream connection's read buffer (8 KiB or
         // more), which a kept slice would pin for as long as the stream (or its cache entry) lives.
         self.kept.push(Bytes::copy_from_slice(&chunk));
-        if memchr::memmem::find(&chunk, b"\"usage\"").is_none() {
+        if USAGE_KEY.find(&chunk).is_none() {
             return chunk;
         }
         let mut out: Option<BytesMut> = None;
@@ -261,7 +265,7 @@ impl Tap {
         for end in event_ends(&chunk) {
             let event = &chunk[start..end];
             let mut dropped = false;
-            if memchr::memmem::find(event, b"\"usage\"").is_some() {
+            if USAGE_KEY.find(event).is_some() {
                 if let Some(v) = event_json(event) {
                     let usage = v
                         .get("usage")
