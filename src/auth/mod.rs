@@ -7,6 +7,9 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use crate::config::{hash_key, Loaded};
+
+/// Azure's key header, made once (a `&str` name is parsed on every lookup).
+const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 use crate::error::GatewayError;
 
 /// A client key as the rest of the gateway sees it: a name, never the secret.
@@ -33,7 +36,7 @@ pub struct KeyTable {
 
 /// The presented credential: `Authorization: Bearer KEY` or `api-key: KEY`.
 fn presented(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get("api-key").and_then(|v| v.to_str().ok()) {
+    if let Some(v) = headers.get(API_KEY).and_then(|v| v.to_str().ok()) {
         let v = v.trim();
         if !v.is_empty() {
             return Some(v);

@@ -96,16 +96,24 @@ pub struct LimitHeaders {
 
 impl LimitHeaders {
     pub fn apply(&self, h: &mut http::HeaderMap) {
-        let mut set = |name: &'static str, v: u64| {
+        use http::HeaderName;
+        // Names made once: a `&str` name is parsed and checked on every insert.
+        const LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+        const REMAINING_REQUESTS: HeaderName =
+            HeaderName::from_static("x-ratelimit-remaining-requests");
+        const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+        const REMAINING_TOKENS: HeaderName =
+            HeaderName::from_static("x-ratelimit-remaining-tokens");
+        let mut set = |name: HeaderName, v: u64| {
             h.insert(name, http::HeaderValue::from(v));
         };
         if let Some((limit, remaining)) = self.requests {
-            set("x-ratelimit-limit-requests", limit);
-            set("x-ratelimit-remaining-requests", remaining);
+            set(LIMIT_REQUESTS, limit);
+            set(REMAINING_REQUESTS, remaining);
         }
         if let Some((limit, remaining)) = self.tokens {
-            set("x-ratelimit-limit-tokens", limit);
-            set("x-ratelimit-remaining-tokens", remaining);
+            set(LIMIT_TOKENS, limit);
+            set(REMAINING_TOKENS, remaining);
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
@@ -30,6 +30,10 @@ use crate::policy::{self, Refused};
 use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
 use crate::telemetry::{metrics, RequestFacts};
+
+const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-switchyard-route");
+const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-switchyard-deployment");
+const CACHE_HEADER: HeaderName = HeaderName::from_static("x-switchyard-cache");
 
 #[derive(Clone)]
 pub struct GatewayService {
@@ -124,12 +128,12 @@ where
     let h = resp.headers_mut();
     if !facts.route.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&facts.route) {
-            h.insert("x-switchyard-route", v);
+            h.insert(ROUTE_HEADER, v);
         }
     }
     if !facts.deployment.is_empty() {
         if let Ok(v) = HeaderValue::from_str(&facts.deployment) {
-            h.insert("x-switchyard-deployment", v);
+            h.insert(DEPLOYMENT_HEADER, v);
         }
     }
     resp.extensions_mut().insert(facts);
@@ -336,7 +340,7 @@ where
             if let Some(result) = cache_result {
                 parts
                     .headers
-                    .insert("x-switchyard-cache", HeaderValue::from_static(result));
+                    .insert(CACHE_HEADER, HeaderValue::from_static(result));
             }
             Ok(Response::from_parts(parts, tap.boxed_unsync()))
         }
@@ -410,7 +414,7 @@ fn serve_hit(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static(content_type),
     );
-    h.insert("x-switchyard-cache", HeaderValue::from_static("hit"));
+    h.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
     resp
 }
 

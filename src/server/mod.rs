@@ -349,6 +349,8 @@ impl Gateway {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 #[derive(Clone, Copy, Default)]
 pub struct RequestIdLayer;
 
@@ -386,7 +388,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let id = req
             .headers()
-            .get("x-request-id")
+            .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 200)
             .map(String::from)
@@ -397,7 +399,7 @@ where
         Box::pin(async move {
             let mut resp = fut.await?;
             if let Some(h) = header {
-                resp.headers_mut().insert("x-request-id", h);
+                resp.headers_mut().insert(REQUEST_ID, h);
             }
             Ok(resp)
         })
