@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Instructions per request under callgrind, for one or more Switchyard binaries: a measure
+# that does not move with the machine's noise (the same binary gives the same count within
+# about 1%), for telling a small change apart where CPU seconds cannot (they move 5-10%
+# between runs minutes apart). It counts user-space instructions of every thread (the
+# SQLite ledger's included), not the kernel's work, cache misses or waiting.
+#
+#   bench/instructions.sh before=/tmp/old/switchyard after=target/release/switchyard
+#   CONFIG=real bench/instructions.sh after=target/release/switchyard
+#
+# Each binary serves the bench config under `valgrind --tool=callgrind`; after a warm-up
+# the counters are zeroed, `wrk -c4` runs for DURATION seconds, and the counters are dumped.
+# Environment: CONFIG (bare | real; bare), DURATION (6), REAL_CACHE_MAX (8MiB), KEEP=1
+# (keeps the callgrind files: `callgrind_annotate --inclusive=yes FILE` shows where).
+# A note on SHA-256: valgrind hides the CPU's SHA extensions, so sha2 runs its portable
+# code here (a few thousand instructions per hash) where a real run uses the CPU's.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
+CONFIG=${CONFIG:-bare}
+DURATION=${DURATION:-6}
+REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
+[ $# -gt 0 ] || { echo "usage: $0 NAME=PATH [NAME=PATH ...]" >&2; exit 2; }
+for tool in wrk valgrind callgrind_control; do
+    command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y wrk valgrind)" >&2; exit 1; }
+done
+[ -x "$UPSTREAM_BIN" ] || (cd "$HERE/upstream" && cargo build --release -q)
+
+T=$(mktemp -d /tmp/switchyard-instructions.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    [ "${KEEP:-0}" = 1 ] && echo "kept: $T" >&2 || rm -rf "$T"
+}
+trap cleanup EXIT
+
+taskset -c 1 "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
+PIDS+=($!)
+wait_file "$T/upstream.addr"
+UP=$(cat "$T/upstream.addr")
+auth=""
+[ "$CONFIG" = real ] && auth="Bearer $CLIENT_KEY"
+
+for spec in "$@"; do
+    name=${spec%%=*}
+    bin=$(realpath "${spec#*=}")
+    d=$T/$name
+    mkdir -p "$d"
+    write_configs "$d" "$UP" "$(free_port)"
+    (cd "$d/sy-$CONFIG" && exec taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" \
+        "$bin" serve --config "$d/sy-$CONFIG/conf/routes.yaml" --listen 127.0.0.1:0 --ready-file "$d/addr" \
+        >"$d/gateway.log" 2>&1) &
+    pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.1; done
+    [ -s "$d/addr" ] || { echo "$name did not start; see $d/gateway.log" >&2; exit 1; }
+    url=http://$(cat "$d/addr")/v1/chat/completions
+    taskset -c 1 wrk -t1 -c4 -d3s -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "warm-$name-$RANDOM" >/dev/null
+    sleep 0.5
+    callgrind_control -z "$pid" >/dev/null 2>&1
+    out=$(taskset -c 1 wrk -t1 -c4 -d"${DURATION}s" -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "run-$name-$RANDOM")
+    # Past one ledger flush, so the rows of these requests are in the count.
+    sleep 0.6
+    callgrind_control -d "$pid" >/dev/null 2>&1
+    sleep 1
+    requests=$(echo "$out" | awk -F= '/^requests=/{print $2}')
+    dump=$(ls -t "$d"/callgrind.out.* | head -1)
+    ir=$(awk '/^(summary|totals):/{print $2; exit}' "$dump")
+    echo "$name ($CONFIG): $requests requests, $((ir / requests)) instructions per request${KEEP:+  [$dump]}"
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+done
