@@ -56,8 +56,8 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    /// Prices the request, settles its reservation and queues its ledger row. Off the
-    /// request path: the settlement runs in a task of its own.
+    /// Prices the request, settles its reservation and queues its ledger row. Nothing here
+    /// waits: the in-process state settles at once, Redis in a task of its own.
     pub fn finish(mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
         let usage = usage.unwrap_or_default();
         let cost = if (200..300).contains(&status) {
@@ -111,18 +111,22 @@ impl RequestRecord {
         } = self;
         accounting.ledger.record(row);
         if let Some(admitted) = admitted {
-            let fut = async move {
+            let mut fut = Box::pin(async move {
                 let alerts = accounting
                     .policy
                     .settle(&plan, &admitted, actual, now_ms())
                     .await;
                 send_alerts(&accounting.http, accounting.webhook.as_deref(), alerts);
-            };
-            match tokio::runtime::Handle::try_current() {
-                Ok(h) => {
-                    h.spawn(fut);
+            });
+            // The in-process state settles at once, here; a settlement that waits (Redis)
+            // goes on in a task of its own.
+            if futures_util::FutureExt::now_or_never(&mut fut).is_none() {
+                match tokio::runtime::Handle::try_current() {
+                    Ok(h) => {
+                        h.spawn(fut);
+                    }
+                    Err(_) => tracing::error!("no runtime to settle a reservation on"),
                 }
-                Err(_) => tracing::error!("no runtime to settle a reservation on"),
             }
         }
     }
