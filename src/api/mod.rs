@@ -329,7 +329,8 @@ impl ApiRequest {
                 upstream_headers.append(name.clone(), value.clone());
             }
         }
-        upstream_headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+        upstream_headers.insert(REQUEST_ID, request_id.clone());
         let (estimated_prompt_tokens, prompt_bound) = match payload {
             Payload::Json { .. } => {
                 let text = text_bytes(&body) as u64;
@@ -470,6 +471,14 @@ pub fn check_json_shape(op: Operation, head: &body::JsonHead<'_>) -> Result<(), 
 mod tests {
     use super::*;
     use http::Method;
+
+    #[test]
+    fn operations_are_indexed_in_order() {
+        // `route::Deployment::targets` is indexed by `Operation as usize`.
+        for (i, op) in Operation::ALL.iter().enumerate() {
+            assert_eq!(*op as usize, i, "{op:?}");
+        }
+    }
 
     #[test]
     fn inline_data_is_not_text() {

@@ -53,6 +53,8 @@ pub struct HttpUpstream {
     flavor: Flavor,
     client: UpstreamClient,
     auth: Option<(HeaderName, HeaderValue)>,
+    /// `Host` for every request: the URL's host, and its port when not the scheme's default.
+    host: Option<HeaderValue>,
     stream_usage: bool,
     /// The upstream key, kept only to scrub it from error messages.
     secret: Option<String>,
@@ -109,10 +111,15 @@ impl HttpUpstream {
                 Some((header, v))
             }
         };
+        let host = match &flavor {
+            Flavor::Azure { endpoint, .. } => host_header(endpoint),
+            Flavor::OpenAi { base_url } => host_header(base_url),
+        };
         Ok(HttpUpstream {
             flavor,
             client,
             auth,
+            host,
             stream_usage,
             secret: key.map(|k| k.expose().to_string()),
         })
@@ -123,6 +130,12 @@ impl HttpUpstream {
             Flavor::Azure { .. } => "azure_openai",
             Flavor::OpenAi { .. } => "openai",
         }
+    }
+
+    /// The upstream's URL for `op` on `deployment`, parsed: made once per deployment and
+    /// operation at config load (`route::Deployment::targets`), not per request.
+    pub fn target(&self, op: Operation, deployment: &str) -> Option<http::Uri> {
+        self.url(op, deployment).parse().ok()
     }
 
     fn url(&self, op: Operation, deployment: &str) -> String {
@@ -161,18 +174,27 @@ impl HttpUpstream {
         req: &ApiRequest,
         deployment: &str,
         model: &str,
+        target: Option<&http::Uri>,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         // One deadline for the whole attempt: the answer's head, then its body to the end.
         let mut deadline = Box::pin(tokio::time::sleep(timeout));
-        let uri: http::Uri = self
-            .url(req.op, deployment)
-            .parse()
-            .map_err(|_| AttemptError::Connect("the upstream URL is not valid".into()))?;
+        let uri = match target {
+            Some(uri) => uri.clone(),
+            None => self
+                .target(req.op, deployment)
+                .ok_or_else(|| AttemptError::Connect("the upstream URL is not valid".into()))?,
+        };
         let mut request = http::Request::new(Full::new(self.body(req, deployment, model)));
         *request.method_mut() = http::Method::POST;
-        *request.uri_mut() = uri;
         *request.headers_mut() = req.upstream_headers.clone();
+        // The Host header as hyper's client would make it, but made once.
+        if let Some(host) = &self.host {
+            request
+                .headers_mut()
+                .insert(http::header::HOST, host.clone());
+        }
+        *request.uri_mut() = uri;
         if let Some((name, value)) = &self.auth {
             request.headers_mut().insert(name.clone(), value.clone());
         }
@@ -235,6 +257,22 @@ impl HttpUpstream {
         }
         AttemptError::Status { error, retry_after }
     }
+}
+
+/// `Host` for a base URL as hyper's client sets it: the host, with the port only when it is
+/// not the scheme's default. `None` leaves it to the client (an unparsable URL fails later).
+fn host_header(base: &str) -> Option<HeaderValue> {
+    let uri: http::Uri = base.parse().ok()?;
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match uri.port_u16().filter(|p| *p != default_port) {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+        None => HeaderValue::from_str(host),
+    };
+    value.ok()
 }
 
 /// Response headers of the upstream worth keeping; the rest (its rate-limit figures, cookies,
@@ -412,6 +450,23 @@ mod tests {
             Some("sekrit-key"),
         );
         serde_json::from_slice(e.upstream_body.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn host_headers_as_the_client_would_send_them() {
+        let h = |base: &str| host_header(base).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(
+            h("http://127.0.0.1:8000/v1").as_deref(),
+            Some("127.0.0.1:8000")
+        );
+        assert_eq!(
+            h("https://x.openai.azure.com").as_deref(),
+            Some("x.openai.azure.com")
+        );
+        assert_eq!(h("https://x.example:443/v1").as_deref(), Some("x.example"));
+        assert_eq!(h("http://x.example:80").as_deref(), Some("x.example"));
+        assert_eq!(h("http://[::1]:11434/v1").as_deref(), Some("[::1]:11434"));
+        assert_eq!(h("not a url"), None);
     }
 
     #[test]

@@ -52,6 +52,14 @@ impl Provider {
         }
     }
 
+    /// The upstream URL of `op` on `deployment`, for an HTTP provider whose URL parses.
+    pub fn target(&self, op: crate::api::Operation, deployment: &str) -> Option<http::Uri> {
+        match &self.kind {
+            ProviderKind::Http(h) => h.target(op, deployment),
+            ProviderKind::Mock(_) => None,
+        }
+    }
+
     /// One attempt against this provider for `deployment` (the upstream's model or Azure
     /// deployment name); `model` is the underlying model when the config names it.
     pub async fn send(
@@ -59,10 +67,11 @@ impl Provider {
         req: &ApiRequest,
         deployment: &str,
         model: &str,
+        target: Option<&http::Uri>,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         match &self.kind {
-            ProviderKind::Http(h) => h.send(req, deployment, model, timeout).await,
+            ProviderKind::Http(h) => h.send(req, deployment, model, target, timeout).await,
             ProviderKind::Mock(m) => m.send(req, deployment).await,
         }
     }

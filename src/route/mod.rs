@@ -50,6 +50,8 @@ pub struct Deployment {
     /// Whether `price` came from anywhere (an unpriced deployment is never "cheapest").
     pub priced: bool,
     pub state: Arc<DeploymentState>,
+    /// The upstream URL of each operation (by `Operation as usize`), made at load.
+    pub targets: Box<[Option<http::Uri>]>,
 }
 
 pub struct Route {
@@ -112,7 +114,12 @@ pub fn build_routes(
                 d.model.as_deref(),
                 &upstream,
             );
+            let targets = crate::api::Operation::ALL
+                .iter()
+                .map(|op| provider.target(*op, &upstream))
+                .collect();
             deployments.push(Deployment {
+                targets,
                 state: registry.get(&label),
                 label,
                 provider,
@@ -549,7 +556,10 @@ impl Route {
             ))
         };
         let model = d.model.as_deref().unwrap_or(&d.upstream);
-        let send = d.provider.send(req, &d.upstream, model, self.timeout);
+        let target = d.targets.get(req.op as usize).and_then(Option::as_ref);
+        let send = d
+            .provider
+            .send(req, &d.upstream, model, target, self.timeout);
         let resp = if req.stream {
             tokio::time::timeout_at(deadline.into(), send)
                 .await

@@ -368,8 +368,14 @@ pub struct RequestIdService<S> {
 
 fn new_request_id() -> String {
     use rand::Rng;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::thread_rng().gen();
-    format!("req_{n:032x}")
+    let mut id = String::with_capacity(36);
+    id.push_str("req_");
+    for shift in (0..32).rev() {
+        id.push(char::from(HEX[(n >> (shift * 4)) as usize & 0xf]));
+    }
+    id
 }
 
 impl<S, B> Service<Request<B>> for RequestIdService<S>
@@ -643,4 +649,22 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
             let _ = gateway.reload("file change").await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_req_and_32_hex_digits() {
+        let a = super::new_request_id();
+        let b = super::new_request_id();
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("req_").expect(id);
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(
+                hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')),
+                "{id}"
+            );
+        }
+        assert_ne!(a, b);
+    }
 }

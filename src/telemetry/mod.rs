@@ -97,10 +97,11 @@ impl RequestLine {
             self.out.push_str(name);
             self.out.push('=');
             // As tracing's text format shows a Display field: quoted only when it must be.
-            if value.is_empty()
-                || value
-                    .bytes()
-                    .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
+            if value.is_empty() {
+                self.out.push_str("\"\"");
+            } else if value
+                .bytes()
+                .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
             {
                 let _ = write!(self.out, "{value:?}");
             } else {
