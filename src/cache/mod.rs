@@ -291,29 +291,32 @@ impl Leader {
         }
         let entry = Arc::new(entry);
         self.cache.store.insert(self.key, entry.clone());
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Some(Outcome::Stored(entry)));
-        }
+        self.tell(Outcome::Stored(entry));
     }
 
     /// The answer came but is not to be stored.
     pub fn not_stored(mut self) {
+        self.tell(Outcome::NotStored);
+    }
+
+    /// Takes the key out of the in-flight map, then tells those waiting. Out of the map
+    /// first: the map's own receiver goes with it, so with nobody waiting (the usual case)
+    /// the send finds no receiver and wakes nothing.
+    fn tell(&mut self, outcome: Outcome) {
+        if std::mem::take(&mut self.registered) {
+            if let Ok(mut m) = self.cache.in_flight.lock() {
+                m.remove(&self.key);
+            }
+        }
         if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Some(Outcome::NotStored));
+            let _ = tx.send(Some(outcome));
         }
     }
 }
 
 impl Drop for Leader {
     fn drop(&mut self) {
-        if self.registered {
-            if let Ok(mut m) = self.cache.in_flight.lock() {
-                m.remove(&self.key);
-            }
-        }
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(Some(Outcome::Failed));
-        }
+        self.tell(Outcome::Failed);
     }
 }
 
