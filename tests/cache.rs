@@ -571,6 +571,18 @@ async fn the_cache_holds_no_more_than_max_bytes() {
     }
     assert!(held <= MAX, "hits {hits:?} weigh {held} bytes > {MAX}");
     assert!(hits.len() <= 4, "{hits:?}");
+    // What the cache says it holds, on /metrics: within the budget, and not nothing.
+    let bytes = metric(&gw, "switchyard_cache_bytes", &[]).await;
+    let entries = metric(&gw, "switchyard_cache_entries", &[]).await;
+    assert!(
+        bytes > 0.0 && bytes <= MAX as f64,
+        "switchyard_cache_bytes {bytes}"
+    );
+    // (The two small pokes may be held too.)
+    assert!(
+        (1.0..=6.0).contains(&entries),
+        "switchyard_cache_entries {entries}"
+    );
 
     // When full, a new answer gets in by being asked for more often than what it pushes
     // out (moka's TinyLFU admission): ask one until it is kept.

@@ -393,6 +393,13 @@ impl Cache {
         }
     }
 
+    /// `(bytes, entries)` held in process, bytes as counted against `cache.max_bytes`
+    /// (moka's bookkeeping brought up to date first).
+    pub fn size(&self) -> (u64, u64) {
+        self.store.run_pending_tasks();
+        (self.store.weighted_size(), self.store.entry_count())
+    }
+
     /// The lead without a lookup (`Cache-Control: no-cache`): fetch, then store.
     pub fn store_only(self: &Arc<Self>, key: Key) -> Leader {
         self.leader(key, None)

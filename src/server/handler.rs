@@ -578,6 +578,10 @@ async fn metrics_response(gateway: &Gateway, rt: &Runtime) -> Response<ResponseB
             }
             m.inflight.with_label_values(&[&r.name]).set(in_flight);
         }
+        let (bytes, entries) = gateway.cache.size();
+        m.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        m.cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
         // Budgets: removed ones disappear at the next scrape.
         m.budget_spent.reset();
         m.budget_limit.reset();

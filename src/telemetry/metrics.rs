@@ -24,6 +24,8 @@ pub struct Metrics {
     pub budget_alerts: IntCounterVec,
     pub cache_requests: IntCounterVec,
     pub cache_saved: prometheus::CounterVec,
+    pub cache_bytes: prometheus::IntGauge,
+    pub cache_entries: prometheus::IntGauge,
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub fallbacks: IntCounterVec,
@@ -103,6 +105,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cache_saved: reg!(prometheus::CounterVec::new(
             Opts::new("switchyard_cache_saved_usd_total", "What cache hits would have cost upstream."),
             &["route"]
+        )?),
+        cache_bytes: reg!(prometheus::IntGauge::new(
+            "switchyard_cache_bytes",
+            "Bytes the in-process cache holds, as counted against cache.max_bytes."
+        )?),
+        cache_entries: reg!(prometheus::IntGauge::new(
+            "switchyard_cache_entries",
+            "Answers the in-process cache holds."
         )?),
         upstream_errors: reg!(IntCounterVec::new(
             Opts::new("switchyard_upstream_errors_total", "Failed upstream attempts; kind: connect, timeout, or the status code."),

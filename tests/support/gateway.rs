@@ -100,7 +100,8 @@ impl Gateway {
             .expect("the metrics text");
         let prefix = format!("{name}{{");
         text.lines()
-            .filter(|l| l.starts_with(&prefix))
+            // `name{labels} value`, or `name value` for a family without labels.
+            .filter(|l| l.starts_with(&prefix) || l.split(' ').next() == Some(name))
             .find(|l| {
                 labels
                     .iter()
