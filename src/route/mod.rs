@@ -52,6 +52,7 @@ pub struct Deployment {
     pub state: Arc<DeploymentState>,
     /// The upstream URL of each operation (by `Operation as usize`), made at load.
     pub targets: Box<[Option<http::Uri>]>,
+    pub metrics: Arc<crate::telemetry::metrics::DeploymentMetrics>,
 }
 
 pub struct Route {
@@ -120,6 +121,9 @@ pub fn build_routes(
                 .collect();
             deployments.push(Deployment {
                 targets,
+                metrics: Arc::new(crate::telemetry::metrics::DeploymentMetrics::new(
+                    name, &label,
+                )),
                 state: registry.get(&label),
                 label,
                 provider,
@@ -174,6 +178,8 @@ pub struct Served {
     /// The serving deployment's price, and the model whose tokenizer counts its tokens.
     pub price: Price,
     pub tokenizer_model: String,
+    /// The serving deployment's metric handles.
+    pub metrics: Option<Arc<crate::telemetry::metrics::DeploymentMetrics>>,
 }
 
 /// Why a route could not serve.
@@ -482,6 +488,7 @@ impl Route {
             served.provider.clone_from(&d.provider.name);
             served.attempts += 1;
             served.price = d.price;
+            served.metrics = Some(d.metrics.clone());
             served.tokenizer_model = d.model.clone().unwrap_or_else(|| d.upstream.clone());
             d.state.take_quota(tokens);
             let _probe = ProbeGuard(probe.then(|| d.state.clone()));

@@ -312,6 +312,8 @@ where
     facts.provider = served.provider;
     facts.attempts = served.attempts;
     facts.fallback_from = served.fallback_from.unwrap_or_default();
+    facts.op = Some(op);
+    facts.metrics = served.metrics;
     match result {
         Err(e) => {
             record.finish(e.status.as_u16(), None, None);

@@ -5,8 +5,10 @@
 
 use std::sync::OnceLock;
 
+use crate::api::Operation;
+
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -33,6 +35,56 @@ pub struct Metrics {
     pub inflight: IntGaugeVec,
     pub config_reloads: IntCounterVec,
     pub state_errors: IntCounterVec,
+}
+
+/// A deployment's histograms, resolved from their label values once (on first use, so a
+/// deployment never used adds no series) instead of on every request.
+pub struct DeploymentMetrics {
+    route: String,
+    deployment: String,
+    duration: [OnceLock<Histogram>; Operation::ALL.len()],
+    time_to_first_token: OnceLock<Histogram>,
+    overhead: OnceLock<Histogram>,
+}
+
+impl std::fmt::Debug for DeploymentMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeploymentMetrics({}, {})", self.route, self.deployment)
+    }
+}
+
+impl DeploymentMetrics {
+    pub fn new(route: &str, deployment: &str) -> DeploymentMetrics {
+        DeploymentMetrics {
+            route: route.to_string(),
+            deployment: deployment.to_string(),
+            duration: Default::default(),
+            time_to_first_token: OnceLock::new(),
+            overhead: OnceLock::new(),
+        }
+    }
+
+    /// `switchyard_request_duration_seconds{route, deployment, endpoint}`.
+    pub fn duration(&self, m: &Metrics, op: Operation) -> &Histogram {
+        self.duration[op as usize].get_or_init(|| {
+            m.request_duration
+                .with_label_values(&[&self.route, &self.deployment, op.path()])
+        })
+    }
+
+    /// `switchyard_time_to_first_token_seconds{route, deployment}`.
+    pub fn time_to_first_token(&self, m: &Metrics) -> &Histogram {
+        self.time_to_first_token.get_or_init(|| {
+            m.time_to_first_token
+                .with_label_values(&[&self.route, &self.deployment])
+        })
+    }
+
+    /// `switchyard_overhead_seconds{route}`.
+    pub fn overhead(&self, m: &Metrics) -> &Histogram {
+        self.overhead
+            .get_or_init(|| m.overhead.with_label_values(&[&self.route]))
+    }
 }
 
 /// Latency buckets for LLM calls: 10 ms to about 3 minutes.

@@ -363,6 +363,9 @@ pub struct RequestFacts {
     /// answer's head (retries and their backoff included). With the time the response body
     /// waited on upstream chunks, it is what `switchyard_overhead_seconds` leaves out.
     pub upstream_wait: Option<std::time::Duration>,
+    /// The operation, and the serving deployment's metric handles, when one served.
+    pub op: Option<crate::api::Operation>,
+    pub metrics: Option<Arc<metrics::DeploymentMetrics>>,
 }
 
 /// Writes one structured line per request when its response body ends or is dropped.
@@ -465,20 +468,38 @@ impl LogLine {
             m.requests
                 .with_label_values(&[route, &f.deployment, f.endpoint, status, &f.team, &f.key])
                 .inc();
-            m.request_duration
-                .with_label_values(&[route, &f.deployment, f.endpoint])
-                .observe(elapsed.as_secs_f64());
+            // A deployment's own histograms are resolved once (`DeploymentMetrics`); the
+            // rest (cache hits, errors before routing) by their label values.
+            let handles = match (&f.metrics, f.op) {
+                (Some(d), Some(op)) => Some((d, op)),
+                _ => None,
+            };
+            match handles {
+                Some((d, op)) => d.duration(m, op).observe(elapsed.as_secs_f64()),
+                None => m
+                    .request_duration
+                    .with_label_values(&[route, &f.deployment, f.endpoint])
+                    .observe(elapsed.as_secs_f64()),
+            }
             if let (true, Some(t)) = (f.stream, self.first_byte) {
-                m.time_to_first_token
-                    .with_label_values(&[route, &f.deployment])
-                    .observe((t - self.start).as_secs_f64());
+                let ttft = (t - self.start).as_secs_f64();
+                match handles {
+                    Some((d, _)) => d.time_to_first_token(m).observe(ttft),
+                    None => m
+                        .time_to_first_token
+                        .with_label_values(&[route, &f.deployment])
+                        .observe(ttft),
+                }
             }
             // The gateway's own time: the whole request minus the waits on the upstream.
             if let Some(upstream) = f.upstream_wait {
-                let own = elapsed.saturating_sub(upstream + self.body_wait);
-                m.overhead
-                    .with_label_values(&[route])
-                    .observe(own.as_secs_f64());
+                let own = elapsed
+                    .saturating_sub(upstream + self.body_wait)
+                    .as_secs_f64();
+                match handles {
+                    Some((d, _)) => d.overhead(m).observe(own),
+                    None => m.overhead.with_label_values(&[route]).observe(own),
+                }
             }
         }
         // Written straight into the gathered log bytes, in the shape tracing's formatter
