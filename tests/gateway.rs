@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use gateway::{sha256_hex, Gateway};
 use serde_json::{json, Value};
-use upstream::{MockUpstream, Scripted, StreamEnd};
+use upstream::{chat_chunk, usage_chunk, MockUpstream, Scripted, StreamEnd};
 
 const CLIENT_KEY: &str = "sk-client-test-key";
 const OTHER_KEY: &str = "sk-client-limited";
@@ -901,11 +901,11 @@ async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     .await;
     assert_eq!(resp.status(), 200);
     resp.bytes().await.unwrap();
-    let c = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":null}]}\n\n";
+    let c = chat_chunk(None, Some("a"), None);
     // With its usage (so no tokenizer runs to estimate it).
-    let usage = "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\ndata: [DONE]\n\n";
+    let usage = usage_chunk(1, 2) + "data: [DONE]\n\n";
     up.script(Scripted::stream(
-        &[(0, c), (300, c), (300, usage)],
+        &[(0, &c), (300, &c), (300, &usage)],
         StreamEnd::Finish,
     ));
     let resp = post(

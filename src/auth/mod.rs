@@ -7,10 +7,10 @@ use std::sync::Arc;
 use http::HeaderMap;
 
 use crate::config::{hash_key, Loaded};
+use crate::error::GatewayError;
 
 /// Azure's key header, made once (a `&str` name is parsed on every lookup).
 const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
-use crate::error::GatewayError;
 
 /// A client key as the rest of the gateway sees it: a name, never the secret.
 #[derive(Debug)]

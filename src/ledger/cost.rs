@@ -67,29 +67,25 @@ impl Usage {
 }
 
 /// A `usage` object as the upstreams write it. Lenient like reading it from a JSON tree:
-/// a field of another type counts as 0 rather than failing the answer; a field present
-/// (even `null`) is what tells the shapes apart.
+/// a field of another type counts as 0 rather than failing the answer; a token count
+/// present (even `null`) is what tells the shapes apart.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 struct UsageObject {
-    #[serde(rename = "type", deserialize_with = "present")]
+    #[serde(rename = "type")]
     kind: Option<Field>,
     seconds: Option<Field>,
     #[serde(deserialize_with = "present")]
     prompt_tokens: Option<Field>,
     #[serde(deserialize_with = "present")]
     completion_tokens: Option<Field>,
-    #[serde(deserialize_with = "present")]
     prompt_tokens_details: Option<Field>,
-    #[serde(deserialize_with = "present")]
     completion_tokens_details: Option<Field>,
     #[serde(deserialize_with = "present")]
     input_tokens: Option<Field>,
     #[serde(deserialize_with = "present")]
     output_tokens: Option<Field>,
-    #[serde(deserialize_with = "present")]
     input_tokens_details: Option<Field>,
-    #[serde(deserialize_with = "present")]
     output_tokens_details: Option<Field>,
 }
 

@@ -477,6 +477,11 @@ impl LedgerWriter {
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
+            // Connections whose threads were last lowered (`Store::open` lowers the first).
+            let mut sqlite_connections = match &store {
+                Store::Sqlite(pool) => pool.size(),
+                Store::Postgres(_) => 0,
+            };
             let mut tick = tokio::time::interval(FLUSH_INTERVAL);
             loop {
                 let stopping = tokio::select! {
@@ -493,9 +498,13 @@ impl LedgerWriter {
                     write_with_retry(&store, &mut batch).await;
                 }
                 // A connection opened since (by the pool, a write or a report) brought a new
-                // thread; looking costs a few reads of /proc per flush.
-                if matches!(store, Store::Sqlite(_)) {
-                    lower_sqlite_threads();
+                // thread: /proc is read only when the pool's connection count changed, and
+                // not on every flush (those reads would block the runtime's thread).
+                if let Store::Sqlite(pool) = &store {
+                    if pool.size() != sqlite_connections {
+                        sqlite_connections = pool.size();
+                        lower_sqlite_threads();
+                    }
                 }
                 if stopping {
                     break;
@@ -519,7 +528,7 @@ impl LedgerWriter {
 /// request work preempts it and the rows still go out (the writer waits for them). On the
 /// benchmark's one-core pin, nice 10 halved p99 (c1 611 → 326 µs, c64 13 → 6.3 ms) but let
 /// rows queue up under saturation (+8 MiB peak RSS); nice 5 keeps the memory. New
-/// connections' threads are found after each flush.
+/// connections' threads are found after the flush that sees the pool grow.
 fn lower_sqlite_threads() {
     #[cfg(target_os = "linux")]
     {

@@ -179,12 +179,10 @@ impl HttpUpstream {
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         // One deadline for the whole attempt: the answer's head, then its body to the end.
         let mut deadline = Box::pin(tokio::time::sleep(timeout));
-        let uri = match target {
-            Some(uri) => uri.clone(),
-            None => self
-                .target(req.op, deployment)
-                .ok_or_else(|| AttemptError::Connect("the upstream URL is not valid".into()))?,
-        };
+        // `None`: the URL did not parse when the config was loaded.
+        let uri = target
+            .cloned()
+            .ok_or_else(|| AttemptError::Connect("the upstream URL is not valid".into()))?;
         let mut request = http::Request::new(Full::new(self.body(req, deployment, model)));
         *request.method_mut() = http::Method::POST;
         *request.headers_mut() = req.upstream_headers.clone();

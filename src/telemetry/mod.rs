@@ -87,26 +87,19 @@ impl RequestLine {
     }
 
     fn str(&mut self, name: &str, value: &str) {
+        self.key(name);
         if self.json {
-            self.out.push_str(",\"");
-            self.out.push_str(name);
-            self.out.push_str("\":");
             json_string(&mut self.out, value);
-        } else {
-            self.out.push(' ');
-            self.out.push_str(name);
-            self.out.push('=');
+        } else if value.is_empty() {
             // As tracing's text format shows a Display field: quoted only when it must be.
-            if value.is_empty() {
-                self.out.push_str("\"\"");
-            } else if value
-                .bytes()
-                .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
-            {
-                let _ = write!(self.out, "{value:?}");
-            } else {
-                self.out.push_str(value);
-            }
+            self.out.push_str("\"\"");
+        } else if value
+            .bytes()
+            .any(|b| b <= b' ' || b == b'"' || b == b'\\' || b == 0x7f)
+        {
+            let _ = write!(self.out, "{value:?}");
+        } else {
+            self.out.push_str(value);
         }
     }
 
@@ -192,6 +185,11 @@ fn write_rfc3339_now(out: &mut String) {
     if cached.is_err() {
         write_second(out, secs);
     }
+    write_subsecond(out, since);
+}
+
+/// `.279627Z`: the microseconds of `since` and the zone.
+fn write_subsecond(out: &mut String, since: std::time::Duration) {
     out.push('.');
     push_digits(out, since.subsec_micros(), 6);
     out.push('Z');
@@ -233,9 +231,7 @@ fn push_digits(out: &mut String, value: u32, width: u32) {
 fn rfc3339(since: std::time::Duration) -> String {
     let mut out = String::new();
     write_second(&mut out, since.as_secs());
-    out.push('.');
-    push_digits(&mut out, since.subsec_micros(), 6);
-    out.push('Z');
+    write_subsecond(&mut out, since);
     out
 }
 
