@@ -6,14 +6,15 @@
 //! Concurrent identical misses go upstream once: the first is the leader, the others wait
 //! for its answer.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -417,10 +418,13 @@ impl Cache {
 
 /// The cache key of a request, or `None` when the body is not JSON.
 pub fn key(route: &str, op: Operation, scope: &str, body: &[u8]) -> Option<Key> {
-    let text = std::str::from_utf8(body).ok()?;
-    let top: &RawValue = serde_json::from_str(text).ok()?;
     let mut canonical = Vec::with_capacity(body.len());
-    write_canonical(top, &mut canonical, true)?;
+    let mut reader = Canonical { text: body, at: 0 };
+    reader.value(&mut canonical, true)?;
+    reader.space();
+    if reader.at != body.len() {
+        return None;
+    }
     let mut h = Sha256::new();
     for part in [route, op.path(), scope] {
         h.update(part.as_bytes());
@@ -441,68 +445,174 @@ fn write_string(s: &str, out: &mut Vec<u8>) {
     }
 }
 
-/// JSON with sorted keys, no whitespace, one spelling per number (`1`, `1.0` and `1e0` are
-/// the same) and per string (escapes decoded), written without building a tree: objects and
-/// arrays are split into borrowed raw members, scalars copied or respelled. At the top level,
-/// `user`, `stream` and `stream_options` are left out (they do not change the answer).
-fn write_canonical(raw: &RawValue, out: &mut Vec<u8>, top: bool) -> Option<()> {
-    let text = raw.get();
-    match text.as_bytes().first()? {
-        b'{' => {
-            let mut members = crate::api::body::object_members(text)?;
-            if top {
-                members.retain(|(k, _)| !matches!(&**k, "user" | "stream" | "stream_options"));
-            }
-            members.sort_by(|a, b| a.0.cmp(&b.0));
-            out.push(b'{');
-            for (i, (k, v)) in members.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_string(k, out);
-                out.push(b':');
-                write_canonical(v, out, false)?;
-            }
-            out.push(b'}');
+/// Writes JSON canonically in one pass over the text: sorted keys, no whitespace, one
+/// spelling per number (`1`, `1.0` and `1e0` are the same) and per string (escapes decoded).
+/// An object's members are written as they come, then reordered in place when their keys
+/// were not in order. At the top level, `user`, `stream` and `stream_options` are left out
+/// (they do not change the answer). `None` for anything that is not JSON.
+struct Canonical<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Canonical<'a> {
+    fn space(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.text.get(self.at) {
+            self.at += 1;
         }
-        b'[' => {
-            let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical(v, out, false)?;
-            }
-            out.push(b']');
-        }
-        b'"' => {
-            if text.contains('\\') {
-                let s: String = serde_json::from_str(text).ok()?;
-                write_string(&s, out);
-            } else {
-                out.extend_from_slice(text.as_bytes());
-            }
-        }
-        b'-' | b'0'..=b'9' => {
-            let n: serde_json::Number = serde_json::from_str(text).ok()?;
-            if let Some(i) = n.as_i64() {
-                let _ = write!(out, "{i}");
-            } else if let Some(u) = n.as_u64() {
-                let _ = write!(out, "{u}");
-            } else {
-                let f = n.as_f64().unwrap_or(0.0);
-                if f.fract() == 0.0 && f.abs() < 9.0e15 {
-                    let _ = write!(out, "{}", f as i64);
-                } else {
-                    let _ = write!(out, "{f}");
-                }
-            }
-        }
-        // true, false, null: one spelling each.
-        _ => out.extend_from_slice(text.as_bytes()),
     }
-    Some(())
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        self.space();
+        (self.text.get(self.at) == Some(&byte)).then(|| self.at += 1)
+    }
+
+    fn value(&mut self, out: &mut Vec<u8>, top: bool) -> Option<()> {
+        self.space();
+        match self.text.get(self.at)? {
+            b'{' => self.object(out, top),
+            b'[' => self.array(out),
+            b'"' => {
+                let (raw, escaped) = self.string()?;
+                if escaped {
+                    write_string(&serde_json::from_slice::<String>(raw).ok()?, out);
+                } else {
+                    out.extend_from_slice(raw);
+                }
+                Some(())
+            }
+            b'-' | b'0'..=b'9' => self.number(out),
+            _ => {
+                for word in [&b"true"[..], b"false", b"null"] {
+                    if self.text[self.at..].starts_with(word) {
+                        self.at += word.len();
+                        out.extend_from_slice(word);
+                        return Some(());
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// A string with its quotes, and whether it holds an escape.
+    fn string(&mut self) -> Option<(&'a [u8], bool)> {
+        let start = self.at;
+        let mut escaped = false;
+        let mut i = start + 1;
+        loop {
+            i += memchr::memchr2(b'"', b'\\', self.text.get(i..)?)?;
+            if self.text[i] == b'"' {
+                break;
+            }
+            escaped = true;
+            i += 2;
+        }
+        self.at = i + 1;
+        let raw = &self.text[start..self.at];
+        // Raw control characters are not JSON (serde_json refuses them too).
+        if raw.iter().any(|b| *b < 0x20) || std::str::from_utf8(raw).is_err() {
+            return None;
+        }
+        Some((raw, escaped))
+    }
+
+    fn number(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        let start = self.at;
+        while let Some(b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') = self.text.get(self.at) {
+            self.at += 1;
+        }
+        let n: serde_json::Number = serde_json::from_slice(&self.text[start..self.at]).ok()?;
+        let mut digits = itoa::Buffer::new();
+        if let Some(i) = n.as_i64() {
+            out.extend_from_slice(digits.format(i).as_bytes());
+        } else if let Some(u) = n.as_u64() {
+            out.extend_from_slice(digits.format(u).as_bytes());
+        } else {
+            let f = n.as_f64().unwrap_or(0.0);
+            if f.fract() == 0.0 && f.abs() < 9.0e15 {
+                out.extend_from_slice(digits.format(f as i64).as_bytes());
+            } else {
+                let _ = write!(out, "{f}");
+            }
+        }
+        Some(())
+    }
+
+    fn array(&mut self, out: &mut Vec<u8>) -> Option<()> {
+        self.at += 1;
+        out.push(b'[');
+        if self.eat(b']').is_none() {
+            loop {
+                self.value(out, false)?;
+                if self.eat(b',').is_some() {
+                    out.push(b',');
+                    continue;
+                }
+                self.eat(b']')?;
+                break;
+            }
+        }
+        out.push(b']');
+        Some(())
+    }
+
+    fn object(&mut self, out: &mut Vec<u8>, top: bool) -> Option<()> {
+        self.at += 1;
+        out.push(b'{');
+        let first = out.len();
+        // Each member's key (decoded) and where its `"key":value` text sits in `out`.
+        let mut members: Vec<(Cow<'a, str>, Range<usize>)> = Vec::new();
+        if self.eat(b'}').is_none() {
+            loop {
+                self.space();
+                if self.text.get(self.at) != Some(&b'"') {
+                    return None;
+                }
+                let (raw, escaped) = self.string()?;
+                let name: Cow<'a, str> = if escaped {
+                    Cow::Owned(serde_json::from_slice(raw).ok()?)
+                } else {
+                    // `string` checked that it is UTF-8.
+                    Cow::Borrowed(std::str::from_utf8(&raw[1..raw.len() - 1]).ok()?)
+                };
+                self.eat(b':')?;
+                let before = out.len();
+                if !members.is_empty() {
+                    out.push(b',');
+                }
+                let start = out.len();
+                write_string(&name, out);
+                out.push(b':');
+                self.value(out, false)?;
+                if top && matches!(&*name, "user" | "stream" | "stream_options") {
+                    out.truncate(before);
+                } else {
+                    members.push((name, start..out.len()));
+                }
+                if self.eat(b',').is_some() {
+                    continue;
+                }
+                self.eat(b'}')?;
+                break;
+            }
+        }
+        // Members not in key order (a stable sort, as the members came when keys repeat):
+        // written again from a copy, in order.
+        if members.windows(2).any(|w| w[0].0 > w[1].0) {
+            let written = out[first..].to_vec();
+            out.truncate(first);
+            members.sort_by(|a, b| a.0.cmp(&b.0));
+            for (i, (_, range)) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&written[range.start - first..range.end - first]);
+            }
+        }
+        out.push(b'}');
+        Some(())
+    }
 }
 
 /// What `Cache-Control` asks: `(look up, store)`.
@@ -828,6 +938,33 @@ mod tests {
         );
         assert_ne!(a, nested_user, "only the top-level `user` is left out");
         assert!(key("r", Operation::ChatCompletions, "team:a", b"{\"model\":").is_none());
+        for not_json in [
+            &b"{\"a\":1,}"[..],
+            b"{\"a\":1} x",
+            b"{\"a\":[1 2]}",
+            b"{\"a\":tru}",
+            b"{\"a\":\"\x01\"}",
+            b"{\"a\":01}",
+        ] {
+            let k = key("r", Operation::ChatCompletions, "team:a", not_json);
+            assert!(k.is_none(), "{}", String::from_utf8_lossy(not_json));
+        }
+        // Nested keys are sorted too, escaped keys and strings decoded, and a left-out
+        // member leaves no comma behind wherever it stood.
+        let one = key(
+            "r",
+            Operation::ChatCompletions,
+            "team:a",
+            br#"{"user":"u","z":{"b":[{"y":1,"x":2}],"a":"\u00e9"},"stream":true,"m":1}"#,
+        );
+        let two = key(
+            "r",
+            Operation::ChatCompletions,
+            "team:a",
+            "{\"m\":1,\"z\":{\"a\":\"é\",\"\\u0062\":[{\"x\":2,\"y\":1}]}}".as_bytes(),
+        );
+        assert!(one.is_some());
+        assert_eq!(one, two);
     }
 
     #[test]
