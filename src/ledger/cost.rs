@@ -30,8 +30,22 @@ impl Usage {
     /// Usage from a `usage` object of any OpenAI shape: chat/completions/embeddings
     /// (`prompt_tokens`...), the Responses API (`input_tokens`...), Whisper's
     /// `{"type":"duration","seconds"}`.
-    pub fn from_usage_object(usage: &Value) -> Option<Usage> {
-        UsageObject::deserialize(usage).ok()?.usage()
+    /// Usage from one stream event's JSON (`usage`, or the Responses API's
+    /// `response.usage`), read like `from_answer_bytes`, and whether the event carries
+    /// nothing else (`choices` empty: the chunk that `stream_options.include_usage` adds).
+    pub fn from_event(data: &[u8]) -> Option<(Usage, bool)> {
+        #[derive(serde::Deserialize)]
+        struct Event {
+            usage: Option<UsageObject>,
+            response: Option<ResponseHead>,
+            choices: Option<Count>,
+        }
+        let e: Event = serde_json::from_slice(data).ok()?;
+        let usage = e
+            .usage
+            .and_then(|u| u.usage())
+            .or_else(|| e.response.and_then(|r| r.usage).and_then(|u| u.usage()))?;
+        Some((usage, matches!(e.choices, Some(Count(0)))))
     }
 
     /// Usage from a whole answer's bytes, reading only the fields usage lives in: the rest
@@ -47,10 +61,6 @@ impl Usage {
             object: Option<IgnoredAny>,
             duration: Option<f64>,
         }
-        #[derive(serde::Deserialize)]
-        struct ResponseHead {
-            usage: Option<UsageObject>,
-        }
         let h: Head = serde_json::from_slice(body).ok()?;
         let mut usage = h
             .usage
@@ -64,6 +74,12 @@ impl Usage {
         }
         usage
     }
+}
+
+/// The Responses API's answer (or event) object, as far as usage goes.
+#[derive(serde::Deserialize)]
+struct ResponseHead {
+    usage: Option<UsageObject>,
 }
 
 /// A `usage` object as the upstreams write it. Lenient like reading it from a JSON tree:
@@ -413,10 +429,22 @@ mod tests {
             "output_tokens_details": {"reasoning_tokens": 4}}}});
         let u = Usage::from_answer_bytes(nested.to_string().as_bytes()).unwrap();
         assert_eq!((u.prompt, u.completion, u.reasoning), (2, 9, 4));
-        let u = Usage::from_usage_object(&nested["response"]["usage"]).unwrap();
-        assert_eq!((u.prompt, u.completion, u.reasoning), (2, 9, 4));
-        assert_eq!(Usage::from_usage_object(&json!({"total_tokens": 3})), None);
-        assert_eq!(Usage::from_usage_object(&json!([1, 2])), None);
+        let (u, usage_only) = Usage::from_event(nested.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            (u.prompt, u.completion, u.reasoning, usage_only),
+            (2, 9, 4, false)
+        );
+        // Stream chunks: `"usage":null` on the content chunks, the counts on the last one
+        // (with no choices), a usage without counts or of another type is none.
+        let chunk = br#"{"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}"#;
+        assert_eq!(Usage::from_event(chunk), None);
+        let last = br#"{"id":"c","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}"#;
+        let (u, usage_only) = Usage::from_event(last).unwrap();
+        assert_eq!((u.prompt, u.completion, usage_only), (5, 2, true));
+        let with_choice = br#"{"choices":[{"index":0}],"usage":{"prompt_tokens":5}}"#;
+        assert!(!Usage::from_event(with_choice).unwrap().1);
+        assert_eq!(Usage::from_event(br#"{"usage":{"total_tokens":3}}"#), None);
+        assert_eq!(Usage::from_event(br#"{"usage":[1,2]}"#), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cost;
 pub mod report;
 pub mod store;
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
@@ -269,24 +270,14 @@ impl Tap {
         for end in event_ends(&chunk) {
             let event = &chunk[start..end];
             let mut dropped = false;
+            // Read without a JSON tree: OpenAI puts `"usage":null` in every chunk of a stream
+            // that asked for usage, so this runs for each of them.
             if USAGE_KEY.find(event).is_some() {
-                if let Some(v) = event_json(event) {
-                    let usage = v
-                        .get("usage")
-                        .and_then(Usage::from_usage_object)
-                        .or_else(|| {
-                            v.pointer("/response/usage")
-                                .and_then(Usage::from_usage_object)
-                        });
-                    if let Some(u) = usage {
-                        self.usage = Some(u);
-                        let usage_only = v
-                            .get("choices")
-                            .and_then(Value::as_array)
-                            .is_some_and(|c| c.is_empty());
-                        if self.drop_usage_chunk && usage_only {
-                            dropped = true;
-                        }
+                if let Some((u, usage_only)) = event_data(event).and_then(|d| Usage::from_event(&d))
+                {
+                    self.usage = Some(u);
+                    if self.drop_usage_chunk && usage_only {
+                        dropped = true;
                     }
                 }
             }
@@ -404,22 +395,31 @@ fn event_ends(chunk: &[u8]) -> Vec<usize> {
     ends
 }
 
-/// The JSON of an event's `data:` lines.
-fn event_json(event: &[u8]) -> Option<Value> {
+/// An event's data: its `data:` lines, joined by newlines when there are several, borrowed
+/// from the event when there is one (the usual case). `None` without data or for `[DONE]`.
+fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let text = std::str::from_utf8(event).ok()?;
-    let mut data = String::new();
+    let mut data: Option<Cow<'_, [u8]>> = None;
     for line in text.lines() {
         if let Some(d) = line.strip_prefix("data:") {
-            if !data.is_empty() {
-                data.push('\n');
-            }
-            data.push_str(d.strip_prefix(' ').unwrap_or(d));
+            let d = d.strip_prefix(' ').unwrap_or(d).as_bytes();
+            data = Some(match data {
+                Some(prev) if !prev.is_empty() => {
+                    let mut joined = prev.into_owned();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(d);
+                    Cow::Owned(joined)
+                }
+                _ => Cow::Borrowed(d),
+            });
         }
     }
-    if data.is_empty() || data.starts_with("[DONE]") {
-        return None;
-    }
-    serde_json::from_str(&data).ok()
+    data.filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
+}
+
+/// The JSON of an event's `data:` lines.
+fn event_json(event: &[u8]) -> Option<Value> {
+    serde_json::from_slice(&event_data(event)?).ok()
 }
 
 impl Body for Tap {
@@ -507,5 +507,13 @@ mod tests {
         assert_eq!(event_json(&chunk[..15]).unwrap()["a"], 1);
         assert!(event_json(&chunk[15..23]).is_none());
         assert!(event_json(&chunk[23..]).is_none());
+        // Several `data:` lines are one JSON text, joined by newlines.
+        let split = b"event: x\r\ndata: {\"a\":\r\ndata: [2]}\r\n\r\n";
+        assert_eq!(&*event_data(split).unwrap(), b"{\"a\":\n[2]}");
+        assert_eq!(event_json(split).unwrap()["a"][0], 2);
+        assert!(matches!(
+            event_data(&chunk[..15]),
+            Some(Cow::Borrowed(b"{\"a\":1}"))
+        ));
     }
 }
