@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -664,6 +665,23 @@ pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
     out
 }
 
+/// One stream event, its members left as raw JSON text (`null` reads as absent).
+#[derive(serde::Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    response: Option<&'a RawValue>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    choices: Option<&'a RawValue>,
+}
+
 /// The one JSON answer a complete stream adds up to; `None` when the stream did not end
 /// properly (no `[DONE]` / `response.completed`, or an error event).
 pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
@@ -677,32 +695,33 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
             done = true;
             continue;
         }
-        let v: Value = serde_json::from_str(data).ok()?;
-        if v.get("error").is_some_and(|e| !e.is_null()) {
+        // Each event's members as raw text: only what is merged becomes a JSON tree (a
+        // choice, the usage, the first event as the answer's base), not every chunk.
+        let v: StreamEvent<'_> = serde_json::from_str(data).ok()?;
+        if v.error.is_some() {
             return None;
         }
         if op == Operation::Responses {
-            if v.get("type").and_then(Value::as_str) == Some("response.completed") {
-                return v.get("response").map(|r| Bytes::from(r.to_string()));
+            if v.kind.map(RawValue::get) == Some("\"response.completed\"") {
+                let response: Value = serde_json::from_str(v.response?.get()).ok()?;
+                return Some(Bytes::from(response.to_string()));
             }
             continue;
         }
-        if v.get("usage").is_some_and(Value::is_object) {
-            usage = v["usage"].clone();
+        if let Some(u) = v.usage.filter(|u| u.get().starts_with('{')) {
+            usage = serde_json::from_str(u.get()).ok()?;
         }
-        if base.is_none()
-            && v.get("id")
-                .and_then(Value::as_str)
-                .is_some_and(|s| !s.is_empty())
-        {
-            base = Some(v.clone());
+        // A non-empty string (`""` is two bytes).
+        let has_id =
+            v.id.is_some_and(|id| id.get().starts_with('"') && id.get().len() > 2);
+        if base.is_none() && has_id {
+            base = Some(serde_json::from_str(data).ok()?);
         }
-        for c in v
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        let event_choices: Vec<Value> = v
+            .choices
+            .and_then(|c| serde_json::from_str(c.get()).ok())
+            .unwrap_or_default();
+        for c in &event_choices {
             let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
             while choices.len() <= idx {
                 choices.push(Map::new());
