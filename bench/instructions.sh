@@ -7,10 +7,13 @@
 #
 #   bench/instructions.sh before=/tmp/old/switchyard after=target/release/switchyard
 #   CONFIG=real bench/instructions.sh after=target/release/switchyard
+#   STREAM=1 CONFIG=real bench/instructions.sh after=target/release/switchyard   # per stream
 #
 # Each binary serves the bench config under `valgrind --tool=callgrind`; after a warm-up
 # the counters are zeroed, `wrk -c4` runs for DURATION seconds, and the counters are dumped.
-# Environment: CONFIG (bare | real; bare), DURATION (6), REAL_CACHE_MAX (8MiB), KEEP=1
+# With STREAM=1 the load is `sse-load -c 4` (streamed chat requests of 20 chunks, the
+# gateway asking the mock for usage) and the count is per stream.
+# Environment: CONFIG (bare | real; bare), STREAM (0), DURATION (6), REAL_CACHE_MAX (8MiB), KEEP=1
 # (keeps the callgrind files: `callgrind_annotate --inclusive=yes FILE` shows where).
 # A note on SHA-256: valgrind hides the CPU's SHA extensions, so sha2 runs its portable
 # code here (a few thousand instructions per hash) where a real run uses the CPU's.
@@ -28,6 +31,8 @@ for tool in wrk valgrind callgrind_control; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y wrk valgrind)" >&2; exit 1; }
 done
 [ -x "$UPSTREAM_BIN" ] || (cd "$HERE/upstream" && cargo build --release -q)
+STREAM=${STREAM:-0}
+[ "$STREAM" = 0 ] || [ -x "$SSE_BIN" ] || (cd "$HERE/sse-load" && cargo build --release -q)
 
 T=$(mktemp -d /tmp/switchyard-instructions.XXXXXX)
 PIDS=()
@@ -44,6 +49,19 @@ wait_file "$T/upstream.addr"
 UP=$(cat "$T/upstream.addr")
 auth=""
 [ "$CONFIG" = real ] && auth="Bearer $CLIENT_KEY"
+# load URL SECONDS TAG: prints what the load generator reports (requests= or streams=).
+load() {
+    if [ "$STREAM" = 0 ]; then
+        taskset -c 1 wrk -t1 -c4 -d"$2s" -s "$HERE/wrk/chat.lua" "$1" -- "$auth" "$3"
+    else
+        local args=()
+        [ -n "$auth" ] && args=(--header "Authorization: $auth")
+        taskset -c 1 "$SSE_BIN" --url "$1" --connections 4 --duration "$2" --expect-events 20 "${args[@]}" \
+            --body "{\"model\":\"bench\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"stream $3-{n}\"}]}"
+    fi
+}
+unit=request
+[ "$STREAM" = 0 ] || unit=stream
 
 for spec in "$@"; do
     name=${spec%%=*}
@@ -59,18 +77,18 @@ for spec in "$@"; do
     for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.1; done
     [ -s "$d/addr" ] || { echo "$name did not start; see $d/gateway.log" >&2; exit 1; }
     url=http://$(cat "$d/addr")/v1/chat/completions
-    taskset -c 1 wrk -t1 -c4 -d3s -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "warm-$name-$RANDOM" >/dev/null
+    load "$url" 3 "warm-$name-$RANDOM" >/dev/null
     sleep 0.5
     callgrind_control -z "$pid" >/dev/null 2>&1
-    out=$(taskset -c 1 wrk -t1 -c4 -d"${DURATION}s" -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "run-$name-$RANDOM")
+    out=$(load "$url" "$DURATION" "run-$name-$RANDOM")
     # Past one ledger flush, so the rows of these requests are in the count.
     sleep 0.6
     callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
-    requests=$(echo "$out" | awk -F= '/^requests=/{print $2}')
+    requests=$(echo "$out" | awk -F= '/^(requests|streams)=/{print $2}')
     dump=$(ls -t "$d"/callgrind.out.* | head -1)
     ir=$(awk '/^(summary|totals):/{print $2; exit}' "$dump")
-    echo "$name ($CONFIG): $requests requests, $((ir / requests)) instructions per request${KEEP:+  [$dump]}"
+    echo "$name ($CONFIG): $requests ${unit}s, $((ir / requests)) instructions per $unit${KEEP:+  [$dump]}"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 done

@@ -2,8 +2,8 @@
 //!
 //! `POST …/chat/completions` answers a fixed small chat completion (with `usage`). With
 //! `"stream": true` it answers `--chunks` SSE chunks `--chunk-delay-ms` apart (the first at
-//! once), then, when the request asked for `stream_options.include_usage`, a usage chunk,
-//! then `data: [DONE]`. Everything else is a 404. One thread (pin it with taskset).
+//! once), then, when the request asked for `stream_options.include_usage`, a usage chunk
+//! (and, as OpenAI does then, `"usage":null` in every content chunk), then `data: [DONE]`. Everything else is a 404. One thread (pin it with taskset).
 //!
 //!   bench-upstream --listen 127.0.0.1:0 --ready-file /tmp/up.addr [--chunks 20] [--chunk-delay-ms 5]
 
@@ -27,6 +27,9 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 const ANSWER: &str = r#"{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"bench-model","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from the benchmark upstream."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#;
 const CHUNK: &str = "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok \"},\"logprobs\":null,\"finish_reason\":null}]}\n\n";
 const LAST_CHUNK: &str = "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":\"stop\"}]}\n\n";
+// With `stream_options.include_usage`, OpenAI adds `"usage":null` to every content chunk.
+const CHUNK_WITH_USAGE: &str = "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"tok \"},\"logprobs\":null,\"finish_reason\":null}],\"usage\":null}\n\n";
+const LAST_CHUNK_WITH_USAGE: &str = "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[{\"index\":0,\"delta\":{},\"logprobs\":null,\"finish_reason\":\"stop\"}],\"usage\":null}\n\n";
 const USAGE_CHUNK: &str = "data: {\"id\":\"chatcmpl-bench\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"bench-model\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":20,\"total_tokens\":32}}\n\n";
 const DONE: &str = "data: [DONE]\n\n";
 
@@ -102,10 +105,11 @@ async fn handle(req: Request<Incoming>, opts: Opts) -> Result<Response<Body>, In
             if i > 0 {
                 tokio::time::sleep_until(start + delay * i).await;
             }
-            if i + 1 == n {
-                LAST_CHUNK
-            } else {
-                CHUNK
+            match (i + 1 == n, usage) {
+                (true, false) => LAST_CHUNK,
+                (true, true) => LAST_CHUNK_WITH_USAGE,
+                (false, false) => CHUNK,
+                (false, true) => CHUNK_WITH_USAGE,
             }
         } else if usage && i == n {
             USAGE_CHUNK
