@@ -272,7 +272,7 @@ impl Tap {
             let mut dropped = false;
             // Read without a JSON tree: OpenAI puts `"usage":null` in every chunk of a stream
             // that asked for usage, so this runs for each of them.
-            if USAGE_KEY.find(event).is_some() {
+            if USAGE_KEY.find(event).is_some() && !usage_all_null(event) {
                 if let Some((u, usage_only)) = event_data(event).and_then(|d| Usage::from_event(&d))
                 {
                     self.usage = Some(u);
@@ -380,19 +380,32 @@ fn counts_tokens(op: Operation) -> bool {
 /// Ends (exclusive) of the complete events in a chunk.
 fn event_ends(chunk: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
-    let mut i = 0;
-    while i + 1 < chunk.len() {
-        if chunk[i] == b'\n' && chunk[i + 1] == b'\n' {
+    let mut from = 0;
+    // From one line feed to the next (memchr), not byte by byte.
+    while let Some(at) = memchr::memchr(b'\n', &chunk[from..]) {
+        let i = from + at;
+        if chunk.get(i + 1) == Some(&b'\n') {
             ends.push(i + 2);
-            i += 2;
-        } else if chunk[i..].starts_with(b"\r\n\r\n") {
-            ends.push(i + 4);
-            i += 4;
+            from = i + 2;
+        } else if i > from && chunk[i - 1] == b'\r' && chunk[i + 1..].starts_with(b"\r\n") {
+            ends.push(i + 3);
+            from = i + 3;
         } else {
-            i += 1;
+            from = i + 1;
         }
     }
     ends
+}
+
+/// Whether every `"usage"` in an event is `"usage": null` (OpenAI's content chunks when
+/// usage was asked for): there is no usage to read then, and no need to parse the event.
+/// Only a key can be followed by `:` outside a string, so this never hides a usage object.
+fn usage_all_null(event: &[u8]) -> bool {
+    USAGE_KEY.find_iter(event).all(|at| {
+        let rest = event[at + b"\"usage\"".len()..].trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|r| r.trim_ascii_start().starts_with(b"null"))
+    })
 }
 
 /// An event's data: its `data:` lines, joined by newlines when there are several, borrowed
@@ -515,5 +528,19 @@ mod tests {
             event_data(&chunk[..15]),
             Some(Cow::Borrowed(b"{\"a\":1}"))
         ));
+        // CRLF events, and a mix.
+        assert_eq!(
+            event_ends(b"data: 1\r\n\r\ndata: 2\n\n\r\n\r\nx"),
+            vec![11, 20, 24]
+        );
+        assert_eq!(event_ends(b"\n\r\n\r\n"), vec![5]);
+        assert!(event_ends(b"data: 1\ndata: 2\n").is_empty());
+        // `"usage":null` alone needs no parse; a usage object or a nested one does.
+        assert!(usage_all_null(br#"data: {"choices":[],"usage" : null}"#));
+        assert!(!usage_all_null(
+            br#"data: {"usage":null,"response":{"usage":{"input_tokens":1}}}"#
+        ));
+        assert!(!usage_all_null(br#"data: {"usage":{"prompt_tokens":1}}"#));
+        assert!(!usage_all_null(br#"data: {"content":"say \"usage"}"#));
     }
 }
