@@ -717,16 +717,22 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
         if base.is_none() && has_id {
             base = Some(serde_json::from_str(data).ok()?);
         }
-        let event_choices: Vec<Value> = v
+        let event_choices: Vec<&RawValue> = v
             .choices
             .and_then(|c| serde_json::from_str(c.get()).ok())
             .unwrap_or_default();
-        for c in &event_choices {
-            let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        for c in event_choices {
+            // A choice that does not read (not an object, a member twice): the stream is
+            // not cached rather than cached with a wrong answer.
+            let c: StreamChoice<'_> = serde_json::from_str(c.get()).ok()?;
+            let idx = c
+                .index
+                .and_then(|i| i.get().parse::<u64>().ok())
+                .unwrap_or(0) as usize;
             while choices.len() <= idx {
                 choices.push(Map::new());
             }
-            merge_choice(&mut choices[idx], c, op);
+            merge_choice(&mut choices[idx], &c, op)?;
         }
     }
     if !done {
@@ -758,45 +764,102 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     Some(Bytes::from(out.to_string()))
 }
 
-fn merge_choice(acc: &mut Map<String, Value>, c: &Value, op: Operation) {
-    if let Some(f) = c.get("finish_reason").filter(|f| !f.is_null()) {
-        acc.insert("finish_reason".into(), f.clone());
+/// One choice of a stream event, its members as raw JSON text (`null` reads as absent,
+/// except for `delta`, whose presence alone opens the message).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct StreamChoice<'a> {
+    #[serde(borrow)]
+    index: Option<&'a RawValue>,
+    #[serde(borrow)]
+    finish_reason: Option<&'a RawValue>,
+    #[serde(borrow)]
+    text: Option<&'a RawValue>,
+    #[serde(borrow, deserialize_with = "present")]
+    delta: Option<&'a RawValue>,
+}
+
+/// What a delta adds to the message.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<&'a RawValue>,
+    #[serde(borrow)]
+    refusal: Option<&'a RawValue>,
+    #[serde(borrow)]
+    tool_calls: Option<&'a RawValue>,
+}
+
+/// A member that is there, even as `null`.
+fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'a RawValue>, D::Error> {
+    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// A JSON string's text, borrowed unless it holds escapes; `None` for anything else.
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return None;
+    }
+    match serde_json::from_str::<&str>(text) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
+}
+
+fn merge_choice(acc: &mut Map<String, Value>, c: &StreamChoice<'_>, op: Operation) -> Option<()> {
+    if let Some(f) = c
+        .finish_reason
+        .and_then(|f| serde_json::from_str::<Value>(f.get()).ok())
+    {
+        acc.insert("finish_reason".into(), f);
     }
     if op == Operation::Completions {
         let text = acc.entry("text").or_insert(json!(""));
-        if let (Some(t), Value::String(s)) = (c.get("text").and_then(Value::as_str), text) {
-            s.push_str(t);
+        if let (Some(t), Value::String(s)) = (c.text.and_then(json_str), text) {
+            s.push_str(&t);
         }
-        return;
+        return Some(());
     }
-    let Some(delta) = c.get("delta") else { return };
+    let Some(delta) = c.delta else {
+        return Some(());
+    };
+    // A delta that is not an object adds nothing (but still opens the message); an object
+    // that does not read fails the assembly like a choice that does not.
+    let delta: Delta<'_> = if delta.get().starts_with('{') {
+        serde_json::from_str(delta.get()).ok()?
+    } else {
+        Delta::default()
+    };
     let msg = acc
         .entry("message")
         .or_insert_with(|| json!({"role": "assistant", "content": null}));
-    if let Some(t) = delta.get("content").and_then(Value::as_str) {
+    if let Some(t) = delta.content.and_then(json_str) {
         match &mut msg["content"] {
-            Value::String(s) => s.push_str(t),
+            Value::String(s) => s.push_str(&t),
             other => *other = json!(t),
         }
     }
-    if let Some(r) = delta.get("refusal").and_then(Value::as_str) {
+    if let Some(r) = delta.refusal.and_then(json_str) {
         match &mut msg["refusal"] {
-            Value::String(s) => s.push_str(r),
+            Value::String(s) => s.push_str(&r),
             other => *other = json!(r),
         }
     }
-    for tc in delta
-        .get("tool_calls")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    let tool_calls: Vec<Value> = delta
+        .tool_calls
+        .and_then(|t| serde_json::from_str(t.get()).ok())
+        .unwrap_or_default();
+    for tc in &tool_calls {
         let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
         if !msg["tool_calls"].is_array() {
             msg["tool_calls"] = json!([]);
         }
         let Some(calls) = msg["tool_calls"].as_array_mut() else {
-            return;
+            return Some(());
         };
         while calls.len() <= i {
             calls.push(
@@ -816,6 +879,7 @@ fn merge_choice(acc: &mut Map<String, Value>, c: &Value, op: Operation) {
             }
         }
     }
+    Some(())
 }
 
 /// The events a streamed hit sends: the stored ones (without the usage chunk unless the
@@ -1007,6 +1071,17 @@ mod tests {
             assemble(Operation::ChatCompletions, &evs[..3]).is_none(),
             "no [DONE]: incomplete"
         );
+        // A choice that does not read is not cached rather than cached wrong.
+        for bad in [
+            r#"{"id":"c","choices":[5]}"#,
+            r#"{"id":"c","choices":[{"delta":{"content":"a","content":"b"}}]}"#,
+        ] {
+            let evs: Vec<Bytes> = [bad, "[DONE]"]
+                .iter()
+                .map(|s| Bytes::from(format!("data: {s}\n\n")))
+                .collect();
+            assert_eq!(assemble(Operation::ChatCompletions, &evs), None, "{bad}");
+        }
         let entry = Entry {
             json: Bytes::from(json.to_string()),
             events: None,
