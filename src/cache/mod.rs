@@ -665,7 +665,9 @@ pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
     out
 }
 
-/// One stream event, its members left as raw JSON text (`null` reads as absent).
+/// One stream event, read in one pass: its members left as raw JSON text, its choices and
+/// their deltas as far as they are merged (`null` reads as absent). An event that does not
+/// read this way (a choice that is not an object, a member twice) is not cached.
 #[derive(serde::Deserialize)]
 struct StreamEvent<'a> {
     #[serde(borrow)]
@@ -679,7 +681,7 @@ struct StreamEvent<'a> {
     #[serde(borrow)]
     id: Option<&'a RawValue>,
     #[serde(borrow)]
-    choices: Option<&'a RawValue>,
+    choices: Option<Vec<StreamChoice<'a>>>,
 }
 
 /// The one JSON answer a complete stream adds up to; `None` when the stream did not end
@@ -717,14 +719,7 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
         if base.is_none() && has_id {
             base = Some(serde_json::from_str(data).ok()?);
         }
-        let event_choices: Vec<&RawValue> = v
-            .choices
-            .and_then(|c| serde_json::from_str(c.get()).ok())
-            .unwrap_or_default();
-        for c in event_choices {
-            // A choice that does not read (not an object, a member twice): the stream is
-            // not cached rather than cached with a wrong answer.
-            let c: StreamChoice<'_> = serde_json::from_str(c.get()).ok()?;
+        for c in v.choices.unwrap_or_default() {
             let idx = c
                 .index
                 .and_then(|i| i.get().parse::<u64>().ok())
@@ -764,8 +759,8 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     Some(Bytes::from(out.to_string()))
 }
 
-/// One choice of a stream event, its members as raw JSON text (`null` reads as absent,
-/// except for `delta`, whose presence alone opens the message).
+/// One choice of a stream event (`null` reads as absent, except for `delta`, whose presence
+/// alone opens the message).
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 struct StreamChoice<'a> {
@@ -776,7 +771,7 @@ struct StreamChoice<'a> {
     #[serde(borrow)]
     text: Option<&'a RawValue>,
     #[serde(borrow, deserialize_with = "present")]
-    delta: Option<&'a RawValue>,
+    delta: Option<Delta<'a>>,
 }
 
 /// What a delta adds to the message.
@@ -791,11 +786,9 @@ struct Delta<'a> {
     tool_calls: Option<&'a RawValue>,
 }
 
-/// A member that is there, even as `null`.
-fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<Option<&'a RawValue>, D::Error> {
-    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
+/// A delta that is there, even as `null` (then an empty one).
+fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Delta<'a>>, D::Error> {
+    <Option<Delta<'a>> as serde::Deserialize>::deserialize(d).map(|o| Some(o.unwrap_or_default()))
 }
 
 /// A JSON string's text, borrowed unless it holds escapes; `None` for anything else.
@@ -824,15 +817,8 @@ fn merge_choice(acc: &mut Map<String, Value>, c: &StreamChoice<'_>, op: Operatio
         }
         return Some(());
     }
-    let Some(delta) = c.delta else {
+    let Some(delta) = &c.delta else {
         return Some(());
-    };
-    // A delta that is not an object adds nothing (but still opens the message); an object
-    // that does not read fails the assembly like a choice that does not.
-    let delta: Delta<'_> = if delta.get().starts_with('{') {
-        serde_json::from_str(delta.get()).ok()?
-    } else {
-        Delta::default()
     };
     let msg = acc
         .entry("message")
@@ -1074,6 +1060,7 @@ mod tests {
         // A choice that does not read is not cached rather than cached wrong.
         for bad in [
             r#"{"id":"c","choices":[5]}"#,
+            r#"{"id":"c","choices":"none"}"#,
             r#"{"id":"c","choices":[{"delta":{"content":"a","content":"b"}}]}"#,
         ] {
             let evs: Vec<Bytes> = [bad, "[DONE]"]
