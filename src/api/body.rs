@@ -62,12 +62,6 @@ impl<'de> Deserialize<'de> for Fields<'de> {
     }
 }
 
-/// A JSON object's members in order, keys and values borrowed from `text` (a key with
-/// escapes is decoded); `None` when `text` is not an object.
-pub fn object_members(text: &str) -> Option<Vec<(Cow<'_, str>, &RawValue)>> {
-    serde_json::from_str::<Fields>(text).ok().map(|f| f.0)
-}
-
 impl<'a> JsonHead<'a> {
     pub fn parse(body: &'a [u8]) -> Result<JsonHead<'a>, GatewayError> {
         if body.iter().all(|b| b.is_ascii_whitespace()) {

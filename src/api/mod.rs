@@ -11,6 +11,9 @@ use std::sync::LazyLock;
 
 use crate::error::GatewayError;
 
+/// `x-request-id`, the request's id both ways: from and to the client, and to the upstream.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// An operation of the OpenAI API that the gateway proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Operation {
@@ -329,7 +332,6 @@ impl ApiRequest {
                 upstream_headers.append(name.clone(), value.clone());
             }
         }
-        const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
         upstream_headers.insert(REQUEST_ID, request_id.clone());
         let (estimated_prompt_tokens, prompt_bound) = match payload {
             Payload::Json { .. } => {

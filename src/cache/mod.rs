@@ -476,9 +476,9 @@ impl<'a> Canonical<'a> {
             b'"' => {
                 let (raw, escaped) = self.string()?;
                 if escaped {
-                    write_string(&serde_json::from_slice::<String>(raw).ok()?, out);
+                    write_string(&serde_json::from_str::<String>(raw).ok()?, out);
                 } else {
-                    out.extend_from_slice(raw);
+                    out.extend_from_slice(raw.as_bytes());
                 }
                 Some(())
             }
@@ -497,7 +497,7 @@ impl<'a> Canonical<'a> {
     }
 
     /// A string with its quotes, and whether it holds an escape.
-    fn string(&mut self) -> Option<(&'a [u8], bool)> {
+    fn string(&mut self) -> Option<(&'a str, bool)> {
         let start = self.at;
         let mut escaped = false;
         let mut i = start + 1;
@@ -512,10 +512,10 @@ impl<'a> Canonical<'a> {
         self.at = i + 1;
         let raw = &self.text[start..self.at];
         // Raw control characters are not JSON (serde_json refuses them too).
-        if raw.iter().any(|b| *b < 0x20) || std::str::from_utf8(raw).is_err() {
+        if raw.iter().any(|b| *b < 0x20) {
             return None;
         }
-        Some((raw, escaped))
+        Some((std::str::from_utf8(raw).ok()?, escaped))
     }
 
     fn number(&mut self, out: &mut Vec<u8>) -> Option<()> {
@@ -572,10 +572,9 @@ impl<'a> Canonical<'a> {
                 }
                 let (raw, escaped) = self.string()?;
                 let name: Cow<'a, str> = if escaped {
-                    Cow::Owned(serde_json::from_slice(raw).ok()?)
+                    Cow::Owned(serde_json::from_str(raw).ok()?)
                 } else {
-                    // `string` checked that it is UTF-8.
-                    Cow::Borrowed(std::str::from_utf8(&raw[1..raw.len() - 1]).ok()?)
+                    Cow::Borrowed(&raw[1..raw.len() - 1])
                 };
                 self.eat(b':')?;
                 let before = out.len();
@@ -797,9 +796,11 @@ fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
     if !text.starts_with('"') {
         return None;
     }
-    match serde_json::from_str::<&str>(text) {
-        Ok(s) => Some(Cow::Borrowed(s)),
-        Err(_) => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    // A raw value is valid JSON: without a backslash the text between the quotes is it.
+    if text.contains('\\') {
+        serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+    } else {
+        Some(Cow::Borrowed(&text[1..text.len() - 1]))
     }
 }
 

@@ -262,7 +262,7 @@ impl Tap {
         // A copy: `chunk` is a slice of the upstream connection's read buffer (8 KiB or
         // more), which a kept slice would pin for as long as the stream (or its cache entry) lives.
         self.kept.push(Bytes::copy_from_slice(&chunk));
-        if USAGE_KEY.find(&chunk).is_none() {
+        if usage_all_null(&chunk) {
             return chunk;
         }
         let mut out: Option<BytesMut> = None;
@@ -272,7 +272,7 @@ impl Tap {
             let mut dropped = false;
             // Read without a JSON tree: OpenAI puts `"usage":null` in every chunk of a stream
             // that asked for usage, so this runs for each of them.
-            if USAGE_KEY.find(event).is_some() && !usage_all_null(event) {
+            if !usage_all_null(event) {
                 if let Some((u, usage_only)) = event_data(event).and_then(|d| Usage::from_event(&d))
                 {
                     self.usage = Some(u);
@@ -397,8 +397,8 @@ fn event_ends(chunk: &[u8]) -> Vec<usize> {
     ends
 }
 
-/// Whether every `"usage"` in an event is `"usage": null` (OpenAI's content chunks when
-/// usage was asked for): there is no usage to read then, and no need to parse the event.
+/// Whether every `"usage"` in an event (or chunk) is `"usage": null`, OpenAI's content
+/// chunks when usage was asked for, or there is none: no usage to read, nothing to parse.
 /// Only a key can be followed by `:` outside a string, so this never hides a usage object.
 fn usage_all_null(event: &[u8]) -> bool {
     USAGE_KEY.find_iter(event).all(|at| {

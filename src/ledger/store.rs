@@ -492,6 +492,10 @@ impl LedgerWriter {
     /// Starts the writer task: rows are written every `FLUSH_INTERVAL`, or as soon as a
     /// batch's worth is queued (at 20,000 requests a second, 250 ms of rows held ~2 MiB).
     pub fn start(store: Store) -> (LedgerWriter, LedgerTask) {
+        LedgerWriter::start_every(store, FLUSH_INTERVAL)
+    }
+
+    fn start_every(store: Store, interval: Duration) -> (LedgerWriter, LedgerTask) {
         let (tx, mut rx) = mpsc::unbounded_channel::<LedgerRow>();
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = stop.clone();
@@ -504,7 +508,7 @@ impl LedgerWriter {
                 Store::Sqlite(pool) => pool.size(),
                 Store::Postgres(_) => 0,
             };
-            let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+            let mut tick = tokio::time::interval(interval);
             loop {
                 let stopping = tokio::select! {
                     _ = stopped.notified() => true,
@@ -607,4 +611,42 @@ async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
         rows = batch.len(),
         "ledger write kept failing; these rows are kept for the next flush"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_batch_is_written_without_waiting_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+        let store = Store::open(&url).await.unwrap();
+        let reader = Store::open(&url).await.unwrap();
+        // An interval no test waits for: only a full batch can get the rows written.
+        let (writer, task) = LedgerWriter::start_every(store, Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 0..BATCH {
+            writer.record(LedgerRow {
+                request_id: format!("r{i}"),
+                ..Default::default()
+            });
+        }
+        let Store::Sqlite(pool) = &reader else {
+            unreachable!()
+        };
+        let mut written = 0i64;
+        for _ in 0..200 {
+            written = sqlx::query_scalar("SELECT COUNT(*) FROM requests")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            if written == BATCH as i64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(written, BATCH as i64);
+        task.shutdown(Duration::from_secs(10)).await;
+    }
 }

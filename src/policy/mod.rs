@@ -104,38 +104,36 @@ impl LimitHeaders {
         const LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
         const REMAINING_TOKENS: HeaderName =
             HeaderName::from_static("x-ratelimit-remaining-tokens");
-        let pairs = [
-            (LIMIT_REQUESTS, REMAINING_REQUESTS, self.requests),
-            (LIMIT_TOKENS, REMAINING_TOKENS, self.tokens),
+        let figures = [
+            (LIMIT_REQUESTS, self.requests.map(|r| r.0)),
+            (REMAINING_REQUESTS, self.requests.map(|r| r.1)),
+            (LIMIT_TOKENS, self.tokens.map(|t| t.0)),
+            (REMAINING_TOKENS, self.tokens.map(|t| t.1)),
         ];
         // The (up to four) numbers written side by side in one buffer, each header value a
         // slice of it: one allocation instead of two per value.
         let mut digits = Vec::with_capacity(4 * 20);
         let mut ends = [0usize; 4];
-        for (i, (_, _, pair)) in pairs.iter().enumerate() {
-            if let Some((limit, remaining)) = pair {
-                digits.extend_from_slice(itoa::Buffer::new().format(*limit).as_bytes());
-                ends[2 * i] = digits.len();
-                digits.extend_from_slice(itoa::Buffer::new().format(*remaining).as_bytes());
-                ends[2 * i + 1] = digits.len();
+        for ((_, figure), end) in figures.iter().zip(&mut ends) {
+            if let Some(n) = figure {
+                digits.extend_from_slice(itoa::Buffer::new().format(*n).as_bytes());
             }
+            *end = digits.len();
         }
         if digits.is_empty() {
             return;
         }
         let digits = bytes::Bytes::from(digits);
         let mut start = 0;
-        for (i, (limit_name, remaining_name, pair)) in pairs.into_iter().enumerate() {
-            if pair.is_none() {
-                continue;
+        for ((name, figure), end) in figures.into_iter().zip(ends) {
+            // Decimal digits are always a valid header value.
+            if let (Some(_), Ok(v)) = (
+                figure,
+                http::HeaderValue::from_maybe_shared(digits.slice(start..end)),
+            ) {
+                h.insert(name, v);
             }
-            for (name, end) in [(limit_name, ends[2 * i]), (remaining_name, ends[2 * i + 1])] {
-                // Decimal digits are always a valid header value.
-                if let Ok(v) = http::HeaderValue::from_maybe_shared(digits.slice(start..end)) {
-                    h.insert(name, v);
-                }
-                start = end;
-            }
+            start = end;
         }
     }
 }

@@ -40,6 +40,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower::{Layer, Service, ServiceBuilder};
 
+use crate::api::REQUEST_ID;
 use crate::auth::KeyTable;
 use crate::config::{self, Loaded};
 use crate::ledger::store::{Scope, Store};
@@ -348,8 +349,6 @@ impl Gateway {
 /// The request id: the client's `x-request-id` when it sent a sane one, else a new one.
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
-
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 #[derive(Clone, Copy, Default)]
 pub struct RequestIdLayer;
