@@ -6,6 +6,7 @@ CHUNK_DELAY_MS=5
 CLIENT_KEY="sk-sy-benchmark0000000000000000000000000000"
 UPSTREAM_BIN=$HERE/upstream/target/release/bench-upstream
 SSE_BIN=$HERE/sse-load/target/release/sse-load
+FLOOR_BIN=$HERE/floor/target/release/bench-floor
 SY_BIN=${SY_BIN:-$ROOT/target/release/switchyard}
 
 build_all() {
@@ -13,6 +14,7 @@ build_all() {
     (cd "$ROOT" && cargo build --release -q)
     (cd "$HERE/upstream" && cargo build --release -q)
     (cd "$HERE/sse-load" && cargo build --release -q)
+    (cd "$HERE/floor" && cargo build --release -q)
 }
 
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }

@@ -10,10 +10,11 @@ import math
 import re
 import sys
 
-TARGETS = ["direct", "nginx", "sy-bare", "sy-real"]
+TARGETS = ["direct", "nginx", "floor", "sy-bare", "sy-real"]
 NAMES = {
     "direct": "direct (no proxy)",
     "nginx": "nginx proxy_pass",
+    "floor": "hyper floor (no gateway logic)",
     "sy-bare": "Switchyard, bare",
     "sy-real": "Switchyard, realistic",
 }
@@ -260,6 +261,12 @@ def markdown(path):
         rows.append(("overhead histogram agrees with added p50 (c1)", "mean within 0.5–1.5× of added", agrees))
 
         w(f"### Targets (nginx: added p50 {n50:.0f} µs, p99 {n99:.0f} µs; CPU {fmt(ncpu, 1)} µs per request)\n")
+        fcpu = cpu_per("floor", c_hi, "requests") if "floor" in targets else None
+        if fcpu and ncpu:
+            f50 = num(r, "floor.c1.lat_p50_us") - d50
+            w(f"The hyper floor (the same server and client crates with no gateway logic) uses {fcpu:.1f} µs "
+              f"of CPU per request at c{conc} = {fcpu / ncpu:.2f}× nginx's, and adds {f50:.0f} µs at the median "
+              f"= {f50 / n50:.2f}× nginx's: what is left under each target for the gateway's own work.\n")
         w("| check | target | " + " | ".join(name(t) for t in sy) + " |")
         w("|---|---|" + "---|" * len(sy))
         for check, target, f in rows:

@@ -9,7 +9,7 @@
 #   EXTRA_BINS="fix=/tmp/fix/target/release/switchyard" bench/run.sh   # before and after, side by side
 #
 # Environment: DURATION (s per measurement, 10), WARMUP (s, 2), TARGETS
-# ("direct nginx sy-bare sy-real", plus sy-bare@NAME sy-real@NAME for each EXTRA_BINS entry),
+# ("direct nginx floor sy-bare sy-real", plus sy-bare@NAME sy-real@NAME for each EXTRA_BINS entry),
 # EXTRA_BINS ("NAME=PATH ...": more Switchyard binaries measured with the same configs),
 # SY_BIN (the main binary; target/release/switchyard), PROXY_CPU (0), LOAD_CPU (1),
 # STREAMS (32), MANY_STREAMS (1000), CONC (64), REAL_CACHE_MAX (cache.max_bytes of the
@@ -30,7 +30,7 @@ for spec in ${EXTRA_BINS:-}; do
     BINS[${spec%%=*}]=${spec#*=}
     EXTRA_TARGETS+=" sy-bare@${spec%%=*} sy-real@${spec%%=*}"
 done
-TARGETS=${TARGETS:-"direct nginx sy-bare sy-real$EXTRA_TARGETS"}
+TARGETS=${TARGETS:-"direct nginx floor sy-bare sy-real$EXTRA_TARGETS"}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 STREAMS=${STREAMS:-32}
@@ -100,6 +100,16 @@ run_target() {
         base=http://127.0.0.1:$NGINX_PORT
         wait_http "$base/"
         pids=("$master" $(pgrep -P "$master"))
+        ;;
+    floor)
+        [ -x "$FLOOR_BIN" ] || (cd "$HERE/floor" && cargo build --release -q)
+        rm -f "$T/floor.addr"
+        taskset -c "$PROXY_CPU" "$FLOOR_BIN" --listen 127.0.0.1:0 --upstream "$UP" --ready-file "$T/floor.addr" &
+        local floor=$!
+        PIDS+=("$floor")
+        wait_file "$T/floor.addr"
+        base=http://$(cat "$T/floor.addr")
+        pids=("$floor")
         ;;
     sy-bare* | sy-real*)
         local cfg=${target%@*} bin=$SY_BIN
