@@ -3,7 +3,7 @@
 # Switchyard with a bare pass-through config and a realistic one, side by side in one run.
 # Run by hand (not in CI); see bench/README.md. Appends a section to bench/RESULTS.md.
 #
-#   bench/run.sh                     # full run, ~3-4 minutes
+#   bench/run.sh                     # full run, ~12 minutes (3 rounds)
 #   LABEL=before bench/run.sh        # names the section in RESULTS.md
 #   DURATION=5 TARGETS="nginx sy-real" bench/run.sh
 #   EXTRA_BINS="fix=/tmp/fix/target/release/switchyard" bench/run.sh   # before and after, side by side
@@ -13,7 +13,8 @@
 # EXTRA_BINS ("NAME=PATH ...": more Switchyard binaries measured with the same configs),
 # SY_BIN (the main binary; target/release/switchyard), PROXY_CPU (0), LOAD_CPU (1),
 # STREAMS (32), MANY_STREAMS (1000), CONC (64), REAL_CACHE_MAX (cache.max_bytes of the
-# realistic config; default 256MiB), LABEL, OUT (bench/RESULTS.md; "-" prints
+# realistic config; default 256MiB), ROUNDS (3: each measurement taken that many times, the
+# targets taking turns; the report gives the median), LABEL, OUT (bench/RESULTS.md; "-" prints
 # to stdout), NO_BUILD=1 (use the binaries already built), KEEP=1 (keep the temp dir).
 # Raw numbers of each run are kept in bench/out/ (not committed).
 set -euo pipefail
@@ -38,6 +39,7 @@ MANY_STREAMS=${MANY_STREAMS:-1000}
 CONC=${CONC:-64}
 LABEL=${LABEL:-}
 OUT=${OUT:-$HERE/RESULTS.md}
+ROUNDS=${ROUNDS:-3}
 
 for tool in wrk nginx taskset python3 curl; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y wrk nginx util-linux python3 curl)" >&2; exit 1; }
@@ -67,6 +69,7 @@ put meta.cpu "$(awk -F': ' '/^model name/{print $2; exit}' /proc/cpuinfo) x $(np
 put meta.kernel "$(uname -sr)"
 put meta.commit "$(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet -- src Cargo.toml Cargo.lock || echo ' + uncommitted changes in src/')"
 put meta.duration "$DURATION"
+put meta.rounds "$ROUNDS"
 put meta.label "$LABEL"
 put meta.conc "$CONC"
 put meta.streams "$STREAMS"
@@ -86,9 +89,13 @@ UP=$(cat "$T/upstream.addr")
 NGINX_PORT=$(free_port)
 write_configs "$T" "$UP" "$NGINX_PORT"
 
-# ---- one target
-run_target() {
-    local target=$1 url auth="" pids=() base metrics_url=""
+# ---- the targets: all started first, then measured scenario by scenario, ROUNDS times
+# each, taking turns (target A, B, C, then A, B, C again), so that a change in the machine's
+# speed during the run (another VM on the host, a noisy neighbour) falls on every target
+# alike instead of on whichever ran at that minute. report.py takes the median of the rounds.
+declare -A URL=() AUTH=() TPIDS=() METRICS=()
+start_target() {
+    local target=$1 auth="" pids=() base metrics_url=""
     case $target in
     direct)
         base=http://$UP
@@ -132,70 +139,68 @@ run_target() {
         put "$target.binary" "$bin"
         ;;
     esac
-    url=$base/v1/chat/completions
-    echo "== $target ($url)" >&2
-    local prefix="$target-$(date +%s%N)"
-
-    # wrk NAME CONNECTIONS
-    wrk_scenario() {
-        local name=$1 c=$2 before after out
-        [ ${#pids[@]} -gt 0 ] && reset_hwm "${pids[@]}"
-        [ ${#pids[@]} -gt 0 ] && before=$(cpu_ticks "${pids[@]}")
-        out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$c" -d"${DURATION}s" --timeout 5s --latency \
-            -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "$prefix-$name")
-        echo "$out" >"$T/$target-$name.wrk.txt"
-        echo "$out" | grep -E '^[a-z_0-9]+=' | while IFS= read -r kv; do put "$target.$name.${kv%%=*}" "${kv#*=}"; done
-        if [ ${#pids[@]} -gt 0 ]; then
-            after=$(cpu_ticks "${pids[@]}")
-            put "$target.$name.cpu_ticks" $((after - before))
-            put "$target.$name.hwm_kib" "$(hwm_kib "${pids[@]}")"
-        fi
-        echo "   $name: $(echo "$out" | grep -E '^(rps|lat_p50_us|lat_p99_us|errors)=' | tr '\n' ' ')" >&2
-    }
-    # sse NAME CONNECTIONS
-    sse_scenario() {
-        local name=$1 c=$2 before after out args=()
-        [ -n "$auth" ] && args=(--header "Authorization: $auth")
-        [ ${#pids[@]} -gt 0 ] && reset_hwm "${pids[@]}"
-        [ ${#pids[@]} -gt 0 ] && before=$(cpu_ticks "${pids[@]}")
-        out=$(taskset -c "$LOAD_CPU" "$SSE_BIN" --url "$url" --connections "$c" --duration "$DURATION" \
-            --expect-events $CHUNKS "${args[@]}" \
-            --body "{\"model\":\"bench\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"stream $prefix-$name-{n}\"}]}")
-        echo "$out" >"$T/$target-$name.sse.txt"
-        echo "$out" | grep -E '^[a-z_0-9]+=' | while IFS= read -r kv; do put "$target.$name.${kv%%=*}" "${kv#*=}"; done
-        if [ ${#pids[@]} -gt 0 ]; then
-            after=$(cpu_ticks "${pids[@]}")
-            put "$target.$name.cpu_ticks" $((after - before))
-            put "$target.$name.hwm_kib" "$(hwm_kib "${pids[@]}")"
-        fi
-        echo "   $name: $(echo "$out" | grep -E '^(streams|errors|ttfb_p50_us|ttfb_p99_us|bunched_gap_frac)=' | tr '\n' ' ')" >&2
-    }
-
+    URL[$target]=$base/v1/chat/completions
+    AUTH[$target]=$auth
+    TPIDS[$target]="${pids[*]}"
+    METRICS[$target]=$metrics_url
+    echo "== $target (${URL[$target]})" >&2
     # Warm up (connections, caches, the allocator), not measured.
-    taskset -c "$LOAD_CPU" wrk -t1 -c8 -d"${WARMUP}s" -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "$prefix-warm" >/dev/null
+    taskset -c "$LOAD_CPU" wrk -t1 -c8 -d"${WARMUP}s" -s "$HERE/wrk/chat.lua" "${URL[$target]}" -- "$auth" "$target-$(date +%s%N)-warm" >/dev/null
     [ ${#pids[@]} -gt 0 ] && put "$target.idle_rss_kib" "$(awk '/^VmRSS/{s+=$2} END{print s}' $(printf '/proc/%s/status ' "${pids[@]}"))"
-
-    [ -n "$metrics_url" ] && curl -s "$metrics_url" >"$T/$target-metrics-before.txt"
-    wrk_scenario c1 1
-    [ -n "$metrics_url" ] && curl -s "$metrics_url" >"$T/$target-metrics-c1.txt"
-    wrk_scenario c$CONC "$CONC"
-    [ -n "$metrics_url" ] && curl -s "$metrics_url" >"$T/$target-metrics-c$CONC.txt"
-    sse_scenario s$STREAMS "$STREAMS"
-    sse_scenario s$MANY_STREAMS "$MANY_STREAMS"
-
-    if [ -n "$metrics_url" ]; then
-        python3 "$HERE/report.py" overhead "$T/$target-metrics-before.txt" "$T/$target-metrics-c1.txt" |
-            while IFS= read -r kv; do put "$target.c1.${kv%%=*}" "${kv#*=}"; done
-        python3 "$HERE/report.py" overhead "$T/$target-metrics-c1.txt" "$T/$target-metrics-c$CONC.txt" |
-            while IFS= read -r kv; do put "$target.c$CONC.${kv%%=*}" "${kv#*=}"; done
-    fi
-    if [ ${#pids[@]} -gt 0 ]; then
-        kill "${pids[0]}"
-        wait "${pids[0]}" 2>/dev/null || true
-    fi
+    return 0
 }
 
-for t in $TARGETS; do run_target "$t"; done
+# measure TARGET SCENARIO ROUND: one measurement (c1 / cN with wrk, sN with sse-load); its
+# figures go to TARGET.SCENARIO.KEY for one round, TARGET.SCENARIO.rROUND.KEY for more.
+measure() {
+    local target=$1 scen=$2 round=$3 url=${URL[$1]} auth=${AUTH[$1]} before after out key
+    local pids=(${TPIDS[$1]}) args=()
+    local prefix="$target-$scen-r$round-$(date +%s%N)"
+    key=$target.$scen
+    [ "$ROUNDS" -gt 1 ] && key=$target.$scen.r$round
+    [ ${#pids[@]} -gt 0 ] && reset_hwm "${pids[@]}"
+    [ ${#pids[@]} -gt 0 ] && before=$(cpu_ticks "${pids[@]}")
+    case $scen in
+    c*)
+        out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"${scen#c}" -d"${DURATION}s" --timeout 5s --latency \
+            -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "$prefix")
+        echo "$out" >"$T/$target-$scen-r$round.wrk.txt"
+        ;;
+    s*)
+        [ -n "$auth" ] && args=(--header "Authorization: $auth")
+        out=$(taskset -c "$LOAD_CPU" "$SSE_BIN" --url "$url" --connections "${scen#s}" --duration "$DURATION" \
+            --expect-events $CHUNKS "${args[@]}" \
+            --body "{\"model\":\"bench\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"stream $prefix-{n}\"}]}")
+        echo "$out" >"$T/$target-$scen-r$round.sse.txt"
+        ;;
+    esac
+    echo "$out" | grep -E '^[a-z_0-9]+=' | while IFS= read -r kv; do put "$key.${kv%%=*}" "${kv#*=}"; done
+    if [ ${#pids[@]} -gt 0 ]; then
+        after=$(cpu_ticks "${pids[@]}")
+        put "$key.cpu_ticks" $((after - before))
+        put "$key.hwm_kib" "$(hwm_kib "${pids[@]}")"
+    fi
+    echo "   $target $scen r$round: $(echo "$out" | grep -E '^(rps|streams|errors|lat_p50_us|lat_p99_us|ttfb_p50_us|ttfb_p99_us)=' | tr '\n' ' ')" >&2
+}
+
+scrape() { [ -z "${METRICS[$1]}" ] || curl -s "${METRICS[$1]}" >"$T/$1-metrics-$2.txt"; }
+
+for t in $TARGETS; do start_target "$t"; done
+for t in $TARGETS; do scrape "$t" before; done
+for scen in c1 c$CONC s$STREAMS s$MANY_STREAMS; do
+    for round in $(seq "$ROUNDS"); do
+        for t in $TARGETS; do measure "$t" "$scen" "$round"; done
+    done
+    for t in $TARGETS; do scrape "$t" "$scen"; done
+done
+# The overhead histogram over all the c1 rounds, and over all the cN rounds.
+for t in $TARGETS; do
+    [ -n "${METRICS[$t]}" ] || continue
+    python3 "$HERE/report.py" overhead "$T/$t-metrics-before.txt" "$T/$t-metrics-c1.txt" |
+        while IFS= read -r kv; do put "$t.c1.${kv%%=*}" "${kv#*=}"; done
+    python3 "$HERE/report.py" overhead "$T/$t-metrics-c1.txt" "$T/$t-metrics-c$CONC.txt" |
+        while IFS= read -r kv; do put "$t.c$CONC.${kv%%=*}" "${kv#*=}"; done
+done
 
 put meta.clk_tck "$(getconf CLK_TCK)"
 if [ "$OUT" = "-" ]; then
