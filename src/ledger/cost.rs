@@ -48,10 +48,73 @@ impl Usage {
         Some((usage, matches!(e.choices, Some(Count(0)))))
     }
 
-    /// Usage from a whole answer's bytes, reading only the fields usage lives in: the rest
-    /// of the answer (the text, an embedding's thousands of numbers) is skipped, not built,
-    /// and `usage` is read straight into numbers (no JSON tree).
+    /// Usage from a whole answer's bytes, reading only the top-level members usage lives in
+    /// (`usage`, `response`, and `data`/`created`/`object` for images, `duration` for audio):
+    /// the rest of the answer (the text, an embedding's thousands of numbers) is stepped
+    /// over by `top_members` without being parsed, and each member read is parsed as
+    /// `from_answer_parsed` would parse it, so the result is the same. Where the scan cannot
+    /// tell (an escaped or repeated key, a text that is not one object) the whole answer is
+    /// parsed instead. One difference is kept on purpose: a malformed value among the
+    /// members skipped (say `"id":tru`) no longer costs the answer its usage.
     pub fn from_answer_bytes(body: &[u8]) -> Option<Usage> {
+        #[derive(Default)]
+        struct Found<'a> {
+            usage: Option<&'a [u8]>,
+            response: Option<&'a [u8]>,
+            data: Option<&'a [u8]>,
+            created: Option<&'a [u8]>,
+            object: Option<&'a [u8]>,
+            duration: Option<&'a [u8]>,
+        }
+        let mut f = Found::default();
+        let scanned = top_members(body, |key, value| {
+            let slot = match key {
+                b"usage" => &mut f.usage,
+                b"response" => &mut f.response,
+                b"data" => &mut f.data,
+                b"created" => &mut f.created,
+                b"object" => &mut f.object,
+                b"duration" => &mut f.duration,
+                _ => return true,
+            };
+            // A member twice: serde's struct refuses it; let it say so.
+            slot.replace(value).is_none()
+        });
+        if scanned.is_none() {
+            return Self::from_answer_parsed(body);
+        }
+        // Each as `Option<T>` of the whole-answer struct: `null` is absent, a wrong type
+        // fails the answer.
+        fn read<'a, T: Deserialize<'a>>(v: Option<&'a [u8]>) -> Result<Option<T>, ()> {
+            match v {
+                None => Ok(None),
+                Some(v) => serde_json::from_slice::<Option<T>>(v).map_err(|_| ()),
+            }
+        }
+        let usage: Option<UsageObject> = read(f.usage).ok()?;
+        let response: Option<ResponseHead> = read(f.response).ok()?;
+        let created: Option<IgnoredAny> = read(f.created).ok()?;
+        let object: Option<IgnoredAny> = read(f.object).ok()?;
+        let duration: Option<f64> = read(f.duration).ok()?;
+        // `data` must be an array (or null) whatever the answer; its elements are counted
+        // only where they are images.
+        let data = match f.data {
+            Some(v) if v != b"null" && !v.starts_with(b"[") => return None,
+            Some(v) if created.is_some() && object.is_none() => read::<Count>(Some(v)).ok()?,
+            _ => None,
+        };
+        Self::assemble(
+            usage,
+            response,
+            data,
+            created.is_some(),
+            object.is_none(),
+            duration,
+        )
+    }
+
+    /// `from_answer_bytes` by parsing the whole answer (the fallback, and its reference in tests).
+    fn from_answer_parsed(body: &[u8]) -> Option<Usage> {
         #[derive(serde::Deserialize)]
         struct Head {
             usage: Option<UsageObject>,
@@ -62,17 +125,149 @@ impl Usage {
             duration: Option<f64>,
         }
         let h: Head = serde_json::from_slice(body).ok()?;
-        let mut usage = h
-            .usage
+        Self::assemble(
+            h.usage,
+            h.response,
+            h.data,
+            h.created.is_some(),
+            h.object.is_none(),
+            h.duration,
+        )
+    }
+
+    fn assemble(
+        usage: Option<UsageObject>,
+        response: Option<ResponseHead>,
+        data: Option<Count>,
+        created: bool,
+        no_object: bool,
+        duration: Option<f64>,
+    ) -> Option<Usage> {
+        let mut usage = usage
             .and_then(|u| u.usage())
-            .or_else(|| h.response.and_then(|r| r.usage).and_then(|u| u.usage()));
-        if let (Some(Count(n)), true, true) = (h.data, h.created.is_some(), h.object.is_none()) {
+            .or_else(|| response.and_then(|r| r.usage).and_then(|u| u.usage()));
+        if let (Some(Count(n)), true, true) = (data, created, no_object) {
             usage.get_or_insert_with(Usage::default).images = n;
         }
-        if let Some(d) = h.duration {
+        if let Some(d) = duration {
             usage.get_or_insert_with(Usage::default).audio_seconds = d;
         }
         usage
+    }
+}
+
+/// Calls `each(key, raw value)` for every member of the JSON object `text`, stepping over
+/// the values without parsing them: a string by `memchr` to its next quote or backslash, an
+/// object or array by counting its brackets outside strings, anything else up to the next `,`,
+/// `}`, `]` or space. `None` (and no more calls) when `text` is not one object, a key holds
+/// an escape (it would need decoding to compare), or `each` returns false.
+fn top_members<'a>(text: &'a [u8], mut each: impl FnMut(&'a [u8], &'a [u8]) -> bool) -> Option<()> {
+    fn space(t: &[u8], mut i: usize) -> usize {
+        while matches!(t.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            i += 1;
+        }
+        i
+    }
+    // The next of three bytes from `i`: the next few bytes looked at one by one (what is
+    // sought is usually near: the next key's quote), `memchr3` (whose set-up costs about as
+    // much as a dozen bytes) beyond them.
+    fn find3(t: &[u8], i: usize, a: u8, b: u8, c: u8) -> Option<usize> {
+        let near = t.get(i..)?;
+        let head = &near[..near.len().min(16)];
+        match head.iter().position(|&x| x == a || x == b || x == c) {
+            Some(at) => Some(i + at),
+            None => memchr::memchr3(a, b, c, &near[head.len()..]).map(|at| i + head.len() + at),
+        }
+    }
+    // From an opening quote to just past its closing one, the same way.
+    fn string(t: &[u8], mut i: usize) -> Option<usize> {
+        i += 1;
+        let short = t.len().min(i + 16);
+        while i < short {
+            match t[i] {
+                b'"' => return Some(i + 1),
+                b'\\' => i += 2,
+                _ => i += 1,
+            }
+        }
+        loop {
+            let at = i + memchr::memchr2(b'"', b'\\', t.get(i..)?)?;
+            if t[at] == b'"' {
+                return Some(at + 1);
+            }
+            i = at + 2;
+        }
+    }
+    fn value(t: &[u8], start: usize) -> Option<usize> {
+        match *t.get(start)? {
+            b'"' => string(t, start),
+            // Only this container's own brackets are counted (the other kind nests evenly
+            // within), so `find3` jumps from one to the next.
+            open @ (b'{' | b'[') => {
+                let close = if open == b'{' { b'}' } else { b']' };
+                let (mut i, mut depth) = (start + 1, 1usize);
+                loop {
+                    let at = find3(t, i, b'"', open, close)?;
+                    match t[at] {
+                        b'"' => i = string(t, at)?,
+                        b if b == open => {
+                            depth += 1;
+                            i = at + 1;
+                        }
+                        _ => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(at + 1);
+                            }
+                            i = at + 1;
+                        }
+                    }
+                }
+            }
+            _ => {
+                let mut i = start;
+                while !matches!(
+                    t.get(i),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t')
+                ) {
+                    i += 1;
+                }
+                (i > start).then_some(i)
+            }
+        }
+    }
+    let mut i = space(text, 0);
+    if text.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = space(text, i + 1);
+    if text.get(i) == Some(&b'}') {
+        return (space(text, i + 1) == text.len()).then_some(());
+    }
+    loop {
+        if text.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = string(text, i)?;
+        let key = &text[i + 1..end - 1];
+        if key.contains(&b'\\') {
+            return None;
+        }
+        i = space(text, end);
+        if text.get(i) != Some(&b':') {
+            return None;
+        }
+        i = space(text, i + 1);
+        let value_end = value(text, i)?;
+        if !each(key, &text[i..value_end]) {
+            return None;
+        }
+        i = space(text, value_end);
+        match text.get(i)? {
+            b',' => i = space(text, i + 1),
+            b'}' => return (space(text, i + 1) == text.len()).then_some(()),
+            _ => return None,
+        }
     }
 }
 
@@ -368,6 +563,62 @@ pub fn count_tokens(model: &str, text: &str) -> u64 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The scan reads what parsing the whole answer reads, on every shape and on odd input.
+    #[test]
+    fn scanning_an_answer_reads_what_parsing_it_reads() {
+        let answers: &[&str] = &[
+            r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"a \"usage\": {\"prompt_tokens\": 99} in text \\"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#,
+            r#" { "usage" : { "prompt_tokens" : 3 , "completion_tokens" : 1 } , "choices" : [ ] } "#,
+            r#"{"object":"list","data":[{"object":"embedding","embedding":[0.1,-2e-3,3]}],"usage":{"prompt_tokens":3,"total_tokens":3}}"#,
+            r#"{"created":1,"data":[{"b64_json":"x"},{"url":"u"}],"usage":{"input_tokens":5,"output_tokens":9}}"#,
+            r#"{"created":1,"data":[{"b64_json":"x"},{"url":"u"}]}"#,
+            r#"{"created":null,"data":[{"b64_json":"x"}]}"#,
+            r#"{"created":1,"object":"list","data":[1,2]}"#,
+            r#"{"created":1,"data":null}"#,
+            r#"{"created":1,"data":{"n":1}}"#,
+            r#"{"text":"hi","duration":3.5}"#,
+            r#"{"text":"hi","duration":"3.5"}"#,
+            r#"{"text":"hi","usage":{"type":"duration","seconds":12.5}}"#,
+            r#"{"object":"response","usage":{"input_tokens":7,"output_tokens":3,"input_tokens_details":{"cached_tokens":1}}}"#,
+            r#"{"type":"response.completed","response":{"id":"r","usage":{"input_tokens":2,"output_tokens":4}}}"#,
+            r#"{"usage":null}"#,
+            r#"{"usage":5}"#,
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            r#"{"us\u0061ge":{"prompt_tokens":4}}"#,
+            r#"{"choices":[]}"#,
+            r#"{}"#,
+            r#"[]"#,
+            r#""usage""#,
+            r#"{"usage":{"prompt_tokens":1}} trailing"#,
+            r#"{"usage":{"prompt_tokens":1}"#,
+            r#"{"a":"unterminated"#,
+            r#"{"a":[{"b":"]}"}],"usage":{"prompt_tokens":8,"completion_tokens":2}}"#,
+            r#"{"a":true,"b":false,"c":null,"d":-1.5e10,"usage":{"completion_tokens":6}}"#,
+            "",
+            "{",
+            r#"{"usage":}"#,
+            r#"{"usage" {"prompt_tokens":1}}"#,
+        ];
+        for a in answers {
+            assert_eq!(
+                Usage::from_answer_bytes(a.as_bytes()),
+                Usage::from_answer_parsed(a.as_bytes()),
+                "{a}"
+            );
+        }
+        // Both read the answer's own usage, not the one quoted in its text.
+        assert_eq!(
+            Usage::from_answer_bytes(answers[0].as_bytes())
+                .unwrap()
+                .prompt,
+            12
+        );
+        // The one difference: a malformed value the scan steps over does not lose the usage.
+        let odd = br#"{"id":tru,"usage":{"prompt_tokens":2}}"#;
+        assert_eq!(Usage::from_answer_parsed(odd), None);
+        assert_eq!(Usage::from_answer_bytes(odd).unwrap().prompt, 2);
+    }
 
     #[test]
     fn usage_shapes() {
