@@ -3,7 +3,7 @@
 # Switchyard with a bare pass-through config and a realistic one, side by side in one run.
 # Run by hand (not in CI); see bench/README.md. Appends a section to bench/RESULTS.md.
 #
-#   bench/run.sh                     # full run, ~12 minutes (3 rounds)
+#   bench/run.sh                     # full run, ~15 minutes (3 rounds)
 #   LABEL=before bench/run.sh        # names the section in RESULTS.md
 #   DURATION=5 TARGETS="nginx sy-real" bench/run.sh
 #   EXTRA_BINS="fix=/tmp/fix/target/release/switchyard" bench/run.sh   # before and after, side by side
