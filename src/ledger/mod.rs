@@ -307,11 +307,14 @@ impl Tap {
         };
         let success = (200..300).contains(&self.status);
         let mut usage = self.usage;
+        // A JSON answer whole: its one chunk (already a copy of its own, see `poll_frame`)
+        // shared, or its chunks joined; read for usage and stored as the cache entry.
+        let mut answer: Option<Bytes> = None;
         if success && self.mode == Mode::Json {
             let whole: Bytes = if self.kept.len() == 1 {
                 self.kept[0].clone()
             } else {
-                let mut b = BytesMut::new();
+                let mut b = BytesMut::with_capacity(self.kept.iter().map(Bytes::len).sum());
                 self.kept.iter().for_each(|c| b.extend_from_slice(c));
                 b.freeze()
             };
@@ -323,6 +326,7 @@ impl Tap {
                     usage = Some(record.estimate(&text));
                 }
             }
+            answer = Some(whole);
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
             let mut text = String::new();
@@ -339,11 +343,7 @@ impl Tap {
         }
         if let (Some((leader, ttl)), true, true) = (self.cache.take(), self.complete, success) {
             let entry = match self.mode {
-                Mode::Json => self.kept.first().map(|_| {
-                    let mut b = BytesMut::new();
-                    self.kept.iter().for_each(|c| b.extend_from_slice(c));
-                    (b.freeze(), None)
-                }),
+                Mode::Json => answer.filter(|_| !self.kept.is_empty()).map(|a| (a, None)),
                 Mode::Sse => {
                     let events = crate::cache::split_events(&self.kept);
                     crate::cache::assemble(record.op, &events).map(|json| (json, Some(events)))
