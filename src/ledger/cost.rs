@@ -54,8 +54,10 @@ impl Usage {
     /// over by `top_members` without being parsed, and each member read is parsed as
     /// `from_answer_parsed` would parse it, so the result is the same. Where the scan cannot
     /// tell (an escaped or repeated key, a text that is not one object) the whole answer is
-    /// parsed instead. One difference is kept on purpose: a malformed value among the
-    /// members skipped (say `"id":tru`) no longer costs the answer its usage.
+    /// parsed instead. One difference is kept on purpose: malformed JSON among what is
+    /// stepped over (a value like `"id":tru`, a missing comma after a number, bad bytes in a
+    /// key, a `data` array not counted) no longer costs the answer its usage; so does a
+    /// `usage` nested exactly one level short of serde_json's depth limit of 128.
     pub fn from_answer_bytes(body: &[u8]) -> Option<Usage> {
         #[derive(Default)]
         struct Found<'a> {
