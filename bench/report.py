@@ -110,7 +110,6 @@ def load(path):
             n = len(xs)
             v = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
         r[k] = repr(v)
-        r[k + ".rounds"] = " ".join(vs)
     return r
 
 
@@ -292,8 +291,6 @@ def markdown(path):
         # this stack adds with no logic at all: the floor measures it. What Switchyard adds
         # beyond the floor is the gateway's own work, which the histogram claims to measure.
         def beyond_floor(t):
-            if "floor" not in targets:
-                return "–"
             a = num(r, f"{t}.c1.lat_p50_us") - num(r, "floor.c1.lat_p50_us")
             m = num(r, f"{t}.c1.oh_mean_us")
             if m is None:

@@ -41,10 +41,7 @@ impl Usage {
             choices: Option<Count>,
         }
         let e: Event = serde_json::from_slice(data).ok()?;
-        let usage = e
-            .usage
-            .and_then(|u| u.usage())
-            .or_else(|| e.response.and_then(|r| r.usage).and_then(|u| u.usage()))?;
+        let usage = Self::reported(e.usage, e.response)?;
         Some((usage, matches!(e.choices, Some(Count(0)))))
     }
 
@@ -137,6 +134,13 @@ impl Usage {
         )
     }
 
+    /// The counts of `usage`, else of the Responses API's `response.usage`.
+    fn reported(usage: Option<UsageObject>, response: Option<ResponseHead>) -> Option<Usage> {
+        usage
+            .and_then(|u| u.usage())
+            .or_else(|| response.and_then(|r| r.usage).and_then(|u| u.usage()))
+    }
+
     fn assemble(
         usage: Option<UsageObject>,
         response: Option<ResponseHead>,
@@ -145,9 +149,7 @@ impl Usage {
         no_object: bool,
         duration: Option<f64>,
     ) -> Option<Usage> {
-        let mut usage = usage
-            .and_then(|u| u.usage())
-            .or_else(|| response.and_then(|r| r.usage).and_then(|u| u.usage()));
+        let mut usage = Self::reported(usage, response);
         if let (Some(Count(n)), true, true) = (data, created, no_object) {
             usage.get_or_insert_with(Usage::default).images = n;
         }
@@ -616,7 +618,8 @@ mod tests {
                 .prompt,
             12
         );
-        // The one difference: a malformed value the scan steps over does not lose the usage.
+        // A difference kept on purpose: a malformed value the scan steps over does not lose
+        // the usage.
         let odd = br#"{"id":tru,"usage":{"prompt_tokens":2}}"#;
         assert_eq!(Usage::from_answer_parsed(odd), None);
         assert_eq!(Usage::from_answer_bytes(odd).unwrap().prompt, 2);

@@ -3,7 +3,8 @@
 //! `POST …/chat/completions` answers a fixed small chat completion (with `usage`). With
 //! `"stream": true` it answers `--chunks` SSE chunks `--chunk-delay-ms` apart (the first at
 //! once), then, when the request asked for `stream_options.include_usage`, a usage chunk
-//! (and, as OpenAI does then, `"usage":null` in every content chunk), then `data: [DONE]`. Everything else is a 404. One thread (pin it with taskset).
+//! (and, as OpenAI does then, `"usage":null` in every content chunk), then `data: [DONE]`.
+//! Everything else is a 404. One thread (pin it with taskset).
 //!
 //!   bench-upstream --listen 127.0.0.1:0 --ready-file /tmp/up.addr [--chunks 20] [--chunk-delay-ms 5]
 
