@@ -8,6 +8,10 @@
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+/// A name from the config (key, team, route, deployment, provider) as requests carry it:
+/// shared, so that a request's log line, ledger row and metrics take it without copying.
+pub type Name = std::sync::Arc<str>;
+
 pub mod api;
 pub mod auth;
 pub mod cache;

@@ -316,7 +316,7 @@ async fn a_hit_is_served_without_the_upstream_costs_nothing_and_its_saving_is_co
     let rows = rows_after_shutdown(&mut gw).await;
     let m_rows: Vec<&LedgerRow> = rows
         .iter()
-        .filter(|r| r.route == "m" && r.endpoint == "chat/completions" && r.status == 200)
+        .filter(|r| &*r.route == "m" && r.endpoint == "chat/completions" && r.status == 200)
         .collect();
     assert_eq!(m_rows.len(), 6, "{rows:#?}");
     let (hit_rows, miss_rows): (Vec<&LedgerRow>, Vec<&LedgerRow>) =
@@ -324,11 +324,11 @@ async fn a_hit_is_served_without_the_upstream_costs_nothing_and_its_saving_is_co
     assert_eq!((hit_rows.len(), miss_rows.len()), (4, 2), "{rows:#?}");
     for r in &hit_rows {
         assert_eq!(r.cost_usd, 0.0, "a hit costs nothing: {r:?}");
-        assert_eq!(r.deployment, "cache");
+        assert_eq!(&*r.deployment, "cache");
         assert_eq!((r.prompt_tokens, r.completion_tokens), (0, 0));
     }
-    let france = miss_rows.iter().find(|r| r.key == "red1").unwrap();
-    let metered = miss_rows.iter().find(|r| r.key == "metered").unwrap();
+    let france = miss_rows.iter().find(|r| &*r.key == "red1").unwrap();
+    let metered = miss_rows.iter().find(|r| &*r.key == "metered").unwrap();
     assert!(france.cost_usd > 0.0 && !france.cache_hit);
     // One hit of the first answer, three of the metered one.
     let expected = france.cost_usd + 3.0 * metered.cost_usd;
@@ -336,7 +336,7 @@ async fn a_hit_is_served_without_the_upstream_costs_nothing_and_its_saving_is_co
         (saved - expected).abs() < 1e-12,
         "saved {saved}, the misses cost {expected}"
     );
-    let emb_hits = rows.iter().filter(|r| r.route == "emb" && r.cache_hit);
+    let emb_hits = rows.iter().filter(|r| &*r.route == "emb" && r.cache_hit);
     assert_eq!(emb_hits.count(), 1);
 }
 

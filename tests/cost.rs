@@ -255,11 +255,11 @@ async fn the_ledger_matches_the_upstreams_usage_to_the_micro_dollar() {
             row.cost_usd
         );
         assert!(!row.estimated);
-        assert_eq!(row.key, "app");
-        assert_eq!(row.team, "research");
+        assert_eq!(&*row.key, "app");
+        assert_eq!(&*row.team, "research");
     }
     assert_eq!(rows[0].user, "alice");
-    assert_eq!(rows[0].deployment, "up/gpt-4o-up");
+    assert_eq!(&*rows[0].deployment, "up/gpt-4o-up");
     assert_eq!(rows[6].status, 400);
     let est = rows.last().unwrap();
     assert!(est.estimated);

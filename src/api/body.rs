@@ -202,11 +202,15 @@ impl ModelSlot {
     /// The edit that sets `model`: the old value replaced in place, or the field added at
     /// the front.
     pub fn edit(&self, model: &str) -> Edit {
-        let encoded = serde_json::Value::from(model).to_string();
+        // The name as a JSON string, written straight into the edit's bytes.
+        let mut with = Vec::with_capacity(model.len() + 12);
+        if self.span.is_none() {
+            with.extend_from_slice(b"\"model\":");
+        }
+        let _ = serde_json::to_writer(&mut with, model);
         match &self.span {
-            Some(span) => (span.clone(), encoded.into_bytes()),
+            Some(span) => (span.clone(), with),
             None => {
-                let mut with = format!("\"model\":{encoded}").into_bytes();
                 if self.has_fields {
                     with.push(b',');
                 }
@@ -217,7 +221,11 @@ impl ModelSlot {
 
     /// An edit that adds a top-level field (after the body's `{`).
     pub fn add_field(&self, name: &str, json_value: &str) -> Edit {
-        let mut with = format!("\"{name}\":{json_value}").into_bytes();
+        let mut with = Vec::with_capacity(name.len() + json_value.len() + 4);
+        with.push(b'"');
+        with.extend_from_slice(name.as_bytes());
+        with.extend_from_slice(b"\":");
+        with.extend_from_slice(json_value.as_bytes());
         if self.has_fields {
             with.push(b',');
         }

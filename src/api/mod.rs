@@ -391,7 +391,9 @@ impl ApiRequest {
                     edits.extend(usage.edit());
                 }
                 if let Some(cap) = self.output_cap {
-                    edits.push(slot.add_field(cap_field(self.op, served_model), &cap.to_string()));
+                    let mut digits = itoa::Buffer::new();
+                    edits
+                        .push(slot.add_field(cap_field(self.op, served_model), digits.format(cap)));
                 }
                 if edits.is_empty() {
                     self.body.clone()
@@ -414,12 +416,15 @@ impl ApiRequest {
 /// completions and most chat models; `max_completion_tokens` for reasoning models, which
 /// refuse `max_tokens`.
 fn cap_field(op: Operation, model: &str) -> &'static str {
-    let m = model.to_ascii_lowercase();
+    let named = |p: &str| {
+        model
+            .as_bytes()
+            .get(..p.len())
+            .is_some_and(|m| m.eq_ignore_ascii_case(p.as_bytes()))
+    };
     match op {
         Operation::Responses => "max_output_tokens",
-        Operation::ChatCompletions
-            if ["o1", "o3", "o4", "gpt-5"].iter().any(|p| m.starts_with(p)) =>
-        {
+        Operation::ChatCompletions if ["o1", "o3", "o4", "gpt-5"].into_iter().any(named) => {
             "max_completion_tokens"
         }
         _ => "max_tokens",
@@ -480,6 +485,22 @@ mod tests {
         for (i, op) in Operation::ALL.iter().enumerate() {
             assert_eq!(*op as usize, i, "{op:?}");
         }
+    }
+
+    #[test]
+    fn reasoning_models_get_max_completion_tokens_whatever_their_case() {
+        let chat = Operation::ChatCompletions;
+        for m in ["o1-mini", "O3", "o4-mini", "GPT-5-nano", "gpt-5"] {
+            assert_eq!(cap_field(chat, m), "max_completion_tokens", "{m}");
+        }
+        for m in ["gpt-4o", "o", "", "llama-o1", "gpt-4"] {
+            assert_eq!(cap_field(chat, m), "max_tokens", "{m}");
+        }
+        assert_eq!(cap_field(Operation::Completions, "o1"), "max_tokens");
+        assert_eq!(
+            cap_field(Operation::Responses, "gpt-4o"),
+            "max_output_tokens"
+        );
     }
 
     #[test]

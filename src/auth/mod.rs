@@ -8,6 +8,7 @@ use http::HeaderMap;
 
 use crate::config::{hash_key, Loaded};
 use crate::error::GatewayError;
+use crate::Name;
 
 /// Azure's key header, made once (a `&str` name is parsed on every lookup).
 const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
@@ -15,8 +16,8 @@ const API_KEY: http::HeaderName = http::HeaderName::from_static("api-key");
 /// A client key as the rest of the gateway sees it: a name, never the secret.
 #[derive(Debug)]
 pub struct ClientKey {
-    pub name: String,
-    pub team: Option<String>,
+    pub name: Name,
+    pub team: Option<Name>,
     /// Routes this key may use; `None`: all.
     pub routes: Option<HashSet<String>>,
 }
@@ -61,8 +62,8 @@ impl KeyTable {
                 (
                     *h,
                     Arc::new(ClientKey {
-                        name: k.name.clone(),
-                        team: k.team.clone(),
+                        name: k.name.as_str().into(),
+                        team: k.team.as_deref().map(Name::from),
                         routes: k.models.as_ref().map(|m| m.iter().cloned().collect()),
                     }),
                 )

@@ -417,8 +417,9 @@ impl Cache {
     }
 }
 
-/// The cache key of a request, or `None` when the body is not JSON.
-pub fn key(route: &str, op: Operation, scope: &str, body: &[u8]) -> Option<Key> {
+/// The cache key of a request, or `None` when the body is not JSON. The scope is given in
+/// parts (`["key:", name]`), hashed as if joined.
+pub fn key(route: &str, op: Operation, scope: &[&str], body: &[u8]) -> Option<Key> {
     let mut canonical = Vec::with_capacity(body.len());
     let mut reader = Canonical { text: body, at: 0 };
     reader.value(&mut canonical, true)?;
@@ -427,10 +428,14 @@ pub fn key(route: &str, op: Operation, scope: &str, body: &[u8]) -> Option<Key> 
         return None;
     }
     let mut h = Sha256::new();
-    for part in [route, op.path(), scope] {
+    for part in [route, op.path()] {
         h.update(part.as_bytes());
         h.update([0]);
     }
+    for part in scope {
+        h.update(part.as_bytes());
+    }
+    h.update([0]);
     h.update(&canonical);
     Some(h.finalize().into())
 }
@@ -976,38 +981,60 @@ mod tests {
 
     #[test]
     fn keys_ignore_order_number_spelling_and_stream_fields() {
-        let a = key("r", Operation::ChatCompletions, "team:a", br#"{"model":"m","temperature":1.0,"messages":[{"role":"user","content":"hi"}],"user":"x"}"#);
-        let b = key("r", Operation::ChatCompletions, "team:a", br#"{"messages":[{"content":"hi","role":"user"}],"temperature":1,"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        let a = key("r", Operation::ChatCompletions, &["team:", "a"], br#"{"model":"m","temperature":1.0,"messages":[{"role":"user","content":"hi"}],"user":"x"}"#);
+        let b = key("r", Operation::ChatCompletions, &["team:", "a"], br#"{"messages":[{"content":"hi","role":"user"}],"temperature":1,"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
         assert_eq!(a, b);
         let other_team = key(
             "r",
             Operation::ChatCompletions,
-            "team:b",
+            &["team:", "b"],
             br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"hi"}]}"#,
         );
         assert_ne!(a, other_team);
         let other_text = key(
             "r",
             Operation::ChatCompletions,
-            "team:a",
+            &["team:", "a"],
             br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"ho"}]}"#,
         );
         assert_ne!(a, other_text);
         let spaced = key(
             "r",
             Operation::ChatCompletions,
-            "team:a",
+            &["team:", "a"],
             b"  {\"model\" : \"m\", \"temperature\": 1e0,\n \"messages\": [ {\"role\":\"user\", \"content\":\"h\\u0069\"} ] }  ",
         );
         assert_eq!(a, spaced);
         let nested_user = key(
             "r",
             Operation::ChatCompletions,
-            "team:a",
+            &["team:", "a"],
             br#"{"model":"m","temperature":1,"messages":[{"role":"user","content":"hi","user":"x"}]}"#,
         );
         assert_ne!(a, nested_user, "only the top-level `user` is left out");
-        assert!(key("r", Operation::ChatCompletions, "team:a", b"{\"model\":").is_none());
+        assert!(key(
+            "r",
+            Operation::ChatCompletions,
+            &["team:", "a"],
+            b"{\"model\":"
+        )
+        .is_none());
+        // A scope in parts is hashed as if joined: keys stay those of earlier versions
+        // (entries other replicas stored in Redis under them stay reachable).
+        assert_eq!(
+            key(
+                "r",
+                Operation::ChatCompletions,
+                &["team:a"],
+                br#"{"model":"m"}"#
+            ),
+            key(
+                "r",
+                Operation::ChatCompletions,
+                &["team:", "a"],
+                br#"{"model":"m"}"#
+            )
+        );
         for not_json in [
             &b"{\"a\":1,}"[..],
             b"{\"a\":1} x",
@@ -1016,7 +1043,7 @@ mod tests {
             b"{\"a\":\"\x01\"}",
             b"{\"a\":01}",
         ] {
-            let k = key("r", Operation::ChatCompletions, "team:a", not_json);
+            let k = key("r", Operation::ChatCompletions, &["team:", "a"], not_json);
             assert!(k.is_none(), "{}", String::from_utf8_lossy(not_json));
         }
         // Nested keys are sorted too, escaped keys and strings decoded, and a left-out
@@ -1024,13 +1051,13 @@ mod tests {
         let one = key(
             "r",
             Operation::ChatCompletions,
-            "team:a",
+            &["team:", "a"],
             br#"{"user":"u","z":{"b":[{"y":1,"x":2}],"a":"\u00e9"},"stream":true,"m":1}"#,
         );
         let two = key(
             "r",
             Operation::ChatCompletions,
-            "team:a",
+            &["team:", "a"],
             "{\"m\":1,\"z\":{\"a\":\"é\",\"\\u0062\":[{\"x\":2,\"y\":1}]}}".as_bytes(),
         );
         assert!(one.is_some());

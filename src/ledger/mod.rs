@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::api::Operation;
 use crate::policy::{send_alerts, Actual, Admitted, Plan, PolicyState};
 use crate::server::body::{BoxError, ResponseBody};
+use crate::Name;
 use cost::{count_tokens, Price, Usage};
 pub use store::{LedgerRow, LedgerWriter};
 
@@ -51,7 +52,7 @@ pub struct RequestRecord {
     pub op: Operation,
     pub price: Price,
     /// The model name whose tokenizer counts tokens when the upstream reports none.
-    pub tokenizer_model: String,
+    pub tokenizer_model: Name,
     /// The request body, kept (not copied) for counting prompt tokens if needed.
     pub request_body: Bytes,
 }
@@ -76,15 +77,7 @@ impl RequestRecord {
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_byte.map(|t| (t - self.started).as_secs_f64() * 1000.0);
         if let Some(m) = crate::telemetry::metrics::metrics() {
-            let labels = |kind: &'static str| {
-                [
-                    r.route.as_str(),
-                    r.deployment.as_str(),
-                    r.team.as_str(),
-                    r.key.as_str(),
-                    kind,
-                ]
-            };
+            let labels = |kind: &'static str| [&*r.route, &*r.deployment, &*r.team, &*r.key, kind];
             let uncached = r.prompt_tokens - r.cached_tokens;
             m.tokens
                 .with_label_values(&labels("prompt"))

@@ -3,6 +3,7 @@
 //! request path; `close` flushes what is queued. Schema changes are numbered migrations,
 //! applied at open.
 
+use crate::Name;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
@@ -20,13 +21,14 @@ use tokio::sync::mpsc;
 pub struct LedgerRow {
     pub ts_ms: i64,
     pub request_id: String,
-    pub key: String,
-    pub team: String,
+    pub key: Name,
+    pub team: Name,
     pub user: String,
-    pub route: String,
-    pub deployment: String,
-    pub provider: String,
-    pub endpoint: String,
+    pub route: Name,
+    pub deployment: Name,
+    pub provider: Name,
+    /// The operation's path (`chat/completions`); read back, the text stored.
+    pub endpoint: std::borrow::Cow<'static, str>,
     pub status: u16,
     pub prompt_tokens: u64,
     pub cached_tokens: u64,
@@ -259,13 +261,13 @@ impl Store {
                 let enc = sqlx::Error::Encode;
                 $args.add(r.ts_ms).map_err(enc)?;
                 $args.add(r.request_id.as_str()).map_err(enc)?;
-                $args.add(r.key.as_str()).map_err(enc)?;
-                $args.add(r.team.as_str()).map_err(enc)?;
+                $args.add(&*r.key).map_err(enc)?;
+                $args.add(&*r.team).map_err(enc)?;
                 $args.add(r.user.as_str()).map_err(enc)?;
-                $args.add(r.route.as_str()).map_err(enc)?;
-                $args.add(r.deployment.as_str()).map_err(enc)?;
-                $args.add(r.provider.as_str()).map_err(enc)?;
-                $args.add(r.endpoint.as_str()).map_err(enc)?;
+                $args.add(&*r.route).map_err(enc)?;
+                $args.add(&*r.deployment).map_err(enc)?;
+                $args.add(&*r.provider).map_err(enc)?;
+                $args.add(&*r.endpoint).map_err(enc)?;
                 $args.add(r.status as i32).map_err(enc)?;
                 $args.add(r.prompt_tokens as i64).map_err(enc)?;
                 $args.add(r.cached_tokens as i64).map_err(enc)?;
@@ -360,13 +362,13 @@ impl Store {
                         Ok(LedgerRow {
                             ts_ms: r.try_get(0)?,
                             request_id: r.try_get(1)?,
-                            key: r.try_get(2)?,
-                            team: r.try_get(3)?,
+                            key: r.try_get::<String, _>(2)?.into(),
+                            team: r.try_get::<String, _>(3)?.into(),
                             user: r.try_get(4)?,
-                            route: r.try_get(5)?,
-                            deployment: r.try_get(6)?,
-                            provider: r.try_get(7)?,
-                            endpoint: r.try_get(8)?,
+                            route: r.try_get::<String, _>(5)?.into(),
+                            deployment: r.try_get::<String, _>(6)?.into(),
+                            provider: r.try_get::<String, _>(7)?.into(),
+                            endpoint: r.try_get::<String, _>(8)?.into(),
                             status: r.try_get::<i32, _>(9)? as u16,
                             prompt_tokens: r.try_get::<i64, _>(10)? as u64,
                             cached_tokens: r.try_get::<i64, _>(11)? as u64,

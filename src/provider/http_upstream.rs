@@ -185,17 +185,21 @@ impl HttpUpstream {
             .ok_or_else(|| AttemptError::Connect("the upstream URL is not valid".into()))?;
         let mut request = http::Request::new(Full::new(self.body(req, deployment, model)));
         *request.method_mut() = http::Method::POST;
-        *request.headers_mut() = req.upstream_headers.clone();
+        // Sized once for the client's headers, Host and the upstream's key (a clone of the
+        // client's map would grow, and move, to take the two more).
+        let headers = request.headers_mut();
+        headers.reserve(req.upstream_headers.len() + 2);
+        for (name, value) in &req.upstream_headers {
+            headers.append(name.clone(), value.clone());
+        }
         // The Host header as hyper's client would make it, but made once.
         if let Some(host) = &self.host {
-            request
-                .headers_mut()
-                .insert(http::header::HOST, host.clone());
+            headers.insert(http::header::HOST, host.clone());
+        }
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name.clone(), value.clone());
         }
         *request.uri_mut() = uri;
-        if let Some((name, value)) = &self.auth {
-            request.headers_mut().insert(name.clone(), value.clone());
-        }
         let resp = tokio::select! {
             biased;
             r = self.client.request(request) => r.map_err(|e| classify(&e))?,

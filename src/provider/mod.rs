@@ -15,12 +15,13 @@ use crate::api::ApiRequest;
 use crate::config::{ProviderCfg, RoutingCfg};
 use crate::error::GatewayError;
 use crate::server::body::ResponseBody;
+use crate::Name;
 
 pub use http_upstream::{HttpUpstream, UpstreamClient};
 
 /// A provider built from config: the client, URLs and header values ready for use.
 pub struct Provider {
-    pub name: String,
+    pub name: Name,
     pub kind: ProviderKind,
 }
 
@@ -40,7 +41,7 @@ impl Provider {
             _ => ProviderKind::Http(Box::new(HttpUpstream::new(cfg, client.clone())?)),
         };
         Ok(Provider {
-            name: name.to_string(),
+            name: name.into(),
             kind,
         })
     }

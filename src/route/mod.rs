@@ -25,6 +25,7 @@ use crate::ledger::cost::{builtin_price, Price};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
 use crate::telemetry::metrics;
+use crate::Name;
 use state::{now_ms, DeploymentState, Health, StateRegistry};
 
 /// Share of `least_latency` picks that go to a random deployment, so a deployment that got
@@ -39,8 +40,10 @@ pub struct Deployment {
     /// What the upstream calls it: the Azure deployment, or the model name sent upstream.
     pub upstream: String,
     /// `provider/deployment`, as shown in headers, logs and the admin API.
-    pub label: String,
+    pub label: Name,
     pub model: Option<String>,
+    /// The model whose tokenizer counts this deployment's tokens: `model`, else `upstream`.
+    pub tokenizer_model: Name,
     pub weight: f64,
     pub priority: u32,
     pub rpm: Option<u64>,
@@ -56,7 +59,7 @@ pub struct Deployment {
 }
 
 pub struct Route {
-    pub name: String,
+    pub name: Name,
     pub strategy: Strategy,
     pub deployments: Vec<Deployment>,
     pub fallbacks: Vec<String>,
@@ -125,7 +128,8 @@ pub fn build_routes(
                     name, &label,
                 )),
                 state: registry.get(&label),
-                label,
+                label: label.into(),
+                tokenizer_model: d.model.as_deref().unwrap_or(&upstream).into(),
                 provider,
                 upstream,
                 model: d.model.clone(),
@@ -141,7 +145,7 @@ pub fn build_routes(
         routes.insert(
             name.clone(),
             Arc::new(Route {
-                name: name.clone(),
+                name: name.as_str().into(),
                 strategy: r.strategy,
                 deployments,
                 fallbacks: r.fallbacks.clone(),
@@ -169,15 +173,15 @@ pub fn build_routes(
 /// What served a request: put on the response for headers and the log line.
 #[derive(Debug, Clone, Default)]
 pub struct Served {
-    pub route: String,
-    pub deployment: String,
-    pub provider: String,
+    pub route: Name,
+    pub deployment: Name,
+    pub provider: Name,
     pub attempts: u32,
     /// The route the client asked for, when a fallback route served instead.
-    pub fallback_from: Option<String>,
+    pub fallback_from: Option<Name>,
     /// The serving deployment's price, and the model whose tokenizer counts its tokens.
     pub price: Price,
-    pub tokenizer_model: String,
+    pub tokenizer_model: Name,
     /// The serving deployment's metric handles.
     pub metrics: Option<Arc<crate::telemetry::metrics::DeploymentMetrics>>,
 }
@@ -489,7 +493,7 @@ impl Route {
             served.attempts += 1;
             served.price = d.price;
             served.metrics = Some(d.metrics.clone());
-            served.tokenizer_model = d.model.clone().unwrap_or_else(|| d.upstream.clone());
+            served.tokenizer_model.clone_from(&d.tokenizer_model);
             d.state.take_quota(tokens);
             let _probe = ProbeGuard(probe.then(|| d.state.clone()));
             match self.send_once(req, d).await {
@@ -515,7 +519,12 @@ impl Route {
                             AttemptError::Status { error, .. } => error.status.as_u16().to_string(),
                         };
                         m.upstream_errors
-                            .with_label_values(&[&self.name, &d.label, &d.provider.name, &kind])
+                            .with_label_values(&[
+                                &self.name,
+                                &d.label,
+                                &d.provider.name,
+                                kind.as_str(),
+                            ])
                             .inc();
                     }
                     tracing::warn!(
@@ -675,7 +684,7 @@ pub async fn dispatch(
     };
     let list: &[String] = if list_name == "none" { &[] } else { list };
     let mut last = err;
-    let mut visited: HashSet<&str> = HashSet::from([route.name.as_str()]);
+    let mut visited: HashSet<&str> = HashSet::from([&*route.name]);
     for name in list {
         let Some(fallback) = routes.get(name) else {
             continue;

@@ -30,6 +30,7 @@ use crate::policy::{self, Refused};
 use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
 use crate::telemetry::{metrics, RequestFacts};
+use crate::Name;
 
 const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-switchyard-route");
 const DEPLOYMENT_HEADER: HeaderName = HeaderName::from_static("x-switchyard-deployment");
@@ -162,7 +163,7 @@ where
     let request_id = req
         .extensions()
         .get::<RequestId>()
-        .and_then(|r| HeaderValue::from_str(&r.0).ok())
+        .map(|r| r.0.clone())
         .unwrap_or_else(|| HeaderValue::from_static("unknown"));
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
@@ -188,13 +189,13 @@ where
     let mut cache_result = None;
     if let (Some(ttl), true) = (route.cache_ttl, op.cacheable()) {
         let (lookup, store) = cache::directives(&parts.headers);
-        let scope = match rt.loaded.config.cache.scope {
-            CacheScope::Global => "global".to_string(),
-            CacheScope::Key => format!("key:{}", key.name),
+        let scope: [&str; 2] = match rt.loaded.config.cache.scope {
+            CacheScope::Global => ["global", ""],
+            CacheScope::Key => ["key:", &key.name],
             CacheScope::Team => match &key.team {
-                Some(t) => format!("team:{t}"),
+                Some(t) => ["team:", t],
                 // A key without a team is a team of its own.
-                None => format!("key:{}", key.name),
+                None => ["key:", &key.name],
             },
         };
         if let Some(k) = cache::key(&route.name, op, &scope, &api_req.body) {
@@ -368,13 +369,13 @@ fn new_record(
             team: key.team.clone().unwrap_or_default(),
             user: req.user.clone().unwrap_or_default(),
             route: route.name.clone(),
-            endpoint: req.op.path().to_string(),
+            endpoint: req.op.path().into(),
             ..Default::default()
         },
         started: std::time::Instant::now(),
         op: req.op,
         price: Default::default(),
-        tokenizer_model: String::new(),
+        tokenizer_model: Name::default(),
         request_body: req.body.clone(),
     }
 }
@@ -465,7 +466,7 @@ fn readyz(rt: &Runtime) -> Response<ResponseBody> {
                 .iter()
                 .any(|d| matches!(d.state.health(now), Health::Up | Health::ProbeDue))
         })
-        .map(|r| r.name.as_str())
+        .map(|r| &*r.name)
         .collect();
     let (status, state) = if down.is_empty() {
         (StatusCode::OK, "ready")

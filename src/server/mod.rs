@@ -34,6 +34,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -125,7 +126,7 @@ impl Runtime {
             let checked = loaded
                 .config
                 .providers
-                .get(&d.provider.name)
+                .get(&*d.provider.name)
                 .is_some_and(|p| p.health_check().is_some());
             if !checked {
                 d.state.set_checked(true);
@@ -145,7 +146,7 @@ impl Runtime {
                 let states: Vec<_> = routes
                     .values()
                     .flat_map(|r| r.deployments.iter())
-                    .filter(|d| &d.provider.name == name)
+                    .filter(|d| *d.provider.name == **name)
                     .map(|d| d.state.clone())
                     .collect();
                 let path = if hc.path.starts_with('/') {
@@ -168,10 +169,10 @@ impl Runtime {
                 .values()
                 .map(|r| {
                     (
-                        r.name.as_str(),
+                        &*r.name,
                         r.deployments
                             .iter()
-                            .map(|d| (d.label.as_str(), d.provider.name.as_str()))
+                            .map(|d| (&*d.label, &*d.provider.name))
                             .collect(),
                     )
                 })
@@ -346,9 +347,11 @@ impl Gateway {
     }
 }
 
-/// The request id: the client's `x-request-id` when it sent a sane one, else a new one.
+/// The request id: the client's `x-request-id` when it sent a sane one, else a new one. Kept
+/// as the header value it is sent as: the response, the upstream request and the log line
+/// share its bytes.
 #[derive(Debug, Clone)]
-pub struct RequestId(pub String);
+pub struct RequestId(pub HeaderValue);
 
 #[derive(Clone, Copy, Default)]
 pub struct RequestIdLayer;
@@ -365,16 +368,18 @@ pub struct RequestIdService<S> {
     inner: S,
 }
 
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     use rand::Rng;
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let n: u128 = rand::thread_rng().gen();
-    let mut id = String::with_capacity(36);
-    id.push_str("req_");
+    let mut id = Vec::with_capacity(36);
+    id.extend_from_slice(b"req_");
     for shift in (0..32).rev() {
-        id.push(char::from(HEX[(n >> (shift * 4)) as usize & 0xf]));
+        id.push(HEX[(n >> (shift * 4)) as usize & 0xf]);
     }
-    id
+    // Hex digits: always a valid header value, taken without a copy.
+    HeaderValue::from_maybe_shared(Bytes::from(id))
+        .unwrap_or_else(|_| HeaderValue::from_static("req_unknown"))
 }
 
 impl<S, B> Service<Request<B>> for RequestIdService<S>
@@ -394,18 +399,14 @@ where
         let id = req
             .headers()
             .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .map(String::from)
+            .filter(|v| v.to_str().is_ok_and(|v| !v.is_empty() && v.len() <= 200))
+            .cloned()
             .unwrap_or_else(new_request_id);
-        let header = HeaderValue::from_str(&id).ok();
-        req.extensions_mut().insert(RequestId(id));
+        req.extensions_mut().insert(RequestId(id.clone()));
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;
-            if let Some(h) = header {
-                resp.headers_mut().insert(REQUEST_ID, h);
-            }
+            resp.headers_mut().insert(REQUEST_ID, id);
             Ok(resp)
         })
     }
@@ -656,7 +657,7 @@ mod tests {
     fn request_ids_are_req_and_32_hex_digits() {
         let a = super::new_request_id();
         let b = super::new_request_id();
-        for id in [&a, &b] {
+        for id in [a.to_str().unwrap(), b.to_str().unwrap()] {
             let hex = id.strip_prefix("req_").expect(id);
             assert_eq!(hex.len(), 32, "{id}");
             assert!(

@@ -15,13 +15,14 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use crate::server::body::{BoxError, ResponseBody};
 use crate::server::RequestId;
+use crate::Name;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
@@ -345,14 +346,14 @@ impl std::io::Write for LogLineWriter<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct RequestFacts {
     pub endpoint: &'static str,
-    pub route: String,
-    pub deployment: String,
-    pub provider: String,
-    pub key: String,
-    pub team: String,
+    pub route: Name,
+    pub deployment: Name,
+    pub provider: Name,
+    pub key: Name,
+    pub team: Name,
     pub attempts: u32,
     /// The route asked for, when a fallback route served.
-    pub fallback_from: String,
+    pub fallback_from: Name,
     pub error_code: String,
     pub stream: bool,
     /// For a request sent upstream: how long the attempts took, from the dispatch to the
@@ -396,12 +397,12 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let start = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let uri = req.uri().clone();
         let request_id = req
             .extensions()
             .get::<RequestId>()
             .map(|r| r.0.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(|| HeaderValue::from_static(""));
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -413,7 +414,7 @@ where
             let line = LogLine {
                 start,
                 method,
-                path,
+                uri,
                 request_id,
                 status: parts.status.as_u16(),
                 facts,
@@ -432,8 +433,9 @@ where
 struct LogLine {
     start: Instant,
     method: http::Method,
-    path: String,
-    request_id: String,
+    /// The request's URI, kept for its path (a clone shares its bytes).
+    uri: http::Uri,
+    request_id: HeaderValue,
     status: u16,
     facts: RequestFacts,
     first_byte: Option<Instant>,
@@ -454,7 +456,7 @@ impl LogLine {
         let elapsed = self.start.elapsed();
         if let (Some(m), false) = (metrics::metrics(), f.endpoint.is_empty()) {
             let route = match (f.route.is_empty(), f.endpoint) {
-                (false, _) => f.route.as_str(),
+                (false, _) => &f.route,
                 // A model list names no route.
                 (true, "models") => "none",
                 (true, _) => "unknown",
@@ -504,9 +506,9 @@ impl LogLine {
         if let Some((shared, format)) = REQUEST_LOG.get() {
             if tracing::enabled!(target: "switchyard::request", tracing::Level::INFO) {
                 let mut line = RequestLine::new(*format);
-                line.str("request_id", &self.request_id);
+                line.str("request_id", self.request_id.to_str().unwrap_or(""));
                 line.str("method", self.method.as_str());
-                line.str("path", &self.path);
+                line.str("path", self.uri.path());
                 line.str("endpoint", f.endpoint);
                 line.int("status", u64::from(self.status));
                 line.str("route", &f.route);
