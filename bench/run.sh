@@ -185,11 +185,21 @@ measure() {
 
 scrape() { [ -z "${METRICS[$1]}" ] || curl -s "${METRICS[$1]}" >"$T/$1-metrics-$2.txt"; }
 
+# Each round starts further along the list (round 1: A B C D, round 2: C D A B, ...): no
+# target always follows the same one. In session 6, with a fixed order, two builds differed
+# at c64 by ~15% one way in all three rounds, while measured alone in alternating pairs they
+# differed ~10% the other way: a fixed place in the order can favour a target.
+read -ra TLIST <<<"$TARGETS"
+round_order() {
+    local n=${#TLIST[@]} step i
+    step=$(((n + ROUNDS - 1) / ROUNDS))
+    for ((i = 0; i < n; i++)); do echo "${TLIST[$(((i + ($1 - 1) * step) % n))]}"; done
+}
 for t in $TARGETS; do start_target "$t"; done
 for t in $TARGETS; do scrape "$t" before; done
 for scen in c1 c$CONC s$STREAMS s$MANY_STREAMS; do
     for round in $(seq "$ROUNDS"); do
-        for t in $TARGETS; do measure "$t" "$scen" "$round"; done
+        for t in $(round_order "$round"); do measure "$t" "$scen" "$round"; done
     done
     for t in $TARGETS; do scrape "$t" "$scen"; done
 done

@@ -421,7 +421,12 @@ impl Cache {
 /// parts (`["key:", name]`), hashed as if joined.
 pub fn key(route: &str, op: Operation, scope: &[&str], body: &[u8]) -> Option<Key> {
     let mut canonical = Vec::with_capacity(body.len());
-    let mut reader = Canonical { text: body, at: 0 };
+    let mut reader = Canonical {
+        text: body,
+        at: 0,
+        members: Vec::new(),
+        scratch: Vec::new(),
+    };
     reader.value(&mut canonical, true)?;
     reader.space();
     if reader.at != body.len() {
@@ -459,6 +464,11 @@ fn write_string(s: &str, out: &mut Vec<u8>) {
 struct Canonical<'a> {
     text: &'a [u8],
     at: usize,
+    /// The members of the objects being read, innermost last: each object's key (decoded)
+    /// and where its `"key":value` text sits in the output. One stack for all levels.
+    members: Vec<(Cow<'a, str>, Range<usize>)>,
+    /// A copy of an object's members while they are written again in key order.
+    scratch: Vec<u8>,
 }
 
 impl<'a> Canonical<'a> {
@@ -567,8 +577,9 @@ impl<'a> Canonical<'a> {
         self.at += 1;
         out.push(b'{');
         let first = out.len();
-        // Each member's key (decoded) and where its `"key":value` text sits in `out`.
-        let mut members: Vec<(Cow<'a, str>, Range<usize>)> = Vec::new();
+        // This object's members are `self.members[base..]` (nested objects push theirs
+        // above and take them off again before this one adds its next).
+        let base = self.members.len();
         if self.eat(b'}').is_none() {
             loop {
                 self.space();
@@ -583,7 +594,7 @@ impl<'a> Canonical<'a> {
                 };
                 self.eat(b':')?;
                 let before = out.len();
-                if !members.is_empty() {
+                if self.members.len() > base {
                     out.push(b',');
                 }
                 let start = out.len();
@@ -593,7 +604,7 @@ impl<'a> Canonical<'a> {
                 if top && matches!(&*name, "user" | "stream" | "stream_options") {
                     out.truncate(before);
                 } else {
-                    members.push((name, start..out.len()));
+                    self.members.push((name, start..out.len()));
                 }
                 if self.eat(b',').is_some() {
                     continue;
@@ -604,17 +615,20 @@ impl<'a> Canonical<'a> {
         }
         // Members not in key order (a stable sort, as the members came when keys repeat):
         // written again from a copy, in order.
+        let members = &mut self.members[base..];
         if members.windows(2).any(|w| w[0].0 > w[1].0) {
-            let written = out[first..].to_vec();
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&out[first..]);
             out.truncate(first);
             members.sort_by(|a, b| a.0.cmp(&b.0));
             for (i, (_, range)) in members.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                out.extend_from_slice(&written[range.start - first..range.end - first]);
+                out.extend_from_slice(&self.scratch[range.start - first..range.end - first]);
             }
         }
+        self.members.truncate(base);
         out.push(b'}');
         Some(())
     }
@@ -984,6 +998,16 @@ mod tests {
         let a = key("r", Operation::ChatCompletions, &["team:", "a"], br#"{"model":"m","temperature":1.0,"messages":[{"role":"user","content":"hi"}],"user":"x"}"#);
         let b = key("r", Operation::ChatCompletions, &["team:", "a"], br#"{"messages":[{"content":"hi","role":"user"}],"temperature":1,"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
         assert_eq!(a, b);
+        // Out of order at every level, nested objects inside arrays inside objects.
+        let deep = |body: &[u8]| key("r", Operation::ChatCompletions, &["global", ""], body);
+        assert_eq!(
+            deep(br#"{"b":{"y":1,"x":[{"q":1,"p":{"d":2,"c":[{"z":0,"a":1}]}}]},"a":2}"#),
+            deep(br#"{"a":2,"b":{"x":[{"p":{"c":[{"a":1,"z":0}],"d":2},"q":1}],"y":1}}"#)
+        );
+        assert_ne!(
+            deep(br#"{"b":{"y":1,"x":[{"q":1,"p":{"d":2,"c":[{"z":0,"a":1}]}}]},"a":2}"#),
+            deep(br#"{"a":2,"b":{"x":[{"p":{"c":[{"a":0,"z":1}],"d":2},"q":1}],"y":1}}"#)
+        );
         let other_team = key(
             "r",
             Operation::ChatCompletions,

@@ -76,7 +76,7 @@ impl MemoryState {
         let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
         let mut headers = LimitHeaders::default();
         // Check every limit first, then take: all or nothing.
-        for l in &plan.limits {
+        for l in plan.limits.iter() {
             let w = c.windows.entry(l.id.clone()).or_default();
             if w.minute != minute {
                 w.minute = minute;
@@ -108,7 +108,7 @@ impl MemoryState {
             }
         }
         let mut periods = Vec::with_capacity(plan.budgets.len());
-        for b in &plan.budgets {
+        for b in plan.budgets.iter() {
             let (start, next) = period_bounds(b.period, now_ms);
             let s = c.budgets.entry(b.id.clone()).or_default();
             s.roll(start);
@@ -125,7 +125,7 @@ impl MemoryState {
             }
             periods.push((b.id.clone(), start));
         }
-        for l in &plan.limits {
+        for l in plan.limits.iter() {
             if let Some(w) = c.windows.get_mut(&l.id) {
                 w.requests += 1;
                 w.tokens += plan.tokens;
@@ -169,7 +169,7 @@ impl MemoryState {
         let Ok(mut c) = self.inner.lock() else {
             return alerts;
         };
-        for l in &plan.limits {
+        for l in plan.limits.iter() {
             if let Some(w) = c.windows.get_mut(&l.id) {
                 w.in_flight = w.in_flight.saturating_sub(1);
                 // Correct the estimate with the real tokens, within the same minute.
@@ -178,7 +178,7 @@ impl MemoryState {
                 }
             }
         }
-        for ((id, start), b) in admitted.periods.iter().zip(&plan.budgets) {
+        for ((id, start), b) in admitted.periods.iter().zip(plan.budgets.iter()) {
             let (now_start, _) = period_bounds(b.period, now_ms);
             let Some(s) = c.budgets.get_mut(id) else {
                 continue;

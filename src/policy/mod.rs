@@ -67,8 +67,9 @@ impl BudgetScope {
 /// What one request asks of the limits and budgets.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
-    pub limits: Vec<LimitRef>,
-    pub budgets: Vec<BudgetRef>,
+    /// Shared with the policy table (a copy is made only when a route adds its own limit).
+    pub limits: Arc<[LimitRef]>,
+    pub budgets: Arc<[BudgetRef]>,
     /// Prompt tokens estimated at admission (corrected with real usage at settlement).
     pub tokens: u64,
     /// The most the request can cost.
@@ -334,12 +335,12 @@ pub fn period_bounds(p: Period, now_ms: i64) -> (i64, Option<i64>) {
 #[derive(Debug, Default)]
 pub struct PolicyTable {
     /// By key name: the key's own and its team's limits.
-    key_limits: std::collections::HashMap<String, Vec<LimitRef>>,
+    key_limits: std::collections::HashMap<String, Arc<[LimitRef]>>,
     /// By key name: the key's, its team's and the global budget.
-    key_budgets: std::collections::HashMap<String, Vec<BudgetRef>>,
+    key_budgets: std::collections::HashMap<String, Arc<[BudgetRef]>>,
     route_limits: std::collections::HashMap<String, LimitRef>,
     /// Budgets when the gateway runs without keys: only the global one.
-    global: Vec<BudgetRef>,
+    global: Arc<[BudgetRef]>,
     pub all_budgets: Vec<BudgetRef>,
 }
 
@@ -383,7 +384,7 @@ impl PolicyTable {
             })
             .collect();
         let mut t = PolicyTable {
-            global: global.clone(),
+            global: global.as_slice().into(),
             ..Default::default()
         };
         t.all_budgets.extend(global.iter().cloned());
@@ -416,8 +417,8 @@ impl PolicyTable {
                 budgets.extend(team_budgets.get(n).cloned());
             }
             budgets.extend(global.iter().cloned());
-            t.key_limits.insert(k.name.clone(), limits);
-            t.key_budgets.insert(k.name.clone(), budgets);
+            t.key_limits.insert(k.name.clone(), limits.into());
+            t.key_budgets.insert(k.name.clone(), budgets.into());
         }
         for (name, r) in &c.models {
             if let Some(l) = &r.limits {
@@ -433,7 +434,7 @@ impl PolicyTable {
         let mut ids: Vec<Arc<str>> = self
             .key_limits
             .values()
-            .flatten()
+            .flat_map(|l| l.iter())
             .map(|l| l.id.clone())
             .chain(self.route_limits.values().map(|l| l.id.clone()))
             .collect();
@@ -443,8 +444,16 @@ impl PolicyTable {
     }
 
     pub fn plan(&self, key: &str, route: &str, tokens: u64, worst_usd: f64) -> Plan {
-        let mut limits = self.key_limits.get(key).cloned().unwrap_or_default();
-        limits.extend(self.route_limits.get(route).cloned());
+        let key_limits = self.key_limits.get(key);
+        let limits = match self.route_limits.get(route) {
+            None => key_limits.cloned().unwrap_or_default(),
+            Some(r) => key_limits
+                .into_iter()
+                .flat_map(|l| l.iter())
+                .chain([r])
+                .cloned()
+                .collect(),
+        };
         let budgets = self
             .key_budgets
             .get(key)

@@ -220,11 +220,11 @@ impl RedisState {
         let minute = (now_ms.max(0) as u64) / 60_000;
         let worst = micros_up(plan.worst_usd);
         let mut inv = self.admit.prepare_invoke();
-        for l in &plan.limits {
+        for l in plan.limits.iter() {
             inv.key(window_key(&l.id, minute)).key(parallel_key(&l.id));
         }
         let mut periods = Vec::with_capacity(plan.budgets.len());
-        for b in &plan.budgets {
+        for b in plan.budgets.iter() {
             let (start, _) = period_bounds(b.period, now_ms);
             inv.key(budget_key(&b.id, start));
             periods.push((b.id.clone(), start));
@@ -235,10 +235,10 @@ impl RedisState {
             .arg(worst)
             .arg(120);
         let opt = |v: Option<u64>| v.map_or(-1, |x| x as i64);
-        for l in &plan.limits {
+        for l in plan.limits.iter() {
             inv.arg(opt(l.rpm)).arg(opt(l.tpm)).arg(opt(l.max_parallel));
         }
-        for b in &plan.budgets {
+        for b in plan.budgets.iter() {
             inv.arg(micros(b.usd)).arg(budget_ttl(b, now_ms));
         }
         let reply: Vec<i64> =
@@ -332,7 +332,7 @@ impl RedisState {
             return Vec::new();
         };
         let mut inv = self.settle.prepare_invoke();
-        for l in &plan.limits {
+        for l in plan.limits.iter() {
             inv.key(window_key(&l.id, admitted.minute))
                 .key(parallel_key(&l.id));
         }
@@ -345,7 +345,7 @@ impl RedisState {
             .arg(actual.tokens)
             .arg(micros_up(plan.worst_usd))
             .arg(micros(actual.cost_usd));
-        for b in &plan.budgets {
+        for b in plan.budgets.iter() {
             inv.arg(b.soft_usd.map_or(-1, micros));
         }
         let reply: Vec<i64> = match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn))
