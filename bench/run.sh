@@ -185,15 +185,21 @@ measure() {
 
 scrape() { [ -z "${METRICS[$1]}" ] || curl -s "${METRICS[$1]}" >"$T/$1-metrics-$2.txt"; }
 
-# Each round starts further along the list (round 1: A B C D, round 2: C D A B, ...): no
-# target always follows the same one. In session 6, with a fixed order, two builds differed
-# at c64 by ~15% one way in all three rounds, while measured alone in alternating pairs they
-# differed ~10% the other way: a fixed place in the order can favour a target.
+# Each round takes the targets in another order (a stride prime to their number, and an
+# offset: A B C D E, then C E B D A, then E C A D B, ...), so that no target always follows
+# the same one. With one fixed order, two builds differed at c64 by ~15% one way in all
+# three rounds of a session-6 run, while measured alone in alternating pairs they differed
+# ~10% the other way. (A rotation alone keeps every target's neighbours.)
 read -ra TLIST <<<"$TARGETS"
 round_order() {
-    local n=${#TLIST[@]} step i
-    step=$(((n + ROUNDS - 1) / ROUNDS))
-    for ((i = 0; i < n; i++)); do echo "${TLIST[$(((i + ($1 - 1) * step) % n))]}"; done
+    local n=${#TLIST[@]} r=$1 coprime=() s a b t i
+    for ((s = 1; s < n || s == 1; s++)); do
+        a=$s b=$n
+        while [ "$b" -ne 0 ]; do t=$((a % b)) a=$b b=$t; done
+        if [ "$a" -eq 1 ]; then coprime+=("$s"); fi
+    done
+    s=${coprime[$(((r - 1) % ${#coprime[@]}))]}
+    for ((i = 0; i < n; i++)); do echo "${TLIST[$(((i * s + (r - 1) * (n > 2 ? 2 : 1)) % n))]}"; done
 }
 for t in $TARGETS; do start_target "$t"; done
 for t in $TARGETS; do scrape "$t" before; done

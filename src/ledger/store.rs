@@ -161,6 +161,9 @@ impl Store {
             // Two connections kept for good (the writer's and a report's), two more on demand:
             // each is a thread of sqlx's, whose priority is lowered once it exists.
             let pool = SqlitePoolOptions::new()
+                // An in-process database does not go away between two uses: no ping (a
+                // round-trip to the connection's thread) before each batch.
+                .test_before_acquire(false)
                 .min_connections(2)
                 .max_connections(4)
                 .max_lifetime(None)
@@ -233,22 +236,23 @@ impl Store {
     }
 
     pub async fn insert(&self, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
-        // One multi-row INSERT per chunk of at most `ROWS_PER_STATEMENT` rows: one round-trip
-        // to the database (for SQLite, to sqlx's worker thread) per chunk instead of one per
-        // row. Each chunk size has its statement text made once (`insert_sql`), so SQLite
-        // parses it once (sqlx's statement cache) and the writer builds no SQL per batch;
-        // the arguments are sized up front instead of growing value by value.
+        // One multi-row INSERT per chunk: `MAX_ROWS_PER_STATEMENT` rows while that many are
+        // left, then the rest in chunks of a power of two (100 rows: 64 + 32 + 4). Few
+        // round-trips to the database (for SQLite, to sqlx's worker thread, each two context
+        // switches: 4 for a batch of 512 rows, where chunks of 32 took 16), and few statement
+        // shapes (`insert_sql`, one text per power of two): each is parsed once and stays in
+        // sqlx's statement cache. The arguments are sized up front.
         macro_rules! insert_all {
             ($pool:expr, $db:ty, $sql:expr) => {{
                 let mut tx = $pool.begin().await?;
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                for chunk in statement_chunks(rows) {
                     use sqlx::Arguments;
                     let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
                     args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
                     for r in chunk {
                         add_row!(args, r);
                     }
-                    sqlx::query_with(&$sql[chunk.len() - 1], args)
+                    sqlx::query_with(&$sql[chunk.len().trailing_zeros() as usize], args)
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -444,19 +448,38 @@ impl LedgerTask {
     }
 }
 
-/// Rows per INSERT statement: at most this many statement texts, each prepared once and
-/// kept in sqlx's statement cache (parsing a fresh 500-row statement cost SQLite more than
-/// inserting its rows).
-const ROWS_PER_STATEMENT: usize = 32;
+/// Rows per INSERT statement at most (a power of two: 128 rows are 2,304 values, well under
+/// SQLite's and PostgreSQL's limits on a statement's parameters).
+const MAX_ROWS_PER_STATEMENT: usize = 128;
 /// Values per ledger row, in the order `Store::insert` adds them.
 const COLUMNS: usize = 18;
 
-/// The INSERT for 1..=`ROWS_PER_STATEMENT` rows (index n - 1), with `?` placeholders for
-/// SQLite or `$n` for PostgreSQL.
+/// `rows` cut into the chunks that `insert_sql` has statements for: full chunks of
+/// `MAX_ROWS_PER_STATEMENT`, then the rest by the powers of two it is made of.
+fn statement_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let take = if rest.len() >= MAX_ROWS_PER_STATEMENT {
+            MAX_ROWS_PER_STATEMENT
+        } else {
+            1 << (usize::BITS - 1 - rest.len().leading_zeros())
+        };
+        let (chunk, tail) = rest.split_at(take);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// The INSERT for 2^k rows (index k, up to `MAX_ROWS_PER_STATEMENT` rows), with `?`
+/// placeholders for SQLite or `$n` for PostgreSQL.
 fn insert_sql(postgres: bool) -> Vec<String> {
     use std::fmt::Write;
-    let mut all = Vec::with_capacity(ROWS_PER_STATEMENT);
-    for rows in 1..=ROWS_PER_STATEMENT {
+    let mut all = Vec::new();
+    let mut rows = 1;
+    while rows <= MAX_ROWS_PER_STATEMENT {
         // SQLite: `OR FAIL`, so a multi-row INSERT inside the batch's transaction needs no
         // statement journal (with the default `ABORT` SQLite keeps one per statement, in
         // temporary files: 2-3 pwrite calls per ledger row, more than the WAL itself). A
@@ -486,6 +509,7 @@ fn insert_sql(postgres: bool) -> Vec<String> {
             sql.push(')');
         }
         all.push(sql);
+        rows *= 2;
     }
     all
 }
@@ -618,6 +642,30 @@ async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_cut_into_statements_of_powers_of_two() {
+        let sizes = |n: usize| -> Vec<usize> {
+            let rows = vec![0u8; n];
+            statement_chunks(&rows).map(<[u8]>::len).collect()
+        };
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), [1]);
+        assert_eq!(sizes(100), [64, 32, 4]);
+        assert_eq!(sizes(512), [128, 128, 128, 128]);
+        assert_eq!(sizes(300), [128, 128, 32, 8, 4]);
+        // Every chunk has its statement (at index trailing_zeros), with a value per column.
+        let made = insert_sql(false);
+        for n in 0..600 {
+            let s = sizes(n);
+            assert_eq!(s.iter().sum::<usize>(), n);
+            for c in s {
+                assert!(c.is_power_of_two() && c <= MAX_ROWS_PER_STATEMENT);
+                let sql = &made[c.trailing_zeros() as usize];
+                assert_eq!(sql.matches('?').count(), c * COLUMNS);
+            }
+        }
+    }
 
     #[tokio::test]
     async fn a_full_batch_is_written_without_waiting_for_the_interval() {
