@@ -30,21 +30,7 @@ for tool in wrk valgrind python3; do
 done
 [ -x "$UPSTREAM_BIN" ] || (cd "$HERE/upstream" && cargo build --release -q)
 
-T=$(mktemp -d /tmp/switchyard-allocations.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ "${KEEP:-0}" = 1 ] && echo "kept: $T" >&2 || rm -rf "$T"
-}
-trap cleanup EXIT
-
-taskset -c 1 "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
-PIDS+=($!)
-wait_file "$T/upstream.addr"
-UP=$(cat "$T/upstream.addr")
-auth=""
-[ "$CONFIG" = real ] && auth="Bearer $CLIENT_KEY"
+bench_setup allocations
 
 for spec in "$@"; do
     name=${spec%%=*}
@@ -52,14 +38,8 @@ for spec in "$@"; do
     d=$T/$name
     mkdir -p "$d"
     write_configs "$d" "$UP" "$(free_port)"
-    (cd "$d/sy-$CONFIG" && exec taskset -c 0 valgrind --tool=dhat --dhat-out-file="$d/dhat.json" \
-        "$bin" serve --config "$d/sy-$CONFIG/conf/routes.yaml" --listen 127.0.0.1:0 --ready-file "$d/addr" \
-        >"$d/gateway.log" 2>&1) &
-    pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.1; done
-    [ -s "$d/addr" ] || { echo "$name did not start; see $d/gateway.log" >&2; exit 1; }
-    url=http://$(cat "$d/addr")/v1/chat/completions
+    start_gateway "$d" "$bin" valgrind --tool=dhat --dhat-out-file="$d/dhat.json"
+    pid=$GW_PID url=$GW_URL
     out=$(taskset -c 1 wrk -t1 -c4 -d"${DURATION}s" -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "alloc-$name-$RANDOM")
     requests=$(echo "$out" | awk -F= '/^requests=/{print $2}')
     # Past one ledger flush, then a clean stop: the rows' inserts are in the count.

@@ -34,21 +34,7 @@ done
 STREAM=${STREAM:-0}
 [ "$STREAM" = 0 ] || [ -x "$SSE_BIN" ] || (cd "$HERE/sse-load" && cargo build --release -q)
 
-T=$(mktemp -d /tmp/switchyard-instructions.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    [ "${KEEP:-0}" = 1 ] && echo "kept: $T" >&2 || rm -rf "$T"
-}
-trap cleanup EXIT
-
-taskset -c 1 "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
-PIDS+=($!)
-wait_file "$T/upstream.addr"
-UP=$(cat "$T/upstream.addr")
-auth=""
-[ "$CONFIG" = real ] && auth="Bearer $CLIENT_KEY"
+bench_setup instructions
 # load URL SECONDS TAG: prints what the load generator reports (requests= or streams=).
 load() {
     if [ "$STREAM" = 0 ]; then
@@ -69,14 +55,8 @@ for spec in "$@"; do
     d=$T/$name
     mkdir -p "$d"
     write_configs "$d" "$UP" "$(free_port)"
-    (cd "$d/sy-$CONFIG" && exec taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out" \
-        "$bin" serve --config "$d/sy-$CONFIG/conf/routes.yaml" --listen 127.0.0.1:0 --ready-file "$d/addr" \
-        >"$d/gateway.log" 2>&1) &
-    pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.1; done
-    [ -s "$d/addr" ] || { echo "$name did not start; see $d/gateway.log" >&2; exit 1; }
-    url=http://$(cat "$d/addr")/v1/chat/completions
+    start_gateway "$d" "$bin" valgrind --tool=callgrind --callgrind-out-file="$d/callgrind.out"
+    pid=$GW_PID url=$GW_URL
     load "$url" 3 "warm-$name-$RANDOM" >/dev/null
     sleep 0.5
     callgrind_control -z "$pid" >/dev/null 2>&1

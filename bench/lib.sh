@@ -27,6 +27,43 @@ hwm_kib() { local s=0 p; for p in "$@"; do s=$((s + $(awk '/^VmHWM/{print $2}' "
 reset_hwm() { local p; for p in "$@"; do echo 5 >"/proc/$p/clear_refs"; done; }
 
 
+# bench_setup NAME: for the tools that compare binaries one at a time (instructions.sh,
+# allocations.sh, pairs.sh): a temp folder $T (removed at exit unless KEEP=1, after every
+# process in PIDS is stopped), the mock upstream on LOAD_CPU (1) at $UP, and $auth, the
+# client key's Authorization value for CONFIG=real (empty for bare).
+bench_setup() {
+    T=$(mktemp -d "/tmp/switchyard-$1.XXXXXX")
+    PIDS=()
+    trap bench_cleanup EXIT
+    taskset -c "${LOAD_CPU:-1}" "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
+    PIDS+=($!)
+    wait_file "$T/upstream.addr"
+    UP=$(cat "$T/upstream.addr")
+    auth=""
+    if [ "${CONFIG:-bare}" = real ]; then auth="Bearer $CLIENT_KEY"; fi
+}
+bench_cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept: $T" >&2; else rm -rf "$T"; fi
+}
+
+# start_gateway DIR BIN [WRAPPER ...]: BIN serving DIR's config for CONFIG (written by
+# write_configs), pinned to PROXY_CPU (0), under WRAPPER when given (valgrind ...); waits
+# until it listens. Sets GW_PID (the gateway's process, also added to PIDS) and GW_URL.
+start_gateway() {
+    local d=$1 bin=$2
+    shift 2
+    (cd "$d/sy-$CONFIG" && exec taskset -c "${PROXY_CPU:-0}" "$@" "$bin" serve \
+        --config "$d/sy-$CONFIG/conf/routes.yaml" --listen 127.0.0.1:0 --ready-file "$d/addr" \
+        >"$d/gateway.log" 2>&1) &
+    GW_PID=$!
+    PIDS+=("$GW_PID")
+    for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.1; done
+    [ -s "$d/addr" ] || { echo "the gateway did not start; see $d/gateway.log" >&2; exit 1; }
+    GW_URL=http://$(cat "$d/addr")/v1/chat/completions
+}
+
 # write_configs DIR UPSTREAM_ADDR NGINX_PORT: DIR/nginx/nginx.conf, DIR/sy-bare/conf/routes.yaml,
 # DIR/sy-real/conf/routes.yaml. Each config sits in a folder of its own (Switchyard watches
 # its config's folder), apart from its ledger.

@@ -31,21 +31,7 @@ command -v wrk >/dev/null || { echo "missing: wrk (apt-get install -y wrk)" >&2;
 PERF=0
 perf stat -e context-switches -o /dev/null -- true >/dev/null 2>&1 && PERF=1
 
-T=$(mktemp -d /tmp/switchyard-pairs.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$T"
-}
-trap cleanup EXIT
-
-taskset -c "$LOAD_CPU" "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
-PIDS+=($!)
-wait_file "$T/upstream.addr"
-UP=$(cat "$T/upstream.addr")
-auth=""
-[ "$CONFIG" = real ] && auth="Bearer $CLIENT_KEY"
+bench_setup pairs
 
 # measure NAME PATH: a fresh gateway, warmed up, then CONC connections for DURATION seconds.
 measure() {
@@ -53,12 +39,9 @@ measure() {
     d=$(mktemp -d "$T/$name.XXXX")
     write_configs "$d" "$UP" "$(free_port)"
     if [ -n "${SEDCONF:-}" ]; then sed -i "$SEDCONF" "$d/sy-$CONFIG/conf/routes.yaml"; fi
-    (cd "$d/sy-$CONFIG" && exec taskset -c "$PROXY_CPU" "$bin" serve --config "$d/sy-$CONFIG/conf/routes.yaml" \
-        --listen 127.0.0.1:0 --ready-file "$d/addr" >"$d/gateway.log" 2>&1) &
-    pid=$!
-    for _ in $(seq 600); do [ -s "$d/addr" ] && break; sleep 0.1; done
-    [ -s "$d/addr" ] || { echo "$name did not start; see $d/gateway.log" >&2; exit 1; }
-    local url=http://$(cat "$d/addr")/v1/chat/completions
+    start_gateway "$d" "$bin"
+    pid=$GW_PID
+    local url=$GW_URL
     taskset -c "$LOAD_CPU" wrk -t1 -c"$CONC" -d3s -s "$HERE/wrk/chat.lua" "$url" -- "$auth" "warm-$RANDOM" >/dev/null
     reset_hwm "$pid"
     before=$(cpu_ticks "$pid")
