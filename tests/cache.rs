@@ -619,6 +619,64 @@ async fn the_cache_holds_no_more_than_max_bytes() {
     assert!(hits.len() <= 3, "{hits:?}");
 }
 
+/// A full cache takes in only answers asked for before (TinyLFU's doorkeeper): one asked for
+/// the first time is answered, counted as declined and not stored; asked for again, it is
+/// stored (and served from the cache the time after).
+#[tokio::test]
+async fn a_full_cache_declines_an_answer_asked_for_once_and_keeps_one_asked_for_twice() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{ max_bytes: 10KiB }")).await;
+    let get = |input: String| {
+        let gw = &gw;
+        async move { send(gw, "red1", "/v1/embeddings", &big_embedding(&input), "").await }
+    };
+    for i in 0..6 {
+        let a = get(format!("filler {i}")).await;
+        assert_eq!((a.status, a.cache()), (200, "miss"), "{}", a.body);
+    }
+    // A scrape settles the cache's size: it is full now (three or four answers of ~2.5 KB).
+    let entries = metric(&gw, "switchyard_cache_entries", &[]).await;
+    assert!((3.0..=4.0).contains(&entries), "{entries} entries");
+    let declined = metric(&gw, "switchyard_cache_declined_total", &[]).await;
+
+    for i in 0..3 {
+        let a = get(format!("once {i}")).await;
+        assert_eq!((a.status, a.cache()), (200, "miss"), "{}", a.body);
+        assert!(
+            a.body.contains("\"embedding\""),
+            "answered in full: {}",
+            a.body
+        );
+    }
+    assert_eq!(
+        metric(&gw, "switchyard_cache_declined_total", &[]).await,
+        declined + 3.0,
+        "three answers asked for once, none stored"
+    );
+    let upstream_before = up.request_count();
+    let again = get("once 1".to_string()).await;
+    assert_eq!(again.cache(), "miss", "asked for once, it was not kept");
+    assert_eq!(up.request_count(), upstream_before + 1);
+    assert_eq!(
+        metric(&gw, "switchyard_cache_declined_total", &[]).await,
+        declined + 3.0,
+        "asked for a second time, it is offered to the cache"
+    );
+    // Offered, it gets in by being asked for more often than what it pushes out (moka's
+    // TinyLFU admission, settled lazily): it is served from the cache within a few asks.
+    let mut asks = 0;
+    loop {
+        asks += 1;
+        let a = get("once 1".to_string()).await;
+        if a.cache() == "hit" {
+            assert_eq!(a.json(), again.json());
+            break;
+        }
+        assert!(asks < 10, "asked for {asks} times more, never kept");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn cache_control_no_cache_skips_the_lookup_and_stores_no_store_does_neither() {
     let up = MockUpstream::start().await;

@@ -67,7 +67,61 @@ impl Entry {
     /// alone let a full cache take about twice `cache.max_bytes`.
     fn weight(&self) -> u32 {
         let events: usize = self.events.iter().flatten().map(|e| e.len() + 48).sum();
-        u32::try_from(self.json.len() + events + 512).unwrap_or(u32::MAX)
+        u32::try_from(self.json.len() + events + Self::MIN_WEIGHT as usize).unwrap_or(u32::MAX)
+    }
+
+    /// What an entry weighs besides its bytes: no entry weighs less.
+    const MIN_WEIGHT: u32 = 512;
+}
+
+/// The keys asked for lately, as a Bloom filter over their digests (three bits per key, about
+/// eight bits for every entry the cache can hold, so about 3% of new keys pass for seen),
+/// cleared after as many new keys as the cache can hold entries: TinyLFU's doorkeeper. Lock
+/// free; a lost race marks a key twice or misses one mark, which costs nothing but one more
+/// offer or one refusal.
+struct Doorkeeper {
+    bits: Box<[std::sync::atomic::AtomicU64]>,
+    /// Bits in `bits`, less one (a power of two less one).
+    mask: u32,
+    /// New keys marked since the last reset, and how many make a reset.
+    marked: std::sync::atomic::AtomicU64,
+    reset_after: u64,
+}
+
+impl Doorkeeper {
+    fn new(entries: u64) -> Doorkeeper {
+        let entries = entries.max(1);
+        let bits = (entries.saturating_mul(8))
+            .next_power_of_two()
+            .clamp(1 << 12, 1 << 24);
+        Doorkeeper {
+            bits: (0..bits / 64)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            mask: (bits - 1) as u32,
+            marked: std::sync::atomic::AtomicU64::new(0),
+            reset_after: entries,
+        }
+    }
+
+    /// Marks `key` asked for; whether it was already marked.
+    fn saw(&self, key: &Key) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut seen = true;
+        // The digest's first 8 bytes are moka's hash; these are independent of it.
+        for probe in key[8..20].chunks_exact(4) {
+            let bit = u32::from_le_bytes([probe[0], probe[1], probe[2], probe[3]]) & self.mask;
+            let mask = 1u64 << (bit % 64);
+            let before = self.bits[(bit / 64) as usize].fetch_or(mask, Relaxed);
+            seen &= before & mask != 0;
+        }
+        if !seen && self.marked.fetch_add(1, Relaxed) + 1 >= self.reset_after {
+            self.marked.store(0, Relaxed);
+            for w in self.bits.iter() {
+                w.store(0, Relaxed);
+            }
+        }
+        seen
     }
 }
 
@@ -104,6 +158,11 @@ type Waiting = watch::Receiver<Option<Outcome>>;
 
 pub struct Cache {
     store: moka::sync::Cache<Key, Arc<Entry>, DigestState>,
+    /// `cache.max_bytes`: what `store` may hold, as entries weigh.
+    max_bytes: u64,
+    /// The keys asked for lately (`Doorkeeper`): a full cache takes in only what was asked
+    /// for before.
+    doorkeeper: Doorkeeper,
     in_flight: Mutex<HashMap<Key, Waiting, DigestState>>,
     /// The second tier, shared by replicas (`state.redis`).
     redis: Option<RedisTier>,
@@ -284,6 +343,8 @@ pub struct Leader {
     tx: Option<watch::Sender<Option<Outcome>>>,
     /// This leader registered the key as in flight (and must take it out again).
     registered: bool,
+    /// The key was asked for before this request, since the doorkeeper's last reset.
+    asked_before: bool,
 }
 
 impl Leader {
@@ -292,7 +353,16 @@ impl Leader {
             r.put(&self.key, &entry);
         }
         let entry = Arc::new(entry);
-        self.cache.store.insert(self.key, entry.clone());
+        // A full cache takes in a newcomer only if it is asked for more often than what it
+        // would push out (moka's TinyLFU admission), which one asked for the first time never
+        // is: such an answer is not offered at all. Offered, moka would put it in its table,
+        // weigh it against the oldest entries and take it out again, the most expensive miss
+        // there is when every request is new.
+        if self.asked_before || self.cache.has_room(entry.weight()) {
+            self.cache.store.insert(self.key, entry.clone());
+        } else if let Some(m) = crate::telemetry::metrics::metrics() {
+            m.cache_declined.inc();
+        }
         self.tell(Outcome::Stored(entry));
     }
 
@@ -339,6 +409,8 @@ impl Cache {
         };
         Ok(Arc::new(Cache {
             redis,
+            max_bytes,
+            doorkeeper: Doorkeeper::new(max_bytes / u64::from(Entry::MIN_WEIGHT)),
             store: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
                 .weigher(|_k: &Key, v: &Arc<Entry>| v.weight())
@@ -410,10 +482,17 @@ impl Cache {
     fn leader(self: &Arc<Self>, key: Key, tx: Option<watch::Sender<Option<Outcome>>>) -> Leader {
         Leader {
             cache: self.clone(),
+            asked_before: self.doorkeeper.saw(&key),
             key,
             registered: tx.is_some(),
             tx,
         }
+    }
+
+    /// Whether an answer of `weight` fits without pushing another out (as far as moka has
+    /// settled its size).
+    fn has_room(&self, weight: u32) -> bool {
+        self.store.weighted_size() + u64::from(weight) <= self.max_bytes
     }
 }
 
@@ -992,6 +1071,34 @@ fn synthesize(entry: &Entry, op: Operation, include_usage: bool) -> Vec<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_doorkeeper_remembers_keys_until_it_has_seen_as_many_new_ones_as_it_holds() {
+        let key = |i: u32| -> Key {
+            let mut h = Sha256::new();
+            h.update(i.to_le_bytes());
+            h.finalize().into()
+        };
+        // 1 MiB of cache: 2,048 entries of the smallest weight, 16,384 bits.
+        let d = Doorkeeper::new((1 << 20) / u64::from(Entry::MIN_WEIGHT));
+        assert_eq!((d.mask, d.reset_after), ((1 << 14) - 1, 2048));
+        assert!(!d.saw(&key(0)), "new");
+        assert!(d.saw(&key(0)), "seen");
+        // 2,046 more new keys: all remembered, and a few pass for seen by chance (~3%).
+        let passed = (1..2047).filter(|i| d.saw(&key(*i))).count();
+        assert!(
+            passed < 2046 / 10,
+            "{passed} of 2,046 new keys passed for seen"
+        );
+        assert!((0..2047).all(|i| d.saw(&key(i))), "all remembered");
+        // New keys counted up to 2,048 (those passing for seen do not count): a reset.
+        let mut i = 2047;
+        while d.marked.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            d.saw(&key(i));
+            i += 1;
+        }
+        assert!(!d.saw(&key(0)), "forgotten after the reset");
+    }
 
     #[test]
     fn keys_ignore_order_number_spelling_and_stream_fields() {

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub cache_saved: prometheus::CounterVec,
     pub cache_bytes: prometheus::IntGauge,
     pub cache_entries: prometheus::IntGauge,
+    pub cache_declined: prometheus::IntCounter,
     pub upstream_errors: IntCounterVec,
     pub retries: IntCounterVec,
     pub fallbacks: IntCounterVec,
@@ -165,6 +166,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         cache_entries: reg!(prometheus::IntGauge::new(
             "switchyard_cache_entries",
             "Answers the in-process cache holds."
+        )?),
+        cache_declined: reg!(prometheus::IntCounter::new(
+            "switchyard_cache_declined_total",
+            "Answers not stored in process: the cache was full and the request had not been asked for before (a cache too small for its traffic declines most)."
         )?),
         upstream_errors: reg!(IntCounterVec::new(
             Opts::new("switchyard_upstream_errors_total", "Failed upstream attempts; kind: connect, timeout, or the status code."),
