@@ -677,6 +677,45 @@ async fn a_full_cache_declines_an_answer_asked_for_once_and_keeps_one_asked_for_
     }
 }
 
+/// `Cache-Control: no-cache` replaces the stored answer even when the cache is full and the
+/// request is new to it (the doorkeeper has forgotten it): a refresh is never declined.
+#[tokio::test]
+async fn no_cache_refreshes_an_answer_in_a_full_cache_that_has_forgotten_the_request() {
+    let up = MockUpstream::start().await;
+    // 4 KiB: a few chat answers; the doorkeeper is cleared after 6 new requests.
+    let gw = Gateway::start(&config(&up, "{ max_bytes: 4KiB }")).await;
+    let declined = || metric(&gw, "switchyard_cache_declined_total", &[]);
+    let first = chat(&gw, "red1", &ask("m", "kept")).await;
+    assert_eq!(first.cache(), "miss");
+    // Fill it, its size settled after each answer (a scrape settles it), until it declines.
+    let mut filler = 0;
+    while declined().await == 0.0 {
+        assert!(filler < 30, "never full");
+        let a = chat(&gw, "red1", &ask("m", &format!("filler {filler}"))).await;
+        assert_eq!((a.status, a.cache()), (200, "miss"));
+        filler += 1;
+    }
+    // More new requests than the doorkeeper remembers.
+    for i in 0..8 {
+        chat(&gw, "red1", &ask("m", &format!("more {i}"))).await;
+    }
+    let hit = chat(&gw, "red1", &ask("m", "kept")).await;
+    assert_eq!(hit.cache(), "hit", "still held");
+    assert_eq!(hit.json(), first.json());
+
+    let path = "/v1/chat/completions";
+    let fresh = send(&gw, "red1", path, &ask("m", "kept"), "no-cache").await;
+    assert_eq!(fresh.cache(), "skip");
+    assert_ne!(fresh.json()["id"], first.json()["id"], "a new answer");
+    let after = chat(&gw, "red1", &ask("m", "kept")).await;
+    assert_eq!(after.cache(), "hit");
+    assert_eq!(
+        after.json()["id"],
+        fresh.json()["id"],
+        "the fresh answer replaced the old one"
+    );
+}
+
 #[tokio::test]
 async fn cache_control_no_cache_skips_the_lookup_and_stores_no_store_does_neither() {
     let up = MockUpstream::start().await;

@@ -476,9 +476,12 @@ impl Cache {
         (self.store.weighted_size(), self.store.entry_count())
     }
 
-    /// The lead without a lookup (`Cache-Control: no-cache`): fetch, then store.
+    /// The lead without a lookup (`Cache-Control: no-cache`): fetch, then store. Its answer
+    /// is always offered, full cache or not: it replaces what the cache may hold for the key.
     pub fn store_only(self: &Arc<Self>, key: Key) -> Leader {
-        self.leader(key, None)
+        let mut leader = self.leader(key, None);
+        leader.asked_before = true;
+        leader
     }
 
     fn leader(self: &Arc<Self>, key: Key, tx: Option<watch::Sender<Option<Outcome>>>) -> Leader {
