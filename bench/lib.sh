@@ -144,7 +144,8 @@ keys:
     limits: { rpm: 100000000, tpm: 10000000000 }
     budget: { usd: 1000000, period: daily }
 EOF
-    # REAL_CACHE_MAX (e.g. 8MiB): bound the cache of the realistic config (default 256MiB).
+    # REAL_CACHE_MAX (8MiB in every script): bound the cache of the realistic config (unset: the
+    # gateway's default, 256MiB).
     if [ -n "${REAL_CACHE_MAX:-}" ]; then
         printf 'cache:\n  max_bytes: %s\n' "$REAL_CACHE_MAX" >>"$T/sy-real/conf/routes.yaml"
     fi

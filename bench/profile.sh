@@ -7,7 +7,7 @@
 #   CONFIG=bare bench/profile.sh
 #   TOOL=callgrind DURATION=5 bench/profile.sh
 #
-# Environment: CONFIG (real | bare), TOOL (perf | callgrind; default perf when it can
+# Environment: CONFIG (real | bare), REAL_CACHE_MAX (8MiB, as in run.sh), TOOL (perf | callgrind; default perf when it can
 # sample), CONC (64), DURATION (10), WARMUP (2), OUTDIR (a new /tmp folder; perf.data,
 # reports and the gateway's log stay there), NO_BUILD=1.
 set -euo pipefail
@@ -20,6 +20,7 @@ CONFIG=${CONFIG:-real}
 CONC=${CONC:-64}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
+REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 if [ -z "${TOOL:-}" ]; then

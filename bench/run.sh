@@ -13,7 +13,7 @@
 # EXTRA_BINS ("NAME=PATH ...": more Switchyard binaries measured with the same configs),
 # SY_BIN (the main binary; target/release/switchyard), PROXY_CPU (0), LOAD_CPU (1),
 # STREAMS (32), MANY_STREAMS (1000), CONC (64), REAL_CACHE_MAX (cache.max_bytes of the
-# realistic config; default 256MiB), ROUNDS (3: each measurement taken that many times, the
+# realistic config; 8MiB, full within the first second, as in the A/B tools), ROUNDS (3: each measurement taken that many times, the
 # targets taking turns; the report gives the median), LABEL, OUT (bench/RESULTS.md; "-" prints
 # to stdout), NO_BUILD=1 (use the binaries already built), KEEP=1 (keep the temp dir).
 # Raw numbers of each run are kept in bench/out/ (not committed).
@@ -40,6 +40,7 @@ CONC=${CONC:-64}
 LABEL=${LABEL:-}
 OUT=${OUT:-$HERE/RESULTS.md}
 ROUNDS=${ROUNDS:-3}
+REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
 
 for tool in wrk nginx taskset python3 curl; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y wrk nginx util-linux python3 curl)" >&2; exit 1; }
@@ -75,7 +76,7 @@ put meta.conc "$CONC"
 put meta.streams "$STREAMS"
 put meta.many_streams "$MANY_STREAMS"
 put meta.targets "$TARGETS"
-put meta.real_cache_max "${REAL_CACHE_MAX:-256MiB (default)}"
+put meta.real_cache_max "$REAL_CACHE_MAX"
 put meta.loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---- the mock upstream, on the load core
