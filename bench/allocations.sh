@@ -17,12 +17,10 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 CONFIG=${CONFIG:-bare}
 DURATION=${DURATION:-5}
-REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
 SITES=${SITES:-25}
 [ $# -gt 0 ] || { echo "usage: $0 NAME=PATH [NAME=PATH ...]" >&2; exit 2; }
 for tool in wrk valgrind python3; do

@@ -20,12 +20,10 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 CONFIG=${CONFIG:-bare}
 DURATION=${DURATION:-6}
-REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
 [ $# -gt 0 ] || { echo "usage: $0 NAME=PATH [NAME=PATH ...]" >&2; exit 2; }
 for tool in wrk valgrind callgrind_control; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y wrk valgrind)" >&2; exit 1; }

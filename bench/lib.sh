@@ -1,5 +1,15 @@
-# Shared by bench/run.sh and bench/profile.sh: helpers, the configs of every target.
-# Source it after setting HERE (bench/) and ROOT (the repo).
+# Shared by every bench script: settings, helpers, the configs of every target.
+# Source it after setting HERE (bench/).
+
+ROOT=$(dirname "$HERE")
+# Settings all scripts share (the environment overrides them): the cores of the proxy under
+# test and of the load side, the concurrency of the throughput runs, and cache.max_bytes of
+# the realistic config (8MiB: full within the first second of load; "" for the gateway's own
+# default, 256MiB).
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+CONC=${CONC:-64}
+REAL_CACHE_MAX=${REAL_CACHE_MAX-8MiB}
 
 CHUNKS=20
 CHUNK_DELAY_MS=5
@@ -27,15 +37,16 @@ hwm_kib() { local s=0 p; for p in "$@"; do s=$((s + $(awk '/^VmHWM/{print $2}' "
 reset_hwm() { local p; for p in "$@"; do echo 5 >"/proc/$p/clear_refs"; done; }
 
 
-# bench_setup NAME: for the tools that compare binaries one at a time (instructions.sh,
-# allocations.sh, pairs.sh): a temp folder $T (removed at exit unless KEEP=1, after every
-# process in PIDS is stopped), the mock upstream on LOAD_CPU (1) at $UP, and $auth, the
-# client key's Authorization value for CONFIG=real (empty for bare).
+# bench_setup NAME: for the tools that run one gateway at a time (instructions.sh,
+# allocations.sh, pairs.sh, profile.sh): a temp folder $T (OUTDIR when set; removed at exit
+# unless KEEP=1, after every process in PIDS is stopped), the mock upstream on LOAD_CPU at
+# $UP, and $auth, the client key's Authorization value for CONFIG=real (empty for bare).
 bench_setup() {
-    T=$(mktemp -d "/tmp/switchyard-$1.XXXXXX")
+    T=${OUTDIR:-$(mktemp -d "/tmp/switchyard-$1.XXXXXX")}
+    mkdir -p "$T"
     PIDS=()
     trap bench_cleanup EXIT
-    taskset -c "${LOAD_CPU:-1}" "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
+    taskset -c "$LOAD_CPU" "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>/dev/null &
     PIDS+=($!)
     wait_file "$T/upstream.addr"
     UP=$(cat "$T/upstream.addr")
@@ -54,7 +65,7 @@ bench_cleanup() {
 start_gateway() {
     local d=$1 bin=$2
     shift 2
-    (cd "$d/sy-$CONFIG" && exec taskset -c "${PROXY_CPU:-0}" "$@" "$bin" serve \
+    (cd "$d/sy-$CONFIG" && exec taskset -c "$PROXY_CPU" "$@" "$bin" serve \
         --config "$d/sy-$CONFIG/conf/routes.yaml" --listen 127.0.0.1:0 --ready-file "$d/addr" \
         >"$d/gateway.log" 2>&1) &
     GW_PID=$!
@@ -144,8 +155,7 @@ keys:
     limits: { rpm: 100000000, tpm: 10000000000 }
     budget: { usd: 1000000, period: daily }
 EOF
-    # REAL_CACHE_MAX (8MiB in every script): bound the cache of the realistic config (unset: the
-    # gateway's default, 256MiB).
+    # REAL_CACHE_MAX: bound the cache of the realistic config (empty: the gateway's default).
     if [ -n "${REAL_CACHE_MAX:-}" ]; then
         printf 'cache:\n  max_bytes: %s\n' "$REAL_CACHE_MAX" >>"$T/sy-real/conf/routes.yaml"
     fi

@@ -15,16 +15,11 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 CONFIG=${CONFIG:-bare}
 PAIRS=${PAIRS:-3}
 DURATION=${DURATION:-8}
-CONC=${CONC:-64}
-REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 [ $# -gt 0 ] || { echo "usage: $0 NAME=PATH [NAME=PATH ...]" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "missing: wrk (apt-get install -y wrk)" >&2; exit 1; }
 [ -x "$UPSTREAM_BIN" ] || (cd "$HERE/upstream" && cargo build --release -q)

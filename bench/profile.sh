@@ -7,55 +7,37 @@
 #   CONFIG=bare bench/profile.sh
 #   TOOL=callgrind DURATION=5 bench/profile.sh
 #
-# Environment: CONFIG (real | bare), REAL_CACHE_MAX (8MiB, as in run.sh), TOOL (perf | callgrind; default perf when it can
-# sample), CONC (64), DURATION (10), WARMUP (2), OUTDIR (a new /tmp folder; perf.data,
-# reports and the gateway's log stay there), NO_BUILD=1.
+# Environment: CONFIG (real | bare), TOOL (perf | callgrind; default perf when it can
+# sample), DURATION (10), WARMUP (2), OUTDIR (a new /tmp folder; perf.data, reports and
+# the gateway's log stay there; KEEP=0 removes it), NO_BUILD=1, and those of lib.sh
+# (CONC, REAL_CACHE_MAX, PROXY_CPU, LOAD_CPU).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 CONFIG=${CONFIG:-real}
-CONC=${CONC:-64}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
-REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 if [ -z "${TOOL:-}" ]; then
     if perf record -q -e cpu-clock -o /dev/null -- true >/dev/null 2>&1; then TOOL=perf; else TOOL=callgrind; fi
 fi
 ulimit -n 65536 2>/dev/null || true
 [ "${NO_BUILD:-0}" = 1 ] || build_all
 
-T=${OUTDIR:-$(mktemp -d /tmp/switchyard-profile.XXXXXX)}
-mkdir -p "$T"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-taskset -c "$LOAD_CPU" "$UPSTREAM_BIN" --listen 127.0.0.1:0 --ready-file "$T/upstream.addr" 2>"$T/upstream.log" &
-PIDS+=($!)
-wait_file "$T/upstream.addr"
-UP=$(cat "$T/upstream.addr")
+# The profile, its reports and the gateway's log stay in $T.
+KEEP=${KEEP:-1}
+bench_setup profile
 write_configs "$T" "$UP" "$(free_port)"
 target=sy-$CONFIG
-auth=""
-[ "$CONFIG" = real ] && auth="Bearer $CLIENT_KEY"
 
 wrapper=()
 if [ "$TOOL" = callgrind ]; then
     wrapper=(valgrind --tool=callgrind --callgrind-out-file="$T/callgrind.out" --dump-instr=no)
 fi
-(cd "$T/$target" && exec taskset -c "$PROXY_CPU" "${wrapper[@]}" "$SY_BIN" serve \
-    --config "$T/$target/conf/routes.yaml" --listen 127.0.0.1:0 --ready-file "$T/$target/addr" \
-    >"$T/$target/gateway.log" 2>&1) &
-SY=$!
-PIDS+=("$SY")
-for _ in $(seq 600); do [ -s "$T/$target/addr" ] && break; sleep 0.1; done
-[ -s "$T/$target/addr" ] || { echo "the gateway did not start; see $T/$target/gateway.log" >&2; exit 1; }
-url=http://$(cat "$T/$target/addr")/v1/chat/completions
+start_gateway "$T" "$SY_BIN" "${wrapper[@]}"
+SY=$GW_PID
+url=$GW_URL
 prefix="profile-$(date +%s%N)"
 echo "== $target at $url, $TOOL, wrk -c$CONC for ${DURATION}s; output in $T" >&2
 

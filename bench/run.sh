@@ -20,7 +20,6 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(dirname "$HERE")
 # shellcheck source=bench/lib.sh
 . "$HERE/lib.sh"
 DURATION=${DURATION:-10}
@@ -32,15 +31,11 @@ for spec in ${EXTRA_BINS:-}; do
     EXTRA_TARGETS+=" sy-bare@${spec%%=*} sy-real@${spec%%=*}"
 done
 TARGETS=${TARGETS:-"direct nginx floor sy-bare sy-real$EXTRA_TARGETS"}
-PROXY_CPU=${PROXY_CPU:-0}
-LOAD_CPU=${LOAD_CPU:-1}
 STREAMS=${STREAMS:-32}
 MANY_STREAMS=${MANY_STREAMS:-1000}
-CONC=${CONC:-64}
 LABEL=${LABEL:-}
 OUT=${OUT:-$HERE/RESULTS.md}
 ROUNDS=${ROUNDS:-3}
-REAL_CACHE_MAX=${REAL_CACHE_MAX:-8MiB}
 
 for tool in wrk nginx taskset python3 curl; do
     command -v "$tool" >/dev/null || { echo "missing: $tool (apt-get install -y wrk nginx util-linux python3 curl)" >&2; exit 1; }
@@ -76,7 +71,7 @@ put meta.conc "$CONC"
 put meta.streams "$STREAMS"
 put meta.many_streams "$MANY_STREAMS"
 put meta.targets "$TARGETS"
-put meta.real_cache_max "$REAL_CACHE_MAX"
+put meta.real_cache_max "${REAL_CACHE_MAX:-256MiB, the gateway default}"
 put meta.loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # ---- the mock upstream, on the load core

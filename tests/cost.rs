@@ -355,6 +355,54 @@ async fn max_parallel_and_rpm_refuse_with_openai_headers() {
     assert!((1..=60).contains(&wait));
 }
 
+/// A route's own `limits:` (all keys together) and the key's apply to the same request: the
+/// route's refuses first on its route, and what it admitted counts against the key too.
+#[tokio::test]
+async fn a_route_limit_and_the_key_limit_both_count_each_request() {
+    not_near_a_minute_boundary().await;
+    let up = MockUpstream::start().await;
+    let cfg = format!(
+        r#"
+providers:
+  up: {{ kind: openai, base_url: "{u}/v1" }}
+models:
+  capped:
+    limits: {{ rpm: 3 }}
+    deployments: [ {{ provider: up, deployment: gpt-4o-up }} ]
+  open:
+    deployments: [ {{ provider: up, deployment: gpt-4o-up }} ]
+{keys}"#,
+        u = up.url(),
+        keys = keys(", limits: { rpm: 5 }")
+    );
+    let gw = Gateway::start(&cfg).await;
+    // The statuses of `n` requests in a row to `model`.
+    let statuses = |model: &'static str, n: usize| {
+        let gw = &gw;
+        async move {
+            let body = json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+            let mut all = Vec::new();
+            for _ in 0..n {
+                let r = post(gw, "/v1/chat/completions", body.clone()).await;
+                all.push(r.status().as_u16());
+            }
+            all
+        }
+    };
+    assert_eq!(
+        statuses("capped", 4).await,
+        [200, 200, 200, 429],
+        "the route's rpm 3"
+    );
+    // The key's rpm 5: three taken on `capped` (the refused one took nothing), two left.
+    assert_eq!(
+        statuses("open", 3).await,
+        [200, 200, 429],
+        "the key's rpm 5"
+    );
+    assert_eq!(up.request_count(), 5);
+}
+
 #[tokio::test]
 async fn tokens_estimated_at_admission_are_corrected_by_real_usage() {
     not_near_a_minute_boundary().await;

@@ -160,8 +160,6 @@ type Waiting = watch::Receiver<Option<Outcome>>;
 
 pub struct Cache {
     store: moka::sync::Cache<Key, Arc<Entry>, DigestState>,
-    /// `cache.max_bytes`: what `store` may hold, as entries weigh.
-    max_bytes: u64,
     /// The keys asked for lately (`Doorkeeper`): a full cache takes in only what was asked
     /// for before.
     doorkeeper: Doorkeeper,
@@ -411,7 +409,6 @@ impl Cache {
         };
         Ok(Arc::new(Cache {
             redis,
-            max_bytes,
             doorkeeper: Doorkeeper::new(max_bytes / u64::from(Entry::MIN_WEIGHT)),
             store: moka::sync::Cache::builder()
                 .max_capacity(max_bytes)
@@ -497,7 +494,8 @@ impl Cache {
     /// Whether an answer of `weight` fits without pushing another out (as far as moka has
     /// settled its size).
     fn has_room(&self, weight: u32) -> bool {
-        self.store.weighted_size() + u64::from(weight) <= self.max_bytes
+        let max = self.store.policy().max_capacity().unwrap_or(u64::MAX);
+        self.store.weighted_size() + u64::from(weight) <= max
     }
 }
 

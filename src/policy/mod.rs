@@ -338,10 +338,19 @@ pub struct PolicyTable {
     key_limits: std::collections::HashMap<String, Arc<[LimitRef]>>,
     /// By key name: the key's, its team's and the global budget.
     key_budgets: std::collections::HashMap<String, Arc<[BudgetRef]>>,
-    route_limits: std::collections::HashMap<String, LimitRef>,
+    /// By route name, for routes with their own `limits:`: that limit alone (a caller without
+    /// a key), and by key name the key's limits followed by it. Made at load, so that a plan
+    /// is only shared slices.
+    route_limits: std::collections::HashMap<String, RouteLimits>,
     /// Budgets when the gateway runs without keys: only the global one.
     global: Arc<[BudgetRef]>,
     pub all_budgets: Vec<BudgetRef>,
+}
+
+#[derive(Debug)]
+struct RouteLimits {
+    alone: Arc<[LimitRef]>,
+    by_key: std::collections::HashMap<String, Arc<[LimitRef]>>,
 }
 
 fn limit(id: String, l: &LimitsCfg) -> LimitRef {
@@ -422,8 +431,18 @@ impl PolicyTable {
         }
         for (name, r) in &c.models {
             if let Some(l) = &r.limits {
+                let route = limit(format!("route:{name}"), l);
+                let by_key = t
+                    .key_limits
+                    .iter()
+                    .map(|(k, own)| {
+                        let all = own.iter().chain([&route]).cloned().collect();
+                        (k.clone(), all)
+                    })
+                    .collect();
+                let alone = Arc::new([route]);
                 t.route_limits
-                    .insert(name.clone(), limit(format!("route:{name}"), l));
+                    .insert(name.clone(), RouteLimits { alone, by_key });
             }
         }
         t
@@ -436,7 +455,12 @@ impl PolicyTable {
             .values()
             .flat_map(|l| l.iter())
             .map(|l| l.id.clone())
-            .chain(self.route_limits.values().map(|l| l.id.clone()))
+            .chain(
+                self.route_limits
+                    .values()
+                    .flat_map(|r| r.alone.iter())
+                    .map(|l| l.id.clone()),
+            )
             .collect();
         ids.sort();
         ids.dedup();
@@ -444,15 +468,9 @@ impl PolicyTable {
     }
 
     pub fn plan(&self, key: &str, route: &str, tokens: u64, worst_usd: f64) -> Plan {
-        let key_limits = self.key_limits.get(key);
         let limits = match self.route_limits.get(route) {
-            None => key_limits.cloned().unwrap_or_default(),
-            Some(r) => key_limits
-                .into_iter()
-                .flat_map(|l| l.iter())
-                .chain([r])
-                .cloned()
-                .collect(),
+            None => self.key_limits.get(key).cloned().unwrap_or_default(),
+            Some(r) => r.by_key.get(key).unwrap_or(&r.alone).clone(),
         };
         let budgets = self
             .key_budgets
