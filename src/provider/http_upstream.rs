@@ -36,8 +36,7 @@ pub fn build_client(connect_timeout: Duration) -> Result<UpstreamClient, String>
     http.set_nodelay(true);
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| format!("cannot set up TLS for upstreams: {e}"))?
+        .with_tls_config(super::tls::client_config()?)
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
@@ -306,11 +305,26 @@ fn timed_out(timeout: Duration) -> AttemptError {
 }
 
 fn classify(e: &hyper_util::client::legacy::Error) -> AttemptError {
-    if e.is_connect() {
-        AttemptError::Connect("could not connect to the upstream".into())
+    let what = if e.is_connect() {
+        "could not connect to the upstream"
     } else {
-        AttemptError::Connect("the connection to the upstream failed before an answer".into())
+        "the connection to the upstream failed before an answer"
+    };
+    AttemptError::Connect(match root_cause(e) {
+        Some(cause) => format!("{what}: {cause}"),
+        None => what.to_string(),
+    })
+}
+
+/// The innermost error's text (`Connection refused (os error 111)`, `invalid peer
+/// certificate: UnknownIssuer`, `connection closed before message completed`): what tells a
+/// down upstream from an untrusted one. These errors carry no URL or header, so no secret.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = e.source()?;
+    while let Some(inner) = cause.source() {
+        cause = inner;
     }
+    Some(cause.to_string())
 }
 
 async fn read_limited(mut body: Incoming) -> Vec<u8> {

@@ -453,7 +453,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let accounting = Accounting {
         policy: policy_state,
         ledger: writer,
-        http: reqwest::Client::new(),
+        // Alert webhooks trust what upstreams trust (a company's own CA included).
+        http: reqwest::Client::builder()
+            .use_preconfigured_tls(provider::tls::client_config()?)
+            .build()
+            .map_err(|e| format!("cannot build the alerts HTTP client: {e}"))?,
         webhook: loaded
             .config
             .alerts

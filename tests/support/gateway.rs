@@ -20,12 +20,23 @@ impl Gateway {
     }
 
     pub async fn start_with(config: &str, extra_args: &[&str]) -> Gateway {
-        Self::launch(config, tempfile::tempdir().expect("tempdir"), extra_args).await
+        Self::launch(
+            config,
+            tempfile::tempdir().expect("tempdir"),
+            extra_args,
+            &[],
+        )
+        .await
+    }
+
+    /// Starts with these environment variables set for the process.
+    pub async fn start_with_env(config: &str, envs: &[(&str, &str)]) -> Gateway {
+        Self::launch(config, tempfile::tempdir().expect("tempdir"), &[], envs).await
     }
 
     /// Starts in a folder of an earlier gateway (its ledger and files), e.g. for a restart.
     pub async fn start_in(config: &str, dir: tempfile::TempDir) -> Gateway {
-        Self::launch(config, dir, &[]).await
+        Self::launch(config, dir, &[], &[]).await
     }
 
     /// Stops the process and hands over its folder (which would go away with the gateway).
@@ -37,7 +48,12 @@ impl Gateway {
         std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
     }
 
-    async fn launch(config: &str, dir: tempfile::TempDir, extra_args: &[&str]) -> Gateway {
+    async fn launch(
+        config: &str,
+        dir: tempfile::TempDir,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Gateway {
         let _ = std::fs::remove_file(dir.path().join("ready"));
         let config_path = dir.path().join("routes.yaml");
         std::fs::write(&config_path, config).expect("write config");
@@ -52,6 +68,7 @@ impl Gateway {
             .arg(&ready)
             .args(extra_args)
             .env_remove("SWITCHYARD_CONFIG")
+            .envs(envs.iter().copied())
             // The default ledger (sqlite://switchyard.db) lands in the test's own folder.
             .current_dir(dir.path())
             .stdout(Stdio::from(log_file.try_clone().expect("clone log")))

@@ -50,6 +50,8 @@ pub struct Recorded {
     /// Lowercase names, in arrival order; a repeated header appears once per value.
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub version: String,
 }
 
 impl Recorded {
@@ -438,11 +440,23 @@ pub struct MockUpstream {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
     shutdown: tokio::sync::watch::Sender<bool>,
+    tls: bool,
 }
 
 impl MockUpstream {
     /// Binds 127.0.0.1:0 and serves on the current tokio runtime.
     pub async fn start() -> MockUpstream {
+        Self::serve(None).await
+    }
+
+    /// Like `start`, over TLS with `tls` (its certificate and ALPN protocols): HTTP/1.1, or
+    /// HTTP/2 when the client and `tls.alpn_protocols` agree on `h2`, as Azure's front ends
+    /// offer. `url()` is then `https://127.0.0.1:PORT`.
+    pub async fn start_tls(tls: rustls::ServerConfig) -> MockUpstream {
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> MockUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -454,17 +468,20 @@ impl MockUpstream {
             seq: AtomicU64::new(0),
         });
         let (shutdown, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(accept_loop(listener, shared.clone(), rx));
+        let is_tls = tls.is_some();
+        tokio::spawn(accept_loop(listener, shared.clone(), rx, tls));
         MockUpstream {
             addr,
             shared,
             shutdown,
+            tls: is_tls,
         }
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` when started with `start_tls`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every request received (control requests excepted), in order of arrival.
@@ -522,6 +539,7 @@ async fn accept_loop(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     loop {
         let stream = tokio::select! {
@@ -537,10 +555,26 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let mut shutdown = shutdown.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let Some(tls) = tls else {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = shutdown.changed() => {}
+                }
+                return;
+            };
+            // A failed handshake (a client that does not trust the certificate) just ends
+            // the connection, as a real server's would.
+            let Ok(stream) = tls.accept(stream).await else {
+                return;
+            };
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::select! {
                 _ = conn => {}
                 _ = shutdown.changed() => {}
@@ -589,6 +623,7 @@ async fn handle(
             })
             .collect(),
         body,
+        version: format!("{:?}", parts.version),
     };
     if is_control {
         return Ok(build(control(&shared, &recorded), None));

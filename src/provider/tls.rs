@@ -1,0 +1,60 @@
+//! Whom the gateway trusts when it calls out over HTTPS (upstreams, health checks, alert
+//! webhooks): Mozilla's roots, built into the binary, plus the system's store, or instead of
+//! the system's store the PEM file in `SSL_CERT_FILE` / the folder in `SSL_CERT_DIR` when set
+//! (the variables OpenSSL, curl and the `openai` SDK's httpx honour), so an upstream behind a
+//! private CA (a self-hosted vLLM, a company proxy) is reached by adding that CA, never by
+//! turning verification off. Read once per process, at the first config load.
+
+use std::sync::{Arc, OnceLock};
+
+/// The environment variables that replace the system's store.
+const CERT_VARS: [&str; 2] = ["SSL_CERT_FILE", "SSL_CERT_DIR"];
+
+/// The TLS settings of every outgoing connection (no ALPN set: each client adds its own).
+pub fn client_config() -> Result<rustls::ClientConfig, String> {
+    static CONFIG: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
+    CONFIG.get_or_init(load).clone()
+}
+
+fn load() -> Result<rustls::ClientConfig, String> {
+    let mut roots: rustls::RootCertStore = webpki_roots::TLS_SERVER_ROOTS.iter().cloned().collect();
+    let builtin = roots.len();
+    let native = rustls_native_certs::load_native_certs();
+    let (added, unreadable) = roots.add_parsable_certificates(native.certs);
+    let named: Vec<String> = CERT_VARS
+        .iter()
+        .filter_map(|v| std::env::var_os(v).map(|p| format!("{v}={}", p.to_string_lossy())))
+        .collect();
+    if named.is_empty() {
+        // No system store (a scratch container) is not an error: Mozilla's roots remain.
+        for e in &native.errors {
+            tracing::debug!(error = %e, "system certificate store not read");
+        }
+    } else if added == 0 || !native.errors.is_empty() {
+        // A CA named on purpose and not read would fail every call to that upstream later,
+        // each with a certificate error: refuse to start instead, saying why.
+        let why: Vec<String> = native.errors.iter().map(|e| e.to_string()).collect();
+        return Err(if why.is_empty() {
+            format!("{}: holds no certificate", named.join(", "))
+        } else {
+            format!("{}: cannot be read: {}", named.join(", "), why.join("; "))
+        });
+    }
+    tracing::info!(
+        builtin,
+        added,
+        unreadable,
+        from = if named.is_empty() {
+            "the system store"
+        } else {
+            "SSL_CERT_FILE/SSL_CERT_DIR"
+        },
+        "TLS roots for upstreams"
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
