@@ -768,6 +768,105 @@ async fn reload_by_admin_api_signal_and_file_change_and_bad_configs_are_refused(
     }
 }
 
+/// A reload that changes fields read only at start applies everything else and logs one
+/// warning per such field, naming it; the old values stay in force (the ledger still goes to
+/// the first file).
+#[tokio::test]
+async fn a_reload_that_changes_start_only_fields_warns_for_each_and_applies_the_rest() {
+    let cfg = |grace: &str,
+               watch: bool,
+               ledger: &str,
+               cache: &str,
+               hook: &str,
+               extra_route: &str| {
+        format!(
+            r#"
+server: {{ admin_key: reload-admin, listen: "127.0.0.1:0", shutdown_grace: {grace}, watch_config: {watch} }}
+state: {{ ledger: "sqlite://{ledger}" }}
+cache: {{ max_bytes: {cache} }}
+alerts: {{ webhook: "{hook}" }}
+providers:
+  demo: {{ kind: mock }}
+models:
+  m: {{ deployments: [ {{ provider: demo }} ] }}
+{extra_route}
+"#
+        )
+    };
+    let gw = Gateway::start(&cfg(
+        "5s",
+        false,
+        "first.db",
+        "1MiB",
+        "http://127.0.0.1:9/a",
+        "",
+    ))
+    .await;
+    let c = client();
+    let ask = |model: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            c.post(url)
+                .body(format!(r#"{{"model":"{model}","messages":[]}}"#))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(ask("m2").await, 404);
+    std::fs::write(
+        gw.config_path(),
+        cfg(
+            "7s",
+            true,
+            "second.db",
+            "2MiB",
+            "http://127.0.0.1:9/b",
+            "  m2: { deployments: [ { provider: demo } ] }",
+        )
+        .replace("listen: \"127.0.0.1:0\"", "listen: \"127.0.0.1:1\""),
+    )
+    .unwrap();
+    let resp = c
+        .post(gw.url("/admin/reload"))
+        .bearer_auth("reload-admin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(ask("m2").await, 200, "the rest of the change applied");
+    // The log is written by a thread of its own: wait for the reload's line.
+    assert!(
+        gw.wait_log(|l| l.contains("config reloaded"), Duration::from_secs(5))
+            .await,
+        "{}",
+        gw.logs()
+    );
+    let logs = gw.logs();
+    for field in [
+        "server.listen",
+        "server.shutdown_grace",
+        "server.watch_config",
+        "state",
+        "cache.max_bytes",
+        "alerts.webhook",
+    ] {
+        let warned = logs.lines().filter(|l| {
+            l.contains("WARN")
+                && l.contains("takes effect at the next restart")
+                && (l.contains(&format!("field=\"{field}\""))
+                    || l.ends_with(&format!("field={field}")))
+        });
+        assert_eq!(warned.count(), 1, "one warning for {field}:\n{logs}");
+    }
+    // The ledger is still the first file: the row of the request above went there.
+    assert!(gw.dir.path().join("first.db").exists());
+    assert!(!gw.dir.path().join("second.db").exists(), "{logs}");
+}
+
 #[tokio::test]
 async fn sigterm_lets_streams_in_flight_finish() {
     let up = MockUpstream::start().await;

@@ -75,7 +75,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct StateCfg {
     /// `sqlite://PATH` (default `sqlite://switchyard.db`) or `postgres://…`.
@@ -97,7 +97,7 @@ pub enum FailMode {
     Closed,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OnRedisError {
     #[serde(default = "fail_closed")]

@@ -306,9 +306,16 @@ impl Gateway {
                 let restart_only = [
                     ("server.listen", new.server.listen != old.server.listen),
                     (
-                        "state",
-                        format!("{:?}", new.state) != format!("{:?}", old.state),
+                        "server.shutdown_grace",
+                        new.server.shutdown_grace != old.server.shutdown_grace,
                     ),
+                    (
+                        "server.watch_config",
+                        new.server.watch_config != old.server.watch_config,
+                    ),
+                    // Compared as values: their Debug text hides the secrets, so a
+                    // changed ledger or Redis URL looked the same.
+                    ("state", new.state != old.state),
                     (
                         "cache.max_bytes",
                         new.cache.max_bytes != old.cache.max_bytes,
