@@ -2,15 +2,21 @@
 //! mock upstream that speaks TLS on a real port with a certificate from a private CA made for
 //! the test, over HTTP/1.1 and over HTTP/2 (ALPN `h2`, as Azure's front ends offer). The CA is
 //! trusted only through `SSL_CERT_FILE`; without it the gateway must refuse the upstream and
-//! say why, and a `SSL_CERT_FILE` it cannot read must stop it from starting.
+//! say why, and a `SSL_CERT_FILE` it cannot read must stop it from starting. The company
+//! proxy (`HTTPS_PROXY`, `NO_PROXY`) is a small `CONNECT` proxy on a real port.
 
 #[path = "support/gateway.rs"]
 mod gateway;
 #[path = "support/upstream.rs"]
 mod upstream;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use gateway::Gateway;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -262,10 +268,10 @@ models:
     );
 }
 
-/// A `SSL_CERT_FILE` that names no readable certificate stops the start, naming the variable,
-/// instead of failing every upstream call later with a certificate error.
+/// A `SSL_CERT_FILE` that names no readable certificate, or a proxy the gateway cannot use,
+/// stops the start, naming the variable, instead of failing every upstream call later.
 #[test]
-fn an_unreadable_ssl_cert_file_stops_the_start_and_says_which() {
+fn an_unreadable_ssl_cert_file_or_an_unusable_proxy_stops_the_start_and_says_which() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("routes.yaml");
     std::fs::write(
@@ -273,15 +279,43 @@ fn an_unreadable_ssl_cert_file_stops_the_start_and_says_which() {
         "providers:\n  up: { kind: openai, base_url: \"https://api.example.com/v1\" }\nmodels:\n  m: { deployments: [ { provider: up } ] }\n",
     )
     .unwrap();
-    let missing = dir.path().join("no-such-ca.pem");
-    for bad in [missing.clone(), config.clone()] {
+    let missing = dir.path().join("no-such-ca.pem").display().to_string();
+    let not_pem = config.display().to_string();
+    let cases = [
+        (
+            "SSL_CERT_FILE",
+            missing.as_str(),
+            format!("SSL_CERT_FILE={missing}"),
+        ),
+        (
+            "SSL_CERT_FILE",
+            not_pem.as_str(),
+            format!("SSL_CERT_FILE={not_pem}"),
+        ),
+        (
+            "HTTPS_PROXY",
+            "https://proxy.corp.example:3128",
+            "HTTPS_PROXY: a proxy reached over TLS".to_string(),
+        ),
+        (
+            "HTTPS_PROXY",
+            "http://",
+            "HTTPS_PROXY (or ALL_PROXY) is not".to_string(),
+        ),
+    ];
+    for (var, value, expected) in cases {
         let log = dir.path().join("gateway.log");
         let log_file = std::fs::File::create(&log).unwrap();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&config)
-            .env("SSL_CERT_FILE", &bad)
+            .env_remove("SSL_CERT_FILE")
             .env_remove("SSL_CERT_DIR")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env(var, value)
             .current_dir(dir.path())
             .stdout(log_file.try_clone().unwrap())
             .stderr(log_file)
@@ -303,11 +337,165 @@ fn an_unreadable_ssl_cert_file_stops_the_start_and_says_which() {
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(
             status.is_some_and(|s| !s.success()),
-            "started with SSL_CERT_FILE={bad:?} ({status:?}): {text}"
+            "started with {var}={value} ({status:?}): {text}"
         );
-        assert!(
-            text.contains(&format!("SSL_CERT_FILE={}", bad.display())),
-            "the error names the variable and its value: {text}"
-        );
+        assert!(text.contains(&expected), "the error names {var}: {text}");
     }
+}
+
+/// One `CONNECT` the proxy received: its target and its `Proxy-Authorization`.
+type Connect = (String, Option<String>);
+
+/// A company proxy on a real port: answers `CONNECT host:port` with `200` and then carries the
+/// bytes both ways, or with `407` when `require` is set and the request's
+/// `Proxy-Authorization` is not that value. Records every `CONNECT`.
+async fn connect_proxy(require: Option<String>) -> (SocketAddr, Arc<Mutex<Vec<Connect>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let log = log.clone();
+            let require = require.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_string();
+                let mut lines = head.split("\r\n");
+                let first: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+                let auth = lines.find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("proxy-authorization")
+                        .then(|| value.trim().to_string())
+                });
+                let target = first.get(1).unwrap_or(&"").to_string();
+                log.lock().unwrap().push((target.clone(), auth.clone()));
+                if first.first() != Some(&"CONNECT") {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                        .await;
+                    return;
+                }
+                if require.is_some() && auth != require {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// `HTTPS_PROXY` with credentials: an `https://` upstream is reached through a `CONNECT`
+/// tunnel that carries them, a host in `NO_PROXY` and a plain-`http://` upstream (even with
+/// `HTTP_PROXY` set) are reached straight, and the proxy's password is never logged.
+#[tokio::test]
+async fn https_upstreams_go_through_the_company_proxy_except_no_proxy_hosts_and_plain_http() {
+    let pki = new_pki();
+    let (_dir, ca) = ca_file(&pki);
+    let proxied = MockUpstream::start_tls(server_tls(&pki, true)).await;
+    let exempt = MockUpstream::start_tls(server_tls(&pki, false)).await;
+    let plain = MockUpstream::start().await;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("corp-user:corp-pass-91c2")
+    );
+    let (proxy, seen) = connect_proxy(Some(basic.clone())).await;
+    let proxy_url = format!("http://corp-user:corp-pass-91c2@{proxy}");
+    let cfg = format!(
+        r#"
+providers:
+  proxied: {{ kind: openai, base_url: "{p}/v1", api_key: {OPENAI_SECRET} }}
+  exempt: {{ kind: openai, base_url: "https://localhost:{e}/v1" }}
+  plain: {{ kind: openai, base_url: "{h}/v1" }}
+models:
+  proxied: {{ retries: 0, deployments: [ {{ provider: proxied, deployment: m }} ] }}
+  exempt: {{ retries: 0, deployments: [ {{ provider: exempt, deployment: m }} ] }}
+  plain: {{ retries: 0, deployments: [ {{ provider: plain, deployment: m }} ] }}
+"#,
+        p = proxied.url(),
+        e = exempt.addr.port(),
+        h = plain.url(),
+    );
+    let gw = Gateway::start_with_env(
+        &cfg,
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("HTTPS_PROXY", &proxy_url),
+            ("HTTP_PROXY", &proxy_url),
+            ("NO_PROXY", "localhost,.internal.example"),
+        ],
+    )
+    .await;
+    for model in ["proxied", "exempt", "plain"] {
+        for stream in [false, true] {
+            let (status, text) = chat(&gw, model, stream).await;
+            assert_eq!(status, 200, "{model} (stream {stream}): {text}");
+        }
+    }
+    assert_eq!(proxied.request_count(), 2);
+    assert_eq!(exempt.request_count(), 2);
+    assert_eq!(plain.request_count(), 2);
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "the proxy saw no CONNECT");
+    for (target, auth) in &seen {
+        assert_eq!(
+            target,
+            &proxied.addr.to_string(),
+            "only the proxied upstream: {seen:?}"
+        );
+        assert_eq!(auth.as_deref(), Some(basic.as_str()));
+    }
+    let logs = gw.logs();
+    assert!(logs.contains("through the proxy in HTTPS_PROXY"), "{logs}");
+    assert!(
+        !logs.contains("corp-pass-91c2"),
+        "the proxy's password is in the log:\n{logs}"
+    );
+}
+
+/// A proxy that refuses the tunnel (no credentials given): the client gets an OpenAI-shaped
+/// 502 that names the proxy, and the upstream gets nothing.
+#[tokio::test]
+async fn a_proxy_that_refuses_the_tunnel_gives_a_502_that_names_the_proxy() {
+    let pki = new_pki();
+    let (_dir, ca) = ca_file(&pki);
+    let up = MockUpstream::start_tls(server_tls(&pki, false)).await;
+    let (proxy, seen) = connect_proxy(Some("Basic c29tZW9uZTplbHNl".into())).await;
+    let gw = Gateway::start_with_env(
+        &config(&up.url(), &up.url()),
+        &[
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+            ("HTTPS_PROXY", &format!("http://{proxy}")),
+        ],
+    )
+    .await;
+    let (status, text) = chat(&gw, "llama", false).await;
+    assert_eq!(status, 502, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("proxy"),
+        "the error names the proxy: {text}"
+    );
+    assert_eq!(v["error"]["code"], "upstream_error");
+    assert_eq!(up.request_count(), 0);
+    assert_eq!(seen.lock().unwrap().len(), 1);
 }

@@ -27,7 +27,7 @@ const MAX_ERROR_BODY: usize = 1 << 20;
 /// The upstream HTTP client: hyper's pooled client over rustls (HTTP/1.1, and HTTP/2 where
 /// the upstream offers it by ALPN). One per config generation, shared by its providers.
 pub type UpstreamClient =
-    hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+    hyper_util::client::legacy::Client<HttpsConnector<super::proxy::Connector>, Full<Bytes>>;
 
 /// Builds the upstream client: connect timeout, no Nagle delay, idle connections kept 90 s.
 pub fn build_client(connect_timeout: Duration) -> Result<UpstreamClient, String> {
@@ -39,7 +39,7 @@ pub fn build_client(connect_timeout: Duration) -> Result<UpstreamClient, String>
         .with_tls_config(super::tls::client_config()?)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(http);
+        .wrap_connector(super::proxy::Connector::new(http)?);
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))

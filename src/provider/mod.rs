@@ -5,6 +5,7 @@
 
 mod http_upstream;
 pub mod mock;
+pub mod proxy;
 pub mod tls;
 
 use std::sync::Arc;
@@ -149,8 +150,7 @@ pub fn build_client(routing: &RoutingCfg) -> Result<UpstreamClient, String> {
 
 /// The client of active health checks: off the request path, so reqwest's conveniences.
 pub fn build_check_client(routing: &RoutingCfg) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls::client_config()?)
+    proxy::reqwest_builder()?
         .connect_timeout(routing.connect_timeout.0)
         .tcp_nodelay(true)
         .build()

@@ -460,9 +460,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let accounting = Accounting {
         policy: policy_state,
         ledger: writer,
-        // Alert webhooks trust what upstreams trust (a company's own CA included).
-        http: reqwest::Client::builder()
-            .use_preconfigured_tls(provider::tls::client_config()?)
+        // Alert webhooks go out as upstream calls do (a company's own CA, its proxy).
+        http: provider::proxy::reqwest_builder()?
             .build()
             .map_err(|e| format!("cannot build the alerts HTTP client: {e}"))?,
         webhook: loaded

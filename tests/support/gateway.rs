@@ -68,6 +68,18 @@ impl Gateway {
             .arg(&ready)
             .args(extra_args)
             .env_remove("SWITCHYARD_CONFIG")
+            // The way out to upstreams does not depend on the machine the tests run on (a
+            // proxy or CA bundle set for the shell); a test that wants one sets it.
+            .env_remove("HTTPS_PROXY")
+            .env_remove("https_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("http_proxy")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
             .envs(envs.iter().copied())
             // The default ledger (sqlite://switchyard.db) lands in the test's own folder.
             .current_dir(dir.path())
