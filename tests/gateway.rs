@@ -769,8 +769,8 @@ async fn reload_by_admin_api_signal_and_file_change_and_bad_configs_are_refused(
 }
 
 /// A reload that changes fields read only at start applies everything else and logs one
-/// warning per such field, naming it; the old values stay in force (the ledger still goes to
-/// the first file).
+/// warning per such field, naming it; the old values stay in force (the ledger is not
+/// reopened on the new URL).
 #[tokio::test]
 async fn a_reload_that_changes_start_only_fields_warns_for_each_and_applies_the_rest() {
     let cfg = |grace: &str,
@@ -817,53 +817,76 @@ models:
         }
     };
     assert_eq!(ask("m2").await, 404);
-    std::fs::write(
-        gw.config_path(),
-        cfg(
-            "7s",
-            true,
-            "second.db",
-            "2MiB",
-            "http://127.0.0.1:9/b",
-            "  m2: { deployments: [ { provider: demo } ] }",
-        )
-        .replace("listen: \"127.0.0.1:0\"", "listen: \"127.0.0.1:1\""),
+    let changed = cfg(
+        "7s",
+        true,
+        "second.db",
+        "2MiB",
+        "http://127.0.0.1:9/b",
+        "  m2: { deployments: [ { provider: demo } ] }",
     )
-    .unwrap();
-    let resp = c
-        .post(gw.url("/admin/reload"))
-        .bearer_auth("reload-admin")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    assert_eq!(ask("m2").await, 200, "the rest of the change applied");
-    // The log is written by a thread of its own: wait for the reload's line.
-    assert!(
-        gw.wait_log(|l| l.contains("config reloaded"), Duration::from_secs(5))
-            .await,
-        "{}",
-        gw.logs()
-    );
-    let logs = gw.logs();
-    for field in [
+    .replace("listen: \"127.0.0.1:0\"", "listen: \"127.0.0.1:1\"");
+    let fields = [
         "server.listen",
         "server.shutdown_grace",
         "server.watch_config",
         "state",
         "cache.max_bytes",
         "alerts.webhook",
-    ] {
-        let warned = logs.lines().filter(|l| {
-            l.contains("WARN")
-                && l.contains("takes effect at the next restart")
-                && (l.contains(&format!("field=\"{field}\""))
-                    || l.ends_with(&format!("field={field}")))
-        });
-        assert_eq!(warned.count(), 1, "one warning for {field}:\n{logs}");
-    }
-    // The ledger is still the first file: the row of the request above went there.
-    assert!(gw.dir.path().join("first.db").exists());
+    ];
+    // Reloads `text` and returns how many restart warnings each field has had so far.
+    let reload = |text: String, n: usize| {
+        let c = c.clone();
+        let gw = &gw;
+        async move {
+            std::fs::write(gw.config_path(), text).unwrap();
+            let resp = c
+                .post(gw.url("/admin/reload"))
+                .bearer_auth("reload-admin")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            // The log is written by a thread of its own: wait for the reload's line.
+            let line = format!("generation={}", n + 1);
+            assert!(
+                gw.wait_log(
+                    |l| l
+                        .lines()
+                        .any(|l| l.contains("config reloaded") && l.contains(&line)),
+                    Duration::from_secs(5)
+                )
+                .await,
+                "{}",
+                gw.logs()
+            );
+            let logs = gw.logs();
+            fields.map(|field| {
+                logs.lines()
+                    .filter(|l| {
+                        l.contains("WARN")
+                            && l.contains("takes effect at the next restart")
+                            && (l.contains(&format!("field=\"{field}\""))
+                                || l.ends_with(&format!("field={field}")))
+                    })
+                    .count()
+            })
+        }
+    };
+    assert_eq!(
+        reload(changed.clone(), 1).await,
+        [1; 6],
+        "one warning per field:\n{}",
+        gw.logs()
+    );
+    assert_eq!(ask("m2").await, 200, "the rest of the change applied");
+    // The same file again: the running values are still the first ones, so it warns again.
+    assert_eq!(reload(changed, 2).await, [2; 6], "{}", gw.logs());
+    // Back to the values the gateway runs with: nothing to warn about.
+    let original = cfg("5s", false, "first.db", "1MiB", "http://127.0.0.1:9/a", "");
+    assert_eq!(reload(original, 3).await, [2; 6], "{}", gw.logs());
+    let logs = gw.logs();
+    // The ledger was not reopened on the new URL.
     assert!(!gw.dir.path().join("second.db").exists(), "{logs}");
 }
 

@@ -300,7 +300,7 @@ fn an_unreadable_ssl_cert_file_or_an_unusable_proxy_stops_the_start_and_says_whi
         (
             "HTTPS_PROXY",
             "http://",
-            "HTTPS_PROXY (or ALL_PROXY) is not".to_string(),
+            "HTTPS_PROXY is not an http://host:port URL".to_string(),
         ),
     ];
     for (var, value, expected) in cases {

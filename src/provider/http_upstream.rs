@@ -39,7 +39,7 @@ pub fn build_client(connect_timeout: Duration) -> Result<UpstreamClient, String>
         .with_tls_config(super::tls::client_config()?)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(super::proxy::Connector::new(http)?);
+        .wrap_connector(super::proxy::Connector::new(http, connect_timeout)?);
     Ok(
         hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))

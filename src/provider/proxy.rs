@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
@@ -19,54 +20,77 @@ use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The proxy settings read from the environment: `(HTTPS proxy URL, NO_PROXY list)`.
+/// The proxy settings read from the environment.
 #[derive(Clone)]
 pub struct ProxyEnv {
-    pub https: Option<String>,
+    /// The proxy for `https://` destinations, as a normalised URL (credentials
+    /// percent-encoded), and the variable it came from.
+    pub https: Option<(String, &'static str)>,
     pub no_proxy: String,
 }
 
-fn first_env(names: &[&str]) -> Option<String> {
-    names
-        .iter()
-        .find_map(|n| std::env::var(n).ok())
-        .filter(|v| !v.trim().is_empty())
+/// The first of `names` set to something other than blanks: its trimmed value and its name.
+fn first_env(names: &[&'static str]) -> Option<(String, &'static str)> {
+    names.iter().find_map(|&n| {
+        let v = std::env::var(n).ok()?;
+        let v = v.trim();
+        (!v.is_empty()).then(|| (v.to_string(), n))
+    })
 }
 
 /// The environment's proxy for `https://` destinations, checked once: a proxy reached over TLS
-/// itself (`https://` proxy URL) is refused at start, as is one that is not a URL.
+/// itself (`https://` proxy URL) is refused at start, as is one that is not a URL. Error
+/// messages name the variable, never its value (it may hold a password).
 pub fn proxy_env() -> Result<ProxyEnv, String> {
     static ENV: OnceLock<Result<ProxyEnv, String>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let https = first_env(&["HTTPS_PROXY", "https_proxy"])
-            .or_else(|| first_env(&["ALL_PROXY", "all_proxy"]));
-        let no_proxy = first_env(&["NO_PROXY", "no_proxy"]).unwrap_or_default();
-        if let Some(url) = &https {
-            // Without a scheme the proxy is `http://` (curl's reading).
-            let parsed = if url.contains("://") {
-                url.clone()
-            } else {
-                format!("http://{url}")
-            };
-            match reqwest::Url::parse(&parsed) {
-                Ok(u) if u.scheme() == "http" && u.host_str().is_some() => {}
-                Ok(u) if u.scheme() == "https" => {
-                    return Err("HTTPS_PROXY: a proxy reached over TLS (https://) is not \
-                                supported; give its http:// address"
-                        .to_string())
-                }
-                _ => {
-                    return Err(
-                        "HTTPS_PROXY (or ALL_PROXY) is not an http://host:port URL".to_string()
-                    )
-                }
+        let https = first_env(&["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]);
+        let no_proxy = first_env(&["NO_PROXY", "no_proxy"])
+            .map(|(v, _)| v)
+            .unwrap_or_default();
+        let Some((raw, var)) = https else {
+            return Ok(ProxyEnv {
+                https: None,
+                no_proxy,
+            });
+        };
+        // Without a scheme the proxy is `http://` (curl's reading).
+        let with_scheme = if raw.contains("://") {
+            raw
+        } else {
+            format!("http://{raw}")
+        };
+        let url = match reqwest::Url::parse(&with_scheme) {
+            Ok(u) if u.scheme() == "http" && u.host_str().is_some() => u,
+            Ok(u) if u.scheme() == "https" => {
+                return Err(format!(
+                    "{var}: a proxy reached over TLS (https://) is not supported; give its \
+                     http:// address"
+                ))
             }
-            tracing::info!(
-                no_proxy = %no_proxy,
-                "https:// upstreams are reached through the proxy in HTTPS_PROXY"
-            );
+            _ => return Err(format!("{var} is not an http://host:port URL")),
+        };
+        // The normalised text (a password's `@`, spaces and the like percent-encoded) is what
+        // both the upstream connector and reqwest read, so they agree on host and credentials.
+        let normalised = url.as_str().to_string();
+        let probe = Uri::from_static("https://switchyard.invalid/");
+        if Matcher::builder()
+            .https(normalised.clone())
+            .build()
+            .intercept(&probe)
+            .is_none()
+        {
+            return Err(format!("{var} is not an http://host:port URL"));
         }
-        Ok(ProxyEnv { https, no_proxy })
+        tracing::info!(
+            variable = var,
+            no_proxy = %no_proxy,
+            "https:// upstreams are reached through the proxy in {var}"
+        );
+        Ok(ProxyEnv {
+            https: Some((normalised, var)),
+            no_proxy,
+        })
     })
     .clone()
 }
@@ -77,12 +101,15 @@ pub fn proxy_env() -> Result<ProxyEnv, String> {
 pub struct Connector {
     direct: HttpConnector,
     proxy: Option<Arc<Matcher>>,
+    /// `routing.connect_timeout`, for the whole tunnel: the TCP connection to the proxy and
+    /// its answer to `CONNECT` (given once the proxy has reached the upstream).
+    connect_timeout: Duration,
 }
 
 impl Connector {
-    pub fn new(direct: HttpConnector) -> Result<Connector, String> {
+    pub fn new(direct: HttpConnector, connect_timeout: Duration) -> Result<Connector, String> {
         let env = proxy_env()?;
-        let proxy = env.https.map(|url| {
+        let proxy = env.https.map(|(url, _)| {
             Arc::new(
                 Matcher::builder()
                     .https(url)
@@ -90,7 +117,11 @@ impl Connector {
                     .build(),
             )
         });
-        Ok(Connector { direct, proxy })
+        Ok(Connector {
+            direct,
+            proxy,
+            connect_timeout,
+        })
     }
 }
 
@@ -116,8 +147,17 @@ impl tower::Service<Uri> for Connector {
         if let Some(auth) = via.basic_auth() {
             tunnel = tunnel.with_auth(auth.clone());
         }
+        let limit = self.connect_timeout;
         Box::pin(async move {
-            tunnel.call(dst).await.map_err(|e| {
+            let tunnelled = tokio::time::timeout(limit, tunnel.call(dst))
+                .await
+                .map_err(|_| {
+                    BoxError::from(format!(
+                        "through the HTTPS proxy: no tunnel within {}s",
+                        limit.as_secs_f64()
+                    ))
+                })?;
+            tunnelled.map_err(|e| {
                 // One message that says it was the proxy (the innermost cause alone, say
                 // "Connection refused", would not).
                 let mut text = format!("through the HTTPS proxy: {e}");
@@ -137,12 +177,15 @@ impl tower::Service<Uri> for Connector {
 /// (reqwest would otherwise also send `http://` URLs to `HTTP_PROXY`).
 pub fn reqwest_builder() -> Result<reqwest::ClientBuilder, String> {
     let env = proxy_env()?;
+    let mut tls = super::tls::client_config()?;
+    // reqwest leaves a preconfigured TLS config's ALPN as it is: offer HTTP/2 as it would.
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let mut b = reqwest::Client::builder()
-        .use_preconfigured_tls(super::tls::client_config()?)
+        .use_preconfigured_tls(tls)
         .no_proxy();
-    if let Some(url) = env.https {
+    if let Some((url, var)) = env.https {
         let proxy = reqwest::Proxy::https(&url)
-            .map_err(|_| "HTTPS_PROXY (or ALL_PROXY) is not an http://host:port URL".to_string())?
+            .map_err(|_| format!("{var} is not an http://host:port URL"))?
             .no_proxy(reqwest::NoProxy::from_string(&env.no_proxy));
         b = b.proxy(proxy);
     }

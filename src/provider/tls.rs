@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 /// The environment variables that replace the system's store.
 const CERT_VARS: [&str; 2] = ["SSL_CERT_FILE", "SSL_CERT_DIR"];
 
-/// The TLS settings of every outgoing connection (no ALPN set: each client adds its own).
+/// The TLS settings of every outgoing connection (no ALPN set: each client sets its own).
 pub fn client_config() -> Result<rustls::ClientConfig, String> {
     static CONFIG: OnceLock<Result<rustls::ClientConfig, String>> = OnceLock::new();
     CONFIG.get_or_init(load).clone()

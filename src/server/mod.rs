@@ -227,6 +227,9 @@ pub struct Gateway {
     config_path: PathBuf,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The config the process started with: what the fields read only at start still hold,
+    /// whatever later reloads said (a reload is compared with it, not with the last one).
+    started: crate::config::Config,
 }
 
 impl Gateway {
@@ -244,6 +247,7 @@ impl Gateway {
             accounting,
             store,
             seeded: Default::default(),
+            started: runtime.loaded.config.clone(),
             generation: AtomicU64::new(runtime.generation),
             runtime: ArcSwap::from_pointee(runtime),
             config_path,
@@ -301,8 +305,7 @@ impl Gateway {
             });
         match result {
             Ok(rt) => {
-                let old = self.runtime();
-                let (new, old) = (&rt.loaded.config, &old.loaded.config);
+                let (new, old) = (&rt.loaded.config, &self.started);
                 let restart_only = [
                     ("server.listen", new.server.listen != old.server.listen),
                     (
