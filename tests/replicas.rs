@@ -85,7 +85,11 @@ impl Pg {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        let name = format!("switchyard_replicas_{}_{nanos}", std::process::id());
+        // The tests of this file run at once: a counter keeps two of them from taking the same
+        // name when the clock reads the same (seen in CI: "database … already exists").
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("switchyard_replicas_{}_{n}_{nanos}", std::process::id());
         let mut c = sqlx::PgConnection::connect(&admin)
             .await
             .expect("PostgreSQL must run");
