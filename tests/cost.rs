@@ -501,6 +501,18 @@ async fn spend_survives_a_restart_with_sqlite() {
 
 #[tokio::test]
 async fn spend_survives_a_restart_with_postgresql() {
+    spend_survives_a_restart_on_postgresql("").await;
+}
+
+/// The ledger on a PostgreSQL that is reached over TLS (`sslmode=require`, as managed
+/// PostgreSQL services demand; the local server's certificate is Debian's self-signed one, so
+/// not `verify-full`). Fails on a build without sqlx's TLS: "TLS upgrade required".
+#[tokio::test]
+async fn spend_survives_a_restart_with_postgresql_over_tls() {
+    spend_survives_a_restart_on_postgresql("?sslmode=require").await;
+}
+
+async fn spend_survives_a_restart_on_postgresql(params: &str) {
     use sqlx::Connection;
     let admin_url = std::env::var("SWITCHYARD_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
@@ -513,18 +525,22 @@ async fn spend_survives_a_restart_with_postgresql() {
         .await
         .unwrap();
     let base = admin_url.rsplit_once('/').unwrap().0;
-    restart_keeps_spend(Some(format!("{base}/{db}"))).await;
+    restart_keeps_spend(Some(format!("{base}/{db}{params}"))).await;
     sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .execute(&mut conn)
         .await
         .unwrap();
 }
 
-fn rand_suffix() -> u64 {
-    std::time::SystemTime::now()
+/// A name part no other test of this process takes (a counter) nor an earlier run (the clock).
+fn rand_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .subsec_nanos() as u64
+        .subsec_nanos();
+    format!("{n}_{nanos}")
 }
 
 #[tokio::test]
