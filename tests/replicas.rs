@@ -3,6 +3,8 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/pki.rs"]
+mod pki;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,32 +20,64 @@ const OPEN_KEY: &str = "sk-replica-rpm";
 struct Redis {
     port: u16,
     child: Option<Child>,
+    /// `--tls-port` and its certificate files: the port then speaks TLS only.
+    tls: Vec<String>,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::launch(Vec::new())
+    }
+
+    /// A Redis that speaks only TLS, with a server certificate for 127.0.0.1 signed by a CA
+    /// of the test's own; returns it and the CA's PEM file (in `dir`).
+    fn start_tls(dir: &std::path::Path) -> (Redis, std::path::PathBuf) {
+        let pki = pki::new_pki("Switchyard test Redis CA", &["127.0.0.1"]);
+        let path = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let ca_file = path("redis-ca.pem", &pki.ca_pem);
+        let tls = vec![
+            "--tls-cert-file".to_string(),
+            path("redis-cert.pem", &pki.cert_pem),
+            "--tls-key-file".to_string(),
+            path("redis-key.pem", &pki.key_pem),
+            "--tls-ca-cert-file".to_string(),
+            ca_file.clone(),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+        ];
+        (Redis::launch(tls), ca_file.into())
+    }
+
+    fn launch(tls: Vec<String>) -> Redis {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut r = Redis { port, child: None };
+        let mut r = Redis {
+            port,
+            child: None,
+            tls,
+        };
         r.restart();
         r
     }
 
     fn restart(&mut self) {
         let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--port",
-            ])
-            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(if self.tls.is_empty() {
+                vec!["--port".to_string(), self.port.to_string()]
+            } else {
+                let mut a = vec!["--port".into(), "0".into(), "--tls-port".into()];
+                a.push(self.port.to_string());
+                a.extend(self.tls.iter().cloned());
+                a
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -448,4 +482,31 @@ models:
     assert_eq!(spare.request_count(), 4);
     drop((a, b));
     pg.drop_db().await;
+}
+
+/// `rediss://` with a Redis behind a company CA, trusted through `SSL_CERT_FILE`: the shared
+/// rpm limit holds across two replicas (without the CA the TLS handshake fails, and with
+/// `rate_limits: open` every request would pass).
+#[tokio::test]
+async fn an_rpm_limit_holds_across_replicas_over_redis_tls_with_a_company_ca() {
+    not_near_a_minute_boundary().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (redis, ca) = Redis::start_tls(dir.path());
+    let cfg = config(&redis, "sqlite://switchyard.db", "", ", limits: { rpm: 4 }")
+        .replace("redis://", "rediss://");
+    let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let a = Gateway::start_with_env(&cfg, &env).await;
+    let b = Gateway::start_with_env(&cfg, &env).await;
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        statuses.push(post(gw, OPEN_KEY, &body).await.status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 429, 429],
+        "the limit is shared over TLS:\n{}",
+        a.logs()
+    );
 }

@@ -7,6 +7,8 @@
 
 #[path = "support/gateway.rs"]
 mod gateway;
+#[path = "support/pki.rs"]
+mod pki;
 #[path = "support/upstream.rs"]
 mod upstream;
 
@@ -19,6 +21,7 @@ use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use gateway::Gateway;
+use pki::Pki;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 use upstream::{MockUpstream, Scripted, MOCK_TEXT};
@@ -26,30 +29,8 @@ use upstream::{MockUpstream, Scripted, MOCK_TEXT};
 const AZURE_SECRET: &str = "azure-tls-secret-3f9c";
 const OPENAI_SECRET: &str = "openai-tls-secret-77d1";
 
-/// A CA of the test's own and a server certificate it signed for `127.0.0.1` and `localhost`.
-struct Pki {
-    ca_pem: String,
-    cert: CertificateDer<'static>,
-    key: Vec<u8>,
-}
-
 fn new_pki() -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "Switchyard test CA");
-    let ca = ca.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .signed_by(&key, &ca, &ca_key)
-        .unwrap();
-    Pki {
-        ca_pem: ca.pem(),
-        cert: leaf.der().clone(),
-        key: key.serialize_der(),
-    }
+    pki::new_pki("Switchyard test CA", &["127.0.0.1", "localhost"])
 }
 
 /// The mock's TLS settings: its certificate, and `h2` offered before `http/1.1` when `h2`.
@@ -60,8 +41,8 @@ fn server_tls(pki: &Pki, h2: bool) -> rustls::ServerConfig {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            vec![pki.cert.clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key.clone())),
+            vec![CertificateDer::from(pki.cert_der.clone())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.key_der.clone())),
         )
         .unwrap();
     cfg.alpn_protocols = if h2 {

@@ -398,8 +398,7 @@ impl Cache {
             None => None,
             Some(url) => {
                 let tier = RedisTier {
-                    client: redis::Client::open(url)
-                        .map_err(|e| format!("bad state.redis URL: {e}"))?,
+                    client: crate::provider::tls::redis_client(url)?,
                     conn: Arc::new(arc_swap::ArcSwapOption::empty()),
                     connecting: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 };

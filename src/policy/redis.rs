@@ -167,7 +167,7 @@ impl RedisState {
         budgets_fail: FailMode,
         limits_fail: FailMode,
     ) -> Result<RedisState, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("bad state.redis URL: {e}"))?;
+        let client = crate::provider::tls::redis_client(url)?;
         let state = RedisState {
             client,
             conn: Arc::new(ArcSwapOption::empty()),

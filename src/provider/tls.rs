@@ -58,3 +58,30 @@ fn load() -> Result<rustls::ClientConfig, String> {
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+/// The Redis client for `state.redis`. Over TLS (`rediss://`) the redis crate trusts
+/// Mozilla's roots, or, when `SSL_CERT_FILE` is set, the certificates in that file instead
+/// (a Redis behind a company CA; the system bundle works too, it holds the public roots).
+pub fn redis_client(url: &str) -> Result<redis::Client, String> {
+    let ca_file = match url.starts_with("rediss://") {
+        true => std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()),
+        false => None,
+    };
+    let client = match ca_file {
+        None => redis::Client::open(url),
+        Some(path) => {
+            let pem = std::fs::read(&path).map_err(|e| {
+                format!(
+                    "SSL_CERT_FILE={}: cannot be read: {e}",
+                    path.to_string_lossy()
+                )
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            redis::Client::build_with_tls(url, certs)
+        }
+    };
+    client.map_err(|e| format!("bad state.redis URL: {e}"))
+}

@@ -25,7 +25,7 @@ fn key(label: &str) -> String {
 
 /// Runs the sync until the process ends; Redis being away only pauses it.
 pub fn spawn_cooldown_sync(url: &str, registry: Arc<StateRegistry>) -> Result<(), String> {
-    let client = redis::Client::open(url).map_err(|e| format!("bad state.redis URL: {e}"))?;
+    let client = crate::provider::tls::redis_client(url)?;
     tokio::spawn(async move {
         let mut conn: Option<redis::aio::MultiplexedConnection> = None;
         let mut tick = tokio::time::interval(SYNC_EVERY);
