@@ -98,6 +98,16 @@ async fn chat(gw: &Gateway, model: &str, stream: bool) -> (u16, String) {
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// An OpenAI-shaped error body and its `error.message`.
+fn error_of(text: &str) -> (Value, String) {
+    let v: Value = serde_json::from_str(text).unwrap();
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (v, message)
+}
+
 /// The text of a streamed answer, from its `data:` events, and whether it ended with `[DONE]`.
 fn streamed_text(body: &str) -> (String, bool) {
     let mut text = String::new();
@@ -192,8 +202,7 @@ async fn an_upstream_whose_certificate_is_not_trusted_is_refused_with_a_502_that
     for model in ["llama", "gpt-4o"] {
         let (status, text) = chat(&gw, model, false).await;
         assert_eq!(status, 502, "{model}: {text}");
-        let v: Value = serde_json::from_str(&text).unwrap();
-        let message = v["error"]["message"].as_str().unwrap_or_default();
+        let (v, message) = error_of(&text);
         assert!(
             message.contains("certificate"),
             "{model}: the error names the certificate: {text}"
@@ -254,14 +263,11 @@ models:
 #[test]
 fn an_unreadable_ssl_cert_file_or_an_unusable_proxy_stops_the_start_and_says_which() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("routes.yaml");
-    std::fs::write(
-        &config,
-        "providers:\n  up: { kind: openai, base_url: \"https://api.example.com/v1\" }\nmodels:\n  m: { deployments: [ { provider: up } ] }\n",
-    )
-    .unwrap();
+    let config = "providers:\n  up: { kind: openai, base_url: \"https://api.example.com/v1\" }\nmodels:\n  m: { deployments: [ { provider: up } ] }\n";
+    let not_pem_path = dir.path().join("routes.yaml");
+    std::fs::write(&not_pem_path, config).unwrap();
     let missing = dir.path().join("no-such-ca.pem").display().to_string();
-    let not_pem = config.display().to_string();
+    let not_pem = not_pem_path.display().to_string();
     let cases = [
         (
             "SSL_CERT_FILE",
@@ -285,37 +291,8 @@ fn an_unreadable_ssl_cert_file_or_an_unusable_proxy_stops_the_start_and_says_whi
         ),
     ];
     for (var, value, expected) in cases {
-        let log = dir.path().join("gateway.log");
-        let log_file = std::fs::File::create(&log).unwrap();
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config)
-            .env_remove("SSL_CERT_FILE")
-            .env_remove("SSL_CERT_DIR")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("all_proxy")
-            .env(var, value)
-            .current_dir(dir.path())
-            .stdout(log_file.try_clone().unwrap())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        // A gateway that started anyway would serve until killed.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let text = std::fs::read_to_string(&log).unwrap();
+        // A gateway that started anyway would serve until killed (status `None`).
+        let (status, text) = Gateway::start_expecting_exit(config, &[(var, value)]);
         assert!(
             status.is_some_and(|s| !s.success()),
             "started with {var}={value} ({status:?}): {text}"
@@ -470,8 +447,7 @@ async fn a_proxy_that_refuses_the_tunnel_gives_a_502_that_names_the_proxy() {
     .await;
     let (status, text) = chat(&gw, "llama", false).await;
     assert_eq!(status, 502, "{text}");
-    let v: Value = serde_json::from_str(&text).unwrap();
-    let message = v["error"]["message"].as_str().unwrap_or_default();
+    let (v, message) = error_of(&text);
     assert!(
         message.contains("proxy"),
         "the error names the proxy: {text}"

@@ -27,6 +27,8 @@ pub struct ProxyEnv {
     /// percent-encoded), and the variable it came from.
     pub https: Option<(String, &'static str)>,
     pub no_proxy: String,
+    /// The upstream connector's rules, made from the two above once per process.
+    matcher: Option<Arc<Matcher>>,
 }
 
 /// The first of `names` set to something other than blanks: its trimmed value and its name.
@@ -52,6 +54,7 @@ pub fn proxy_env() -> Result<ProxyEnv, String> {
             return Ok(ProxyEnv {
                 https: None,
                 no_proxy,
+                matcher: None,
             });
         };
         // Without a scheme the proxy is `http://` (curl's reading).
@@ -87,9 +90,14 @@ pub fn proxy_env() -> Result<ProxyEnv, String> {
             no_proxy = %no_proxy,
             "https:// upstreams are reached through the proxy in {var}"
         );
+        let matcher = Matcher::builder()
+            .https(normalised.clone())
+            .no(no_proxy.clone())
+            .build();
         Ok(ProxyEnv {
             https: Some((normalised, var)),
             no_proxy,
+            matcher: Some(Arc::new(matcher)),
         })
     })
     .clone()
@@ -108,18 +116,9 @@ pub struct Connector {
 
 impl Connector {
     pub fn new(direct: HttpConnector, connect_timeout: Duration) -> Result<Connector, String> {
-        let env = proxy_env()?;
-        let proxy = env.https.map(|(url, _)| {
-            Arc::new(
-                Matcher::builder()
-                    .https(url)
-                    .no(env.no_proxy.clone())
-                    .build(),
-            )
-        });
         Ok(Connector {
             direct,
-            proxy,
+            proxy: proxy_env()?.matcher,
             connect_timeout,
         })
     }

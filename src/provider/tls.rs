@@ -62,26 +62,39 @@ fn load() -> Result<rustls::ClientConfig, String> {
 /// The Redis client for `state.redis`. Over TLS (`rediss://`) the redis crate trusts
 /// Mozilla's roots, or, when `SSL_CERT_FILE` is set, the certificates in that file instead
 /// (a Redis behind a company CA; the system bundle works too, it holds the public roots).
+/// The file is read once per process, whichever of the Redis clients asks first.
 pub fn redis_client(url: &str) -> Result<redis::Client, String> {
-    let ca_file = match url.starts_with("rediss://") {
-        true => std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()),
-        false => None,
+    let client = match url.starts_with("rediss://") {
+        true => match redis_ca()? {
+            Some(pem) => {
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                };
+                redis::Client::build_with_tls(url, certs)
+            }
+            None => redis::Client::open(url),
+        },
+        false => redis::Client::open(url),
     };
-    let client = match ca_file {
-        None => redis::Client::open(url),
-        Some(path) => {
-            let pem = std::fs::read(&path).map_err(|e| {
+    client.map_err(|e| format!("bad state.redis URL: {e}"))
+}
+
+/// The PEM text of `SSL_CERT_FILE`, when set.
+fn redis_ca() -> Result<Option<Arc<[u8]>>, String> {
+    static PEM: OnceLock<Result<Option<Arc<[u8]>>, String>> = OnceLock::new();
+    PEM.get_or_init(|| {
+        let Some(path) = std::env::var_os("SSL_CERT_FILE").filter(|p| !p.is_empty()) else {
+            return Ok(None);
+        };
+        std::fs::read(&path)
+            .map(|pem| Some(pem.into()))
+            .map_err(|e| {
                 format!(
                     "SSL_CERT_FILE={}: cannot be read: {e}",
                     path.to_string_lossy()
                 )
-            })?;
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem),
-            };
-            redis::Client::build_with_tls(url, certs)
-        }
-    };
-    client.map_err(|e| format!("bad state.redis URL: {e}"))
+            })
+    })
+    .clone()
 }

@@ -227,9 +227,56 @@ pub struct Gateway {
     config_path: PathBuf,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
-    /// The config the process started with: what the fields read only at start still hold,
-    /// whatever later reloads said (a reload is compared with it, not with the last one).
-    started: crate::config::Config,
+    /// The fields read only at start, as the process started with them: what they still
+    /// hold whatever later reloads said (a reload is compared with this, not with the last).
+    started: StartOnly,
+}
+
+/// The config fields read only at start. Compared as values: their Debug text hides the
+/// secrets, so a changed ledger or Redis URL would look the same.
+#[derive(PartialEq)]
+struct StartOnly {
+    listen: String,
+    shutdown_grace: config::Dur,
+    watch_config: bool,
+    state: config::StateCfg,
+    cache_max_bytes: config::ByteSize,
+    webhook: Option<config::Secret>,
+}
+
+impl StartOnly {
+    fn of(c: &config::Config) -> StartOnly {
+        StartOnly {
+            listen: c.server.listen.clone(),
+            shutdown_grace: c.server.shutdown_grace,
+            watch_config: c.server.watch_config,
+            state: c.state.clone(),
+            cache_max_bytes: c.cache.max_bytes,
+            webhook: c.alerts.webhook.clone(),
+        }
+    }
+
+    /// The names of the fields whose value `new` changes.
+    fn changed_in(&self, new: &config::Config) -> Vec<&'static str> {
+        let new = StartOnly::of(new);
+        [
+            ("server.listen", self.listen != new.listen),
+            (
+                "server.shutdown_grace",
+                self.shutdown_grace != new.shutdown_grace,
+            ),
+            ("server.watch_config", self.watch_config != new.watch_config),
+            ("state", self.state != new.state),
+            (
+                "cache.max_bytes",
+                self.cache_max_bytes != new.cache_max_bytes,
+            ),
+            ("alerts.webhook", self.webhook != new.webhook),
+        ]
+        .into_iter()
+        .filter_map(|(field, changed)| changed.then_some(field))
+        .collect()
+    }
 }
 
 impl Gateway {
@@ -247,7 +294,7 @@ impl Gateway {
             accounting,
             store,
             seeded: Default::default(),
-            started: runtime.loaded.config.clone(),
+            started: StartOnly::of(&runtime.loaded.config),
             generation: AtomicU64::new(runtime.generation),
             runtime: ArcSwap::from_pointee(runtime),
             config_path,
@@ -305,33 +352,11 @@ impl Gateway {
             });
         match result {
             Ok(rt) => {
-                let (new, old) = (&rt.loaded.config, &self.started);
-                let restart_only = [
-                    ("server.listen", new.server.listen != old.server.listen),
-                    (
-                        "server.shutdown_grace",
-                        new.server.shutdown_grace != old.server.shutdown_grace,
-                    ),
-                    (
-                        "server.watch_config",
-                        new.server.watch_config != old.server.watch_config,
-                    ),
-                    // Compared as values: their Debug text hides the secrets, so a
-                    // changed ledger or Redis URL looked the same.
-                    ("state", new.state != old.state),
-                    (
-                        "cache.max_bytes",
-                        new.cache.max_bytes != old.cache.max_bytes,
-                    ),
-                    ("alerts.webhook", new.alerts.webhook != old.alerts.webhook),
-                ];
-                for (field, changed) in restart_only {
-                    if changed {
-                        tracing::warn!(
-                            field,
-                            "changed in the config: it takes effect at the next restart"
-                        );
-                    }
+                for field in self.started.changed_in(&rt.loaded.config) {
+                    tracing::warn!(
+                        field,
+                        "changed in the config: it takes effect at the next restart"
+                    );
                 }
                 for w in rt.loaded.warning_lines() {
                     tracing::warn!("{w}");

@@ -48,12 +48,37 @@ impl Gateway {
         std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
     }
 
-    async fn launch(
+    /// Runs the gateway on `config` with `envs` when it is expected not to start: its exit
+    /// status (`None`: still running after 20 s, then killed) and its log.
+    pub fn start_expecting_exit(
         config: &str,
-        dir: tempfile::TempDir,
+        envs: &[(&str, &str)],
+    ) -> (Option<ExitStatus>, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut child, log) = Self::spawn(config, &dir, &[], envs);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        (status, std::fs::read_to_string(&log).unwrap_or_default())
+    }
+
+    /// `switchyard serve` on `config` (written to `dir`), logging to `dir/gateway.log`, with
+    /// its address written to `dir/ready`.
+    fn spawn(
+        config: &str,
+        dir: &tempfile::TempDir,
         extra_args: &[&str],
         envs: &[(&str, &str)],
-    ) -> Gateway {
+    ) -> (Child, PathBuf) {
         let _ = std::fs::remove_file(dir.path().join("ready"));
         let config_path = dir.path().join("routes.yaml");
         std::fs::write(&config_path, config).expect("write config");
@@ -87,6 +112,17 @@ impl Gateway {
             .stderr(Stdio::from(log_file))
             .spawn()
             .expect("spawn switchyard");
+        (child, log)
+    }
+
+    async fn launch(
+        config: &str,
+        dir: tempfile::TempDir,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Gateway {
+        let (child, log) = Self::spawn(config, &dir, extra_args, envs);
+        let ready = dir.path().join("ready");
         let mut gw = Gateway {
             child: Some(child),
             addr: String::new(),
