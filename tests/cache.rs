@@ -716,6 +716,65 @@ async fn no_cache_refreshes_an_answer_in_a_full_cache_that_has_forgotten_the_req
     );
 }
 
+/// Streams in a full cache: one asked for the first time is answered in full and declined
+/// (the gateway does not assemble an entry it would not keep); asked again, it is offered;
+/// and identical streams waiting for one in flight still get it from the one upstream call,
+/// though the full cache does not keep it.
+#[tokio::test]
+async fn a_full_cache_declines_a_new_stream_yet_hands_it_to_the_streams_waiting_for_it() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{ max_bytes: 4KiB }")).await;
+    let declined = || metric(&gw, "switchyard_cache_declined_total", &[]);
+    let mut filler = 0;
+    while declined().await == 0.0 {
+        assert!(filler < 30, "never full");
+        let a = chat(&gw, "red1", &ask("m", &format!("filler {filler}"))).await;
+        assert_eq!((a.status, a.cache()), (200, "miss"));
+        filler += 1;
+    }
+    let stream = |text: &str| {
+        let mut q = ask("m", text);
+        q["stream"] = json!(true);
+        q["stream_options"] = json!({"include_usage": true});
+        q
+    };
+
+    let before = declined().await;
+    let once = chat(&gw, "red1", &stream("streamed once")).await;
+    assert_eq!((once.status, once.cache()), (200, "miss"));
+    assert_eq!(stream_text(&once.body), upstream::MOCK_TEXT);
+    assert!(stream_usage(&once.body).is_some());
+    assert!(once.body.ends_with("data: [DONE]\n\n"));
+    assert_eq!(declined().await, before + 1.0, "declined, not stored");
+    let again = chat(&gw, "red1", &stream("streamed once")).await;
+    assert_eq!(again.cache(), "miss", "it was not kept");
+    assert_eq!(declined().await, before + 1.0, "asked again, it is offered");
+
+    let events: Vec<(u64, String)> = [
+        upstream::chat_chunk(Some("assistant"), Some(""), None),
+        upstream::chat_chunk(None, Some("Shar"), None),
+        upstream::chat_chunk(None, Some("ed"), None),
+        upstream::chat_chunk(None, None, Some("stop")),
+        upstream::usage_chunk(5, 2),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .into_iter()
+    .map(|e| (100, e))
+    .collect();
+    let refs: Vec<(u64, &str)> = events.iter().map(|(d, e)| (*d, e.as_str())).collect();
+    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    let calls = up.request_count();
+    let waited_for = stream("waited for");
+    let answers = join_all((0..6).map(|_| chat(&gw, "red1", &waited_for))).await;
+    assert_eq!(up.request_count(), calls + 1, "{answers:#?}");
+    assert_eq!(answers.iter().filter(|a| a.cache() == "miss").count(), 1);
+    for a in &answers {
+        assert_eq!(a.status, 200);
+        assert_eq!(stream_text(&a.body), "Shared");
+        assert_eq!(a.body, answers[0].body);
+    }
+}
+
 #[tokio::test]
 async fn cache_control_no_cache_skips_the_lookup_and_stores_no_store_does_neither() {
     let up = MockUpstream::start().await;

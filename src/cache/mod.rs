@@ -366,6 +366,31 @@ impl Leader {
         self.tell(Outcome::Stored(entry));
     }
 
+    /// Whether `store` would decline an answer of `bytes` bytes (the upstream's bytes, JSON
+    /// or events: an entry made of them weighs at least that plus `Entry::MIN_WEIGHT`) now:
+    /// no room for it, a key not asked for before, no Redis tier to put it in, and nobody
+    /// waiting for it. The caller then need not make the entry (a stream's answer is
+    /// assembled from its events for the cache alone) and calls `declined`. A request that
+    /// starts waiting after this is told to fetch its own, as for any answer not stored.
+    pub fn would_decline(&self, bytes: usize) -> bool {
+        let at_least = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .saturating_add(Entry::MIN_WEIGHT);
+        let nobody_waiting = self.tx.as_ref().is_none_or(|tx| tx.receiver_count() <= 1);
+        self.cache.redis.is_none()
+            && !self.asked_before
+            && nobody_waiting
+            && !self.cache.has_room(at_least)
+    }
+
+    /// The answer is not stored because `would_decline` said so.
+    pub fn declined(self) {
+        if let Some(m) = crate::telemetry::metrics::metrics() {
+            m.cache_declined.inc();
+        }
+        self.not_stored();
+    }
+
     /// The answer came but is not to be stored.
     pub fn not_stored(mut self) {
         self.tell(Outcome::NotStored);

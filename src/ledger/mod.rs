@@ -335,7 +335,17 @@ impl Tap {
             usage = Some(record.estimate(&text));
         }
         if let (Some((leader, ttl)), true, true) = (self.cache.take(), self.complete, success) {
+            // Estimated usage is not the upstream's: such answers are not worth keeping.
+            let upstream_usage = usage.filter(|u| !u.estimated);
             let entry = match self.mode {
+                _ if upstream_usage.is_none() => None,
+                // Full, and the key new: no entry to make (for a stream, to assemble).
+                _ if leader.would_decline(self.kept.iter().map(Bytes::len).sum()) => {
+                    leader.declined();
+                    self.kept.clear();
+                    record.finish(self.status, usage, self.first_byte);
+                    return;
+                }
                 Mode::Json => answer.filter(|_| !self.kept.is_empty()).map(|a| (a, None)),
                 Mode::Sse => {
                     let events = crate::cache::split_events(&self.kept);
@@ -343,8 +353,7 @@ impl Tap {
                 }
                 Mode::Other => None,
             };
-            // Estimated usage is not the upstream's: such answers are not worth keeping.
-            match (entry, usage.filter(|u| !u.estimated)) {
+            match (entry, upstream_usage) {
                 (Some((json, events)), Some(u)) => leader.store(crate::cache::Entry {
                     json,
                     events,
