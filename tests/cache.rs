@@ -157,6 +157,30 @@ fn ask(route: &str, text: &str) -> Value {
     json!({"model": route, "messages": [{"role": "user", "content": text}]})
 }
 
+/// A streamed chat request asking for usage.
+fn ask_stream(route: &str, text: &str) -> Value {
+    let mut q = ask(route, text);
+    q["stream"] = json!(true);
+    q["stream_options"] = json!({"include_usage": true});
+    q
+}
+
+/// Scripts the upstream's next answer: a chat stream of `pieces` with usage, its events
+/// 100 ms apart (so that identical requests sent at once find it in flight).
+fn script_slow_stream(up: &MockUpstream, pieces: &[&str]) {
+    let mut events = vec![upstream::chat_chunk(Some("assistant"), Some(""), None)];
+    events.extend(
+        pieces
+            .iter()
+            .map(|p| upstream::chat_chunk(None, Some(p), None)),
+    );
+    events.push(upstream::chat_chunk(None, None, Some("stop")));
+    events.push(upstream::usage_chunk(5, 2));
+    events.push("data: [DONE]\n\n".to_string());
+    let refs: Vec<(u64, &str)> = events.iter().map(|e| (100, e.as_str())).collect();
+    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+}
+
 /// The JSON data of every SSE event but `[DONE]`.
 fn events(body: &str) -> Vec<Value> {
     body.split("\n\n")
@@ -732,39 +756,21 @@ async fn a_full_cache_declines_a_new_stream_yet_hands_it_to_the_streams_waiting_
         assert_eq!((a.status, a.cache()), (200, "miss"));
         filler += 1;
     }
-    let stream = |text: &str| {
-        let mut q = ask("m", text);
-        q["stream"] = json!(true);
-        q["stream_options"] = json!({"include_usage": true});
-        q
-    };
 
     let before = declined().await;
-    let once = chat(&gw, "red1", &stream("streamed once")).await;
+    let once = chat(&gw, "red1", &ask_stream("m", "streamed once")).await;
     assert_eq!((once.status, once.cache()), (200, "miss"));
     assert_eq!(stream_text(&once.body), upstream::MOCK_TEXT);
     assert!(stream_usage(&once.body).is_some());
     assert!(once.body.ends_with("data: [DONE]\n\n"));
     assert_eq!(declined().await, before + 1.0, "declined, not stored");
-    let again = chat(&gw, "red1", &stream("streamed once")).await;
+    let again = chat(&gw, "red1", &ask_stream("m", "streamed once")).await;
     assert_eq!(again.cache(), "miss", "it was not kept");
     assert_eq!(declined().await, before + 1.0, "asked again, it is offered");
 
-    let events: Vec<(u64, String)> = [
-        upstream::chat_chunk(Some("assistant"), Some(""), None),
-        upstream::chat_chunk(None, Some("Shar"), None),
-        upstream::chat_chunk(None, Some("ed"), None),
-        upstream::chat_chunk(None, None, Some("stop")),
-        upstream::usage_chunk(5, 2),
-        "data: [DONE]\n\n".to_string(),
-    ]
-    .into_iter()
-    .map(|e| (100, e))
-    .collect();
-    let refs: Vec<(u64, &str)> = events.iter().map(|(d, e)| (*d, e.as_str())).collect();
-    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    script_slow_stream(&up, &["Shar", "ed"]);
     let calls = up.request_count();
-    let waited_for = stream("waited for");
+    let waited_for = ask_stream("m", "waited for");
     let answers = join_all((0..6).map(|_| chat(&gw, "red1", &waited_for))).await;
     assert_eq!(up.request_count(), calls + 1, "{answers:#?}");
     assert_eq!(answers.iter().filter(|a| a.cache() == "miss").count(), 1);
@@ -1003,22 +1009,8 @@ async fn ten_concurrent_identical_requests_reach_the_upstream_once() {
     }
 
     // Streams wait the same way, and are replayed the stream they waited for.
-    let mut s = ask("m", "stream all at once");
-    s["stream"] = json!(true);
-    s["stream_options"] = json!({"include_usage": true});
-    let events: Vec<(u64, String)> = [
-        upstream::chat_chunk(Some("assistant"), Some(""), None),
-        upstream::chat_chunk(None, Some("Toge"), None),
-        upstream::chat_chunk(None, Some("ther"), None),
-        upstream::chat_chunk(None, None, Some("stop")),
-        upstream::usage_chunk(5, 2),
-        "data: [DONE]\n\n".to_string(),
-    ]
-    .into_iter()
-    .map(|e| (100, e))
-    .collect();
-    let refs: Vec<(u64, &str)> = events.iter().map(|(d, e)| (*d, e.as_str())).collect();
-    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    let s = ask_stream("m", "stream all at once");
+    script_slow_stream(&up, &["Toge", "ther"]);
     let answers = join_all((0..10).map(|_| chat(&gw, "red1", &s))).await;
     assert_eq!(up.request_count(), 2);
     let misses = answers.iter().filter(|a| a.cache() == "miss").count();
