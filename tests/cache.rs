@@ -708,17 +708,9 @@ async fn no_cache_refreshes_an_answer_in_a_full_cache_that_has_forgotten_the_req
     let up = MockUpstream::start().await;
     // 4 KiB: a few chat answers; the doorkeeper is cleared after 6 new requests.
     let gw = Gateway::start(&config(&up, "{ max_bytes: 4KiB }")).await;
-    let declined = || metric(&gw, "switchyard_cache_declined_total", &[]);
     let first = chat(&gw, "red1", &ask("m", "kept")).await;
     assert_eq!(first.cache(), "miss");
-    // Fill it, its size settled after each answer (a scrape settles it), until it declines.
-    let mut filler = 0;
-    while declined().await == 0.0 {
-        assert!(filler < 30, "never full");
-        let a = chat(&gw, "red1", &ask("m", &format!("filler {filler}"))).await;
-        assert_eq!((a.status, a.cache()), (200, "miss"));
-        filler += 1;
-    }
+    fill_until_it_declines(&gw).await;
     // More new requests than the doorkeeper remembers.
     for i in 0..8 {
         chat(&gw, "red1", &ask("m", &format!("more {i}"))).await;
@@ -740,6 +732,18 @@ async fn no_cache_refreshes_an_answer_in_a_full_cache_that_has_forgotten_the_req
     );
 }
 
+/// Fills the route `m`'s cache with new answers, its size settled after each one (a scrape
+/// settles it), until it declines one.
+async fn fill_until_it_declines(gw: &Gateway) {
+    let mut filler = 0;
+    while metric(gw, "switchyard_cache_declined_total", &[]).await == 0.0 {
+        assert!(filler < 30, "never full");
+        let a = chat(gw, "red1", &ask("m", &format!("filler {filler}"))).await;
+        assert_eq!((a.status, a.cache()), (200, "miss"));
+        filler += 1;
+    }
+}
+
 /// Streams in a full cache: one asked for the first time is answered in full and declined
 /// (the gateway does not assemble an entry it would not keep); asked again, it is offered;
 /// and identical streams waiting for one in flight still get it from the one upstream call,
@@ -749,13 +753,7 @@ async fn a_full_cache_declines_a_new_stream_yet_hands_it_to_the_streams_waiting_
     let up = MockUpstream::start().await;
     let gw = Gateway::start(&config(&up, "{ max_bytes: 4KiB }")).await;
     let declined = || metric(&gw, "switchyard_cache_declined_total", &[]);
-    let mut filler = 0;
-    while declined().await == 0.0 {
-        assert!(filler < 30, "never full");
-        let a = chat(&gw, "red1", &ask("m", &format!("filler {filler}"))).await;
-        assert_eq!((a.status, a.cache()), (200, "miss"));
-        filler += 1;
-    }
+    fill_until_it_declines(&gw).await;
 
     let before = declined().await;
     let once = chat(&gw, "red1", &ask_stream("m", "streamed once")).await;
