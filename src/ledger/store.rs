@@ -7,12 +7,11 @@ use crate::Name;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
 use tokio::sync::mpsc;
@@ -139,52 +138,6 @@ pub enum Scope<'a> {
     Team(&'a str),
 }
 
-/// Adds `rows`' values to `args` (sized up front), in the order of `insert_sql`'s columns.
-macro_rules! add_rows {
-    ($args:expr, $rows:expr) => {{
-        use sqlx::Arguments;
-        let rows = $rows;
-        let enc = sqlx::Error::Encode;
-        $args.reserve(rows.len() * COLUMNS, rows.len() * 160);
-        for r in rows {
-            $args.add(r.ts_ms).map_err(enc)?;
-            $args.add(r.request_id.as_str()).map_err(enc)?;
-            $args.add(&*r.key).map_err(enc)?;
-            $args.add(&*r.team).map_err(enc)?;
-            $args.add(r.user.as_str()).map_err(enc)?;
-            $args.add(&*r.route).map_err(enc)?;
-            $args.add(&*r.deployment).map_err(enc)?;
-            $args.add(&*r.provider).map_err(enc)?;
-            $args.add(&*r.endpoint).map_err(enc)?;
-            $args.add(r.status as i32).map_err(enc)?;
-            $args.add(r.prompt_tokens as i64).map_err(enc)?;
-            $args.add(r.cached_tokens as i64).map_err(enc)?;
-            $args.add(r.completion_tokens as i64).map_err(enc)?;
-            $args.add(r.cost_usd).map_err(enc)?;
-            $args.add(r.latency_ms).map_err(enc)?;
-            $args.add(r.ttft_ms).map_err(enc)?;
-            $args.add(r.cache_hit).map_err(enc)?;
-            $args.add(r.estimated).map_err(enc)?;
-        }
-    }};
-}
-
-static SQLITE_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(false));
-static POSTGRES_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(true));
-
-/// One multi-row INSERT of `chunk` (a power of two of rows, as `statement_chunks` cuts them).
-async fn insert_chunk_sqlite(
-    conn: &mut SqliteConnection,
-    chunk: &[LedgerRow],
-) -> Result<(), sqlx::Error> {
-    let mut args = sqlx::sqlite::SqliteArguments::default();
-    add_rows!(args, chunk);
-    sqlx::query_with(&SQLITE_SQL[chunk.len().trailing_zeros() as usize], args)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 impl Store {
     pub async fn open(url: &str) -> Result<Store, String> {
         let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -288,26 +241,53 @@ impl Store {
         // round-trips to the database (for SQLite, to sqlx's worker thread, each two context
         // switches: 4 for a batch of 512 rows, where chunks of 32 took 16), and few statement
         // shapes (`insert_sql`, one text per power of two): each is parsed once and stays in
-        // sqlx's statement cache.
-        match self {
-            Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                for chunk in statement_chunks(rows, MAX_ROWS_PER_STATEMENT) {
-                    insert_chunk_sqlite(&mut tx, chunk).await?;
-                }
-                tx.commit().await
-            }
-            Store::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                for chunk in statement_chunks(rows, MAX_ROWS_PER_STATEMENT) {
-                    let mut args = sqlx::postgres::PgArguments::default();
-                    add_rows!(args, chunk);
-                    sqlx::query_with(&POSTGRES_SQL[chunk.len().trailing_zeros() as usize], args)
+        // sqlx's statement cache. The arguments are sized up front.
+        macro_rules! insert_all {
+            ($pool:expr, $db:ty, $sql:expr) => {{
+                let mut tx = $pool.begin().await?;
+                for chunk in statement_chunks(rows) {
+                    use sqlx::Arguments;
+                    let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
+                    args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
+                    for r in chunk {
+                        add_row!(args, r);
+                    }
+                    sqlx::query_with(&$sql[chunk.len().trailing_zeros() as usize], args)
                         .execute(&mut *tx)
                         .await?;
                 }
                 tx.commit().await
-            }
+            }};
+        }
+        macro_rules! add_row {
+            ($args:expr, $r:expr) => {{
+                let r = $r;
+                let enc = sqlx::Error::Encode;
+                $args.add(r.ts_ms).map_err(enc)?;
+                $args.add(r.request_id.as_str()).map_err(enc)?;
+                $args.add(&*r.key).map_err(enc)?;
+                $args.add(&*r.team).map_err(enc)?;
+                $args.add(r.user.as_str()).map_err(enc)?;
+                $args.add(&*r.route).map_err(enc)?;
+                $args.add(&*r.deployment).map_err(enc)?;
+                $args.add(&*r.provider).map_err(enc)?;
+                $args.add(&*r.endpoint).map_err(enc)?;
+                $args.add(r.status as i32).map_err(enc)?;
+                $args.add(r.prompt_tokens as i64).map_err(enc)?;
+                $args.add(r.cached_tokens as i64).map_err(enc)?;
+                $args.add(r.completion_tokens as i64).map_err(enc)?;
+                $args.add(r.cost_usd).map_err(enc)?;
+                $args.add(r.latency_ms).map_err(enc)?;
+                $args.add(r.ttft_ms).map_err(enc)?;
+                $args.add(r.cache_hit).map_err(enc)?;
+                $args.add(r.estimated).map_err(enc)?;
+            }};
+        }
+        static SQLITE_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(false));
+        static POSTGRES_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(true));
+        match self {
+            Store::Sqlite(pool) => insert_all!(pool, sqlx::Sqlite, SQLITE_SQL),
+            Store::Postgres(pool) => insert_all!(pool, sqlx::Postgres, POSTGRES_SQL),
         }
     }
 
@@ -474,17 +454,16 @@ const MAX_ROWS_PER_STATEMENT: usize = 128;
 /// Values per ledger row, in the order `Store::insert` adds them.
 const COLUMNS: usize = 18;
 
-/// `rows` cut into the chunks that `insert_sql` has statements for: full chunks of `max` (a
-/// power of two, at most `MAX_ROWS_PER_STATEMENT`), then the rest by the powers of two it is
-/// made of.
-fn statement_chunks<T>(rows: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+/// `rows` cut into the chunks that `insert_sql` has statements for: full chunks of
+/// `MAX_ROWS_PER_STATEMENT`, then the rest by the powers of two it is made of.
+fn statement_chunks<T>(rows: &[T]) -> impl Iterator<Item = &[T]> {
     let mut rest = rows;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
-        let take = if rest.len() >= max {
-            max
+        let take = if rest.len() >= MAX_ROWS_PER_STATEMENT {
+            MAX_ROWS_PER_STATEMENT
         } else {
             1 << (usize::BITS - 1 - rest.len().leading_zeros())
         };
@@ -555,10 +534,6 @@ impl LedgerWriter {
                 Store::Sqlite(pool) => pool.size(),
                 Store::Postgres(_) => 0,
             };
-            let mut lane = match &store {
-                Store::Sqlite(pool) => IdleLane::open(pool).await,
-                Store::Postgres(_) => None,
-            };
             let mut tick = tokio::time::interval(interval);
             loop {
                 let stopping = tokio::select! {
@@ -569,11 +544,11 @@ impl LedgerWriter {
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
                     if batch.len() >= BATCH {
-                        write_batch(&store, &mut lane, &mut batch).await;
+                        write_with_retry(&store, &mut batch).await;
                     }
                 }
                 if !batch.is_empty() {
-                    write_batch(&store, &mut lane, &mut batch).await;
+                    write_with_retry(&store, &mut batch).await;
                 }
                 // A connection opened since (by the pool, a write or a report) brought a new
                 // thread: /proc is read only when the pool's connection count changed, and
@@ -587,9 +562,6 @@ impl LedgerWriter {
                 if stopping {
                     break;
                 }
-            }
-            if let Some(lane) = lane {
-                let _ = sqlx::Connection::close(lane.conn).await;
             }
             store.close().await;
         });
@@ -644,137 +616,6 @@ fn lower_sqlite_threads() {
     }
 }
 
-/// The SQLite ledger's own writer connection, whose sqlx thread runs at idle priority
-/// (`SCHED_IDLE` on Linux): a batch's inserts, and the WAL checkpoints that follow some
-/// commits, run only when no request work is waiting for the CPU, instead of holding it for
-/// milliseconds while a request waits (at nice 5, the benchmark's c1 p99 was 566–1,104 µs;
-/// at idle priority 461–513 µs). A thread at idle priority gets almost no CPU from a core that
-/// requests keep busy, and rows would pile up in memory: a batch that takes longer than
-/// `LANE_STARVED` is cut short at its next statement (statements of `LANE_ROWS_PER_STATEMENT`
-/// rows, so at most a few tens of milliseconds are lost that way), committed, and the lane
-/// rests for `LANE_PAUSE` while the pool's connections (nice 5, see `lower_sqlite_threads`)
-/// write instead. An unprivileged process cannot raise a thread back from idle priority,
-/// hence a connection of its own rather than one of the pool's.
-struct IdleLane {
-    conn: SqliteConnection,
-    resting_until: Option<Instant>,
-    /// `LANE_STARVED` (a test shortens it to see a batch cut short).
-    starved: Duration,
-}
-
-const LANE_THREAD: &str = "sy-ledger-idle";
-const LANE_ROWS_PER_STATEMENT: usize = 32;
-const LANE_STARVED: Duration = Duration::from_millis(50);
-const LANE_PAUSE: Duration = Duration::from_secs(60);
-
-impl IdleLane {
-    /// A connection of the pool's database with a thread of its own, lowered to idle
-    /// priority; none (the pool writes everything) when it cannot be opened or lowered.
-    async fn open(pool: &SqlitePool) -> Option<IdleLane> {
-        let opts = (*pool.connect_options())
-            .clone()
-            .thread_name(|_| LANE_THREAD.to_string());
-        let conn = match sqlx::ConnectOptions::connect(&opts).await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "ledger: no connection of its own for the writer; the pool writes");
-                return None;
-            }
-        };
-        if !idle_priority(LANE_THREAD) {
-            let _ = sqlx::Connection::close(conn).await;
-            return None;
-        }
-        Some(IdleLane {
-            conn,
-            resting_until: None,
-            starved: LANE_STARVED,
-        })
-    }
-
-    fn ready(&mut self, now: Instant) -> bool {
-        match self.resting_until {
-            Some(t) if now < t => false,
-            _ => {
-                self.resting_until = None;
-                true
-            }
-        }
-    }
-
-    /// Writes rows from the front of `batch` in one transaction and takes them out of it;
-    /// stops early (the rest stay in `batch`) once the batch has taken `LANE_STARVED`.
-    async fn write(&mut self, batch: &mut Vec<LedgerRow>) -> Result<(), sqlx::Error> {
-        let start = Instant::now();
-        let mut tx = sqlx::Connection::begin(&mut self.conn).await?;
-        let mut done = 0;
-        for chunk in statement_chunks(batch, LANE_ROWS_PER_STATEMENT) {
-            insert_chunk_sqlite(&mut tx, chunk).await?;
-            done += chunk.len();
-            if start.elapsed() > self.starved {
-                break;
-            }
-        }
-        tx.commit().await?;
-        batch.drain(..done);
-        if start.elapsed() > self.starved {
-            tracing::debug!(
-                rows = done,
-                "ledger: the idle-priority writer was starved; the pool writes for a while"
-            );
-            self.resting_until = Some(Instant::now() + LANE_PAUSE);
-        }
-        Ok(())
-    }
-}
-
-/// Writes `batch` through the idle lane while it is there and not resting, what is left
-/// through the pool (retried on failure).
-async fn write_batch(store: &Store, lane: &mut Option<IdleLane>, batch: &mut Vec<LedgerRow>) {
-    if let Some(l) = lane {
-        if l.ready(Instant::now()) {
-            if let Err(e) = l.write(batch).await {
-                tracing::warn!(error = %e, "ledger: the idle-priority writer failed; the pool writes for a while");
-                l.resting_until = Some(Instant::now() + LANE_PAUSE);
-            }
-        }
-    }
-    if !batch.is_empty() {
-        write_with_retry(store, batch).await;
-    }
-}
-
-/// Puts the thread named `name` (sqlx names a connection's worker thread as asked) at idle
-/// priority; false when there is no such thread or the call fails.
-fn idle_priority(name: &str) -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return false;
-        };
-        for task in tasks.flatten() {
-            let named = std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|c| c.trim_end() == name);
-            let tid = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<i32>().ok());
-            if let (true, Some(tid)) = (named, tid) {
-                let param = libc::sched_param { sched_priority: 0 };
-                // SAFETY: `param` is a valid `sched_param` for the duration of the call; the
-                // call reads it and changes only the scheduling of thread `tid`.
-                return unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) } == 0;
-            }
-        }
-        false
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = name;
-        false
-    }
-}
-
 /// A failed write (database restarting, disk full) is retried with a pause; rows are kept
 /// in memory meanwhile rather than dropped.
 async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
@@ -806,9 +647,7 @@ mod tests {
     fn batches_are_cut_into_statements_of_powers_of_two() {
         let sizes = |n: usize| -> Vec<usize> {
             let rows = vec![0u8; n];
-            statement_chunks(&rows, MAX_ROWS_PER_STATEMENT)
-                .map(<[u8]>::len)
-                .collect()
+            statement_chunks(&rows).map(<[u8]>::len).collect()
         };
         assert_eq!(sizes(0), Vec::<usize>::new());
         assert_eq!(sizes(1), [1]);
@@ -826,71 +665,6 @@ mod tests {
                 assert_eq!(sql.matches('?').count(), c * COLUMNS);
             }
         }
-    }
-
-    fn rows(n: usize, tag: &str) -> Vec<LedgerRow> {
-        (0..n)
-            .map(|i| LedgerRow {
-                request_id: format!("{tag}{i}"),
-                ..Default::default()
-            })
-            .collect()
-    }
-
-    async fn count(pool: &SqlitePool) -> i64 {
-        sqlx::query_scalar("SELECT COUNT(*) FROM requests")
-            .fetch_one(pool)
-            .await
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn the_idle_lane_writes_until_starved_then_the_pool_writes_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
-        let store = Store::open(&url).await.unwrap();
-        let Store::Sqlite(pool) = &store else {
-            unreachable!()
-        };
-        let mut lane = IdleLane::open(pool).await;
-        // (Its thread's priority is checked on the real gateway, tests/cost.rs.)
-        #[cfg(target_os = "linux")]
-        assert!(lane.is_some(), "the writer's own connection opens");
-        if lane.is_none() {
-            return;
-        }
-
-        // Not starved: the lane writes the whole batch and stays ready.
-        let mut batch = rows(100, "a");
-        write_batch(&store, &mut lane, &mut batch).await;
-        assert!(batch.is_empty());
-        assert_eq!(count(pool).await, 100);
-        let l = lane.as_mut().unwrap();
-        assert!(l.resting_until.is_none());
-
-        // Starved (every batch "took too long"): one statement's rows through the lane, the
-        // rest through the pool, none lost; then the lane rests and the pool writes alone.
-        l.starved = Duration::ZERO;
-        let mut batch = rows(100, "b");
-        l.write(&mut batch).await.unwrap();
-        assert_eq!(batch.len(), 100 - LANE_ROWS_PER_STATEMENT);
-        assert_eq!(count(pool).await, 100 + LANE_ROWS_PER_STATEMENT as i64);
-        assert!(l.resting_until.is_some());
-        write_batch(&store, &mut lane, &mut batch).await;
-        assert!(batch.is_empty());
-        let mut batch = rows(10, "c");
-        write_batch(&store, &mut lane, &mut batch).await;
-        assert_eq!(count(pool).await, 210);
-        let ids: Vec<String> = sqlx::query_scalar("SELECT request_id FROM requests ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-        let expected: Vec<String> = ["a", "b", "c"]
-            .iter()
-            .zip([100, 100, 10])
-            .flat_map(|(t, n)| rows(n, t).into_iter().map(|r| r.request_id))
-            .collect();
-        assert_eq!(ids, expected, "every row once, in order");
     }
 
     #[tokio::test]
