@@ -166,6 +166,9 @@ def markdown(path):
       f"(median of the rounds; CPU per request over all of them); proxy on core 0, mock upstream and load generator on core 1; loopback")
     if "meta.real_cache_max" in r:
         w(f"- realistic config: `cache.max_bytes` {r['meta.real_cache_max']}")
+    spread = r.get("meta.spread_ms", "0")
+    w(f"- streams: the connections' first requests spread over {spread} ms"
+      + (" (all at once: the streams stay in step, see bench/README.md)" if spread == "0" else ""))
     w("")
 
     # 1. latency at concurrency 1

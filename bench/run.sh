@@ -12,7 +12,8 @@
 # ("direct nginx floor sy-bare sy-real", plus sy-bare@NAME sy-real@NAME for each EXTRA_BINS entry),
 # EXTRA_BINS ("NAME=PATH ...": more Switchyard binaries measured with the same configs),
 # SY_BIN (the main binary; target/release/switchyard), PROXY_CPU (0), LOAD_CPU (1),
-# STREAMS (32), MANY_STREAMS (1000), CONC (64), REAL_CACHE_MAX (cache.max_bytes of the
+# STREAMS (32), MANY_STREAMS (1000), SPREAD_MS (100: the stream connections' first requests
+# spread over that long; 0 sends them all at once, as runs before session 9 did), CONC (64), REAL_CACHE_MAX (cache.max_bytes of the
 # realistic config; 8MiB, full within the first second, as in the A/B tools), ROUNDS (3: each measurement taken that many times, the
 # targets taking turns; the report gives the median), LABEL, OUT (bench/RESULTS.md; "-" prints
 # to stdout), NO_BUILD=1 (use the binaries already built), KEEP=1 (keep the temp dir).
@@ -33,6 +34,7 @@ done
 TARGETS=${TARGETS:-"direct nginx floor sy-bare sy-real$EXTRA_TARGETS"}
 STREAMS=${STREAMS:-32}
 MANY_STREAMS=${MANY_STREAMS:-1000}
+SPREAD_MS=${SPREAD_MS:-100}
 LABEL=${LABEL:-}
 OUT=${OUT:-$HERE/RESULTS.md}
 ROUNDS=${ROUNDS:-3}
@@ -70,6 +72,7 @@ put meta.label "$LABEL"
 put meta.conc "$CONC"
 put meta.streams "$STREAMS"
 put meta.many_streams "$MANY_STREAMS"
+put meta.spread_ms "$SPREAD_MS"
 put meta.targets "$TARGETS"
 put meta.real_cache_max "${REAL_CACHE_MAX:-256MiB, the gateway default}"
 put meta.loadavg "$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -165,7 +168,7 @@ measure() {
     s*)
         [ -n "$auth" ] && args=(--header "Authorization: $auth")
         out=$(taskset -c "$LOAD_CPU" "$SSE_BIN" --url "$url" --connections "${scen#s}" --duration "$DURATION" \
-            --expect-events $CHUNKS "${args[@]}" \
+            --expect-events $CHUNKS --spread-ms "$SPREAD_MS" "${args[@]}" \
             --body "{\"model\":\"bench\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"stream $prefix-{n}\"}]}")
         echo "$out" >"$T/$target-$scen-r$round.sse.txt"
         ;;

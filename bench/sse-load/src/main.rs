@@ -31,6 +31,8 @@ struct Args {
     body: String,
     expect_events: usize,
     bunch: Duration,
+    /// Connection i sends its first request i/N of this late (0: all at once).
+    spread: Duration,
 }
 
 #[derive(Default)]
@@ -65,6 +67,7 @@ fn parse_args() -> Args {
             .to_string(),
         expect_events: 20,
         bunch: Duration::from_millis(2),
+        spread: Duration::ZERO,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -82,6 +85,9 @@ fn parse_args() -> Args {
             }
             "--body" => a.body = v(),
             "--expect-events" => a.expect_events = v().parse().expect("--expect-events N"),
+            "--spread-ms" => {
+                a.spread = Duration::from_secs_f64(v().parse::<f64>().expect("--spread-ms MS") / 1e3)
+            }
             "--bunch-ms" => {
                 a.bunch = Duration::from_secs_f64(v().parse::<f64>().expect("--bunch-ms MS") / 1e3)
             }
@@ -136,10 +142,14 @@ fn main() {
         let start = Instant::now();
         let deadline = start + args.duration;
         let mut tasks = Vec::new();
-        for mut sender in senders {
+        let n_conns = senders.len() as u32;
+        for (i, mut sender) in senders.into_iter().enumerate() {
             let (args, results, counter) = (args.clone(), results.clone(), counter.clone());
             let (authority, path) = (authority.clone(), path.clone());
             tasks.push(tokio::task::spawn_local(async move {
+                // Connection i starts i/N of the spread late, so that the streams do not
+                // all begin (and end, and begin again) at the same moment.
+                tokio::time::sleep(args.spread * i as u32 / n_conns).await;
                 while Instant::now() < deadline {
                     if sender.ready().await.is_err() {
                         results.borrow_mut().errors += 1;
