@@ -969,6 +969,58 @@ async fn json_logs_have_one_line_per_request_with_its_id_and_no_secret() {
     }
 }
 
+/// A request without a sane `x-request-id` (none, or one too long) gets a new id, the same in
+/// the response, in the one `x-request-id` the upstream sees, and in the log line.
+#[tokio::test]
+async fn a_request_without_a_sane_id_gets_one_id_everywhere() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start_with(&config(&up, ""), &["--log-format", "json"]).await;
+    let too_long = "x".repeat(300);
+    for (i, sent) in [None, Some(too_long.as_str())].into_iter().enumerate() {
+        let mut req = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .body(r#"{"model":"gpt-4o","messages":[]}"#);
+        if let Some(id) = sent {
+            req = req.header("x-request-id", id);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        resp.bytes().await.unwrap();
+        let hex = id
+            .strip_prefix("req_")
+            .unwrap_or_else(|| panic!("new id {id}"));
+        assert!(
+            hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{id}"
+        );
+
+        let reqs = up.requests();
+        let upstream_ids: Vec<&str> = reqs[i]
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("x-request-id"))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(upstream_ids, [id.as_str()], "one id upstream, the same");
+
+        assert!(
+            gw.wait_log(|l| l.contains(&id), Duration::from_secs(5))
+                .await,
+            "{}",
+            gw.logs()
+        );
+        let logs = gw.logs();
+        let line: Value = logs
+            .lines()
+            .find(|l| l.contains(&id))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .unwrap();
+        assert_eq!(line["request_id"], id.as_str(), "{line}");
+    }
+}
+
 #[tokio::test]
 async fn health_and_readiness() {
     let (_up, gw) = setup().await;

@@ -17,7 +17,7 @@ use tower::Service;
 
 use super::body::BoxError;
 use super::body::{json_response, ResponseBody};
-use super::{Gateway, RequestId, Runtime};
+use super::{request_id, Gateway, Runtime};
 use crate::api::{self, ApiRequest, Shape, Target};
 use crate::auth::ClientKey;
 use crate::cache;
@@ -164,11 +164,7 @@ where
     if let Shape::Azure { route } = &shape {
         check_route(rt, &key, route)?;
     }
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_else(|| HeaderValue::from_static("unknown"));
+    let request_id = request_id(req.headers());
     let (parts, body) = req.into_parts();
     if let Some(len) = parts
         .headers

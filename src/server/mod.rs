@@ -1,9 +1,9 @@
 //! The listener, the tower stack, reloads and graceful shutdown.
 //!
 //! The request path, in order (outermost first):
-//! 1. `RequestIdLayer` (here): takes the client's `x-request-id` or makes one; adds the
-//!    `RequestId` request extension; sets `x-request-id` on every response.
-//! 2. `AccessLogLayer` (`telemetry/`): reads `RequestId` and the `RequestFacts` response
+//! 1. `RequestIdLayer` (here): takes the client's `x-request-id` or puts a new one in its
+//!    place on the request; sets `x-request-id` on every response.
+//! 2. `AccessLogLayer` (`telemetry/`): reads the request id and the `RequestFacts` response
 //!    extension (set by the handler), and when the response body ends writes one log line
 //!    and observes the request metrics (`switchyard_requests_total`, durations, TTFT).
 //! 3. `handler::handle`: takes one config generation (`Runtime`) for the whole request, then
@@ -382,11 +382,16 @@ impl Gateway {
     }
 }
 
-/// The request id: the client's `x-request-id` when it sent a sane one, else a new one. Kept
-/// as the header value it is sent as: the response, the upstream request and the log line
-/// share its bytes.
-#[derive(Debug, Clone)]
-pub struct RequestId(pub HeaderValue);
+/// The request's id, as `RequestIdService` left it in the request's own `x-request-id`: the
+/// client's when it sent a sane one, else a new one. Kept as the header value it is sent as
+/// (the response, the upstream request and the log line share its bytes), and carried in the
+/// request's headers rather than in an extension (which would make a map for one entry).
+pub fn request_id(headers: &http::HeaderMap) -> HeaderValue {
+    headers
+        .get(REQUEST_ID)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from_static(""))
+}
 
 #[derive(Clone, Copy, Default)]
 pub struct RequestIdLayer;
@@ -431,13 +436,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = req
-            .headers()
-            .get(REQUEST_ID)
-            .filter(|v| v.to_str().is_ok_and(|v| !v.is_empty() && v.len() <= 200))
-            .cloned()
-            .unwrap_or_else(new_request_id);
-        req.extensions_mut().insert(RequestId(id.clone()));
+        let sane = |v: &HeaderValue| v.to_str().is_ok_and(|v| !v.is_empty() && v.len() <= 200);
+        let id = match req.headers().get(REQUEST_ID).filter(|v| sane(v)) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                req.headers_mut().insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;

@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service};
 
 use crate::server::body::{BoxError, ResponseBody};
-use crate::server::RequestId;
+use crate::server::request_id;
 use crate::Name;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -398,11 +398,7 @@ where
         let start = Instant::now();
         let method = req.method().clone();
         let uri = req.uri().clone();
-        let request_id = req
-            .extensions()
-            .get::<RequestId>()
-            .map(|r| r.0.clone())
-            .unwrap_or_else(|| HeaderValue::from_static(""));
+        let request_id = request_id(req.headers());
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
