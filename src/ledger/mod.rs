@@ -337,15 +337,11 @@ impl Tap {
         if let (Some((leader, ttl)), true, true) = (self.cache.take(), self.complete, success) {
             // Estimated usage is not the upstream's: such answers are not worth keeping.
             let upstream_usage = usage.filter(|u| !u.estimated);
+            // Full, and the key new: no entry to make (for a stream, to assemble).
+            let declined = upstream_usage.is_some()
+                && leader.would_decline(self.kept.iter().map(Bytes::len).sum());
             let entry = match self.mode {
-                _ if upstream_usage.is_none() => None,
-                // Full, and the key new: no entry to make (for a stream, to assemble).
-                _ if leader.would_decline(self.kept.iter().map(Bytes::len).sum()) => {
-                    leader.declined();
-                    self.kept.clear();
-                    record.finish(self.status, usage, self.first_byte);
-                    return;
-                }
+                _ if upstream_usage.is_none() || declined => None,
                 Mode::Json => answer.filter(|_| !self.kept.is_empty()).map(|a| (a, None)),
                 Mode::Sse => {
                     let events = crate::cache::split_events(&self.kept);
@@ -361,6 +357,7 @@ impl Tap {
                     cost_usd: record.price.cost(&u),
                     ttl,
                 }),
+                _ if declined => leader.declined(),
                 _ => leader.not_stored(),
             }
         }

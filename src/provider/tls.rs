@@ -64,18 +64,20 @@ fn load() -> Result<rustls::ClientConfig, String> {
 /// (a Redis behind a company CA; the system bundle works too, it holds the public roots).
 /// The file is read once per process, whichever of the Redis clients asks first.
 pub fn redis_client(url: &str) -> Result<redis::Client, String> {
-    let client = match url.starts_with("rediss://") {
-        true => match redis_ca()? {
-            Some(pem) => {
-                let certs = redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.to_vec()),
-                };
-                redis::Client::build_with_tls(url, certs)
-            }
-            None => redis::Client::open(url),
-        },
-        false => redis::Client::open(url),
+    let ca = if url.starts_with("rediss://") {
+        redis_ca()?
+    } else {
+        None
+    };
+    let client = match ca {
+        Some(pem) => {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            };
+            redis::Client::build_with_tls(url, certs)
+        }
+        None => redis::Client::open(url),
     };
     client.map_err(|e| format!("bad state.redis URL: {e}"))
 }
