@@ -216,6 +216,11 @@ impl Checker<'_> {
                     &p(&["state", "ledger"]),
                     "state.ledger must be a sqlite:// or postgres:// URL",
                 );
+            } else if crate::ledger::store::in_memory_sqlite(ledger) {
+                self.error(
+                    &p(&["state", "ledger"]),
+                    "state.ledger: an in-memory SQLite ledger would lose every row at exit; give a file (sqlite://PATH)",
+                );
             }
         }
     }
@@ -630,6 +635,25 @@ keys:
             vec!["f.yaml:4:21: environment variable `CLIENT_KEY` is not set"
                 .replace("f.yaml", "routes.yaml")]
         );
+    }
+
+    #[test]
+    fn an_in_memory_ledger_is_refused_a_file_is_not() {
+        let config = |ledger: &str| {
+            format!("state: {{ ledger: \"{ledger}\" }}\nproviders: {{ demo: {{ kind: mock }} }}\nmodels: {{ m: {{ deployments: [ {{ provider: demo }} ] }} }}\n")
+        };
+        for memory in [
+            "sqlite::memory:",
+            "sqlite://:memory:",
+            "sqlite://x.db?mode=memory",
+        ] {
+            let e = errors(&config(memory));
+            assert!(
+                e.len() == 1 && e[0].contains("in-memory SQLite ledger would lose every row"),
+                "{memory}: {e:?}"
+            );
+        }
+        assert_eq!(errors(&config("sqlite://ledger.db")), Vec::<String>::new());
     }
 
     #[test]

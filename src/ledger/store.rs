@@ -1,7 +1,9 @@
 //! The ledger's storage: one row per request in SQLite (the embedded default, WAL) or
-//! PostgreSQL (`postgres://`), through sqlx. Rows are written in batches by one task, off the
-//! request path; `close` flushes what is queued. Schema changes are numbered migrations,
-//! applied at open.
+//! PostgreSQL (`postgres://`). Rows are written in batches by one task, off the request path;
+//! `close` flushes what is queued. Schema changes are numbered migrations, applied at open.
+//! Reads and PostgreSQL go through sqlx; SQLite's writes go through a connection of their
+//! own on a thread of their own (`SqliteWriter`, rusqlite), binding each row's values where
+//! they lie.
 
 use crate::Name;
 use std::str::FromStr;
@@ -14,7 +16,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::Row;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// One request as the ledger keeps it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -42,8 +44,20 @@ pub struct LedgerRow {
 
 #[derive(Clone)]
 pub enum Store {
-    Sqlite(SqlitePool),
+    /// The pool reads (reports, budgets at start) and migrates; the writer writes.
+    Sqlite(SqlitePool, SqliteWriter),
     Postgres(PgPool),
+}
+
+/// Why a batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Sqlx(#[from] sqlx::Error),
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the SQLite ledger's writer thread is gone")]
+    WriterGone,
 }
 
 const SQLITE_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
@@ -140,155 +154,64 @@ pub enum Scope<'a> {
 
 impl Store {
     pub async fn open(url: &str) -> Result<Store, String> {
-        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
                 .connect(url)
                 .await
                 .map_err(|e| format!("cannot open the PostgreSQL ledger: {e}"))?;
-            Store::Postgres(pool)
-        } else {
-            let opts = SqliteConnectOptions::from_str(url)
-                .map_err(|e| format!("bad SQLite ledger URL: {e}"))?
-                .create_if_missing(true)
-                .journal_mode(SqliteJournalMode::Wal)
-                // In WAL mode NORMAL syncs at checkpoints, not at every commit: a committed
-                // batch survives a crash of the process (it is in the OS's hands), and a power
-                // loss can take the last commits, as it takes the rows still queued anyway.
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(Duration::from_secs(10));
-            // Two connections kept for good (the writer's and a report's), two more on demand:
-            // each is a thread of sqlx's, whose priority is lowered once it exists.
-            let pool = SqlitePoolOptions::new()
-                // An in-process database does not go away between two uses: no ping (a
-                // round-trip to the connection's thread) before each batch.
-                .test_before_acquire(false)
-                .min_connections(2)
-                .max_connections(4)
-                .max_lifetime(None)
-                .connect_with(opts)
-                .await
-                .map_err(|e| format!("cannot open the SQLite ledger: {e}"))?;
-            lower_sqlite_threads();
-            Store::Sqlite(pool)
-        };
-        store.migrate().await?;
-        Ok(store)
+            migrate_postgres(&pool).await.map_err(migration_failed)?;
+            return Ok(Store::Postgres(pool));
+        }
+        if in_memory_sqlite(url) {
+            return Err("an in-memory SQLite ledger would lose every row at exit; \
+                        give a file (sqlite://PATH)"
+                .to_string());
+        }
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| format!("bad SQLite ledger URL: {e}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // In WAL mode NORMAL syncs at checkpoints, not at every commit: a committed batch
+            // survives a crash of the process (it is in the OS's hands), and a power loss can
+            // take the last commits, as it takes the rows still queued anyway.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT);
+        // One connection kept for good (a report's), three more on demand: each is a thread
+        // of sqlx's, whose priority is lowered once it exists. Writes have a connection of
+        // their own (`SqliteWriter`).
+        let pool = SqlitePoolOptions::new()
+            // An in-process database does not go away between two uses: no ping (a
+            // round-trip to the connection's thread) before each use.
+            .test_before_acquire(false)
+            .min_connections(1)
+            .max_connections(4)
+            .max_lifetime(None)
+            .connect_with(opts.clone())
+            .await
+            .map_err(|e| format!("cannot open the SQLite ledger: {e}"))?;
+        lower_sqlite_threads();
+        // The table exists before the writer prepares its statements.
+        migrate_sqlite(&pool).await.map_err(migration_failed)?;
+        let writer = SqliteWriter::open(opts.get_filename().to_path_buf())
+            .await
+            .map_err(|e| format!("cannot open the SQLite ledger for writing: {e}"))?;
+        Ok(Store::Sqlite(pool, writer))
     }
 
-    async fn migrate(&self) -> Result<(), String> {
-        let err = |e: sqlx::Error| format!("ledger migration failed: {e}");
+    /// Writes `batch` in one transaction and empties it; on failure the rows stay in it.
+    pub async fn write(&self, batch: &mut Vec<LedgerRow>) -> Result<(), WriteError> {
         match self {
-            Store::Sqlite(pool) => {
-                sqlx::raw_sql(
-                    "CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)",
-                )
-                .execute(pool)
-                .await
-                .map_err(err)?;
-                let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
-                    .fetch_one(pool)
-                    .await
-                    .map_err(err)?
-                    .get(0);
-                for (i, m) in SQLITE_MIGRATIONS.iter().enumerate().skip(done as usize) {
-                    let mut tx = pool.begin().await.map_err(err)?;
-                    sqlx::raw_sql(m).execute(&mut *tx).await.map_err(err)?;
-                    sqlx::query("INSERT INTO ledger_schema (version) VALUES (?)")
-                        .bind(i as i64 + 1)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err)?;
-                    tx.commit().await.map_err(err)?;
-                }
+            Store::Sqlite(_, writer) => {
+                let (rows, written) = writer.write(std::mem::take(batch)).await;
+                *batch = rows;
+                written?;
             }
-            Store::Postgres(pool) => {
-                let mut tx = pool.begin().await.map_err(err)?;
-                // Replicas start together: one migrates, the others wait on the lock.
-                sqlx::query("SELECT pg_advisory_xact_lock(7316541)")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(err)?;
-                sqlx::raw_sql(
-                    "CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)",
-                )
-                .execute(&mut *tx)
-                .await
-                .map_err(err)?;
-                let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(err)?
-                    .get(0);
-                for (i, m) in POSTGRES_MIGRATIONS.iter().enumerate().skip(done as usize) {
-                    sqlx::raw_sql(m).execute(&mut *tx).await.map_err(err)?;
-                    sqlx::query("INSERT INTO ledger_schema (version) VALUES ($1)")
-                        .bind(i as i32 + 1)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(err)?;
-                }
-                tx.commit().await.map_err(err)?;
-            }
+            Store::Postgres(pool) => insert_postgres(pool, batch).await?,
         }
+        batch.clear();
         Ok(())
-    }
-
-    pub async fn insert(&self, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
-        // One multi-row INSERT per chunk: `MAX_ROWS_PER_STATEMENT` rows while that many are
-        // left, then the rest in chunks of a power of two (100 rows: 64 + 32 + 4). Few
-        // round-trips to the database (for SQLite, to sqlx's worker thread, each two context
-        // switches: 4 for a batch of 512 rows, where chunks of 32 took 16), and few statement
-        // shapes (`insert_sql`, one text per power of two): each is parsed once and stays in
-        // sqlx's statement cache. The arguments are sized up front.
-        macro_rules! insert_all {
-            ($pool:expr, $db:ty, $sql:expr) => {{
-                let mut tx = $pool.begin().await?;
-                for chunk in statement_chunks(rows) {
-                    use sqlx::Arguments;
-                    let mut args = <$db as sqlx::Database>::Arguments::<'_>::default();
-                    args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
-                    for r in chunk {
-                        add_row!(args, r);
-                    }
-                    sqlx::query_with(&$sql[chunk.len().trailing_zeros() as usize], args)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                tx.commit().await
-            }};
-        }
-        macro_rules! add_row {
-            ($args:expr, $r:expr) => {{
-                let r = $r;
-                let enc = sqlx::Error::Encode;
-                $args.add(r.ts_ms).map_err(enc)?;
-                $args.add(r.request_id.as_str()).map_err(enc)?;
-                $args.add(&*r.key).map_err(enc)?;
-                $args.add(&*r.team).map_err(enc)?;
-                $args.add(r.user.as_str()).map_err(enc)?;
-                $args.add(&*r.route).map_err(enc)?;
-                $args.add(&*r.deployment).map_err(enc)?;
-                $args.add(&*r.provider).map_err(enc)?;
-                $args.add(&*r.endpoint).map_err(enc)?;
-                $args.add(r.status as i32).map_err(enc)?;
-                $args.add(r.prompt_tokens as i64).map_err(enc)?;
-                $args.add(r.cached_tokens as i64).map_err(enc)?;
-                $args.add(r.completion_tokens as i64).map_err(enc)?;
-                $args.add(r.cost_usd).map_err(enc)?;
-                $args.add(r.latency_ms).map_err(enc)?;
-                $args.add(r.ttft_ms).map_err(enc)?;
-                $args.add(r.cache_hit).map_err(enc)?;
-                $args.add(r.estimated).map_err(enc)?;
-            }};
-        }
-        static SQLITE_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(false));
-        static POSTGRES_SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(true));
-        match self {
-            Store::Sqlite(pool) => insert_all!(pool, sqlx::Sqlite, SQLITE_SQL),
-            Store::Postgres(pool) => insert_all!(pool, sqlx::Postgres, POSTGRES_SQL),
-        }
     }
 
     /// What a scope spent since `since_ms` (cache hits cost nothing, so they add nothing).
@@ -313,7 +236,7 @@ impl Store {
             }};
         }
         match self {
-            Store::Sqlite(pool) => sum!(pool, "?", "?"),
+            Store::Sqlite(pool, _) => sum!(pool, "?", "?"),
             Store::Postgres(pool) => sum!(pool, "$1", "$2"),
         }
     }
@@ -335,7 +258,7 @@ impl Store {
             )
         };
         let rows = match self {
-            Store::Sqlite(pool) => sqlx::query(&select("?", "?"))
+            Store::Sqlite(pool, _) => sqlx::query(&select("?", "?"))
                 .bind(since_ms)
                 .bind(until_ms)
                 .fetch_all(pool)
@@ -388,17 +311,112 @@ impl Store {
             }};
         }
         match self {
-            Store::Sqlite(pool) => all!(pool),
+            Store::Sqlite(pool, _) => all!(pool),
             Store::Postgres(pool) => all!(pool),
         }
     }
 
     pub async fn close(&self) {
         match self {
-            Store::Sqlite(p) => p.close().await,
+            Store::Sqlite(p, w) => {
+                w.close().await;
+                p.close().await;
+            }
             Store::Postgres(p) => p.close().await,
         }
     }
+}
+
+/// One multi-row INSERT per chunk (`statement_chunks`): few round-trips to the database,
+/// and few statement shapes (`insert_sql`, one text per power of two), each parsed once and
+/// kept in sqlx's statement cache. The arguments are sized up front.
+async fn insert_postgres(pool: &PgPool, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
+    use sqlx::Arguments;
+    static SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(true));
+    let enc = sqlx::Error::Encode;
+    let mut tx = pool.begin().await?;
+    for chunk in statement_chunks(rows) {
+        let mut args = sqlx::postgres::PgArguments::default();
+        args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
+        for r in chunk {
+            args.add(r.ts_ms).map_err(enc)?;
+            args.add(r.request_id.as_str()).map_err(enc)?;
+            args.add(&*r.key).map_err(enc)?;
+            args.add(&*r.team).map_err(enc)?;
+            args.add(r.user.as_str()).map_err(enc)?;
+            args.add(&*r.route).map_err(enc)?;
+            args.add(&*r.deployment).map_err(enc)?;
+            args.add(&*r.provider).map_err(enc)?;
+            args.add(&*r.endpoint).map_err(enc)?;
+            args.add(r.status as i32).map_err(enc)?;
+            args.add(r.prompt_tokens as i64).map_err(enc)?;
+            args.add(r.cached_tokens as i64).map_err(enc)?;
+            args.add(r.completion_tokens as i64).map_err(enc)?;
+            args.add(r.cost_usd).map_err(enc)?;
+            args.add(r.latency_ms).map_err(enc)?;
+            args.add(r.ttft_ms).map_err(enc)?;
+            args.add(r.cache_hit).map_err(enc)?;
+            args.add(r.estimated).map_err(enc)?;
+        }
+        sqlx::query_with(&SQL[chunk.len().trailing_zeros() as usize], args)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// Whether a `sqlite:` URL names a database in memory (its rows would be lost at exit, and
+/// the writer's own connection would not see the pool's).
+pub fn in_memory_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:") && (url.contains(":memory:") || url.contains("mode=memory"))
+}
+
+fn migration_failed(e: sqlx::Error) -> String {
+    format!("ledger migration failed: {e}")
+}
+
+async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)")
+        .execute(pool)
+        .await?;
+    let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
+        .fetch_one(pool)
+        .await?
+        .get(0);
+    for (i, m) in SQLITE_MIGRATIONS.iter().enumerate().skip(done as usize) {
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(m).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO ledger_schema (version) VALUES (?)")
+            .bind(i as i64 + 1)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+async fn migrate_postgres(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Replicas start together: one migrates, the others wait on the lock.
+    sqlx::query("SELECT pg_advisory_xact_lock(7316541)")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
+        .fetch_one(&mut *tx)
+        .await?
+        .get(0);
+    for (i, m) in POSTGRES_MIGRATIONS.iter().enumerate().skip(done as usize) {
+        sqlx::raw_sql(m).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO ledger_schema (version) VALUES ($1)")
+            .bind(i as i32 + 1)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 fn line<R: Row>(r: &R) -> Result<SpendLine, sqlx::Error>
@@ -417,6 +435,145 @@ where
         cost_usd: r.try_get::<Option<f64>, _>(5)?.unwrap_or(0.0),
         cache_hits: r.try_get::<Option<i64>, _>(6)?.unwrap_or(0),
     })
+}
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SQLite ledger's writes: a connection of their own, on a thread of their own (at the
+/// same lowered priority as sqlx's). A batch is moved to the thread and back, and each row's
+/// values are bound where they lie: through sqlx every text value was copied once more to
+/// cross to its worker thread, and every statement was a round-trip through its channels
+/// (together about a third of the ledger's instructions per row, `bench/instructions.sh`).
+#[derive(Clone)]
+pub struct SqliteWriter {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+enum Job {
+    Write(Vec<LedgerRow>, oneshot::Sender<Written>),
+    Close(oneshot::Sender<()>),
+}
+
+type Written = (Vec<LedgerRow>, rusqlite::Result<()>);
+
+impl SqliteWriter {
+    /// Opens the (migrated) database file for writing on a new thread.
+    async fn open(path: std::path::PathBuf) -> Result<SqliteWriter, String> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (opened, open_result) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("switchyard-ledger".into())
+            .spawn(move || {
+                let mut conn = match open_for_writing(&path) {
+                    Ok(c) => {
+                        let _ = opened.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                        return;
+                    }
+                };
+                #[cfg(target_os = "linux")]
+                let _ = rustix::process::setpriority_process(None, SQLITE_NICE);
+                for job in queue {
+                    match job {
+                        Job::Write(rows, done) => {
+                            let written = insert_sqlite(&mut conn, &rows);
+                            let _ = done.send((rows, written));
+                        }
+                        Job::Close(done) => {
+                            // Closing the last connection checkpoints the WAL into the file.
+                            drop(conn);
+                            let _ = done.send(());
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        match open_result.await {
+            Ok(Ok(())) => Ok(SqliteWriter { jobs }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("its thread stopped".to_string()),
+        }
+    }
+
+    /// Writes `rows` on the writer's thread and hands them back (to be kept when they were
+    /// not written).
+    async fn write(&self, rows: Vec<LedgerRow>) -> (Vec<LedgerRow>, Result<(), WriteError>) {
+        let (done, written) = oneshot::channel();
+        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(Job::Write(rows, done)) {
+            let Job::Write(rows, _) = job else {
+                unreachable!()
+            };
+            return (rows, Err(WriteError::WriterGone));
+        }
+        match written.await {
+            Ok((rows, written)) => (rows, written.map_err(WriteError::from)),
+            // The thread died writing them (a panic): they are lost with it.
+            Err(_) => (Vec::new(), Err(WriteError::WriterGone)),
+        }
+    }
+
+    async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.jobs.send(Job::Close(done)).is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+fn open_for_writing(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    use rusqlite::OpenFlags;
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    // As the pool's connections (see `Store::open`); the journal mode is the file's.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.set_prepared_statement_cache_capacity(
+        MAX_ROWS_PER_STATEMENT.trailing_zeros() as usize + 1,
+    );
+    Ok(conn)
+}
+
+/// One transaction per batch, one multi-row INSERT per chunk (`statement_chunks`): few
+/// statement shapes (`insert_sql`, one per power of two), each prepared once and cached.
+fn insert_sqlite(conn: &mut rusqlite::Connection, rows: &[LedgerRow]) -> rusqlite::Result<()> {
+    static SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(false));
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    for chunk in statement_chunks(rows) {
+        let mut st = tx.prepare_cached(&SQL[chunk.len().trailing_zeros() as usize])?;
+        let mut i = 0;
+        let mut bind = |v: &dyn rusqlite::ToSql| {
+            i += 1;
+            st.raw_bind_parameter(i, v)
+        };
+        for r in chunk {
+            bind(&r.ts_ms)?;
+            bind(&r.request_id)?;
+            bind(&&*r.key)?;
+            bind(&&*r.team)?;
+            bind(&r.user)?;
+            bind(&&*r.route)?;
+            bind(&&*r.deployment)?;
+            bind(&&*r.provider)?;
+            bind(&&*r.endpoint)?;
+            bind(&r.status)?;
+            bind(&(r.prompt_tokens as i64))?;
+            bind(&(r.cached_tokens as i64))?;
+            bind(&(r.completion_tokens as i64))?;
+            bind(&r.cost_usd)?;
+            bind(&r.latency_ms)?;
+            bind(&r.ttft_ms)?;
+            bind(&r.cache_hit)?;
+            bind(&r.estimated)?;
+        }
+        st.raw_execute()?;
+    }
+    tx.commit()
 }
 
 /// The handle the request path writes to: a channel to the writer task.
@@ -531,7 +688,7 @@ impl LedgerWriter {
             let mut batch = Vec::with_capacity(BATCH);
             // Connections whose threads were last lowered (`Store::open` lowers the first).
             let mut sqlite_connections = match &store {
-                Store::Sqlite(pool) => pool.size(),
+                Store::Sqlite(pool, _) => pool.size(),
                 Store::Postgres(_) => 0,
             };
             let mut tick = tokio::time::interval(interval);
@@ -553,7 +710,7 @@ impl LedgerWriter {
                 // A connection opened since (by the pool, a write or a report) brought a new
                 // thread: /proc is read only when the pool's connection count changed, and
                 // not on every flush (those reads would block the runtime's thread).
-                if let Store::Sqlite(pool) = &store {
+                if let Store::Sqlite(pool, _) = &store {
                     if pool.size() != sqlite_connections {
                         sqlite_connections = pool.size();
                         lower_sqlite_threads();
@@ -585,6 +742,9 @@ impl LedgerWriter {
     }
 }
 
+/// The priority of the threads running SQLite (see `lower_sqlite_threads`).
+const SQLITE_NICE: i32 = 5;
+
 /// SQLite runs on sqlx's worker threads (one per connection). At the default priority a
 /// batch of ledger inserts (or a WAL checkpoint) could hold the CPU for milliseconds while a
 /// request waited for it (`perf sched`: runs of up to 3 ms on the request core). Lowered,
@@ -595,7 +755,6 @@ impl LedgerWriter {
 fn lower_sqlite_threads() {
     #[cfg(target_os = "linux")]
     {
-        const NICE: i32 = 5;
         let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
             return;
         };
@@ -608,8 +767,8 @@ fn lower_sqlite_threads() {
                 .and_then(|t| t.parse::<i32>().ok())
                 .and_then(rustix::process::Pid::from_raw);
             if let (true, Some(tid)) = (is_sqlite, tid) {
-                if rustix::process::getpriority_process(Some(tid)).is_ok_and(|p| p < NICE) {
-                    let _ = rustix::process::setpriority_process(Some(tid), NICE);
+                if rustix::process::getpriority_process(Some(tid)).is_ok_and(|p| p < SQLITE_NICE) {
+                    let _ = rustix::process::setpriority_process(Some(tid), SQLITE_NICE);
                 }
             }
         }
@@ -621,11 +780,8 @@ fn lower_sqlite_threads() {
 async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
     let mut wait = Duration::from_millis(100);
     for attempt in 0..8 {
-        match store.insert(batch).await {
-            Ok(()) => {
-                batch.clear();
-                return;
-            }
+        match store.write(batch).await {
+            Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, attempt, rows = batch.len(), "ledger write failed; retrying");
                 tokio::time::sleep(wait).await;
@@ -682,7 +838,7 @@ mod tests {
                 ..Default::default()
             });
         }
-        let Store::Sqlite(pool) = &reader else {
+        let Store::Sqlite(pool, _) = &reader else {
             unreachable!()
         };
         let mut written = 0i64;
@@ -698,5 +854,51 @@ mod tests {
         }
         assert_eq!(written, BATCH as i64);
         task.shutdown(Duration::from_secs(10)).await;
+    }
+
+    #[tokio::test]
+    async fn rows_wait_out_a_database_locked_by_another_writer_and_none_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let url = format!("sqlite://{}", path.display());
+        let store = Store::open(&url).await.unwrap();
+        // Another process's writer holds the database for a while.
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (writer, task) = LedgerWriter::start_every(store.clone(), Duration::from_millis(20));
+        for i in 0..700 {
+            writer.record(LedgerRow {
+                request_id: format!("r{i}"),
+                key: "k".into(),
+                ..Default::default()
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let count = |store: Store| async move {
+            let Store::Sqlite(pool, _) = &store else {
+                unreachable!()
+            };
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM requests")
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        };
+        assert_eq!(
+            count(store.clone()).await,
+            0,
+            "written through another's lock"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        task.shutdown(Duration::from_secs(20)).await;
+        let reader = Store::open(&url).await.unwrap();
+        assert_eq!(count(reader.clone()).await, 700);
+        let ids: std::collections::HashSet<String> = reader
+            .rows()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(ids.len(), 700);
     }
 }
