@@ -82,10 +82,15 @@ fn main() -> ExitCode {
             log_format,
         } => {
             let _flush_logs_at_exit = init_logging(log_format);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            // One core (a pinned process, a container's CPU quota): the request work runs on
+            // the thread that drives the sockets, with no worker to hand it to and no queue
+            // shared between threads. More cores: a worker per core.
+            let mut builder = if std::thread::available_parallelism().map_or(1, |n| n.get()) == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+            };
+            let runtime = match builder.enable_all().build() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the async runtime: {e}");

@@ -272,10 +272,47 @@ async fn the_ledger_matches_the_upstreams_usage_to_the_micro_dollar() {
 
 #[tokio::test]
 async fn concurrent_requests_never_overspend_a_budget() {
+    budget_holds_under_concurrency(false).await;
+}
+
+/// Given one core, the gateway runs its requests on the thread that drives the sockets
+/// (no worker threads): the budget and the ledger hold as with a worker per core.
+#[tokio::test]
+async fn on_one_core_requests_run_on_one_thread_and_the_budget_still_holds() {
+    budget_holds_under_concurrency(true).await;
+}
+
+async fn budget_holds_under_concurrency(one_core: bool) {
     let up = MockUpstream::start().await;
     // Worst case per request: ~20 prompt tokens × 2.5 + 1000 output × 10 ≈ 0.01 USD; the
     // budget holds about ten of them at once.
-    let mut gw = Gateway::start(&config(&up, &keys(", budget: { usd: 0.1, period: daily }"))).await;
+    let config = config(&up, &keys(", budget: { usd: 0.1, period: daily }"));
+    let mut gw = if one_core {
+        Gateway::start_on_one_core(&config).await
+    } else {
+        Gateway::start(&config).await
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let expected = if one_core || cores == 1 {
+        "one thread"
+    } else {
+        "a worker per core"
+    };
+    // The log is written by a thread of its own: the line may come just after the port opens.
+    let mut listening = None;
+    for _ in 0..250 {
+        listening = gw
+            .logs()
+            .lines()
+            .find(|l| l.contains("switchyard listening"))
+            .map(String::from);
+        if listening.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listening = listening.unwrap_or_else(|| panic!("no start line:\n{}", gw.logs()));
+    assert!(listening.contains(expected), "{listening}");
     let body = json!({"model": "slow", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
     let results = join_all((0..50).map(|_| post(&gw, "/v1/chat/completions", body.clone()))).await;
     let mut ok = 0;

@@ -541,7 +541,19 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let bound = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    tracing::info!(address = %bound, routes, config = %opts.config_path.display(), "switchyard listening");
+    let runtime = tokio::runtime::Handle::current();
+    let threads = match runtime.runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "one thread",
+        _ => "a worker per core",
+    };
+    tracing::info!(
+        address = %bound,
+        routes,
+        config = %opts.config_path.display(),
+        requests_run_on = threads,
+        workers = runtime.metrics().num_workers(),
+        "switchyard listening"
+    );
     if let Some(path) = &opts.ready_file {
         write_ready_file(path, bound).map_err(|e| format!("cannot write the ready file: {e}"))?;
     }

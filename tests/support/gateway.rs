@@ -29,6 +29,18 @@ impl Gateway {
         .await
     }
 
+    /// Starts the gateway allowed to run on one CPU only (`taskset -c 0`), as in a container
+    /// given one core.
+    pub async fn start_on_one_core(config: &str) -> Gateway {
+        Self::launch(
+            config,
+            tempfile::tempdir().expect("tempdir"),
+            &[],
+            &[("SWITCHYARD_TEST_ONE_CORE", "1")],
+        )
+        .await
+    }
+
     /// Starts with these environment variables set for the process.
     pub async fn start_with_env(config: &str, envs: &[(&str, &str)]) -> Gateway {
         Self::launch(config, tempfile::tempdir().expect("tempdir"), &[], envs).await
@@ -85,7 +97,16 @@ impl Gateway {
         let ready = dir.path().join("ready");
         let log = dir.path().join("gateway.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        let bin = env!("CARGO_BIN_EXE_switchyard");
+        let one_core = envs.iter().any(|(k, _)| *k == "SWITCHYARD_TEST_ONE_CORE");
+        let mut command = if one_core {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", bin]);
+            c
+        } else {
+            Command::new(bin)
+        };
+        let child = command
             .arg("serve")
             .arg("--config")
             .arg(&config_path)

@@ -59,8 +59,18 @@ fn status(code: StatusCode) -> Response<Body> {
     r
 }
 
-#[tokio::main]
-async fn main() {
+/// The runtime Switchyard picks (src/main.rs): one thread when given one core, a worker per
+/// core otherwise, so that the floor stays the floor.
+fn main() {
+    let mut builder = if std::thread::available_parallelism().map_or(1, |n| n.get()) == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    builder.enable_all().build().expect("runtime").block_on(serve());
+}
+
+async fn serve() {
     let listen: SocketAddr = arg("--listen")
         .unwrap_or("127.0.0.1:0".into())
         .parse()
