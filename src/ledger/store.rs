@@ -737,10 +737,9 @@ impl LedgerWriter {
         let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
             // Connections whose threads were last lowered (`Store::open` lowers the first).
-            let mut sqlite_connections = match &store {
-                Store::Sqlite(pool, _) => pool.size(),
-                Store::Postgres(_) => 0,
-            };
+            // None counted yet: the first flush lowers every connection opened since
+            // `Store::open` (the budgets' queries at start can open a second one).
+            let mut sqlite_connections = 0;
             let mut tick = tokio::time::interval(interval);
             loop {
                 let stopping = tokio::select! {

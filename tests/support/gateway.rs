@@ -25,6 +25,7 @@ impl Gateway {
             tempfile::tempdir().expect("tempdir"),
             extra_args,
             &[],
+            false,
         )
         .await
     }
@@ -36,19 +37,27 @@ impl Gateway {
             config,
             tempfile::tempdir().expect("tempdir"),
             &[],
-            &[("SWITCHYARD_TEST_ONE_CORE", "1")],
+            &[],
+            true,
         )
         .await
     }
 
     /// Starts with these environment variables set for the process.
     pub async fn start_with_env(config: &str, envs: &[(&str, &str)]) -> Gateway {
-        Self::launch(config, tempfile::tempdir().expect("tempdir"), &[], envs).await
+        Self::launch(
+            config,
+            tempfile::tempdir().expect("tempdir"),
+            &[],
+            envs,
+            false,
+        )
+        .await
     }
 
     /// Starts in a folder of an earlier gateway (its ledger and files), e.g. for a restart.
     pub async fn start_in(config: &str, dir: tempfile::TempDir) -> Gateway {
-        Self::launch(config, dir, &[], &[]).await
+        Self::launch(config, dir, &[], &[], false).await
     }
 
     /// Stops the process and hands over its folder (which would go away with the gateway).
@@ -67,7 +76,7 @@ impl Gateway {
         envs: &[(&str, &str)],
     ) -> (Option<ExitStatus>, String) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (mut child, log) = Self::spawn(config, &dir, &[], envs);
+        let (mut child, log) = Self::spawn(config, &dir, &[], envs, false);
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(status) = child.try_wait().expect("wait") {
@@ -84,12 +93,13 @@ impl Gateway {
     }
 
     /// `switchyard serve` on `config` (written to `dir`), logging to `dir/gateway.log`, with
-    /// its address written to `dir/ready`.
+    /// its address written to `dir/ready`; `one_core`: under `taskset -c 0`.
     fn spawn(
         config: &str,
         dir: &tempfile::TempDir,
         extra_args: &[&str],
         envs: &[(&str, &str)],
+        one_core: bool,
     ) -> (Child, PathBuf) {
         let _ = std::fs::remove_file(dir.path().join("ready"));
         let config_path = dir.path().join("routes.yaml");
@@ -98,7 +108,6 @@ impl Gateway {
         let log = dir.path().join("gateway.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let bin = env!("CARGO_BIN_EXE_switchyard");
-        let one_core = envs.iter().any(|(k, _)| *k == "SWITCHYARD_TEST_ONE_CORE");
         let mut command = if one_core {
             let mut c = Command::new("taskset");
             c.args(["-c", "0", bin]);
@@ -141,8 +150,9 @@ impl Gateway {
         dir: tempfile::TempDir,
         extra_args: &[&str],
         envs: &[(&str, &str)],
+        one_core: bool,
     ) -> Gateway {
-        let (child, log) = Self::spawn(config, &dir, extra_args, envs);
+        let (child, log) = Self::spawn(config, &dir, extra_args, envs, one_core);
         let ready = dir.path().join("ready");
         let mut gw = Gateway {
             child: Some(child),
