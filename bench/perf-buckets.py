@@ -15,8 +15,9 @@ from collections import Counter
 
 # (bucket, thread-name regex or None, stack regex or None). First match wins.
 RULES = [
-    ("ledger: sqlx-sqlite worker threads", r"^sqlx-sqlite", None),
-    ("ledger: writer task (one sqlx round-trip per row)", None, r"LedgerWriter::start|ledger::store::Store::insert"),
+    ("ledger: SQLite writer thread (rusqlite)", r"^switchyard-ledg", None),
+    ("ledger: sqlx-sqlite worker threads (reads)", r"^sqlx-sqlite", None),
+    ("ledger: writer task (batches, paces the writer thread)", None, r"LedgerWriter::start|ledger::store::Store::write|SqliteWriter::write"),
     ("access log line and per-request metrics (LogLine::emit)", None, r"telemetry::LogLine::emit"),
     ("metrics (prometheus label lookups, observe)", None, r"prometheus::|MetricVec"),
     ("cache: key (canonical JSON + sha256)", None, r"switchyard::cache::key|switchyard::cache::write_canonical"),
