@@ -339,24 +339,17 @@ async fn insert_postgres(pool: &PgPool, rows: &[LedgerRow]) -> Result<(), sqlx::
         let mut args = sqlx::postgres::PgArguments::default();
         args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
         for r in chunk {
-            args.add(r.ts_ms).map_err(enc)?;
-            args.add(r.request_id.as_str()).map_err(enc)?;
-            args.add(&*r.key).map_err(enc)?;
-            args.add(&*r.team).map_err(enc)?;
-            args.add(r.user.as_str()).map_err(enc)?;
-            args.add(&*r.route).map_err(enc)?;
-            args.add(&*r.deployment).map_err(enc)?;
-            args.add(&*r.provider).map_err(enc)?;
-            args.add(&*r.endpoint).map_err(enc)?;
-            args.add(r.status as i32).map_err(enc)?;
-            args.add(r.prompt_tokens as i64).map_err(enc)?;
-            args.add(r.cached_tokens as i64).map_err(enc)?;
-            args.add(r.completion_tokens as i64).map_err(enc)?;
-            args.add(r.cost_usd).map_err(enc)?;
-            args.add(r.latency_ms).map_err(enc)?;
-            args.add(r.ttft_ms).map_err(enc)?;
-            args.add(r.cache_hit).map_err(enc)?;
-            args.add(r.estimated).map_err(enc)?;
+            for v in r.values() {
+                match v {
+                    Value::Int(n) => args.add(n),
+                    Value::Status(n) => args.add(n),
+                    Value::Text(t) => args.add(t),
+                    Value::Real(x) => args.add(x),
+                    Value::MaybeReal(x) => args.add(x),
+                    Value::Flag(b) => args.add(b),
+                }
+                .map_err(enc)?;
+            }
         }
         sqlx::query_with(&SQL[chunk.len().trailing_zeros() as usize], args)
             .execute(&mut *tx)
@@ -473,15 +466,10 @@ impl SqliteWriter {
         std::thread::Builder::new()
             .name("switchyard-ledger".into())
             .spawn(move || {
-                let mut conn = match open_for_writing(&path) {
-                    Ok(c) => {
-                        let _ = opened.send(Ok(()));
-                        c
-                    }
-                    Err(e) => {
-                        let _ = opened.send(Err(e));
-                        return;
-                    }
+                let conn = open_for_writing(&path);
+                let _ = opened.send(conn.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                let Ok(mut conn) = conn else {
+                    return;
                 };
                 #[cfg(target_os = "linux")]
                 let _ = rustix::process::setpriority_process(None, SQLITE_NICE);
@@ -507,14 +495,11 @@ impl SqliteWriter {
             })
             .map_err(|e| e.to_string())?;
         match open_result.await {
-            Ok(Ok(())) => Ok(SqliteWriter { jobs }),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(opened) => opened.map(|()| SqliteWriter { jobs }),
             Err(_) => Err("its thread stopped".to_string()),
         }
     }
 
-    /// Writes `rows` on the writer's thread and hands them back (to be kept when they were
-    /// not written).
     /// Writes `rows` on the writer's thread and hands them back (to be kept when they were
     /// not written). Between two statements the thread waits until this task, polled by the
     /// runtime in its turn, tells it to go on: the writer takes the CPU in short turns, as
@@ -593,30 +578,16 @@ fn insert_sqlite(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     for chunk in statement_chunks(rows, SQLITE_ROWS_PER_STATEMENT) {
         let mut st = tx.prepare_cached(&SQL[chunk.len().trailing_zeros() as usize])?;
-        let mut i = 0;
-        let mut bind = |v: &dyn rusqlite::ToSql| {
-            i += 1;
-            st.raw_bind_parameter(i, v)
-        };
-        for r in chunk {
-            bind(&r.ts_ms)?;
-            bind(&r.request_id)?;
-            bind(&&*r.key)?;
-            bind(&&*r.team)?;
-            bind(&r.user)?;
-            bind(&&*r.route)?;
-            bind(&&*r.deployment)?;
-            bind(&&*r.provider)?;
-            bind(&&*r.endpoint)?;
-            bind(&r.status)?;
-            bind(&(r.prompt_tokens as i64))?;
-            bind(&(r.cached_tokens as i64))?;
-            bind(&(r.completion_tokens as i64))?;
-            bind(&r.cost_usd)?;
-            bind(&r.latency_ms)?;
-            bind(&r.ttft_ms)?;
-            bind(&r.cache_hit)?;
-            bind(&r.estimated)?;
+        for (i, v) in chunk.iter().flat_map(LedgerRow::values).enumerate() {
+            let at = i + 1;
+            match v {
+                Value::Int(n) => st.raw_bind_parameter(at, n),
+                Value::Status(n) => st.raw_bind_parameter(at, n),
+                Value::Text(t) => st.raw_bind_parameter(at, t),
+                Value::Real(x) => st.raw_bind_parameter(at, x),
+                Value::MaybeReal(x) => st.raw_bind_parameter(at, x),
+                Value::Flag(b) => st.raw_bind_parameter(at, b),
+            }?;
         }
         st.raw_execute()?;
         pause();
@@ -656,8 +627,46 @@ impl LedgerTask {
 /// Rows per INSERT statement at most (a power of two: 128 rows are 2,304 values, well under
 /// SQLite's and PostgreSQL's limits on a statement's parameters).
 const MAX_ROWS_PER_STATEMENT: usize = 128;
-/// Values per ledger row, in the order `insert_sql` names the columns.
+/// Values per ledger row (`LedgerRow::values`).
 const COLUMNS: usize = 18;
+
+/// One value of a ledger row, as both databases' INSERTs bind it.
+enum Value<'a> {
+    Int(i64),
+    /// PostgreSQL's `status` column is an INTEGER (4 bytes).
+    Status(i32),
+    Text(&'a str),
+    Real(f64),
+    MaybeReal(Option<f64>),
+    Flag(bool),
+}
+
+impl LedgerRow {
+    /// The row's values in the order `insert_sql` names the columns.
+    fn values(&self) -> [Value<'_>; COLUMNS] {
+        use Value::*;
+        [
+            Int(self.ts_ms),
+            Text(&self.request_id),
+            Text(&self.key),
+            Text(&self.team),
+            Text(&self.user),
+            Text(&self.route),
+            Text(&self.deployment),
+            Text(&self.provider),
+            Text(&self.endpoint),
+            Status(i32::from(self.status)),
+            Int(self.prompt_tokens as i64),
+            Int(self.cached_tokens as i64),
+            Int(self.completion_tokens as i64),
+            Real(self.cost_usd),
+            Real(self.latency_ms),
+            MaybeReal(self.ttft_ms),
+            Flag(self.cache_hit),
+            Flag(self.estimated),
+        ]
+    }
+}
 
 /// `rows` cut into the chunks that `insert_sql` has statements for: full chunks of `max` (a
 /// power of two, at most `MAX_ROWS_PER_STATEMENT`), then the rest by the powers of two it is
