@@ -229,7 +229,7 @@ fn spend(
         }
     };
     let result = runtime.block_on(async {
-        let store = Store::open(&url).await?;
+        let store = Store::open_read_only(&url).await?;
         let lines = report::report(&store, by, since, until).await;
         store.close().await;
         lines

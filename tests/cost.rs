@@ -521,6 +521,11 @@ async fn restart_keeps_spend(ledger: Option<String>) {
         (b["spent_usd"].as_f64().unwrap() - spent).abs() < 1e-9,
         "{spend}"
     );
+    // `switchyard spend` reads the same ledger (for reading only) beside the serving gateway.
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path());
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["rows"][0]["requests"], 1, "{report}");
     // 0.01 spent + a worst case of ~0.001 fits 0.015 once; after its real cost (0.01) no more.
     up.script(costly());
     let r = post(&gw, "/v1/chat/completions", body.clone()).await;
@@ -641,6 +646,144 @@ async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_on
         .unwrap();
     let table = String::from_utf8_lossy(&table.stdout);
     assert!(table.lines().any(|l| l.starts_with("app ")), "{table}");
+}
+
+/// One small chat request to `gpt-4o`, its answer read to the end.
+async fn say_hi(gw: &Gateway) {
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(gw, "/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+}
+
+/// `switchyard spend` in `dir` with `config`: (success, stdout, stderr).
+fn spend_cli(dir: &std::path::Path, config: &std::path::Path) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["spend", "--by", "model", "--format", "json", "--config"])
+        .arg(config)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn spend_reads_the_ledger_and_never_makes_one() {
+    let up = MockUpstream::start().await;
+    // A wrong folder (no gateway ever ran there): an error naming the file, and no new,
+    // empty ledger that would report nothing.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cfg = elsewhere.path().join("routes.yaml");
+    std::fs::write(&cfg, config(&up, "")).unwrap();
+    let (ok, stdout, stderr) = spend_cli(elsewhere.path(), &cfg);
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("no ledger at switchyard.db"), "{stderr}");
+    assert!(!elsewhere.path().join("switchyard.db").exists());
+    // A SQLite file that is not a ledger: said so, and left as it was.
+    let other = elsewhere.path().join("other.db");
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (x)")
+        .unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "state: {{ ledger: \"sqlite://{}\" }}\n{}",
+            other.display(),
+            config(&up, "")
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = spend_cli(elsewhere.path(), &cfg);
+    assert!(!ok);
+    assert!(stderr.contains("holds no switchyard table"), "{stderr}");
+    let conn = rusqlite::Connection::open(&other).unwrap();
+    let tables: i64 = conn
+        .query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 1, "nothing made in a file that is not a ledger");
+
+    // Beside a serving gateway: its rows, read while it writes.
+    let gw = Gateway::start(&config(&up, "")).await;
+    for _ in 0..2 {
+        say_hi(&gw).await;
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await; // past one flush
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path());
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["rows"][0]["name"], "gpt-4o", "{report}");
+    assert_eq!(report["rows"][0]["requests"], 2, "{report}");
+}
+
+/// On PostgreSQL a report needs no more than `SELECT`: a role that may only read the ledger
+/// gets it (making or migrating the tables first, it was refused: "permission denied for
+/// schema public").
+#[tokio::test]
+async fn spend_reports_as_a_postgresql_role_that_may_only_read() {
+    use sqlx::Connection;
+    let admin_url = std::env::var("SWITCHYARD_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let suffix = format!("{}_{}", std::process::id(), rand_suffix());
+    let (db, role) = (
+        format!("switchyard_ro_{suffix}"),
+        format!("reporter_{suffix}"),
+    );
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must run for this test (scripts/test starts it)");
+    for sql in [
+        format!("CREATE DATABASE {db}"),
+        format!("CREATE ROLE {role} LOGIN"),
+    ] {
+        sqlx::raw_sql(&sql).execute(&mut admin).await.unwrap();
+    }
+    let base = admin_url.rsplit_once('/').unwrap().0;
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(
+        &up,
+        &format!("state: {{ ledger: \"{base}/{db}\" }}\n"),
+    ))
+    .await;
+    say_hi(&gw).await;
+    let rows = rows_after_shutdown(&mut gw, &format!("{base}/{db}")).await;
+    assert_eq!(rows.len(), 1);
+    let mut owner = sqlx::PgConnection::connect(&format!("{base}/{db}"))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "GRANT SELECT ON requests, ledger_schema TO {role}"
+    ))
+    .execute(&mut owner)
+    .await
+    .unwrap();
+    owner.close().await.unwrap();
+    // The reporter's URL: the admin's with the role's name instead.
+    let (scheme, rest) = base.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let cfg = gw.dir.path().join("reporter.yaml");
+    std::fs::write(
+        &cfg,
+        config(
+            &up,
+            &format!("state: {{ ledger: \"{scheme}://{role}@{host}/{db}\" }}\n"),
+        ),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &cfg);
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+        format!("DROP ROLE IF EXISTS {role}"),
+    ] {
+        sqlx::raw_sql(&sql).execute(&mut admin).await.unwrap();
+    }
+    assert!(ok, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["rows"][0]["requests"], 1, "{report}");
 }
 
 #[tokio::test]

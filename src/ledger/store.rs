@@ -44,8 +44,9 @@ pub struct LedgerRow {
 
 #[derive(Clone)]
 pub enum Store {
-    /// The pool reads (reports, budgets at start) and migrates; the writer writes.
-    Sqlite(SqlitePool, SqliteWriter),
+    /// The pool reads (reports, budgets at start) and migrates; the writer writes (none when
+    /// the ledger was opened for reading only, `Store::open_read_only`).
+    Sqlite(SqlitePool, Option<SqliteWriter>),
     Postgres(PgPool),
 }
 
@@ -58,6 +59,8 @@ pub enum WriteError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the SQLite ledger's writer thread is gone")]
     WriterGone,
+    #[error("the ledger was opened for reading only")]
+    ReadOnly,
 }
 
 const SQLITE_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
@@ -197,13 +200,84 @@ impl Store {
         let writer = SqliteWriter::open(opts.get_filename().to_path_buf())
             .await
             .map_err(|e| format!("cannot open the SQLite ledger for writing: {e}"))?;
-        Ok(Store::Sqlite(pool, writer))
+        Ok(Store::Sqlite(pool, Some(writer)))
+    }
+
+    /// Opens the ledger for reading only (`switchyard spend`): nothing is created, migrated or
+    /// written, so a report runs beside a serving gateway, as a user who may only read the
+    /// ledger, and a wrong path is an error rather than a new, empty ledger. The ledger must
+    /// have been made (and migrated) by a gateway of this version.
+    pub async fn open_read_only(url: &str) -> Result<Store, String> {
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(|e| format!("cannot open the PostgreSQL ledger: {e}"))?;
+            Store::Postgres(pool)
+        } else {
+            if in_memory_sqlite(url) {
+                return Err("an in-memory SQLite ledger holds no spend to report".to_string());
+            }
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(|e| format!("bad SQLite ledger URL: {e}"))?
+                .read_only(true)
+                .create_if_missing(false)
+                .busy_timeout(BUSY_TIMEOUT);
+            let file = opts.get_filename();
+            if !file.exists() {
+                return Err(format!(
+                    "no ledger at {}: the gateway makes it when it first starts with this \
+                     config (state.ledger; a relative path is read from the current folder)",
+                    file.display()
+                ));
+            }
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await
+                .map_err(|e| format!("cannot open the SQLite ledger for reading: {e}"))?;
+            Store::Sqlite(pool, None)
+        };
+        let (version, latest) = match &store {
+            Store::Sqlite(pool, _) => (schema_version(pool).await, SQLITE_MIGRATIONS.len()),
+            Store::Postgres(pool) => (schema_version(pool).await, POSTGRES_MIGRATIONS.len()),
+        };
+        let refused = match version {
+            Ok(v) if v == latest as i64 => return Ok(store),
+            Ok(v) if v > latest as i64 => {
+                "the ledger was written by a newer switchyard; report with that version".into()
+            }
+            Ok(_) => "the ledger was written by an older switchyard: start the gateway with \
+                      this config once, which updates it"
+                .into(),
+            // SQLite's "no such table", PostgreSQL's undefined_table.
+            Err(sqlx::Error::Database(e))
+                if e.message().contains("no such table")
+                    || e.code().as_deref() == Some("42P01") =>
+            {
+                "the ledger holds no switchyard table: is state.ledger the gateway's?".into()
+            }
+            // SQLITE_READONLY_DIRECTORY: the file may be read, but its `-shm` file is missing
+            // and cannot be made (a reader of a WAL database needs one).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("1544") => {
+                "cannot read the SQLite ledger: SQLite needs its shared-memory file (the \
+                 ledger's name with -shm) beside it, which exists while the gateway runs; \
+                 this user may not make it in that folder"
+                    .into()
+            }
+            Err(e) => format!("cannot read the ledger: {e}"),
+        };
+        store.close().await;
+        Err(refused)
     }
 
     /// Writes `batch` in one transaction and empties it; on failure the rows stay in it.
     pub async fn write(&self, batch: &mut Vec<LedgerRow>) -> Result<(), WriteError> {
         match self {
-            Store::Sqlite(_, writer) => {
+            Store::Sqlite(_, None) => return Err(WriteError::ReadOnly),
+            Store::Sqlite(_, Some(writer)) => {
                 let (rows, written) = writer.write(std::mem::take(batch)).await;
                 *batch = rows;
                 written?;
@@ -319,7 +393,9 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(p, w) => {
-                w.close().await;
+                if let Some(w) = w {
+                    w.close().await;
+                }
                 p.close().await;
             }
             Store::Postgres(p) => p.close().await,
@@ -366,6 +442,21 @@ pub fn in_memory_sqlite(url: &str) -> bool {
 
 fn migration_failed(e: sqlx::Error) -> String {
     format!("ledger migration failed: {e}")
+}
+
+/// How many migrations the ledger has had; an error when it has no `ledger_schema` table.
+async fn schema_version<DB>(pool: &sqlx::Pool<DB>) -> Result<i64, sqlx::Error>
+where
+    DB: sqlx::Database,
+    for<'a> &'a sqlx::Pool<DB>: sqlx::Executor<'a, Database = DB>,
+    for<'a> <DB as sqlx::Database>::Arguments<'a>: sqlx::IntoArguments<'a, DB>,
+    i64: for<'a> sqlx::Decode<'a, DB> + sqlx::Type<DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+{
+    sqlx::query("SELECT COUNT(*) FROM ledger_schema")
+        .fetch_one(pool)
+        .await?
+        .try_get(0)
 }
 
 async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), sqlx::Error> {
