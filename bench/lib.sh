@@ -32,6 +32,8 @@ wait_file() { for _ in $(seq 200); do [ -s "$1" ] && return 0; sleep 0.05; done;
 wait_http() { for _ in $(seq 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done; echo "timed out waiting for $1" >&2; return 1; }
 # utime+stime (clock ticks) of the given processes, all their threads, live and exited.
 cpu_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{sub(/.*\) /,""); print $12+$13}' "/proc/$p/stat"))); done; echo $s; }
+# user_ticks PID...: the user-space part of cpu_ticks (the rest is the kernel's).
+user_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{sub(/.*\) /,""); print $12}' "/proc/$p/stat"))); done; echo $s; }
 # Sum of VmHWM (peak resident set, KiB); reset_hwm starts a new peak.
 hwm_kib() { local s=0 p; for p in "$@"; do s=$((s + $(awk '/^VmHWM/{print $2}' "/proc/$p/status"))); done; echo $s; }
 reset_hwm() { local p; for p in "$@"; do echo 5 >"/proc/$p/clear_refs"; done; }

@@ -102,7 +102,7 @@ def load(path):
             r[k] = vs[-1]
             continue
         last = k.rsplit(".", 1)[-1]
-        if last in ("cpu_ticks", "requests", "streams", "errors", "fully_bunched_streams"):
+        if last in ("cpu_ticks", "user_ticks", "requests", "streams", "errors", "fully_bunched_streams"):
             v = sum(xs)
         elif last in ("hwm_kib", "peak_open"):
             v = xs[-1]
@@ -150,6 +150,15 @@ def markdown(path):
             return None
         return ticks * tick_us / n
 
+    def user_kernel(t, scen, count_key):
+        """CPU per request split into user space and kernel, as "u + k" (older runs: –)."""
+        user, total = num(r, f"{t}.{scen}.user_ticks"), cpu_per(t, scen, count_key)
+        n = num(r, f"{t}.{scen}.{count_key}")
+        if user is None or total is None or not n:
+            return "–"
+        u = user * tick_us / n
+        return f"{u:.1f} + {total - u:.1f}"
+
     def mib(t, scen):
         v = num(r, f"{t}.{scen}.hwm_kib")
         return None if v is None else v / 1024
@@ -186,12 +195,12 @@ def markdown(path):
 
     # 2. throughput
     w(f"### Throughput at concurrency {conc} (`wrk -t1 -c{conc}`)\n")
-    w("| | requests/s | p50 µs | p99 µs | CPU per request µs | peak RSS MiB | errors |")
-    w("|---|---:|---:|---:|---:|---:|---:|")
+    w("| | requests/s | p50 µs | p99 µs | CPU per request µs | of it user + kernel µs | peak RSS MiB | errors |")
+    w("|---|---:|---:|---:|---:|---:|---:|---:|")
     for t in targets:
         w(f"| {name(t)} | {fmt(num(r, f'{t}.{c_hi}.rps'))} | {fmt(num(r, f'{t}.{c_hi}.lat_p50_us'))} | "
           f"{fmt(num(r, f'{t}.{c_hi}.lat_p99_us'))} | {fmt(cpu_per(t, c_hi, 'requests'), 1)} | "
-          f"{fmt(mib(t, c_hi), 1)} | {fmt(num(r, f'{t}.{c_hi}.errors'))} |")
+          f"{user_kernel(t, c_hi, 'requests')} | {fmt(mib(t, c_hi), 1)} | {fmt(num(r, f'{t}.{c_hi}.errors'))} |")
     w("")
 
     # 3 and 4. streams

@@ -152,13 +152,13 @@ start_target() {
 # measure TARGET SCENARIO ROUND: one measurement (c1 / cN with wrk, sN with sse-load); its
 # figures go to TARGET.SCENARIO.KEY for one round, TARGET.SCENARIO.rROUND.KEY for more.
 measure() {
-    local target=$1 scen=$2 round=$3 url=${URL[$1]} auth=${AUTH[$1]} before after out key
+    local target=$1 scen=$2 round=$3 url=${URL[$1]} auth=${AUTH[$1]} before after user0 out key
     local pids=(${TPIDS[$1]}) args=()
     local prefix="$target-$scen-r$round-$(date +%s%N)"
     key=$target.$scen
     [ "$ROUNDS" -gt 1 ] && key=$target.$scen.r$round
     [ ${#pids[@]} -gt 0 ] && reset_hwm "${pids[@]}"
-    [ ${#pids[@]} -gt 0 ] && before=$(cpu_ticks "${pids[@]}")
+    [ ${#pids[@]} -gt 0 ] && before=$(cpu_ticks "${pids[@]}") && user0=$(user_ticks "${pids[@]}")
     case $scen in
     c*)
         out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"${scen#c}" -d"${DURATION}s" --timeout 5s --latency \
@@ -177,6 +177,7 @@ measure() {
     if [ ${#pids[@]} -gt 0 ]; then
         after=$(cpu_ticks "${pids[@]}")
         put "$key.cpu_ticks" $((after - before))
+        put "$key.user_ticks" $(($(user_ticks "${pids[@]}") - user0))
         put "$key.hwm_kib" "$(hwm_kib "${pids[@]}")"
     fi
     echo "   $target $scen r$round: $(echo "$out" | grep -E '^(rps|streams|errors|lat_p50_us|lat_p99_us|ttfb_p50_us|ttfb_p99_us)=' | tr '\n' ' ')" >&2
