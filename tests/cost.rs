@@ -12,7 +12,7 @@ use futures_util::future::join_all;
 use gateway::{not_near_a_minute_boundary, sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::{LedgerRow, Store};
-use upstream::{MockUpstream, Scripted};
+use upstream::{chat_chunk, usage_chunk, MockUpstream, Scripted, StreamEnd};
 
 const KEY: &str = "sk-cost-test";
 const ADMIN: &str = "cost-admin";
@@ -784,6 +784,80 @@ async fn spend_reports_as_a_postgresql_role_that_may_only_read() {
     assert!(ok, "{stderr}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["rows"][0]["requests"], 1, "{report}");
+}
+
+/// A streamed chat answer of `words` content events (` word` each, ~190 bytes of SSE), then
+/// (with `usage`) the usage chunk and `[DONE]`, which come `end_after_ms` later.
+fn long_stream(words: usize, usage: bool, end_after_ms: u64) -> Scripted {
+    let mut body = chat_chunk(Some("assistant"), Some(""), None);
+    for _ in 0..words {
+        body.push_str(&chat_chunk(None, Some(" word"), None));
+    }
+    let mut end = chat_chunk(None, None, Some("stop"));
+    if usage {
+        end.push_str(&usage_chunk(3, words as u64));
+    }
+    end.push_str("data: [DONE]\n\n");
+    Scripted::stream(&[(0, &body), (end_after_ms, &end)], StreamEnd::Finish)
+}
+
+async fn stream_chat(gw: &Gateway) -> usize {
+    let body = json!({"model": "gpt-4o", "stream": true,
+        "messages": [{"role": "user", "content": "hello world"}]});
+    let r = post(gw, "/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap().len()
+}
+
+/// A figure of the gateway's /proc status, in KiB (`VmRSS`, `VmHWM`: the peak).
+fn status_kib(gw: &Gateway, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A stream past what is kept whole (~380 KB of events) from an upstream that sends no
+/// usage: its text, read in parts as it went, is counted whole.
+#[tokio::test]
+async fn a_long_stream_without_usage_is_estimated_from_all_of_its_text() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    up.script(long_stream(2_000, false, 0));
+    assert!(stream_chat(&gw).await > 300_000);
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let row = rows.last().unwrap();
+    assert!(row.estimated, "{row:?}");
+    assert_eq!(row.completion_tokens, 2_000, "each ` word` once: {row:?}");
+}
+
+/// Many long streams at once (12 of ~3 MB, the usage at the end as OpenAI sends it): the
+/// gateway keeps each one's text for a possible estimate, not its events. Held whole, they
+/// were 36 MB more at the peak (54 MiB grown in all, against 20-22 now: the rest is the
+/// connections' buffers, the same either way).
+#[tokio::test]
+async fn long_streams_are_not_held_whole_in_memory() {
+    const STREAMS: usize = 12;
+    const WORDS: usize = 16_000;
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "")).await;
+    for _ in 0..STREAMS {
+        // The end comes later, so all of them are open, their words passed, at once.
+        up.script(long_stream(WORDS, true, 1_500));
+    }
+    let before = status_kib(&gw, "VmRSS");
+    let sizes = join_all((0..STREAMS).map(|_| stream_chat(&gw))).await;
+    assert!(sizes.iter().all(|&n| n > WORDS * 150), "{sizes:?}");
+    let grew_mib = (status_kib(&gw, "VmHWM").saturating_sub(before)) / 1024;
+    assert!(
+        grew_mib < 36,
+        "peak RSS grew {grew_mib} MiB for {STREAMS} streams"
+    );
 }
 
 #[tokio::test]

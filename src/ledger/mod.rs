@@ -207,6 +207,10 @@ pub struct Tap {
     usage: Option<Usage>,
     /// Chunks kept (shared, not copied) to read usage from at the end, or to count tokens.
     kept: Vec<Bytes>,
+    /// A stream's bytes in `kept`, and the answer text of the chunks it no longer holds
+    /// (`KEEP_STREAM_BYTES`).
+    kept_bytes: usize,
+    text: String,
     first_byte: Option<Instant>,
     /// The body reached its end (not cut by an error or a client going away).
     complete: bool,
@@ -237,6 +241,8 @@ impl Tap {
             drop_usage_chunk,
             usage: None,
             kept: Vec::new(),
+            kept_bytes: 0,
+            text: String::new(),
             first_byte: None,
             complete: false,
             cache: None,
@@ -255,6 +261,14 @@ impl Tap {
         // A copy: `chunk` is a slice of the upstream connection's read buffer (8 KiB or
         // more), which a kept slice would pin for as long as the stream (or its cache entry) lives.
         self.kept.push(Bytes::copy_from_slice(&chunk));
+        self.kept_bytes += chunk.len();
+        if self.kept_bytes > KEEP_STREAM_BYTES && self.cache.is_none() {
+            // Nothing to assemble for a cache: only an estimate could need these chunks,
+            // and it needs only their text.
+            stream_text(&self.kept, &mut self.text);
+            self.kept.clear();
+            self.kept_bytes = 0;
+        }
         if usage_all_null(&chunk) {
             return chunk;
         }
@@ -322,16 +336,8 @@ impl Tap {
             answer = Some(whole);
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
-            let mut text = String::new();
-            for chunk in &self.kept {
-                let mut start = 0;
-                for end in event_ends(chunk) {
-                    if let Some(v) = event_json(&chunk[start..end]) {
-                        answer_text(&v, &mut text);
-                    }
-                    start = end;
-                }
-            }
+            let mut text = std::mem::take(&mut self.text);
+            stream_text(&self.kept, &mut text);
             usage = Some(record.estimate(&text));
         }
         if let (Some((leader, ttl)), true, true) = (self.cache.take(), self.complete, success) {
@@ -363,6 +369,25 @@ impl Tap {
         }
         self.kept.clear();
         record.finish(self.status, usage, self.first_byte);
+    }
+}
+
+/// A stream's bytes kept at most when no cache entry is to be made of it: past them, the
+/// chunks are read for their answer text (what a token estimate needs, if the upstream sends
+/// no usage) and let go, so a long answer streamed to many clients at once is not held whole
+/// in memory for each (a 2,000-token answer is ~0.5 MB of SSE; its text ~10 KB).
+const KEEP_STREAM_BYTES: usize = 256 << 10;
+
+/// Appends the answer text of whole-event chunks to `out`.
+fn stream_text(chunks: &[Bytes], out: &mut String) {
+    for chunk in chunks {
+        let mut start = 0;
+        for end in event_ends(chunk) {
+            if let Some(v) = event_json(&chunk[start..end]) {
+                answer_text(&v, out);
+            }
+            start = end;
+        }
     }
 }
 
