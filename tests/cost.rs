@@ -860,6 +860,40 @@ async fn long_streams_are_not_held_whole_in_memory() {
     );
 }
 
+/// A large JSON answer (a batch of embeddings: one 40 MB base64 vector here) is held once
+/// while it passes, for its usage at the end: kept as it came and then joined, it was held
+/// twice at the end (the gateway's peak RSS grew by twice its size).
+#[tokio::test]
+async fn a_large_json_answer_is_held_once() {
+    const SIZE: usize = 40 << 20;
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    let answer = json!({"object": "list", "model": "emb-up",
+        "data": [{"object": "embedding", "index": 0, "embedding": "A".repeat(SIZE)}],
+        "usage": {"prompt_tokens": 7, "total_tokens": 7}});
+    up.script(Scripted::respond(200, answer.to_string()));
+    let before = status_kib(&gw, "VmRSS");
+    let r = post(
+        &gw,
+        "/v1/embeddings",
+        json!({"model": "emb", "input": "hi"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().len() > SIZE);
+    let grew_mib = status_kib(&gw, "VmHWM").saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 60,
+        "peak RSS grew {grew_mib} MiB for a 40 MiB answer"
+    );
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let row = rows.last().unwrap();
+    assert_eq!((row.prompt_tokens, row.estimated), (7, false), "{row:?}");
+}
+
 #[tokio::test]
 async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstream() {
     let up = MockUpstream::start().await;

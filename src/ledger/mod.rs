@@ -205,8 +205,10 @@ pub struct Tap {
     /// Drop the usage-only chunk: the gateway asked for it, the client did not.
     drop_usage_chunk: bool,
     usage: Option<Usage>,
-    /// Chunks kept (shared, not copied) to read usage from at the end, or to count tokens.
+    /// A stream's chunks, kept (copied) to read usage from at the end, or to count tokens.
     kept: Vec<Bytes>,
+    /// A JSON answer, gathered in one buffer as its chunks pass (read for usage at the end).
+    json: BytesMut,
     /// A stream's bytes in `kept`, and the answer text of the chunks it no longer holds
     /// (`KEEP_STREAM_BYTES`).
     kept_bytes: usize,
@@ -241,6 +243,7 @@ impl Tap {
             drop_usage_chunk,
             usage: None,
             kept: Vec::new(),
+            json: BytesMut::new(),
             kept_bytes: 0,
             text: String::new(),
             first_byte: None,
@@ -314,17 +317,15 @@ impl Tap {
         };
         let success = (200..300).contains(&self.status);
         let mut usage = self.usage;
-        // A JSON answer whole: its one chunk (already a copy of its own, see `poll_frame`)
-        // shared, or its chunks joined; read for usage and stored as the cache entry.
+        // A JSON answer whole, read for usage and stored as the cache entry.
         let mut answer: Option<Bytes> = None;
+        let mut json_spare = false;
         if success && self.mode == Mode::Json {
-            let whole: Bytes = if self.kept.len() == 1 {
-                self.kept[0].clone()
-            } else {
-                let mut b = BytesMut::with_capacity(self.kept.iter().map(Bytes::len).sum());
-                self.kept.iter().for_each(|c| b.extend_from_slice(c));
-                b.freeze()
-            };
+            let whole = self.json.split();
+            // Grown past its first size, the buffer may have room to spare: a cache entry
+            // (weighed by its length) gets an exact copy instead.
+            json_spare = whole.capacity() - whole.len() > whole.len() / 8;
+            let whole = whole.freeze();
             usage = Usage::from_answer_bytes(&whole);
             if usage.is_none() && counts_tokens(record.op) {
                 if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
@@ -344,11 +345,16 @@ impl Tap {
             // Estimated usage is not the upstream's: such answers are not worth keeping.
             let upstream_usage = usage.filter(|u| !u.estimated);
             // Full, and the key new: no entry to make (for a stream, to assemble).
-            let declined = upstream_usage.is_some()
-                && leader.would_decline(self.kept.iter().map(Bytes::len).sum());
+            let size = answer
+                .as_ref()
+                .map_or_else(|| self.kept.iter().map(Bytes::len).sum(), Bytes::len);
+            let declined = upstream_usage.is_some() && leader.would_decline(size);
             let entry = match self.mode {
                 _ if upstream_usage.is_none() || declined => None,
-                Mode::Json => answer.filter(|_| !self.kept.is_empty()).map(|a| (a, None)),
+                Mode::Json => answer.filter(|a| !a.is_empty()).map(|a| match json_spare {
+                    true => (Bytes::copy_from_slice(&a), None),
+                    false => (a, None),
+                }),
                 Mode::Sse => {
                     let events = crate::cache::split_events(&self.kept);
                     crate::cache::assemble(record.op, &events).map(|json| (json, Some(events)))
@@ -371,6 +377,10 @@ impl Tap {
         record.finish(self.status, usage, self.first_byte);
     }
 }
+
+/// The most a JSON answer's buffer is sized for up front from the upstream's Content-Length
+/// (a larger answer grows it as it comes).
+const JSON_RESERVE_MAX: usize = 16 << 20;
 
 /// A stream's bytes kept at most when no cache entry is to be made of it: past them, the
 /// chunks are read for their answer text (what a token estimate needs, if the upstream sends
@@ -479,7 +489,15 @@ impl Body for Tap {
                             let data = match this.mode {
                                 Mode::Sse => this.sse_chunk(data),
                                 Mode::Json => {
-                                    this.kept.push(Bytes::copy_from_slice(&data));
+                                    if this.json.is_empty() {
+                                        // Sized once from the upstream's Content-Length
+                                        // (within reason), not grown chunk by chunk.
+                                        let rest = this.inner.size_hint().exact().unwrap_or(0);
+                                        let whole = (data.len() as u64).saturating_add(rest);
+                                        this.json
+                                            .reserve(whole.min(JSON_RESERVE_MAX as u64) as usize);
+                                    }
+                                    this.json.extend_from_slice(&data);
                                     data
                                 }
                                 Mode::Other => data,
