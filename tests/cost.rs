@@ -894,6 +894,55 @@ async fn a_large_json_answer_is_held_once() {
     assert_eq!((row.prompt_tokens, row.estimated), (7, false), "{row:?}");
 }
 
+/// A large batch of float vectors from an upstream that reports no usage (some self-hosted
+/// embedding servers): the input is counted, and the answer is not parsed into a JSON tree
+/// (two million numbers: ~16 MB of text, a tree of several times that; the peak RSS grew
+/// by more than 100 MiB when it was).
+#[tokio::test]
+async fn a_large_embeddings_answer_without_usage_is_not_parsed_whole() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    let vector = vec!["0.0123456"; 2_000_000].join(",");
+    let answer = format!(
+        r#"{{"object":"list","model":"emb-up","data":[{{"object":"embedding","index":0,"embedding":[{vector}]}}]}}"#
+    );
+    // A small one first: the tokenizer's tables (~27 MiB, loaded once) are not the answer's.
+    let small = r#"{"object":"list","model":"emb-up","data":[{"object":"embedding","index":0,"embedding":[0.1]}]}"#;
+    up.script(Scripted::respond(200, small));
+    let r = post(
+        &gw,
+        "/v1/embeddings",
+        json!({"model": "emb", "input": "hi"}),
+    )
+    .await;
+    r.bytes().await.unwrap();
+    up.script(Scripted::respond(200, answer));
+    let before = status_kib(&gw, "VmRSS");
+    let r = post(
+        &gw,
+        "/v1/embeddings",
+        json!({"model": "emb", "input": "hello world"}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().len() > 19_000_000);
+    let grew_mib = status_kib(&gw, "VmHWM").saturating_sub(before) / 1024;
+    assert!(
+        grew_mib < 40,
+        "peak RSS grew {grew_mib} MiB for a 19 MB answer"
+    );
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let row = rows.last().unwrap();
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens, row.estimated),
+        (2, 0, true),
+        "o200k: `hello world` is two tokens: {row:?}"
+    );
+}
+
 #[tokio::test]
 async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstream() {
     let up = MockUpstream::start().await;

@@ -934,6 +934,9 @@ async fn sigterm_lets_streams_in_flight_finish() {
     assert!(status.success());
 }
 
+/// Also: a plain answer reaches the client with its length (the upstream's, not re-chunked),
+/// and the log line counts it whole: with the length known, hyper stops reading the body at
+/// its last byte, and the layers must still see it as complete.
 #[tokio::test]
 async fn json_logs_have_one_line_per_request_with_its_id_and_no_secret() {
     let up = MockUpstream::start().await;
@@ -947,7 +950,9 @@ async fn json_logs_have_one_line_per_request_with_its_id_and_no_secret() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    resp.bytes().await.unwrap();
+    let length = resp.headers().get("content-length").cloned();
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(length, Some(body.len().into()));
     assert!(
         gw.wait_log(|l| l.contains("log-test-42"), Duration::from_secs(5))
             .await
@@ -964,6 +969,8 @@ async fn json_logs_have_one_line_per_request_with_its_id_and_no_secret() {
     assert_eq!(line["route"], "gpt-4o");
     assert_eq!(line["deployment"], "up-openai/gpt-4o-upstream");
     assert_eq!(line["key"], "app");
+    assert_eq!(line["outcome"], "complete");
+    assert_eq!(line["bytes"], body.len());
     for secret in [OPENAI_SECRET, AZURE_SECRET, "admin-secret", CLIENT_KEY] {
         assert!(!logs.contains(secret), "{secret} in the logs");
     }

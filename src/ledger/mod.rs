@@ -328,7 +328,11 @@ impl Tap {
             let whole = whole.freeze();
             usage = Usage::from_answer_bytes(&whole);
             if usage.is_none() && counts_tokens(record.op) {
-                if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
+                if record.op == Operation::Embeddings {
+                    // Vectors, no text: only the input is counted. Not parsed into a tree,
+                    // which for a batch of float vectors is several times its size.
+                    usage = Some(record.estimate(""));
+                } else if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
                     let mut text = String::new();
                     answer_text(&v, &mut text);
                     usage = Some(record.estimate(&text));

@@ -18,7 +18,7 @@ use super::{AttemptError, UpstreamQuota};
 use crate::api::{ApiRequest, Operation};
 use crate::config::ProviderCfg;
 use crate::error::GatewayError;
-use crate::server::body::{streaming, ResponseBody};
+use crate::server::body::ResponseBody;
 use crate::stream::guard_upstream_stream;
 
 /// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
@@ -213,9 +213,9 @@ impl HttpUpstream {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-        let mut out = http::Response::new(streaming(guard_upstream_stream(
-            body, is_sse, deadline, timeout,
-        )));
+        let mut out = http::Response::new(
+            guard_upstream_stream(body, is_sse, deadline, timeout).boxed_unsync(),
+        );
         *out.status_mut() = parts.status;
         for (name, value) in &parts.headers {
             if PASS_HEADERS.contains(&name.as_str()) {

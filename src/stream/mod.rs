@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use serde_json::json;
 use tokio::time::Sleep;
 
@@ -120,6 +120,40 @@ where
                 self.sent_any = true;
                 return Poll::Ready(Some(Ok(ready)));
             }
+        }
+    }
+}
+
+/// As a body, an answer that is not an event stream keeps the upstream's length (so its
+/// `Content-Length` reaches the client, and the ledger's copy is sized once): an error event
+/// is only ever added to an event stream.
+impl<B> Body for UpstreamStream<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.poll_next(cx)
+            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+    }
+
+    /// At the end once the upstream's body is and nothing waits to go out: with a known
+    /// length hyper stops polling after the last byte, and the layers above (the ledger's,
+    /// the access log's) tell a complete answer from a cut one by this.
+    fn is_end_stream(&self) -> bool {
+        self.done || (self.inner.is_end_stream() && self.pending.is_empty())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.is_sse || self.done {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
         }
     }
 }
