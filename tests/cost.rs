@@ -819,6 +819,25 @@ fn status_kib(gw: &Gateway, field: &str) -> u64 {
         .unwrap()
 }
 
+/// What `work` gives, and how far the gateway's peak RSS rose above its RSS before it (MiB).
+async fn peak_growth_mib<T>(gw: &Gateway, work: impl std::future::Future<Output = T>) -> (T, u64) {
+    let before = status_kib(gw, "VmRSS");
+    let out = work.await;
+    (out, status_kib(gw, "VmHWM").saturating_sub(before) / 1024)
+}
+
+/// An embeddings request for `input`; the answer's length.
+async fn embed(gw: &Gateway, input: &str) -> usize {
+    let r = post(
+        gw,
+        "/v1/embeddings",
+        json!({"model": "emb", "input": input}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap().len()
+}
+
 /// A stream past what is kept whole (~380 KB of events) from an upstream that sends no
 /// usage: its text, read in parts as it went, is counted whole.
 #[tokio::test]
@@ -850,10 +869,9 @@ async fn long_streams_are_not_held_whole_in_memory() {
         // The end comes later, so all of them are open, their words passed, at once.
         up.script(long_stream(WORDS, true, 1_500));
     }
-    let before = status_kib(&gw, "VmRSS");
-    let sizes = join_all((0..STREAMS).map(|_| stream_chat(&gw))).await;
+    let (sizes, grew_mib) =
+        peak_growth_mib(&gw, join_all((0..STREAMS).map(|_| stream_chat(&gw)))).await;
     assert!(sizes.iter().all(|&n| n > WORDS * 150), "{sizes:?}");
-    let grew_mib = (status_kib(&gw, "VmHWM").saturating_sub(before)) / 1024;
     assert!(
         grew_mib < 36,
         "peak RSS grew {grew_mib} MiB for {STREAMS} streams"
@@ -872,16 +890,8 @@ async fn a_large_json_answer_is_held_once() {
         "data": [{"object": "embedding", "index": 0, "embedding": "A".repeat(SIZE)}],
         "usage": {"prompt_tokens": 7, "total_tokens": 7}});
     up.script(Scripted::respond(200, answer.to_string()));
-    let before = status_kib(&gw, "VmRSS");
-    let r = post(
-        &gw,
-        "/v1/embeddings",
-        json!({"model": "emb", "input": "hi"}),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    assert!(r.bytes().await.unwrap().len() > SIZE);
-    let grew_mib = status_kib(&gw, "VmHWM").saturating_sub(before) / 1024;
+    let (len, grew_mib) = peak_growth_mib(&gw, embed(&gw, "hi")).await;
+    assert!(len > SIZE);
     assert!(
         grew_mib < 60,
         "peak RSS grew {grew_mib} MiB for a 40 MiB answer"
@@ -909,24 +919,10 @@ async fn a_large_embeddings_answer_without_usage_is_not_parsed_whole() {
     // A small one first: the tokenizer's tables (~27 MiB, loaded once) are not the answer's.
     let small = r#"{"object":"list","model":"emb-up","data":[{"object":"embedding","index":0,"embedding":[0.1]}]}"#;
     up.script(Scripted::respond(200, small));
-    let r = post(
-        &gw,
-        "/v1/embeddings",
-        json!({"model": "emb", "input": "hi"}),
-    )
-    .await;
-    r.bytes().await.unwrap();
+    embed(&gw, "hi").await;
     up.script(Scripted::respond(200, answer));
-    let before = status_kib(&gw, "VmRSS");
-    let r = post(
-        &gw,
-        "/v1/embeddings",
-        json!({"model": "emb", "input": "hello world"}),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    assert!(r.bytes().await.unwrap().len() > 19_000_000);
-    let grew_mib = status_kib(&gw, "VmHWM").saturating_sub(before) / 1024;
+    let (len, grew_mib) = peak_growth_mib(&gw, embed(&gw, "hello world")).await;
+    assert!(len > 19_000_000);
     assert!(
         grew_mib < 40,
         "peak RSS grew {grew_mib} MiB for a 19 MB answer"

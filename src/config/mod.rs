@@ -208,10 +208,7 @@ impl Checker<'_> {
             );
         }
         if let Some(ledger) = c.state.ledger.as_ref().map(|l| l.expose()) {
-            if !(ledger.starts_with("sqlite:")
-                || ledger.starts_with("postgres://")
-                || ledger.starts_with("postgresql://"))
-            {
+            if !(ledger.starts_with("sqlite:") || crate::ledger::store::is_postgres(ledger)) {
                 self.error(
                     &p(&["state", "ledger"]),
                     "state.ledger must be a sqlite:// or postgres:// URL",

@@ -319,13 +319,16 @@ impl Tap {
         let mut usage = self.usage;
         // A JSON answer whole, read for usage and stored as the cache entry.
         let mut answer: Option<Bytes> = None;
-        let mut json_spare = false;
         if success && self.mode == Mode::Json {
             let whole = self.json.split();
-            // Grown past its first size, the buffer may have room to spare: a cache entry
-            // (weighed by its length) gets an exact copy instead.
-            json_spare = whole.capacity() - whole.len() > whole.len() / 8;
-            let whole = whole.freeze();
+            // Grown past its first size, the buffer may have room to spare: what a cache
+            // keeps (weighed by its length) is an exact copy instead.
+            let whole = if self.cache.is_some() && whole.capacity() - whole.len() > whole.len() / 8
+            {
+                Bytes::copy_from_slice(&whole)
+            } else {
+                whole.freeze()
+            };
             usage = Usage::from_answer_bytes(&whole);
             if usage.is_none() && counts_tokens(record.op) {
                 if record.op == Operation::Embeddings {
@@ -355,10 +358,7 @@ impl Tap {
             let declined = upstream_usage.is_some() && leader.would_decline(size);
             let entry = match self.mode {
                 _ if upstream_usage.is_none() || declined => None,
-                Mode::Json => answer.filter(|a| !a.is_empty()).map(|a| match json_spare {
-                    true => (Bytes::copy_from_slice(&a), None),
-                    false => (a, None),
-                }),
+                Mode::Json => answer.filter(|a| !a.is_empty()).map(|a| (a, None)),
                 Mode::Sse => {
                     let events = crate::cache::split_events(&self.kept);
                     crate::cache::assemble(record.op, &events).map(|json| (json, Some(events)))

@@ -157,7 +157,7 @@ pub enum Scope<'a> {
 
 impl Store {
     pub async fn open(url: &str) -> Result<Store, String> {
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        if is_postgres(url) {
             let pool = PgPoolOptions::new()
                 .max_connections(8)
                 .acquire_timeout(Duration::from_secs(10))
@@ -208,7 +208,7 @@ impl Store {
     /// ledger, and a wrong path is an error rather than a new, empty ledger. The ledger must
     /// have been made (and migrated) by a gateway of this version.
     pub async fn open_read_only(url: &str) -> Result<Store, String> {
-        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = if is_postgres(url) {
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
@@ -440,6 +440,11 @@ pub fn in_memory_sqlite(url: &str) -> bool {
     url.starts_with("sqlite:") && (url.contains(":memory:") || url.contains("mode=memory"))
 }
 
+/// Whether a ledger URL names a PostgreSQL database (anything else is SQLite).
+pub fn is_postgres(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
 fn migration_failed(e: sqlx::Error) -> String {
     format!("ledger migration failed: {e}")
 }
@@ -463,10 +468,7 @@ async fn migrate_sqlite(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     sqlx::raw_sql("CREATE TABLE IF NOT EXISTS ledger_schema (version INTEGER NOT NULL)")
         .execute(pool)
         .await?;
-    let done: i64 = sqlx::query("SELECT COUNT(*) FROM ledger_schema")
-        .fetch_one(pool)
-        .await?
-        .get(0);
+    let done = schema_version(pool).await?;
     for (i, m) in SQLITE_MIGRATIONS.iter().enumerate().skip(done as usize) {
         let mut tx = pool.begin().await?;
         sqlx::raw_sql(m).execute(&mut *tx).await?;
