@@ -1047,23 +1047,125 @@ async fn health_and_readiness() {
     assert_eq!(ready["status"], "ready");
 }
 
+/// `switchyard_overhead_seconds_{what}` of the test config's `gpt-4o` route (0 before its
+/// first observation).
+async fn overhead_of(gw: &Gateway, what: &str) -> f64 {
+    gw.metric(
+        &format!("switchyard_overhead_seconds_{what}"),
+        &[("route", "gpt-4o")],
+    )
+    .await
+    .unwrap_or(0.0)
+}
+
+/// Waits for `n` more observations of the overhead histogram (made as the bodies end, just
+/// after the client got their last byte) and returns their sum.
+async fn overhead_sum_of(gw: &Gateway, n: f64, count_before: f64, sum_before: f64) -> f64 {
+    for _ in 0..50 {
+        if overhead_of(gw, "count").await - count_before >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(overhead_of(gw, "count").await - count_before, n);
+    overhead_of(gw, "sum").await - sum_before
+}
+
+/// The gateway's own time is taken at its sockets (the read that completed a request's head
+/// to its answer's end, less the upstream connection's wait): on a keep-alive connection,
+/// neither the client's pause between two requests nor a client slow to send a head counts.
+#[tokio::test]
+async fn the_overhead_histogram_counts_neither_idle_connections_nor_slow_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up, gw) = setup().await;
+    let overhead = |what: &'static str| overhead_of(&gw, what);
+    let (count_before, sum_before) = (overhead("count").await, overhead("sum").await);
+    let answer = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
+        gw.addr,
+        body.len()
+    );
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.set_nodelay(true).unwrap();
+    // Reads one whole answer (it has a Content-Length) off the connection.
+    async fn answer_of(conn: &mut tokio::net::TcpStream) -> String {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the gateway closed the connection");
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .expect("a content-length");
+                if got.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+        }
+    }
+    let started = std::time::Instant::now();
+    for pause in [0, 400] {
+        // The client pauses between two requests on the connection, then sends the next
+        // head in two parts 400 ms apart.
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        up.script(Scripted::respond(200, answer));
+        let (first, rest) = head.split_at(30);
+        conn.write_all(first.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        conn.write_all(format!("{rest}\r\n{body}").as_bytes())
+            .await
+            .unwrap();
+        let text = answer_of(&mut conn).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    let took = started.elapsed().as_secs_f64();
+    assert!(took >= 1.2, "the two requests took {took}s");
+    let own = overhead_sum_of(&gw, 2.0, count_before, sum_before).await;
+    assert!(own > 0.0 && own < 0.25, "overhead sum {own}s of {took}s");
+    // The request's duration in its log line is the gateway's share and the upstream's.
+    let ours = |l: &str| l.contains("request_id") && l.contains("/v1/chat/completions");
+    let logged = gw
+        .wait_log(
+            |logs| logs.lines().filter(|l| ours(l)).count() >= 2,
+            Duration::from_secs(5),
+        )
+        .await;
+    let logs = gw.logs();
+    assert!(logged, "{logs}");
+    let durations: Vec<f64> = logs
+        .lines()
+        .filter(|l| ours(l))
+        .filter_map(|l| {
+            let at = l.find("duration_ms")? + "duration_ms".len();
+            let v: String = l[at..]
+                .chars()
+                .skip_while(|c| !c.is_ascii_digit())
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            v.parse().ok()
+        })
+        .collect();
+    assert_eq!(durations.len(), 2, "{logs}");
+    assert!(durations.iter().all(|d| *d < 250.0), "{durations:?}");
+}
+
 /// `switchyard_overhead_seconds{route}`: the request's time minus its waits on the upstream
 /// (for the answer's head and for every chunk of a stream), observed when the body ends.
 #[tokio::test]
 async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     let (up, gw) = setup().await;
     // No series before the route's first observation: read as 0.
-    let overhead = |what: &'static str| {
-        let gw = &gw;
-        async move {
-            gw.metric(
-                &format!("switchyard_overhead_seconds_{what}"),
-                &[("route", "gpt-4o")],
-            )
-            .await
-            .unwrap_or(0.0)
-        }
-    };
+    let overhead = |what: &'static str| overhead_of(&gw, what);
     let (count_before, sum_before) = (overhead("count").await, overhead("sum").await);
     // 400 ms before the answer's head; then a stream whose chunks come 300 ms apart.
     up.script(Scripted::Delay(
@@ -1099,16 +1201,7 @@ async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     resp.bytes().await.unwrap();
     let took = started.elapsed().as_secs_f64();
     assert!(took >= 1.0, "the two requests took {took}s");
-    // The log line (and the histogram) is written when the body ends, just after the client
-    // got its last byte.
-    for _ in 0..50 {
-        if overhead("count").await - count_before >= 2.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(overhead("count").await - count_before, 2.0);
-    let own = overhead("sum").await - sum_before;
+    let own = overhead_sum_of(&gw, 2.0, count_before, sum_before).await;
     // Over 1 s of waiting on the upstream, of which the gateway's own share is a tiny part
     // (a debug build on a busy machine included).
     assert!(own > 0.0 && own < 0.25, "overhead sum {own}s of {took}s");

@@ -20,6 +20,7 @@ use crate::config::ProviderCfg;
 use crate::error::GatewayError;
 use crate::server::body::ResponseBody;
 use crate::stream::guard_upstream_stream;
+use crate::telemetry::clock::{UpstreamClock, UpstreamWait};
 
 /// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
 const MAX_ERROR_BODY: usize = 1 << 20;
@@ -176,6 +177,7 @@ impl HttpUpstream {
         target: Option<&http::Uri>,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
+        let sent = std::time::Instant::now();
         // One deadline for the whole attempt: the answer's head, then its body to the end.
         let mut deadline = Box::pin(tokio::time::sleep(timeout));
         // `None`: the URL did not parse when the config was loaded.
@@ -204,9 +206,21 @@ impl HttpUpstream {
             r = self.client.request(request) => r.map_err(|e| classify(&e))?,
             () = deadline.as_mut() => return Err(timed_out(timeout)),
         };
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
         if !parts.status.is_success() {
             return Err(self.error_from(&parts, body, deadline, timeout).await);
+        }
+        // The upstream's own time, from its connection's clock (HTTP/1: one request at a
+        // time on it). The answer's extensions map is reused to carry it.
+        let wait = parts
+            .extensions
+            .get::<UpstreamClock>()
+            .filter(|_| parts.version <= http::Version::HTTP_11)
+            .and_then(|c| c.0.wait(sent));
+        let mut extensions = std::mem::take(&mut parts.extensions);
+        extensions.clear();
+        if let Some(w) = wait {
+            extensions.insert(UpstreamWait(w));
         }
         let is_sse = parts
             .headers
@@ -217,6 +231,7 @@ impl HttpUpstream {
             guard_upstream_stream(body, is_sse, deadline, timeout).boxed_unsync(),
         );
         *out.status_mut() = parts.status;
+        *out.extensions_mut() = extensions;
         for (name, value) in &parts.headers {
             if PASS_HEADERS.contains(&name.as_str()) {
                 out.headers_mut().append(name.clone(), value.clone());

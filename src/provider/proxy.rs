@@ -18,6 +18,8 @@ use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::telemetry::clock::{Clocked, Exchange};
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The proxy settings read from the environment.
@@ -124,8 +126,15 @@ impl Connector {
     }
 }
 
+/// An upstream connection, clocked for `switchyard_overhead_seconds` (`telemetry::clock`).
+pub type UpstreamIo = TokioIo<Clocked<TcpStream, Exchange>>;
+
+fn clocked(io: TokioIo<TcpStream>) -> UpstreamIo {
+    TokioIo::new(Clocked::new(io.into_inner(), Arc::new(Exchange::default())))
+}
+
 impl tower::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = UpstreamIo;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -140,7 +149,7 @@ impl tower::Service<Uri> for Connector {
         };
         let Some(via) = via else {
             let connecting = self.direct.call(dst);
-            return Box::pin(async move { connecting.await.map_err(Into::into) });
+            return Box::pin(async move { connecting.await.map(clocked).map_err(Into::into) });
         };
         let mut tunnel = Tunnel::new(via.uri().clone(), self.direct.clone());
         if let Some(auth) = via.basic_auth() {
@@ -156,7 +165,7 @@ impl tower::Service<Uri> for Connector {
                         limit.as_secs_f64()
                     ))
                 })?;
-            tunnelled.map_err(|e| {
+            tunnelled.map(clocked).map_err(|e| {
                 // One message that says it was the proxy (the innermost cause alone, say
                 // "Connection refused", would not).
                 let mut text = format!("through the HTTPS proxy: {e}");

@@ -364,8 +364,11 @@ impl Route {
             }
             usable.push(i);
         }
-        let fresh: Vec<usize> = usable.iter().copied().filter(|i| !tried[*i]).collect();
-        let mut candidates = if fresh.is_empty() { usable } else { fresh };
+        // Those not tried yet, when there are any (in place: no second list per attempt).
+        if usable.iter().any(|i| !tried[*i]) {
+            usable.retain(|i| !tried[*i]);
+        }
+        let mut candidates = usable;
         while !candidates.is_empty() {
             let chosen = self.choose(&candidates, stream);
             let d = &self.deployments[chosen];

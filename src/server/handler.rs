@@ -29,6 +29,7 @@ use crate::ledger::{self, LedgerRow, RequestRecord, Tap};
 use crate::policy::{self, Refused};
 use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
+use crate::telemetry::clock::UpstreamWait;
 use crate::telemetry::{metrics, RequestFacts};
 use crate::Name;
 
@@ -300,7 +301,16 @@ where
     let mut served = Served::default();
     let dispatched = std::time::Instant::now();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
-    facts.upstream_wait = Some(dispatched.elapsed());
+    let waited = dispatched.elapsed();
+    // The upstream's own time as its connection saw it, when one attempt served; else the
+    // whole dispatch (retries, backoff and fallbacks are the upstreams' time too).
+    facts.upstream_wait = Some(match &result {
+        Ok(resp) if served.attempts == 1 => resp
+            .extensions()
+            .get::<UpstreamWait>()
+            .map_or(waited, |w| w.0),
+        _ => waited,
+    });
     if !served.route.is_empty() {
         facts.route.clone_from(&served.route);
         record.row.route.clone_from(&served.route);

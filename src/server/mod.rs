@@ -50,6 +50,7 @@ use crate::policy::{self, BudgetScope, MemoryState, PolicyTable, RedisState};
 use crate::provider::{self, Provider, Providers};
 use crate::route::state::StateRegistry;
 use crate::route::{self, Routes};
+use crate::telemetry::clock::{Arrivals, Clocked};
 use crate::telemetry::AccessLogLayer;
 use body::ResponseBody;
 
@@ -563,10 +564,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         spawn_reload_on_change(gateway.clone());
     }
 
-    let stack = ServiceBuilder::new()
-        .layer(RequestIdLayer)
-        .layer(AccessLogLayer)
-        .service(handler::GatewayService::new(gateway.clone()));
+    let handler = handler::GatewayService::new(gateway.clone());
 
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -584,8 +582,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(stack.clone());
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                // The connection's clock: its requests' time starts as their bytes are read.
+                let arrivals = Arc::new(Arrivals::default());
+                let stack = ServiceBuilder::new()
+                    .layer(RequestIdLayer)
+                    .layer(AccessLogLayer::clocked(arrivals.clone()))
+                    .service(handler.clone());
+                let io = TokioIo::new(Clocked::new(stream, arrivals));
+                let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(stack));
                 let conn = graceful.watch(conn.into_owned());
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {

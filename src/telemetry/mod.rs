@@ -2,6 +2,7 @@
 //! body ends (so a stream is logged when it finishes, with its time to first byte). Secrets
 //! are never fields of a log event.
 
+pub mod clock;
 pub mod metrics;
 
 use std::convert::Infallible;
@@ -356,29 +357,48 @@ pub struct RequestFacts {
     pub fallback_from: Name,
     pub error_code: String,
     pub stream: bool,
-    /// For a request sent upstream: how long the attempts took, from the dispatch to the
-    /// answer's head (retries and their backoff included). With the time the response body
-    /// waited on upstream chunks, it is what `switchyard_overhead_seconds` leaves out.
+    /// For a request sent upstream: how long the upstream took to begin its answer. With one
+    /// attempt over HTTP/1, from the request's last byte written to the answer's first byte
+    /// read (`clock::Exchange`); else from the dispatch to the answer's head (retries and
+    /// their backoff included). With the time the response body waited on upstream chunks,
+    /// it is what `switchyard_overhead_seconds` leaves out.
     pub upstream_wait: Option<std::time::Duration>,
     /// The operation, and the serving deployment's metric handles, when one served.
     pub op: Option<crate::api::Operation>,
     pub metrics: Option<Arc<metrics::DeploymentMetrics>>,
 }
 
-/// Writes one structured line per request when its response body ends or is dropped.
-#[derive(Clone, Copy, Default)]
-pub struct AccessLogLayer;
+/// Writes one structured line per request when its response body ends or is dropped. Given
+/// its connection's `Arrivals`, an HTTP/1 request's time starts at the read that brought its
+/// first bytes; otherwise (HTTP/2's interleaved requests) as it is handed to the gateway.
+#[derive(Clone, Default)]
+pub struct AccessLogLayer {
+    arrivals: Option<Arc<clock::Arrivals>>,
+}
+
+impl AccessLogLayer {
+    /// For one client connection, read through `Clocked` with these `arrivals`.
+    pub fn clocked(arrivals: Arc<clock::Arrivals>) -> Self {
+        AccessLogLayer {
+            arrivals: Some(arrivals),
+        }
+    }
+}
 
 impl<S> Layer<S> for AccessLogLayer {
     type Service = AccessLog<S>;
     fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog { inner }
+        AccessLog {
+            inner,
+            arrivals: self.arrivals.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct AccessLog<S> {
     inner: S,
+    arrivals: Option<Arc<clock::Arrivals>>,
 }
 
 impl<S, B> Service<Request<B>> for AccessLog<S>
@@ -395,7 +415,12 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let start = Instant::now();
+        let arrivals = self
+            .arrivals
+            .as_ref()
+            .filter(|_| req.version() <= http::Version::HTTP_11);
+        let start = arrivals.and_then(|a| a.take()).unwrap_or_else(Instant::now);
+        let arrivals = arrivals.cloned();
         let method = req.method().clone();
         let uri = req.uri().clone();
         let request_id = request_id(req.headers());
@@ -419,6 +444,7 @@ where
                 body_wait: std::time::Duration::ZERO,
                 pending_since: None,
                 logged: false,
+                arrivals,
             };
             let body = LoggedBody { inner: body, line }.boxed_unsync();
             Ok(Response::from_parts(parts, body))
@@ -440,6 +466,8 @@ struct LogLine {
     body_wait: std::time::Duration,
     pending_since: Option<Instant>,
     logged: bool,
+    /// The connection's clock, told when the answer is done (HTTP/1 only).
+    arrivals: Option<Arc<clock::Arrivals>>,
 }
 
 impl LogLine {
@@ -448,6 +476,9 @@ impl LogLine {
             return;
         }
         self.logged = true;
+        if let Some(a) = &self.arrivals {
+            a.done();
+        }
         let f = &self.facts;
         let elapsed = self.start.elapsed();
         if let (Some(m), false) = (metrics::metrics(), f.endpoint.is_empty()) {
