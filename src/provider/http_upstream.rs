@@ -20,7 +20,7 @@ use crate::config::ProviderCfg;
 use crate::error::GatewayError;
 use crate::server::body::ResponseBody;
 use crate::stream::guard_upstream_stream;
-use crate::telemetry::clock::{UpstreamClock, UpstreamWait};
+use crate::telemetry::clock::UpstreamClock;
 
 /// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
 const MAX_ERROR_BODY: usize = 1 << 20;
@@ -177,7 +177,6 @@ impl HttpUpstream {
         target: Option<&http::Uri>,
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
-        let sent = std::time::Instant::now();
         // One deadline for the whole attempt: the answer's head, then its body to the end.
         let mut deadline = Box::pin(tokio::time::sleep(timeout));
         // `None`: the URL did not parse when the config was loaded.
@@ -210,17 +209,13 @@ impl HttpUpstream {
         if !parts.status.is_success() {
             return Err(self.error_from(&parts, body, deadline, timeout).await);
         }
-        // The upstream's own time, from its connection's clock (HTTP/1: one request at a
-        // time on it). The answer's extensions map is reused to carry it.
-        let wait = parts
-            .extensions
-            .get::<UpstreamClock>()
-            .filter(|_| parts.version <= http::Version::HTTP_11)
-            .and_then(|c| c.0.wait(sent));
+        // The answer's extensions go on with it for the connection's clock (`UpstreamClock`),
+        // which only an HTTP/1 connection keeps (one request at a time on it); hyper's
+        // reason phrase stays behind (the gateway's answer has its own status line).
         let mut extensions = std::mem::take(&mut parts.extensions);
-        extensions.clear();
-        if let Some(w) = wait {
-            extensions.insert(UpstreamWait(w));
+        extensions.remove::<hyper::ext::ReasonPhrase>();
+        if parts.version > http::Version::HTTP_11 {
+            extensions.remove::<UpstreamClock>();
         }
         let is_sse = parts
             .headers

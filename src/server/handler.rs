@@ -29,7 +29,7 @@ use crate::ledger::{self, LedgerRow, RequestRecord, Tap};
 use crate::policy::{self, Refused};
 use crate::route::state::{now_ms, Health};
 use crate::route::{self, Served};
-use crate::telemetry::clock::UpstreamWait;
+use crate::telemetry::clock::UpstreamClock;
 use crate::telemetry::{metrics, RequestFacts};
 use crate::Name;
 
@@ -302,13 +302,15 @@ where
     let dispatched = std::time::Instant::now();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
     let waited = dispatched.elapsed();
-    // The upstream's own time as its connection saw it, when one attempt served; else the
-    // whole dispatch (retries, backoff and fallbacks are the upstreams' time too).
+    // The upstream's own time as its connection saw it, when one attempt served on a
+    // connection it did not have to make; else the whole dispatch (a new connection's setup,
+    // retries, backoff and fallbacks are the upstreams' time too).
     facts.upstream_wait = Some(match &result {
         Ok(resp) if served.attempts == 1 => resp
             .extensions()
-            .get::<UpstreamWait>()
-            .map_or(waited, |w| w.0),
+            .get::<UpstreamClock>()
+            .and_then(|c| c.0.wait(dispatched))
+            .unwrap_or(waited),
         _ => waited,
     });
     if !served.route.is_empty() {

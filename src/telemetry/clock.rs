@@ -99,8 +99,8 @@ impl Default for Exchange {
 
 impl Exchange {
     /// From the request's last byte written to the answer's first byte read, once both are;
-    /// `None` on a connection made after `sent` (the request's attempt began), whose setup
-    /// is the upstream's time too.
+    /// `None` on a connection made after `sent` (the request was sent), whose setup is the
+    /// upstream's time too.
     pub fn wait(&self, sent: Instant) -> Option<Duration> {
         let (w, a) = (self.wrote.load(Relaxed), self.answered.load(Relaxed));
         (self.made < sent && w != 0 && a >= w).then(|| Duration::from_nanos(a - w))
@@ -120,14 +120,10 @@ impl Clock for Exchange {
     }
 }
 
-/// An upstream connection's `Exchange`, as the upstream client hands it on with each answer.
+/// An upstream connection's `Exchange`, as the upstream client hands it on with each answer
+/// (an extension of the response; taken off an HTTP/2 answer, whose connection interleaves).
 #[derive(Debug, Clone)]
 pub struct UpstreamClock(pub Arc<Exchange>);
-
-/// What an answer's `Exchange` said: the upstream's own time to begin it (an extension of
-/// the response the upstream client returns).
-#[derive(Debug, Clone, Copy)]
-pub struct UpstreamWait(pub Duration);
 
 /// An I/O stream that tells its clock when bytes come and go.
 pub struct Clocked<T, C> {
@@ -198,12 +194,11 @@ impl<T: AsyncWrite + Unpin, C: Clock> AsyncWrite for Clocked<T, C> {
     }
 }
 
-/// The upstream client learns the clock of the connection an answer came on with it.
-impl<T: Connection> Connection for Clocked<T, Exchange> {
+/// The upstream client learns the clock of the connection an answer came on with it (in
+/// the answer's extensions; the only extra, so no `HttpInfo` is boxed for every answer).
+impl Connection for Clocked<tokio::net::TcpStream, Exchange> {
     fn connected(&self) -> Connected {
-        self.inner
-            .connected()
-            .extra(UpstreamClock(self.clock.clone()))
+        Connected::new().extra(UpstreamClock(self.clock.clone()))
     }
 }
 
