@@ -1164,16 +1164,27 @@ async fn the_overhead_histogram_counts_neither_idle_connections_nor_slow_clients
 #[tokio::test]
 async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     let (up, gw) = setup().await;
-    // No series before the route's first observation: read as 0.
     let overhead = |what: &'static str| overhead_of(&gw, what);
+    let answer = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    // One request first, so that the two below go out on a pooled upstream connection, whose
+    // own clock then tells the upstream's wait (on a connection made for the request, the
+    // whole dispatch is taken as the upstream's).
+    up.script(Scripted::respond(200, answer));
+    let warm = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"warm"}]}"#,
+    )
+    .await;
+    assert_eq!(warm.status(), 200);
+    warm.bytes().await.unwrap();
+    // Its observation made (the route's first: the series starts from nothing).
+    overhead_sum_of(&gw, 1.0, 0.0, 0.0).await;
     let (count_before, sum_before) = (overhead("count").await, overhead("sum").await);
     // 400 ms before the answer's head; then a stream whose chunks come 300 ms apart.
     up.script(Scripted::Delay(
         Duration::from_millis(400),
-        Box::new(Scripted::respond(
-            200,
-            r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#,
-        )),
+        Box::new(Scripted::respond(200, answer)),
     ));
     let started = std::time::Instant::now();
     let resp = post(

@@ -137,6 +137,16 @@ impl<T, C> Clocked<T, C> {
     }
 }
 
+impl<T, C: Clock> Clocked<T, C> {
+    /// Tells the clock of a write that wrote something; passes its result on.
+    fn told(&self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.clock.wrote();
+        }
+        r
+    }
+}
+
 impl<T: AsyncRead + Unpin, C: Clock> AsyncRead for Clocked<T, C> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -159,12 +169,7 @@ impl<T: AsyncWrite + Unpin, C: Clock> AsyncWrite for Clocked<T, C> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.clock.wrote();
-            }
-        }
-        r
+        self.told(r)
     }
 
     fn poll_write_vectored(
@@ -173,12 +178,7 @@ impl<T: AsyncWrite + Unpin, C: Clock> AsyncWrite for Clocked<T, C> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            if n > 0 {
-                self.clock.wrote();
-            }
-        }
-        r
+        self.told(r)
     }
 
     fn is_write_vectored(&self) -> bool {
