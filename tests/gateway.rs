@@ -1049,6 +1049,9 @@ async fn health_and_readiness() {
 
 /// `switchyard_overhead_seconds_{what}` of the test config's `gpt-4o` route (0 before its
 /// first observation).
+/// A chat answer of a few hundred bytes, with its usage.
+const SMALL_ANSWER: &str = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+
 async fn overhead_of(gw: &Gateway, what: &str) -> f64 {
     gw.metric(
         &format!("switchyard_overhead_seconds_{what}"),
@@ -1080,7 +1083,7 @@ async fn the_overhead_histogram_counts_neither_idle_connections_nor_slow_clients
     let (up, gw) = setup().await;
     let overhead = |what: &'static str| overhead_of(&gw, what);
     let (count_before, sum_before) = (overhead("count").await, overhead("sum").await);
-    let answer = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let answer = SMALL_ANSWER;
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
@@ -1159,13 +1162,57 @@ async fn the_overhead_histogram_counts_neither_idle_connections_nor_slow_clients
     assert!(durations.iter().all(|d| *d < 250.0), "{durations:?}");
 }
 
+/// A request that waits in the gateway's socket while the gateway cannot run (stopped here;
+/// in production saturated, or throttled by a CPU limit) waits on the gateway: on Linux its
+/// time starts when the kernel received its bytes, not when the gateway read them.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_overhead_histogram_counts_a_request_waiting_for_a_stopped_gateway() {
+    let (up, gw) = setup().await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    // One request first, so that the next one's upstream connection is a pooled one.
+    up.script(Scripted::respond(200, SMALL_ANSWER));
+    let warm = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(warm.status(), 200);
+    warm.bytes().await.unwrap();
+    overhead_sum_of(&gw, 1.0, 0.0, 0.0).await;
+    let (count_before, sum_before) = (
+        overhead_of(&gw, "count").await,
+        overhead_of(&gw, "sum").await,
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.script(Scripted::respond(200, SMALL_ANSWER));
+    gw.signal("STOP");
+    // The kernel takes the connection and the request while the gateway is stopped.
+    let url = gw.url("/v1/chat/completions");
+    let sending = tokio::spawn(async move {
+        client()
+            .post(url)
+            .bearer_auth(CLIENT_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map(|r| r.status())
+            .map_err(|e| e.to_string())
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    gw.signal("CONT");
+    assert_eq!(sending.await.unwrap().unwrap(), 200);
+    let own = overhead_sum_of(&gw, 1.0, count_before, sum_before).await;
+    assert!(
+        (0.35..1.0).contains(&own),
+        "overhead {own}s for a request that waited 0.4 s"
+    );
+}
+
 /// `switchyard_overhead_seconds{route}`: the request's time minus its waits on the upstream
 /// (for the answer's head and for every chunk of a stream), observed when the body ends.
 #[tokio::test]
 async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     let (up, gw) = setup().await;
     let overhead = |what: &'static str| overhead_of(&gw, what);
-    let answer = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+    let answer = SMALL_ANSWER;
     // One request first, so that the two below go out on a pooled upstream connection, whose
     // own clock then tells the upstream's wait (on a connection made for the request, the
     // whole dispatch is taken as the upstream's).

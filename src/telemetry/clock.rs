@@ -9,7 +9,16 @@
 //!   the connection pool and the client's parsing of the answer count as the gateway's too.
 //!   On a connection made for the request, its setup (TCP, TLS) is the upstream's share.
 //!
-//! Each stamp is one clock read where it is taken; nothing here allocates per request.
+//! On Linux a stamped read is the time the kernel received its bytes (`SO_TIMESTAMPNS`, read
+//! with `recvmsg`), not the time the gateway got round to reading them: the wake-up of an
+//! idle gateway, and the wait of bytes queued while it was busy or throttled, are the
+//! gateway's time too (they are what a client waits for), where the upstream's answer waiting
+//! to be read is not the upstream's. Only the reads that take a stamp use `recvmsg` (a
+//! request's head, an answer's first bytes); the rest are plain reads. Elsewhere, and when
+//! the kernel gives no time, a stamp is the time of the read.
+//!
+//! Each stamp is one or two clock reads where it is taken; nothing here allocates per
+//! request.
 
 use std::io;
 use std::pin::Pin;
@@ -21,7 +30,17 @@ use std::time::{Duration, Instant};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-static BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+/// Stamps count from here: as far back as the kernel's times are taken (`MAX_QUEUED`), so that
+/// bytes received before the first stamp was taken have one.
+static BASE: LazyLock<Instant> = LazyLock::new(|| {
+    Instant::now()
+        .checked_sub(MAX_QUEUED)
+        .unwrap_or_else(Instant::now)
+});
+
+/// How long ago the kernel's time of a read may be (more: the wall clock stepped; the read's
+/// own time is taken instead).
+const MAX_QUEUED: Duration = Duration::from_secs(60);
 
 /// Now, as nanoseconds since `BASE`, plus one (0 means "not taken").
 fn stamp() -> u64 {
@@ -32,10 +51,32 @@ fn instant(stamp: u64) -> Instant {
     *BASE + Duration::from_nanos(stamp - 1)
 }
 
+/// A stamp for bytes the kernel received at `received` (`CLOCK_REALTIME`), as `stamp`'s
+/// monotonic clock puts it: now less how long ago that was. Now when the kernel's time is not
+/// in the past (the wall clock stepped), or is more than `MAX_QUEUED` ago.
+fn stamp_received(received: Duration) -> u64 {
+    let now = stamp();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    match wall.checked_sub(received) {
+        Some(ago) if ago <= MAX_QUEUED => now.saturating_sub(ago.as_nanos() as u64).max(1),
+        _ => now,
+    }
+}
+
 /// What a clocked connection tells its clock.
 pub trait Clock {
-    /// Bytes were read.
-    fn read(&self);
+    /// Whether the next read's time would be kept (only those reads ask the kernel for it).
+    fn wants_read(&self) -> bool;
+    /// Bytes were read; the kernel received them at `at` (a `stamp`).
+    fn read_at(&self, at: u64);
+    /// Bytes were read just now.
+    fn read(&self) {
+        if self.wants_read() {
+            self.read_at(stamp());
+        }
+    }
     /// Bytes were written.
     fn wrote(&self);
 }
@@ -68,9 +109,13 @@ impl Arrivals {
 }
 
 impl Clock for Arrivals {
-    fn read(&self) {
-        if self.at.load(Relaxed) != SERVING {
-            self.at.store(stamp(), Relaxed);
+    fn wants_read(&self) -> bool {
+        self.at.load(Relaxed) != SERVING
+    }
+
+    fn read_at(&self, at: u64) {
+        if self.wants_read() {
+            self.at.store(at, Relaxed);
         }
     }
 
@@ -108,9 +153,16 @@ impl Exchange {
 }
 
 impl Clock for Exchange {
-    fn read(&self) {
-        if self.answered.load(Relaxed) == 0 {
-            self.answered.store(stamp(), Relaxed);
+    fn wants_read(&self) -> bool {
+        self.answered.load(Relaxed) == 0
+    }
+
+    fn read_at(&self, at: u64) {
+        if self.wants_read() {
+            // Not before the request's last byte went out (the two clocks' readings differ
+            // by the time between them, nanoseconds).
+            self.answered
+                .store(at.max(self.wrote.load(Relaxed)), Relaxed);
         }
     }
 
@@ -131,8 +183,12 @@ pub struct Clocked<T, C> {
     clock: Arc<C>,
 }
 
-impl<T, C> Clocked<T, C> {
-    pub fn new(inner: T, clock: Arc<C>) -> Self {
+impl<C> Clocked<tokio::net::TcpStream, C> {
+    /// Clocks a TCP connection; on Linux asks the kernel to time what it receives (when it
+    /// will not, the reads are timed as they are made).
+    pub fn new(inner: tokio::net::TcpStream, clock: Arc<C>) -> Self {
+        #[cfg(target_os = "linux")]
+        kernel_time::enable(&inner);
         Clocked { inner, clock }
     }
 }
@@ -147,18 +203,129 @@ impl<T, C: Clock> Clocked<T, C> {
     }
 }
 
-impl<T: AsyncRead + Unpin, C: Clock> AsyncRead for Clocked<T, C> {
+impl<C: Clock> AsyncRead for Clocked<tokio::net::TcpStream, C> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.clock.read();
+        if !self.clock.wants_read() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
         }
-        r
+        #[cfg(target_os = "linux")]
+        {
+            kernel_time::poll_read(&self.inner, &*self.clock, cx, buf)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let before = buf.filled().len();
+            let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                self.clock.read();
+            }
+            r
+        }
+    }
+}
+
+/// Reads timed by the kernel: `SO_TIMESTAMPNS` on the socket, the time each read's last
+/// bytes were received given with them by `recvmsg`.
+#[cfg(target_os = "linux")]
+mod kernel_time {
+    use super::{stamp, stamp_received, Clock};
+    use std::io;
+    use std::mem::MaybeUninit;
+    use std::os::fd::AsRawFd;
+    use std::task::{ready, Context, Poll};
+    use std::time::Duration;
+    use tokio::io::{Interest, ReadBuf};
+    use tokio::net::TcpStream;
+
+    pub(super) fn enable(stream: &TcpStream) {
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and an option value of the size given. A failure leaves
+        // the socket as it was (its reads are then timed as they are made).
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+
+    /// As tokio's own read of a `TcpStream` (wait until readable, read, and on
+    /// `WouldBlock` wait again), with `recvmsg`; tells `clock` when the bytes came.
+    pub(super) fn poll_read(
+        stream: &TcpStream,
+        clock: &impl Clock,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            ready!(stream.poll_read_ready(cx))?;
+            // SAFETY: `recv` only writes into the unfilled part, and what it reports
+            // written is marked filled below.
+            let unfilled = unsafe { buf.unfilled_mut() };
+            let fd = stream.as_raw_fd();
+            match stream.try_io(Interest::READABLE, || recv(fd, unfilled)) {
+                Ok((n, received)) => {
+                    // SAFETY: `recv` wrote `n` bytes.
+                    unsafe { buf.assume_init(n) };
+                    buf.advance(n);
+                    if n > 0 {
+                        clock.read_at(received.map_or_else(stamp, stamp_received));
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// One `recvmsg` into `buf`: the bytes read, and when the kernel received the last of
+    /// them (`CLOCK_REALTIME`), when it says.
+    fn recv(fd: i32, buf: &mut [MaybeUninit<u8>]) -> io::Result<(usize, Option<Duration>)> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // Room for one `timespec` message (`CMSG_SPACE(16)` = 32 bytes), aligned for its
+        // header.
+        let mut control = [0u64; 8];
+        // SAFETY: a zeroed `msghdr` is a valid empty one; its pointers are set below to
+        // buffers that outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: as above; the socket is non-blocking (tokio's).
+        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut received = None;
+        // SAFETY: the kernel filled `msg`'s control part; `CMSG_FIRSTHDR`/`CMSG_NXTHDR`
+        // stay within it, and a `SCM_TIMESTAMPNS` message holds one `timespec`.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                    let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                    if let (Ok(secs), Ok(nanos)) =
+                        (u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec))
+                    {
+                        received = Some(Duration::new(secs, nanos));
+                    }
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        Ok((n as usize, received))
     }
 }
 
@@ -224,6 +391,85 @@ mod tests {
         a.done();
         a.read();
         assert!(a.take().is_some_and(|t2| t2 > t));
+    }
+
+    /// A clocked connection and its peer, over loopback.
+    async fn clocked_pair<C>(
+        clock: Arc<C>,
+    ) -> (Clocked<tokio::net::TcpStream, C>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (accepted, peer) = tokio::join!(listener.accept(), peer);
+        (Clocked::new(accepted.unwrap().0, clock), peer.unwrap())
+    }
+
+    /// The kernel times received packets from a moment after the first socket on the
+    /// machine asks it to until the last one that asked closes: one is kept open meanwhile.
+    async fn timing_on<C: Default>() -> Clocked<tokio::net::TcpStream, C> {
+        let (kept, _) = clocked_pair(Arc::new(C::default())).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        kept
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_request_read_late_is_timed_when_its_bytes_came() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _on = timing_on::<Arrivals>().await;
+        let arrivals = Arc::new(Arrivals::default());
+        let (mut conn, mut client) = clocked_pair(arrivals.clone()).await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        // Once the bytes are in the socket (the sender's kernel may hold them a while), the
+        // gateway is busy elsewhere: the request waits there.
+        conn.inner.readable().await.unwrap();
+        let arrived = Instant::now();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let mut buf = [0u8; 64];
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 18);
+        let came = arrivals.take().expect("a request was read");
+        assert!(
+            came <= arrived,
+            "timed {:?} after it was in the socket",
+            came - arrived
+        );
+        assert!(
+            arrived - came < Duration::from_millis(20),
+            "{:?}",
+            arrived - came
+        );
+        // Its body: read plainly, not timed.
+        client.write_all(b"body").await.unwrap();
+        assert_eq!(conn.read(&mut buf).await.unwrap(), 4);
+        assert_eq!(arrivals.take(), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn an_answer_read_late_is_the_gateways_time_not_the_upstreams() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let _on = timing_on::<Exchange>().await;
+        let exchange = Arc::new(Exchange::default());
+        let (mut conn, mut upstream) = clocked_pair(exchange.clone()).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let sent = Instant::now();
+        conn.write_all(b"POST / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(upstream.read(&mut buf).await.unwrap() > 0);
+        tokio::time::sleep(Duration::from_millis(30)).await; // the upstream's own time
+        upstream
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .unwrap();
+        conn.inner.readable().await.unwrap();
+        let answered = Instant::now();
+        tokio::time::sleep(Duration::from_millis(80)).await; // the answer waits to be read
+        assert!(conn.read(&mut buf).await.unwrap() > 0);
+        let wait = exchange.wait(sent).expect("written and answered");
+        assert!(
+            wait >= Duration::from_millis(30) && wait <= answered - sent,
+            "{wait:?}, answered after {:?}",
+            answered - sent
+        );
     }
 
     #[test]
