@@ -257,7 +257,10 @@ mod kernel_time {
     }
 
     /// As tokio's own read of a `TcpStream` (wait until readable, read, and on
-    /// `WouldBlock` wait again), with `recvmsg`; tells `clock` when the bytes came.
+    /// `WouldBlock` wait again), with `recvmsg`; tells `clock` when the bytes came. As tokio
+    /// does, a read that did not fill the buffer took all there was: the socket is taken as
+    /// not readable until epoll says it is again (the `WouldBlock` given to `try_io` below
+    /// is how to tell it), which saves a read that would find nothing.
     pub(super) fn poll_read(
         stream: &TcpStream,
         clock: &impl Clock,
@@ -269,20 +272,29 @@ mod kernel_time {
             // SAFETY: `recv` only writes into the unfilled part, and what it reports
             // written is marked filled below.
             let unfilled = unsafe { buf.unfilled_mut() };
+            let room = unfilled.len();
             let fd = stream.as_raw_fd();
-            match stream.try_io(Interest::READABLE, || recv(fd, unfilled)) {
-                Ok((n, received)) => {
-                    // SAFETY: `recv` wrote `n` bytes.
-                    unsafe { buf.assume_init(n) };
-                    buf.advance(n);
-                    if n > 0 {
-                        clock.read_at(received.map_or_else(stamp, stamp_received));
-                    }
-                    return Poll::Ready(Ok(()));
+            let mut short = None;
+            let read = stream.try_io(Interest::READABLE, || {
+                let (n, received) = recv(fd, unfilled)?;
+                if n > 0 && n < room {
+                    short = Some((n, received));
+                    return Err(io::ErrorKind::WouldBlock.into());
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                Ok((n, received))
+            });
+            let (n, received) = match (read, short) {
+                (_, Some(got)) | (Ok(got), None) => got,
+                (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                (Err(e), None) => return Poll::Ready(Err(e)),
+            };
+            // SAFETY: `recv` wrote `n` bytes.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            if n > 0 {
+                clock.read_at(received.map_or_else(stamp, stamp_received));
             }
+            return Poll::Ready(Ok(()));
         }
     }
 
