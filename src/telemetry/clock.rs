@@ -12,8 +12,8 @@
 //! On Linux a stamped read is the time the kernel received its bytes (`SO_TIMESTAMPNS`, read
 //! with `recvmsg`), not the time the gateway got round to reading them: the wake-up of an
 //! idle gateway, and the wait of bytes queued while it was busy or throttled, are the
-//! gateway's time too (they are what a client waits for), where the upstream's answer waiting
-//! to be read is not the upstream's. Only the reads that take a stamp use `recvmsg` (a
+//! gateway's time too (they are what a client waits for), and an answer waiting to be read
+//! is the gateway's time, not the upstream's. Only the reads that take a stamp use `recvmsg` (a
 //! request's head, an answer's first bytes); the rest are plain reads. Elsewhere, and when
 //! the kernel gives no time, a stamp is the time of the read.
 //!
@@ -54,6 +54,7 @@ fn instant(stamp: u64) -> Instant {
 /// A stamp for bytes the kernel received at `received` (`CLOCK_REALTIME`), as `stamp`'s
 /// monotonic clock puts it: now less how long ago that was. Now when the kernel's time is not
 /// in the past (the wall clock stepped), or is more than `MAX_QUEUED` ago.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn stamp_received(received: Duration) -> u64 {
     let now = stamp();
     let wall = std::time::SystemTime::now()
