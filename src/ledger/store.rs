@@ -580,8 +580,8 @@ impl SqliteWriter {
                             let _ = steps.blocking_send(Step::Finished(rows, written));
                         }
                         Job::Close(done) => {
-                            // Closing the last connection checkpoints the WAL into the file
-                            // (SQLite closes none with a statement not finalized).
+                            // Its statements first: SQLite closes no connection with a
+                            // statement not finalized.
                             drop(inserts);
                             drop(conn);
                             let _ = done.send(());
@@ -742,7 +742,10 @@ impl Inserts {
         for (i, v) in rows.iter().flat_map(LedgerRow::values).enumerate() {
             let at = c_int::try_from(i + 1).map_err(|_| rusqlite::Error::InvalidQuery)?;
             // SAFETY: `st` is a live statement of `db`; each text lives in `rows`, borrowed
-            // until this function returns, after the statement has run and been reset.
+            // until this function returns, after the statement has run and been reset. Between
+            // runs the bindings point at texts gone: sound because SQLite reads them only when
+            // the statement runs, every run binds every parameter first, and nothing here
+            // expands the statement's SQL (`sqlite3_expanded_sql`, trace hooks).
             let rc = unsafe {
                 match v {
                     Value::Int(n) => ffi::sqlite3_bind_int64(st, at, n),

@@ -39,8 +39,9 @@ static BASE: LazyLock<Instant> = LazyLock::new(|| {
 });
 
 /// How long ago the kernel's time of a read may be (more: the wall clock stepped; the read's
-/// own time is taken instead).
-const MAX_QUEUED: Duration = Duration::from_secs(60);
+/// own time is taken instead). A forward step of the wall clock shorter than this, while
+/// bytes wait in a socket, dates them that much too early: kept short for that.
+const MAX_QUEUED: Duration = Duration::from_secs(10);
 
 /// Now, as nanoseconds since `BASE`, plus one (0 means "not taken").
 fn stamp() -> u64 {
@@ -315,19 +316,27 @@ mod kernel_time {
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control);
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
         // SAFETY: as above; the socket is non-blocking (tokio's).
         let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut received = None;
-        // SAFETY: the kernel filled `msg`'s control part; `CMSG_FIRSTHDR`/`CMSG_NXTHDR`
-        // stay within it, and a `SCM_TIMESTAMPNS` message holds one `timespec`.
+        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            return Ok((n as usize, None));
+        }
+        // SAFETY: the kernel filled `msg`'s control part, not truncated; `CMSG_FIRSTHDR`/
+        // `CMSG_NXTHDR` stay within it, and a `SCM_TIMESTAMPNS` message long enough holds
+        // one `timespec`.
         unsafe {
+            let whole = libc::CMSG_LEN(std::mem::size_of::<libc::timespec>() as u32) as usize;
             let mut c = libc::CMSG_FIRSTHDR(&msg);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                if (*c).cmsg_level == libc::SOL_SOCKET
+                    && (*c).cmsg_type == libc::SCM_TIMESTAMPNS
+                    && (*c).cmsg_len as usize >= whole
+                {
                     let ts: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
                     if let (Ok(secs), Ok(nanos)) =
                         (u64::try_from(ts.tv_sec), u32::try_from(ts.tv_nsec))
