@@ -230,6 +230,18 @@ impl<C: Clock> AsyncRead for Clocked<tokio::net::TcpStream, C> {
     }
 }
 
+/// Asks the kernel to time what the listener's connections receive (they inherit the
+/// option), for as long as it listens. Each clocked connection asks too (`Clocked::new`:
+/// upstream connections need it); the kernel turns its timing on a moment after the first
+/// socket on the machine asks and off when the last one closes, so without a socket that
+/// stays, a connection made after all others closed would have its first request untimed.
+pub fn time_arrivals(listener: &tokio::net::TcpListener) {
+    #[cfg(target_os = "linux")]
+    kernel_time::enable(listener);
+    #[cfg(not(target_os = "linux"))]
+    let _ = listener;
+}
+
 /// Reads timed by the kernel: `SO_TIMESTAMPNS` on the socket, the time each read's last
 /// bytes were received given with them by `recvmsg`.
 #[cfg(target_os = "linux")]
@@ -243,13 +255,13 @@ mod kernel_time {
     use tokio::io::{Interest, ReadBuf};
     use tokio::net::TcpStream;
 
-    pub(super) fn enable(stream: &TcpStream) {
+    pub(super) fn enable(socket: &impl AsRawFd) {
         let on: libc::c_int = 1;
         // SAFETY: a valid socket and an option value of the size given. A failure leaves
         // the socket as it was (its reads are then timed as they are made).
         unsafe {
             libc::setsockopt(
-                stream.as_raw_fd(),
+                socket.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_TIMESTAMPNS,
                 (&on as *const libc::c_int).cast(),

@@ -415,12 +415,17 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let arrivals = self
-            .arrivals
-            .as_ref()
-            .filter(|_| req.version() <= http::Version::HTTP_11);
-        let start = arrivals.and_then(|a| a.take()).unwrap_or_else(Instant::now);
-        let arrivals = arrivals.cloned();
+        let h1 = req.version() <= http::Version::HTTP_11;
+        let start = match &self.arrivals {
+            Some(a) if h1 => a.take(),
+            // HTTP/2's requests interleave on the connection: none is timed by its reads, and
+            // the clock, marked serving for good, keeps the reads plain (no `recvmsg` for a
+            // time nobody takes).
+            Some(a) => a.take().and(None),
+            None => None,
+        }
+        .unwrap_or_else(Instant::now);
+        let arrivals = self.arrivals.clone().filter(|_| h1);
         let method = req.method().clone();
         let uri = req.uri().clone();
         let request_id = request_id(req.headers());
