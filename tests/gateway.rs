@@ -1049,6 +1049,15 @@ async fn health_and_readiness() {
 
 /// `switchyard_overhead_seconds_{what}` of the test config's `gpt-4o` route (0 before its
 /// first observation).
+/// Posts a chat request saying `content` and reads its whole answer, a 200.
+async fn chat_ok(gw: &Gateway, content: &str) {
+    let body =
+        format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{content}"}}]}}"#);
+    let resp = post(gw, "/v1/chat/completions", &body).await;
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.unwrap();
+}
+
 /// A chat answer of a few hundred bytes, with its usage.
 const SMALL_ANSWER: &str = r#"{"id":"x","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
 
@@ -1083,7 +1092,6 @@ async fn the_overhead_histogram_counts_neither_idle_connections_nor_slow_clients
     let (up, gw) = setup().await;
     let overhead = |what: &'static str| overhead_of(&gw, what);
     let (count_before, sum_before) = (overhead("count").await, overhead("sum").await);
-    let answer = SMALL_ANSWER;
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {CLIENT_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
@@ -1121,7 +1129,7 @@ async fn the_overhead_histogram_counts_neither_idle_connections_nor_slow_clients
         // The client pauses between two requests on the connection, then sends the next
         // head in two parts 400 ms apart.
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        up.script(Scripted::respond(200, answer));
+        up.script(Scripted::respond(200, SMALL_ANSWER));
         let (first, rest) = head.split_at(30);
         conn.write_all(first.as_bytes()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
@@ -1238,36 +1246,21 @@ async fn a_client_speaking_http2_is_served_on_one_connection() {
 async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     let (up, gw) = setup().await;
     let overhead = |what: &'static str| overhead_of(&gw, what);
-    let answer = SMALL_ANSWER;
     // One request first, so that the two below go out on a pooled upstream connection, whose
     // own clock then tells the upstream's wait (on a connection made for the request, the
     // whole dispatch is taken as the upstream's).
-    up.script(Scripted::respond(200, answer));
-    let warm = post(
-        &gw,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"warm"}]}"#,
-    )
-    .await;
-    assert_eq!(warm.status(), 200);
-    warm.bytes().await.unwrap();
+    up.script(Scripted::respond(200, SMALL_ANSWER));
+    chat_ok(&gw, "warm").await;
     // Its observation made (the route's first: the series starts from nothing).
     overhead_sum_of(&gw, 1.0, 0.0, 0.0).await;
     let (count_before, sum_before) = (overhead("count").await, overhead("sum").await);
     // 400 ms before the answer's head; then a stream whose chunks come 300 ms apart.
     up.script(Scripted::Delay(
         Duration::from_millis(400),
-        Box::new(Scripted::respond(200, answer)),
+        Box::new(Scripted::respond(200, SMALL_ANSWER)),
     ));
     let started = std::time::Instant::now();
-    let resp = post(
-        &gw,
-        "/v1/chat/completions",
-        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    resp.bytes().await.unwrap();
+    chat_ok(&gw, "hi").await;
     let c = chat_chunk(None, Some("a"), None);
     // With its usage (so no tokenizer runs to estimate it).
     let usage = usage_chunk(1, 2) + "data: [DONE]\n\n";

@@ -18,7 +18,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use crate::telemetry::clock::{Clocked, Exchange};
+use crate::telemetry::clock::{time_receipts, Clocked, Exchange};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -130,7 +130,9 @@ impl Connector {
 pub type UpstreamIo = TokioIo<Clocked<TcpStream, Exchange>>;
 
 fn clocked(io: TokioIo<TcpStream>) -> UpstreamIo {
-    TokioIo::new(Clocked::new(io.into_inner(), Arc::new(Exchange::default())))
+    let stream = io.into_inner();
+    time_receipts(&stream);
+    TokioIo::new(Clocked::new(stream, Arc::new(Exchange::default())))
 }
 
 impl tower::Service<Uri> for Connector {

@@ -542,7 +542,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let bound = listener
         .local_addr()
         .map_err(|e| format!("cannot read the bound address: {e}"))?;
-    crate::telemetry::clock::time_arrivals(&listener);
+    crate::telemetry::clock::time_receipts(&listener);
     let runtime = tokio::runtime::Handle::current();
     let threads = match runtime.runtime_flavor() {
         tokio::runtime::RuntimeFlavor::CurrentThread => "one thread",

@@ -185,12 +185,10 @@ pub struct Clocked<T, C> {
     clock: Arc<C>,
 }
 
-impl<C> Clocked<tokio::net::TcpStream, C> {
-    /// Clocks a TCP connection; on Linux asks the kernel to time what it receives (when it
-    /// will not, the reads are timed as they are made).
-    pub fn new(inner: tokio::net::TcpStream, clock: Arc<C>) -> Self {
-        #[cfg(target_os = "linux")]
-        kernel_time::enable(&inner);
+impl<T, C> Clocked<T, C> {
+    /// Clocks a connection. Its reads carry the kernel's times when its socket asked for them
+    /// (`time_receipts`, or inherited from its listener); else they are timed as they are made.
+    pub fn new(inner: T, clock: Arc<C>) -> Self {
         Clocked { inner, clock }
     }
 }
@@ -230,16 +228,16 @@ impl<C: Clock> AsyncRead for Clocked<tokio::net::TcpStream, C> {
     }
 }
 
-/// Asks the kernel to time what the listener's connections receive (they inherit the
-/// option), for as long as it listens. Each clocked connection asks too (`Clocked::new`:
-/// upstream connections need it); the kernel turns its timing on a moment after the first
-/// socket on the machine asks and off when the last one closes, so without a socket that
-/// stays, a connection made after all others closed would have its first request untimed.
-pub fn time_arrivals(listener: &tokio::net::TcpListener) {
+/// Asks the kernel to time what a socket receives, on Linux (elsewhere, nothing): a
+/// listener's connections inherit the option, for as long as it listens. The kernel turns its
+/// timing on a moment after the first socket on the machine asks and off when the last one
+/// closes, so the listener, which stays, also keeps it on: without it a connection made after
+/// all others closed would have its first request untimed.
+pub fn time_receipts(socket: &impl std::os::fd::AsRawFd) {
     #[cfg(target_os = "linux")]
-    kernel_time::enable(listener);
+    kernel_time::enable(socket);
     #[cfg(not(target_os = "linux"))]
-    let _ = listener;
+    let _ = socket;
 }
 
 /// Reads timed by the kernel: `SO_TIMESTAMPNS` on the socket, the time each read's last
@@ -432,6 +430,7 @@ mod tests {
         clock: Arc<C>,
     ) -> (Clocked<tokio::net::TcpStream, C>, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        time_receipts(&listener);
         let peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (accepted, peer) = tokio::join!(listener.accept(), peer);
         (Clocked::new(accepted.unwrap().0, clock), peer.unwrap())

@@ -418,10 +418,13 @@ where
         let h1 = req.version() <= http::Version::HTTP_11;
         let start = match &self.arrivals {
             Some(a) if h1 => a.take(),
-            // HTTP/2's requests interleave on the connection: none is timed by its reads, and
-            // the clock, marked serving for good, keeps the reads plain (no `recvmsg` for a
-            // time nobody takes).
-            Some(a) => a.take().and(None),
+            Some(a) => {
+                // HTTP/2's requests interleave on the connection: none is timed by its reads.
+                // Taken (and never done), the clock stays serving, so the reads stay plain (no
+                // `recvmsg` for a time nobody takes).
+                a.take();
+                None
+            }
             None => None,
         }
         .unwrap_or_else(Instant::now);
