@@ -722,6 +722,55 @@ models:
     assert_eq!(b.request_count(), 3);
 }
 
+/// A fallback that cannot even try (every deployment cooling down) does not replace the
+/// upstream's answer the route itself got; when no route could try, the 503 names them all.
+#[tokio::test]
+async fn a_fallback_that_cannot_try_leaves_the_upstreams_error_and_a_503_names_every_route() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  main: { retries: 0, deployments: [ { provider: a, deployment: main } ], fallbacks: [spare] }
+  spare: { deployments: [ { provider: b, deployment: spare } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    // `spare` cools down for 3 s.
+    b.script(Scripted::rate_limited(3000));
+    assert_eq!(chat(&gw, "spare").await.status, 429);
+
+    // `main`'s upstream fails; its fallback cannot try: the client gets the upstream's 503.
+    a.script(Scripted::server_error(503));
+    let r = chat(&gw, "main").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let e = r.json();
+    assert_eq!(
+        e["error"]["message"], "The server had an error while processing your request.",
+        "{e}"
+    );
+    assert_ne!(e["error"]["code"], "no_deployment_available", "{e}");
+    assert_eq!((r.route(), r.deployment()), ("main", "a/main"));
+
+    // A 429 likewise keeps its retry-after, and cools `main` down too.
+    a.script(Scripted::rate_limited(3000));
+    let r = chat(&gw, "main").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.header("retry-after-ms"), Some("3000"));
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+
+    // Now neither route can try: a 503 that names both, with the sooner retry-after.
+    let r = chat(&gw, "main").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "no_deployment_available", "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("`main`, `spare`"), "{message}");
+    let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=3).contains(&ra), "retry-after {ra}");
+    assert_eq!((a.request_count(), b.request_count()), (2, 1));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Strategies.
 

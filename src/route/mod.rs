@@ -195,7 +195,9 @@ enum RouteError {
 }
 
 impl RouteError {
-    fn into_gateway_error(self, route: &str) -> GatewayError {
+    /// `routes`: the route (or routes, joined by "`, `") none of whose deployments could
+    /// take the request, named by the `Unavailable` message.
+    fn into_gateway_error(self, routes: &str) -> GatewayError {
         match self {
             RouteError::Failed(e) => e.into_gateway_error(),
             RouteError::Unavailable { retry_after } => {
@@ -204,7 +206,7 @@ impl RouteError {
                     "api_error",
                     "no_deployment_available",
                     format!(
-                        "no deployment of `{route}` can take the request now: every one is \
+                        "no deployment of `{routes}` can take the request now: every one is \
                          cooling down or out of its upstream quota"
                     ),
                 );
@@ -686,6 +688,11 @@ pub async fn dispatch(
         Some(_) => (&route.fallbacks, "none"),
     };
     let list: &[String] = if list_name == "none" { &[] } else { list };
+    // The routes none of whose deployments could take the request, for the error's message.
+    let mut unavailable: Vec<&str> = Vec::new();
+    if matches!(err, Some(RouteError::Unavailable { .. })) {
+        unavailable.push(&route.name);
+    }
     let mut last = err;
     let mut visited: HashSet<&str> = HashSet::from([&*route.name]);
     for name in list {
@@ -707,15 +714,37 @@ pub async fn dispatch(
             Err(e) => {
                 let go_on = e.falls_back()
                     || matches!(&e, RouteError::Failed(a) if context_error(a) || content_filter_error(a));
-                last = Some(e);
+                if matches!(e, RouteError::Unavailable { .. }) {
+                    unavailable.push(name.as_str());
+                }
+                last = Some(match (last, e) {
+                    // A fallback that could not even try says less than an upstream's answer
+                    // already had: that answer (and the deployment that gave it, in the
+                    // headers) is what the client gets.
+                    (Some(failed @ RouteError::Failed(_)), RouteError::Unavailable { .. }) => {
+                        failed
+                    }
+                    // None could try: the soonest any of them can.
+                    (
+                        Some(RouteError::Unavailable { retry_after: a }),
+                        RouteError::Unavailable { retry_after: b },
+                    ) => RouteError::Unavailable {
+                        retry_after: a.into_iter().chain(b).min(),
+                    },
+                    (_, e) => e,
+                });
                 if !go_on {
                     break;
                 }
             }
         }
     }
+    if served.route.is_empty() || served.route == route.name {
+        // The answer is the route's own: no fallback got as far as a deployment.
+        served.fallback_from = None;
+    }
     Err(match last {
-        Some(e) => e.into_gateway_error(&route.name),
+        Some(e) => e.into_gateway_error(&unavailable.join("`, `")),
         None => GatewayError::invalid_request(format!(
             "the prompt is longer than the context window of `{}` and no context fallback could take it",
             route.name
