@@ -771,6 +771,57 @@ models:
     assert_eq!((a.request_count(), b.request_count()), (2, 1));
 }
 
+/// A listener that never accepts, its queue filled: a connection to it is never made (the
+/// kernel drops the SYNs), so only a connect timeout ends the attempt. The streams are kept
+/// to keep the queue full.
+fn unanswered_listener() -> (
+    std::net::SocketAddr,
+    std::net::TcpListener,
+    Vec<std::net::TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(1).unwrap().into_std().unwrap();
+    let mut queued = Vec::new();
+    while let Ok(s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        queued.push(s);
+        assert!(queued.len() < 64, "the listener's queue never filled");
+    }
+    (addr, listener, queued)
+}
+
+/// A route's own `connect_timeout` bounds the connection to its upstream; another route
+/// keeps `routing.connect_timeout`.
+#[tokio::test]
+async fn a_routes_connect_timeout_overrides_the_routing_default() {
+    let (addr, _listener, _queued) = unanswered_listener();
+    let yaml = config(
+        &format!("  silent: {{ kind: openai, base_url: \"http://{addr}/v1\" }}\n"),
+        r#"
+routing: { connect_timeout: 3s, retries: 0 }
+models:
+  quick: { connect_timeout: 200ms, deployments: [ { provider: silent, deployment: m } ] }
+  patient: { deployments: [ { provider: silent, deployment: m } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let r = chat(&gw, "quick").await;
+    assert!(matches!(r.status, 502 | 504), "{} {}", r.status, r.text);
+    assert!(
+        r.elapsed >= Duration::from_millis(200) && r.elapsed < Duration::from_millis(2500),
+        "the route's 200 ms: {:?}",
+        r.elapsed
+    );
+    let r = chat(&gw, "patient").await;
+    assert!(matches!(r.status, 502 | 504), "{} {}", r.status, r.text);
+    assert!(
+        r.elapsed >= Duration::from_millis(2900),
+        "routing's 3 s: {:?}",
+        r.elapsed
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Strategies.
 

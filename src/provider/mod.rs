@@ -143,9 +143,10 @@ impl UpstreamQuota {
 /// Providers by name, shared by every route of one config generation.
 pub type Providers = indexmap::IndexMap<String, Arc<Provider>>;
 
-/// The one upstream HTTP client of a config generation (connection pool, connect timeout).
-pub fn build_client(routing: &RoutingCfg) -> Result<UpstreamClient, String> {
-    http_upstream::build_client(routing.connect_timeout.0)
+/// An upstream HTTP client (connection pool, connect timeout): one per config generation,
+/// and one more per distinct `connect_timeout` of a route.
+pub fn build_client(connect_timeout: std::time::Duration) -> Result<UpstreamClient, String> {
+    http_upstream::build_client(connect_timeout)
 }
 
 /// The client of active health checks: off the request path, so reqwest's conveniences.

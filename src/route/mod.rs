@@ -6,7 +6,7 @@
 pub mod shared;
 pub mod state;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -94,15 +94,22 @@ fn resolve_price(
         .or_else(|| builtin_price(upstream))
 }
 
+/// `by_connect_timeout`: the providers over a client with another connect timeout, for the
+/// routes that set theirs (`providers` otherwise).
 pub fn build_routes(
     loaded: &Loaded,
     providers: &Providers,
+    by_connect_timeout: &HashMap<Duration, Providers>,
     registry: &StateRegistry,
 ) -> Result<Routes, String> {
     let c = &loaded.config;
     let mut routes = IndexMap::new();
     let mut labels = HashSet::new();
     for (name, r) in &c.models {
+        let providers = r
+            .connect_timeout
+            .and_then(|t| by_connect_timeout.get(&t.0))
+            .unwrap_or(providers);
         let mut deployments = Vec::with_capacity(r.deployments.len());
         for d in &r.deployments {
             let provider = providers

@@ -23,6 +23,7 @@
 pub mod body;
 mod handler;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -105,20 +106,37 @@ fn spawn_health_check(
     })
 }
 
+/// Every provider of the config, the HTTP ones over one new client with `connect_timeout`.
+fn build_providers(loaded: &Loaded, connect_timeout: Duration) -> Result<Providers, String> {
+    let client = provider::build_client(connect_timeout)?;
+    let mut providers = Providers::new();
+    for (name, cfg) in &loaded.config.providers {
+        let p =
+            Provider::build(name, cfg, &client).map_err(|e| format!("provider `{name}`: {e}"))?;
+        providers.insert(name.clone(), Arc::new(p));
+    }
+    Ok(providers)
+}
+
 impl Runtime {
     pub fn build(
         loaded: Loaded,
         generation: u64,
         registry: &StateRegistry,
     ) -> Result<Runtime, String> {
-        let client = provider::build_client(&loaded.config.routing)?;
-        let mut providers = Providers::new();
-        for (name, cfg) in &loaded.config.providers {
-            let p = Provider::build(name, cfg, &client)
-                .map_err(|e| format!("provider `{name}`: {e}"))?;
-            providers.insert(name.clone(), Arc::new(p));
+        let connect_timeout = loaded.config.routing.connect_timeout.0;
+        let providers = build_providers(&loaded, connect_timeout)?;
+        // A route with a `connect_timeout` of its own gets the providers over a client (and a
+        // connection pool) with that timeout: one such set per distinct value.
+        let mut by_connect_timeout = HashMap::new();
+        for r in loaded.config.models.values() {
+            if let Some(t) = r.connect_timeout.map(|t| t.0) {
+                if t != connect_timeout && !by_connect_timeout.contains_key(&t) {
+                    by_connect_timeout.insert(t, build_providers(&loaded, t)?);
+                }
+            }
         }
-        let routes = route::build_routes(&loaded, &providers, registry)?;
+        let routes = route::build_routes(&loaded, &providers, &by_connect_timeout, registry)?;
         let keys = KeyTable::build(&loaded);
         let policy = PolicyTable::build(&loaded);
         let mut health_checks = Vec::new();
