@@ -648,6 +648,122 @@ async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_on
     assert!(table.lines().any(|l| l.starts_with("app ")), "{table}");
 }
 
+/// A chat request to `gpt-4o` with `key` asking for at most `max_tokens`: (status, body).
+async fn chat_as(gw: &Gateway, key: &str, max_tokens: u64) -> (u16, Value) {
+    let r = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "gpt-4o", "max_tokens": max_tokens,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// A team's budget is shared by the team's keys and refuses them all; the global budget
+/// holds for a key of no team; each refuses with `budget_exceeded` naming itself, and each
+/// sends one hard alert per period (webhook and counter), not one per refusal.
+#[tokio::test]
+async fn team_and_global_budgets_refuse_and_alert_hard_once_per_period() {
+    let up = MockUpstream::start().await;
+    let hook = MockUpstream::start().await;
+    // gpt-4o: 2.50 in, 10.00 out per 1M. A request's worst case is about its max_tokens ×
+    // 10 / 1M: 3,000 → 0.03 USD (over the team's 0.025), 100 → 0.001.
+    let extra = format!(
+        r#"alerts: {{ webhook: "{hook}/hook" }}
+budget: {{ usd: 0.05, period: daily }}
+teams:
+  research: {{ budget: {{ usd: 0.025, period: daily }} }}
+keys:
+  - {{ name: alice, key: "sha256:{alice}", team: research }}
+  - {{ name: bob, key: "sha256:{bob}", team: research }}
+  - {{ name: solo, key: "sha256:{solo}" }}
+"#,
+        hook = hook.url(),
+        alice = sha256_hex("sk-alice"),
+        bob = sha256_hex("sk-bob"),
+        solo = sha256_hex("sk-solo"),
+    );
+    let gw = Gateway::start(&config(&up, &extra)).await;
+    let refused_by = |(status, body): (u16, Value)| {
+        assert_eq!(status, 429, "{body}");
+        assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
+        body["error"]["message"].as_str().unwrap().to_string()
+    };
+    for key in ["sk-alice", "sk-bob"] {
+        assert_eq!(
+            chat_as(&gw, key, 100).await.0,
+            200,
+            "within the team's budget"
+        );
+        let message = refused_by(chat_as(&gw, key, 3000).await);
+        assert!(
+            message.starts_with("Budget exceeded for team:research:"),
+            "{message}"
+        );
+    }
+    // The key of no team is held by the global budget only: 0.03 fits, 0.06 does not.
+    assert_eq!(chat_as(&gw, "sk-solo", 3000).await.0, 200);
+    let message = refused_by(chat_as(&gw, "sk-solo", 6000).await);
+    assert!(
+        message.starts_with("Budget exceeded for global:"),
+        "{message}"
+    );
+    let message = refused_by(chat_as(&gw, "sk-solo", 6000).await);
+    assert!(
+        message.starts_with("Budget exceeded for global:"),
+        "{message}"
+    );
+
+    // One hard alert per budget: one for the team's two refusals (of two keys), one for the
+    // global budget's two.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while hook.requests().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            hook.requests().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // no third one on its way
+    let mut alerts: Vec<(String, String, String, f64)> = hook
+        .requests()
+        .iter()
+        .map(|r| {
+            let a = r.json();
+            let text = |f: &str| a[f].as_str().unwrap_or_default().to_string();
+            (
+                text("kind"),
+                text("scope"),
+                text("name"),
+                a["limit"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    alerts.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        alerts,
+        vec![
+            ("hard".into(), "global".into(), "global".into(), 0.05),
+            ("hard".into(), "team".into(), "research".into(), 0.025),
+        ]
+    );
+    let metrics = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (scope, name) in [("global", "global"), ("team", "research")] {
+        let line = format!(
+            "switchyard_budget_alerts_total{{kind=\"hard\",name=\"{name}\",scope=\"{scope}\"}} 1"
+        );
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
 /// One small chat request to `gpt-4o`, its answer read to the end.
 async fn say_hi(gw: &Gateway) {
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});

@@ -273,6 +273,35 @@ models:
     assert_eq!(d["up"], true, "allowed_fails 10: no cooldown yet");
 }
 
+/// 408, 500, 502, 503 and 504 are retried; a 4xx that is the request's own fault is not.
+/// (429 is retried too, and cools the deployment down: see the next test.)
+#[tokio::test]
+async fn the_retryable_statuses_are_retried_and_the_clients_errors_are_not() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        r#"
+models:
+  solo: { retries: 1, allowed_fails: 100, deployments: [ { provider: a, deployment: solo } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut sent = 0;
+    for status in [408, 500, 502, 503, 504] {
+        a.script(Scripted::server_error(status));
+        chat(&gw, "solo").await.served_by("solo", "a/solo");
+        sent += 2;
+        assert_eq!(a.request_count(), sent, "{status}: retried once");
+    }
+    for status in [400, 401, 403, 404, 422] {
+        a.script(Scripted::server_error(status));
+        let r = chat(&gw, "solo").await;
+        assert_eq!(r.status, status, "{}", r.text);
+        sent += 1;
+        assert_eq!(a.request_count(), sent, "{status}: not retried");
+    }
+}
+
 #[tokio::test]
 async fn a_429_with_retry_after_ms_cools_the_deployment_down_for_that_long_then_it_is_back() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
