@@ -132,15 +132,22 @@ where
         }
     };
     let h = resp.headers_mut();
-    if !facts.route.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&facts.route) {
-            h.insert(ROUTE_HEADER, v);
-        }
+    // The serving deployment's values are made once, with its metric handles; other answers
+    // (a cache hit, a refusal after the route was known) make theirs.
+    let (route, deployment) = facts
+        .metrics
+        .as_deref()
+        .map_or((None, None), |m| m.headers());
+    let value = |made: Option<&HeaderValue>, name: &str| match made {
+        Some(v) => Some(v.clone()),
+        None if name.is_empty() => None,
+        None => HeaderValue::from_str(name).ok(),
+    };
+    if let Some(v) = value(route, &facts.route) {
+        h.insert(ROUTE_HEADER, v);
     }
-    if !facts.deployment.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&facts.deployment) {
-            h.insert(DEPLOYMENT_HEADER, v);
-        }
+    if let Some(v) = value(deployment, &facts.deployment) {
+        h.insert(DEPLOYMENT_HEADER, v);
     }
     resp.extensions_mut().insert(facts);
     resp

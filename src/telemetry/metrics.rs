@@ -46,6 +46,10 @@ pub struct DeploymentMetrics {
     duration: [OnceLock<Histogram>; Operation::ALL.len()],
     time_to_first_token: OnceLock<Histogram>,
     overhead: OnceLock<Histogram>,
+    /// The answer's `x-switchyard-route` and `x-switchyard-deployment` values, made once
+    /// (a clone shares their bytes); `None` for a name no header can carry.
+    route_header: Option<http::HeaderValue>,
+    deployment_header: Option<http::HeaderValue>,
 }
 
 impl std::fmt::Debug for DeploymentMetrics {
@@ -62,7 +66,15 @@ impl DeploymentMetrics {
             duration: Default::default(),
             time_to_first_token: OnceLock::new(),
             overhead: OnceLock::new(),
+            route_header: http::HeaderValue::from_str(route).ok(),
+            deployment_header: http::HeaderValue::from_str(deployment).ok(),
         }
+    }
+
+    /// The `x-switchyard-route` and `x-switchyard-deployment` values of this deployment's
+    /// answers.
+    pub fn headers(&self) -> (Option<&http::HeaderValue>, Option<&http::HeaderValue>) {
+        (self.route_header.as_ref(), self.deployment_header.as_ref())
     }
 
     /// `switchyard_request_duration_seconds{route, deployment, endpoint}`.
