@@ -764,6 +764,83 @@ keys:
     }
 }
 
+/// A request of a known key refused before it is routed (a model unknown or not the key's,
+/// a body that is not JSON or too large) has its ledger row, at no cost; a request with no
+/// valid key has none (there is no one to put it to).
+#[tokio::test]
+async fn requests_refused_before_routing_have_ledger_rows_and_unknown_keys_none() {
+    let up = MockUpstream::start().await;
+    let yaml = config(&up, &keys(", models: [gpt-4o, emb]")).replace(
+        &format!("server: {{ admin_key: {ADMIN} }}"),
+        &format!("server: {{ admin_key: {ADMIN}, max_body: 1KiB }}"),
+    );
+    assert!(yaml.contains("max_body"));
+    let mut gw = Gateway::start(&yaml).await;
+    let send = |body: reqwest::Body, key: &'static str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let chat = |model: &str| {
+        json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
+    };
+    let mut statuses = Vec::new();
+    for (body, key) in [
+        (chat("no-such-model"), KEY),
+        (chat("slow"), KEY),
+        ("{not json".to_string(), KEY),
+        (chat(&"x".repeat(2000)), KEY),
+        (chat("gpt-4o"), "sk-not-a-key"),
+        (chat("gpt-4o"), KEY),
+    ] {
+        let r = send(body.into(), key).await.unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [404, 403, 400, 413, 401, 200]);
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let mut got: Vec<(u16, String, String, String, f64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.status,
+                r.key.to_string(),
+                r.route.to_string(),
+                r.endpoint.to_string(),
+                r.cost_usd,
+            )
+        })
+        .collect();
+    got.sort_by_key(|g| g.0);
+    let row = |status: u16, route: &str, cost: f64| {
+        (
+            status,
+            "app".to_string(),
+            route.to_string(),
+            "chat/completions".to_string(),
+            cost,
+        )
+    };
+    let served = got.iter().find(|g| g.0 == 200).map_or(0.0, |g| g.4);
+    assert!(served > 0.0, "{got:?}");
+    assert_eq!(
+        got,
+        [
+            row(200, "gpt-4o", served),
+            row(400, "unknown", 0.0),
+            row(403, "slow", 0.0),
+            row(404, "unknown", 0.0),
+            row(413, "unknown", 0.0),
+        ]
+    );
+    assert!(rows.iter().all(|r| !r.request_id.is_empty()), "{rows:?}");
+}
+
 /// One small chat request to `gpt-4o`, its answer read to the end.
 async fn say_hi(gw: &Gateway) {
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});

@@ -168,26 +168,53 @@ where
     let key = rt.keys.authenticate(req.headers())?;
     facts.key.clone_from(&key.name);
     facts.team = key.team.clone().unwrap_or_default();
-    // The Azure shape names the route in the path: check it before reading a large upload.
-    if let Shape::Azure { route } = &shape {
-        check_route(rt, &key, route)?;
-    }
     let request_id = request_id(req.headers());
     let (parts, body) = req.into_parts();
-    if let Some(len) = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > rt.max_body {
-            return Err(GatewayError::too_large(rt.max_body));
+    let started = std::time::Instant::now();
+    // What is refused before it is routed (too large, not JSON, a model unknown or not the
+    // key's) still gets its ledger row, as every request of a known key does.
+    let mut named_route = None;
+    let checked = async {
+        // The Azure shape names the route in the path: check it before reading a large upload.
+        if let Shape::Azure { route } = &shape {
+            named_route = Some(check_route(rt, &key, route)?);
         }
+        if let Some(len) = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if len > rt.max_body {
+                return Err(GatewayError::too_large(rt.max_body));
+            }
+        }
+        let body = read_body(body, rt.max_body).await?;
+        let api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id.clone())?;
+        named_route = rt.routes.get(&api_req.route);
+        let route = check_route(rt, &key, &api_req.route)?;
+        Ok((api_req, route))
     }
-    let body = read_body(body, rt.max_body).await?;
-    let mut api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id)?;
+    .await;
+    let (mut api_req, route) = match checked {
+        Ok(checked) => checked,
+        Err(e) => {
+            let route = named_route.map_or_else(|| Name::from("unknown"), |r| r.name.clone());
+            gateway.accounting.ledger.record(LedgerRow {
+                ts_ms: ledger::now_ms(),
+                request_id: request_id.to_str().unwrap_or("").to_string(),
+                key: key.name.clone(),
+                team: key.team.clone().unwrap_or_default(),
+                route,
+                endpoint: op.path().into(),
+                status: e.status.as_u16(),
+                latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+                ..Default::default()
+            });
+            return Err(e);
+        }
+    };
     facts.stream = api_req.stream;
-    let route = check_route(rt, &key, &api_req.route)?;
     // Only a configured route name becomes a header or a metric label.
     facts.route.clone_from(&route.name);
 
