@@ -764,6 +764,75 @@ keys:
     }
 }
 
+/// The per-key series of a deployment count each key's own requests, tokens and cost, as
+/// the answers reported them: two keys of two teams on one deployment.
+#[tokio::test]
+async fn tokens_cost_and_requests_are_counted_per_key_and_team() {
+    let up = MockUpstream::start().await;
+    let extra = format!(
+        "teams:\n  research: {{}}\n  ops: {{}}\nkeys:\n  - {{ name: alice, key: \"sha256:{}\", team: research }}\n  - {{ name: bob, key: \"sha256:{}\", team: ops }}\n",
+        sha256_hex("sk-alice"),
+        sha256_hex("sk-bob"),
+    );
+    let gw = Gateway::start(&config(&up, &extra)).await;
+    let mut expected = std::collections::HashMap::new();
+    for (key, n) in [("alice", 3), ("bob", 2), ("alice", 1)] {
+        for _ in 0..n {
+            let (status, answer) = chat_as(&gw, &format!("sk-{key}"), 50).await;
+            assert_eq!(status, 200, "{answer}");
+            let (prompt, cached, completion) = usage_of(&answer);
+            let e = expected
+                .entry(key)
+                .or_insert((0u64, 0u64, 0u64, 0.0f64, 0u64));
+            e.0 += prompt - cached;
+            e.1 += cached;
+            e.2 += completion;
+            e.3 += cost(prompt, cached, completion, 2.5, 1.25, 10.0);
+            e.4 += 1;
+        }
+    }
+    for (key, team) in [("alice", "research"), ("bob", "ops")] {
+        let (uncached, cached, completion, usd, requests) = expected[key];
+        let at = [
+            ("route", "gpt-4o"),
+            ("deployment", "up/gpt-4o-up"),
+            ("key", key),
+            ("team", team),
+        ];
+        let metric = |name: &'static str, extra: Option<(&'static str, &'static str)>| {
+            let mut labels = at.to_vec();
+            labels.extend(extra);
+            let gw = &gw;
+            async move { gw.metric(name, &labels).await.unwrap_or(-1.0) }
+        };
+        assert_eq!(
+            metric("switchyard_tokens_total", Some(("kind", "prompt"))).await,
+            uncached as f64,
+            "{key}"
+        );
+        assert_eq!(
+            metric("switchyard_tokens_total", Some(("kind", "cached"))).await,
+            cached as f64,
+            "{key}"
+        );
+        assert_eq!(
+            metric("switchyard_tokens_total", Some(("kind", "completion"))).await,
+            completion as f64,
+            "{key}"
+        );
+        let counted = metric("switchyard_cost_usd_total", None).await;
+        assert!(
+            (counted - usd).abs() < 1e-12,
+            "{key}: {counted} against {usd}"
+        );
+        assert_eq!(
+            metric("switchyard_requests_total", Some(("status", "200"))).await,
+            requests as f64,
+            "{key}"
+        );
+    }
+}
+
 /// A request of a known key refused before it is routed (a model unknown or not the key's,
 /// a body that is not JSON or too large) has its ledger row, at no cost; a request with no
 /// valid key has none (there is no one to put it to).

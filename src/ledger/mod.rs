@@ -55,6 +55,8 @@ pub struct RequestRecord {
     pub tokenizer_model: Name,
     /// The request body, kept (not copied) for counting prompt tokens if needed.
     pub request_body: Bytes,
+    /// The serving deployment's metric handles, when one served.
+    pub metrics: Option<Arc<crate::telemetry::metrics::DeploymentMetrics>>,
 }
 
 impl RequestRecord {
@@ -77,20 +79,32 @@ impl RequestRecord {
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_byte.map(|t| (t - self.started).as_secs_f64() * 1000.0);
         if let Some(m) = crate::telemetry::metrics::metrics() {
-            let labels = |kind: &'static str| [&*r.route, &*r.deployment, &*r.team, &*r.key, kind];
             let uncached = r.prompt_tokens - r.cached_tokens;
-            m.tokens
-                .with_label_values(&labels("prompt"))
-                .inc_by(uncached);
-            m.tokens
-                .with_label_values(&labels("cached"))
-                .inc_by(r.cached_tokens);
-            m.tokens
-                .with_label_values(&labels("completion"))
-                .inc_by(r.completion_tokens);
-            m.cost
-                .with_label_values(&[&r.route, &r.deployment, &r.team, &r.key])
-                .inc_by(cost);
+            match &self.metrics {
+                Some(d) => d.with_key(m, &r.key, &r.team, |c| {
+                    c.prompt.inc_by(uncached);
+                    c.cached.inc_by(r.cached_tokens);
+                    c.completion.inc_by(r.completion_tokens);
+                    c.cost.inc_by(cost);
+                }),
+                // No deployment served (refused, a cache hit): by the label values.
+                None => {
+                    let labels =
+                        |kind: &'static str| [&*r.route, &*r.deployment, &*r.team, &*r.key, kind];
+                    m.tokens
+                        .with_label_values(&labels("prompt"))
+                        .inc_by(uncached);
+                    m.tokens
+                        .with_label_values(&labels("cached"))
+                        .inc_by(r.cached_tokens);
+                    m.tokens
+                        .with_label_values(&labels("completion"))
+                        .inc_by(r.completion_tokens);
+                    m.cost
+                        .with_label_values(&[&r.route, &r.deployment, &r.team, &r.key])
+                        .inc_by(cost);
+                }
+            }
         }
         let actual = Actual {
             cost_usd: cost,

@@ -360,6 +360,7 @@ where
     facts.attempts = served.attempts;
     facts.fallback_from = served.fallback_from.unwrap_or_default();
     facts.op = Some(op);
+    record.metrics.clone_from(&served.metrics);
     facts.metrics = served.metrics;
     match result {
         Err(e) => {
@@ -423,6 +424,7 @@ fn new_record(
         price: Default::default(),
         tokenizer_model: Name::default(),
         request_body: req.body.clone(),
+        metrics: None,
     }
 }
 

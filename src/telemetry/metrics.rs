@@ -3,9 +3,11 @@
 //! codes, endpoints, kinds), so series stay bounded whatever clients send: a request for an
 //! unknown model counts under `route="unknown"`.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, PoisonError, RwLock};
 
 use crate::api::Operation;
+use crate::Name;
 
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
@@ -50,6 +52,46 @@ pub struct DeploymentMetrics {
     /// (a clone shares their bytes); `None` for a name no header can carry.
     route_header: Option<http::HeaderValue>,
     deployment_header: Option<http::HeaderValue>,
+    /// The per-key series of the requests this deployment served (`KeyCounters`), by key
+    /// name: made on a key's first request, looked up by one map read after that.
+    keys: RwLock<HashMap<Name, KeyCounters>>,
+}
+
+/// One key's series on one deployment: what `RequestRecord::finish` and the access log add
+/// to on every request, resolved from their label values once (a `with_label_values` hashes
+/// four to six labels and takes the family's lock each time).
+pub struct KeyCounters {
+    /// `switchyard_tokens_total`, `kind` `prompt` (uncached), `cached`, `completion`.
+    pub prompt: prometheus::IntCounter,
+    pub cached: prometheus::IntCounter,
+    pub completion: prometheus::IntCounter,
+    /// `switchyard_cost_usd_total`.
+    pub cost: prometheus::Counter,
+    /// `switchyard_requests_total{status="200"}`, per endpoint.
+    ok: [OnceLock<prometheus::IntCounter>; Operation::ALL.len()],
+    team: Name,
+}
+
+impl KeyCounters {
+    /// `switchyard_requests_total` for a 200 on `op`.
+    pub fn ok(
+        &self,
+        m: &Metrics,
+        d: &DeploymentMetrics,
+        key: &str,
+        op: Operation,
+    ) -> &prometheus::IntCounter {
+        self.ok[op as usize].get_or_init(|| {
+            m.requests.with_label_values(&[
+                &d.route,
+                &d.deployment,
+                op.path(),
+                "200",
+                &self.team,
+                key,
+            ])
+        })
+    }
 }
 
 impl std::fmt::Debug for DeploymentMetrics {
@@ -68,7 +110,40 @@ impl DeploymentMetrics {
             overhead: OnceLock::new(),
             route_header: http::HeaderValue::from_str(route).ok(),
             deployment_header: http::HeaderValue::from_str(deployment).ok(),
+            keys: RwLock::default(),
         }
+    }
+
+    /// Calls `f` with the series of `key` (of `team`) on this deployment.
+    pub fn with_key<R>(
+        &self,
+        m: &Metrics,
+        key: &Name,
+        team: &Name,
+        f: impl FnOnce(&KeyCounters) -> R,
+    ) -> R {
+        {
+            let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
+            // A key keeps its team within a config generation (and so within one
+            // `DeploymentMetrics`); the check keeps a wrong label out all the same.
+            if let Some(c) = keys.get(key).filter(|c| c.team == *team) {
+                return f(c);
+            }
+        }
+        let labels = |kind: &'static str| [&*self.route, &*self.deployment, &**team, &**key, kind];
+        let made = KeyCounters {
+            prompt: m.tokens.with_label_values(&labels("prompt")),
+            cached: m.tokens.with_label_values(&labels("cached")),
+            completion: m.tokens.with_label_values(&labels("completion")),
+            cost: m
+                .cost
+                .with_label_values(&[&*self.route, &*self.deployment, &**team, &**key]),
+            ok: Default::default(),
+            team: team.clone(),
+        };
+        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
+        keys.insert(key.clone(), made);
+        f(&keys[key])
     }
 
     /// The `x-switchyard-route` and `x-switchyard-deployment` values of this deployment's

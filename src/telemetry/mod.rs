@@ -496,17 +496,31 @@ impl LogLine {
                 (true, "models") => "none",
                 (true, _) => "unknown",
             };
-            let mut status = itoa::Buffer::new();
-            let status = status.format(self.status);
-            m.requests
-                .with_label_values(&[route, &f.deployment, f.endpoint, status, &f.team, &f.key])
-                .inc();
-            // A deployment's own histograms are resolved once (`DeploymentMetrics`); the
-            // rest (cache hits, errors before routing) by their label values.
+            // A deployment's own series are resolved once (`DeploymentMetrics`); the rest
+            // (cache hits, errors before routing, other statuses) by their label values.
             let handles = match (&f.metrics, f.op) {
                 (Some(d), Some(op)) => Some((d, op)),
                 _ => None,
             };
+            match handles {
+                Some((d, op)) if self.status == 200 => {
+                    d.with_key(m, &f.key, &f.team, |c| c.ok(m, d, &f.key, op).inc());
+                }
+                _ => {
+                    let mut status = itoa::Buffer::new();
+                    let status = status.format(self.status);
+                    m.requests
+                        .with_label_values(&[
+                            route,
+                            &f.deployment,
+                            f.endpoint,
+                            status,
+                            &f.team,
+                            &f.key,
+                        ])
+                        .inc();
+                }
+            }
             match handles {
                 Some((d, op)) => d.duration(m, op).observe(elapsed.as_secs_f64()),
                 None => m
