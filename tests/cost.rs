@@ -910,6 +910,198 @@ async fn requests_refused_before_routing_have_ledger_rows_and_unknown_keys_none(
     assert!(rows.iter().all(|r| !r.request_id.is_empty()), "{rows:?}");
 }
 
+/// `switchyard spend` over a ledger of known rows: the window is `[--since, --until)` in
+/// every time form, each grouping adds up its rows, and the three formats print the same
+/// lines (CSV quoting a name with a comma, the table naming an empty one `-`).
+#[tokio::test]
+async fn spend_windows_groupings_and_formats_over_known_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
+    let cfg = dir.path().join("routes.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "state: {{ ledger: \"{url}\" }}\nproviders:\n  p: {{ kind: mock }}\nmodels:\n  m1: {{ deployments: [ {{ provider: p }} ] }}\n"
+        ),
+    )
+    .unwrap();
+    let at = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .unwrap()
+            .timestamp_millis()
+    };
+    let row = |ts: &str,
+               key: &str,
+               team: &str,
+               route: &str,
+               deployment: &str,
+               tokens: (u64, u64, u64),
+               cost: f64,
+               hit: bool| LedgerRow {
+        ts_ms: at(ts),
+        request_id: format!("req-{ts}"),
+        key: key.into(),
+        team: team.into(),
+        route: route.into(),
+        deployment: deployment.into(),
+        provider: "p".into(),
+        endpoint: "chat/completions".into(),
+        status: 200,
+        prompt_tokens: tokens.0,
+        cached_tokens: tokens.1,
+        completion_tokens: tokens.2,
+        cost_usd: cost,
+        cache_hit: hit,
+        ..Default::default()
+    };
+    let store = Store::open(&url).await.unwrap();
+    let mut rows = vec![
+        row(
+            "2026-10-31T23:59:59Z",
+            "a",
+            "t1",
+            "m1",
+            "p/x",
+            (10, 0, 5),
+            1.0,
+            false,
+        ),
+        row(
+            "2026-11-01T00:00:00Z",
+            "a",
+            "t1",
+            "m1",
+            "p/x",
+            (20, 5, 10),
+            2.0,
+            false,
+        ),
+        row(
+            "2026-11-01T12:00:00Z",
+            "b",
+            "t2",
+            "m2",
+            "p/y",
+            (0, 0, 0),
+            0.0,
+            true,
+        ),
+        row(
+            "2026-11-01T13:00:00Z",
+            "b,c",
+            "",
+            "m1",
+            "p/y",
+            (1, 0, 1),
+            0.25,
+            false,
+        ),
+        row(
+            "2026-11-02T00:00:00Z",
+            "a",
+            "t1",
+            "m1",
+            "p/x",
+            (100, 0, 100),
+            8.0,
+            false,
+        ),
+    ];
+    store.write(&mut rows).await.unwrap();
+    store.close().await;
+
+    let spend = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .arg("spend")
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // 1 November, as a date, RFC 3339 times and Unix seconds: the day's three rows, not
+    // the second before it nor the midnight after it.
+    let day = "team,requests,prompt_tokens,cached_tokens,completion_tokens,cost_usd,cache_hits\n\
+               t1,1,20,5,10,2.000000,0\n\
+               ,1,1,0,1,0.250000,0\n\
+               t2,1,0,0,0,0.000000,1\n";
+    for (since, until) in [
+        ("2026-11-01", "2026-11-02"),
+        ("2026-11-01T00:00:00Z", "2026-11-01T23:59:59.999Z"),
+        ("1793491200", "1793577600"),
+    ] {
+        let csv = spend(&[
+            "--by", "team", "--since", since, "--until", until, "--format", "csv",
+        ]);
+        assert_eq!(csv, day, "{since} .. {until}");
+    }
+    // By key, all time, CSV: a name with a comma is quoted.
+    let csv = spend(&["--by", "key", "--format", "csv"]);
+    assert_eq!(
+        csv,
+        "key,requests,prompt_tokens,cached_tokens,completion_tokens,cost_usd,cache_hits\n\
+         a,3,130,5,115,11.000000,0\n\
+         \"b,c\",1,1,0,1,0.250000,0\n\
+         b,1,0,0,0,0.000000,1\n"
+    );
+    // By deployment, JSON: the same sums, and the total.
+    let json: Value =
+        serde_json::from_str(&spend(&["--by", "deployment", "--format", "json"])).unwrap();
+    assert_eq!(json["by"], "deployment");
+    assert_eq!(json["total_cost_usd"], 11.25);
+    let lines: Vec<(String, i64)> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["requests"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(lines, [("p/x".to_string(), 3), ("p/y".to_string(), 2)]);
+    // By team, the table (the default format): an empty team is `-`, and a total line.
+    let table = spend(&[
+        "--by",
+        "team",
+        "--since",
+        "2026-11-01",
+        "--until",
+        "2026-11-02",
+    ]);
+    let words: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        words,
+        [
+            vec![
+                "team",
+                "requests",
+                "prompt",
+                "cached",
+                "completion",
+                "cost",
+                "(USD)"
+            ],
+            vec!["t1", "1", "20", "5", "10", "2.000000"],
+            vec!["-", "1", "1", "0", "1", "0.250000"],
+            vec!["t2", "1", "0", "0", "0", "0.000000"],
+            vec!["total", "3", "21", "5", "11", "2.250000"],
+        ],
+        "{table}"
+    );
+}
+
 /// One small chat request to `gpt-4o`, its answer read to the end.
 async fn say_hi(gw: &Gateway) {
     let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
