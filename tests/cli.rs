@@ -1,4 +1,4 @@
-//! The `check` and `keys generate` commands, run as a user runs them.
+//! The `check` and `keys generate` commands, and where a command finds its config, run as a user runs them.
 
 use std::process::Command;
 
@@ -90,4 +90,44 @@ fn keys_generate_prints_a_key_and_its_hash_line() {
     );
     let (_, again, _) = switchyard(&["keys", "generate"], &[]);
     assert_ne!(out, again, "keys must be random");
+}
+
+/// The config is `--config`, else `$SWITCHYARD_CONFIG`, else `routes.yaml` in the working
+/// folder: three files with one route each tell which was read.
+#[test]
+fn the_config_is_the_flag_else_the_environment_else_routes_yaml_here() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |file: &str, route: &str| {
+        let path = dir.path().join(file);
+        std::fs::write(
+            &path,
+            format!("providers:\n  p: {{ kind: mock }}\nmodels:\n  {route}: {{ deployments: [ {{ provider: p }} ] }}\n"),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    write("routes.yaml", "from-working-folder");
+    let env_file = write("env.yaml", "from-environment");
+    let flag_file = write("flag.yaml", "from-flag");
+    let check = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.arg("check")
+            .args(args)
+            .env_remove("SWITCHYARD_CONFIG")
+            .current_dir(dir.path());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let env = [("SWITCHYARD_CONFIG", env_file.as_str())];
+    assert!(check(&["--config", &flag_file], &env).contains("from-flag"));
+    assert!(check(&[], &env).contains("from-environment"));
+    assert!(check(&[], &[]).contains("from-working-folder"));
 }
