@@ -765,8 +765,8 @@ models:
 "#,
     );
     let gw = Gateway::start(&yaml).await;
-    // `spare` cools down for 3 s.
-    b.script(Scripted::rate_limited(3000));
+    // `spare` cools down for 10 s.
+    b.script(Scripted::rate_limited(10_000));
     assert_eq!(chat(&gw, "spare").await.status, 429);
 
     // `main`'s upstream fails; its fallback cannot try: the client gets the upstream's 503.
@@ -788,7 +788,8 @@ models:
     assert_eq!(r.header("retry-after-ms"), Some("3000"));
     assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
 
-    // Now neither route can try: a 503 that names both, with the sooner retry-after.
+    // Now neither route can try: a 503 that names both, with the sooner retry-after
+    // (`main`'s 3 s, not `spare`'s 10).
     let r = chat(&gw, "main").await;
     assert_eq!(r.status, 503, "{}", r.text);
     let e = r.json();

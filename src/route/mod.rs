@@ -731,12 +731,13 @@ pub async fn dispatch(
                     (Some(failed @ RouteError::Failed(_)), RouteError::Unavailable { .. }) => {
                         failed
                     }
-                    // None could try: the soonest any of them can.
+                    // None could try: the soonest any of them can (`None` is a route with
+                    // nothing cooling down, a probe out say: sooner than any cooldown).
                     (
                         Some(RouteError::Unavailable { retry_after: a }),
                         RouteError::Unavailable { retry_after: b },
                     ) => RouteError::Unavailable {
-                        retry_after: a.into_iter().chain(b).min(),
+                        retry_after: a.zip(b).map(|(a, b)| a.min(b)),
                     },
                     (_, e) => e,
                 });
