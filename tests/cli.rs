@@ -131,3 +131,32 @@ fn the_config_is_the_flag_else_the_environment_else_routes_yaml_here() {
     assert!(check(&[], &env).contains("from-environment"));
     assert!(check(&[], &[]).contains("from-working-folder"));
 }
+
+/// A timeout of 0 would fail every attempt at once: `check` refuses it where it is written,
+/// under `routing` or on a route.
+#[test]
+fn check_refuses_a_zero_timeout_where_it_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zero.yaml");
+    std::fs::write(
+        &path,
+        "\
+routing: { connect_timeout: 0s }
+providers:
+  demo: { kind: mock }
+models:
+  a: { timeout: 0ms, first_token_timeout: 5s, deployments: [ { provider: demo } ] }
+",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, _, err) = switchyard(&["check", "--config", p], &[]);
+    assert_ne!(code, 0);
+    for e in [
+        format!("{p}:1:29: routing.connect_timeout must be longer than 0"),
+        format!("{p}:5:17: route `a`: timeout must be longer than 0"),
+    ] {
+        assert!(err.contains(&e), "missing `{e}` in:\n{err}");
+    }
+    assert!(!err.contains("first_token_timeout"), "{err}");
+}

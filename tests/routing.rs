@@ -852,6 +852,26 @@ models:
     );
 }
 
+/// A route with a `connect_timeout` of its own gets its HTTP providers over a client of its
+/// own, but a `kind: mock` provider stays one: its `fail_every` counts every route's requests.
+#[tokio::test]
+async fn a_mock_provider_counts_the_requests_of_routes_with_their_own_connect_timeout() {
+    let yaml = config(
+        "  demo: { kind: mock, fail_every: 2 }\n",
+        r#"
+models:
+  plain: { retries: 0, deployments: [ { provider: demo, deployment: x } ] }
+  patient: { retries: 0, connect_timeout: 1s, deployments: [ { provider: demo, deployment: y } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let mut statuses = Vec::new();
+    for route in ["plain", "patient", "plain", "patient"] {
+        statuses.push(chat(&gw, route).await.status);
+    }
+    assert_eq!(statuses, [200, 503, 200, 503], "one count for both routes");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Strategies.
 

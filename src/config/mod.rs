@@ -247,8 +247,33 @@ impl Checker<'_> {
                 "no model routes: every request will get 404",
             );
         }
+        let rt = &c.routing;
+        for (field, d) in [
+            ("timeout", rt.timeout),
+            ("connect_timeout", rt.connect_timeout),
+            ("first_token_timeout", rt.first_token_timeout),
+        ] {
+            if d.0.is_zero() {
+                self.error(
+                    &p(&["routing", field]),
+                    format!("routing.{field} must be longer than 0: every attempt would time out at once"),
+                );
+            }
+        }
         for (route, r) in &c.models {
             let base = p(&["models", route]);
+            for (field, d) in [
+                ("timeout", r.timeout),
+                ("connect_timeout", r.connect_timeout),
+                ("first_token_timeout", r.first_token_timeout),
+            ] {
+                if d.is_some_and(|d| d.0.is_zero()) {
+                    self.error(
+                        &p(&["models", route, field]),
+                        format!("route `{route}`: {field} must be longer than 0: every attempt would time out at once"),
+                    );
+                }
+            }
             if r.deployments.is_empty() {
                 let mut path = base.clone();
                 path.push(Seg::Key("deployments".into()));

@@ -44,7 +44,7 @@ use tower::{Layer, Service, ServiceBuilder};
 
 use crate::api::REQUEST_ID;
 use crate::auth::KeyTable;
-use crate::config::{self, Loaded};
+use crate::config::{self, Loaded, ProviderCfg};
 use crate::ledger::store::{Scope, Store};
 use crate::ledger::{Accounting, LedgerWriter};
 use crate::policy::{self, BudgetScope, MemoryState, PolicyTable, RedisState};
@@ -107,13 +107,25 @@ fn spawn_health_check(
 }
 
 /// Every provider of the config, the HTTP ones over one new client with `connect_timeout`.
-fn build_providers(loaded: &Loaded, connect_timeout: Duration) -> Result<Providers, String> {
+/// Given `shared` (the config's first set), the others (`kind: mock`, which connect to
+/// nothing) are that set's own: one mock, one request count (`fail_every`, its ids), for
+/// every route.
+fn build_providers(
+    loaded: &Loaded,
+    connect_timeout: Duration,
+    shared: Option<&Providers>,
+) -> Result<Providers, String> {
     let client = provider::build_client(connect_timeout)?;
     let mut providers = Providers::new();
     for (name, cfg) in &loaded.config.providers {
-        let p =
-            Provider::build(name, cfg, &client).map_err(|e| format!("provider `{name}`: {e}"))?;
-        providers.insert(name.clone(), Arc::new(p));
+        let p = match (shared.and_then(|s| s.get(name)), cfg) {
+            (Some(p), ProviderCfg::Mock(_)) => p.clone(),
+            _ => Arc::new(
+                Provider::build(name, cfg, &client)
+                    .map_err(|e| format!("provider `{name}`: {e}"))?,
+            ),
+        };
+        providers.insert(name.clone(), p);
     }
     Ok(providers)
 }
@@ -125,14 +137,14 @@ impl Runtime {
         registry: &StateRegistry,
     ) -> Result<Runtime, String> {
         let connect_timeout = loaded.config.routing.connect_timeout.0;
-        let providers = build_providers(&loaded, connect_timeout)?;
+        let providers = build_providers(&loaded, connect_timeout, None)?;
         // A route with a `connect_timeout` of its own gets the providers over a client (and a
         // connection pool) with that timeout: one such set per distinct value.
         let mut by_connect_timeout = HashMap::new();
         for r in loaded.config.models.values() {
             if let Some(t) = r.connect_timeout.map(|t| t.0) {
                 if t != connect_timeout && !by_connect_timeout.contains_key(&t) {
-                    by_connect_timeout.insert(t, build_providers(&loaded, t)?);
+                    by_connect_timeout.insert(t, build_providers(&loaded, t, Some(&providers))?);
                 }
             }
         }
