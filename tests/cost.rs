@@ -869,6 +869,22 @@ async fn requests_refused_before_routing_have_ledger_rows_and_unknown_keys_none(
         statuses.push(r.status().as_u16());
     }
     assert_eq!(statuses, [404, 403, 400, 413, 401, 200]);
+    // The Azure shape names the route in the path, checked before the body is read.
+    let r = client()
+        .post(gw.url("/openai/deployments/slow/chat/completions?api-version=2024-10-21"))
+        .header("api-key", KEY)
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        r.headers()
+            .get("x-switchyard-route")
+            .map(|v| v.to_str().unwrap()),
+        Some("slow"),
+        "a refused request names its configured route as the ledger row does"
+    );
     let rows = {
         let url = sqlite_url(&gw);
         rows_after_shutdown(&mut gw, &url).await
@@ -902,6 +918,7 @@ async fn requests_refused_before_routing_have_ledger_rows_and_unknown_keys_none(
         [
             row(200, "gpt-4o", served),
             row(400, "unknown", 0.0),
+            row(403, "slow", 0.0),
             row(403, "slow", 0.0),
             row(404, "unknown", 0.0),
             row(413, "unknown", 0.0),

@@ -177,7 +177,8 @@ where
     let checked = async {
         // The Azure shape names the route in the path: check it before reading a large upload.
         if let Shape::Azure { route } = &shape {
-            named_route = Some(check_route(rt, &key, route)?);
+            named_route = rt.routes.get(route.as_str());
+            check_route(rt, &key, route)?;
         }
         if let Some(len) = parts
             .headers
@@ -199,7 +200,15 @@ where
     let (mut api_req, route) = match checked {
         Ok(checked) => checked,
         Err(e) => {
-            let route = named_route.map_or_else(|| Name::from("unknown"), |r| r.name.clone());
+            let route = match named_route {
+                // A configured route's name, as every other answer of the route has it (the
+                // header, the metrics' label).
+                Some(r) => {
+                    facts.route.clone_from(&r.name);
+                    r.name.clone()
+                }
+                None => Name::from("unknown"),
+            };
             gateway.accounting.ledger.record(LedgerRow {
                 ts_ms: ledger::now_ms(),
                 request_id: request_id.to_str().unwrap_or("").to_string(),
