@@ -552,9 +552,16 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .as_ref()
         .filter(|u| !u.is_empty())
         .map(|u| u.expose().to_string());
+    let caching = runtime
+        .loaded
+        .config
+        .models
+        .values()
+        .any(|r| r.cache.is_some());
     let cache = crate::cache::Cache::new(
         runtime.loaded.config.cache.max_bytes.0,
         redis_url.as_deref(),
+        caching,
     )?;
     let gateway = Arc::new(Gateway::new(
         runtime,
