@@ -801,6 +801,48 @@ models:
     assert_eq!((a.request_count(), b.request_count()), (2, 1));
 }
 
+/// An all-unavailable 503 says `retry-after: 1` when one of its routes has nothing cooling
+/// down (its one deployment's probe is out): that route may take a request any moment, however
+/// long its fallback's cooldown.
+#[tokio::test]
+async fn a_503_of_routes_that_cannot_try_says_1_s_when_one_only_waits_for_a_probe() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  main: { retries: 0, deployments: [ { provider: a, deployment: main } ], fallbacks: [spare] }
+  spare: { deployments: [ { provider: b, deployment: spare } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    b.script(Scripted::rate_limited(10_000));
+    assert_eq!(chat(&gw, "spare").await.status, 429);
+    // `main`'s deployment cools down briefly; then its probe is held out for 2 s.
+    a.script(Scripted::rate_limited(300));
+    assert_eq!(chat(&gw, "main").await.status, 429);
+    wait_dep(&gw, "a/main", |d| d["up"] == true, Duration::from_secs(4)).await;
+    a.script(ok_after(2000));
+    let probe = tokio::spawn({
+        let (c, url) = (client(), gw.url("/v1/chat/completions"));
+        async move {
+            c.post(url)
+                .json(&chat_body("main"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    assert!(a.wait_in_flight(1, Duration::from_secs(5)).await);
+    let r = chat(&gw, "main").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "no_deployment_available");
+    assert_eq!(r.header("retry-after"), Some("1"), "not spare's 10 s");
+    assert_eq!(probe.await.unwrap(), 200);
+}
+
 /// A listener that never accepts, its queue filled: a connection to it is never made (the
 /// kernel drops the SYNs), so only a connect timeout ends the attempt. The streams are kept
 /// to keep the queue full.
