@@ -3,8 +3,20 @@
 use std::process::Command;
 
 fn switchyard(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    switchyard_in(None, args, env)
+}
+
+/// `switchyard` run in `dir` (else the test's own folder).
+fn switchyard_in(
+    dir: Option<&std::path::Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (i32, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
     cmd.args(args).env_remove("SWITCHYARD_CONFIG");
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -110,21 +122,11 @@ fn the_config_is_the_flag_else_the_environment_else_routes_yaml_here() {
     let env_file = write("env.yaml", "from-environment");
     let flag_file = write("flag.yaml", "from-flag");
     let check = |args: &[&str], env: &[(&str, &str)]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        cmd.arg("check")
-            .args(args)
-            .env_remove("SWITCHYARD_CONFIG")
-            .current_dir(dir.path());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let mut all = vec!["check"];
+        all.extend_from_slice(args);
+        let (code, out, err) = switchyard_in(Some(dir.path()), &all, env);
+        assert_eq!(code, 0, "{err}");
+        out
     };
     let env = [("SWITCHYARD_CONFIG", env_file.as_str())];
     assert!(check(&["--config", &flag_file], &env).contains("from-flag"));

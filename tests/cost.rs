@@ -522,7 +522,7 @@ async fn restart_keeps_spend(ledger: Option<String>) {
         "{spend}"
     );
     // `switchyard spend` reads the same ledger (for reading only) beside the serving gateway.
-    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path());
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path(), JSON_BY_MODEL);
     assert!(ok, "{stderr}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["rows"][0]["requests"], 1, "{report}");
@@ -623,28 +623,13 @@ async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_on
         let url = sqlite_url(&gw);
         rows_after_shutdown(&mut gw, &url).await
     };
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["spend", "--by", "model", "--format", "json", "--config"])
-        .arg(gw.config_path())
-        .current_dir(gw.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path(), JSON_BY_MODEL);
+    assert!(ok, "{stderr}");
+    let cli: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(cli["rows"], api["rows"]);
     assert_eq!(cli["rows"][0]["name"], "gpt-4o");
     assert_eq!(cli["rows"][0]["requests"], 3);
-    let table = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["spend", "--by", "key", "--config"])
-        .arg(gw.config_path())
-        .current_dir(gw.dir.path())
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&table.stdout);
+    let (_, table, _) = spend_cli(gw.dir.path(), &gw.config_path(), &["--by", "key"]);
     assert!(table.lines().any(|l| l.starts_with("app ")), "{table}");
 }
 
@@ -750,12 +735,7 @@ keys:
             ("hard".into(), "team".into(), "research".into(), 0.025),
         ]
     );
-    let metrics = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     for (scope, name) in [("global", "global"), ("team", "research")] {
         let line = format!(
             "switchyard_budget_alerts_total{{kind=\"hard\",name=\"{name}\",scope=\"{scope}\"}} 1"
@@ -1028,20 +1008,9 @@ async fn spend_windows_groupings_and_formats_over_known_rows() {
     store.close().await;
 
     let spend = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .arg("spend")
-            .args(args)
-            .arg("--config")
-            .arg(&cfg)
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let (ok, stdout, stderr) = spend_cli(dir.path(), &cfg, args);
+        assert!(ok, "{stderr}");
+        stdout
     };
     // 1 November, as a date, RFC 3339 times and Unix seconds: the day's three rows, not
     // the second before it nor the midnight after it.
@@ -1127,10 +1096,19 @@ async fn say_hi(gw: &Gateway) {
     r.bytes().await.unwrap();
 }
 
-/// `switchyard spend` in `dir` with `config`: (success, stdout, stderr).
-fn spend_cli(dir: &std::path::Path, config: &std::path::Path) -> (bool, String, String) {
+/// `switchyard spend ARGS` in `dir` with `config`: (success, stdout, stderr).
+/// The report most tests read: by model, as JSON.
+const JSON_BY_MODEL: &[&str] = &["--by", "model", "--format", "json"];
+
+fn spend_cli(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+    args: &[&str],
+) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["spend", "--by", "model", "--format", "json", "--config"])
+        .arg("spend")
+        .args(args)
+        .arg("--config")
         .arg(config)
         .current_dir(dir)
         .output()
@@ -1150,7 +1128,7 @@ async fn spend_reads_the_ledger_and_never_makes_one() {
     let elsewhere = tempfile::tempdir().unwrap();
     let cfg = elsewhere.path().join("routes.yaml");
     std::fs::write(&cfg, config(&up, "")).unwrap();
-    let (ok, stdout, stderr) = spend_cli(elsewhere.path(), &cfg);
+    let (ok, stdout, stderr) = spend_cli(elsewhere.path(), &cfg, JSON_BY_MODEL);
     assert!(!ok, "{stdout}");
     assert!(stderr.contains("no ledger at switchyard.db"), "{stderr}");
     assert!(!elsewhere.path().join("switchyard.db").exists());
@@ -1169,7 +1147,7 @@ async fn spend_reads_the_ledger_and_never_makes_one() {
         ),
     )
     .unwrap();
-    let (ok, _, stderr) = spend_cli(elsewhere.path(), &cfg);
+    let (ok, _, stderr) = spend_cli(elsewhere.path(), &cfg, JSON_BY_MODEL);
     assert!(!ok);
     assert!(stderr.contains("holds no switchyard table"), "{stderr}");
     let conn = rusqlite::Connection::open(&other).unwrap();
@@ -1184,7 +1162,7 @@ async fn spend_reads_the_ledger_and_never_makes_one() {
         say_hi(&gw).await;
     }
     tokio::time::sleep(Duration::from_millis(600)).await; // past one flush
-    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path());
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path(), JSON_BY_MODEL);
     assert!(ok, "{stderr}");
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["rows"][0]["name"], "gpt-4o", "{report}");
@@ -1245,7 +1223,7 @@ async fn spend_reports_as_a_postgresql_role_that_may_only_read() {
         ),
     )
     .unwrap();
-    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &cfg);
+    let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &cfg, JSON_BY_MODEL);
     for sql in [
         format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
         format!("DROP ROLE IF EXISTS {role}"),

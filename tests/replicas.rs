@@ -285,12 +285,7 @@ async fn redis_down_fails_budgets_closed_and_rate_limits_open_then_recovers() {
         200,
         "rate limits fail open"
     );
-    let metrics = reqwest::get(gw.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.metrics_text().await;
     assert!(metrics.contains("switchyard_state_errors_total"), "counted");
 
     redis.restart();

@@ -751,10 +751,9 @@ models:
     assert_eq!(b.request_count(), 3);
 }
 
-/// A fallback that cannot even try (every deployment cooling down) does not replace the
-/// upstream's answer the route itself got; when no route could try, the 503 names them all.
-#[tokio::test]
-async fn a_fallback_that_cannot_try_leaves_the_upstreams_error_and_a_503_names_every_route() {
+/// Route `main` (one deployment on `a`, no retries) falling back to `spare` (one on `b`),
+/// whose deployment has just answered 429 and cools down for 10 s.
+async fn main_with_a_cooling_spare() -> (MockUpstream, MockUpstream, Gateway) {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
     let yaml = config(
         &(openai("a", &a) + &openai("b", &b)),
@@ -765,9 +764,16 @@ models:
 "#,
     );
     let gw = Gateway::start(&yaml).await;
-    // `spare` cools down for 10 s.
     b.script(Scripted::rate_limited(10_000));
     assert_eq!(chat(&gw, "spare").await.status, 429);
+    (a, b, gw)
+}
+
+/// A fallback that cannot even try (every deployment cooling down) does not replace the
+/// upstream's answer the route itself got; when no route could try, the 503 names them all.
+#[tokio::test]
+async fn a_fallback_that_cannot_try_leaves_the_upstreams_error_and_a_503_names_every_route() {
+    let (a, b, gw) = main_with_a_cooling_spare().await;
 
     // `main`'s upstream fails; its fallback cannot try: the client gets the upstream's 503.
     a.script(Scripted::server_error(503));
@@ -806,18 +812,7 @@ models:
 /// long its fallback's cooldown.
 #[tokio::test]
 async fn a_503_of_routes_that_cannot_try_says_1_s_when_one_only_waits_for_a_probe() {
-    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let yaml = config(
-        &(openai("a", &a) + &openai("b", &b)),
-        r#"
-models:
-  main: { retries: 0, deployments: [ { provider: a, deployment: main } ], fallbacks: [spare] }
-  spare: { deployments: [ { provider: b, deployment: spare } ] }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
-    b.script(Scripted::rate_limited(10_000));
-    assert_eq!(chat(&gw, "spare").await.status, 429);
+    let (a, _spare, gw) = main_with_a_cooling_spare().await;
     // `main`'s deployment cools down briefly; then its probe is held out for 2 s.
     a.script(Scripted::rate_limited(300));
     assert_eq!(chat(&gw, "main").await.status, 429);

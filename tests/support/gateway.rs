@@ -186,14 +186,7 @@ impl Gateway {
     /// A sample's value on `/metrics`: the line of `name` whose labels include all of
     /// `labels`, or `None` when there is no such line.
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let text = reqwest::Client::new()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("the metrics text");
+        let text = self.metrics_text().await;
         let prefix = format!("{name}{{");
         text.lines()
             // `name{labels} value`, or `name value` for a family without labels.
@@ -205,6 +198,18 @@ impl Gateway {
             })
             .and_then(|l| l.rsplit(' ').next())
             .map(|v| v.parse().expect("a sample value"))
+    }
+
+    /// `GET /metrics`, the text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::Client::new()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics text")
     }
 
     /// `GET path` with `Authorization: Bearer key`, read as JSON.
