@@ -55,8 +55,8 @@ pub struct RequestRecord {
     pub tokenizer_model: Name,
     /// The request body, kept (not copied) for counting prompt tokens if needed.
     pub request_body: Bytes,
-    /// The serving deployment's metric handles, when one served.
-    pub metrics: Option<Arc<crate::telemetry::metrics::DeploymentMetrics>>,
+    /// The key's series on the serving deployment, when one served.
+    pub counters: Option<Arc<crate::telemetry::metrics::KeyCounters>>,
 }
 
 impl RequestRecord {
@@ -80,13 +80,13 @@ impl RequestRecord {
         r.ttft_ms = first_byte.map(|t| (t - self.started).as_secs_f64() * 1000.0);
         if let Some(m) = crate::telemetry::metrics::metrics() {
             let uncached = r.prompt_tokens - r.cached_tokens;
-            match &self.metrics {
-                Some(d) => d.with_key(m, &r.key, &r.team, |c| {
+            match &self.counters {
+                Some(c) => {
                     c.prompt.inc_by(uncached);
                     c.cached.inc_by(r.cached_tokens);
                     c.completion.inc_by(r.completion_tokens);
                     c.cost.inc_by(cost);
-                }),
+                }
                 // No deployment served (refused, a cache hit): by the label values.
                 None => {
                     let labels =

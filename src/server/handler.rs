@@ -369,7 +369,14 @@ where
     facts.attempts = served.attempts;
     facts.fallback_from = served.fallback_from.unwrap_or_default();
     facts.op = Some(op);
-    record.metrics.clone_from(&served.metrics);
+    // The key's series on the serving deployment: looked up once, for the record and the log.
+    let counters = served
+        .metrics
+        .as_ref()
+        .zip(metrics::metrics())
+        .map(|(d, m)| d.key_counters(m, &record.row.key, &record.row.team));
+    record.counters.clone_from(&counters);
+    facts.key_counters = counters;
     facts.metrics = served.metrics;
     match result {
         Err(e) => {
@@ -433,7 +440,7 @@ fn new_record(
         price: Default::default(),
         tokenizer_model: Name::default(),
         request_body: req.body.clone(),
-        metrics: None,
+        counters: None,
     }
 }
 

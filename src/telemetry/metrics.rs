@@ -4,7 +4,7 @@
 //! unknown model counts under `route="unknown"`.
 
 use std::collections::HashMap;
-use std::sync::{OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use crate::api::Operation;
 use crate::Name;
@@ -43,8 +43,8 @@ pub struct Metrics {
 /// A deployment's histograms, resolved from their label values once (on first use, so a
 /// deployment never used adds no series) instead of on every request.
 pub struct DeploymentMetrics {
-    route: String,
-    deployment: String,
+    route: Name,
+    deployment: Name,
     duration: [OnceLock<Histogram>; Operation::ALL.len()],
     time_to_first_token: OnceLock<Histogram>,
     overhead: OnceLock<Histogram>,
@@ -54,12 +54,13 @@ pub struct DeploymentMetrics {
     deployment_header: Option<http::HeaderValue>,
     /// The per-key series of the requests this deployment served (`KeyCounters`), by key
     /// name: made on a key's first request, looked up by one map read after that.
-    keys: RwLock<HashMap<Name, KeyCounters>>,
+    keys: RwLock<HashMap<Name, Arc<KeyCounters>>>,
 }
 
 /// One key's series on one deployment: what `RequestRecord::finish` and the access log add
 /// to on every request, resolved from their label values once (a `with_label_values` hashes
-/// four to six labels and takes the family's lock each time).
+/// four to six labels and takes the family's lock each time), and looked up once per request
+/// (`DeploymentMetrics::key_counters`).
 pub struct KeyCounters {
     /// `switchyard_tokens_total`, `kind` `prompt` (uncached), `cached`, `completion`.
     pub prompt: prometheus::IntCounter,
@@ -69,27 +70,23 @@ pub struct KeyCounters {
     pub cost: prometheus::Counter,
     /// `switchyard_requests_total{status="200"}`, per endpoint.
     ok: [OnceLock<prometheus::IntCounter>; Operation::ALL.len()],
-    team: Name,
+    /// The labels: route, deployment, team, key.
+    labels: [Name; 4],
+}
+
+impl std::fmt::Debug for KeyCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyCounters({:?})", self.labels)
+    }
 }
 
 impl KeyCounters {
     /// `switchyard_requests_total` for a 200 on `op`.
-    pub fn ok(
-        &self,
-        m: &Metrics,
-        d: &DeploymentMetrics,
-        key: &str,
-        op: Operation,
-    ) -> &prometheus::IntCounter {
+    pub fn ok(&self, m: &Metrics, op: Operation) -> &prometheus::IntCounter {
+        let [route, deployment, team, key] = &self.labels;
         self.ok[op as usize].get_or_init(|| {
-            m.requests.with_label_values(&[
-                &d.route,
-                &d.deployment,
-                op.path(),
-                "200",
-                &self.team,
-                key,
-            ])
+            m.requests
+                .with_label_values(&[route, deployment, op.path(), "200", team, key])
         })
     }
 }
@@ -103,8 +100,8 @@ impl std::fmt::Debug for DeploymentMetrics {
 impl DeploymentMetrics {
     pub fn new(route: &str, deployment: &str) -> DeploymentMetrics {
         DeploymentMetrics {
-            route: route.to_string(),
-            deployment: deployment.to_string(),
+            route: route.into(),
+            deployment: deployment.into(),
             duration: Default::default(),
             time_to_first_token: OnceLock::new(),
             overhead: OnceLock::new(),
@@ -114,24 +111,18 @@ impl DeploymentMetrics {
         }
     }
 
-    /// Calls `f` with the series of `key` (of `team`) on this deployment.
-    pub fn with_key<R>(
-        &self,
-        m: &Metrics,
-        key: &Name,
-        team: &Name,
-        f: impl FnOnce(&KeyCounters) -> R,
-    ) -> R {
+    /// The series of `key` (of `team`) on this deployment.
+    pub fn key_counters(&self, m: &Metrics, key: &Name, team: &Name) -> Arc<KeyCounters> {
         {
             let keys = self.keys.read().unwrap_or_else(PoisonError::into_inner);
             // A key keeps its team within a config generation (and so within one
             // `DeploymentMetrics`); the check keeps a wrong label out all the same.
-            if let Some(c) = keys.get(key).filter(|c| c.team == *team) {
-                return f(c);
+            if let Some(c) = keys.get(key).filter(|c| c.labels[2] == *team) {
+                return c.clone();
             }
         }
         let labels = |kind: &'static str| [&*self.route, &*self.deployment, &**team, &**key, kind];
-        let made = KeyCounters {
+        let made = Arc::new(KeyCounters {
             prompt: m.tokens.with_label_values(&labels("prompt")),
             cached: m.tokens.with_label_values(&labels("cached")),
             completion: m.tokens.with_label_values(&labels("completion")),
@@ -139,11 +130,18 @@ impl DeploymentMetrics {
                 .cost
                 .with_label_values(&[&*self.route, &*self.deployment, &**team, &**key]),
             ok: Default::default(),
-            team: team.clone(),
-        };
-        let mut keys = self.keys.write().unwrap_or_else(PoisonError::into_inner);
-        keys.insert(key.clone(), made);
-        f(&keys[key])
+            labels: [
+                self.route.clone(),
+                self.deployment.clone(),
+                team.clone(),
+                key.clone(),
+            ],
+        });
+        self.keys
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), made.clone());
+        made
     }
 
     /// The `x-switchyard-route` and `x-switchyard-deployment` values of this deployment's

@@ -366,6 +366,8 @@ pub struct RequestFacts {
     /// The operation, and the serving deployment's metric handles, when one served.
     pub op: Option<crate::api::Operation>,
     pub metrics: Option<Arc<metrics::DeploymentMetrics>>,
+    /// The key's series on the serving deployment (shared with the request's ledger record).
+    pub key_counters: Option<Arc<metrics::KeyCounters>>,
 }
 
 /// Writes one structured line per request when its response body ends or is dropped. Given
@@ -502,10 +504,8 @@ impl LogLine {
                 (Some(d), Some(op)) => Some((d, op)),
                 _ => None,
             };
-            match handles {
-                Some((d, op)) if self.status == 200 => {
-                    d.with_key(m, &f.key, &f.team, |c| c.ok(m, d, &f.key, op).inc());
-                }
+            match (&f.key_counters, f.op) {
+                (Some(c), Some(op)) if self.status == 200 => c.ok(m, op).inc(),
                 _ => {
                     let mut status = itoa::Buffer::new();
                     let status = status.format(self.status);
