@@ -1429,3 +1429,110 @@ async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstr
     r.bytes().await.unwrap();
     assert!(up2.requests()[0].json().get("max_tokens").is_none());
 }
+
+/// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
+fn wav(seconds: u32) -> Vec<u8> {
+    let data_len = seconds * 16_000;
+    let mut w = Vec::with_capacity(44 + data_len as usize);
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data_len).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    for (v, n) in [
+        (16u32, 4),
+        (1, 2),
+        (1, 2),
+        (8_000, 4),
+        (16_000, 4),
+        (2, 2),
+        (16, 2),
+    ] {
+        w.extend_from_slice(&v.to_le_bytes()[..n]);
+    }
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data_len.to_le_bytes());
+    w.resize(44 + data_len as usize, 0);
+    w
+}
+
+async fn transcribe(gw: &Gateway, file: Vec<u8>, response_format: &str) -> (u16, String) {
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(file).file_name("speech.wav"),
+        )
+        .text("model", "whisper")
+        .text("response_format", response_format.to_string());
+    let r = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .bearer_auth(KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// A transcription reserves for the length of its audio, read from the file, so a budget
+/// refuses the recording it cannot pay for; and when the answer does not say how long the
+/// audio was (`json`, `text`), the ledger prices the length read from the file, marked
+/// estimated, instead of nothing.
+#[tokio::test]
+async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_not_say() {
+    let up = MockUpstream::start().await;
+    // 0.0001 USD an audio second; the key may spend 0.01 a day (100 s of audio).
+    let extra = format!(
+        r#"  whisper:
+    pricing: {{ input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }}
+    deployments: [ {{ provider: up, deployment: whisper-1 }} ]
+{}"#,
+        keys(", budget: { usd: 0.01, period: daily }")
+    );
+    let config = config(&up, "").replace("routing:", &format!("{extra}routing:"));
+    let mut gw = Gateway::start(&config).await;
+
+    // 60 s: 0.006 reserved; the `json` answer reports the duration, which is what is priced.
+    let (status, body) = transcribe(&gw, wav(60), "json").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["usage"]["seconds"],
+        60.0
+    );
+    // Another 60 s would make 0.012.
+    let (status, body) = transcribe(&gw, wav(60), "text").await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("budget_exceeded"), "{body}");
+    // 30 s fits (0.009); a `text` answer says nothing of the audio: priced from the file.
+    let (status, body) = transcribe(&gw, wav(30), "text").await;
+    assert_eq!(status, 200, "{body}");
+    // A file no reader knows counts as 6 kbit/s: 9,000 bytes → 12 s → 0.0012, over the 0.001
+    // left.
+    let (status, body) = transcribe(&gw, vec![b'x'; 9_000], "text").await;
+    assert_eq!(status, 429, "{body}");
+    // 5 s (0.0005) still fits.
+    let (status, body) = transcribe(&gw, wav(5), "verbose_json").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["duration"],
+        5.0
+    );
+
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let audio: Vec<(u16, f64, bool)> = rows
+        .iter()
+        .filter(|r| r.endpoint == "audio/transcriptions")
+        .map(|r| (r.status, r.cost_usd, r.estimated))
+        .collect();
+    assert_eq!(audio.len(), 5, "{audio:?}");
+    let expected = [
+        (200, 0.006, false),
+        (429, 0.0, false),
+        (200, 0.003, true),
+        (429, 0.0, false),
+        (200, 0.0005, false),
+    ];
+    for ((status, cost, estimated), (s, c, e)) in audio.iter().zip(expected) {
+        assert_eq!((*status, *estimated), (s, e), "{audio:?}");
+        assert!((cost - c).abs() < 1e-12, "{audio:?}");
+    }
+}

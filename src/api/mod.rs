@@ -2,6 +2,7 @@
 //! (`/openai/deployments/{route}/...`), checks the body just enough to route it, and produces
 //! one `ApiCall`. It reads only the fields the gateway needs and never re-serialises a body.
 
+pub mod audio;
 pub mod body;
 pub mod multipart;
 
@@ -212,6 +213,8 @@ pub struct ApiRequest {
     pub prompt_bound: u64,
     /// `n`: answers asked for.
     pub choices: u64,
+    /// The uploaded audio's length (transcriptions, translations). Set by the handler.
+    pub audio: audio::AudioLength,
     /// The output cap the gateway sets upstream when the client set none and a budget
     /// applies, so the request cannot cost more than it reserved. Set by the handler.
     pub output_cap: Option<u64>,
@@ -359,6 +362,7 @@ impl ApiRequest {
             max_tokens,
             prompt_bound,
             choices,
+            audio: audio::AudioLength::default(),
             output_cap: None,
             client_set_cap_field,
             user,

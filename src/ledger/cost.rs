@@ -501,12 +501,14 @@ impl Price {
             + u.audio_seconds * self.per_audio_second
     }
 
-    /// The most a request can cost: every prompt token uncached, every allowed output token.
-    pub fn worst_case(&self, prompt: u64, max_output: u64) -> f64 {
+    /// The most a request can cost: every prompt token uncached, every allowed output token,
+    /// all of its audio.
+    pub fn worst_case(&self, prompt: u64, max_output: u64, audio_seconds: f64) -> f64 {
         (prompt as f64 * self.input_per_1m.max(self.cached_input_per_1m)
             + max_output as f64 * self.output_per_1m)
             / 1_000_000.0
             + self.per_image
+            + audio_seconds * self.per_audio_second
     }
 
     pub fn is_zero(&self) -> bool {

@@ -57,6 +57,9 @@ pub struct RequestRecord {
     pub request_body: Bytes,
     /// The key's series on the serving deployment, when one served.
     pub counters: Option<Arc<crate::telemetry::metrics::KeyCounters>>,
+    /// The uploaded audio's length as read from the file, priced when the upstream's answer
+    /// does not say (estimated).
+    pub audio_seconds: Option<f64>,
 }
 
 impl RequestRecord {
@@ -356,6 +359,14 @@ impl Tap {
                 }
             }
             answer = Some(whole);
+        }
+        if let (true, None, Some(seconds)) = (success, usage, record.audio_seconds) {
+            // Whisper's `json`, `text`, `srt` and `vtt` answers say nothing of the audio.
+            usage = Some(Usage {
+                audio_seconds: seconds,
+                estimated: true,
+                ..Default::default()
+            });
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
             let mut text = std::mem::take(&mut self.text);

@@ -391,7 +391,11 @@ impl Answer<'_> {
             Payload::Json { .. } => None,
         };
         let (text, _) = self.content();
-        let duration = (req.body.len() as f64 / 32_000.0).max(0.1);
+        // The file's length when the gateway could read it, else its bytes as 16 kHz 16-bit mono.
+        let duration = req
+            .audio
+            .seconds
+            .unwrap_or((req.body.len() as f64 / 32_000.0).max(0.1));
         let text_body = |ct: &'static str, body: String| {
             let mut resp = http::Response::new(full(body));
             resp.headers_mut().insert(

@@ -321,7 +321,7 @@ impl Route {
     }
 
     /// The most a request can cost: an upper bound of its prompt and its output cap (times
-    /// `n`), on the most expensive deployment of this route and of every route it may fall
+    /// `n`) and its audio's length, on the most expensive deployment of this route and of every route it may fall
     /// back to.
     pub fn worst_case_usd(&self, req: &ApiRequest, routes: &Routes) -> f64 {
         let out = self.output_cap(req).saturating_mul(req.choices);
@@ -335,7 +335,8 @@ impl Route {
             .chain(fallbacks.map(|r| r.as_ref()))
             .flat_map(|r| r.deployments.iter())
             .map(|d| {
-                d.price.worst_case(req.prompt_bound, out)
+                d.price
+                    .worst_case(req.prompt_bound, out, req.audio.bound_seconds)
                     + d.price.per_image * (req.choices.saturating_sub(1)) as f64
             })
             .fold(0.0, f64::max)

@@ -223,6 +223,9 @@ where
             return Err(e);
         }
     };
+    if let api::Payload::Multipart { boundary, .. } = &api_req.payload {
+        api_req.audio = api::audio::measure(&api_req.body, boundary).await;
+    }
     facts.stream = api_req.stream;
     // Only a configured route name becomes a header or a metric label.
     facts.route.clone_from(&route.name);
@@ -441,6 +444,7 @@ fn new_record(
         tokenizer_model: Name::default(),
         request_body: req.body.clone(),
         counters: None,
+        audio_seconds: req.audio.seconds,
     }
 }
 

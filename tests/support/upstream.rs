@@ -1348,6 +1348,29 @@ pub fn parse_multipart(content_type: &str, body: &Bytes) -> Option<Vec<Part>> {
     }
 }
 
+/// The length of a canonical PCM WAV (a 44-byte header: byte rate at 28, data length at 40),
+/// as the upstream hears it; any other file is 1.5 s of audio to this mock.
+fn wav_seconds(file: &[u8]) -> Option<f64> {
+    let u32_at = |at: usize| Some(u32::from_le_bytes(file.get(at..at + 4)?.try_into().ok()?));
+    if file.get(..4)? != b"RIFF" || file.get(8..12)? != b"WAVE" || file.get(36..40)? != b"data" {
+        return None;
+    }
+    let (rate, len) = (u32_at(28)?, u32_at(40)?);
+    (rate > 0).then(|| f64::from(len) / f64::from(rate))
+}
+
+/// `hh:mm:ss,mmm` (SRT) or `hh:mm:ss.mmm` (WebVTT).
+fn clock(seconds: f64, sep: char) -> String {
+    let ms = (seconds * 1000.0).round() as u64;
+    format!(
+        "{:02}:{:02}:{:02}{sep}{:03}",
+        ms / 3_600_000,
+        ms / 60_000 % 60,
+        ms / 1000 % 60,
+        ms % 1000
+    )
+}
+
 fn transcription(req: &Recorded, what: &str) -> Reply {
     let ct = req.header("content-type").unwrap_or_default();
     let Some(parts) = parse_multipart(ct, &req.body) else {
@@ -1370,6 +1393,7 @@ fn transcription(req: &Recorded, what: &str) -> Reply {
         return error_reply(400, "you must provide a file parameter", None);
     };
     let text = format!("mock {what} of {} bytes", file.data.len());
+    let seconds = wav_seconds(&file.data).unwrap_or(1.5);
     let task = if what == "translation" {
         "translate"
     } else {
@@ -1384,24 +1408,27 @@ fn transcription(req: &Recorded, what: &str) -> Reply {
         "text" => text_reply("text/plain; charset=utf-8", format!("{text}\n")),
         "srt" => text_reply(
             "text/plain; charset=utf-8",
-            format!("1\n00:00:00,000 --> 00:00:01,500\n{text}\n\n"),
+            format!("1\n00:00:00,000 --> {}\n{text}\n\n", clock(seconds, ',')),
         ),
         "vtt" => text_reply(
             "text/plain; charset=utf-8",
-            format!("WEBVTT\n\n00:00:00.000 --> 00:00:01.500\n{text}\n\n"),
+            format!(
+                "WEBVTT\n\n00:00:00.000 --> {}\n{text}\n\n",
+                clock(seconds, '.')
+            ),
         ),
         "verbose_json" => json_reply(
             200,
             &json!({
-                "task": task, "language": "english", "duration": 1.5, "text": text,
-                "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": 1.5, "text": text,
+                "task": task, "language": "english", "duration": seconds, "text": text,
+                "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": seconds, "text": text,
                               "tokens": [1, 2, 3], "temperature": 0.0, "avg_logprob": -0.1,
                               "compression_ratio": 1.0, "no_speech_prob": 0.0}],
             }),
         ),
         _ => json_reply(
             200,
-            &json!({"text": text, "usage": {"type": "duration", "seconds": 2}}),
+            &json!({"text": text, "usage": {"type": "duration", "seconds": seconds.ceil()}}),
         ),
     }
 }
