@@ -162,3 +162,29 @@ models:
     }
     assert!(!err.contains("first_token_timeout"), "{err}");
 }
+
+#[test]
+fn check_refuses_a_negative_price_and_takes_a_price_per_character() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prices.yaml");
+    std::fs::write(
+        &path,
+        "\
+providers:
+  demo: { kind: mock }
+models:
+  tts: { pricing: { per_1m_characters: 15 }, deployments: [ { provider: demo } ] }
+  whisper: { pricing: { per_audio_second: -0.0001 }, deployments: [ { provider: demo } ] }
+",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, _, err) = switchyard(&["check", "--config", p], &[]);
+    assert_ne!(code, 0);
+    // One error, at the whisper route's pricing (line 5): the tts route's field is known.
+    assert!(
+        err.contains(&format!("{p}:5:23: prices must be numbers >= 0")),
+        "{err}"
+    );
+    assert!(err.contains(": 1 error(s)"), "{err}");
+}

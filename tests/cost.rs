@@ -1536,3 +1536,61 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
         assert!((cost - c).abs() < 1e-12, "{audio:?}");
     }
 }
+
+/// Speech is billed by the characters of its `input`, known before it goes upstream: the
+/// reservation is the exact cost, so a budget refuses the text it cannot pay for, and the
+/// ledger prices every answer (which carries no usage) by those characters. Characters are
+/// code points, as OpenAI counts them ("é" is one, the escape `\u00e9` too).
+#[tokio::test]
+async fn speech_is_reserved_and_priced_by_its_characters() {
+    let up = MockUpstream::start().await;
+    // tts-1's built-in price: 15 USD per 1M characters. The key may spend 0.001 (66 characters).
+    let extra = format!(
+        "  tts: {{ deployments: [ {{ provider: up, deployment: tts-1 }} ] }}\n{}",
+        keys(", budget: { usd: 0.001, period: daily }")
+    );
+    let config = config(&up, "").replace("routing:", &format!("{extra}routing:"));
+    let mut gw = Gateway::start(&config).await;
+    // `input` as written in the JSON body.
+    let speak = |input: &'static str| {
+        let gw = &gw;
+        async move {
+            let body = format!(r#"{{"model": "tts", "voice": "alloy", "input": "{input}"}}"#);
+            let r = client()
+                .post(gw.url("/v1/audio/speech"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.bytes().await.unwrap())
+        }
+    };
+    // 40 characters, 42 bytes (one "é" written as it is, one "î" escaped): 0.0006.
+    let forty = r"Café au lait, s'il vous pla\u00eet, merci!!!!";
+    let (status, body) = speak(forty).await;
+    assert_eq!(status, 200, "{body:?}");
+    // 40 more would make 0.0012.
+    let (status, body) = speak(forty).await;
+    assert_eq!(status, 429, "{body:?}");
+    assert!(String::from_utf8_lossy(&body).contains("budget_exceeded"));
+    // 26 fit exactly (0.00039 + 0.0006 = 0.00099).
+    let (status, _) = speak("abcdefghijklmnopqrstuvwxyz").await;
+    assert_eq!(status, 200);
+
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let speech: Vec<(u16, f64, bool)> = rows
+        .iter()
+        .filter(|r| r.endpoint == "audio/speech")
+        .map(|r| (r.status, r.cost_usd, r.estimated))
+        .collect();
+    let expected = [(200, 0.0006, true), (429, 0.0, false), (200, 0.00039, true)];
+    assert_eq!(speech.len(), expected.len(), "{speech:?}");
+    for ((status, cost, estimated), (s, c, e)) in speech.iter().zip(expected) {
+        assert_eq!((*status, *estimated), (s, e), "{speech:?}");
+        assert!((cost - c).abs() < 1e-12, "{speech:?}");
+    }
+}

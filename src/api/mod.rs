@@ -215,6 +215,8 @@ pub struct ApiRequest {
     pub choices: u64,
     /// The uploaded audio's length (transcriptions, translations). Set by the handler.
     pub audio: audio::AudioLength,
+    /// The characters of `input` to be spoken (`audio/speech`), as the upstream bills them.
+    pub speech_characters: u64,
     /// The output cap the gateway sets upstream when the client set none and a budget
     /// applies, so the request cannot cost more than it reserved. Set by the handler.
     pub output_cap: Option<u64>,
@@ -277,6 +279,7 @@ impl ApiRequest {
         let mut choices = 1;
         let mut user = None;
         let mut client_wants_usage = false;
+        let mut speech_characters = 0;
         let (payload, stream) = if op.is_multipart() {
             let ct = headers
                 .get(http::header::CONTENT_TYPE)
@@ -302,6 +305,14 @@ impl ApiRequest {
             user = head
                 .field("user")
                 .and_then(|u| serde_json::from_str::<String>(u.get()).ok());
+            if op == Operation::AudioSpeech {
+                // Borrowed unless the text holds escapes. A code point is a character, as
+                // OpenAI counts them.
+                speech_characters = head
+                    .field("input")
+                    .and_then(|i| serde_json::from_str::<std::borrow::Cow<'_, str>>(i.get()).ok())
+                    .map_or(0, |i| i.chars().count() as u64);
+            }
             let usage =
                 if stream && matches!(op, Operation::ChatCompletions | Operation::Completions) {
                     let (asked, ask) = head.usage_ask()?;
@@ -363,6 +374,7 @@ impl ApiRequest {
             prompt_bound,
             choices,
             audio: audio::AudioLength::default(),
+            speech_characters,
             output_cap: None,
             client_set_cap_field,
             user,

@@ -435,6 +435,7 @@ impl Checker<'_> {
                 Some(pr.output_per_1m),
                 pr.per_image,
                 pr.per_audio_second,
+                pr.per_1m_characters,
             ];
             if all.iter().flatten().any(|v| !(v.is_finite() && *v >= 0.0)) {
                 self.error(&path, "prices must be numbers >= 0");

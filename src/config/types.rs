@@ -325,6 +325,8 @@ pub struct Pricing {
     pub output_per_1m: f64,
     pub per_image: Option<f64>,
     pub per_audio_second: Option<f64>,
+    /// USD per 1M characters of text turned into speech (`audio/speech`'s `input`).
+    pub per_1m_characters: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -22,6 +22,8 @@ pub struct Usage {
     pub reasoning: u64,
     pub images: u64,
     pub audio_seconds: f64,
+    /// Characters of text turned into speech.
+    pub characters: u64,
     /// Counted by the gateway, not reported by the upstream.
     pub estimated: bool,
 }
@@ -465,6 +467,15 @@ impl<'de> serde::Deserialize<'de> for Count {
     }
 }
 
+/// What an audio request is billed by besides tokens, known before it goes upstream: the
+/// length of an uploaded file (an upper bound when it could not be read), the characters to
+/// speak.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Media {
+    pub audio_seconds: f64,
+    pub characters: u64,
+}
+
 /// Prices of one deployment, resolved at config load.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Price {
@@ -473,6 +484,7 @@ pub struct Price {
     pub output_per_1m: f64,
     pub per_image: f64,
     pub per_audio_second: f64,
+    pub per_1m_characters: f64,
 }
 
 impl From<&Pricing> for Price {
@@ -483,6 +495,7 @@ impl From<&Pricing> for Price {
             output_per_1m: p.output_per_1m,
             per_image: p.per_image.unwrap_or(0.0),
             per_audio_second: p.per_audio_second.unwrap_or(0.0),
+            per_1m_characters: p.per_1m_characters.unwrap_or(0.0),
         }
     }
 }
@@ -495,20 +508,22 @@ impl Price {
         let uncached = u.prompt - cached;
         (uncached as f64 * self.input_per_1m
             + cached as f64 * self.cached_input_per_1m
-            + u.completion as f64 * self.output_per_1m)
+            + u.completion as f64 * self.output_per_1m
+            + u.characters as f64 * self.per_1m_characters)
             / 1_000_000.0
             + u.images as f64 * self.per_image
             + u.audio_seconds * self.per_audio_second
     }
 
     /// The most a request can cost: every prompt token uncached, every allowed output token,
-    /// all of its audio.
-    pub fn worst_case(&self, prompt: u64, max_output: u64, audio_seconds: f64) -> f64 {
+    /// all of its audio, every character it has spoken.
+    pub fn worst_case(&self, prompt: u64, max_output: u64, media: &Media) -> f64 {
         (prompt as f64 * self.input_per_1m.max(self.cached_input_per_1m)
-            + max_output as f64 * self.output_per_1m)
+            + max_output as f64 * self.output_per_1m
+            + media.characters as f64 * self.per_1m_characters)
             / 1_000_000.0
             + self.per_image
-            + audio_seconds * self.per_audio_second
+            + media.audio_seconds * self.per_audio_second
     }
 
     pub fn is_zero(&self) -> bool {

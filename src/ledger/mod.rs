@@ -60,6 +60,9 @@ pub struct RequestRecord {
     /// The uploaded audio's length as read from the file, priced when the upstream's answer
     /// does not say (estimated).
     pub audio_seconds: Option<f64>,
+    /// The characters a speech request turns into audio, priced (estimated: speech answers
+    /// carry no usage).
+    pub speech_characters: u64,
 }
 
 impl RequestRecord {
@@ -364,6 +367,13 @@ impl Tap {
             // Whisper's `json`, `text`, `srt` and `vtt` answers say nothing of the audio.
             usage = Some(Usage {
                 audio_seconds: seconds,
+                estimated: true,
+                ..Default::default()
+            });
+        }
+        if success && usage.is_none() && record.op == Operation::AudioSpeech {
+            usage = Some(Usage {
+                characters: record.speech_characters,
                 estimated: true,
                 ..Default::default()
             });

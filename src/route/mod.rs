@@ -21,7 +21,7 @@ use rand::Rng;
 use crate::api::ApiRequest;
 use crate::config::{Loaded, Pricing, Strategy};
 use crate::error::GatewayError;
-use crate::ledger::cost::{builtin_price, Price};
+use crate::ledger::cost::{builtin_price, Media, Price};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
 use crate::telemetry::metrics;
@@ -321,10 +321,14 @@ impl Route {
     }
 
     /// The most a request can cost: an upper bound of its prompt and its output cap (times
-    /// `n`) and its audio's length, on the most expensive deployment of this route and of every route it may fall
+    /// `n`), its audio's length and the characters it has spoken, on the most expensive deployment of this route and of every route it may fall
     /// back to.
     pub fn worst_case_usd(&self, req: &ApiRequest, routes: &Routes) -> f64 {
         let out = self.output_cap(req).saturating_mul(req.choices);
+        let media = Media {
+            audio_seconds: req.audio.bound_seconds,
+            characters: req.speech_characters,
+        };
         let fallbacks = self
             .fallbacks
             .iter()
@@ -335,8 +339,7 @@ impl Route {
             .chain(fallbacks.map(|r| r.as_ref()))
             .flat_map(|r| r.deployments.iter())
             .map(|d| {
-                d.price
-                    .worst_case(req.prompt_bound, out, req.audio.bound_seconds)
+                d.price.worst_case(req.prompt_bound, out, &media)
                     + d.price.per_image * (req.choices.saturating_sub(1)) as f64
             })
             .fold(0.0, f64::max)

@@ -445,6 +445,7 @@ fn new_record(
         request_body: req.body.clone(),
         counters: None,
         audio_seconds: req.audio.seconds,
+        speech_characters: req.speech_characters,
     }
 }
 
