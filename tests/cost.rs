@@ -1431,8 +1431,8 @@ async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstr
 }
 
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
-fn wav(seconds: u32) -> Vec<u8> {
-    let data_len = seconds * 16_000;
+fn wav(seconds: f64) -> Vec<u8> {
+    let data_len = (seconds * 8_000.0) as u32 * 2;
     let mut w = Vec::with_capacity(44 + data_len as usize);
     w.extend_from_slice(b"RIFF");
     w.extend_from_slice(&(36 + data_len).to_le_bytes());
@@ -1472,14 +1472,15 @@ async fn transcribe(gw: &Gateway, file: Vec<u8>, response_format: &str) -> (u16,
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-/// A transcription reserves for the length of its audio, read from the file, so a budget
-/// refuses the recording it cannot pay for; and when the answer does not say how long the
-/// audio was (`json`, `text`), the ledger prices the length read from the file, marked
-/// estimated, instead of nothing.
+/// A transcription reserves for the length of its audio, read from the file and rounded up to
+/// whole seconds as upstreams bill it, so a budget refuses the recording it cannot pay for;
+/// and when the answer does not say how long the audio was (`text`), the ledger prices the
+/// length read from the file, marked estimated, instead of nothing.
 #[tokio::test]
 async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_not_say() {
     let up = MockUpstream::start().await;
-    // 0.0001 USD an audio second; the key may spend 0.01 a day (100 s of audio).
+    // 0.0001 USD an audio second; the key may spend 0.01 a day (100 s of audio). The mock
+    // reports a WAV's length: rounded up in `json`'s `usage`, exact in `verbose_json`.
     let extra = format!(
         r#"  whisper:
     pricing: {{ input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }}
@@ -1491,30 +1492,39 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
     let mut gw = Gateway::start(&config).await;
 
     // 60 s: 0.006 reserved; the `json` answer reports the duration, which is what is priced.
-    let (status, body) = transcribe(&gw, wav(60), "json").await;
+    let (status, body) = transcribe(&gw, wav(60.0), "json").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["usage"]["seconds"],
         60.0
     );
     // Another 60 s would make 0.012.
-    let (status, body) = transcribe(&gw, wav(60), "text").await;
+    let (status, body) = transcribe(&gw, wav(60.0), "text").await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("budget_exceeded"), "{body}");
-    // 30 s fits (0.009); a `text` answer says nothing of the audio: priced from the file.
-    let (status, body) = transcribe(&gw, wav(30), "text").await;
+    // 30.5 s fits (31 reserved); a `text` answer says nothing of the audio: priced from the
+    // file, 0.00305. Spent: 0.00905.
+    let (status, body) = transcribe(&gw, wav(30.5), "text").await;
     assert_eq!(status, 200, "{body}");
-    // A file no reader knows counts as 6 kbit/s: 9,000 bytes → 12 s → 0.0012, over the 0.001
-    // left.
+    // A file no reader knows counts as 6 kbit/s: 9,000 bytes → 12 s → 0.0012, over the
+    // 0.00095 left.
     let (status, body) = transcribe(&gw, vec![b'x'; 9_000], "text").await;
     assert_eq!(status, 429, "{body}");
-    // 5 s (0.0005) still fits.
-    let (status, body) = transcribe(&gw, wav(5), "verbose_json").await;
+    // 9.5 s would be billed 10 (0.001), over what is left: refused, though 9.5 s (0.00095)
+    // would fit.
+    let (status, body) = transcribe(&gw, wav(9.5), "json").await;
+    assert_eq!(status, 429, "{body}");
+    // 4.5 s fits (5 reserved); `verbose_json` reports 4.5: 0.00045.
+    let (status, body) = transcribe(&gw, wav(4.5), "verbose_json").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["duration"],
-        5.0
+        4.5
     );
+    // 3,000 unreadable bytes reserve 4 s (0.0004 of the 0.0005 left); the `text` answer says
+    // nothing, and a length the gateway could not read is not priced.
+    let (status, body) = transcribe(&gw, vec![b'x'; 3_000], "text").await;
+    assert_eq!(status, 200, "{body}");
 
     let url = sqlite_url(&gw);
     let rows = rows_after_shutdown(&mut gw, &url).await;
@@ -1523,14 +1533,16 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
         .filter(|r| r.endpoint == "audio/transcriptions")
         .map(|r| (r.status, r.cost_usd, r.estimated))
         .collect();
-    assert_eq!(audio.len(), 5, "{audio:?}");
     let expected = [
         (200, 0.006, false),
         (429, 0.0, false),
-        (200, 0.003, true),
+        (200, 0.00305, true),
         (429, 0.0, false),
-        (200, 0.0005, false),
+        (429, 0.0, false),
+        (200, 0.00045, false),
+        (200, 0.0, false),
     ];
+    assert_eq!(audio.len(), expected.len(), "{audio:?}");
     for ((status, cost, estimated), (s, c, e)) in audio.iter().zip(expected) {
         assert_eq!((*status, *estimated), (s, e), "{audio:?}");
         assert!((cost - c).abs() < 1e-12, "{audio:?}");

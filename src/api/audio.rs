@@ -1,10 +1,11 @@
 //! The length of an uploaded audio file (transcriptions, translations), read before the
 //! request goes upstream: what a budget reserves for it, and what the ledger prices when the
-//! upstream's answer does not say (`json`, `text`, `srt` and `vtt` answers carry no duration).
-//! Only the container is read (symphonia's format readers); no audio is decoded.
+//! upstream's answer does not say (`text`, `srt` and `vtt` answers carry no duration, nor do
+//! Azure's `json` ones). Only the container is read (symphonia's format readers); no audio
+//! is decoded.
 
 use std::io::Cursor;
-use std::ops::Range;
+use std::sync::LazyLock;
 
 use bytes::Bytes;
 use symphonia::core::formats::probe::Hint;
@@ -12,6 +13,7 @@ use symphonia::core::formats::{FormatOptions, FormatReader, TrackType};
 use symphonia::core::io::{MediaSourceStream, MediaSourceStreamOptions};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::units::Duration;
+use tokio::sync::Semaphore;
 
 use super::multipart;
 
@@ -20,59 +22,96 @@ use super::multipart;
 /// is only a bound is never used to price the ledger, only to reserve).
 pub const FALLBACK_BITS_PER_SECOND: f64 = 6_000.0;
 
+/// The most time one file's packets are read for: a file made to be slow to read (symphonia's
+/// MP4 reader sums its sample tables again for every packet) is cut off and bounded by its
+/// bytes instead. A real 25 MB recording takes about 50 ms.
+const READ_FOR: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The length of one upload's audio.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AudioLength {
-    /// Seconds, read from the file (its header, else the timestamps of its packets).
+    /// Seconds, read from the file (the timestamps of its packets, else its header); `None`
+    /// when no reader knew it. What the ledger prices when the upstream reports no length.
     pub seconds: Option<f64>,
-    /// What a budget reserves for: `seconds`, else the file's bytes at
-    /// `FALLBACK_BITS_PER_SECOND`; 0 without a `file` part.
+    /// What a budget reserves for, in whole seconds (upstreams bill by the second): the most of
+    /// the lengths the file's header and its packets state, else the file's bytes at
+    /// `FALLBACK_BITS_PER_SECOND`. A body without a `file` part counts all of its bytes.
     pub bound_seconds: f64,
 }
 
-/// The byte range of the `file` part of a multipart body.
-pub fn file_range(body: &[u8], boundary: &str) -> Option<Range<usize>> {
-    multipart::field_range(body, boundary, "file")
+fn bytes_bound(bytes: usize) -> f64 {
+    bytes as f64 * 8.0 / FALLBACK_BITS_PER_SECOND
 }
 
-/// Reads the length of the `file` part of `body`. On a blocking thread: a file whose header
-/// does not hold its length (a browser's WebM recording, a streamed WAV or FLAC) is read
-/// packet by packet, ~2 ms per MB.
+/// Reads the length of the `file` parts of `body` (all of them: an upstream that took the
+/// last would bill that one). On a blocking thread, a few at a time: reading a file's packets
+/// takes about 2 ms per MB.
 pub async fn measure(body: &Bytes, boundary: &str) -> AudioLength {
-    let Some(range) = file_range(body, boundary) else {
+    static READERS: LazyLock<Semaphore> = LazyLock::new(|| {
+        Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    });
+    let files: Vec<Bytes> = multipart::field_ranges(body, boundary, "file")
+        .map(|r| body.slice(r))
+        .collect();
+    if files.is_empty() {
+        return AudioLength {
+            seconds: None,
+            bound_seconds: bytes_bound(body.len()).ceil(),
+        };
+    }
+    let Ok(_permit) = READERS.acquire().await else {
         return AudioLength::default();
     };
-    let file = body.slice(range);
-    let bytes = file.len();
-    let seconds = tokio::task::spawn_blocking(move || {
-        // A reader that panics on some odd file must not take the request with it.
-        std::panic::catch_unwind(move || seconds(file))
-            .ok()
-            .flatten()
+    let read = tokio::task::spawn_blocking(move || {
+        files.into_iter().fold(
+            AudioLength {
+                seconds: Some(0.0),
+                bound_seconds: 0.0,
+            },
+            |sum, file| {
+                let one = length(file);
+                AudioLength {
+                    seconds: sum.seconds.zip(one.seconds).map(|(a, b)| a + b),
+                    bound_seconds: sum.bound_seconds + one.bound_seconds,
+                }
+            },
+        )
     })
-    .await
-    .ok()
-    .flatten();
-    AudioLength {
-        seconds,
-        bound_seconds: seconds.unwrap_or(bytes as f64 * 8.0 / FALLBACK_BITS_PER_SECOND),
+    .await;
+    match read {
+        Ok(l) => AudioLength {
+            seconds: l.seconds,
+            bound_seconds: l.bound_seconds.ceil(),
+        },
+        // A reader that panicked on some odd file: the file counts by its bytes.
+        Err(_) => AudioLength {
+            seconds: None,
+            bound_seconds: bytes_bound(body.len()).ceil(),
+        },
     }
 }
 
-/// The file's length in seconds, if a format reader knows the container.
-pub fn seconds(file: Bytes) -> Option<f64> {
+/// The length of one file: its packets read to the last one, since a header may state
+/// anything; the header's figure when the packets say nothing or could not all be read in
+/// `READ_FOR`.
+pub fn length(file: Bytes) -> AudioLength {
+    let bytes = file.len();
+    let unknown = AudioLength {
+        seconds: None,
+        bound_seconds: bytes_bound(bytes),
+    };
     let mss = MediaSourceStream::new(
         Box::new(Cursor::new(file)),
         MediaSourceStreamOptions::default(),
     );
-    let mut format = symphonia::default::get_probe()
-        .probe(
-            &Hint::new(),
-            mss,
-            FormatOptions::default(),
-            MetadataOptions::default(),
-        )
-        .ok()?;
+    let Ok(mut format) = symphonia::default::get_probe().probe(
+        &Hint::new(),
+        mss,
+        FormatOptions::default(),
+        MetadataOptions::default(),
+    ) else {
+        return unknown;
+    };
     let info = format.media_info();
     let stated = info
         .time_base
@@ -84,29 +123,62 @@ pub fn seconds(file: Bytes) -> Option<f64> {
                 .zip(t.duration)
                 .and_then(|(tb, d)| tb.calc_duration(d))
         })
-        .map(|t| t.as_secs_f64());
-    match stated {
-        Some(s) if s.is_finite() && s > 0.0 => Some(s),
-        _ => from_packets(format.as_mut()),
+        .map(|t| t.as_secs_f64())
+        .filter(|s| s.is_finite() && *s > 0.0);
+    let (walked, complete) = from_packets(format.as_mut());
+    let walked = walked.filter(|s| *s > 0.0);
+    let seconds = if complete { walked.or(stated) } else { stated };
+    let fallback = if complete || stated.is_some() {
+        0.0
+    } else {
+        unknown.bound_seconds
+    };
+    AudioLength {
+        seconds,
+        bound_seconds: [stated, walked, Some(fallback)]
+            .into_iter()
+            .flatten()
+            .fold(0.0, f64::max),
     }
 }
 
-/// The end of the last packet of the audio track: for containers whose header says nothing
-/// of the length. Packets are read, not decoded.
-fn from_packets(format: &mut dyn FormatReader) -> Option<f64> {
-    let track = format.default_track(TrackType::Audio)?;
-    let (id, time_base) = (track.id, track.time_base?);
-    let mut end: i128 = 0;
-    // A read error ends the walk: what was read so far is the length (a recording cut short
-    // is what the upstream will hear too).
-    while let Ok(Some(p)) = format.next_packet() {
+/// The time from the first packet of the audio track to the end of its last (a recording cut
+/// from a longer stream starts late; a browser's WebM starts a few ms before 0), and whether
+/// every packet was read. Packets are read, not decoded.
+fn from_packets(format: &mut dyn FormatReader) -> (Option<f64>, bool) {
+    let Some(track) = format.default_track(TrackType::Audio) else {
+        return (None, true);
+    };
+    let (id, Some(time_base)) = (track.id, track.time_base) else {
+        return (None, true);
+    };
+    let deadline = std::time::Instant::now() + READ_FOR;
+    let (mut first, mut end): (Option<i128>, i128) = (None, 0);
+    let mut complete = true;
+    for n in 0u64.. {
+        // A read error ends the walk: what was read so far is the length (a recording cut
+        // short is what the upstream will hear too).
+        let Ok(Some(p)) = format.next_packet() else {
+            break;
+        };
         if p.track_id == id {
-            end = end.max(i128::from(p.pts.get()) + i128::from(p.dur.get()));
+            let pts = i128::from(p.pts.get());
+            first = Some(first.map_or(pts, |f| f.min(pts)));
+            end = end.max(pts + i128::from(p.dur.get()));
+        }
+        if n % 256 == 255 && std::time::Instant::now() > deadline {
+            complete = false;
+            break;
         }
     }
-    let end = u64::try_from(end).ok().filter(|e| *e > 0)?;
-    let s = time_base.calc_duration(Duration::new(end))?.as_secs_f64();
-    s.is_finite().then_some(s)
+    let span = end - first.unwrap_or(0).max(0);
+    let seconds = u64::try_from(span)
+        .ok()
+        .filter(|s| *s > 0)
+        .and_then(|s| time_base.calc_duration(Duration::new(s)))
+        .map(|t| t.as_secs_f64())
+        .filter(|s| s.is_finite());
+    (seconds, complete)
 }
 
 #[cfg(test)]
@@ -140,14 +212,15 @@ mod tests {
     }
 
     #[test]
-    fn a_wav_header_gives_its_length() {
-        let s = seconds(Bytes::from(wav(7.5, 16_000, false))).unwrap();
-        assert!((s - 7.5).abs() < 1e-9, "{s}");
+    fn a_wav_gives_its_length() {
+        let l = length(Bytes::from(wav(7.5, 16_000, false)));
+        assert_eq!(l.seconds, Some(7.5));
+        assert_eq!(l.bound_seconds, 7.5);
     }
 
     #[test]
     fn a_streamed_wav_is_read_to_its_last_packet() {
-        let s = seconds(Bytes::from(wav(3.25, 8_000, true))).unwrap();
+        let s = length(Bytes::from(wav(3.25, 8_000, true))).seconds.unwrap();
         // Packets are whole blocks: the last may run a little past the data.
         assert!((3.25..3.4).contains(&s), "{s}");
     }
@@ -159,7 +232,6 @@ mod tests {
     /// packets tell).
     #[test]
     fn the_formats_the_upstreams_take_give_their_length() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio");
         for (file, want) in [
             ("tone.mp3", 3.0),
             ("tone.ogg", 3.0),
@@ -167,37 +239,80 @@ mod tests {
             ("recorded.webm", 3.0),
             ("silence-streamed.flac", 30.0),
         ] {
-            let bytes = std::fs::read(dir.join(file)).unwrap();
-            let s = seconds(Bytes::from(bytes)).unwrap_or(0.0);
-            assert!((want - 0.05..want + 0.1).contains(&s), "{file}: {s}");
+            let l = length(fixture(file));
+            let s = l.seconds.unwrap_or(0.0);
+            assert!((want - 0.05..want + 0.1).contains(&s), "{file}: {l:?}");
+            assert!(l.bound_seconds >= s, "{file}: {l:?}");
         }
+    }
+
+    fn fixture(name: &str) -> Bytes {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/audio");
+        Bytes::from(std::fs::read(dir.join(name)).unwrap())
+    }
+
+    /// An MP3 whose Xing header says it holds 20 frames (0.6 s) is read to its last frame.
+    #[test]
+    fn a_header_that_claims_less_is_not_believed() {
+        let mut mp3 = fixture("tone.mp3").to_vec();
+        let at = mp3
+            .windows(4)
+            .position(|w| w == b"Xing" || w == b"Info")
+            .expect("ffmpeg writes a Xing/Info header");
+        assert_eq!(mp3[at + 7] & 1, 1, "the header has a frame count");
+        mp3[at + 8..at + 12].copy_from_slice(&20u32.to_be_bytes());
+        let l = length(Bytes::from(mp3));
+        let s = l.seconds.unwrap_or(0.0);
+        assert!((2.95..3.1).contains(&s), "{l:?}");
+        assert!(l.bound_seconds >= s, "{l:?}");
     }
 
     #[test]
     fn bytes_that_are_no_audio_have_no_length() {
         assert_eq!(
-            seconds(Bytes::from_static(b"hello, not audio at all")),
+            length(Bytes::from_static(b"hello, not audio at all")).seconds,
             None
         );
-        assert_eq!(seconds(Bytes::new()), None);
+        assert_eq!(length(Bytes::new()).seconds, None);
+    }
+
+    fn part(name: &str, data: &[u8]) -> Vec<u8> {
+        [
+            format!(
+                "--b\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"x\"\r\n\r\n"
+            )
+            .as_bytes(),
+            data,
+            b"\r\n",
+        ]
+        .concat()
     }
 
     #[tokio::test]
-    async fn an_unreadable_file_is_bounded_by_its_bytes() {
+    async fn an_unreadable_file_is_bounded_by_its_bytes_and_every_file_counts() {
+        let end = b"--b--\r\n";
+        // 3,000 bytes at 6 kbit/s: 4 s.
         let body = Bytes::from(
             [
-                &b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.bin\"\r\n\r\n"[..],
-                &[7u8; 3000],
-                b"\r\n--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--b--\r\n",
+                part("file", &[7u8; 3000]),
+                part("model", b"w"),
+                end.to_vec(),
             ]
             .concat(),
         );
-        let len = measure(&body, "b").await;
-        assert_eq!(len.seconds, None);
-        assert!((len.bound_seconds - 4.0).abs() < 1e-9, "{len:?}");
-        assert_eq!(
-            measure(&Bytes::from_static(b"--b--\r\n"), "b").await,
-            AudioLength::default()
-        );
+        let l = measure(&body, "b").await;
+        assert_eq!((l.seconds, l.bound_seconds), (None, 4.0));
+        // Two files: both count (a WAV of 2.5 s, and the same again), rounded up as billed.
+        let two = wav(2.5, 8_000, false);
+        let body = Bytes::from([part("file", &two), part("file", &two), end.to_vec()].concat());
+        let l = measure(&body, "b").await;
+        assert_eq!((l.seconds, l.bound_seconds), (Some(5.0), 5.0));
+        let body = Bytes::from([part("file", &two), part("file", b"??"), end.to_vec()].concat());
+        assert_eq!(measure(&body, "b").await.seconds, None);
+        // No part named `file` (a name the upstream may read otherwise): the whole body counts.
+        let body = Bytes::from([part("File ", &[0u8; 7_500]), end.to_vec()].concat());
+        let l = measure(&body, "b").await;
+        assert_eq!(l.seconds, None);
+        assert!(l.bound_seconds >= 10.0, "{l:?}");
     }
 }

@@ -60,30 +60,37 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
 
 /// The byte range of the value of the text field `name`, if the body has one.
 pub fn field_range(body: &[u8], boundary: &str, name: &str) -> Option<Range<usize>> {
+    field_ranges(body, boundary, name).next()
+}
+
+/// The byte ranges of the values of every part named `name`, in order.
+pub fn field_ranges<'a>(
+    body: &'a [u8],
+    boundary: &str,
+    name: &str,
+) -> impl Iterator<Item = Range<usize>> + 'a {
     let delim = format!("--{boundary}");
-    let wanted = format!("name=\"{name}\"");
-    let mut at = find(body, delim.as_bytes(), 0)?;
-    loop {
-        let headers_start = at + delim.len();
+    let next_delim = format!("\r\n{delim}");
+    let wanted = format!("name=\"{name}\"").to_ascii_lowercase();
+    let mut at = find(body, delim.as_bytes(), 0);
+    std::iter::from_fn(move || loop {
+        let headers_start = at? + delim.len();
         if body.get(headers_start..headers_start + 2) == Some(b"--") {
             return None; // closing delimiter
         }
         let headers_end = find(body, b"\r\n\r\n", headers_start)?;
         let content_start = headers_end + 4;
-        let next = find(body, format!("\r\n{delim}").as_bytes(), content_start)?;
+        let next = find(body, next_delim.as_bytes(), content_start)?;
         let headers = &body[headers_start..headers_end];
         let is_field = headers.split(|b| *b == b'\n').any(|line| {
             let line = String::from_utf8_lossy(line).to_ascii_lowercase();
-            line.starts_with("content-disposition:")
-                && line
-                    .split(';')
-                    .any(|p| p.trim() == wanted.to_ascii_lowercase())
+            line.starts_with("content-disposition:") && line.split(';').any(|p| p.trim() == wanted)
         });
+        at = Some(next + 2);
         if is_field {
             return Some(content_start..next);
         }
-        at = next + 2;
-    }
+    })
 }
 
 /// The text value of field `name`.

@@ -544,7 +544,9 @@ fn table() -> &'static HashMap<String, Pricing> {
 }
 
 /// The built-in price of a model: exact name, else the longest known name it starts with
-/// (`gpt-4o-2024-08-06` → `gpt-4o`; `gpt-4o-mini-…` → `gpt-4o-mini`).
+/// (`gpt-4o-2024-08-06` → `gpt-4o`; `gpt-4o-mini-…` → `gpt-4o-mini`), unless what follows
+/// names a speech or transcription model, which is billed by other units than the chat model
+/// its name starts with (`gpt-4o-mini-tts` is not `gpt-4o-mini`).
 pub fn builtin_price(model: &str) -> Option<Price> {
     let t = table();
     let m = model.to_ascii_lowercase();
@@ -553,7 +555,11 @@ pub fn builtin_price(model: &str) -> Option<Price> {
     }
     t.iter()
         .filter(|(k, _)| {
-            m.starts_with(k.as_str()) && m[k.len()..].starts_with(['-', '.', '@', ':'])
+            let rest = &m[k.len().min(m.len())..];
+            m.starts_with(k.as_str())
+                && rest.starts_with(['-', '.', '@', ':'])
+                && !rest.contains("-tts")
+                && !rest.contains("-transcribe")
         })
         .max_by_key(|(k, _)| k.len())
         .map(|(_, p)| p.into())
@@ -731,6 +737,15 @@ mod tests {
             0.15
         );
         assert!(builtin_price("my-own-model").is_none());
+        // Speech and transcription models are not the chat models their names start with.
+        assert!(builtin_price("gpt-4o-mini-tts").is_none());
+        assert!(builtin_price("gpt-4o-mini-tts-2025-03-20").is_none());
+        let t = builtin_price("gpt-4o-mini-transcribe-2025-03-20").unwrap();
+        assert_eq!((t.input_per_1m, t.per_audio_second), (3.0, 0.00005));
+        assert_eq!(
+            builtin_price("tts-1-hd-1106").unwrap().per_1m_characters,
+            30.0
+        );
         let u = Usage {
             prompt: 1000,
             cached: 400,
