@@ -68,13 +68,12 @@ impl Answer {
 }
 
 async fn send(c: &reqwest::Client, gw: &Gateway, body: &Value) -> Answer {
+    send_to(c, gw, "/v1/chat/completions", body).await
+}
+
+async fn send_to(c: &reqwest::Client, gw: &Gateway, path: &str, body: &Value) -> Answer {
     let start = Instant::now();
-    let resp = c
-        .post(gw.url("/v1/chat/completions"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
+    let resp = c.post(gw.url(path)).json(body).send().await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let text = resp.text().await.unwrap();
@@ -1166,6 +1165,33 @@ models:
     chat(&gw, "r").await.served_by("r", "demo/dear");
     chat(&gw, "r").await.served_by("r", "demo/dear");
     assert_eq!((b.request_count(), c.request_count()), (11, 7));
+}
+
+/// Deployments that cost nothing per token are told apart by what they are billed by: on a
+/// speech route, `tts-1` (15 USD per 1M characters, built in) before `tts-1-hd` (30).
+#[tokio::test]
+async fn lowest_cost_tells_speech_deployments_apart_by_their_price_per_character() {
+    let (b, c) = (MockUpstream::start().await, MockUpstream::start().await);
+    let providers = format!("{}{}", openai("b", &b), openai("c", &c));
+    let yaml = config(
+        &providers,
+        r#"
+models:
+  speech:
+    strategy: lowest_cost
+    deployments:
+      - { provider: b, deployment: tts-1-hd }
+      - { provider: c, deployment: tts-1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let body = json!({"model": "speech", "voice": "alloy", "input": "hello"});
+    for _ in 0..6 {
+        send_to(&client(), &gw, "/v1/audio/speech", &body)
+            .await
+            .served_by("speech", "c/tts-1");
+    }
+    assert_eq!((b.request_count(), c.request_count()), (0, 6));
 }
 
 /// Priority: the provisioned-throughput deployment (tier 0) takes requests until its tpm is

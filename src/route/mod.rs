@@ -440,18 +440,26 @@ impl Route {
                     .unwrap_or(candidates[0])
             }
             Strategy::LowestCost => {
+                // Tokens first; then the units a route of images, audio or speech is billed by
+                // (0 on a chat route, so they only part deployments whose token prices tie).
                 let price = |i: usize| {
                     let p = &d(i).price;
                     if d(i).priced {
-                        p.input_per_1m + p.output_per_1m
+                        [
+                            p.input_per_1m + p.output_per_1m,
+                            p.per_image,
+                            p.per_audio_second,
+                            p.per_1m_characters,
+                        ]
                     } else {
-                        f64::MAX
+                        [f64::MAX; 4]
                     }
                 };
                 let best = candidates
                     .iter()
                     .map(|i| price(*i))
-                    .fold(f64::MAX, f64::min);
+                    .min_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal))
+                    .unwrap_or([f64::MAX; 4]);
                 let cheapest: Vec<usize> = candidates
                     .iter()
                     .copied()
