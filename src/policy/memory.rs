@@ -158,12 +158,15 @@ impl MemoryState {
         })
     }
 
+    /// Settles a request. When it ended does not matter: its tokens are corrected only while
+    /// its limit windows are still on the minute it was admitted in, and its cost is spent in
+    /// the period it was admitted in.
     fn settle_now(
         &self,
         plan: &Plan,
         admitted: &Admitted,
         actual: Actual,
-        now_ms: i64,
+        _ended_ms: i64,
     ) -> Vec<Alert> {
         let mut alerts = Vec::new();
         let Ok(mut c) = self.inner.lock() else {
@@ -179,15 +182,16 @@ impl MemoryState {
             }
         }
         for ((id, start), b) in admitted.periods.iter().zip(plan.budgets.iter()) {
-            let (now_start, _) = period_bounds(b.period, now_ms);
             let Some(s) = c.budgets.get_mut(id) else {
                 continue;
             };
-            if s.period_start == *start {
-                s.reserved = (s.reserved - plan.worst_usd).max(0.0);
+            // A request is spent in the period it was admitted in, which reserved for it (as
+            // with Redis, and as the ledger counts its row, by its start time). When that
+            // period is over and a new one has begun, the new one owes nothing for it.
+            if s.period_start != *start {
+                continue;
             }
-            // A request that ends in the next period is spent there.
-            s.roll(now_start);
+            s.reserved = (s.reserved - plan.worst_usd).max(0.0);
             let before = s.spent;
             s.spent += actual.cost_usd;
             if let Some(soft) = b.soft_usd {
@@ -364,5 +368,49 @@ mod tests {
         assert_eq!(alerts.len(), 1, "soft budget 0.5 crossed once");
         let (spent, reserved) = s.status_now(&p.budgets[0], period_bounds(Period::Daily, now).0);
         assert!((spent - 0.55).abs() < 1e-9 && (reserved - 0.6).abs() < 1e-9);
+    }
+
+    /// A request admitted before midnight and ending after it is spent in the day it was
+    /// admitted in, which reserved for it: the new day's budget is whole for the new day's
+    /// requests, and the old day's `spent` (what the ledger rebuilds) includes it.
+    #[test]
+    fn a_request_running_across_a_period_boundary_is_spent_in_its_own_period() {
+        let s = MemoryState::default();
+        let p = plan(None, Some(1.0), 0.5);
+        let day = 86_400_000;
+        let midnight = 1_800_000_000_000 / day * day + day;
+        let status = |period_start: i64| {
+            let (spent, reserved) = s.status_now(&p.budgets[0], period_start);
+            (
+                (spent * 1e6).round() as i64,
+                (reserved * 1e6).round() as i64,
+            )
+        };
+        let actual = Actual {
+            cost_usd: 0.4,
+            tokens: 10,
+        };
+        let before = s.admit_now(&p, midnight - 1).unwrap();
+        // It ends after the new day's first request, which rolled the budget over.
+        let early = s.admit_now(&p, midnight + 1).unwrap();
+        s.settle_now(&p, &before, actual, midnight + 2);
+        assert_eq!(
+            status(midnight),
+            (0, 500_000),
+            "the new day owes nothing for it"
+        );
+        s.settle_now(&p, &early, actual, midnight + 3);
+        assert_eq!(status(midnight), (400_000, 0));
+        // Admitted late in the day, it ends after midnight, before the next day's first
+        // request: spent in its own day.
+        let late = s.admit_now(&p, midnight + day - 1).unwrap();
+        s.settle_now(&p, &late, actual, midnight + day + 5);
+        assert_eq!(status(midnight), (800_000, 0));
+        assert!(s.admit_now(&p, midnight + day + 6).is_ok());
+        assert_eq!(
+            status(midnight + day),
+            (0, 500_000),
+            "the next day starts whole"
+        );
     }
 }
