@@ -1606,3 +1606,51 @@ async fn speech_is_reserved_and_priced_by_its_characters() {
         assert!((cost - c).abs() < 1e-12, "{speech:?}");
     }
 }
+
+/// A chat model that hears and speaks (`gpt-4o-audio-preview`) bills audio tokens at their
+/// own prices; the usage says how many of the prompt and completion tokens were audio, and
+/// the ledger prices each kind at its built-in price (2.50 / 10 text, 40 / 80 audio per 1M).
+#[tokio::test]
+async fn audio_tokens_of_a_chat_answer_are_priced_at_the_audio_prices() {
+    let up = MockUpstream::start().await;
+    let extra = format!(
+        "  voice: {{ deployments: [ {{ provider: up, deployment: gpt-4o-audio-preview-2025-06-03 }} ] }}\n{}",
+        keys("")
+    );
+    let config = config(&up, "").replace("routing:", &format!("{extra}routing:"));
+    let mut gw = Gateway::start(&config).await;
+    up.script(Scripted::respond(
+        200,
+        json!({"id": "chatcmpl-a", "object": "chat.completion", "created": 1,
+               "model": "gpt-4o-audio-preview-2025-06-03",
+               "choices": [{"index": 0, "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": null,
+                                        "audio": {"id": "audio_1", "data": "UklGRg==",
+                                                  "expires_at": 2, "transcript": "Hi!"}}}],
+               "usage": {"prompt_tokens": 1000, "completion_tokens": 600, "total_tokens": 1600,
+                         "prompt_tokens_details": {"cached_tokens": 100, "audio_tokens": 700},
+                         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 500,
+                                                       "text_tokens": 100}}})
+        .to_string(),
+    ));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "voice", "modalities": ["text", "audio"],
+               "audio": {"voice": "alloy", "format": "wav"},
+               "messages": [{"role": "user", "content": "Say hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let row = rows.iter().find(|r| &*r.route == "voice").expect("a row");
+    assert_eq!(
+        (row.prompt_tokens, row.cached_tokens, row.completion_tokens),
+        (1000, 100, 600)
+    );
+    // 200 text × 2.50 + 100 cached × 2.50 (no cached price: the input price) + 700 audio × 40
+    // + 100 text × 10 + 500 audio × 80 = 500 + 250 + 28,000 + 1,000 + 40,000 micro-dollars.
+    assert!((row.cost_usd - 0.06975).abs() < 1e-12, "{}", row.cost_usd);
+    assert!(!row.estimated);
+}

@@ -436,6 +436,8 @@ impl Checker<'_> {
                 pr.per_image,
                 pr.per_audio_second,
                 pr.per_1m_characters,
+                pr.audio_input_per_1m,
+                pr.audio_output_per_1m,
             ];
             if all.iter().flatten().any(|v| !(v.is_finite() && *v >= 0.0)) {
                 self.error(&path, "prices must be numbers >= 0");

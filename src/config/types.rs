@@ -327,6 +327,10 @@ pub struct Pricing {
     pub per_audio_second: Option<f64>,
     /// USD per 1M characters of text turned into speech (`audio/speech`'s `input`).
     pub per_1m_characters: Option<f64>,
+    /// USD per 1M audio prompt / completion tokens (`gpt-4o-audio-preview`); the text prices
+    /// when not set.
+    pub audio_input_per_1m: Option<f64>,
+    pub audio_output_per_1m: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

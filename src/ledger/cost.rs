@@ -18,8 +18,12 @@ pub struct Usage {
     pub prompt: u64,
     /// Of `prompt`, those served from the upstream's prompt cache.
     pub cached: u64,
+    /// Of `prompt`, audio tokens (`prompt_tokens_details.audio_tokens`).
+    pub audio_prompt: u64,
     pub completion: u64,
     pub reasoning: u64,
+    /// Of `completion`, audio tokens (`completion_tokens_details.audio_tokens`).
+    pub audio_completion: u64,
     pub images: u64,
     pub audio_seconds: f64,
     /// Characters of text turned into speech.
@@ -302,6 +306,8 @@ struct UsageObject {
     input_tokens: Option<Field>,
     #[serde(deserialize_with = "present")]
     output_tokens: Option<Field>,
+    /// `input_token_details` in a transcription's usage.
+    #[serde(alias = "input_token_details")]
     input_tokens_details: Option<Field>,
     output_tokens_details: Option<Field>,
 }
@@ -313,8 +319,12 @@ impl UsageObject {
             _ => 0,
         };
         let details = |f: Option<Field>| match f {
-            Some(Field::Details { cached, reasoning }) => (cached, reasoning),
-            _ => (0, 0),
+            Some(Field::Details {
+                cached,
+                reasoning,
+                audio,
+            }) => (cached, reasoning, audio),
+            _ => (0, 0, 0),
         };
         if matches!(self.kind, Some(Field::Duration)) {
             return Some(Usage {
@@ -345,11 +355,15 @@ impl UsageObject {
             } else {
                 return None;
             };
+        let (cached, _, audio_prompt) = details(prompt_details);
+        let (_, reasoning, audio_completion) = details(completion_details);
         Some(Usage {
             prompt: n(prompt),
-            cached: details(prompt_details).0,
+            cached,
+            audio_prompt,
             completion: n(completion),
-            reasoning: details(completion_details).1,
+            reasoning,
+            audio_completion,
             ..Default::default()
         })
     }
@@ -371,6 +385,7 @@ enum Field {
     Details {
         cached: u64,
         reasoning: u64,
+        audio: u64,
     },
     Other,
 }
@@ -382,6 +397,7 @@ impl<'de> serde::Deserialize<'de> for Field {
         enum Key {
             CachedTokens,
             ReasoningTokens,
+            AudioTokens,
             #[serde(other)]
             Other,
         }
@@ -417,7 +433,7 @@ impl<'de> serde::Deserialize<'de> for Field {
                 Ok(Field::Other)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
-                let (mut cached, mut reasoning) = (0, 0);
+                let (mut cached, mut reasoning, mut audio) = (0, 0, 0);
                 while let Some(k) = map.next_key::<Key>()? {
                     let v = map.next_value::<Field>()?;
                     let n = match v {
@@ -427,10 +443,15 @@ impl<'de> serde::Deserialize<'de> for Field {
                     match k {
                         Key::CachedTokens => cached = n,
                         Key::ReasoningTokens => reasoning = n,
+                        Key::AudioTokens => audio = n,
                         Key::Other => {}
                     }
                 }
-                Ok(Field::Details { cached, reasoning })
+                Ok(Field::Details {
+                    cached,
+                    reasoning,
+                    audio,
+                })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
@@ -485,6 +506,8 @@ pub struct Price {
     pub per_image: f64,
     pub per_audio_second: f64,
     pub per_1m_characters: f64,
+    pub audio_input_per_1m: f64,
+    pub audio_output_per_1m: f64,
 }
 
 impl From<&Pricing> for Price {
@@ -496,30 +519,39 @@ impl From<&Pricing> for Price {
             per_image: p.per_image.unwrap_or(0.0),
             per_audio_second: p.per_audio_second.unwrap_or(0.0),
             per_1m_characters: p.per_1m_characters.unwrap_or(0.0),
+            audio_input_per_1m: p.audio_input_per_1m.unwrap_or(p.input_per_1m),
+            audio_output_per_1m: p.audio_output_per_1m.unwrap_or(p.output_per_1m),
         }
     }
 }
 
 impl Price {
     /// Cost in USD. Prompt tokens the upstream served from its cache are billed at the
-    /// cached price, the rest at the input price.
+    /// cached price, audio ones at the audio input price, the rest at the input price;
+    /// audio completion tokens at the audio output price, the rest at the output price.
     pub fn cost(&self, u: &Usage) -> f64 {
         let cached = u.cached.min(u.prompt);
-        let uncached = u.prompt - cached;
-        (uncached as f64 * self.input_per_1m
+        let audio_prompt = u.audio_prompt.min(u.prompt - cached);
+        let text_prompt = u.prompt - cached - audio_prompt;
+        let audio_completion = u.audio_completion.min(u.completion);
+        (text_prompt as f64 * self.input_per_1m
             + cached as f64 * self.cached_input_per_1m
-            + u.completion as f64 * self.output_per_1m
+            + audio_prompt as f64 * self.audio_input_per_1m
+            + (u.completion - audio_completion) as f64 * self.output_per_1m
+            + audio_completion as f64 * self.audio_output_per_1m
             + u.characters as f64 * self.per_1m_characters)
             / 1_000_000.0
             + u.images as f64 * self.per_image
             + u.audio_seconds * self.per_audio_second
     }
 
-    /// The most a request can cost: every prompt token uncached, every allowed output token,
-    /// all of its audio, every character it has spoken.
+    /// The most a request can cost: every prompt token uncached, every allowed output token
+    /// (at the audio price, if higher), all of its audio, every character it has spoken.
     pub fn worst_case(&self, prompt: u64, max_output: u64, media: &Media) -> f64 {
+        // The prompt bound counts text and images, not inline audio (docs/cost.md, "Where the
+        // guarantee stops"); the output cap counts audio tokens too.
         (prompt as f64 * self.input_per_1m.max(self.cached_input_per_1m)
-            + max_output as f64 * self.output_per_1m
+            + max_output as f64 * self.output_per_1m.max(self.audio_output_per_1m)
             + media.characters as f64 * self.per_1m_characters)
             / 1_000_000.0
             + self.per_image
@@ -741,11 +773,19 @@ mod tests {
         assert!(builtin_price("gpt-4o-mini-tts").is_none());
         assert!(builtin_price("gpt-4o-mini-tts-2025-03-20").is_none());
         let t = builtin_price("gpt-4o-mini-transcribe-2025-03-20").unwrap();
-        assert_eq!((t.input_per_1m, t.per_audio_second), (3.0, 0.00005));
+        assert_eq!((t.audio_input_per_1m, t.per_audio_second), (3.0, 0.00005));
         assert_eq!(
             builtin_price("tts-1-hd-1106").unwrap().per_1m_characters,
             30.0
         );
+        // A transcription's usage names its details `input_token_details`.
+        let u = Usage::from_answer_bytes(
+            br#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":4,"audio_tokens":10},"output_tokens":5,"total_tokens":19}}"#,
+        )
+        .unwrap();
+        assert_eq!((u.prompt, u.audio_prompt, u.completion), (14, 10, 5));
+        // 4 × 1.25 + 10 × 3.00 + 5 × 5.00 = 60 micro-dollars.
+        assert!((t.cost(&u) - 60e-6).abs() < 1e-15);
         let u = Usage {
             prompt: 1000,
             cached: 400,
