@@ -687,6 +687,10 @@ keys:
             message.starts_with("Budget exceeded for team:research:"),
             "{message}"
         );
+        assert!(
+            message.contains(" USD of its 0.025 USD daily budget is spent or reserved"),
+            "{message}"
+        );
     }
     // The key of no team is held by the global budget only: 0.03 fits, 0.06 does not.
     assert_eq!(chat_as(&gw, "sk-solo", 3000).await.0, 200);
@@ -1167,6 +1171,17 @@ async fn spend_reads_the_ledger_and_never_makes_one() {
     let report: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["rows"][0]["name"], "gpt-4o", "{report}");
     assert_eq!(report["rows"][0]["requests"], 2, "{report}");
+    // A window with no rows totals 0, not -0 (a float sum of nothing).
+    let (ok, stdout, stderr) = spend_cli(
+        gw.dir.path(),
+        &gw.config_path(),
+        &["--until", "2020-01-01", "--format", "json"],
+    );
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(r#""total_cost_usd":0.0"#), "{stdout}");
+    assert!(stdout.contains(r#""rows":[]"#), "{stdout}");
+    let (_, table, _) = spend_cli(gw.dir.path(), &gw.config_path(), &["--until", "2020-01-01"]);
+    assert!(!table.contains("-0"), "{table}");
 }
 
 /// On PostgreSQL a report needs no more than `SELECT`: a role that may only read the ledger

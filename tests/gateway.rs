@@ -582,6 +582,17 @@ async fn models_list_shows_the_routes_a_key_may_use() {
         .await
         .unwrap();
     assert_eq!(hidden.status(), 404);
+    // Listed and looked up models are counted under `endpoint="models"`, `route="none"`.
+    let text = gw.metrics_text().await;
+    let count = |status: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("switchyard_requests_total{"))
+            .filter(|l| l.contains("endpoint=\"models\"") && l.contains("route=\"none\""))
+            .filter(|l| l.contains(&format!("status=\"{status}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    assert_eq!((count("200"), count("404")), (3.0, 1.0), "{text}");
 }
 
 #[tokio::test]

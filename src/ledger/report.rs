@@ -85,7 +85,8 @@ pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
         GroupBy::Model => "model",
         GroupBy::Deployment => "deployment",
     };
-    let total: f64 = lines.iter().map(|l| l.cost_usd).sum();
+    // From +0.0: a float sum of nothing is -0.0, which would print as `-0.0`.
+    let total: f64 = lines.iter().map(|l| l.cost_usd).fold(0.0, |a, c| a + c);
     match format {
         Format::Json => serde_json::json!({
             "by": group,

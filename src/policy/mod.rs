@@ -212,11 +212,11 @@ impl Refused {
                     "insufficient_quota",
                     "budget_exceeded",
                     format!(
-                        "Budget exceeded for {}: {:.6} USD of its {:.6} USD {} budget is spent \
+                        "Budget exceeded for {}: {} USD of its {} USD {} budget is spent \
                          or reserved, and this request could cost more than what is left.",
                         budget.id,
-                        spent + reserved,
-                        budget.usd,
+                        usd(spent + reserved),
+                        usd(budget.usd),
                         period_name(budget.period)
                     ),
                 );
@@ -286,6 +286,18 @@ pub trait PolicyState: Send + Sync {
         budget: &'a BudgetRef,
         period_start: i64,
     ) -> BoxFuture<'a, (f64, f64)>;
+}
+
+/// Dollars to the micro-dollar, the precision budgets count in, without trailing zeros:
+/// `19.91`, `20`, `0.000063`.
+fn usd(v: f64) -> String {
+    let s = format!("{v:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" {
+        "0".into()
+    } else {
+        s.into()
+    }
 }
 
 pub fn period_name(p: Period) -> &'static str {
@@ -518,6 +530,15 @@ pub fn send_alerts(client: &reqwest::Client, webhook: Option<&str>, alerts: Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dollars_are_printed_to_the_micro_dollar_without_trailing_zeros() {
+        let all: Vec<String> = [19.91, 20.0, 0.0000625, 0.0, -0.0, 1e-9, 1234.5000004]
+            .into_iter()
+            .map(usd)
+            .collect();
+        assert_eq!(all, ["19.91", "20", "0.000063", "0", "0", "0", "1234.5"]);
+    }
 
     #[test]
     fn limit_headers_carry_each_figure() {

@@ -112,6 +112,7 @@ where
             list_models(&rt, &key)
         }),
         Target::GetModel(id) => rt.keys.authenticate(req.headers()).and_then(|key| {
+            facts.endpoint = "models";
             facts.key.clone_from(&key.name);
             get_model(&rt, &key, &id)
         }),
