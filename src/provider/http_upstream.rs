@@ -352,7 +352,8 @@ async fn read_limited(mut body: Incoming) -> Vec<u8> {
     out
 }
 
-/// `retry-after-ms` (milliseconds) first, then `retry-after` (seconds).
+/// `retry-after-ms` (milliseconds) first, then `retry-after` (seconds, or an HTTP date as
+/// RFC 9110 allows: the time until then, 0 if it has passed).
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     let num = |name: &str| -> Option<f64> {
         headers
@@ -367,7 +368,13 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     if let Some(ms) = num("retry-after-ms") {
         return Some(Duration::from_secs_f64(ms / 1000.0));
     }
-    num("retry-after").map(Duration::from_secs_f64)
+    num("retry-after").map(Duration::from_secs_f64).or_else(|| {
+        let date = httpdate::parse_http_date(headers.get("retry-after")?.to_str().ok()?).ok()?;
+        Some(
+            date.duration_since(std::time::SystemTime::now())
+                .unwrap_or_default(),
+        )
+    })
 }
 
 /// Any upstream error body, in the shapes of OpenAI, Azure, vLLM, TGI, Ollama, llama.cpp
@@ -549,5 +556,24 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
         h.insert("retry-after-ms", HeaderValue::from_static("1500"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        // An HTTP date: the time until then.
+        let mut h = http::HeaderMap::new();
+        let at = std::time::SystemTime::now() + Duration::from_secs(30);
+        h.insert(
+            "retry-after",
+            HeaderValue::from_str(&httpdate::fmt_http_date(at)).unwrap(),
+        );
+        let left = retry_after(&h).unwrap();
+        assert!(
+            left > Duration::from_secs(28) && left <= Duration::from_secs(30),
+            "{left:?}"
+        );
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
     }
 }
