@@ -1294,3 +1294,47 @@ async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     // (a debug build on a busy machine included).
     assert!(own > 0.0 && own < 0.25, "overhead sum {own}s of {took}s");
 }
+
+/// An upstream that echoes the key it was sent, in its message and in any other field of its
+/// error (an Azure AI inference `detail`, a nested object): the client sees none of it.
+#[tokio::test]
+async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrubbed() {
+    let (up, gw) = setup().await;
+    for (route, secret) in [("gpt-4o", OPENAI_SECRET), ("gpt-4o-azure", AZURE_SECRET)] {
+        up.script(Scripted::respond(
+            401,
+            json!({"error": {"message": format!("Incorrect API key provided: {secret}."),
+                             "code": "invalid_api_key", "key": format!("Bearer {secret}"),
+                             "innererror": {"detail": [secret, {"seen": secret}]}}})
+            .to_string(),
+        ));
+        let body =
+            format!(r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#);
+        let resp = post(&gw, "/v1/chat/completions", &body).await;
+        assert_eq!(resp.status(), 401);
+        let text = resp.text().await.unwrap();
+        assert!(!text.contains(secret), "{text}");
+        let e: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            e["error"]["message"], "Incorrect API key provided: ***.",
+            "{e}"
+        );
+        assert_eq!(e["error"]["key"], "Bearer ***", "{e}");
+        assert_eq!(e["error"]["innererror"]["detail"][1]["seen"], "***", "{e}");
+        // Flat (Azure AI inference) shape.
+        up.script(Scripted::respond(
+            401,
+            json!({"status": 401, "code": "Unauthorized", "message": "no",
+                   "detail": format!("key {secret} is not valid")})
+            .to_string(),
+        ));
+        let text = post(&gw, "/v1/chat/completions", &body)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains(secret), "{text}");
+        assert!(text.contains("key *** is not valid"), "{text}");
+    }
+    assert!(!gw.logs().contains(OPENAI_SECRET) && !gw.logs().contains(AZURE_SECRET));
+}

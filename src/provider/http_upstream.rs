@@ -377,6 +377,24 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// Replaces `secret` with `***` in every string of `v`, keys of objects included.
+fn scrub_strings(v: &mut Value, secret: &str) {
+    match v {
+        Value::String(s) if s.contains(secret) => *s = s.replace(secret, "***"),
+        Value::Array(a) => a.iter_mut().for_each(|x| scrub_strings(x, secret)),
+        Value::Object(m) => {
+            if m.keys().any(|k| k.contains(secret)) {
+                *m = std::mem::take(m)
+                    .into_iter()
+                    .map(|(k, v)| (k.replace(secret, "***"), v))
+                    .collect();
+            }
+            m.values_mut().for_each(|x| scrub_strings(x, secret));
+        }
+        _ => {}
+    }
+}
+
 /// Any upstream error body, in the shapes of OpenAI, Azure, vLLM, TGI, Ollama, llama.cpp
 /// and Azure AI inference, to `{"error":{"message","type","param","code"}}`. Extra fields of
 /// the upstream's error object (Azure's `innererror`) are kept.
@@ -465,6 +483,18 @@ pub fn normalize_error(
             m.entry(k).or_insert(v);
         }
     }
+    // Every string the upstream wrote, not only the message: an upstream may echo the key
+    // it was sent in any field (a `detail`, a `key`, a nested `innererror`).
+    let (code, param) = match secret.filter(|k| k.len() >= 4) {
+        Some(k) => {
+            scrub_strings(&mut error_obj, k);
+            (
+                error_obj["code"].as_str().unwrap_or_default().to_string(),
+                error_obj["param"].as_str().map(str::to_string),
+            )
+        }
+        None => (code, param),
+    };
     let mut e = GatewayError::new(status, "api_error", code, message);
     e.param = param;
     e.upstream_body = Some(Bytes::from(json!({ "error": error_obj }).to_string()));
