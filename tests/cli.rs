@@ -188,3 +188,82 @@ models:
     );
     assert!(err.contains(": 1 error(s)"), "{err}");
 }
+
+/// An unquoted `${VAR}` of digits reads as a number; where a string (a secret) is expected,
+/// `check` says so without printing the value.
+#[test]
+fn a_type_error_in_a_value_from_the_environment_does_not_print_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("env.yaml");
+    std::fs::write(
+        &path,
+        "\
+server:
+  admin_key: ${ADMIN_KEY}
+providers:
+  demo: { kind: mock }
+models:
+  a: { deployments: [ { provider: demo } ] }
+",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let (code, out, err) = switchyard(
+        &["check", "--config", p],
+        &[("ADMIN_KEY", "918273645546372819")],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        !format!("{out}{err}").contains("918273645546372819"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{p}:2:14: server.admin_key: invalid type: integer (the value from the environment), expected a string"
+        )),
+        "{err}"
+    );
+    // Written in the file, the value is shown as before.
+    std::fs::write(&path, "server: { admin_key: 1234 }\n").unwrap();
+    let (_, _, err) = switchyard(&["check", "--config", p], &[]);
+    assert!(err.contains("invalid type: integer `1234`"), "{err}");
+}
+
+/// `check` refuses the state URLs `serve` would refuse at start, without printing them.
+#[test]
+fn check_refuses_state_urls_that_serve_would_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.yaml");
+    let p = path.to_str().unwrap();
+    let base = "providers:\n  demo: { kind: mock }\nmodels:\n  a: { deployments: [ { provider: demo } ] }\n";
+    for (state, error) in [
+        (
+            r#"{ redis: "REDISPASS-notaurl" }"#,
+            "state.redis must be a redis:// or rediss:// URL",
+        ),
+        (
+            r#"{ redis: "http://:REDISPASS@localhost:6379" }"#,
+            "state.redis must be a redis:// or rediss:// URL",
+        ),
+        (
+            r#"{ ledger: "postgres://u:REDISPASS@localhost/db?sslmode=bogus" }"#,
+            "state.ledger: ",
+        ),
+    ] {
+        std::fs::write(&path, format!("state: {state}\n{base}")).unwrap();
+        let (code, out, err) = switchyard(&["check", "--config", p], &[]);
+        assert_ne!(code, 0, "{state}: {out}");
+        assert!(
+            err.contains(&format!("{p}:1:")) && err.contains(error),
+            "{state}: {err}"
+        );
+        assert!(!err.contains("REDISPASS"), "{err}");
+    }
+    std::fs::write(
+        &path,
+        format!("state: {{ redis: \"rediss://:pw@localhost:6380/1\", ledger: \"postgres://u:pw@localhost/db?sslmode=require\" }}\n{base}"),
+    )
+    .unwrap();
+    let (code, out, err) = switchyard(&["check", "--config", p], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+}

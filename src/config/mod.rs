@@ -110,7 +110,12 @@ pub fn load_str(text: &str, file: &str, env: &dyn EnvSource) -> Result<Loaded, C
                 _ => None,
             })
             .collect();
-        let inner = e.into_inner().to_string();
+        let mut inner = e.into_inner().to_string();
+        // A value from the environment may be a secret (an unquoted `${ADMIN_KEY}` of digits
+        // reads as a number and fails as one): its type is said, never the value.
+        if positions.was_interpolated(&path) {
+            inner = without_quoted_value(&inner);
+        }
         // Point an unknown field at the field itself, not at its parent.
         let pos = match unknown_field_name(&inner) {
             Some(name) if !path.ends_with(&[Seg::Key(name.clone())]) => {
@@ -143,6 +148,23 @@ pub fn load_str(text: &str, file: &str, env: &dyn EnvSource) -> Result<Loaded, C
         key_hashes,
         warnings: check.warnings,
     })
+}
+
+/// serde's message with the first quoted value (`` `918273` `` or `"abc"`) replaced: "invalid
+/// type: integer (the value from the environment), expected a string".
+fn without_quoted_value(message: &str) -> String {
+    let Some(open) = message.find(['`', '"']) else {
+        return message.to_string();
+    };
+    let quote = message[open..].chars().next().unwrap_or('`');
+    match message[open + 1..].find(quote) {
+        Some(len) => format!(
+            "{}(the value from the environment){}",
+            &message[..open],
+            &message[open + 1 + len + 1..]
+        ),
+        None => format!("{}(the value from the environment)", &message[..open]),
+    }
 }
 
 fn unknown_field_name(msg: &str) -> Option<String> {
@@ -217,6 +239,24 @@ impl Checker<'_> {
                 self.error(
                     &p(&["state", "ledger"]),
                     "state.ledger: an in-memory SQLite ledger would lose every row at exit; give a file (sqlite://PATH)",
+                );
+            } else if crate::ledger::store::is_postgres(ledger) {
+                // What `serve` would refuse when it connects (an unknown `sslmode`, a bad
+                // port), said here. sqlx's message names the part, not the URL's password.
+                if let Err(e) =
+                    <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(ledger)
+                {
+                    self.error(&p(&["state", "ledger"]), format!("state.ledger: {e}"));
+                }
+            }
+        }
+        if let Some(redis) = c.state.redis.as_ref().map(|r| r.expose()) {
+            let scheme_ok = redis.starts_with("redis://") || redis.starts_with("rediss://");
+            // Parsing opens no connection; the redis crate's message does not echo the URL.
+            if !scheme_ok || redis::Client::open(redis).is_err() {
+                self.error(
+                    &p(&["state", "redis"]),
+                    "state.redis must be a redis:// or rediss:// URL (redis://[:password@]host:port[/db])",
                 );
             }
         }
