@@ -9,6 +9,7 @@ mod upstream;
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use futures_util::StreamExt;
 use gateway::{not_near_a_minute_boundary, sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::{LedgerRow, Store};
@@ -1668,4 +1669,109 @@ async fn audio_tokens_of_a_chat_answer_are_priced_at_the_audio_prices() {
     // + 100 text × 10 + 500 audio × 80 = 500 + 250 + 28,000 + 1,000 + 40,000 micro-dollars.
     assert!((row.cost_usd - 0.06975).abs() < 1e-12, "{}", row.cost_usd);
     assert!(!row.estimated);
+}
+
+/// A client that gives up before the answer begins takes nothing with it: its `max_parallel`
+/// slot and its budget reservation are released, and its ledger row says 499 at no cost.
+/// (They were held until a restart and the period's end, and the row was lost.)
+#[tokio::test]
+async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_and_reservation() {
+    let up = MockUpstream::start().await;
+    // `slow` answers after 400 ms; the key may have one request in flight.
+    let mut gw = Gateway::start(&config(
+        &up,
+        &keys(", limits: { max_parallel: 1 }, budget: { usd: 1, period: daily }"),
+    ))
+    .await;
+    let body = json!({"model": "slow", "max_tokens": 100,
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client timed out");
+    // Before the 400 ms the abandoned request would have taken, had it gone on.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let spend: Value = client()
+        .get(gw.url("/admin/spend"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let budget = &spend["budgets"][0];
+    assert_eq!(budget["reserved_usd"], 0.0, "{spend}");
+    let r = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 200, "the slot is free");
+    assert!(
+        gw.logs().contains("status=499"),
+        "the abandoned request has its log line:\n{}",
+        gw.logs()
+    );
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let statuses: Vec<(u16, f64)> = rows.iter().map(|r| (r.status, r.cost_usd)).collect();
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    assert!(statuses.contains(&(499, 0.0)), "{statuses:?}");
+}
+
+/// A stream still open when the shutdown's grace period ends is cut, and its row (what it
+/// sent so far, estimated) is written before the ledger's last flush; it was lost ("ledger
+/// writer is gone").
+#[tokio::test]
+async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
+    let up = MockUpstream::start().await;
+    let extra = format!(
+        "  drip:\n    pricing: {{ input_per_1m: 1000, output_per_1m: 1000 }}\n    deployments: [ {{ provider: drip }} ]\n{}",
+        keys("")
+    );
+    let config = config(&up, "")
+        .replace(
+            &format!("server: {{ admin_key: {ADMIN} }}"),
+            &format!("server: {{ admin_key: {ADMIN}, shutdown_grace: 1s }}"),
+        )
+        .replace(
+            "providers:\n",
+            "providers:\n  drip: { kind: mock, stream_chunks: 20, chunk_delay: 300ms }\n",
+        )
+        .replace("routing:", &format!("{extra}routing:"));
+    let mut gw = Gateway::start(&config).await;
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "drip", "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("chat.completion.chunk"));
+    let reader = tokio::spawn(async move {
+        let mut got = 0;
+        while let Some(Ok(chunk)) = body.next().await {
+            got += chunk.len();
+        }
+        got
+    });
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    reader.await.unwrap();
+    let drip: Vec<_> = rows.iter().filter(|r| &*r.route == "drip").collect();
+    assert_eq!(drip.len(), 1, "{rows:?}\n{}", gw.logs());
+    assert!(
+        drip[0].completion_tokens > 0 && drip[0].cost_usd > 0.0,
+        "{:?}",
+        drip[0]
+    );
+    assert!(drip[0].estimated);
+    assert!(gw.logs().contains("outcome=shutdown"), "{}", gw.logs());
+    assert!(!gw.logs().contains("a row was lost"), "{}", gw.logs());
 }

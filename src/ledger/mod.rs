@@ -42,9 +42,13 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// One request's record, filled in as it goes and written once at its end.
+/// One request's record, filled in as it goes and written once at its end. Dropped unfinished
+/// (the client went away, or the gateway shut down, before the answer began), it is finished
+/// as status 499 at no cost: its row is written and its reservation and in-flight count are
+/// released, so a cancelled request holds no budget or `max_parallel` slot.
 pub struct RequestRecord {
-    pub accounting: Accounting,
+    /// `None` once finished.
+    pub accounting: Option<Accounting>,
     pub plan: Plan,
     pub admitted: Option<Admitted>,
     pub row: LedgerRow,
@@ -65,10 +69,26 @@ pub struct RequestRecord {
     pub speech_characters: u64,
 }
 
+/// The status of a request whose client closed it before the answer began (nginx's).
+pub const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.settle(CLIENT_CLOSED, None, None);
+    }
+}
+
 impl RequestRecord {
     /// Prices the request, settles its reservation and queues its ledger row. Nothing here
     /// waits: the in-process state settles at once, Redis in a task of its own.
     pub fn finish(mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
+        self.settle(status, usage, first_byte);
+    }
+
+    fn settle(&mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
+        let Some(accounting) = self.accounting.take() else {
+            return;
+        };
         let usage = usage.unwrap_or_default();
         let cost = if (200..300).contains(&status) {
             self.price.cost(&usage)
@@ -116,14 +136,9 @@ impl RequestRecord {
             cost_usd: cost,
             tokens: usage.prompt + usage.completion,
         };
-        let RequestRecord {
-            accounting,
-            plan,
-            admitted,
-            row,
-            ..
-        } = self;
-        accounting.ledger.record(row);
+        let plan = std::mem::take(&mut self.plan);
+        let admitted = self.admitted.take();
+        accounting.ledger.record(std::mem::take(&mut self.row));
         if let Some(admitted) = admitted {
             let mut fut = Box::pin(async move {
                 let alerts = accounting

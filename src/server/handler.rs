@@ -426,7 +426,7 @@ fn new_record(
     plan: policy::Plan,
 ) -> RequestRecord {
     RequestRecord {
-        accounting: gateway.accounting.clone(),
+        accounting: Some(gateway.accounting.clone()),
         plan,
         admitted: None,
         row: LedgerRow {

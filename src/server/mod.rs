@@ -607,8 +607,12 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
+    // Every connection's task, so those still open when the grace period ends can be ended
+    // (their requests' rows recorded) before the ledger's last flush.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
                     Ok(s) => s,
@@ -629,7 +633,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 let io = TokioIo::new(Clocked::new(stream, arrivals));
                 let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(stack));
                 let conn = graceful.watch(conn.into_owned());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -644,11 +648,18 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     drop(listener);
     match tokio::time::timeout(grace, graceful.shutdown()).await {
         Ok(()) => tracing::info!("all connections closed"),
-        Err(_) => tracing::warn!(
-            grace_seconds = grace.as_secs_f64(),
-            "shutdown grace period over; closing the connections still open"
-        ),
+        Err(_) => {
+            tracing::warn!(
+                grace_seconds = grace.as_secs_f64(),
+                "shutdown grace period over; closing the connections still open"
+            );
+            // Dropping a connection drops its requests: each records its row (a stream, what
+            // it sent so far) and settles its reservation as it goes.
+            crate::telemetry::cutting_connections();
+            connections.abort_all();
+        }
     }
+    while connections.join_next().await.is_some() {}
     // Let the settlements of the last requests queue their rows, then write them all.
     tokio::time::sleep(Duration::from_millis(50)).await;
     ledger_task.shutdown(Duration::from_secs(30)).await;

@@ -436,26 +436,33 @@ where
         let request_id = request_id(req.headers());
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let resp = fut.await?;
-            let (mut parts, body) = resp.into_parts();
-            let facts = parts
-                .extensions
-                .remove::<RequestFacts>()
-                .unwrap_or_default();
-            let line = LogLine {
+            // Until the answer begins, a line for a request that never gets one: the client
+            // went away (or the gateway shut down) and the handler was dropped.
+            let mut unanswered = Unanswered(Some(LogLine {
                 start,
                 method,
                 uri,
                 request_id,
-                status: parts.status.as_u16(),
-                facts,
+                status: crate::ledger::CLIENT_CLOSED,
+                facts: RequestFacts::default(),
                 first_byte: None,
                 bytes: 0,
                 body_wait: std::time::Duration::ZERO,
                 pending_since: None,
                 logged: false,
                 arrivals,
+            }));
+            let resp = fut.await?;
+            let (mut parts, body) = resp.into_parts();
+            let facts = parts
+                .extensions
+                .remove::<RequestFacts>()
+                .unwrap_or_default();
+            let Some(mut line) = unanswered.0.take() else {
+                return Ok(Response::from_parts(parts, body.boxed_unsync()));
             };
+            line.status = parts.status.as_u16();
+            line.facts = facts;
             let body = LoggedBody { inner: body, line }.boxed_unsync();
             Ok(Response::from_parts(parts, body))
         })
@@ -633,6 +640,34 @@ impl Body for LoggedBody {
     }
 }
 
+/// Set when the shutdown's grace period is over and the connections still open are being
+/// closed: what is dropped then was cut by the gateway, not left by its client.
+static CUTTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn cutting_connections() {
+    CUTTING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The outcome of a request that ended before its answer did.
+fn cut_short() -> &'static str {
+    if CUTTING.load(std::sync::atomic::Ordering::Relaxed) {
+        "shutdown"
+    } else {
+        "client_closed"
+    }
+}
+
+/// The log line of a request whose handler is dropped before it answers.
+struct Unanswered(Option<LogLine>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut line) = self.0.take() {
+            line.emit(cut_short());
+        }
+    }
+}
+
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         // hyper may drop a body whose end it already knows without polling it to `None`;
@@ -640,7 +675,7 @@ impl Drop for LoggedBody {
         let outcome = if self.inner.is_end_stream() {
             "complete"
         } else {
-            "client_closed"
+            cut_short()
         };
         self.line.emit(outcome);
     }
