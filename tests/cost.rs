@@ -1698,15 +1698,7 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
     assert!(gave_up.is_err(), "the client timed out");
     // Before the 400 ms the abandoned request would have taken, had it gone on.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let spend: Value = client()
-        .get(gw.url("/admin/spend"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
     let budget = &spend["budgets"][0];
     assert_eq!(budget["reserved_usd"], 0.0, "{spend}");
     let r = post(&gw, "/v1/chat/completions", body).await;
