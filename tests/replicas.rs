@@ -505,3 +505,49 @@ async fn an_rpm_limit_holds_across_replicas_over_redis_tls_with_a_company_ca() {
         a.logs()
     );
 }
+
+/// Redis restarted without its data (or flushed): a budget's spend is read from the ledger
+/// again at the next admission, not counted from 0. (The key was made again by the first
+/// reservation, so the start-up seeding, which writes only a key not there, never ran again,
+/// and a key could spend its budget once more.)
+#[tokio::test]
+async fn a_budget_is_seeded_again_from_the_ledger_when_redis_loses_its_data() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    // The ledger already holds 0.995 of the key's 1 USD today; a request's worst case is
+    // ~0.01 (1,000 output tokens at 10 per 1M).
+    let store = Store::open(&pg.url()).await.unwrap();
+    let mut rows = vec![switchyard::ledger::store::LedgerRow {
+        ts_ms: switchyard::ledger::now_ms(),
+        request_id: "earlier".into(),
+        key: "budgeted".into(),
+        route: "fast".into(),
+        endpoint: "chat/completions".into(),
+        status: 200,
+        cost_usd: 0.995,
+        ..Default::default()
+    }];
+    store.write(&mut rows).await.unwrap();
+    store.close().await;
+    let cfg = config(&redis, &pg.url(), ", budget: { usd: 1, period: daily }", "");
+    let gw = Gateway::start(&cfg).await;
+    let body = json!({"model": "fast", "max_tokens": 1000, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&gw, KEY, &body).await.status(), 429, "seeded at start");
+    // Redis loses everything; the gateway's connection survives a FLUSHALL.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let r = post(&gw, KEY, &body).await;
+    assert_eq!(r.status(), 429, "seeded again from the ledger");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+    let spend = gw.get_json("/admin/spend", "admin").await;
+    let spent = spend["budgets"][0]["spent_usd"].as_f64().unwrap();
+    assert!((spent - 0.995).abs() < 1e-9, "{spend}");
+    // A request that fits is still admitted.
+    let small =
+        json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&gw, KEY, &small).await.status(), 200);
+    drop(gw);
+    pg.drop_db().await;
+}

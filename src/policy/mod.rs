@@ -49,6 +49,16 @@ pub enum BudgetScope {
 }
 
 impl BudgetScope {
+    /// The ledger rows this budget counts.
+    pub fn ledger_scope(&self) -> crate::ledger::store::Scope<'_> {
+        use crate::ledger::store::Scope;
+        match self {
+            BudgetScope::Global => Scope::Global,
+            BudgetScope::Key(k) => Scope::Key(k),
+            BudgetScope::Team(t) => Scope::Team(t),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             BudgetScope::Global => "global",

@@ -40,6 +40,7 @@ for i = 1, n do
 end
 for j = 1, m do
   local b = KEYS[2*n+j]; local lim = tonumber(ARGV[a]); local bttl = tonumber(ARGV[a+1]); a = a + 2
+  if redis.call('HEXISTS', b, 'seeded') == 0 then return {-2, j} end
   local spent = tonumber(redis.call('HGET', b, 's') or '0'); local res = tonumber(redis.call('HGET', b, 'r') or '0')
   if spent + res + worst > lim then
     local first = redis.call('HSETNX', b, 'hard', 1)
@@ -88,6 +89,21 @@ end
 return out
 "#;
 
+/// Seeds a budget's spend from the ledger, once: `s` becomes the more of what Redis holds (the
+/// settlements made since the key was lost or made) and the ledger's figure, and `seeded`
+/// marks it done. An admission finds a key without `seeded` (Redis restarted without its
+/// data, or flushed; a new period) and has it seeded before it counts against it.
+const SEED: &str = r#"
+local b = KEYS[1]; local ledger = tonumber(ARGV[1]); local soft = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
+if redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
+local s = tonumber(redis.call('HGET', b, 's') or '0')
+if ledger > s then redis.call('HSET', b, 's', ledger); s = ledger end
+redis.call('HSET', b, 'seeded', 1)
+if soft >= 0 and s >= soft then redis.call('HSETNX', b, 'soft', 1) end
+if ttl > 0 then redis.call('EXPIRE', b, ttl) end
+return 1
+"#;
+
 fn micros(usd: f64) -> i64 {
     (usd * 1e6).round() as i64
 }
@@ -103,8 +119,11 @@ pub struct RedisState {
     connecting: Arc<AtomicBool>,
     admit: Script,
     settle: Script,
+    seed: Script,
     budgets_fail: FailMode,
     limits_fail: FailMode,
+    /// Where a budget's spend is read from when Redis has lost it.
+    ledger: Option<crate::ledger::store::Store>,
 }
 
 fn window_key(id: &str, minute: u64) -> String {
@@ -166,6 +185,7 @@ impl RedisState {
         url: &str,
         budgets_fail: FailMode,
         limits_fail: FailMode,
+        ledger: Option<crate::ledger::store::Store>,
     ) -> Result<RedisState, String> {
         let client = crate::provider::tls::redis_client(url)?;
         let state = RedisState {
@@ -174,8 +194,10 @@ impl RedisState {
             connecting: Arc::new(AtomicBool::new(false)),
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
+            seed: Script::new(SEED),
             budgets_fail,
             limits_fail,
+            ledger,
         };
         state.reconnect();
         Ok(state)
@@ -209,10 +231,89 @@ impl RedisState {
         }
     }
 
+    /// Runs `SEED` for one budget's key with `spent` from the ledger.
+    async fn seed_key(
+        &self,
+        conn: &mut ConnectionManager,
+        budget: &BudgetRef,
+        period_start: i64,
+        spent: f64,
+    ) -> Result<(), redis::RedisError> {
+        let mut inv = self.seed.prepare_invoke();
+        inv.key(budget_key(&budget.id, period_start))
+            .arg(micros(spent))
+            .arg(budget.soft_usd.map_or(-1, micros))
+            .arg(budget_ttl(budget, crate::ledger::now_ms()));
+        match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<i64>(conn)).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "timeout",
+            ))),
+        }
+    }
+
+    /// A budget key that was never seeded (Redis lost its data, or a new period began): its
+    /// spend is read from the ledger and seeded. `false` when that could not be done.
+    async fn reseed(
+        &self,
+        conn: &mut ConnectionManager,
+        budget: &BudgetRef,
+        period_start: i64,
+    ) -> bool {
+        let spent = match &self.ledger {
+            Some(store) => match store
+                .spent_since(budget.scope.ledger_scope(), period_start)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(budget = %budget.id, error = %e, "cannot read the ledger to seed a budget in Redis");
+                    return false;
+                }
+            },
+            None => 0.0,
+        };
+        match self.seed_key(conn, budget, period_start, spent).await {
+            Ok(()) => {
+                tracing::info!(budget = %budget.id, spent, "budget seeded in Redis from the ledger");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(budget = %budget.id, error = %e, "cannot seed a budget in Redis");
+                false
+            }
+        }
+    }
+
     async fn admit_redis(&self, plan: &Plan, now_ms: i64) -> Result<Admitted, Refused> {
         if plan.limits.is_empty() && plan.budgets.is_empty() {
             return Ok(Admitted::default());
         }
+        // Each budget key found unseeded is seeded, then the admission runs again.
+        for _ in 0..=plan.budgets.len() {
+            let mut unseeded = None;
+            let result = self.admit_once(plan, now_ms, &mut unseeded).await;
+            let Some((j, mut conn)) = unseeded else {
+                return result;
+            };
+            let b = &plan.budgets[j];
+            let (start, _) = period_bounds(b.period, now_ms);
+            if !self.reseed(&mut conn, b, start).await {
+                return self.on_error(plan, "admit");
+            }
+        }
+        self.on_error(plan, "admit")
+    }
+
+    /// One run of `ADMIT`. A budget key found unseeded is put in `unseeded` (its index and
+    /// the connection), and nothing was counted.
+    async fn admit_once(
+        &self,
+        plan: &Plan,
+        now_ms: i64,
+        unseeded: &mut Option<(usize, ConnectionManager)>,
+    ) -> Result<Admitted, Refused> {
         let Some(mut conn) = self.conn() else {
             tracing::warn!("Redis is not connected: admission falls back to on_redis_error");
             return self.on_error(plan, "admit");
@@ -259,6 +360,11 @@ impl RedisState {
             };
         let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
         match reply.first().copied() {
+            Some(-2) => {
+                let j = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
+                *unseeded = Some((j.min(plan.budgets.len().saturating_sub(1)), conn));
+                Err(Refused::Unavailable)
+            }
             Some(1) => {
                 let mut headers = LimitHeaders::default();
                 for (i, l) in plan.limits.iter().enumerate() {
@@ -409,19 +515,8 @@ impl PolicyState for RedisState {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let Some(mut conn) = self.conn() else { return };
-            let key = budget_key(&budget.id, period_start);
-            let ttl = budget_ttl(budget, crate::ledger::now_ms());
             // The first replica to start seeds; the others find the figure there.
-            let mut pipe = redis::pipe();
-            pipe.hset_nx(&key, "s", micros(spent)).ignore();
-            if budget.soft_usd.is_some_and(|s| spent >= s) {
-                pipe.hset_nx(&key, "soft", 1).ignore();
-            }
-            if ttl > 0 {
-                pipe.expire(&key, ttl).ignore();
-            }
-            let r: Result<(), _> = pipe.query_async(&mut conn).await;
-            if let Err(e) = r {
+            if let Err(e) = self.seed_key(&mut conn, budget, period_start, spent).await {
                 tracing::warn!(error = %e, budget = %budget.id, "cannot seed a budget in Redis");
             }
         })

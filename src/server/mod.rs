@@ -45,9 +45,9 @@ use tower::{Layer, Service, ServiceBuilder};
 use crate::api::REQUEST_ID;
 use crate::auth::KeyTable;
 use crate::config::{self, Loaded, ProviderCfg};
-use crate::ledger::store::{Scope, Store};
+use crate::ledger::store::Store;
 use crate::ledger::{Accounting, LedgerWriter};
-use crate::policy::{self, BudgetScope, MemoryState, PolicyTable, RedisState};
+use crate::policy::{self, MemoryState, PolicyTable, RedisState};
 use crate::provider::{self, Provider, Providers};
 use crate::route::state::StateRegistry;
 use crate::route::{self, Routes};
@@ -351,12 +351,7 @@ impl Gateway {
                 continue;
             }
             let (start, _) = policy::period_bounds(b.period, now);
-            let scope = match &b.scope {
-                BudgetScope::Global => Scope::Global,
-                BudgetScope::Key(k) => Scope::Key(k),
-                BudgetScope::Team(t) => Scope::Team(t),
-            };
-            match self.store.spent_since(scope, start).await {
+            match self.store.spent_since(b.scope.ledger_scope(), start).await {
                 Ok(spent) => {
                     self.accounting.policy.seed_spent(b, start, spent).await;
                     tracing::info!(budget = %b.id, spent, limit = b.usd, "budget rebuilt from the ledger");
@@ -519,7 +514,12 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     let policy_state: Arc<dyn policy::PolicyState> = match &loaded.config.state.redis {
         Some(url) if !url.is_empty() => {
             let on = loaded.config.state.on_redis_error;
-            Arc::new(RedisState::start(url.expose(), on.budgets, on.rate_limits)?)
+            Arc::new(RedisState::start(
+                url.expose(),
+                on.budgets,
+                on.rate_limits,
+                Some(store.clone()),
+            )?)
         }
         _ => Arc::new(MemoryState::default()),
     };
