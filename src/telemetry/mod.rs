@@ -438,18 +438,11 @@ where
         Box::pin(async move {
             // Until the answer begins, a line for a request that never gets one: the client
             // went away (or the gateway shut down) and the handler was dropped.
-            let mut unanswered = Unanswered(Some(LogLine {
+            let mut unanswered = Unanswered(Some(Pending {
                 start,
                 method,
                 uri,
                 request_id,
-                status: crate::ledger::CLIENT_CLOSED,
-                facts: RequestFacts::default(),
-                first_byte: None,
-                bytes: 0,
-                body_wait: std::time::Duration::ZERO,
-                pending_since: None,
-                logged: false,
                 arrivals,
             }));
             let resp = fut.await?;
@@ -458,11 +451,10 @@ where
                 .extensions
                 .remove::<RequestFacts>()
                 .unwrap_or_default();
-            let Some(mut line) = unanswered.0.take() else {
+            let Some(p) = unanswered.0.take() else {
                 return Ok(Response::from_parts(parts, body.boxed_unsync()));
             };
-            line.status = parts.status.as_u16();
-            line.facts = facts;
+            let line = p.line(parts.status.as_u16(), facts);
             let body = LoggedBody { inner: body, line }.boxed_unsync();
             Ok(Response::from_parts(parts, body))
         })
@@ -657,13 +649,42 @@ fn cut_short() -> &'static str {
     }
 }
 
-/// The log line of a request whose handler is dropped before it answers.
-struct Unanswered(Option<LogLine>);
+/// What a request's log line starts from, held while the handler works.
+struct Pending {
+    start: Instant,
+    method: http::Method,
+    uri: http::Uri,
+    request_id: HeaderValue,
+    arrivals: Option<Arc<clock::Arrivals>>,
+}
+
+impl Pending {
+    fn line(self, status: u16, facts: RequestFacts) -> LogLine {
+        LogLine {
+            start: self.start,
+            method: self.method,
+            uri: self.uri,
+            request_id: self.request_id,
+            status,
+            facts,
+            first_byte: None,
+            bytes: 0,
+            body_wait: std::time::Duration::ZERO,
+            pending_since: None,
+            logged: false,
+            arrivals: self.arrivals,
+        }
+    }
+}
+
+/// Writes the log line of a request whose handler is dropped before it answers.
+struct Unanswered(Option<Pending>);
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
-        if let Some(mut line) = self.0.take() {
-            line.emit(cut_short());
+        if let Some(p) = self.0.take() {
+            p.line(crate::ledger::CLIENT_CLOSED, RequestFacts::default())
+                .emit(cut_short());
         }
     }
 }
