@@ -1767,3 +1767,38 @@ async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
     assert!(gw.logs().contains("outcome=shutdown"), "{}", gw.logs());
     assert!(!gw.logs().contains("a row was lost"), "{}", gw.logs());
 }
+
+/// A server that sends its JSON answer as `text/plain` (some OpenAI-compatible servers do;
+/// the SDK parses it) still has its usage read and priced.
+#[tokio::test]
+async fn usage_is_read_from_a_json_answer_labelled_text_plain() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    up.script(Scripted::Respond {
+        status: 200,
+        headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+        body: json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": "ok"}}],
+                     "usage": {"prompt_tokens": 300, "completion_tokens": 100, "total_tokens": 400}})
+        .to_string(),
+    });
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let row = &rows[0];
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (300, 100));
+    assert!(!row.estimated);
+    // 300 × 2.50 + 100 × 10.00 micro-dollars.
+    assert!((row.cost_usd - 0.00175).abs() < 1e-12, "{}", row.cost_usd);
+}

@@ -1338,3 +1338,50 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
     }
     assert!(!gw.logs().contains(OPENAI_SECRET) && !gw.logs().contains(AZURE_SECRET));
 }
+
+/// The gateway asks upstreams for uncompressed answers (it reads usage from them); one that
+/// compresses anyway reaches the client as sent, with its `content-encoding`. An upstream's
+/// `x-should-retry` reaches the client with its error, so the SDK does not retry an account
+/// out of credit.
+#[tokio::test]
+async fn upstream_encodings_and_x_should_retry_reach_the_client() {
+    let (up, gw) = setup().await;
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    up.script(Scripted::Respond {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("content-encoding".into(), "br".into()),
+        ],
+        body: "\u{1b}compressed-bytes".into(),
+    });
+    let resp = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-encoding"], "br");
+    assert_eq!(resp.text().await.unwrap(), "\u{1b}compressed-bytes");
+    let sent = up.requests().pop().unwrap();
+    assert_eq!(sent.header("accept-encoding"), Some("identity"));
+
+    up.script(Scripted::Respond {
+        status: 429,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-should-retry".into(), "false".into()),
+        ],
+        body: json!({"error": {"message": "You exceeded your current quota.",
+                               "type": "insufficient_quota", "param": null,
+                               "code": "insufficient_quota"}})
+        .to_string(),
+    });
+    // `flaky` has `retries: 0`: the gateway's own retries are its routes' business.
+    let resp = post(
+        &gw,
+        "/v1/chat/completions",
+        &body.replace("gpt-4o", "flaky"),
+    )
+    .await;
+    assert_eq!(resp.status(), 429);
+    assert_eq!(resp.headers()["x-should-retry"], "false");
+    let (_, e) = error_of(resp).await;
+    assert_eq!(e["error"]["code"], "insufficient_quota", "{e}");
+}

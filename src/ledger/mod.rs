@@ -262,13 +262,18 @@ impl Tap {
         status: u16,
         content_type: &str,
         drop_usage_chunk: bool,
+        encoded: bool,
     ) -> Tap {
+        // Every answer but speech (binary audio) is read as JSON, whatever its content type
+        // says: some servers send JSON as `text/plain`, and a transcription's `text` answer
+        // simply holds no usage.
         let mode = if content_type.starts_with("text/event-stream") {
             Mode::Sse
-        } else if content_type.contains("json") {
-            Mode::Json
-        } else {
+        } else if encoded || (record.op == Operation::AudioSpeech && !content_type.contains("json"))
+        {
             Mode::Other
+        } else {
+            Mode::Json
         };
         Tap {
             inner,

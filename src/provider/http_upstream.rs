@@ -188,10 +188,16 @@ impl HttpUpstream {
         // Sized once for the client's headers, Host and the upstream's key (a clone of the
         // client's map would grow, and move, to take the two more).
         let headers = request.headers_mut();
-        headers.reserve(req.upstream_headers.len() + 2);
+        headers.reserve(req.upstream_headers.len() + 3);
         for (name, value) in &req.upstream_headers {
             headers.append(name.clone(), value.clone());
         }
+        // Uncompressed answers: the gateway reads usage from them as they pass (the client's
+        // own `accept-encoding` is not forwarded).
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         // The Host header as hyper's client would make it, but made once.
         if let Some(host) = &self.host {
             headers.insert(http::header::HOST, host.clone());
@@ -266,6 +272,16 @@ impl HttpUpstream {
                 .headers
                 .push(("retry-after-ms", ra.as_millis().to_string()));
         }
+        // OpenAI's word to its SDKs on whether a retry can help (`false` for a 429 of an
+        // account out of credit): the SDK reads it, so it goes on with the error.
+        if let Some(v) = parts
+            .headers
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| matches!(*v, "true" | "false"))
+        {
+            error.headers.push(("x-should-retry", v.to_string()));
+        }
         AttemptError::Status { error, retry_after }
     }
 }
@@ -291,6 +307,9 @@ fn host_header(base: &str) -> Option<HeaderValue> {
 const PASS_HEADERS: &[&str] = &[
     "content-type",
     "content-disposition",
+    // The gateway asks for none (`accept-encoding: identity`); an upstream that compresses
+    // anyway gets its answer to the client intact, with the header that says how to read it.
+    "content-encoding",
     "openai-processing-ms",
     "openai-version",
 ];
@@ -365,16 +384,21 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
             .ok()
             .filter(|v| v.is_finite() && *v >= 0.0)
     };
+    // Longer than a day is a day: a figure no upstream means (and one `Duration` cannot hold).
+    const MOST: f64 = 86_400.0;
     if let Some(ms) = num("retry-after-ms") {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+        return Some(Duration::from_secs_f64((ms / 1000.0).min(MOST)));
     }
-    num("retry-after").map(Duration::from_secs_f64).or_else(|| {
-        let date = httpdate::parse_http_date(headers.get("retry-after")?.to_str().ok()?).ok()?;
-        Some(
-            date.duration_since(std::time::SystemTime::now())
-                .unwrap_or_default(),
-        )
-    })
+    num("retry-after")
+        .map(|s| Duration::from_secs_f64(s.min(MOST)))
+        .or_else(|| {
+            let date =
+                httpdate::parse_http_date(headers.get("retry-after")?.to_str().ok()?).ok()?;
+            Some(
+                date.duration_since(std::time::SystemTime::now())
+                    .unwrap_or_default(),
+            )
+        })
 }
 
 /// Replaces `secret` with `***` in every string of `v`, keys of objects included.
@@ -605,5 +629,10 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
+        // A figure too large for a `Duration` is a day.
+        h.insert("retry-after", HeaderValue::from_static("1e300"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(86_400)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1e300"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(86_400)));
     }
 }

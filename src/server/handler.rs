@@ -397,12 +397,19 @@ where
                 .unwrap_or("")
                 .to_string();
             let drop_usage_chunk = api_req.stream && !api_req.client_wants_usage;
+            // Compressed although asked not to be (`accept-encoding: identity`): passed on
+            // with its `content-encoding`, and not read for usage.
+            let encoded = parts
+                .headers
+                .get(http::header::CONTENT_ENCODING)
+                .is_some_and(|v| v != "identity");
             let mut tap = Tap::new(
                 body,
                 record,
                 parts.status.as_u16(),
                 &content_type,
                 drop_usage_chunk,
+                encoded,
             );
             if let Some((leader, ttl)) = cache_leader {
                 tap = tap.cache_into(leader, ttl);
