@@ -1589,3 +1589,46 @@ models:
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `x-should-retry: false` (an account out of credit): the request fails over to another
+/// deployment, but no deployment that already failed it is asked again.
+#[tokio::test]
+async fn a_deployment_that_says_a_retry_cannot_help_is_not_asked_again() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let providers = format!("{}{}", openai("a", &a), openai("b", &b));
+    let yaml = config(
+        &providers,
+        r#"
+routing: { allowed_fails: 100, retries: 3 }
+models:
+  r:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: first, priority: 0 }
+      - { provider: b, deployment: second, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let out_of_credit = || Scripted::Respond {
+        status: 429,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-should-retry".into(), "false".into()),
+        ],
+        body: json!({"error": {"message": "You exceeded your current quota.",
+                               "type": "insufficient_quota", "code": "insufficient_quota"}})
+        .to_string(),
+    };
+    a.script(out_of_credit());
+    chat(&gw, "r").await.served_by("r", "b/second");
+    a.script(out_of_credit());
+    b.script(out_of_credit());
+    let r = chat(&gw, "r").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(
+        (a.request_count(), b.request_count()),
+        (2, 2),
+        "each asked once"
+    );
+}

@@ -105,6 +105,13 @@ impl AttemptError {
         }
     }
 
+    /// The upstream said a retry cannot help (`x-should-retry: false`, as OpenAI sends with a
+    /// 429 of an account out of credit): not worth asking that deployment again.
+    pub fn no_retry_here(&self) -> bool {
+        matches!(self, AttemptError::Status { error, .. }
+            if error.headers.iter().any(|(n, v)| *n == "x-should-retry" && v == "false"))
+    }
+
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             AttemptError::Status { error, .. } => Some(error.status),

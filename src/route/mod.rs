@@ -498,6 +498,11 @@ impl Route {
                     })
                 }
             };
+            if tried[i] && last.as_ref().is_some_and(AttemptError::no_retry_here) {
+                // Only deployments already tried are left, and the last said a retry
+                // cannot help.
+                break;
+            }
             if tried[i] && attempt > 0 {
                 // Again on a deployment that already failed this request: back off first.
                 let exp = BACKOFF_BASE.saturating_mul(1 << (attempt - 1).min(6));
