@@ -200,15 +200,28 @@ impl Answer<'_> {
                 "stop",
             ),
         };
+        let n = self.choices();
+        let choices: Vec<Value> = (0..n)
+            .map(|i| json!({"index": i, "message": message, "logprobs": null, "finish_reason": finish}))
+            .collect();
         json!({
             "id": format!("chatcmpl-{}", self.id),
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
             "system_fingerprint": "fp_mock",
-            "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish}],
-            "usage": usage(prompt, completion),
+            "choices": choices,
+            "usage": usage(prompt, completion * n),
         })
+    }
+
+    /// `n`, as the API takes it (1 to 128; 1 when not set).
+    fn choices(&self) -> u64 {
+        self.body
+            .get("n")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .clamp(1, 128)
     }
 
     fn first_tool(&self) -> Option<String> {
@@ -443,31 +456,38 @@ impl Answer<'_> {
             Operation::ChatCompletions => {
                 let prompt = self.prompt_tokens("messages");
                 let id = format!("chatcmpl-{}", self.id);
-                let chunk = |delta: Value, finish: Value| {
-                    let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": self.created,
-                        "model": self.model, "system_fingerprint": "fp_mock",
-                        "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]});
-                    if include_usage {
-                        c["usage"] = Value::Null;
+                let n = self.choices();
+                // With `n`, each step goes out once per choice, as the API interleaves them.
+                let chunks = |events: &mut Vec<String>, delta: Value, finish: Value| {
+                    for index in 0..n {
+                        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.model, "system_fingerprint": "fp_mock",
+                            "choices": [{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish}]});
+                        if include_usage {
+                            c["usage"] = Value::Null;
+                        }
+                        events.push(sse(c));
                     }
-                    sse(c)
                 };
-                events.push(chunk(
+                chunks(
+                    &mut events,
                     json!({"role": "assistant", "content": "", "refusal": null}),
                     Value::Null,
-                ));
+                );
                 match self.first_tool() {
                     Some(name) => {
-                        events.push(chunk(
+                        chunks(
+                            &mut events,
                             json!({"tool_calls": [{"index": 0, "id": format!("call_{}", self.id),
                             "type": "function", "function": {"name": name, "arguments": ""}}]}),
                             Value::Null,
-                        ));
-                        events.push(chunk(
+                        );
+                        chunks(
+                            &mut events,
                             json!({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
                             Value::Null,
-                        ));
-                        events.push(chunk(json!({}), json!("tool_calls")));
+                        );
+                        chunks(&mut events, json!({}), json!("tool_calls"));
                     }
                     None => {
                         for (i, w) in words.iter().enumerate() {
@@ -476,16 +496,16 @@ impl Answer<'_> {
                             } else {
                                 format!(" {w}")
                             };
-                            events.push(chunk(json!({"content": piece}), Value::Null));
+                            chunks(&mut events, json!({"content": piece}), Value::Null);
                         }
-                        events.push(chunk(json!({}), json!("stop")));
+                        chunks(&mut events, json!({}), json!("stop"));
                     }
                 }
                 if include_usage {
                     events.push(sse(
                         json!({"id": id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "system_fingerprint": "fp_mock", "choices": [],
-                        "usage": usage(prompt, words.len() as u64)}),
+                        "usage": usage(prompt, words.len() as u64 * n)}),
                     ));
                 }
                 events.push("data: [DONE]\n\n".into());
@@ -527,7 +547,27 @@ impl Answer<'_> {
                 created["status"] = json!("in_progress");
                 created["output"] = json!([]);
                 created["usage"] = Value::Null;
-                events.push(event("response.created", json!({"response": created})));
+                // The whole sequence the API sends, which the SDK's `responses.stream` helper
+                // checks: the item and its content part open before any text, close after it.
+                events.push(event(
+                    "response.created",
+                    json!({"response": created.clone()}),
+                ));
+                events.push(event("response.in_progress", json!({"response": created})));
+                let item = full["output"][0].clone();
+                let part = item["content"][0].clone();
+                let mut open_item = item.clone();
+                open_item["status"] = json!("in_progress");
+                open_item["content"] = json!([]);
+                events.push(event(
+                    "response.output_item.added",
+                    json!({"output_index": 0, "item": open_item}),
+                ));
+                events.push(event(
+                    "response.content_part.added",
+                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                           "part": {"type": "output_text", "text": "", "annotations": []}}),
+                ));
                 for (i, w) in words.iter().enumerate() {
                     let piece = if i == 0 {
                         w.to_string()
@@ -536,10 +576,24 @@ impl Answer<'_> {
                     };
                     events.push(event(
                         "response.output_text.delta",
-                        json!({
-                        "item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece}),
+                        json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                               "delta": piece, "logprobs": []}),
                     ));
                 }
+                events.push(event(
+                    "response.output_text.done",
+                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                           "text": part["text"], "logprobs": []}),
+                ));
+                events.push(event(
+                    "response.content_part.done",
+                    json!({"item_id": item_id, "output_index": 0, "content_index": 0,
+                           "part": part}),
+                ));
+                events.push(event(
+                    "response.output_item.done",
+                    json!({"output_index": 0, "item": item}),
+                ));
                 events.push(event("response.completed", json!({"response": full})));
             }
         }

@@ -319,3 +319,27 @@ def test_both_key_headers_are_accepted(gateway, header):
         timeout=30,
     )
     assert r.status_code == 200, r.text
+
+
+def test_responses_stream_helper_on_an_upstream_and_on_the_mock(client):
+    # The SDK's helper checks the event sequence (an item and its part open before any text).
+    for model in ["gpt-4o", "demo"]:
+        with client.responses.stream(model=model, input="Say hello") as stream:
+            text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+            final = stream.get_final_response()
+        assert text, model
+        assert final.output_text == text, model
+        assert final.usage.output_tokens > 0, model
+
+
+def test_the_mock_answers_n_choices_plain_and_streamed(client):
+    one = client.chat.completions.create(model="demo", messages=HELLO)
+    three = client.chat.completions.create(model="demo", messages=HELLO, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert all(c.message.content == one.choices[0].message.content for c in three.choices)
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    texts = {}
+    for chunk in client.chat.completions.create(model="demo", messages=HELLO, n=2, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
