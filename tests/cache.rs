@@ -1110,3 +1110,102 @@ async fn identical_requests_whose_answers_are_not_stored_are_not_serialised() {
         "ten 300 ms requests took {took:?}: they went upstream one at a time"
     );
 }
+
+/// A body nested deeper than serde_json's 128 levels is not cached (its key would take a
+/// call per level: 10,000 levels overflowed the stack and aborted the gateway); it goes on
+/// as any other request, and the gateway keeps serving.
+#[tokio::test]
+async fn a_deeply_nested_body_is_not_cached_and_does_not_bring_the_gateway_down() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let nested = |depth: usize| {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"x":{}{}}}"#,
+            "[".repeat(depth),
+            "]".repeat(depth)
+        )
+    };
+    let mut seen = Vec::new();
+    for depth in [100, 100, 100_000, 1_000_000] {
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(secret("solo"))
+            .header("content-type", "application/json")
+            .body(nested(depth))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("depth {depth}: {e}\n{}", gw.logs()));
+        let cache = resp
+            .headers()
+            .get("x-switchyard-cache")
+            .map(|v| v.to_str().unwrap().to_string());
+        seen.push((depth, resp.status().as_u16(), cache));
+    }
+    // 100 levels are cached as usual. The deeper bodies go upstream uncached (the mock
+    // upstream, like serde_json, refuses them: 400).
+    assert_eq!(
+        seen,
+        [
+            (100, 200, Some("miss".to_string())),
+            (100, 200, Some("hit".to_string())),
+            (100_000, 400, None),
+            (1_000_000, 400, None),
+        ],
+        "{}",
+        gw.logs()
+    );
+    // Nor on a route without a cache (the body's other readers do not recurse per level).
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(secret("solo"))
+        .header("content-type", "application/json")
+        .body(nested(1_000_000).replace(r#""model":"m""#, r#""model":"plain""#))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("uncached route: {e}\n{}", gw.logs()));
+    assert_eq!(resp.status(), 400);
+    let ok = send(
+        &gw,
+        "solo",
+        "/v1/chat/completions",
+        &json!({"model": "m", "messages": [{"role": "user", "content": "still here?"}]}),
+        "",
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+}
+
+/// An answer that weighs more than all of `max_bytes` is not kept: asked for again and
+/// again (so the cache would admit it), it is fetched each time. (It was taken in and pushed
+/// out a while later, and served as a hit in between, for seconds.)
+#[tokio::test]
+async fn an_answer_bigger_than_the_whole_cache_is_never_a_hit() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{ max_bytes: 4KiB }")).await;
+    // 1,200 base64 dimensions: ~6.5 KB of JSON.
+    let big =
+        json!({"model": "emb", "input": "big", "dimensions": 1200, "encoding_format": "base64"});
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let a = send(&gw, "red1", "/v1/embeddings", &big, "").await;
+        assert_eq!(a.status, 200);
+        assert!(weight(&a) > 4096, "{}", weight(&a));
+        seen.push(a.cache().to_string());
+    }
+    assert_eq!(seen, ["miss"; 4]);
+    assert_eq!(up.request_count(), 4);
+    // One that fits is kept as before.
+    let small = big_embedding("small");
+    assert_eq!(
+        send(&gw, "red1", "/v1/embeddings", &small, "")
+            .await
+            .cache(),
+        "miss"
+    );
+    assert_eq!(
+        send(&gw, "red1", "/v1/embeddings", &small, "")
+            .await
+            .cache(),
+        "hit"
+    );
+}

@@ -349,6 +349,22 @@ pub struct Leader {
 
 impl Leader {
     pub fn store(mut self, entry: Entry) {
+        // Bigger than the whole cache: moka would take it in and push it out again a moment
+        // later, serving it in between (for seconds when nothing else touches the cache).
+        // Those waiting for it still get it.
+        let too_big = self
+            .cache
+            .store
+            .policy()
+            .max_capacity()
+            .is_some_and(|cap| u64::from(entry.weight()) > cap);
+        if too_big {
+            if let Some(m) = crate::telemetry::metrics::metrics() {
+                m.cache_declined.inc();
+            }
+            self.tell(Outcome::Stored(Arc::new(entry)));
+            return;
+        }
         if let Some(r) = &self.cache.redis {
             r.put(&self.key, &entry);
         }
@@ -550,6 +566,7 @@ pub fn key(route: &str, op: Operation, scope: &[&str], body: &[u8]) -> Option<Ke
     let mut reader = Canonical {
         text: body,
         at: 0,
+        depth: 0,
         members: Vec::new(),
         scratch: Vec::new(),
     };
@@ -582,6 +599,11 @@ fn write_string(s: &str, out: &mut Vec<u8>) {
     }
 }
 
+/// How deep a body's objects and arrays may nest to be cached (serde_json's own limit): each
+/// level is a call on the stack, and a body of 10,000 `[` overflowed it (the process
+/// aborted). A deeper body is not cached; it goes upstream as any other.
+const MAX_DEPTH: u32 = 128;
+
 /// Writes JSON canonically in one pass over the text: sorted keys, no whitespace, one
 /// spelling per number (`1`, `1.0` and `1e0` are the same) and per string (escapes decoded).
 /// An object's members are written as they come, then reordered in place when their keys
@@ -592,6 +614,8 @@ struct Canonical<'a> {
     at: usize,
     /// The members of the objects being read, innermost last: each object's key (decoded)
     /// and where its `"key":value` text sits in the output. One stack for all levels.
+    /// Objects and arrays open around the value being read (`MAX_DEPTH` at most).
+    depth: u32,
     members: Vec<(Cow<'a, str>, Range<usize>)>,
     /// A copy of an object's members while they are written again in key order.
     scratch: Vec<u8>,
@@ -612,8 +636,19 @@ impl<'a> Canonical<'a> {
     fn value(&mut self, out: &mut Vec<u8>, top: bool) -> Option<()> {
         self.space();
         match self.text.get(self.at)? {
-            b'{' => self.object(out, top),
-            b'[' => self.array(out),
+            b'{' | b'[' if self.depth >= MAX_DEPTH => None,
+            b'{' => {
+                self.depth += 1;
+                let r = self.object(out, top);
+                self.depth -= 1;
+                r
+            }
+            b'[' => {
+                self.depth += 1;
+                let r = self.array(out);
+                self.depth -= 1;
+                r
+            }
             b'"' => {
                 let (raw, escaped) = self.string()?;
                 if escaped {
