@@ -180,8 +180,32 @@ impl Answer<'_> {
     }
 
     fn content(&self) -> (String, u64) {
-        let words = self.mock.reply_words(self.body);
+        let words = self.pieces();
         (words.join(" "), words.len() as u64)
+    }
+
+    /// What the answer says, one piece per stream chunk: the reply's words or, when the request
+    /// asks for JSON (`response_format`, or the Responses API's `text.format`), one JSON text:
+    /// an instance of the schema given, else `{"reply": …}`.
+    fn pieces(&self) -> Vec<String> {
+        let format = self
+            .body
+            .get("response_format")
+            .or_else(|| self.body.pointer("/text/format"));
+        let words = self.mock.reply_words(self.body);
+        let json = match format.and_then(|f| f.get("type")).and_then(Value::as_str) {
+            Some("json_schema") => {
+                let f = format.unwrap_or(&Value::Null);
+                let schema = f
+                    .pointer("/json_schema/schema")
+                    .or_else(|| f.get("schema"))
+                    .unwrap_or(&Value::Null);
+                instance(schema, schema, 0)
+            }
+            Some("json_object") => json!({"reply": words.join(" ")}),
+            _ => return words.into_iter().map(String::from).collect(),
+        };
+        vec![json.to_string()]
     }
 
     fn chat(&self) -> Value {
@@ -444,7 +468,7 @@ impl Answer<'_> {
     /// A stream in the upstream's own framing: chat and completion chunks, or Responses API
     /// events, spaced by `chunk_delay`, with the usage chunk when the client asked for it.
     fn stream(&self, op: Operation) -> http::Response<ResponseBody> {
-        let words = self.mock.reply_words(self.body);
+        let words = self.pieces();
         let include_usage = self
             .body
             .pointer("/stream_options/include_usage")
@@ -619,6 +643,63 @@ impl Answer<'_> {
             http::HeaderValue::from_static("no-cache"),
         );
         resp
+    }
+}
+
+/// A value that fits a JSON schema as structured outputs use them: every property of an
+/// object, one item of an array, the first of an `enum` or `anyOf`, `$ref`s to the schema's
+/// own `$defs`; strings are `"mock"`, numbers 0, booleans false.
+fn instance(schema: &Value, root: &Value, depth: u32) -> Value {
+    if depth > 16 {
+        return Value::Null;
+    }
+    if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
+        let target = r.strip_prefix('#').and_then(|p| root.pointer(p));
+        return target.map_or(Value::Null, |t| instance(t, root, depth + 1));
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return first.clone();
+    }
+    if let Some(c) = schema.get("const") {
+        return c.clone();
+    }
+    for key in ["anyOf", "oneOf", "allOf"] {
+        if let Some(first) = schema.get(key).and_then(|a| a.get(0)) {
+            return instance(first, root, depth + 1);
+        }
+    }
+    let kind = match schema.get("type") {
+        Some(Value::Array(kinds)) => kinds
+            .iter()
+            .filter_map(Value::as_str)
+            .find(|k| *k != "null")
+            .unwrap_or("null"),
+        Some(Value::String(k)) => k.as_str(),
+        _ if schema.get("properties").is_some() => "object",
+        _ => "string",
+    };
+    match kind {
+        "object" => Value::Object(
+            schema
+                .get("properties")
+                .and_then(Value::as_object)
+                .map(|props| {
+                    props
+                        .iter()
+                        .map(|(k, v)| (k.clone(), instance(v, root, depth + 1)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        ),
+        "array" => json!([instance(
+            schema.get("items").unwrap_or(&Value::Null),
+            root,
+            depth + 1
+        )]),
+        "integer" | "number" => json!(0),
+        "boolean" => json!(false),
+        "null" => Value::Null,
+        _ => json!("mock"),
     }
 }
 

@@ -343,3 +343,30 @@ def test_the_mock_answers_n_choices_plain_and_streamed(client):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
     assert texts == {0: one.choices[0].message.content, 1: one.choices[0].message.content}
+
+
+def test_structured_outputs_parse_on_the_mock(client):
+    from typing import List, Literal, Optional
+
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: str
+        population: int
+
+    class Trip(BaseModel):
+        name: str
+        kind: Literal["train", "plane"]
+        stops: List[Place]
+        budget: Optional[float]
+
+    r = client.chat.completions.parse(model="demo", messages=HELLO, response_format=Trip)
+    trip = r.choices[0].message.parsed
+    assert trip == Trip(name="mock", kind="train", stops=[Place(city="mock", population=0)], budget=0)
+    r = client.responses.parse(model="demo", input="Plan a trip", text_format=Trip)
+    assert r.output_parsed == trip
+    r = client.chat.completions.create(model="demo", messages=HELLO, response_format={"type": "json_object"})
+    assert json.loads(r.choices[0].message.content)["reply"]
+    with client.chat.completions.stream(model="demo", messages=HELLO, response_format=Trip) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.parsed == trip
