@@ -28,6 +28,20 @@ fn switchyard_in(
     )
 }
 
+/// Writes `text` to `routes.yaml` in `dir` and runs `switchyard check` on it: the exit code,
+/// stdout and stderr, and the file's path as the messages print it.
+fn check_text(
+    dir: &tempfile::TempDir,
+    text: &str,
+    env: &[(&str, &str)],
+) -> (i32, String, String, String) {
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, text).unwrap();
+    let p = path.to_str().unwrap().to_string();
+    let (code, out, err) = switchyard(&["check", "--config", &p], env);
+    (code, out, err, p)
+}
+
 #[test]
 fn check_reports_every_error_with_file_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
@@ -139,9 +153,8 @@ fn the_config_is_the_flag_else_the_environment_else_routes_yaml_here() {
 #[test]
 fn check_refuses_a_zero_timeout_where_it_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("zero.yaml");
-    std::fs::write(
-        &path,
+    let (code, _, err, p) = check_text(
+        &dir,
         "\
 routing: { connect_timeout: 0s }
 providers:
@@ -149,10 +162,8 @@ providers:
 models:
   a: { timeout: 0ms, first_token_timeout: 5s, deployments: [ { provider: demo } ] }
 ",
-    )
-    .unwrap();
-    let p = path.to_str().unwrap();
-    let (code, _, err) = switchyard(&["check", "--config", p], &[]);
+        &[],
+    );
     assert_ne!(code, 0);
     for e in [
         format!("{p}:1:29: routing.connect_timeout must be longer than 0"),
@@ -166,9 +177,8 @@ models:
 #[test]
 fn check_refuses_a_negative_price_and_takes_a_price_per_character() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("prices.yaml");
-    std::fs::write(
-        &path,
+    let (code, _, err, p) = check_text(
+        &dir,
         "\
 providers:
   demo: { kind: mock }
@@ -176,10 +186,8 @@ models:
   tts: { pricing: { per_1m_characters: 15 }, deployments: [ { provider: demo } ] }
   whisper: { pricing: { per_audio_second: -0.0001 }, deployments: [ { provider: demo } ] }
 ",
-    )
-    .unwrap();
-    let p = path.to_str().unwrap();
-    let (code, _, err) = switchyard(&["check", "--config", p], &[]);
+        &[],
+    );
     assert_ne!(code, 0);
     // One error, at the whisper route's pricing (line 5): the tts route's field is known.
     assert!(
@@ -194,9 +202,8 @@ models:
 #[test]
 fn a_type_error_in_a_value_from_the_environment_does_not_print_it() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("env.yaml");
-    std::fs::write(
-        &path,
+    let (code, out, err, p) = check_text(
+        &dir,
         "\
 server:
   admin_key: ${ADMIN_KEY}
@@ -205,11 +212,6 @@ providers:
 models:
   a: { deployments: [ { provider: demo } ] }
 ",
-    )
-    .unwrap();
-    let p = path.to_str().unwrap();
-    let (code, out, err) = switchyard(
-        &["check", "--config", p],
         &[("ADMIN_KEY", "918273645546372819")],
     );
     assert_ne!(code, 0);
@@ -224,8 +226,7 @@ models:
         "{err}"
     );
     // Written in the file, the value is shown as before.
-    std::fs::write(&path, "server: { admin_key: 1234 }\n").unwrap();
-    let (_, _, err) = switchyard(&["check", "--config", p], &[]);
+    let (_, _, err, _) = check_text(&dir, "server: { admin_key: 1234 }\n", &[]);
     assert!(err.contains("invalid type: integer `1234`"), "{err}");
 }
 
@@ -233,8 +234,6 @@ models:
 #[test]
 fn check_refuses_state_urls_that_serve_would_refuse() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("state.yaml");
-    let p = path.to_str().unwrap();
     let base = "providers:\n  demo: { kind: mock }\nmodels:\n  a: { deployments: [ { provider: demo } ] }\n";
     for (state, error) in [
         (
@@ -250,8 +249,7 @@ fn check_refuses_state_urls_that_serve_would_refuse() {
             "state.ledger: ",
         ),
     ] {
-        std::fs::write(&path, format!("state: {state}\n{base}")).unwrap();
-        let (code, out, err) = switchyard(&["check", "--config", p], &[]);
+        let (code, out, err, p) = check_text(&dir, &format!("state: {state}\n{base}"), &[]);
         assert_ne!(code, 0, "{state}: {out}");
         assert!(
             err.contains(&format!("{p}:1:")) && err.contains(error),
@@ -259,11 +257,10 @@ fn check_refuses_state_urls_that_serve_would_refuse() {
         );
         assert!(!err.contains("REDISPASS"), "{err}");
     }
-    std::fs::write(
-        &path,
-        format!("state: {{ redis: \"rediss://:pw@localhost:6380/1\", ledger: \"postgres://u:pw@localhost/db?sslmode=require\" }}\n{base}"),
-    )
-    .unwrap();
-    let (code, out, err) = switchyard(&["check", "--config", p], &[]);
+    let (code, out, err, _) = check_text(
+        &dir,
+        &format!("state: {{ redis: \"rediss://:pw@localhost:6380/1\", ledger: \"postgres://u:pw@localhost/db?sslmode=require\" }}\n{base}"),
+        &[],
+    );
     assert_eq!(code, 0, "{out}{err}");
 }

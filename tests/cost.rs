@@ -77,6 +77,25 @@ routing: {{ allowed_fails: 100 }}
     )
 }
 
+/// `config(up, tail)` with `routes` (YAML lines under `models:`) added to the others.
+fn config_with_routes(up: &MockUpstream, routes: &str, tail: &str) -> String {
+    config(up, tail).replace("routing:", &format!("{routes}routing:"))
+}
+
+/// The rows of `endpoint` as (status, cost, estimated) match `expected`, costs to 1e-12.
+fn assert_rows(rows: &[LedgerRow], endpoint: &str, expected: &[(u16, f64, bool)]) {
+    let got: Vec<(u16, f64, bool)> = rows
+        .iter()
+        .filter(|r| r.endpoint == endpoint)
+        .map(|r| (r.status, r.cost_usd, r.estimated))
+        .collect();
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for ((status, cost, estimated), (s, c, e)) in got.iter().zip(expected) {
+        assert_eq!((status, estimated), (s, e), "{got:?}");
+        assert!((cost - c).abs() < 1e-12, "{got:?}");
+    }
+}
+
 fn keys(extra_key_fields: &str) -> String {
     format!(
         "teams:\n  research: {{}}\nkeys:\n  - {{ name: app, key: \"sha256:{}\", team: research{extra_key_fields} }}\n",
@@ -1497,14 +1516,14 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
     let up = MockUpstream::start().await;
     // 0.0001 USD an audio second; the key may spend 0.01 a day (100 s of audio). The mock
     // reports a WAV's length: rounded up in `json`'s `usage`, exact in `verbose_json`.
-    let extra = format!(
-        r#"  whisper:
-    pricing: {{ input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }}
-    deployments: [ {{ provider: up, deployment: whisper-1 }} ]
-{}"#,
-        keys(", budget: { usd: 0.01, period: daily }")
+    let config = config_with_routes(
+        &up,
+        "  whisper:
+    pricing: { input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }
+    deployments: [ { provider: up, deployment: whisper-1 } ]
+",
+        &keys(", budget: { usd: 0.01, period: daily }"),
     );
-    let config = config(&up, "").replace("routing:", &format!("{extra}routing:"));
     let mut gw = Gateway::start(&config).await;
 
     // 60 s: 0.006 reserved; the `json` answer reports the duration, which is what is priced.
@@ -1544,25 +1563,19 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
 
     let url = sqlite_url(&gw);
     let rows = rows_after_shutdown(&mut gw, &url).await;
-    let audio: Vec<(u16, f64, bool)> = rows
-        .iter()
-        .filter(|r| r.endpoint == "audio/transcriptions")
-        .map(|r| (r.status, r.cost_usd, r.estimated))
-        .collect();
-    let expected = [
-        (200, 0.006, false),
-        (429, 0.0, false),
-        (200, 0.00305, true),
-        (429, 0.0, false),
-        (429, 0.0, false),
-        (200, 0.00045, false),
-        (200, 0.0, false),
-    ];
-    assert_eq!(audio.len(), expected.len(), "{audio:?}");
-    for ((status, cost, estimated), (s, c, e)) in audio.iter().zip(expected) {
-        assert_eq!((*status, *estimated), (s, e), "{audio:?}");
-        assert!((cost - c).abs() < 1e-12, "{audio:?}");
-    }
+    assert_rows(
+        &rows,
+        "audio/transcriptions",
+        &[
+            (200, 0.006, false),
+            (429, 0.0, false),
+            (200, 0.00305, true),
+            (429, 0.0, false),
+            (429, 0.0, false),
+            (200, 0.00045, false),
+            (200, 0.0, false),
+        ],
+    );
 }
 
 /// Speech is billed by the characters of its `input`, known before it goes upstream: the
@@ -1573,11 +1586,11 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
 async fn speech_is_reserved_and_priced_by_its_characters() {
     let up = MockUpstream::start().await;
     // tts-1's built-in price: 15 USD per 1M characters. The key may spend 0.001 (66 characters).
-    let extra = format!(
-        "  tts: {{ deployments: [ {{ provider: up, deployment: tts-1 }} ] }}\n{}",
-        keys(", budget: { usd: 0.001, period: daily }")
+    let config = config_with_routes(
+        &up,
+        "  tts: { deployments: [ { provider: up, deployment: tts-1 } ] }\n",
+        &keys(", budget: { usd: 0.001, period: daily }"),
     );
-    let config = config(&up, "").replace("routing:", &format!("{extra}routing:"));
     let mut gw = Gateway::start(&config).await;
     // `input` as written in the JSON body.
     let speak = |input: &'static str| {
@@ -1610,17 +1623,11 @@ async fn speech_is_reserved_and_priced_by_its_characters() {
 
     let url = sqlite_url(&gw);
     let rows = rows_after_shutdown(&mut gw, &url).await;
-    let speech: Vec<(u16, f64, bool)> = rows
-        .iter()
-        .filter(|r| r.endpoint == "audio/speech")
-        .map(|r| (r.status, r.cost_usd, r.estimated))
-        .collect();
-    let expected = [(200, 0.0006, true), (429, 0.0, false), (200, 0.00039, true)];
-    assert_eq!(speech.len(), expected.len(), "{speech:?}");
-    for ((status, cost, estimated), (s, c, e)) in speech.iter().zip(expected) {
-        assert_eq!((*status, *estimated), (s, e), "{speech:?}");
-        assert!((cost - c).abs() < 1e-12, "{speech:?}");
-    }
+    assert_rows(
+        &rows,
+        "audio/speech",
+        &[(200, 0.0006, true), (429, 0.0, false), (200, 0.00039, true)],
+    );
 }
 
 /// A chat model that hears and speaks (`gpt-4o-audio-preview`) bills audio tokens at their
@@ -1629,11 +1636,11 @@ async fn speech_is_reserved_and_priced_by_its_characters() {
 #[tokio::test]
 async fn audio_tokens_of_a_chat_answer_are_priced_at_the_audio_prices() {
     let up = MockUpstream::start().await;
-    let extra = format!(
-        "  voice: {{ deployments: [ {{ provider: up, deployment: gpt-4o-audio-preview-2025-06-03 }} ] }}\n{}",
-        keys("")
+    let config = config_with_routes(
+        &up,
+        "  voice: { deployments: [ { provider: up, deployment: gpt-4o-audio-preview-2025-06-03 } ] }\n",
+        &keys(""),
     );
-    let config = config(&up, "").replace("routing:", &format!("{extra}routing:"));
     let mut gw = Gateway::start(&config).await;
     up.script(Scripted::respond(
         200,
@@ -1721,20 +1728,19 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
 #[tokio::test]
 async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
     let up = MockUpstream::start().await;
-    let extra = format!(
-        "  drip:\n    pricing: {{ input_per_1m: 1000, output_per_1m: 1000 }}\n    deployments: [ {{ provider: drip }} ]\n{}",
-        keys("")
-    );
-    let config = config(&up, "")
-        .replace(
+    let config = config_with_routes(
+        &up,
+        "  drip:\n    pricing: { input_per_1m: 1000, output_per_1m: 1000 }\n    deployments: [ { provider: drip } ]\n",
+        &keys(""),
+    )
+    .replace(
             &format!("server: {{ admin_key: {ADMIN} }}"),
             &format!("server: {{ admin_key: {ADMIN}, shutdown_grace: 1s }}"),
         )
-        .replace(
-            "providers:\n",
-            "providers:\n  drip: { kind: mock, stream_chunks: 20, chunk_delay: 300ms }\n",
-        )
-        .replace("routing:", &format!("{extra}routing:"));
+    .replace(
+        "providers:\n",
+        "providers:\n  drip: { kind: mock, stream_chunks: 20, chunk_delay: 300ms }\n",
+    );
     let mut gw = Gateway::start(&config).await;
     let resp = post(
         &gw,

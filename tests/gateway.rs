@@ -1362,17 +1362,7 @@ async fn upstream_encodings_and_x_should_retry_reach_the_client() {
     let sent = up.requests().pop().unwrap();
     assert_eq!(sent.header("accept-encoding"), Some("identity"));
 
-    up.script(Scripted::Respond {
-        status: 429,
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            ("x-should-retry".into(), "false".into()),
-        ],
-        body: json!({"error": {"message": "You exceeded your current quota.",
-                               "type": "insufficient_quota", "param": null,
-                               "code": "insufficient_quota"}})
-        .to_string(),
-    });
+    up.script(Scripted::insufficient_quota());
     // `gpt-4o` has one deployment and the default 2 retries: not asked again.
     let before = up.request_count();
     let resp = post(&gw, "/v1/chat/completions", body).await;

@@ -1609,20 +1609,10 @@ models:
 "#,
     );
     let gw = Gateway::start(&yaml).await;
-    let out_of_credit = || Scripted::Respond {
-        status: 429,
-        headers: vec![
-            ("content-type".into(), "application/json".into()),
-            ("x-should-retry".into(), "false".into()),
-        ],
-        body: json!({"error": {"message": "You exceeded your current quota.",
-                               "type": "insufficient_quota", "code": "insufficient_quota"}})
-        .to_string(),
-    };
-    a.script(out_of_credit());
+    a.script(Scripted::insufficient_quota());
     chat(&gw, "r").await.served_by("r", "b/second");
-    a.script(out_of_credit());
-    b.script(out_of_credit());
+    a.script(Scripted::insufficient_quota());
+    b.script(Scripted::insufficient_quota());
     let r = chat(&gw, "r").await;
     assert_eq!(r.status, 429, "{}", r.text);
     assert_eq!(r.header("x-should-retry"), Some("false"));

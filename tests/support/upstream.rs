@@ -164,6 +164,21 @@ impl Scripted {
     }
 
     /// Azure's 429: a string `code`, no `type`/`param`, the wait only in the message and headers.
+    /// OpenAI's 429 of an account out of credit: `insufficient_quota`, `x-should-retry: false`.
+    pub fn insufficient_quota() -> Scripted {
+        Scripted::Respond {
+            status: 429,
+            headers: vec![
+                ("content-type".into(), "application/json".into()),
+                ("x-should-retry".into(), "false".into()),
+            ],
+            body: json!({"error": {"message": "You exceeded your current quota.",
+                                   "type": "insufficient_quota", "param": null,
+                                   "code": "insufficient_quota"}})
+            .to_string(),
+        }
+    }
+
     pub fn azure_rate_limited(retry_after_secs: u64) -> Scripted {
         Scripted::Respond {
             status: 429,
