@@ -53,14 +53,18 @@ pub async fn measure(body: &Bytes, boundary: &str) -> AudioLength {
     let files: Vec<Bytes> = multipart::field_ranges(body, boundary, "file")
         .map(|r| body.slice(r))
         .collect();
+    // No file read (none there, or a reader that panicked on some odd file): the whole body
+    // counts by its bytes.
+    let unread = AudioLength {
+        seconds: None,
+        bound_seconds: bytes_bound(body.len()).ceil(),
+    };
     if files.is_empty() {
-        return AudioLength {
-            seconds: None,
-            bound_seconds: bytes_bound(body.len()).ceil(),
-        };
+        return unread;
     }
+    // The semaphore is never closed.
     let Ok(_permit) = READERS.acquire().await else {
-        return AudioLength::default();
+        return unread;
     };
     let read = tokio::task::spawn_blocking(move || {
         files.into_iter().fold(
@@ -83,11 +87,7 @@ pub async fn measure(body: &Bytes, boundary: &str) -> AudioLength {
             seconds: l.seconds,
             bound_seconds: l.bound_seconds.ceil(),
         },
-        // A reader that panicked on some odd file: the file counts by its bytes.
-        Err(_) => AudioLength {
-            seconds: None,
-            bound_seconds: bytes_bound(body.len()).ceil(),
-        },
+        Err(_) => unread,
     }
 }
 

@@ -384,6 +384,26 @@ impl ApiRequest {
         })
     }
 
+    /// What the request itself says of its cost, for an answer that reports no usage: the
+    /// uploaded audio's length as read from the file, the characters of a speech request
+    /// (estimated: counted by the gateway).
+    pub fn measured_usage(&self) -> Option<crate::ledger::cost::Usage> {
+        use crate::ledger::cost::Usage;
+        match (self.audio.seconds, self.op) {
+            (Some(seconds), _) => Some(Usage {
+                audio_seconds: seconds,
+                estimated: true,
+                ..Default::default()
+            }),
+            (None, Operation::AudioSpeech) => Some(Usage {
+                characters: self.speech_characters,
+                estimated: true,
+                ..Default::default()
+            }),
+            _ => None,
+        }
+    }
+
     pub fn request_id_str(&self) -> &str {
         self.request_id.to_str().unwrap_or("")
     }

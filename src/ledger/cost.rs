@@ -587,11 +587,11 @@ pub fn builtin_price(model: &str) -> Option<Price> {
     }
     t.iter()
         .filter(|(k, _)| {
-            let rest = &m[k.len().min(m.len())..];
-            m.starts_with(k.as_str())
-                && rest.starts_with(['-', '.', '@', ':'])
-                && !rest.contains("-tts")
-                && !rest.contains("-transcribe")
+            m.strip_prefix(k.as_str()).is_some_and(|rest| {
+                rest.starts_with(['-', '.', '@', ':'])
+                    && !rest.contains("-tts")
+                    && !rest.contains("-transcribe")
+            })
         })
         .max_by_key(|(k, _)| k.len())
         .map(|(_, p)| p.into())

@@ -61,12 +61,9 @@ pub struct RequestRecord {
     pub request_body: Bytes,
     /// The key's series on the serving deployment, when one served.
     pub counters: Option<Arc<crate::telemetry::metrics::KeyCounters>>,
-    /// The uploaded audio's length as read from the file, priced when the upstream's answer
-    /// does not say (estimated).
-    pub audio_seconds: Option<f64>,
-    /// The characters a speech request turns into audio, priced (estimated: speech answers
-    /// carry no usage).
-    pub speech_characters: u64,
+    /// What the gateway measured of the request itself, priced when the upstream's answer
+    /// reports no usage (`ApiRequest::measured_usage`).
+    pub measured_usage: Option<Usage>,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -141,10 +138,7 @@ impl RequestRecord {
         accounting.ledger.record(std::mem::take(&mut self.row));
         if let Some(admitted) = admitted {
             let mut fut = Box::pin(async move {
-                let alerts = accounting
-                    .policy
-                    .settle(&plan, &admitted, actual, now_ms())
-                    .await;
+                let alerts = accounting.policy.settle(&plan, &admitted, actual).await;
                 send_alerts(&accounting.http, accounting.webhook.as_deref(), alerts);
             });
             // The in-process state settles at once, here; a settlement that waits (Redis)
@@ -383,20 +377,10 @@ impl Tap {
             }
             answer = Some(whole);
         }
-        if let (true, None, Some(seconds)) = (success, usage, record.audio_seconds) {
-            // Whisper's `json`, `text`, `srt` and `vtt` answers say nothing of the audio.
-            usage = Some(Usage {
-                audio_seconds: seconds,
-                estimated: true,
-                ..Default::default()
-            });
-        }
-        if success && usage.is_none() && record.op == Operation::AudioSpeech {
-            usage = Some(Usage {
-                characters: record.speech_characters,
-                estimated: true,
-                ..Default::default()
-            });
+        if success && usage.is_none() {
+            // Whisper's `json`, `text`, `srt` and `vtt` answers say nothing of the audio, and
+            // speech answers are audio.
+            usage = record.measured_usage;
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
             let mut text = std::mem::take(&mut self.text);

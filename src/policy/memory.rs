@@ -161,13 +161,7 @@ impl MemoryState {
     /// Settles a request. When it ended does not matter: its tokens are corrected only while
     /// its limit windows are still on the minute it was admitted in, and its cost is spent in
     /// the period it was admitted in.
-    fn settle_now(
-        &self,
-        plan: &Plan,
-        admitted: &Admitted,
-        actual: Actual,
-        _ended_ms: i64,
-    ) -> Vec<Alert> {
+    fn settle_now(&self, plan: &Plan, admitted: &Admitted, actual: Actual) -> Vec<Alert> {
         let mut alerts = Vec::new();
         let Ok(mut c) = self.inner.lock() else {
             return alerts;
@@ -238,9 +232,8 @@ impl PolicyState for MemoryState {
         plan: &'a Plan,
         admitted: &'a Admitted,
         actual: Actual,
-        now_ms: i64,
     ) -> BoxFuture<'a, Vec<Alert>> {
-        Box::pin(async move { self.settle_now(plan, admitted, actual, now_ms) })
+        Box::pin(async move { self.settle_now(plan, admitted, actual) })
     }
 
     fn seed_spent<'a>(
@@ -349,7 +342,6 @@ mod tests {
                 cost_usd: 0.1,
                 tokens: 10,
             },
-            now,
         );
         assert!(alerts.is_empty());
         assert!(
@@ -363,7 +355,6 @@ mod tests {
                 cost_usd: 0.45,
                 tokens: 10,
             },
-            now,
         );
         assert_eq!(alerts.len(), 1, "soft budget 0.5 crossed once");
         let (spent, reserved) = s.status_now(&p.budgets[0], period_bounds(Period::Daily, now).0);
@@ -393,18 +384,18 @@ mod tests {
         let before = s.admit_now(&p, midnight - 1).unwrap();
         // It ends after the new day's first request, which rolled the budget over.
         let early = s.admit_now(&p, midnight + 1).unwrap();
-        s.settle_now(&p, &before, actual, midnight + 2);
+        s.settle_now(&p, &before, actual);
         assert_eq!(
             status(midnight),
             (0, 500_000),
             "the new day owes nothing for it"
         );
-        s.settle_now(&p, &early, actual, midnight + 3);
+        s.settle_now(&p, &early, actual);
         assert_eq!(status(midnight), (400_000, 0));
         // Admitted late in the day, it ends after midnight, before the next day's first
         // request: spent in its own day.
         let late = s.admit_now(&p, midnight + day - 1).unwrap();
-        s.settle_now(&p, &late, actual, midnight + day + 5);
+        s.settle_now(&p, &late, actual);
         assert_eq!(status(midnight), (800_000, 0));
         assert!(s.admit_now(&p, midnight + day + 6).is_ok());
         assert_eq!(

@@ -276,12 +276,13 @@ pub struct Alert {
 pub trait PolicyState: Send + Sync {
     fn admit<'a>(&'a self, plan: &'a Plan, now_ms: i64)
         -> BoxFuture<'a, Result<Admitted, Refused>>;
+    /// Settles a request in the minute and period it was admitted in (when it ended does
+    /// not matter).
     fn settle<'a>(
         &'a self,
         plan: &'a Plan,
         admitted: &'a Admitted,
         actual: Actual,
-        now_ms: i64,
     ) -> BoxFuture<'a, Vec<Alert>>;
     /// Seeds what a budget spent in its current period (from the ledger at start).
     fn seed_spent<'a>(

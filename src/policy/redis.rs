@@ -104,6 +104,13 @@ if ttl > 0 then redis.call('EXPIRE', b, ttl) end
 return 1
 "#;
 
+/// What one run of `ADMIT` came to: an answer, or the index of a budget whose key must be
+/// seeded first (nothing was counted).
+enum Once {
+    Decided(Result<Admitted, Refused>),
+    Unseeded(usize),
+}
+
 fn micros(usd: f64) -> i64 {
     (usd * 1e6).round() as i64
 }
@@ -123,7 +130,7 @@ pub struct RedisState {
     budgets_fail: FailMode,
     limits_fail: FailMode,
     /// Where a budget's spend is read from when Redis has lost it.
-    ledger: Option<crate::ledger::store::Store>,
+    ledger: crate::ledger::store::Store,
 }
 
 fn window_key(id: &str, minute: u64) -> String {
@@ -185,7 +192,7 @@ impl RedisState {
         url: &str,
         budgets_fail: FailMode,
         limits_fail: FailMode,
-        ledger: Option<crate::ledger::store::Store>,
+        ledger: crate::ledger::store::Store,
     ) -> Result<RedisState, String> {
         let client = crate::provider::tls::redis_client(url)?;
         let state = RedisState {
@@ -255,26 +262,22 @@ impl RedisState {
 
     /// A budget key that was never seeded (Redis lost its data, or a new period began): its
     /// spend is read from the ledger and seeded. `false` when that could not be done.
-    async fn reseed(
-        &self,
-        conn: &mut ConnectionManager,
-        budget: &BudgetRef,
-        period_start: i64,
-    ) -> bool {
-        let spent = match &self.ledger {
-            Some(store) => match store
-                .spent_since(budget.scope.ledger_scope(), period_start)
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(budget = %budget.id, error = %e, "cannot read the ledger to seed a budget in Redis");
-                    return false;
-                }
-            },
-            None => 0.0,
+    async fn reseed(&self, budget: &BudgetRef, period_start: i64) -> bool {
+        let spent = match self
+            .ledger
+            .spent_since(budget.scope.ledger_scope(), period_start)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(budget = %budget.id, error = %e, "cannot read the ledger to seed a budget in Redis");
+                return false;
+            }
         };
-        match self.seed_key(conn, budget, period_start, spent).await {
+        let Some(mut conn) = self.conn() else {
+            return false;
+        };
+        match self.seed_key(&mut conn, budget, period_start, spent).await {
             Ok(()) => {
                 tracing::info!(budget = %budget.id, spent, "budget seeded in Redis from the ledger");
                 true
@@ -292,31 +295,24 @@ impl RedisState {
         }
         // Each budget key found unseeded is seeded, then the admission runs again.
         for _ in 0..=plan.budgets.len() {
-            let mut unseeded = None;
-            let result = self.admit_once(plan, now_ms, &mut unseeded).await;
-            let Some((j, mut conn)) = unseeded else {
-                return result;
+            let j = match self.admit_once(plan, now_ms).await {
+                Once::Decided(result) => return result,
+                Once::Unseeded(j) => j,
             };
             let b = &plan.budgets[j];
             let (start, _) = period_bounds(b.period, now_ms);
-            if !self.reseed(&mut conn, b, start).await {
+            if !self.reseed(b, start).await {
                 return self.on_error(plan, "admit");
             }
         }
         self.on_error(plan, "admit")
     }
 
-    /// One run of `ADMIT`. A budget key found unseeded is put in `unseeded` (its index and
-    /// the connection), and nothing was counted.
-    async fn admit_once(
-        &self,
-        plan: &Plan,
-        now_ms: i64,
-        unseeded: &mut Option<(usize, ConnectionManager)>,
-    ) -> Result<Admitted, Refused> {
+    /// One run of `ADMIT`.
+    async fn admit_once(&self, plan: &Plan, now_ms: i64) -> Once {
         let Some(mut conn) = self.conn() else {
             tracing::warn!("Redis is not connected: admission falls back to on_redis_error");
-            return self.on_error(plan, "admit");
+            return Once::Decided(self.on_error(plan, "admit"));
         };
         let minute = (now_ms.max(0) as u64) / 60_000;
         let worst = micros_up(plan.worst_usd);
@@ -350,21 +346,20 @@ impl RedisState {
                     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
                         self.reconnect();
                     }
-                    return self.on_error(plan, "admit");
+                    return Once::Decided(self.on_error(plan, "admit"));
                 }
                 Err(_) => {
                     tracing::warn!("Redis admission timed out");
                     self.reconnect();
-                    return self.on_error(plan, "admit");
+                    return Once::Decided(self.on_error(plan, "admit"));
                 }
             };
         let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
-        match reply.first().copied() {
-            Some(-2) => {
-                let j = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
-                *unseeded = Some((j.min(plan.budgets.len().saturating_sub(1)), conn));
-                Err(Refused::Unavailable)
-            }
+        if reply.first() == Some(&-2) {
+            let j = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
+            return Once::Unseeded(j.min(plan.budgets.len().saturating_sub(1)));
+        }
+        Once::Decided(match reply.first().copied() {
             Some(1) => {
                 let mut headers = LimitHeaders::default();
                 for (i, l) in plan.limits.iter().enumerate() {
@@ -425,7 +420,7 @@ impl RedisState {
                     first_in_period: reply.get(4).copied() == Some(1),
                 })
             }
-        }
+        })
     }
 
     async fn settle_redis(&self, plan: &Plan, admitted: &Admitted, actual: Actual) -> Vec<Alert> {
@@ -495,7 +490,6 @@ impl PolicyState for RedisState {
         plan: &'a Plan,
         admitted: &'a Admitted,
         actual: Actual,
-        _now_ms: i64,
     ) -> BoxFuture<'a, Vec<Alert>> {
         Box::pin(self.settle_redis(plan, admitted, actual))
     }

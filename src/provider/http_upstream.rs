@@ -406,17 +406,19 @@ fn scrub_strings(v: &mut Value, secret: &str) {
     match v {
         Value::String(s) if s.contains(secret) => *s = s.replace(secret, "***"),
         Value::Array(a) => a.iter_mut().for_each(|x| scrub_strings(x, secret)),
-        Value::Object(m) => {
-            if m.keys().any(|k| k.contains(secret)) {
-                *m = std::mem::take(m)
-                    .into_iter()
-                    .map(|(k, v)| (k.replace(secret, "***"), v))
-                    .collect();
-            }
-            m.values_mut().for_each(|x| scrub_strings(x, secret));
-        }
+        Value::Object(m) => scrub_map(m, secret),
         _ => {}
     }
+}
+
+fn scrub_map(m: &mut Map<String, Value>, secret: &str) {
+    if m.keys().any(|k| k.contains(secret)) {
+        *m = std::mem::take(m)
+            .into_iter()
+            .map(|(k, v)| (k.replace(secret, "***"), v))
+            .collect();
+    }
+    m.values_mut().for_each(|x| scrub_strings(x, secret));
 }
 
 /// Any upstream error body, in the shapes of OpenAI, Azure, vLLM, TGI, Ollama, llama.cpp
@@ -472,14 +474,15 @@ pub fn normalize_error(
             m
         }
     };
-    let scrub = |s: String| match secret {
-        Some(k) if k.len() >= 4 && s.contains(k) => s.replace(k, "***"),
-        _ => s,
-    };
+    // Every string the upstream wrote, not only its message: an upstream may echo the key it
+    // was sent in any field (a `detail`, a `key`, a nested `innererror`).
+    if let Some(k) = secret.filter(|k| k.len() >= 4) {
+        scrub_map(&mut obj, k);
+    }
     let message = match obj.remove("message") {
-        Some(Value::String(s)) => scrub(s),
+        Some(Value::String(s)) => s,
         Some(Value::Null) | None => format!("the upstream answered {}", status.as_u16()),
-        Some(other) => scrub(other.to_string()),
+        Some(other) => other.to_string(),
     };
     let kind = match obj.remove("type") {
         Some(Value::String(s)) if !s.is_empty() => s,
@@ -507,18 +510,6 @@ pub fn normalize_error(
             m.entry(k).or_insert(v);
         }
     }
-    // Every string the upstream wrote, not only the message: an upstream may echo the key
-    // it was sent in any field (a `detail`, a `key`, a nested `innererror`).
-    let (code, param) = match secret.filter(|k| k.len() >= 4) {
-        Some(k) => {
-            scrub_strings(&mut error_obj, k);
-            (
-                error_obj["code"].as_str().unwrap_or_default().to_string(),
-                error_obj["param"].as_str().map(str::to_string),
-            )
-        }
-        None => (code, param),
-    };
     let mut e = GatewayError::new(status, "api_error", code, message);
     e.param = param;
     e.upstream_body = Some(Bytes::from(json!({ "error": error_obj }).to_string()));

@@ -211,15 +211,9 @@ where
                 None => Name::from("unknown"),
             };
             gateway.accounting.ledger.record(LedgerRow {
-                ts_ms: ledger::now_ms(),
-                request_id: request_id.to_str().unwrap_or("").to_string(),
-                key: key.name.clone(),
-                team: key.team.clone().unwrap_or_default(),
-                route,
-                endpoint: op.path().into(),
                 status: e.status.as_u16(),
                 latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-                ..Default::default()
+                ..ledger_row(&key, request_id.to_str().unwrap_or(""), route, op)
             });
             return Err(e);
         }
@@ -424,6 +418,19 @@ where
     }
 }
 
+/// The start of a request's ledger row: when, which request, whose, where to.
+fn ledger_row(key: &ClientKey, request_id: &str, route: Name, op: api::Operation) -> LedgerRow {
+    LedgerRow {
+        ts_ms: ledger::now_ms(),
+        request_id: request_id.to_string(),
+        key: key.name.clone(),
+        team: key.team.clone().unwrap_or_default(),
+        route,
+        endpoint: op.path().into(),
+        ..Default::default()
+    }
+}
+
 /// The ledger record of a request that reached `route`, filled in further as it goes.
 fn new_record(
     gateway: &Gateway,
@@ -437,14 +444,8 @@ fn new_record(
         plan,
         admitted: None,
         row: LedgerRow {
-            ts_ms: ledger::now_ms(),
-            request_id: req.request_id_str().to_string(),
-            key: key.name.clone(),
-            team: key.team.clone().unwrap_or_default(),
             user: req.user.clone().unwrap_or_default(),
-            route: route.name.clone(),
-            endpoint: req.op.path().into(),
-            ..Default::default()
+            ..ledger_row(key, req.request_id_str(), route.name.clone(), req.op)
         },
         started: std::time::Instant::now(),
         op: req.op,
@@ -452,8 +453,7 @@ fn new_record(
         tokenizer_model: Name::default(),
         request_body: req.body.clone(),
         counters: None,
-        audio_seconds: req.audio.seconds,
-        speech_characters: req.speech_characters,
+        measured_usage: req.measured_usage(),
     }
 }
 

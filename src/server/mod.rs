@@ -518,7 +518,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 url.expose(),
                 on.budgets,
                 on.rate_limits,
-                Some(store.clone()),
+                store.clone(),
             )?)
         }
         _ => Arc::new(MemoryState::default()),
