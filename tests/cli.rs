@@ -185,16 +185,20 @@ providers:
 models:
   tts: { pricing: { per_1m_characters: 15 }, deployments: [ { provider: demo } ] }
   whisper: { pricing: { per_audio_second: -0.0001 }, deployments: [ { provider: demo } ] }
+  dalle: { pricing: { image_sizes: { standard: { 1024x1024: 0.04 } } }, deployments: [ { provider: demo } ] }
+  hd: { pricing: { image_sizes: { hd: { 1024x1024: -1 } } }, deployments: [ { provider: demo } ] }
 ",
         &[],
     );
     assert_ne!(code, 0);
-    // One error, at the whisper route's pricing (line 5): the tts route's field is known.
-    assert!(
-        err.contains(&format!("{p}:5:23: prices must be numbers >= 0")),
-        "{err}"
-    );
-    assert!(err.contains(": 1 error(s)"), "{err}");
+    // Two errors, at the whisper and hd routes' pricing (lines 5, 7): the other fields are known.
+    for line in ["5:23", "7:18"] {
+        assert!(
+            err.contains(&format!("{p}:{line}: prices must be numbers >= 0")),
+            "{err}"
+        );
+    }
+    assert!(err.contains(": 2 error(s)"), "{err}");
 }
 
 /// An unquoted `${VAR}` of digits reads as a number; where a string (a secret) is expected,

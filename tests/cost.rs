@@ -1808,3 +1808,97 @@ async fn usage_is_read_from_a_json_answer_labelled_text_plain() {
     // 300 × 2.50 + 100 × 10.00 micro-dollars.
     assert!((row.cost_usd - 0.00175).abs() < 1e-12, "{}", row.cost_usd);
 }
+
+/// Images are priced by their quality and size (`dall-e-3`'s built-in table: 0.04 standard
+/// 1024x1024 … 0.12 hd 1792x1024), reserved at the most the request may cost, and a GPT Image
+/// model by the tokens its answer reports (5 and 40 USD per 1M), reserved by its table.
+#[tokio::test]
+async fn images_are_priced_and_reserved_by_quality_and_size() {
+    let up = MockUpstream::start().await;
+    let config = config_with_routes(
+        &up,
+        "  dalle: { deployments: [ { provider: up, deployment: dall-e-3 } ] }\n  \
+         img: { deployments: [ { provider: up, deployment: gpt-image-1 } ] }\n",
+        &keys(", budget: { usd: 0.5, period: daily }"),
+    );
+    let mut gw = Gateway::start(&config).await;
+    let image = |body: Value| {
+        let gw = &gw;
+        async move {
+            let r = post(gw, "/v1/images/generations", body).await;
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    // Standard 1024x1024 by default: 0.04 (reserved 0.12: it could have been hd).
+    let (status, v) = image(json!({"model": "dalle", "prompt": "a fox"})).await;
+    assert_eq!(status, 200, "{v}");
+    // Two hd 1792x1024: 0.24 (0.28 spent).
+    let (status, v) = image(
+        json!({"model": "dalle", "prompt": "a fox", "n": 2, "quality": "hd", "size": "1792x1024"}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["data"].as_array().unwrap().len()),
+        (200, 2),
+        "{v}"
+    );
+    // A high 1024x1536 GPT image may cost 0.2496 and the prompt: more than the 0.22 left.
+    let high = json!({"model": "img", "prompt": "a fox", "quality": "high", "size": "1024x1536"});
+    let (status, v) = image(high).await;
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+    // A low one fits, and costs its tokens: 2 × 5 + 272 × 40 = 10,890 micro-dollars.
+    let low = json!({"model": "img", "prompt": "a fox", "quality": "low", "size": "1024x1024"});
+    let (status, v) = image(low).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["output_tokens"], 272, "{v}");
+    // 0.21 left: a dall-e-3 request that sends no quality may be hd (0.12 each): two are
+    // refused, two standard ones sent as such (0.08) are not.
+    let (status, v) = image(json!({"model": "dalle", "prompt": "a fox", "n": 2})).await;
+    assert_eq!(status, 429, "{v}");
+    let (status, v) =
+        image(json!({"model": "dalle", "prompt": "a fox", "n": 2, "quality": "standard", "size": "1024x1024"}))
+            .await;
+    assert_eq!(status, 200, "{v}");
+
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let got: Vec<(String, u16, f64)> = rows
+        .iter()
+        .map(|r| (r.route.to_string(), r.status, r.cost_usd))
+        .collect();
+    let expected = [
+        ("dalle", 200, 0.04),
+        ("dalle", 200, 0.24),
+        ("img", 429, 0.0),
+        ("img", 200, 0.01089),
+        ("dalle", 429, 0.0),
+        ("dalle", 200, 0.08),
+    ];
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for ((route, status, cost), (r, s, c)) in got.iter().zip(expected) {
+        assert_eq!((route.as_str(), *status), (r, s), "{got:?}");
+        assert!((cost - c).abs() < 1e-12, "{got:?}");
+    }
+}
+
+/// A streamed GPT image's partial images are billed as 100 output tokens each: three of
+/// them (0.012) with a low 1024x1024 image (0.01088) are more than a 0.02 budget.
+#[tokio::test]
+async fn partial_images_are_reserved() {
+    let up = MockUpstream::start().await;
+    let config = config_with_routes(
+        &up,
+        "  img: { deployments: [ { provider: up, deployment: gpt-image-1 } ] }\n",
+        &keys(", budget: { usd: 0.02, period: daily }"),
+    );
+    let gw = Gateway::start(&config).await;
+    let low = json!({"model": "img", "prompt": "a fox", "quality": "low", "size": "1024x1024",
+        "stream": true, "partial_images": 3});
+    let r = post(&gw, "/v1/images/generations", low).await;
+    assert_eq!(r.status(), 429);
+    let low = json!({"model": "img", "prompt": "a fox", "quality": "low", "size": "1024x1024"});
+    let r = post(&gw, "/v1/images/generations", low).await;
+    assert_eq!(r.status(), 200);
+}

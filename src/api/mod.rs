@@ -217,6 +217,8 @@ pub struct ApiRequest {
     pub audio: audio::AudioLength,
     /// The characters of `input` to be spoken (`audio/speech`), as the upstream bills them.
     pub speech_characters: u64,
+    /// What an `images/generations` request's price depends on.
+    pub image: Option<crate::ledger::cost::ImageAsk>,
     /// The output cap the gateway sets upstream when the client set none and a budget
     /// applies, so the request cannot cost more than it reserved. Set by the handler.
     pub output_cap: Option<u64>,
@@ -280,6 +282,7 @@ impl ApiRequest {
         let mut user = None;
         let mut client_wants_usage = false;
         let mut speech_characters = 0;
+        let mut image = None;
         let (payload, stream) = if op.is_multipart() {
             let ct = headers
                 .get(http::header::CONTENT_TYPE)
@@ -312,6 +315,26 @@ impl ApiRequest {
                     .field("input")
                     .and_then(|i| serde_json::from_str::<std::borrow::Cow<'_, str>>(i.get()).ok())
                     .map_or(0, |i| i.chars().count() as u64);
+            }
+            if op == Operation::ImagesGenerations {
+                // A value that is not a string is not one the table lists: priced as the most.
+                let text = |f: &str| {
+                    head.field(f).and_then(|v| {
+                        (v.get() != "null").then(|| {
+                            serde_json::from_str::<String>(v.get())
+                                .unwrap_or_else(|_| v.get().to_string())
+                        })
+                    })
+                };
+                image = Some(crate::ledger::cost::ImageAsk {
+                    quality: text("quality"),
+                    size: text("size"),
+                    partial_images: if stream {
+                        head.uint("partial_images")?.unwrap_or(0)
+                    } else {
+                        0
+                    },
+                });
             }
             let usage =
                 if stream && matches!(op, Operation::ChatCompletions | Operation::Completions) {
@@ -375,6 +398,7 @@ impl ApiRequest {
             choices,
             audio: audio::AudioLength::default(),
             speech_characters,
+            image,
             output_cap: None,
             client_set_cap_field,
             user,

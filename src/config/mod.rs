@@ -479,7 +479,16 @@ impl Checker<'_> {
                 pr.audio_input_per_1m,
                 pr.audio_output_per_1m,
             ];
-            if all.iter().flatten().any(|v| !(v.is_finite() && *v >= 0.0)) {
+            let sized = pr
+                .image_sizes
+                .iter()
+                .flat_map(|t| t.values().flat_map(|s| s.values()));
+            if all
+                .iter()
+                .flatten()
+                .chain(sized)
+                .any(|v| !(v.is_finite() && *v >= 0.0))
+            {
                 self.error(&path, "prices must be numbers >= 0");
             }
         }

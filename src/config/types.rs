@@ -331,6 +331,10 @@ pub struct Pricing {
     /// when not set.
     pub audio_input_per_1m: Option<f64>,
     pub audio_output_per_1m: Option<f64>,
+    /// USD per generated image by `quality`, then `size` (`hd: { 1024x1792: 0.12 }`);
+    /// `per_image` is the price of what it does not list.
+    pub image_sizes:
+        Option<std::collections::BTreeMap<String, std::collections::BTreeMap<String, f64>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

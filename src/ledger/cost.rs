@@ -2,7 +2,7 @@
 //! (chat, completions, embeddings, responses, images, audio) or from stream events; where an
 //! upstream reports none, tokens are counted with a real tokenizer and marked estimated.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -497,6 +497,71 @@ pub struct Media {
     pub characters: u64,
 }
 
+/// What an image request asks for that its price depends on (`images/generations`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageAsk {
+    /// `quality`, when the request sends one.
+    pub quality: Option<String>,
+    /// `size`, when the request sends one.
+    pub size: Option<String>,
+    /// `partial_images` of a streamed request: each is billed as 100 more output tokens.
+    pub partial_images: u64,
+}
+
+/// Per-image prices by quality and size (`pricing.image_sizes`), resolved at config load.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePrices {
+    /// (quality, size, USD per image).
+    entries: Vec<(String, String, f64)>,
+    max: f64,
+}
+
+impl ImagePrices {
+    pub fn new(table: &BTreeMap<String, BTreeMap<String, f64>>) -> Option<ImagePrices> {
+        let entries: Vec<(String, String, f64)> = table
+            .iter()
+            .flat_map(|(q, sizes)| sizes.iter().map(|(s, usd)| (q.clone(), s.clone(), *usd)))
+            .collect();
+        let max = entries.iter().map(|e| e.2).fold(f64::NAN, f64::max);
+        (!entries.is_empty()).then_some(ImagePrices { entries, max })
+    }
+
+    /// The highest price of the table.
+    pub fn max(&self) -> f64 {
+        self.max
+    }
+
+    /// The price of one image as the ledger counts it: the listed price of the request's
+    /// quality and size, a quality not sent counting as `standard` and a size not sent as
+    /// `1024x1024` (OpenAI's defaults for DALL·E); `other` (the deployment's `per_image`, else
+    /// the table's highest price) for what the table does not list.
+    pub fn unit(&self, ask: &ImageAsk, other: f64) -> f64 {
+        let q = ask.quality.as_deref().unwrap_or("standard");
+        let s = ask.size.as_deref().unwrap_or("1024x1024");
+        self.entries
+            .iter()
+            .find(|e| e.0 == q && e.1 == s)
+            .map_or(other, |e| e.2)
+    }
+
+    /// The most one image can cost: the highest price among the entries that match what the
+    /// request sends (a quality or size not sent may be any the table lists; `auto` may be
+    /// any); the highest of the table and `other` when it sends something the table does not
+    /// list.
+    pub fn bound(&self, ask: &ImageAsk, other: f64) -> f64 {
+        let fits = |sent: &Option<String>, listed: &str| match sent.as_deref() {
+            None | Some("auto") => true,
+            Some(v) => v == listed,
+        };
+        self.entries
+            .iter()
+            .filter(|e| fits(&ask.quality, &e.0) && fits(&ask.size, &e.1))
+            .map(|e| e.2)
+            .reduce(f64::max)
+            .unwrap_or(self.max.max(other))
+    }
+}
+
 /// Prices of one deployment, resolved at config load.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Price {
@@ -516,7 +581,16 @@ impl From<&Pricing> for Price {
             input_per_1m: p.input_per_1m,
             cached_input_per_1m: p.cached_input_per_1m.unwrap_or(p.input_per_1m),
             output_per_1m: p.output_per_1m,
-            per_image: p.per_image.unwrap_or(0.0),
+            // Without a flat price, what `image_sizes` does not list costs its highest.
+            per_image: p
+                .per_image
+                .or_else(|| {
+                    p.image_sizes
+                        .as_ref()
+                        .and_then(ImagePrices::new)
+                        .map(|t| t.max)
+                })
+                .unwrap_or(0.0),
             per_audio_second: p.per_audio_second.unwrap_or(0.0),
             per_1m_characters: p.per_1m_characters.unwrap_or(0.0),
             audio_input_per_1m: p.audio_input_per_1m.unwrap_or(p.input_per_1m),
@@ -534,6 +608,12 @@ impl Price {
         let audio_prompt = u.audio_prompt.min(u.prompt - cached);
         let text_prompt = u.prompt - cached - audio_prompt;
         let audio_completion = u.audio_completion.min(u.completion);
+        // An image model that reports its tokens (`gpt-image-1`) is billed by them, not by the
+        // image, when the deployment has token prices.
+        let by_tokens = !u.estimated
+            && u.prompt + u.completion > 0
+            && (self.input_per_1m > 0.0 || self.output_per_1m > 0.0);
+        let images = if by_tokens { 0 } else { u.images };
         (text_prompt as f64 * self.input_per_1m
             + cached as f64 * self.cached_input_per_1m
             + audio_prompt as f64 * self.audio_input_per_1m
@@ -541,7 +621,7 @@ impl Price {
             + audio_completion as f64 * self.audio_output_per_1m
             + u.characters as f64 * self.per_1m_characters)
             / 1_000_000.0
-            + u.images as f64 * self.per_image
+            + images as f64 * self.per_image
             + u.audio_seconds * self.per_audio_second
     }
 
@@ -580,10 +660,15 @@ fn table() -> &'static HashMap<String, Pricing> {
 /// names a speech or transcription model, which is billed by other units than the chat model
 /// its name starts with (`gpt-4o-mini-tts` is not `gpt-4o-mini`).
 pub fn builtin_price(model: &str) -> Option<Price> {
+    builtin_pricing(model).map(Price::from)
+}
+
+/// The built-in table's entry for a model, found as `builtin_price` finds it.
+pub fn builtin_pricing(model: &str) -> Option<&'static Pricing> {
     let t = table();
     let m = model.to_ascii_lowercase();
     if let Some(p) = t.get(&m) {
-        return Some(p.into());
+        return Some(p);
     }
     t.iter()
         .filter(|(k, _)| {
@@ -594,7 +679,7 @@ pub fn builtin_price(model: &str) -> Option<Price> {
             })
         })
         .max_by_key(|(k, _)| k.len())
-        .map(|(_, p)| p.into())
+        .map(|(_, p)| p)
 }
 
 /// Tokens of a text with the tokenizer of the model's family (o200k for the GPT-4o, 4.1 and
@@ -794,6 +879,83 @@ mod tests {
         };
         // 600 × 2.50 + 400 × 1.25 + 100 × 10.00 = 1500 + 500 + 1000 micro-dollars
         assert!((p.cost(&u) - 0.003).abs() < 1e-12);
+    }
+
+    /// Every entry of the built-in table is read (an entry that fails to parse would be
+    /// dropped without a word).
+    #[test]
+    fn every_builtin_entry_parses() {
+        let raw: HashMap<String, Value> =
+            serde_json::from_str(include_str!("prices.json")).unwrap();
+        let entries = raw.keys().filter(|k| !k.starts_with('_')).count();
+        assert_eq!(table().len(), entries);
+    }
+
+    #[test]
+    fn image_prices_by_quality_and_size() {
+        let ask = |q: Option<&str>, s: Option<&str>| ImageAsk {
+            quality: q.map(str::to_string),
+            size: s.map(str::to_string),
+            partial_images: 0,
+        };
+        let p = builtin_pricing("dall-e-3").unwrap();
+        let t = ImagePrices::new(p.image_sizes.as_ref().unwrap()).unwrap();
+        let flat = Price::from(p).per_image;
+        // Without `per_image`, what the table does not list costs its most.
+        assert_eq!(flat, 0.12);
+        // The ledger: OpenAI's defaults when not sent, the listed price when listed.
+        assert_eq!(t.unit(&ask(None, None), flat), 0.04);
+        assert_eq!(t.unit(&ask(Some("hd"), Some("1792x1024")), flat), 0.12);
+        assert_eq!(
+            t.unit(&ask(Some("standard"), Some("1024x1792")), flat),
+            0.08
+        );
+        assert_eq!(t.unit(&ask(Some("hd"), None), flat), 0.08);
+        assert_eq!(t.unit(&ask(Some("ultra"), None), flat), 0.12);
+        // The bound: the most of what the request may get.
+        assert_eq!(t.bound(&ask(None, None), flat), 0.12);
+        assert_eq!(t.bound(&ask(Some("standard"), None), flat), 0.08);
+        assert_eq!(t.bound(&ask(None, Some("1024x1024")), flat), 0.08);
+        assert_eq!(
+            t.bound(&ask(Some("standard"), Some("1024x1024")), flat),
+            0.04
+        );
+        assert_eq!(t.bound(&ask(Some("standard"), Some("512x512")), flat), 0.12);
+        assert_eq!(t.bound(&ask(Some("standard"), Some("512x512")), 0.5), 0.5);
+        // gpt-image-1: `auto` may be any; the answer's tokens are what it costs.
+        let g = builtin_pricing("gpt-image-1-2025-04-15").unwrap();
+        let gt = ImagePrices::new(g.image_sizes.as_ref().unwrap()).unwrap();
+        let gp = Price::from(g);
+        assert_eq!(
+            gt.bound(&ask(Some("auto"), Some("auto")), gp.per_image),
+            0.2496
+        );
+        assert_eq!(gt.bound(&ask(Some("low"), None), gp.per_image), 0.01632);
+        let u = Usage {
+            prompt: 10,
+            completion: 4160,
+            images: 1,
+            ..Default::default()
+        };
+        // 10 × 5 + 4160 × 40 = 166,450 micro-dollars; no price per image on top.
+        assert!((gp.cost(&u) - 0.16645).abs() < 1e-12);
+        // Without reported tokens, by the image.
+        let mut priced = gp;
+        priced.per_image = gt.unit(&ask(Some("high"), Some("1024x1024")), gp.per_image);
+        let estimated = Usage {
+            prompt: 10,
+            images: 2,
+            estimated: true,
+            ..Default::default()
+        };
+        assert!((priced.cost(&estimated) - (50e-6 + 2.0 * 0.1664)).abs() < 1e-12);
+        // A DALL·E answer reports no tokens: by the image.
+        let d = Price::from(p);
+        let dall_e = Usage {
+            images: 2,
+            ..Default::default()
+        };
+        assert!((d.cost(&dall_e) - 0.24).abs() < 1e-12);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use rand::Rng;
 use crate::api::ApiRequest;
 use crate::config::{Loaded, Pricing, Strategy};
 use crate::error::GatewayError;
-use crate::ledger::cost::{builtin_price, Media, Price};
+use crate::ledger::cost::{builtin_pricing, ImagePrices, Media, Price};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
 use crate::telemetry::metrics;
@@ -52,6 +52,8 @@ pub struct Deployment {
     pub price: Price,
     /// Whether `price` came from anywhere (an unpriced deployment is never "cheapest").
     pub priced: bool,
+    /// Per-image prices by quality and size, where the pricing has `image_sizes`.
+    pub image_prices: Option<Arc<ImagePrices>>,
     pub state: Arc<DeploymentState>,
     /// The upstream URL of each operation (by `Operation as usize`), made at load.
     pub targets: Box<[Option<http::Uri>]>,
@@ -81,17 +83,16 @@ pub type Routes = IndexMap<String, Arc<Route>>;
 
 /// The price of a deployment: its `pricing:`, the route's, or the built-in table by the
 /// underlying `model:` or the deployment name.
-fn resolve_price(
-    deployment: Option<&Pricing>,
-    route: Option<&Pricing>,
+fn resolve_price<'a>(
+    deployment: Option<&'a Pricing>,
+    route: Option<&'a Pricing>,
     model: Option<&str>,
     upstream: &str,
-) -> Option<Price> {
+) -> Option<&'a Pricing> {
     deployment
         .or(route)
-        .map(Price::from)
-        .or_else(|| model.and_then(builtin_price))
-        .or_else(|| builtin_price(upstream))
+        .or_else(|| model.and_then(builtin_pricing))
+        .or_else(|| builtin_pricing(upstream))
 }
 
 /// `by_connect_timeout`: the providers over a client with another connect timeout, for the
@@ -144,8 +145,12 @@ pub fn build_routes(
                 priority: d.priority,
                 rpm: d.rpm,
                 tpm: d.tpm,
-                price: price.unwrap_or_default(),
+                price: price.map(Price::from).unwrap_or_default(),
                 priced: price.is_some(),
+                image_prices: price
+                    .and_then(|p| p.image_sizes.as_ref())
+                    .and_then(ImagePrices::new)
+                    .map(Arc::new),
             });
         }
         let routing = &c.routing;
@@ -324,7 +329,9 @@ impl Route {
     /// `n`), its audio's length and the characters it has spoken, on the most expensive deployment of this route and of every route it may fall
     /// back to.
     pub fn worst_case_usd(&self, req: &ApiRequest, routes: &Routes) -> f64 {
-        let out = self.output_cap(req).saturating_mul(req.choices);
+        // A streamed image's partial images are billed as 100 output tokens each.
+        let partial = req.image.as_ref().map_or(0, |a| a.partial_images * 100);
+        let out = (self.output_cap(req) + partial).saturating_mul(req.choices);
         let media = Media {
             audio_seconds: req.audio.bound_seconds,
             characters: req.speech_characters,
@@ -339,8 +346,12 @@ impl Route {
             .chain(fallbacks.map(|r| r.as_ref()))
             .flat_map(|r| r.deployments.iter())
             .map(|d| {
-                d.price.worst_case(req.prompt_bound, out, &media)
-                    + d.price.per_image * (req.choices.saturating_sub(1)) as f64
+                let mut p = d.price;
+                if let (Some(t), Some(ask)) = (&d.image_prices, &req.image) {
+                    p.per_image = t.bound(ask, p.per_image);
+                }
+                p.worst_case(req.prompt_bound, out, &media)
+                    + p.per_image * (req.choices.saturating_sub(1)) as f64
             })
             .fold(0.0, f64::max)
     }
@@ -521,6 +532,9 @@ impl Route {
             served.provider.clone_from(&d.provider.name);
             served.attempts += 1;
             served.price = d.price;
+            if let (Some(t), Some(ask)) = (&d.image_prices, &req.image) {
+                served.price.per_image = t.unit(ask, d.price.per_image);
+            }
             served.metrics = Some(d.metrics.clone());
             served.tokenizer_model.clone_from(&d.tokenizer_model);
             d.state.take_quota(tokens);

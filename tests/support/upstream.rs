@@ -1279,6 +1279,54 @@ fn images(body: &Value) -> Reply {
         return error_reply(400, "'prompt' is a required property", None);
     };
     let n = body["n"].as_u64().unwrap_or(1).clamp(1, 10);
+    // GPT Image models answer base64 only, with their size and quality and the tokens they
+    // bill: the prompt's, and a fixed count per image by quality and size (OpenAI's table).
+    if let Some(model) = body["model"]
+        .as_str()
+        .filter(|m| m.starts_with("gpt-image"))
+    {
+        let quality = match body["quality"].as_str() {
+            None | Some("auto") => "medium",
+            Some(q) => q,
+        };
+        let size = match body["size"].as_str() {
+            None | Some("auto") => "1024x1024",
+            Some(s) => s,
+        };
+        let per_image = match (quality, size) {
+            ("low", "1024x1024") => 272,
+            ("low", "1024x1536") => 408,
+            ("low", "1536x1024") => 400,
+            ("medium", "1024x1024") => 1056,
+            ("medium", "1024x1536") => 1584,
+            ("medium", "1536x1024") => 1568,
+            ("high", "1024x1024") => 4160,
+            ("high", "1024x1536") => 6240,
+            ("high", "1536x1024") => 6208,
+            _ => {
+                return error_reply(
+                    400,
+                    &format!("Invalid value for quality/size: '{quality}' '{size}' ({model})"),
+                    Some("quality"),
+                )
+            }
+        };
+        let input = (prompt.len() as u64).div_ceil(4);
+        let output = per_image * n;
+        let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": TINY_PNG_B64})).collect();
+        return json_reply(
+            200,
+            &json!({
+                "created": CREATED, "data": data, "background": "opaque",
+                "output_format": "png", "quality": quality, "size": size,
+                "usage": {
+                    "input_tokens": input, "output_tokens": output,
+                    "total_tokens": input + output,
+                    "input_tokens_details": {"text_tokens": input, "image_tokens": 0},
+                },
+            }),
+        );
+    }
     let url = body["response_format"].as_str() == Some("url");
     let data: Vec<Value> = (0..n)
         .map(|i| {
