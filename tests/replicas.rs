@@ -164,6 +164,8 @@ providers:
 models:
   slow: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slow }} ] }}
   fast: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: fast }} ] }}
+  free: {{ pricing: {{ input_per_1m: 0, output_per_1m: 0 }}, deployments: [ {{ provider: fast }} ] }}
+  tiny: {{ pricing: {{ input_per_1m: 0.01, output_per_1m: 0.01 }}, deployments: [ {{ provider: fast }} ] }}
 keys:
   - {{ name: budgeted, key: "sha256:{h1}"{key_extra} }}
   - {{ name: limited, key: "sha256:{h2}"{open_extra} }}
@@ -548,6 +550,61 @@ async fn a_budget_is_seeded_again_from_the_ledger_when_redis_loses_its_data() {
     let small =
         json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(post(&gw, KEY, &small).await.status(), 200);
+    drop(gw);
+    pg.drop_db().await;
+}
+
+/// A request on a route priced at 0 under a budget reserves and costs 0: its settlement
+/// works like any other (it failed, and the reconnect that followed refused requests with
+/// 503 `state_unavailable`).
+#[tokio::test]
+async fn a_free_request_under_a_budget_settles() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), ", budget: { usd: 1, period: daily }", "");
+    let gw = Gateway::start(&cfg).await;
+    let body = json!({"model": "free", "messages": [{"role": "user", "content": "hi"}]});
+    for round in 0..5 {
+        let results = join_all((0..8).map(|_| post(&gw, KEY, &body))).await;
+        for r in results {
+            assert_eq!(
+                r.status(),
+                200,
+                "round {round}: {}",
+                r.text().await.unwrap()
+            );
+        }
+    }
+    let metrics = reqwest::get(gw.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("switchyard_state_errors_total{operation=\"settle\"} 0\n"),
+        "{metrics}"
+    );
+    assert!(!gw.logs().contains("settlement failed"), "{}", gw.logs());
+    // A cost below a micro-dollar (Redis counts whole ones) is counted, not lost: each
+    // rounded up.
+    let tiny = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        assert_eq!(post(&gw, KEY, &tiny).await.status(), 200);
+    }
+    // The ledger's rows are written within 250 ms.
+    let mut spend = gw.get_json("/admin/spend", "admin").await;
+    for _ in 0..40 {
+        if spend["rows"].as_array().is_some_and(|r| !r.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        spend = gw.get_json("/admin/spend", "admin").await;
+    }
+    let spent = spend["budgets"][0]["spent_usd"].as_f64().unwrap();
+    let ledger = spend["total_cost_usd"].as_f64().unwrap();
+    assert!(ledger > 0.0 && ledger < 3e-6, "{spend}");
+    assert!((spent - 3e-6).abs() < 1e-12, "{spend}");
     drop(gw);
     pg.drop_db().await;
 }

@@ -79,7 +79,8 @@ end
 local out = {}
 for j = 1, m do
   local b = KEYS[2*n+j]; local soft = tonumber(ARGV[6+j])
-  if redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
+  -- Lua's -0 reaches Redis as the text "-0", which HINCRBY refuses: nothing to release anyway.
+  if worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
   local before = tonumber(redis.call('HGET', b, 's') or '0')
   local after = redis.call('HINCRBY', b, 's', cost)
   local crossed = 0
@@ -115,9 +116,11 @@ fn micros(usd: f64) -> i64 {
     (usd * 1e6).round() as i64
 }
 
-/// Reserve whole micro-dollars, rounded up, so rounding never lets a request through.
+/// Whole micro-dollars, rounded up (past a pico-dollar of float noise: 3 × 0.000001 is
+/// 3.0000000000000004e-6), so rounding never lets a request through, nor a cost below a
+/// micro-dollar go uncounted.
 fn micros_up(usd: f64) -> i64 {
-    (usd * 1e6).ceil() as i64
+    (usd * 1e6 - 1e-6).ceil().max(0.0) as i64
 }
 
 pub struct RedisState {
@@ -248,7 +251,7 @@ impl RedisState {
     ) -> Result<(), redis::RedisError> {
         let mut inv = self.seed.prepare_invoke();
         inv.key(budget_key(&budget.id, period_start))
-            .arg(micros(spent))
+            .arg(micros_up(spent))
             .arg(budget.soft_usd.map_or(-1, micros))
             .arg(budget_ttl(budget, crate::ledger::now_ms()));
         match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<i64>(conn)).await {
@@ -445,7 +448,7 @@ impl RedisState {
             .arg(plan.tokens)
             .arg(actual.tokens)
             .arg(micros_up(plan.worst_usd))
-            .arg(micros(actual.cost_usd));
+            .arg(micros_up(actual.cost_usd));
         for b in plan.budgets.iter() {
             inv.arg(b.soft_usd.map_or(-1, micros));
         }
@@ -453,9 +456,21 @@ impl RedisState {
             .await
         {
             Ok(Ok(r)) => r,
-            _ => {
+            Ok(Err(e)) => {
                 crate::telemetry::metrics::state_error("settle");
-                tracing::error!("Redis settlement failed; the reservation expires with its period");
+                tracing::error!(error = %e, "Redis settlement failed; the reservation expires with its period");
+                // An answer of Redis's own (a script's error) is no reason to drop the
+                // connection, and refuse admissions while it is made again.
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    self.reconnect();
+                }
+                return Vec::new();
+            }
+            Err(_) => {
+                crate::telemetry::metrics::state_error("settle");
+                tracing::error!(
+                    "Redis settlement timed out; the reservation expires with its period"
+                );
                 self.reconnect();
                 return Vec::new();
             }
