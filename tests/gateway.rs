@@ -779,6 +779,83 @@ async fn reload_by_admin_api_signal_and_file_change_and_bad_configs_are_refused(
     }
 }
 
+/// The file watcher loads a file once its writer is done with it: a file written in two
+/// steps is not loaded at the first (valid YAML, without `keys:`, it turned client
+/// authentication off between the two). And no reload turns authentication off or leaves no
+/// route: not an emptied file, not a config without keys sent to `/admin/reload`.
+#[tokio::test]
+async fn a_half_written_or_emptied_config_is_not_loaded_and_no_reload_turns_auth_off() {
+    use std::io::Write;
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "")).await;
+    let c = client();
+    let keyless = || {
+        c.post(gw.url("/v1/chat/completions"))
+            .body(r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+    };
+    assert_eq!(keyless().await.unwrap().status(), 401);
+    let original = std::fs::read_to_string(gw.config_path()).unwrap();
+    let with_new = original.replace(
+        "  demo: { deployments:",
+        "  demo2: { deployments: [ { provider: demo } ] }\n  demo: { deployments:",
+    );
+    let other = || {
+        c.post(gw.url("/v1/chat/completions"))
+            .bearer_auth(OTHER_KEY)
+            .body(r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+    };
+    assert_eq!(other().await.unwrap().status(), 200);
+    // Cut after the first key: valid, and without the second.
+    let cut = with_new.find("  - { name: limited").unwrap();
+    let mut f = std::fs::File::create(gw.config_path()).unwrap();
+    f.write_all(&with_new.as_bytes()[..cut]).unwrap();
+    f.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(other().await.unwrap().status(), 200, "{}", gw.logs());
+    f.write_all(&with_new.as_bytes()[cut..]).unwrap();
+    drop(f);
+    let mut loaded = false;
+    for _ in 0..100 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .body(r#"{"model":"demo2","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(loaded, "the whole file was not loaded:\n{}", gw.logs());
+    assert_eq!(keyless().await.unwrap().status(), 401);
+
+    // Emptied: refused, the old config serves.
+    std::fs::write(gw.config_path(), "").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(gw.logs().contains("no `models:`"), "{}", gw.logs());
+    assert_eq!(keyless().await.unwrap().status(), 401);
+
+    // Without keys, asked for: refused with the reason.
+    let no_keys = &with_new[..with_new.find("keys:").unwrap()];
+    std::fs::write(gw.config_path(), no_keys).unwrap();
+    let resp = c
+        .post(gw.url("/admin/reload"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(status, 400);
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("without client authentication"), "{msg}");
+    assert_eq!(keyless().await.unwrap().status(), 401);
+}
+
 /// A reload that changes fields read only at start applies everything else and logs one
 /// warning per such field, naming it; the old values stay in force (the ledger is not
 /// reopened on the new URL).

@@ -365,6 +365,28 @@ impl Gateway {
 
     /// Reads, checks and swaps in the config file. A bad config is refused, logged, and the
     /// current one keeps serving.
+    /// What a reload may not do, valid as the new config is: turn client authentication off
+    /// (a file caught half-written before its `keys:`, or emptied, would do it silently), or
+    /// leave no route at all. A restart may.
+    fn refuse_unsafe(&self, new: &config::Config) -> Result<(), String> {
+        let old = self.runtime.load();
+        if !old.loaded.config.models.is_empty() && new.models.is_empty() {
+            return Err(
+                "the new config has no `models:` (an empty or half-written file?): a \
+                 reload never leaves the gateway without routes (restart it to)"
+                    .to_string(),
+            );
+        }
+        if !old.loaded.config.keys.is_empty() && new.keys.is_empty() {
+            return Err(
+                "the new config has no `keys:`, so it would serve without client \
+                 authentication: a reload never turns that off (restart the gateway to)"
+                    .to_string(),
+            );
+        }
+        Ok(())
+    }
+
     pub async fn reload(&self, trigger: &str) -> Result<u64, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let path = self.config_path.clone();
@@ -373,6 +395,7 @@ impl Gateway {
             .map_err(|e| format!("reload task failed: {e}"))
             .and_then(|r| r.map_err(|e| e.to_string()))
             .and_then(|loaded| {
+                self.refuse_unsafe(&loaded.config)?;
                 let generation = self.generation.load(Ordering::SeqCst) + 1;
                 Runtime::build(loaded, generation, &self.registry)
             });
@@ -726,8 +749,22 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     let file_name = path.file_name().map(|f| f.to_os_string());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
         let Ok(ev) = ev else { return };
-        if matches!(ev.kind, notify::EventKind::Access(_)) {
+        // A file is whole when its writer closes it, or when it is renamed or linked into
+        // place (sed -i, vim, a ConfigMap's `..data` swap): a write alone may be half of
+        // one, and a half-written file can be valid YAML. Where the system does not report
+        // closes (not Linux), every write counts, and the pause below must do.
+        let whole = match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                !cfg!(target_os = "linux")
+            }
+            EventKind::Modify(ModifyKind::Metadata(_)) => false,
+            _ => true,
+        };
+        if !whole {
             return;
         }
         let ours = ev.paths.iter().any(|p| {
