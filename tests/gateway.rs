@@ -856,6 +856,47 @@ async fn a_half_written_or_emptied_config_is_not_loaded_and_no_reload_turns_auth
     assert_eq!(keyless().await.unwrap().status(), 401);
 }
 
+/// A config file that is a symlink into another folder is reloaded when its target changes
+/// there.
+#[tokio::test]
+async fn a_config_linked_from_another_folder_reloads_when_its_target_changes() {
+    let up = MockUpstream::start().await;
+    let real = tempfile::tempdir().unwrap();
+    let target = real.path().join("switchyard.yaml");
+    std::fs::write(&target, "").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("routes.yaml")).unwrap();
+    // Written through the link, to the target.
+    let gw = Gateway::start_in(&config(&up, ""), dir).await;
+    let original = std::fs::read_to_string(&target).unwrap();
+    assert!(original.contains("models:"));
+    std::fs::write(
+        &target,
+        original.replace(
+            "  demo: { deployments:",
+            "  demo2: { deployments: [ { provider: demo } ] }\n  demo: { deployments:",
+        ),
+    )
+    .unwrap();
+    let c = client();
+    let mut loaded = false;
+    for _ in 0..60 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .body(r#"{"model":"demo2","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(loaded, "the target's change did not reload:\n{}", gw.logs());
+}
+
 /// A reload that changes fields read only at start applies everything else and logs one
 /// warning per such field, naming it; the old values stay in force (the ledger is not
 /// reopened on the new URL).

@@ -747,6 +747,18 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
         _ => PathBuf::from("."),
     };
     let file_name = path.file_name().map(|f| f.to_os_string());
+    // A config that is a symlink into another folder (not a ConfigMap's, whose swap shows in
+    // this one) changes there: that folder is watched too, for the target's name.
+    let target = std::fs::canonicalize(&path).ok().filter(|t| {
+        t.parent() != std::fs::canonicalize(&dir).ok().as_deref()
+            && !t
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with(".."))
+    });
+    let target_name = target
+        .as_ref()
+        .and_then(|t| t.file_name())
+        .map(|f| f.to_os_string());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
@@ -768,7 +780,9 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
             return;
         }
         let ours = ev.paths.iter().any(|p| {
-            p.file_name().map(|f| f.to_os_string()) == file_name
+            let name = p.file_name().map(|f| f.to_os_string());
+            name == file_name
+                || (target_name.is_some() && name == target_name)
                 // ConfigMaps swap a `..data` symlink; the file name itself never changes.
                 || p.file_name().is_some_and(|f| f == "..data")
         });
@@ -786,6 +800,11 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
         tracing::warn!(error = %e, "cannot watch the config folder; reload with SIGHUP or POST /admin/reload");
         return;
+    }
+    if let Some(folder) = target.as_deref().and_then(Path::parent) {
+        if let Err(e) = watcher.watch(folder, RecursiveMode::NonRecursive) {
+            tracing::warn!(error = %e, "cannot watch the folder the config file links to; reload with SIGHUP or POST /admin/reload");
+        }
     }
     tokio::spawn(async move {
         let _keep_watching = watcher;
