@@ -1490,3 +1490,24 @@ async fn upstream_encodings_and_x_should_retry_reach_the_client() {
     let (_, e) = error_of(resp).await;
     assert_eq!(e["error"]["code"], "insufficient_quota", "{e}");
 }
+
+/// An upstream that ignores `stream: true` and answers one JSON body with its length: the
+/// client gets that answer whole (the connection died: the body's size hint broke an
+/// assertion once the gateway had taken its first frame to time it).
+#[tokio::test]
+async fn a_streamed_request_answered_with_plain_json_gets_it_whole() {
+    let (up, gw) = setup().await;
+    let answer = r#"{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#;
+    for _ in 0..2 {
+        up.script(Scripted::respond(200, answer));
+        let resp = post(
+            &gw,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.unwrap(), answer);
+    }
+    assert!(!gw.logs().contains("panicked"), "{}", gw.logs());
+}

@@ -299,10 +299,12 @@ impl Body for TrackedBody {
             .and_then(|f| f.data_ref())
             .map(|d| d.len() as u64)
         {
-            h.set_lower(h.lower() + len);
+            // Upper first: each setter asserts the two stay in order (an exact hint has
+            // lower = upper).
             if let Some(u) = h.upper() {
                 h.set_upper(u + len);
             }
+            h.set_lower(h.lower() + len);
         }
         h
     }
