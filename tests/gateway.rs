@@ -1511,3 +1511,71 @@ async fn a_streamed_request_answered_with_plain_json_gets_it_whole() {
     }
     assert!(!gw.logs().contains("panicked"), "{}", gw.logs());
 }
+
+/// A field sent twice is refused: the gateway would read the first, most upstreams the last
+/// (a key allowed only `demo` reached `gpt-4o`; a `max_tokens` reserved as 1 went out as 10^8).
+#[tokio::test]
+async fn a_field_sent_twice_is_refused() {
+    let (up, gw) = setup().await;
+    let limited = |body: &'static str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(OTHER_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for (body, param) in [
+        (
+            r#"{"model":"demo","model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+            "model",
+        ),
+        (
+            r#"{"model":"demo","max_tokens":1,"messages":[],"max_tokens":100000000}"#,
+            "max_tokens",
+        ),
+        (
+            r#"{"model":"demo","m\u006fdel":"gpt-4o","messages":[]}"#,
+            "model",
+        ),
+    ] {
+        let (status, v) = error_of(limited(body).await.unwrap()).await;
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{v}"
+        );
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("more than once"),
+            "{v}"
+        );
+    }
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(vec![0u8; 64]).file_name("a.wav"),
+        )
+        .text("model", "whisper")
+        .text("model", "gpt-4o");
+    let resp = client()
+        .post(gw.url("/v1/audio/transcriptions"))
+        .bearer_auth(CLIENT_KEY)
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = error_of(resp).await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("model")),
+        "{v}"
+    );
+    assert_eq!(up.request_count(), 0);
+    // Once each is fine.
+    let ok =
+        limited(r#"{"model":"demo","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!(ok.await.unwrap().status(), 200);
+}

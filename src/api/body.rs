@@ -70,7 +70,20 @@ impl<'a> JsonHead<'a> {
             ));
         }
         match serde_json::from_slice::<Fields<'a>>(body) {
-            Ok(f) => Ok(JsonHead { body, fields: f.0 }),
+            Ok(f) => {
+                // A field twice would be read by the gateway at its first and by most
+                // upstreams at its last: a `model` routed, allowed and priced as one and
+                // served as another, a `max_tokens` reserved as 1 and sent as 10^8.
+                for (i, (k, _)) in f.0.iter().enumerate() {
+                    if f.0[..i].iter().any(|(seen, _)| seen == k) {
+                        return Err(GatewayError::invalid_request(format!(
+                            "the request body has the field `{k}` more than once"
+                        ))
+                        .with_param(k.to_string()));
+                    }
+                }
+                Ok(JsonHead { body, fields: f.0 })
+            }
             Err(e) if e.is_data() => Err(GatewayError::invalid_request(format!(
                 "the request body must be a JSON object (line {} column {})",
                 e.line(),

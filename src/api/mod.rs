@@ -288,6 +288,18 @@ impl ApiRequest {
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
             let boundary = multipart::boundary(ct)?;
+            // As in a JSON body, a field twice would be read as one and served as another.
+            for name in ["model", "stream"] {
+                if multipart::field_ranges(&body, &boundary, name)
+                    .nth(1)
+                    .is_some()
+                {
+                    return Err(GatewayError::invalid_request(format!(
+                        "the form has the field `{name}` more than once"
+                    ))
+                    .with_param(name));
+                }
+            }
             let model = multipart::field(&body, &boundary, "model");
             let stream = multipart::field(&body, &boundary, "stream").as_deref() == Some("true");
             (Payload::Multipart { boundary, model }, stream)
