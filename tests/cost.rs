@@ -1339,6 +1339,35 @@ async fn a_long_stream_without_usage_is_estimated_from_all_of_its_text() {
     assert_eq!(row.completion_tokens, 2_000, "each ` word` once: {row:?}");
 }
 
+/// An answer without usage whose text is one long run of a letter is estimated in moments
+/// (counted whole, 300 KB of it held the gateway's thread for minutes), while another
+/// request is served.
+#[tokio::test]
+async fn a_long_run_of_one_letter_is_estimated_without_holding_the_gateway() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    let text = "x".repeat(300_000);
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "finish_reason": "stop"}]});
+    up.script(Scripted::respond(200, answer.to_string()));
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(&gw, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), answer.to_string().len());
+    let r = post(&gw, "/v1/chat/completions", chat).await;
+    assert_eq!(r.status(), 200);
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    assert!(
+        rows[0].estimated && rows[0].completion_tokens > 0,
+        "{:?}",
+        rows[0]
+    );
+}
+
 /// Many long streams at once (12 of ~3 MB, the usage at the end as OpenAI sends it): the
 /// gateway keeps each one's text for a possible estimate, not its events. Held whole, they
 /// were 36 MB more at the peak (54 MiB grown in all, against 20-22 now: the rest is the

@@ -682,11 +682,30 @@ pub fn builtin_pricing(model: &str) -> Option<&'static Pricing> {
         .map(|(_, p)| p)
 }
 
+/// Text counted whole; past it, the first this many bytes are counted and the count scaled
+/// by length (an estimate either way), so that counting never holds the gateway's thread for
+/// long, whatever a client or upstream sends.
+const COUNT_WHOLE: usize = 64 * 1024;
+/// The longest stretch counted as one without a word start (a space before a non-space):
+/// the tokenizer's merging is quadratic in a piece's length (400 KB of one letter took a
+/// minute), and its regex can overflow its backtracking stack on such runs.
+const RUN_MAX: usize = 128;
+
 /// Tokens of a text with the tokenizer of the model's family (o200k for the GPT-4o, 4.1 and
-/// o-series, cl100k otherwise).
+/// o-series, cl100k otherwise). The text is counted in segments cut before a word (as the
+/// tokenizer itself splits it, so ordinary text counts the same) or, in a run without one,
+/// every `RUN_MAX` bytes; beyond `COUNT_WHOLE` bytes by its start.
 pub fn count_tokens(model: &str, text: &str) -> u64 {
     if text.is_empty() {
         return 0;
+    }
+    if text.len() > COUNT_WHOLE {
+        let mut cut = COUNT_WHOLE;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let head = count_tokens(model, &text[..cut]);
+        return (head as f64 * text.len() as f64 / cut as f64).ceil() as u64;
     }
     let m = model.to_ascii_lowercase();
     let o200k = m.starts_with("gpt-4o")
@@ -700,7 +719,32 @@ pub fn count_tokens(model: &str, text: &str) -> u64 {
     } else {
         tiktoken_rs::cl100k_base_singleton()
     };
-    bpe.encode_with_special_tokens(text).len() as u64
+    let count = |segment: &str| {
+        // A tokenizer panic (it unwraps its regex's errors) costs the segment an estimate,
+        // not the request its row.
+        std::panic::catch_unwind(|| bpe.encode_with_special_tokens(segment).len() as u64)
+            .unwrap_or_else(|_| segment.len().div_ceil(4) as u64)
+    };
+    let bytes = text.as_bytes();
+    let (mut total, mut start, mut word) = (0, 0, 0);
+    for i in 1..bytes.len() {
+        if !text.is_char_boundary(i) {
+            continue;
+        }
+        let word_start = bytes[i].is_ascii_whitespace() && !bytes[i - 1].is_ascii_whitespace();
+        if word_start {
+            word = i;
+        }
+        // A long segment ends before its last word; a run without one, here.
+        if i - start >= 16 * RUN_MAX && word > start {
+            total += count(&text[start..word]);
+            start = word;
+        } else if i - start.max(word) >= RUN_MAX {
+            total += count(&text[start..i]);
+            start = i;
+        }
+    }
+    total + count(&text[start..])
 }
 
 #[cfg(test)]
@@ -963,5 +1007,33 @@ mod tests {
         assert_eq!(count_tokens("gpt-4o", "hello world"), 2);
         assert_eq!(count_tokens("gpt-35-turbo", "hello world"), 2);
         assert_eq!(count_tokens("gpt-4o", ""), 0);
+        // Ordinary text counts as it does whole: segments end before a word.
+        let prose = "The quick brown fox jumps over the lazy dog.  Then it rests;\n\n\tand \
+                     again, 42 times: \"quoted\" words, \u{e9}t\u{e9}, \u{4f60}\u{597d} \u{1f600}! "
+            .repeat(120);
+        assert!(prose.len() > 16 * RUN_MAX * 4);
+        for model in ["gpt-4o", "gpt-35-turbo"] {
+            let bpe = if model == "gpt-4o" {
+                tiktoken_rs::o200k_base_singleton()
+            } else {
+                tiktoken_rs::cl100k_base_singleton()
+            };
+            let whole = bpe.encode_with_special_tokens(&prose).len() as u64;
+            assert_eq!(count_tokens(model, &prose), whole, "{model}");
+        }
+        // Long runs of one character, of spaces, of a multibyte one: counted in pieces (whole,
+        // they took minutes, or panicked), about what they are.
+        for (run, bytes_per_char) in [("x", 1), (" ", 1), ("!", 1), ("\u{e9}", 2)] {
+            let text = run.repeat(60_000);
+            let n = count_tokens("gpt-4o", &text);
+            assert!(
+                n > 0 && n <= (60_000 * bytes_per_char) as u64,
+                "{run:?}: {n}"
+            );
+        }
+        // Past 64 KiB, the start is counted and scaled.
+        let big = "word ".repeat(100_000);
+        let n = count_tokens("gpt-4o", &big);
+        assert!((99_000..=101_000).contains(&n), "{n}");
     }
 }
