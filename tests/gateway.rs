@@ -1579,3 +1579,82 @@ async fn a_field_sent_twice_is_refused() {
         limited(r#"{"model":"demo","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#);
     assert_eq!(ok.await.unwrap().status(), 200);
 }
+
+/// A client that sends nothing, or its body's bytes too slowly, is let go after
+/// `server.client_timeout` (it could hold a connection, and a file, for ever); one that closes
+/// its connection in the middle of its body is recorded as 499 (it was a 400: "bad request").
+#[tokio::test]
+async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start().await;
+    let cfg = config(&up, "").replace(
+        "  shutdown_grace: 10s",
+        "  shutdown_grace: 10s\n  client_timeout: 500ms",
+    );
+    let mut gw = Gateway::start(&cfg).await;
+    let read_all = |mut conn: tokio::net::TcpStream| async move {
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got))
+            .await
+            .expect("the gateway closed the connection")
+            .ok();
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    // Half a head, then nothing: closed without an answer.
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_all(conn).await, "");
+    // A whole head, a tenth of the body, then nothing: 408.
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":"
+    );
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_all(conn).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    // The same, and the client closes: 499.
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A kept-alive connection left idle after its answer is closed too.
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = read_all(conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    gw.signal("TERM");
+    assert!(gw
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap()
+        .success());
+    let store = switchyard::ledger::store::Store::open(&format!(
+        "sqlite://{}",
+        gw.dir.path().join("switchyard.db").display()
+    ))
+    .await
+    .unwrap();
+    let statuses: Vec<u16> = store
+        .rows()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, [408, 499, 200], "{}", gw.logs());
+}

@@ -287,6 +287,12 @@ impl Checker<'_> {
                 "no model routes: every request will get 404",
             );
         }
+        if c.server.client_timeout.0.is_zero() {
+            self.error(
+                &p(&["server", "client_timeout"]),
+                "server.client_timeout must be longer than 0: every request would time out at once",
+            );
+        }
         let rt = &c.routing;
         for (field, d) in [
             ("timeout", rt.timeout),

@@ -48,6 +48,10 @@ pub struct ServerCfg {
     /// Reload when the config file changes on disk.
     #[serde(default = "default_true")]
     pub watch_config: bool,
+    /// How long a client may send nothing while the gateway waits for its request's head
+    /// (or, on a kept-alive connection, its next request) or for the next bytes of its body.
+    #[serde(default = "default_client_timeout")]
+    pub client_timeout: Dur,
 }
 
 impl Default for ServerCfg {
@@ -58,6 +62,7 @@ impl Default for ServerCfg {
             max_body: default_max_body(),
             shutdown_grace: default_shutdown_grace(),
             watch_config: true,
+            client_timeout: default_client_timeout(),
         }
     }
 }
@@ -69,6 +74,9 @@ fn default_max_body() -> ByteSize {
     ByteSize(32 << 20)
 }
 fn default_shutdown_grace() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn default_client_timeout() -> Dur {
     Dur(Duration::from_secs(30))
 }
 fn default_true() -> bool {

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
@@ -191,7 +191,7 @@ where
                 return Err(GatewayError::too_large(rt.max_body));
             }
         }
-        let body = read_body(body, rt.max_body).await?;
+        let body = read_body(body, rt.max_body, gateway.started.client_timeout.0).await?;
         let api_req = ApiRequest::parse(op, shape, &parts.headers, body, request_id.clone())?;
         named_route = rt.routes.get(&api_req.route);
         let route = check_route(rt, &key, &api_req.route)?;
@@ -517,19 +517,81 @@ fn check_route<'a>(
     Ok(r)
 }
 
-async fn read_body<B>(body: B, limit: u64) -> Result<Bytes, GatewayError>
+/// The body, whole. `idle`: the longest it may go without a byte arriving
+/// (`server.client_timeout`): a client that stalls, or sends a byte now and then to hold a
+/// connection, is answered 408 and let go.
+async fn read_body<B>(body: B, limit: u64, idle: std::time::Duration) -> Result<Bytes, GatewayError>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit_usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::too_large(limit)),
-        Err(_) => Err(GatewayError::invalid_request(
-            "the request body could not be read to its end",
-        )),
+    let mut body = std::pin::pin!(Limited::new(body, limit_usize));
+    // Most bodies are one frame, kept as it is; more are joined once at the end.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Bytes> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => {
+                return Err(GatewayError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    "request_timeout",
+                    format!(
+                        "no byte of the request body arrived for {} s",
+                        idle.as_secs_f64()
+                    ),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(GatewayError::too_large(limit))
+            }
+            Ok(Some(Err(e)))
+                if e.downcast_ref::<hyper::Error>()
+                    .is_some_and(|h| h.is_parse() || h.is_user()) =>
+            {
+                return Err(GatewayError::invalid_request(
+                    "the request body could not be read to its end",
+                ))
+            }
+            // The client closed its connection or stream before its body's end: nobody is
+            // left to answer, and its row says so (499, as for a client gone before the
+            // answer), not that it sent a bad request.
+            Ok(Some(Err(_))) => {
+                return Err(GatewayError::new(
+                    StatusCode::from_u16(crate::ledger::CLIENT_CLOSED)
+                        .unwrap_or(StatusCode::BAD_REQUEST),
+                    "invalid_request_error",
+                    "client_closed",
+                    "the request body could not be read to its end",
+                ))
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if data.is_empty() {
+                continue;
+            }
+            match first {
+                None => first = Some(data),
+                Some(_) => more.push(data),
+            }
+        }
     }
+    Ok(match first {
+        None => Bytes::new(),
+        Some(one) if more.is_empty() => one,
+        Some(one) => {
+            let mut all =
+                BytesMut::with_capacity(one.len() + more.iter().map(Bytes::len).sum::<usize>());
+            all.extend_from_slice(&one);
+            for b in &more {
+                all.extend_from_slice(b);
+            }
+            all.freeze()
+        }
+    })
 }
 
 /// Ready when the config is loaded and every route has a deployment not cooling down.

@@ -270,6 +270,7 @@ struct StartOnly {
     listen: String,
     shutdown_grace: config::Dur,
     watch_config: bool,
+    client_timeout: config::Dur,
     state: config::StateCfg,
     cache_max_bytes: config::ByteSize,
     webhook: Option<config::Secret>,
@@ -281,6 +282,7 @@ impl StartOnly {
             listen: c.server.listen.clone(),
             shutdown_grace: c.server.shutdown_grace,
             watch_config: c.server.watch_config,
+            client_timeout: c.server.client_timeout,
             state: c.state.clone(),
             cache_max_bytes: c.cache.max_bytes,
             webhook: c.alerts.webhook.clone(),
@@ -297,6 +299,10 @@ impl StartOnly {
                 self.shutdown_grace != new.shutdown_grace,
             ),
             ("server.watch_config", self.watch_config != new.watch_config),
+            (
+                "server.client_timeout",
+                self.client_timeout != new.client_timeout,
+            ),
             ("state", self.state != new.state),
             (
                 "cache.max_bytes",
@@ -510,7 +516,22 @@ pub struct ServeOptions {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
+/// Raises the soft limit of open files to the hard one (as nginx's `worker_rlimit_nofile`):
+/// each client connection is a file, and the usual soft default of 1,024 is reached by a
+/// thousand idle clients.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::debug!(error = %e, "the open files limit could not be raised");
+        }
+    }
+}
+
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    raise_open_files_limit();
     let loaded = config::load_file(&opts.config_path).map_err(|e| e.to_string())?;
     for w in loaded.warning_lines() {
         tracing::warn!("{w}");
@@ -530,6 +551,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .parse()
         .map_err(|_| format!("`{listen}` is not an address like 0.0.0.0:8080"))?;
     let grace = loaded.config.server.shutdown_grace.0;
+    let client_timeout = loaded.config.server.client_timeout.0;
     let watch = loaded.config.server.watch_config;
     let ledger_url = ledger_url(&loaded);
     let store = Store::open(&ledger_url).await?;
@@ -627,7 +649,15 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
 
     let handler = handler::GatewayService::new(gateway.clone());
 
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A request's head must arrive within `client_timeout` of the gateway starting to wait
+    // for it (an idle keep-alive connection waits for its next one): a client that sends
+    // nothing, or a byte now and then, is let go instead of holding a connection for ever.
+    // Read at start, as its body's share is.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(client_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     // Every connection's task, so those still open when the grace period ends can be ended
