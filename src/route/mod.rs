@@ -265,6 +265,11 @@ impl Drop for ProbeGuard {
     }
 }
 
+/// How long a stream's attempt waited for its first frame after the answer's head: the
+/// upstream's time, which the connection's clock (head to head) does not see.
+#[derive(Clone, Copy)]
+pub struct FirstFrameWait(pub Duration);
+
 /// The response body after the gateway took its first frame (to time the first token),
 /// holding the deployment's in-flight count until it ends.
 struct TrackedBody {
@@ -632,9 +637,13 @@ impl Route {
             d.state
                 .learn_remaining(q.remaining_requests, q.remaining_tokens);
         }
-        let (parts, mut body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
         let first = if req.stream {
-            match tokio::time::timeout_at(deadline.into(), body.frame()).await {
+            let head_at = Instant::now();
+            let first = tokio::time::timeout_at(deadline.into(), body.frame()).await;
+            // After the head, the wait for the first event is the upstream's time too.
+            parts.extensions.insert(FirstFrameWait(head_at.elapsed()));
+            match first {
                 Err(_) => return Err(no_first_token()),
                 Ok(Some(Err(_))) => {
                     return Err(AttemptError::Connect(

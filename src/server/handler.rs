@@ -351,6 +351,12 @@ where
             .extensions()
             .get::<UpstreamClock>()
             .and_then(|c| c.0.wait(dispatched))
+            .map(|head| {
+                head + resp
+                    .extensions()
+                    .get::<route::FirstFrameWait>()
+                    .map_or(std::time::Duration::ZERO, |f| f.0)
+            })
             .unwrap_or(waited),
         _ => waited,
     });
