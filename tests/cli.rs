@@ -268,3 +268,30 @@ fn check_refuses_state_urls_that_serve_would_refuse() {
     );
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// A user name or password in a provider's URL is refused (it was sent nowhere and showed in
+/// debug logs), and no message prints it.
+#[test]
+fn check_refuses_a_password_in_a_provider_url_without_printing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err, _) = check_text(
+        &dir,
+        "\
+providers:
+  a: { kind: openai, base_url: \"http://user:pw-LEAK1@127.0.0.1:8000/v1\" }
+  b: { kind: openai, base_url: \"user:pw-LEAK2@host/v1\" }
+  c: { kind: azure_openai, endpoint: \"https://:pw-LEAK3@x.openai.azure.com\", api_key: k }
+models:
+  m: { pricing: { input_per_1m: 0 }, deployments: [ { provider: a } ] }
+",
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("providers.a.base_url must not hold a user name or password"),
+        "{err}"
+    );
+    assert!(err.contains("providers.c.endpoint must not hold"), "{err}");
+    assert!(err.contains("`host/v1` is not an http(s) URL"), "{err}");
+    assert!(!format!("{out}{err}").contains("LEAK"), "{out}{err}");
+}

@@ -263,6 +263,17 @@ impl Checker<'_> {
     }
 
     fn providers(&mut self, c: &Config) {
+        /// `scheme://user:pw@host` without `user:pw@`, for a message.
+        fn without_userinfo(url: &str) -> String {
+            let start = url.find("://").map_or(0, |i| i + 3);
+            let end = url[start..]
+                .find(['/', '?', '#'])
+                .map_or(url.len(), |i| start + i);
+            match url[start..end].rfind('@') {
+                Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..]),
+                None => url.to_string(),
+            }
+        }
         for (name, provider) in &c.providers {
             let (field, url) = match provider {
                 ProviderCfg::AzureOpenai(a) => ("endpoint", a.endpoint.as_str()),
@@ -271,10 +282,22 @@ impl Checker<'_> {
             };
             let path = p(&["providers", name, field]);
             match reqwest::Url::parse(url) {
+                // A password there would be sent nowhere (the key goes in `api_key`) and
+                // would show wherever the URL is logged.
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => self.error(
+                    &path,
+                    format!(
+                        "providers.{name}.{field} must not hold a user name or password \
+                         (`user:password@`): put the upstream's key in `api_key`"
+                    ),
+                ),
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 _ => self.error(
                     &path,
-                    format!("providers.{name}.{field}: `{url}` is not an http(s) URL"),
+                    format!(
+                        "providers.{name}.{field}: `{}` is not an http(s) URL",
+                        without_userinfo(url)
+                    ),
                 ),
             }
         }
