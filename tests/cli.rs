@@ -295,3 +295,45 @@ models:
     assert!(err.contains("`host/v1` is not an http(s) URL"), "{err}");
     assert!(!format!("{out}{err}").contains("LEAK"), "{out}{err}");
 }
+
+/// A SIGHUP while the gateway starts does not end it (its default action would); and a
+/// PostgreSQL ledger that cannot be reached is reported by its cause, not as a pool timeout.
+#[test]
+fn a_sighup_at_start_is_no_exit_and_an_unreachable_ledger_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    // Nothing listens on port 1: every connection is refused, for the 10 s the gateway waits.
+    std::fs::write(
+        &path,
+        "state: { ledger: \"postgres://postgres@127.0.0.1:1/none\" }\nproviders: { demo: { kind: mock } }\nmodels: { m: { deployments: [ { provider: demo } ] } }\n",
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let killed = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Ended by its own error, not by the signal.
+    assert_eq!(out.status.code(), Some(1), "{:?}: {text}", out.status);
+    assert!(text.contains("Connection refused"), "{text}");
+}

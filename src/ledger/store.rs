@@ -18,6 +18,30 @@ use sqlx::sqlite::{
 use sqlx::Row;
 use tokio::sync::{mpsc, oneshot};
 
+/// A PostgreSQL pool, its first connection made within 10 s (a database still starting is
+/// waited for). When none could be made, the error says why (refused, unknown host, bad
+/// password), not only that the pool timed out.
+async fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, String> {
+    use sqlx::Connection;
+    let failed = |e: sqlx::Error| format!("cannot open the PostgreSQL ledger: {e}");
+    match PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+    {
+        Ok(pool) => Ok(pool),
+        Err(sqlx::Error::PoolTimedOut) => match sqlx::PgConnection::connect(url).await {
+            Err(e) => Err(failed(e)),
+            Ok(conn) => {
+                let _ = conn.close().await;
+                Err(failed(sqlx::Error::PoolTimedOut))
+            }
+        },
+        Err(e) => Err(failed(e)),
+    }
+}
+
 /// One request as the ledger keeps it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LedgerRow {
@@ -158,12 +182,7 @@ pub enum Scope<'a> {
 impl Store {
     pub async fn open(url: &str) -> Result<Store, String> {
         if is_postgres(url) {
-            let pool = PgPoolOptions::new()
-                .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
-                .await
-                .map_err(|e| format!("cannot open the PostgreSQL ledger: {e}"))?;
+            let pool = pg_pool(url, 8).await?;
             migrate_postgres(&pool).await.map_err(migration_failed)?;
             return Ok(Store::Postgres(pool));
         }
@@ -209,12 +228,7 @@ impl Store {
     /// have been made (and migrated) by a gateway of this version.
     pub async fn open_read_only(url: &str) -> Result<Store, String> {
         let store = if is_postgres(url) {
-            let pool = PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
-                .await
-                .map_err(|e| format!("cannot open the PostgreSQL ledger: {e}"))?;
+            let pool = pg_pool(url, 1).await?;
             Store::Postgres(pool)
         } else {
             if in_memory_sqlite(url) {

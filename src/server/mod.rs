@@ -531,6 +531,10 @@ fn raise_open_files_limit() {
 }
 
 pub async fn serve(opts: ServeOptions) -> Result<(), String> {
+    // First of all: a SIGHUP's default action ends the process, and one sent while the
+    // gateway starts (reading a large config, waiting for its database) must not. Received
+    // then, it reloads once the gateway is up.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     raise_open_files_limit();
     let loaded = config::load_file(&opts.config_path).map_err(|e| e.to_string())?;
     for w in loaded.warning_lines() {
@@ -642,7 +646,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         write_ready_file(path, bound).map_err(|e| format!("cannot write the ready file: {e}"))?;
     }
 
-    spawn_reload_on_sighup(gateway.clone());
+    spawn_reload_on_sighup(gateway.clone(), hup);
     if watch {
         spawn_reload_on_change(gateway.clone());
     }
@@ -754,9 +758,11 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-fn spawn_reload_on_sighup(gateway: Arc<Gateway>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+fn spawn_reload_on_sighup(
+    gateway: Arc<Gateway>,
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+) {
+    let Ok(mut hup) = hup else {
         tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
         return;
     };
