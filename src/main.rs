@@ -74,6 +74,15 @@ enum KeysCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // The commands that print (`check | head`, `spend | less` closed early) end quietly
+        // when their reader goes away, as Unix tools do, instead of panicking on the write.
+        // Not `serve`, whose sockets must see a closed peer as an error, not a signal.
+        // SAFETY: before any thread is started; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Serve {
             config,
@@ -122,8 +131,30 @@ fn main() -> ExitCode {
         Command::Keys {
             command: KeysCommand::Generate { name },
         } => {
+            if name.trim().is_empty() {
+                eprintln!("--name must not be empty: a key needs a name in routes.yaml");
+                return ExitCode::from(2);
+            }
             let (key, hash) = switchyard::auth::generate_key();
             println!("key (give this to the client; it is shown only once):\n  {key}\n");
+            // Bare when YAML reads it back as that string; else quoted (JSON's quoting is
+            // YAML's): `123`, `true`, `a: b`, `#x` or an empty name would read as something else.
+            let plain = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+                && !matches!(
+                    name.to_ascii_lowercase().as_str(),
+                    "true" | "false" | "null" | "yes" | "no" | "on" | "off" | "y" | "n"
+                );
+            let name = if plain {
+                name
+            } else {
+                serde_json::to_string(&name).unwrap_or_default()
+            };
             println!("routes.yaml entry:\n  keys:\n    - {{ name: {name}, key: \"{hash}\" }}");
             ExitCode::SUCCESS
         }

@@ -116,6 +116,23 @@ fn keys_generate_prints_a_key_and_its_hash_line() {
     );
     let (_, again, _) = switchyard(&["keys", "generate"], &[]);
     assert_ne!(out, again, "keys must be random");
+    // Whatever the name, the printed line reads back as a key of that name.
+    let (code, _, err) = switchyard(&["keys", "generate", "--name", " "], &[]);
+    assert_eq!(code, 2, "{err}");
+    for name in ["123", "true", "a: b #c", "@ops", "team \"q\"", "été"] {
+        let (code, out, _) = switchyard(&["keys", "generate", "--name", name], &[]);
+        assert_eq!(code, 0);
+        let line = out.lines().find(|l| l.contains("sha256:")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (code, _, err, _) = check_text(
+            &dir,
+            &format!("providers: {{ p: {{ kind: mock }} }}\nmodels: {{ m: {{ deployments: [ {{ provider: p }} ] }} }}\nkeys:\n{line}\n"),
+            &[],
+        );
+        assert_eq!(code, 0, "{name:?}: {line}\n{err}");
+        let docs = yaml_rust2::YamlLoader::load_from_str(line.trim()).unwrap();
+        assert_eq!(docs[0][0]["name"].as_str(), Some(name), "{line}");
+    }
 }
 
 /// The config is `--config`, else `$SWITCHYARD_CONFIG`, else `routes.yaml` in the working
@@ -336,4 +353,34 @@ fn a_sighup_at_start_is_no_exit_and_an_unreachable_ledger_says_why() {
     // Ended by its own error, not by the signal.
     assert_eq!(out.status.code(), Some(1), "{:?}: {text}", out.status);
     assert!(text.contains("Connection refused"), "{text}");
+}
+
+/// `switchyard check | head -1`: the command ends quietly when its reader goes away (it
+/// panicked on the write).
+#[test]
+fn check_ends_quietly_when_its_reader_goes_away() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    let mut text = String::from("providers: { p: { kind: mock } }\nmodels:\n");
+    for i in 0..5000 {
+        text.push_str(&format!(
+            "  r{i}: {{ deployments: [ {{ provider: p }} ] }}\n"
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.ends_with(": ok\n"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -46,24 +46,25 @@ pub fn parse_time(s: &str, now_ms: i64) -> Result<i64, String> {
             return Ok(Utc.from_utc_datetime(&t).timestamp_millis());
         }
     }
+    let far = || format!("`{s}` is too far from now");
     if let Ok(secs) = s.parse::<i64>() {
-        return Ok(secs * 1000);
+        return secs.checked_mul(1000).ok_or_else(far);
     }
     let (num, unit) = s.split_at(s.len().saturating_sub(1));
     let n: i64 = num
         .parse()
         .map_err(|_| format!("`{s}` is not a time (2026-11-01, 2026-11-01T12:00:00Z, 24h, 7d)"))?;
     let ms = match unit {
-        "m" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        "d" => n.checked_mul(86_400_000),
         _ => {
             return Err(format!(
                 "`{s}` is not a time (2026-11-01, 2026-11-01T12:00:00Z, 24h, 7d)"
             ))
         }
     };
-    Ok(now_ms - ms)
+    ms.and_then(|ms| now_ms.checked_sub(ms)).ok_or_else(far)
 }
 
 pub async fn report(
@@ -162,5 +163,17 @@ mod tests {
             1_793_491_200_000
         );
         assert!(parse_time("soon", now).is_err());
+        // Too far back (or forth) for the clock: refused, not wrapped into another time.
+        for far in [
+            "999999999999d",
+            "99999999999999h",
+            "9223372036854775807",
+            "-999999999999d",
+        ] {
+            assert!(
+                parse_time(far, now).unwrap_err().contains("too far"),
+                "{far}"
+            );
+        }
     }
 }
