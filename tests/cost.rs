@@ -1744,6 +1744,28 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
         "the abandoned request has its log line:\n{}",
         gw.logs()
     );
+    // And is counted, by its route, key and team (so is a model list, by its key's team).
+    let listed = client()
+        .get(gw.url("/v1/models"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 200);
+    for (endpoint, route, status) in [
+        ("chat/completions", "slow", "499"),
+        ("models", "none", "200"),
+    ] {
+        let labels = [
+            ("endpoint", endpoint),
+            ("route", route),
+            ("status", status),
+            ("key", "app"),
+            ("team", "research"),
+        ];
+        let n = gw.metric("switchyard_requests_total", &labels).await;
+        assert_eq!(n, Some(1.0), "{labels:?}\n{}", gw.metrics_text().await);
+    }
     let url = sqlite_url(&gw);
     let rows = rows_after_shutdown(&mut gw, &url).await;
     let statuses: Vec<(u16, f64)> = rows.iter().map(|r| (r.status, r.cost_usd)).collect();

@@ -377,8 +377,14 @@ models:
     assert_eq!(r.header("retry-after-ms"), Some("2000"));
     assert_eq!(r.deployment(), "a/solo");
     // Now no deployment can take a request at all.
+    let overhead = || gw.metric("switchyard_overhead_seconds_count", &[("route", "solo")]);
+    let observed = overhead().await;
     let r = chat(&gw, "solo").await;
     assert_eq!(r.status, 503, "{}", r.text);
+    // Not sent upstream: no overhead observed (the gateway's own time is that of requests
+    // it sent).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(overhead().await, observed);
     let e = r.json();
     assert_eq!(e["error"]["code"], "no_deployment_available", "{e}");
     assert_eq!(e["error"]["type"], "api_error", "{e}");

@@ -102,6 +102,24 @@ impl RequestRecord {
         r.latency_ms = self.started.elapsed().as_secs_f64() * 1000.0;
         r.ttft_ms = first_byte.map(|t| (t - self.started).as_secs_f64() * 1000.0);
         if let Some(m) = crate::telemetry::metrics::metrics() {
+            // Its client gone before the answer, the request writes no log line with its
+            // route and key (the access log's 499 line has neither): counted here.
+            if status == CLIENT_CLOSED {
+                m.requests
+                    .with_label_values(&[
+                        if r.route.is_empty() {
+                            "unknown"
+                        } else {
+                            &r.route
+                        },
+                        &r.deployment,
+                        &r.endpoint,
+                        "499",
+                        &r.team,
+                        &r.key,
+                    ])
+                    .inc();
+            }
             let uncached = r.prompt_tokens - r.cached_tokens;
             match &self.counters {
                 Some(c) => {

@@ -109,11 +109,13 @@ where
         Target::ListModels => rt.keys.authenticate(req.headers()).map(|key| {
             facts.endpoint = "models";
             facts.key.clone_from(&key.name);
+            facts.team = key.team.clone().unwrap_or_default();
             list_models(&rt, &key)
         }),
         Target::GetModel(id) => rt.keys.authenticate(req.headers()).and_then(|key| {
             facts.endpoint = "models";
             facts.key.clone_from(&key.name);
+            facts.team = key.team.clone().unwrap_or_default();
             get_model(&rt, &key, &id)
         }),
         Target::Call(op, shape) => {
@@ -345,8 +347,9 @@ where
     let waited = dispatched.elapsed();
     // The upstream's own time as its connection saw it, when one attempt served on a
     // connection it did not have to make; else the whole dispatch (a new connection's setup,
-    // retries, backoff and fallbacks are the upstreams' time too).
-    facts.upstream_wait = Some(match &result {
+    // retries, backoff and fallbacks are the upstreams' time too). None when no attempt was
+    // made (no deployment could take it): not a request sent upstream.
+    facts.upstream_wait = (served.attempts > 0).then(|| match &result {
         Ok(resp) if served.attempts == 1 => resp
             .extensions()
             .get::<UpstreamClock>()
