@@ -97,6 +97,10 @@ async fn openai_upstream_gets_the_body_byte_for_byte_with_only_model_rewritten()
         .bearer_auth(CLIENT_KEY)
         .header("x-request-id", "client-chosen-id-1")
         .header("x-stainless-retry-count", "0")
+        // Hop-by-hop: named by `Connection`, and credentials of the client's own.
+        .header("connection", "keep-alive, X-Secret-Hop")
+        .header("x-secret-hop", "1")
+        .header("cookie", "session=abc")
         .body(body)
         .send()
         .await
@@ -124,6 +128,8 @@ async fn openai_upstream_gets_the_body_byte_for_byte_with_only_model_rewritten()
     );
     assert_eq!(r.header("x-stainless-retry-count"), Some("0"));
     assert_eq!(r.header("x-request-id"), Some("client-chosen-id-1"));
+    assert_eq!(r.header("x-secret-hop"), None);
+    assert_eq!(r.header("cookie"), None);
     let expected = body.replace(r#""model":"gpt-4o""#, r#""model":"gpt-4o-upstream""#);
     assert_eq!(std::str::from_utf8(&r.body).unwrap(), expected);
     for (name, value) in &r.headers {

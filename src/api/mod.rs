@@ -263,6 +263,7 @@ fn forwardable(name: &HeaderName) -> bool {
             | "te"
             | "trailer"
             | "upgrade"
+            | "http2-settings"
             | "accept-encoding"
             | "x-request-id"
     ) && !name.as_str().starts_with("x-switchyard-")
@@ -376,8 +377,18 @@ impl ApiRequest {
             })?,
         };
         let mut upstream_headers = HeaderMap::with_capacity(headers.len() + 1);
+        // The headers `Connection` names are hop-by-hop too (RFC 9110 7.6.1).
+        let connection = headers.get_all(http::header::CONNECTION);
+        let named_by_connection = |name: &HeaderName| {
+            connection.iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+                })
+            })
+        };
         for (name, value) in headers {
-            if forwardable(name) {
+            if forwardable(name) && !named_by_connection(name) {
                 upstream_headers.append(name.clone(), value.clone());
             }
         }
