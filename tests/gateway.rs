@@ -1613,6 +1613,13 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
         .await
         .unwrap();
     assert_eq!(read_all(conn).await, "");
+    // An HTTP/2 connection that never sends a request: closed too (after the server's
+    // SETTINGS).
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    read_all(conn).await;
     // A whole head, a tenth of the body, then nothing: 408.
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\

@@ -516,6 +516,37 @@ pub struct ServeOptions {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
+/// Every client connection's clock and task, listed at accept.
+type Watched = Arc<std::sync::Mutex<Vec<(std::sync::Weak<Arrivals>, tokio::task::AbortHandle)>>>;
+
+/// Closes the client connections that have waited `timeout` for a request's head (a
+/// connection's `Arrivals` say since when it waits).
+async fn sweep_idle_connections(
+    connections: Watched,
+    timeout: Duration,
+) {
+    use crate::telemetry::clock::TICKS;
+    let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let limit = timeout.as_nanos().div_ceil(tick.as_nanos()) as u64;
+    let mut every = tokio::time::interval(tick);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = TICKS.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok(mut list) = connections.lock() else {
+            return;
+        };
+        list.retain(|(arrivals, task)| match arrivals.upgrade() {
+            None => false,
+            Some(a) if a.waiting_ticks(now).is_some_and(|t| t >= limit) => {
+                task.abort();
+                false
+            }
+            Some(_) => true,
+        });
+    }
+}
+
 /// Raises the soft limit of open files to the hard one (as nginx's `worker_rlimit_nofile`):
 /// each client connection is a file, and the usual soft default of 1,024 is reached by a
 /// thousand idle clients.
@@ -653,15 +684,13 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
 
     let handler = handler::GatewayService::new(gateway.clone());
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A request's head must arrive within `client_timeout` of the gateway starting to wait
-    // for it (an idle keep-alive connection waits for its next one): a client that sends
-    // nothing, or a byte now and then, is let go instead of holding a connection for ever.
-    // Read at start, as its body's share is.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(client_timeout);
+    let builder = auto::Builder::new(TokioExecutor::new());
+    // A request's head must arrive within `client_timeout` of the connection starting to
+    // wait for it (an idle kept-alive connection waits for its next one): a client that
+    // sends nothing, or a byte now and then, is let go instead of holding a connection for
+    // ever. One sweeper for every connection, not a timer per request.
+    let waiting = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(sweep_idle_connections(waiting.clone(), client_timeout));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     // Every connection's task, so those still open when the grace period ends can be ended
@@ -683,6 +712,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 let _ = stream.set_nodelay(true);
                 // The connection's clock: its requests' time starts as their bytes are read.
                 let arrivals = Arc::new(Arrivals::default());
+                let watched = Arc::downgrade(&arrivals);
                 let stack = ServiceBuilder::new()
                     .layer(RequestIdLayer)
                     .layer(AccessLogLayer::clocked(arrivals.clone()))
@@ -690,11 +720,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 let io = TokioIo::new(Clocked::new(stream, arrivals));
                 let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(stack));
                 let conn = graceful.watch(conn.into_owned());
-                connections.spawn(async move {
+                let task = connections.spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
                 });
+                if let Ok(mut w) = waiting.lock() {
+                    w.push((watched, task));
+                }
             }
             signal = &mut shutdown => {
                 tracing::info!(signal, "shutting down: no new connections; waiting for requests in flight");

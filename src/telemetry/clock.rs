@@ -83,18 +83,41 @@ pub trait Clock {
     fn wrote(&self);
 }
 
+/// A coarse clock for idle connections, advanced by the server's sweeper (one tick a
+/// fraction of `server.client_timeout`): read where a precise one would cost a clock read.
+pub static TICKS: AtomicU64 = AtomicU64::new(0);
+
 /// A client connection's clock: when the bytes of the request being waited for were last
-/// read.
-#[derive(Debug, Default)]
+/// read, and since when it waits for one.
+#[derive(Debug)]
 pub struct Arrivals {
     /// 0: waiting for a request, nothing read yet; `SERVING`: a request is being served
     /// (what is read now is its body); else the stamp of the latest read.
     at: AtomicU64,
+    /// The `TICKS` at which the connection began to wait for its next request's head.
+    waiting_since: AtomicU64,
 }
 
 const SERVING: u64 = u64::MAX;
 
+impl Default for Arrivals {
+    fn default() -> Self {
+        Arrivals {
+            at: AtomicU64::new(0),
+            waiting_since: AtomicU64::new(TICKS.load(Relaxed)),
+        }
+    }
+}
+
 impl Arrivals {
+    /// How many ticks the connection has been waiting for a request's head (however many
+    /// of its bytes came); `None` while it serves one (an HTTP/2 connection, once it has had
+    /// a request, always).
+    pub fn waiting_ticks(&self, now: u64) -> Option<u64> {
+        (self.at.load(Relaxed) != SERVING)
+            .then(|| now.saturating_sub(self.waiting_since.load(Relaxed)))
+    }
+
     /// When the request now handed to the gateway was read (`None` when its bytes came in
     /// with the previous request's). What is read from here on is its own.
     pub fn take(&self) -> Option<Instant> {
@@ -106,6 +129,7 @@ impl Arrivals {
 
     /// The answer is done: the next bytes read begin the next request.
     pub fn done(&self) {
+        self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
         self.at.store(0, Relaxed);
     }
 }
