@@ -420,6 +420,7 @@ impl Gateway {
                 self.seed_budgets(&rt).await;
                 self.generation.store(generation, Ordering::SeqCst);
                 self.runtime.store(Arc::new(rt));
+                give_back_freed_memory();
                 tracing::info!(trigger, generation, "config reloaded");
                 if let Some(m) = crate::telemetry::metrics::metrics() {
                     m.config_reloads.with_label_values(&["ok"]).inc();
@@ -516,15 +517,23 @@ pub struct ServeOptions {
 }
 
 /// Runs the gateway until SIGTERM or SIGINT.
+/// Returns the heap's free pages to the system. Loading a config (a large one: thousands of
+/// keys and routes) makes and frees many small blocks, which glibc keeps: without this a
+/// gateway's memory grew to 2.5 times its size at start over a few reloads, and stayed.
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory the allocator holds free.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Every client connection's clock and task, listed at accept.
 type Watched = Arc<std::sync::Mutex<Vec<(std::sync::Weak<Arrivals>, tokio::task::AbortHandle)>>>;
 
 /// Closes the client connections that have waited `timeout` for a request's head (a
 /// connection's `Arrivals` say since when it waits).
-async fn sweep_idle_connections(
-    connections: Watched,
-    timeout: Duration,
-) {
+async fn sweep_idle_connections(connections: Watched, timeout: Duration) {
     use crate::telemetry::clock::TICKS;
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let limit = timeout.as_nanos().div_ceil(tick.as_nanos()) as u64;
@@ -652,6 +661,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         opts.config_path.clone(),
     ));
     gateway.seed_budgets(&gateway.runtime()).await;
+    give_back_freed_memory();
 
     let listener = tokio::net::TcpListener::bind(addr)
         .await
