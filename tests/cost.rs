@@ -1804,15 +1804,26 @@ async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
     let first = body.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("chat.completion.chunk"));
     let reader = tokio::spawn(async move {
-        let mut got = 0;
-        while let Some(Ok(chunk)) = body.next().await {
-            got += chunk.len();
+        let mut got = Vec::new();
+        let mut clean = true;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => got.extend_from_slice(&c),
+                Err(_) => {
+                    clean = false;
+                    break;
+                }
+            }
         }
-        got
+        (String::from_utf8_lossy(&got).into_owned(), clean)
     });
     let url = sqlite_url(&gw);
     let rows = rows_after_shutdown(&mut gw, &url).await;
-    reader.await.unwrap();
+    // The client's stream ends with an error event, and then ends cleanly: no silent cut.
+    let (text, clean) = reader.await.unwrap();
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or("");
+    assert!(last.contains("\"code\":\"gateway_shutdown\""), "{text}");
+    assert!(clean, "{text}");
     let drip: Vec<_> = rows.iter().filter(|r| &*r.route == "drip").collect();
     assert_eq!(drip.len(), 1, "{rows:?}\n{}", gw.logs());
     assert!(

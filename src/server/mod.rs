@@ -753,9 +753,15 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 grace_seconds = grace.as_secs_f64(),
                 "shutdown grace period over; closing the connections still open"
             );
-            // Dropping a connection drops its requests: each records its row (a stream, what
-            // it sent so far) and settles its reservation as it goes.
+            // Streams end with an error event, and their connections close (a graceful
+            // shutdown closes each after its answer); a moment for that, then what is still
+            // open is dropped. Dropping a connection drops its requests: each records its
+            // row (a stream, what it sent so far) and settles its reservation as it goes.
             crate::telemetry::cutting_connections();
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                while connections.join_next().await.is_some() {}
+            })
+            .await;
             connections.abort_all();
         }
     }

@@ -455,7 +455,13 @@ where
                 return Ok(Response::from_parts(parts, body.boxed_unsync()));
             };
             let line = p.line(parts.status.as_u16(), facts);
-            let body = LoggedBody { inner: body, line }.boxed_unsync();
+            let body = LoggedBody {
+                inner: body,
+                line,
+                cut: None,
+                ended: false,
+            }
+            .boxed_unsync();
             Ok(Response::from_parts(parts, body))
         })
     }
@@ -582,6 +588,10 @@ impl LogLine {
 struct LoggedBody {
     inner: ResponseBody,
     line: LogLine,
+    /// A stream's wait for the shutdown's end of grace, made at its first wait.
+    cut: Option<Pin<Box<tokio::sync::futures::Notified<'static>>>>,
+    /// Ended by the gateway (the shutdown's error event sent): nothing more.
+    ended: bool,
 }
 
 impl Body for LoggedBody {
@@ -593,6 +603,9 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         if let Some(since) = this.line.pending_since.take() {
             this.line.body_wait += since.elapsed();
         }
@@ -615,6 +628,24 @@ impl Body for LoggedBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
+                // A stream that has begun is ended with an error event when the shutdown's
+                // grace runs out (its client's SDK raises instead of taking a cut answer for
+                // a whole one); its ledger row is written as its body is dropped.
+                if this.line.facts.stream && this.line.first_byte.is_some() {
+                    let cut = this
+                        .cut
+                        .get_or_insert_with(|| Box::pin(SHUTDOWN_CUT.notified()));
+                    if CUTTING.load(std::sync::atomic::Ordering::Relaxed)
+                        || cut.as_mut().poll(cx).is_ready()
+                    {
+                        this.ended = true;
+                        this.line.emit("shutdown");
+                        return Poll::Ready(Some(Ok(Frame::data(crate::stream::error_event(
+                            "gateway_shutdown",
+                            "the gateway is shutting down and ended this stream before its end; retry the request",
+                        )))));
+                    }
+                }
                 if this.line.facts.upstream_wait.is_some() {
                     this.line.pending_since = Some(Instant::now());
                 }
@@ -624,7 +655,7 @@ impl Body for LoggedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -636,8 +667,12 @@ impl Body for LoggedBody {
 /// closed: what is dropped then was cut by the gateway, not left by its client.
 static CUTTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Woken when the grace period is over: the streams still open end with an error event.
+static SHUTDOWN_CUT: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 pub fn cutting_connections() {
     CUTTING.store(true, std::sync::atomic::Ordering::Relaxed);
+    SHUTDOWN_CUT.notify_waiters();
 }
 
 /// The outcome of a request that ended before its answer did.
