@@ -135,7 +135,8 @@ pub enum Target {
 /// Maps method and path to a target. Accepts `/v1/x`, `/x` (clients whose base URL has no
 /// `/v1`), `/openai/v1/x` (Azure's v1 path) and `/openai/deployments/{route}/x`.
 pub fn classify(method: &http::Method, path: &str) -> Target {
-    let get = method == http::Method::GET;
+    // HEAD wherever GET works (RFC 9110 9.3.2): the same answer without its body.
+    let get = method == http::Method::GET || method == http::Method::HEAD;
     let post = method == http::Method::POST;
     let either = |ok: bool, t: Target| if ok { t } else { Target::WrongMethod };
     match path {
@@ -619,6 +620,12 @@ mod tests {
             )
         );
         assert_eq!(classify(&Method::GET, "/v1/models"), Target::ListModels);
+        assert_eq!(classify(&Method::HEAD, "/v1/models"), Target::ListModels);
+        assert_eq!(classify(&Method::HEAD, "/healthz"), Target::Healthz);
+        assert_eq!(
+            classify(&Method::HEAD, "/v1/chat/completions"),
+            Target::WrongMethod
+        );
         assert_eq!(classify(&Method::GET, "/openai/models"), Target::ListModels);
         assert_eq!(
             classify(&Method::GET, "/v1/models/a%2Fb"),

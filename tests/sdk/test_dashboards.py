@@ -407,6 +407,27 @@ def test_every_panel_query_returns_data(stack):
     assert not failures, f"{len(failures)} of {len(queries)} panel queries failed:\n" + "\n".join(failures)
 
 
+def test_merged_tables_join_their_queries_row_by_row(stack):
+    """A table that merges several queries (Grafana's `merge` transformation) joins rows whose
+    labels are all equal: each query must return the same label sets, `__name__` included,
+    or the table shows each query's rows apart (spent on one row, limit on another)."""
+    failures = []
+    for path in DASHBOARDS:
+        for p in all_panels(load(path)):
+            if not any(t.get("id") == "merge" for t in p.get("transformations", [])):
+                continue
+            label_sets = {}
+            for t in p["targets"]:
+                data = stack.prometheus.query(substitute(t["expr"]))
+                label_sets[t["refId"]] = sorted(
+                    tuple(sorted(s["metric"].items())) for s in data.get("result", [])
+                )
+            first = next(iter(label_sets.values()))
+            if not first or any(v != first for v in label_sets.values()):
+                failures.append(f"{path.name} / {p['title']}: {label_sets}")
+    assert not failures, "\n".join(failures)
+
+
 def test_template_variables_have_values(stack):
     """`label_values(metric{...}, label)`, as Grafana's Prometheus datasource asks for it."""
     failures = []
