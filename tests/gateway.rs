@@ -1111,14 +1111,18 @@ async fn json_logs_have_one_line_per_request_with_its_id_and_no_secret() {
     }
 }
 
-/// A request without a sane `x-request-id` (none, or one too long) gets a new id, the same in
+/// A request without a sane `x-request-id` (none, one too long, one with spaces or quotes)
+/// gets a new id, the same in
 /// the response, in the one `x-request-id` the upstream sees, and in the log line.
 #[tokio::test]
 async fn a_request_without_a_sane_id_gets_one_id_everywhere() {
     let up = MockUpstream::start().await;
     let gw = Gateway::start_with(&config(&up, ""), &["--log-format", "json"]).await;
     let too_long = "x".repeat(300);
-    for (i, sent) in [None, Some(too_long.as_str())].into_iter().enumerate() {
+    for (i, sent) in [None, Some(too_long.as_str()), Some(r#"a b "c""#)]
+        .into_iter()
+        .enumerate()
+    {
         let mut req = client()
             .post(gw.url("/v1/chat/completions"))
             .bearer_auth(CLIENT_KEY)

@@ -492,7 +492,15 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let sane = |v: &HeaderValue| v.to_str().is_ok_and(|v| !v.is_empty() && v.len() <= 200);
+        // Printable, without spaces, quotes or backslashes (it goes into log lines, the
+        // ledger and other systems' headers as it is), and not too long.
+        let sane = |v: &HeaderValue| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= 200
+                && b.iter()
+                    .all(|c| c.is_ascii_graphic() && !matches!(c, b'"' | b'\\'))
+        };
         let id = match req.headers().get(REQUEST_ID).filter(|v| sane(v)) {
             Some(id) => id.clone(),
             None => {
