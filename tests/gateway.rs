@@ -701,7 +701,19 @@ async fn reload_by_admin_api_signal_and_file_change_and_bad_configs_are_refused(
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 401);
+    let (status, body) = error_of(resp).await;
+    assert_eq!(status, 401);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Incorrect"));
+    let resp = c.post(gw.url("/admin/reload")).send().await.unwrap();
+    let (status, body) = error_of(resp).await;
+    assert_eq!(status, 401);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("Missing admin key"));
     let original = std::fs::read_to_string(gw.config_path()).unwrap();
     std::fs::write(
         gw.config_path(),

@@ -113,13 +113,14 @@ impl KeyTable {
                 "the admin API is off: set server.admin_key to turn it on",
             ));
         };
-        let ok = presented(headers).is_some_and(|k| constant_time_eq(&hash_key(k), admin));
-        if ok {
-            Ok(())
-        } else {
-            Err(GatewayError::invalid_api_key(
+        match presented(headers) {
+            Some(k) if constant_time_eq(&hash_key(k), admin) => Ok(()),
+            Some(_) => Err(GatewayError::invalid_api_key(
                 "Incorrect admin key provided.",
-            ))
+            )),
+            None => Err(GatewayError::invalid_api_key(
+                "Missing admin key: send it as `Authorization: Bearer KEY` or `api-key: KEY`.",
+            )),
         }
     }
 }
