@@ -533,15 +533,16 @@ impl ImagePrices {
 
     /// The price of one image as the ledger counts it: the listed price of the request's
     /// quality and size, a quality not sent counting as `standard` and a size not sent as
-    /// `1024x1024` (OpenAI's defaults for DALL·E); `other` (the deployment's `per_image`, else
-    /// the table's highest price) for what the table does not list.
+    /// `1024x1024` (OpenAI's defaults for DALL·E); for what the table does not list (`auto`,
+    /// a value of another model), what the reservation took (`bound`), so that a row never
+    /// costs more than was reserved for it.
     pub fn unit(&self, ask: &ImageAsk, other: f64) -> f64 {
         let q = ask.quality.as_deref().unwrap_or("standard");
         let s = ask.size.as_deref().unwrap_or("1024x1024");
         self.entries
             .iter()
             .find(|e| e.0 == q && e.1 == s)
-            .map_or(other, |e| e.2)
+            .map_or_else(|| self.bound(ask, other), |e| e.2)
     }
 
     /// The most one image can cost: the highest price among the entries that match what the
@@ -956,6 +957,15 @@ mod tests {
         );
         assert_eq!(t.unit(&ask(Some("hd"), None), flat), 0.08);
         assert_eq!(t.unit(&ask(Some("ultra"), None), flat), 0.12);
+        // `auto` is priced as reserved: the most of what it may be, never more.
+        assert_eq!(t.unit(&ask(Some("auto"), Some("1024x1024")), flat), 0.08);
+        assert_eq!(t.unit(&ask(Some("standard"), Some("auto")), flat), 0.08);
+        for q in [None, Some("standard"), Some("hd"), Some("auto"), Some("ultra")] {
+            for s in [None, Some("1024x1024"), Some("1792x1024"), Some("auto"), Some("1x1")] {
+                let a = ask(q, s);
+                assert!(t.unit(&a, flat) <= t.bound(&a, flat), "{a:?}");
+            }
+        }
         // The bound: the most of what the request may get.
         assert_eq!(t.bound(&ask(None, None), flat), 0.12);
         assert_eq!(t.bound(&ask(Some("standard"), None), flat), 0.08);

@@ -73,10 +73,17 @@ pub async fn report(
     since_ms: i64,
     until_ms: i64,
 ) -> Result<Vec<SpendLine>, String> {
-    store
+    let mut lines = store
         .report(by, since_ms, until_ms)
         .await
-        .map_err(|e| format!("cannot read the ledger: {e}"))
+        .map_err(|e| format!("cannot read the ledger: {e}"))?;
+    // A database's float sum carries noise below a nano-dollar (0.00021999999999999998 for
+    // 0.00022), which depends on the order it added the rows in: to the nano-dollar, the CLI
+    // and the admin API print the same figures.
+    for l in &mut lines {
+        l.cost_usd = (l.cost_usd * 1e9).round() / 1e9;
+    }
+    Ok(lines)
 }
 
 pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
@@ -88,6 +95,7 @@ pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
     };
     // From +0.0: a float sum of nothing is -0.0, which would print as `-0.0`.
     let total: f64 = lines.iter().map(|l| l.cost_usd).fold(0.0, |a, c| a + c);
+    let total = (total * 1e9).round() / 1e9;
     match format {
         Format::Json => serde_json::json!({
             "by": group,
