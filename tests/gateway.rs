@@ -913,6 +913,67 @@ async fn a_config_linked_from_another_folder_reloads_when_its_target_changes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(loaded, "the target's change did not reload:\n{}", gw.logs());
+
+    // `touch` (an open for writing and a close, nothing changed): no reload.
+    let reloads = |gw: &Gateway| gw.logs().matches("config reloaded").count();
+    // (Log lines are written within 20 ms of their event.)
+    assert!(
+        gw.wait_log(|l| l.contains("config reloaded"), Duration::from_secs(5))
+            .await
+    );
+    let before = reloads(&gw);
+    let touched = std::process::Command::new("touch")
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(reloads(&gw), before, "{}", gw.logs());
+
+    // The link pointed into a third folder: that folder is watched from then on.
+    let other = tempfile::tempdir().unwrap();
+    let moved = other.path().join("routes.yaml");
+    let third = std::fs::read_to_string(&target).unwrap().replace(
+        "  demo2:",
+        "  demo3: { deployments: [ { provider: demo } ] }\n  demo2:",
+    );
+    std::fs::write(&moved, &third).unwrap();
+    let link = gw.config_path();
+    let tmp_link = link.with_extension("new");
+    std::os::unix::fs::symlink(&moved, &tmp_link).unwrap();
+    std::fs::rename(&tmp_link, &link).unwrap();
+    let routes_served = |route: &'static str| {
+        let c = c.clone();
+        let url = gw.url("/v1/chat/completions");
+        async move {
+            for _ in 0..60 {
+                let r = c
+                    .post(&url)
+                    .bearer_auth(CLIENT_KEY)
+                    .body(format!(
+                        r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#
+                    ))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 200 {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            false
+        }
+    };
+    assert!(routes_served("demo3").await, "{}", gw.logs());
+    std::fs::write(
+        &moved,
+        third.replace(
+            "  demo3:",
+            "  demo4: { deployments: [ { provider: demo } ] }\n  demo3:",
+        ),
+    )
+    .unwrap();
+    assert!(routes_served("demo4").await, "{}", gw.logs());
 }
 
 /// A reload that changes fields read only at start applies everything else and logs one
@@ -1687,4 +1748,96 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
         .map(|r| r.status)
         .collect();
     assert_eq!(statuses, [408, 499, 200], "{}", gw.logs());
+}
+
+/// A body of many fields is checked for a field sent twice in linear time (compared
+/// pairwise, 300,000 fields would have taken hours of the gateway's CPU).
+#[tokio::test]
+async fn a_body_of_many_fields_is_checked_at_once() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "").replace("max_body: 64KiB", "max_body: 8MiB")).await;
+    let mut many = String::from(r#"{"model":"demo","messages":[]"#);
+    for i in 0..300_000 {
+        many.push_str(&format!(r#","f{i}":0"#));
+    }
+    many.push_str(r#","f7":1}"#);
+    let resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .header("content-type", "application/json")
+        .body(many)
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = error_of(resp).await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("f7")),
+        "{v}"
+    );
+}
+
+/// A large answer to a slow reader goes out whole: the wait for the connection's next
+/// request starts at its last write, not when the answer's body ended (the idle sweeper cut
+/// answers still being written: a cache hit is one frame, taken at once).
+#[tokio::test]
+async fn a_slow_reader_gets_a_large_answer_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = MockUpstream::start().await;
+    let cfg = config(&up, "")
+        .replace(
+            "  shutdown_grace: 10s",
+            "  shutdown_grace: 10s\n  client_timeout: 300ms",
+        )
+        .replace(
+            "  gpt-4o: { deployments:",
+            "  gpt-4o: { cache: { ttl: 1m }, deployments:",
+        );
+    let gw = Gateway::start(&cfg).await;
+    let text = "y".repeat(12 << 20);
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+        "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+    .to_string();
+    up.script(Scripted::respond(200, answer.clone()));
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#;
+    // Stored, then served from the cache.
+    let first = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(first.bytes().await.unwrap().len(), answer.len());
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // 256 KiB every 40 ms: about 2 s for the answer, many times client_timeout.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+        if got.len() > answer.len() && got.ends_with(b"}") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..200.min(text.len())]
+    );
+    assert!(
+        text.ends_with(&answer[answer.len() - 100..]),
+        "got {} bytes",
+        got.len()
+    );
 }

@@ -74,13 +74,22 @@ impl<'a> JsonHead<'a> {
                 // A field twice would be read by the gateway at its first and by most
                 // upstreams at its last: a `model` routed, allowed and priced as one and
                 // served as another, a `max_tokens` reserved as 1 and sent as 10^8.
-                for (i, (k, _)) in f.0.iter().enumerate() {
-                    if f.0[..i].iter().any(|(seen, _)| seen == k) {
-                        return Err(GatewayError::invalid_request(format!(
-                            "the request body has the field `{k}` more than once"
-                        ))
-                        .with_param(k.to_string()));
-                    }
+                // A few fields (the usual body) compared pairwise; many (a body may hold
+                // millions) through a set, so the check stays linear.
+                let twice = if f.0.len() <= 16 {
+                    f.0.iter()
+                        .enumerate()
+                        .find(|(i, (k, _))| f.0[..*i].iter().any(|(seen, _)| seen == k))
+                        .map(|(_, (k, _))| k)
+                } else {
+                    let mut seen = std::collections::HashSet::with_capacity(f.0.len());
+                    f.0.iter().map(|(k, _)| k).find(|k| !seen.insert(*k))
+                };
+                if let Some(k) = twice {
+                    return Err(GatewayError::invalid_request(format!(
+                        "the request body has the field `{k}` more than once"
+                    ))
+                    .with_param(k.to_string()));
                 }
                 Ok(JsonHead { body, fields: f.0 })
             }

@@ -960,8 +960,20 @@ mod tests {
         // `auto` is priced as reserved: the most of what it may be, never more.
         assert_eq!(t.unit(&ask(Some("auto"), Some("1024x1024")), flat), 0.08);
         assert_eq!(t.unit(&ask(Some("standard"), Some("auto")), flat), 0.08);
-        for q in [None, Some("standard"), Some("hd"), Some("auto"), Some("ultra")] {
-            for s in [None, Some("1024x1024"), Some("1792x1024"), Some("auto"), Some("1x1")] {
+        for q in [
+            None,
+            Some("standard"),
+            Some("hd"),
+            Some("auto"),
+            Some("ultra"),
+        ] {
+            for s in [
+                None,
+                Some("1024x1024"),
+                Some("1792x1024"),
+                Some("auto"),
+                Some("1x1"),
+            ] {
                 let a = ask(q, s);
                 assert!(t.unit(&a, flat) <= t.bound(&a, flat), "{a:?}");
             }

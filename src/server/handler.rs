@@ -526,6 +526,9 @@ fn check_route<'a>(
     Ok(r)
 }
 
+/// Bytes a second a request body must average once it has taken `server.client_timeout`.
+const MIN_BODY_RATE: f64 = 1024.0;
+
 /// The body, whole. `idle`: the longest it may go without a byte arriving
 /// (`server.client_timeout`): a client that stalls, or sends a byte now and then to hold a
 /// connection, is answered 408 and let go.
@@ -539,6 +542,10 @@ where
     // Most bodies are one frame, kept as it is; more are joined once at the end.
     let mut first: Option<Bytes> = None;
     let mut more: Vec<Bytes> = Vec::new();
+    // A body in several parts must keep coming at `MIN_BODY_RATE` on average once it has
+    // taken `idle`: a byte now and then, each within `idle`, would hold the connection for
+    // as long as its length allows.
+    let mut since: Option<(std::time::Instant, usize)> = None;
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {
@@ -584,7 +591,24 @@ where
             }
             match first {
                 None => first = Some(data),
-                Some(_) => more.push(data),
+                Some(_) => {
+                    let (start, bytes) =
+                        since.get_or_insert_with(|| (std::time::Instant::now(), 0));
+                    *bytes += data.len();
+                    let took = start.elapsed();
+                    if took > idle && (*bytes as f64) < MIN_BODY_RATE * took.as_secs_f64() {
+                        return Err(GatewayError::new(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "invalid_request_error",
+                            "request_timeout",
+                            format!(
+                                "the request body arrived at less than {} bytes a second",
+                                MIN_BODY_RATE
+                            ),
+                        ));
+                    }
+                    more.push(data)
+                }
             }
         }
     }

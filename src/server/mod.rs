@@ -379,14 +379,14 @@ impl Gateway {
         if !old.loaded.config.models.is_empty() && new.models.is_empty() {
             return Err(
                 "the new config has no `models:` (an empty or half-written file?): a \
-                 reload never leaves the gateway without routes (restart it to)"
+                 reload never leaves the gateway without routes (a restart does)"
                     .to_string(),
             );
         }
         if !old.loaded.config.keys.is_empty() && new.keys.is_empty() {
             return Err(
                 "the new config has no `keys:`, so it would serve without client \
-                 authentication: a reload never turns that off (restart the gateway to)"
+                 authentication: a reload never turns that off (a restart does)"
                     .to_string(),
             );
         }
@@ -555,7 +555,9 @@ async fn sweep_idle_connections(connections: Watched, timeout: Duration) {
         };
         list.retain(|(arrivals, task)| match arrivals.upgrade() {
             None => false,
-            Some(a) if a.waiting_ticks(now).is_some_and(|t| t >= limit) => {
+            // More than `limit` whole ticks: at least `timeout` (the tick it began in may
+            // have been nearly over).
+            Some(a) if a.waiting_ticks(now).is_some_and(|t| t > limit) => {
                 task.abort();
                 false
             }
@@ -841,46 +843,59 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     };
     let file_name = path.file_name().map(|f| f.to_os_string());
     // A config that is a symlink into another folder (not a ConfigMap's, whose swap shows in
-    // this one) changes there: that folder is watched too, for the target's name.
-    let target = std::fs::canonicalize(&path).ok().filter(|t| {
-        t.parent() != std::fs::canonicalize(&dir).ok().as_deref()
-            && !t
-                .components()
-                .any(|c| c.as_os_str().to_string_lossy().starts_with(".."))
-    });
-    let target_name = target
-        .as_ref()
-        .and_then(|t| t.file_name())
-        .map(|f| f.to_os_string());
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
-        let Ok(ev) = ev else { return };
-        // A file is whole when its writer closes it, or when it is renamed or linked into
-        // place (sed -i, vim, a ConfigMap's `..data` swap): a write alone may be half of
-        // one, and a half-written file can be valid YAML. Where the system does not report
-        // closes (not Linux), every write counts, and the pause below must do.
-        let whole = match ev.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-            EventKind::Access(_) => false,
-            EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
-                !cfg!(target_os = "linux")
-            }
-            EventKind::Modify(ModifyKind::Metadata(_)) => false,
-            _ => true,
-        };
-        if !whole {
-            return;
+    // this one) changes there: that folder is watched too, for the target's name, and found
+    // again after each change (the link may have been pointed elsewhere).
+    let link_target = {
+        let (path, dir) = (path.clone(), dir.clone());
+        move || {
+            std::fs::canonicalize(&path).ok().filter(|t| {
+                t.parent() != std::fs::canonicalize(&dir).ok().as_deref()
+                    && !t
+                        .components()
+                        .any(|c| c.as_os_str().to_string_lossy().starts_with(".."))
+            })
         }
-        let ours = ev.paths.iter().any(|p| {
-            let name = p.file_name().map(|f| f.to_os_string());
-            name == file_name
-                || (target_name.is_some() && name == target_name)
-                // ConfigMaps swap a `..data` symlink; the file name itself never changes.
-                || p.file_name().is_some_and(|f| f == "..data")
-        });
-        if ours {
-            let _ = tx.send(());
+    };
+    let mut target = link_target();
+    let target_name = Arc::new(std::sync::Mutex::new(
+        target
+            .as_ref()
+            .and_then(|t| t.file_name())
+            .map(|f| f.to_os_string()),
+    ));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = notify::recommended_watcher({
+        let target_name = target_name.clone();
+        move |ev: notify::Result<notify::Event>| {
+            use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+            let Ok(ev) = ev else { return };
+            // A file is whole when its writer closes it, or when it is renamed or linked
+            // into place (sed -i, vim, a ConfigMap's `..data` swap): a write alone may be
+            // half of one, and a half-written file can be valid YAML. Where the system does
+            // not report closes (not Linux), every write counts, and the pause below must do.
+            let whole = match ev.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                    !cfg!(target_os = "linux")
+                }
+                EventKind::Modify(ModifyKind::Metadata(_)) => false,
+                _ => true,
+            };
+            if !whole {
+                return;
+            }
+            let linked = target_name.lock().ok().and_then(|n| n.clone());
+            let ours = ev.paths.iter().any(|p| {
+                let name = p.file_name().map(|f| f.to_os_string());
+                name == file_name
+                    || (linked.is_some() && name == linked)
+                    // ConfigMaps swap a `..data` symlink; the file name itself never changes.
+                    || p.file_name().is_some_and(|f| f == "..data")
+            });
+            if ours {
+                let _ = tx.send(());
+            }
         }
     });
     let mut watcher = match watcher {
@@ -894,18 +909,50 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
         tracing::warn!(error = %e, "cannot watch the config folder; reload with SIGHUP or POST /admin/reload");
         return;
     }
-    if let Some(folder) = target.as_deref().and_then(Path::parent) {
-        if let Err(e) = watcher.watch(folder, RecursiveMode::NonRecursive) {
-            tracing::warn!(error = %e, "cannot watch the folder the config file links to; reload with SIGHUP or POST /admin/reload");
+    let watch_folder_of = |watcher: &mut notify::RecommendedWatcher, target: &Option<PathBuf>| {
+        if let Some(folder) = target.as_deref().and_then(Path::parent) {
+            if let Err(e) = watcher.watch(folder, RecursiveMode::NonRecursive) {
+                tracing::warn!(error = %e, "cannot watch the folder the config file links to; reload with SIGHUP or POST /admin/reload");
+            }
         }
-    }
+    };
+    watch_folder_of(&mut watcher, &target);
+    // What the file held when it was last read here: a close that changed nothing (`touch`
+    // opens the file for writing) is no reason to reload.
+    let read = {
+        let path = path.clone();
+        move || std::fs::read(&path).ok()
+    };
+    let mut last = read();
     tokio::spawn(async move {
-        let _keep_watching = watcher;
         while rx.recv().await.is_some() {
             // Editors write in several steps: wait for the writes to settle, then reload once.
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
-            let _ = gateway.reload("file change").await;
+            let now = link_target();
+            if now != target {
+                if let Some(folder) = target.as_deref().and_then(Path::parent) {
+                    let _ = watcher.unwatch(folder);
+                }
+                watch_folder_of(&mut watcher, &now);
+                if let Ok(mut n) = target_name.lock() {
+                    *n = now
+                        .as_ref()
+                        .and_then(|t| t.file_name())
+                        .map(|f| f.to_os_string());
+                }
+                target = now;
+            }
+            let text = read();
+            if text.is_some() && text == last {
+                continue;
+            }
+            // Kept only when it loaded: after a refusal, the same text may load the next
+            // time (an environment variable it needs was set meanwhile).
+            last = match gateway.reload("file change").await {
+                Ok(_) => text,
+                Err(_) => None,
+            };
         }
     });
 }

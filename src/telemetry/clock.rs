@@ -22,7 +22,10 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -114,7 +117,7 @@ impl Arrivals {
     /// of its bytes came); `None` while it serves one (an HTTP/2 connection, once it has had
     /// a request, always).
     pub fn waiting_ticks(&self, now: u64) -> Option<u64> {
-        (self.at.load(Relaxed) != SERVING)
+        (self.at.load(Acquire) != SERVING)
             .then(|| now.saturating_sub(self.waiting_since.load(Relaxed)))
     }
 
@@ -130,7 +133,7 @@ impl Arrivals {
     /// The answer is done: the next bytes read begin the next request.
     pub fn done(&self) {
         self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
-        self.at.store(0, Relaxed);
+        self.at.store(0, Release);
     }
 }
 
@@ -145,7 +148,11 @@ impl Clock for Arrivals {
         }
     }
 
-    fn wrote(&self) {}
+    /// An answer's last bytes may still be going out after its body ended (to a slow
+    /// reader): the wait for the next request starts at the last write, not before.
+    fn wrote(&self) {
+        self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
+    }
 }
 
 /// An upstream connection's clock: its last write and the first read after it. On an
