@@ -1707,6 +1707,36 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
     let answer = read_all(conn).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
+    // A body that keeps coming, a byte every 200 ms (each within the timeout), but at less
+    // than 1 KiB/s once it has taken client_timeout: 408.
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = conn.into_split();
+    let dripping = tokio::spawn(async move {
+        for _ in 0..40 {
+            if wr.write_all(b"1\r\n \r\n").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut got))
+        .await
+        .expect("answered and closed")
+        .ok();
+    dripping.abort();
+    let answer = String::from_utf8_lossy(&got);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("bytes a second"), "{answer}");
     // The same, and the client closes: 499.
     let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
     conn.write_all(head.as_bytes()).await.unwrap();
@@ -1747,7 +1777,7 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
         .iter()
         .map(|r| r.status)
         .collect();
-    assert_eq!(statuses, [408, 499, 200], "{}", gw.logs());
+    assert_eq!(statuses, [408, 408, 499, 200], "{}", gw.logs());
 }
 
 /// A body of many fields is checked for a field sent twice in linear time (compared
