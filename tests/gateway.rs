@@ -852,6 +852,17 @@ async fn a_half_written_or_emptied_config_is_not_loaded_and_no_reload_turns_auth
     assert!(loaded, "the whole file was not loaded:\n{}", gw.logs());
     assert_eq!(keyless().await.unwrap().status(), 401);
 
+    // Removed, then made again in two steps: not loaded at its making either.
+    std::fs::remove_file(gw.config_path()).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut f = std::fs::File::create(gw.config_path()).unwrap();
+    f.write_all(&with_new.as_bytes()[..cut]).unwrap();
+    f.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(other().await.unwrap().status(), 200, "{}", gw.logs());
+    f.write_all(&with_new.as_bytes()[cut..]).unwrap();
+    drop(f);
+
     // Emptied: refused, the old config serves.
     std::fs::write(gw.config_path(), "").unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;

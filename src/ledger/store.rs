@@ -31,13 +31,20 @@ async fn pg_pool(url: &str, max_connections: u32) -> Result<PgPool, String> {
         .await
     {
         Ok(pool) => Ok(pool),
-        Err(sqlx::Error::PoolTimedOut) => match sqlx::PgConnection::connect(url).await {
-            Err(e) => Err(failed(e)),
-            Ok(conn) => {
-                let _ = conn.close().await;
-                Err(failed(sqlx::Error::PoolTimedOut))
+        // One more try, alone, for its error (a server that accepts and never answers
+        // would hold it for ever: bounded too).
+        Err(sqlx::Error::PoolTimedOut) => {
+            match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(url))
+                .await
+            {
+                Ok(Err(e)) => Err(failed(e)),
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                    Err(failed(sqlx::Error::PoolTimedOut))
+                }
+                Err(_) => Err(failed(sqlx::Error::PoolTimedOut)),
             }
-        },
+        }
         Err(e) => Err(failed(e)),
     }
 }

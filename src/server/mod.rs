@@ -880,6 +880,11 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
                     !cfg!(target_os = "linux")
                 }
                 EventKind::Modify(ModifyKind::Metadata(_)) => false,
+                // A file made is empty until written (its close says when); a link made
+                // points at a whole one.
+                EventKind::Create(_) if cfg!(target_os = "linux") => ev.paths.iter().any(|p| {
+                    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
+                }),
                 _ => true,
             };
             if !whole {
