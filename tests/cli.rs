@@ -297,6 +297,7 @@ fn check_refuses_a_password_in_a_provider_url_without_printing_it() {
 providers:
   a: { kind: openai, base_url: \"http://user:pw-LEAK1@127.0.0.1:8000/v1\" }
   b: { kind: openai, base_url: \"user:pw-LEAK2@host/v1\" }
+  d: { kind: openai, base_url: \"user:pw#LEAK4/x@host/v1\" }
   c: { kind: azure_openai, endpoint: \"https://:pw-LEAK3@x.openai.azure.com\", api_key: k }
 models:
   m: { pricing: { input_per_1m: 0 }, deployments: [ { provider: a } ] }
@@ -309,7 +310,7 @@ models:
         "{err}"
     );
     assert!(err.contains("providers.c.endpoint must not hold"), "{err}");
-    assert!(err.contains("`host/v1` is not an http(s) URL"), "{err}");
+    assert!(err.contains("`***@host/v1` is not an http(s) URL"), "{err}");
     assert!(!format!("{out}{err}").contains("LEAK"), "{out}{err}");
 }
 

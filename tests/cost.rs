@@ -1960,6 +1960,11 @@ async fn partial_images_are_reserved() {
         "stream": true, "partial_images": 3});
     let r = post(&gw, "/v1/images/generations", low).await;
     assert_eq!(r.status(), 429);
+    // So many that their tokens overflow a u64: the most there is, refused.
+    let absurd = json!({"model": "img", "prompt": "a fox", "stream": true,
+        "partial_images": 184_467_440_737_095_517u64});
+    let r = post(&gw, "/v1/images/generations", absurd).await;
+    assert_eq!(r.status(), 429);
     let low = json!({"model": "img", "prompt": "a fox", "quality": "low", "size": "1024x1024"});
     let r = post(&gw, "/v1/images/generations", low).await;
     assert_eq!(r.status(), 200);

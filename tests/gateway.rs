@@ -1748,6 +1748,19 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
     let answer = String::from_utf8_lossy(&got);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("bytes a second"), "{answer}");
+    // A body framed wrong (a chunk size that is no number), the client still there: 400.
+    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+             content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = read_all(conn).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // The same, and the client closes: 499.
     let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
     conn.write_all(head.as_bytes()).await.unwrap();
@@ -1788,7 +1801,7 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
         .iter()
         .map(|r| r.status)
         .collect();
-    assert_eq!(statuses, [408, 408, 499, 200], "{}", gw.logs());
+    assert_eq!(statuses, [408, 408, 400, 499, 200], "{}", gw.logs());
 }
 
 /// A body of many fields is checked for a field sent twice in linear time (compared

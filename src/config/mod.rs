@@ -263,14 +263,13 @@ impl Checker<'_> {
     }
 
     fn providers(&mut self, c: &Config) {
-        /// `scheme://user:pw@host` without `user:pw@`, for a message.
+        /// `scheme://user:pw@host` as `scheme://***@host`, for a message: everything up to
+        /// the last `@` goes (a password may hold `/`, `?` or `#`; what does not parse
+        /// cannot say where it ends).
         fn without_userinfo(url: &str) -> String {
             let start = url.find("://").map_or(0, |i| i + 3);
-            let end = url[start..]
-                .find(['/', '?', '#'])
-                .map_or(url.len(), |i| start + i);
-            match url[start..end].rfind('@') {
-                Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..]),
+            match url[start..].rfind('@') {
+                Some(at) => format!("{}***{}", &url[..start], &url[start + at..]),
                 None => url.to_string(),
             }
         }

@@ -337,8 +337,14 @@ impl Route {
     /// back to.
     pub fn worst_case_usd(&self, req: &ApiRequest, routes: &Routes) -> f64 {
         // A streamed image's partial images are billed as 100 output tokens each.
-        let partial = req.image.as_ref().map_or(0, |a| a.partial_images * 100);
-        let out = (self.output_cap(req) + partial).saturating_mul(req.choices);
+        let partial = req
+            .image
+            .as_ref()
+            .map_or(0, |a| a.partial_images.saturating_mul(100));
+        let out = self
+            .output_cap(req)
+            .saturating_add(partial)
+            .saturating_mul(req.choices);
         let media = Media {
             audio_seconds: req.audio.bound_seconds,
             characters: req.speech_characters,

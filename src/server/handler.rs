@@ -526,6 +526,26 @@ fn check_route<'a>(
     Ok(r)
 }
 
+/// Whether a body's error says it was malformed (see `read_body`).
+fn malformed(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_user() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            );
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Bytes a second a request body must average once it has taken `server.client_timeout`.
 const MIN_BODY_RATE: f64 = 1024.0;
 
@@ -564,12 +584,13 @@ where
             Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
                 return Err(GatewayError::too_large(limit))
             }
-            Ok(Some(Err(e)))
-                if e.downcast_ref::<hyper::Error>()
-                    .is_some_and(|h| h.is_parse() || h.is_user()) =>
-            {
+            // A body the client framed wrong (a bad chunk size, say), its connection still
+            // open: a bad request. hyper says so with an I/O error of kind InvalidData or
+            // InvalidInput under its own; a body cut short is UnexpectedEof, or an HTTP/2
+            // stream reset.
+            Ok(Some(Err(e))) if malformed(&*e) => {
                 return Err(GatewayError::invalid_request(
-                    "the request body could not be read to its end",
+                    "the request body is malformed (its framing) and could not be read",
                 ))
             }
             // The client closed its connection or stream before its body's end: nobody is
