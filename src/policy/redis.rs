@@ -112,15 +112,17 @@ enum Once {
     Unseeded(usize),
 }
 
-fn micros(usd: f64) -> i64 {
-    (usd * 1e6).round() as i64
+/// Budgets count in nano-dollars: a request can cost less than a micro-dollar (ten tokens of
+/// an embedding model), and counted in micro-dollars it either vanished (rounded down) or
+/// counted five times over (rounded up).
+fn nanos(usd: f64) -> i64 {
+    (usd * 1e9).round() as i64
 }
 
-/// Whole micro-dollars, rounded up (past a pico-dollar of float noise: 3 × 0.000001 is
-/// 3.0000000000000004e-6), so rounding never lets a request through, nor a cost below a
-/// micro-dollar go uncounted.
-fn micros_up(usd: f64) -> i64 {
-    (usd * 1e6 - 1e-6).ceil().max(0.0) as i64
+/// Whole nano-dollars, rounded up (past a thousandth of one of float noise: 3 × 0.000001 is
+/// 3.0000000000000004e-6), so rounding never lets a request through, nor a cost go uncounted.
+fn nanos_up(usd: f64) -> i64 {
+    (usd * 1e9 - 1e-3).ceil().max(0.0) as i64
 }
 
 pub struct RedisState {
@@ -143,7 +145,9 @@ fn parallel_key(id: &str) -> String {
     format!("{PREFIX}:p:{id}")
 }
 fn budget_key(id: &str, period_start: i64) -> String {
-    format!("{PREFIX}:b:{id}:{period_start}")
+    // `bn`: in nano-dollars (keys in micro-dollars were `b`; a new key is seeded from the
+    // ledger like any other).
+    format!("{PREFIX}:bn:{id}:{period_start}")
 }
 
 /// Seconds a budget key must live: to its period's end and a week beyond (for reports and
@@ -251,8 +255,8 @@ impl RedisState {
     ) -> Result<(), redis::RedisError> {
         let mut inv = self.seed.prepare_invoke();
         inv.key(budget_key(&budget.id, period_start))
-            .arg(micros_up(spent))
-            .arg(budget.soft_usd.map_or(-1, micros))
+            .arg(nanos_up(spent))
+            .arg(budget.soft_usd.map_or(-1, nanos))
             .arg(budget_ttl(budget, crate::ledger::now_ms()));
         match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<i64>(conn)).await {
             Ok(r) => r.map(|_| ()),
@@ -318,7 +322,7 @@ impl RedisState {
             return Once::Decided(self.on_error(plan, "admit"));
         };
         let minute = (now_ms.max(0) as u64) / 60_000;
-        let worst = micros_up(plan.worst_usd);
+        let worst = nanos_up(plan.worst_usd);
         let mut inv = self.admit.prepare_invoke();
         for l in plan.limits.iter() {
             inv.key(window_key(&l.id, minute)).key(parallel_key(&l.id));
@@ -339,7 +343,7 @@ impl RedisState {
             inv.arg(opt(l.rpm)).arg(opt(l.tpm)).arg(opt(l.max_parallel));
         }
         for b in plan.budgets.iter() {
-            inv.arg(micros(b.usd)).arg(budget_ttl(b, now_ms));
+            inv.arg(nanos(b.usd)).arg(budget_ttl(b, now_ms));
         }
         let reply: Vec<i64> =
             match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await {
@@ -417,8 +421,8 @@ impl RedisState {
                 let (_, next) = period_bounds(b.period, now_ms);
                 Err(Refused::Budget {
                     budget: b.clone(),
-                    spent: reply.get(2).copied().unwrap_or(0) as f64 / 1e6,
-                    reserved: reply.get(3).copied().unwrap_or(0) as f64 / 1e6,
+                    spent: reply.get(2).copied().unwrap_or(0) as f64 / 1e9,
+                    reserved: reply.get(3).copied().unwrap_or(0) as f64 / 1e9,
                     retry_after: next.map(|n| Duration::from_millis((n - now_ms).max(0) as u64)),
                     first_in_period: reply.get(4).copied() == Some(1),
                 })
@@ -447,10 +451,10 @@ impl RedisState {
             .arg(admitted.periods.len())
             .arg(plan.tokens)
             .arg(actual.tokens)
-            .arg(micros_up(plan.worst_usd))
-            .arg(micros_up(actual.cost_usd));
+            .arg(nanos_up(plan.worst_usd))
+            .arg(nanos_up(actual.cost_usd));
         for b in plan.budgets.iter() {
-            inv.arg(b.soft_usd.map_or(-1, micros));
+            inv.arg(b.soft_usd.map_or(-1, nanos));
         }
         let reply: Vec<i64> = match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn))
             .await
@@ -483,7 +487,7 @@ impl RedisState {
                 kind: "soft",
                 scope: b.scope.kind(),
                 name: b.scope.name().to_string(),
-                spent: reply.get(2 * j + 1).copied().unwrap_or(0) as f64 / 1e6,
+                spent: reply.get(2 * j + 1).copied().unwrap_or(0) as f64 / 1e9,
                 limit: b.soft_usd.unwrap_or(b.usd),
                 period: period_name(b.period),
             })
@@ -557,7 +561,7 @@ impl PolicyState for RedisState {
                 )))
             });
             match r {
-                Ok((s, r)) => (s.unwrap_or(0) as f64 / 1e6, r.unwrap_or(0) as f64 / 1e6),
+                Ok((s, r)) => (s.unwrap_or(0) as f64 / 1e9, r.unwrap_or(0) as f64 / 1e9),
                 Err(_) => (0.0, 0.0),
             }
         })
