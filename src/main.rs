@@ -72,16 +72,21 @@ enum KeysCommand {
     },
 }
 
+/// The commands that print (`check | head`, `spend | less` closed early) end quietly when
+/// their reader goes away, as Unix tools do, instead of panicking on the write. Set once
+/// their database work is done (a socket write to a database gone would end them as
+/// silently), and never for `serve`, whose sockets must see a closed peer as an error.
+fn quiet_when_the_reader_leaves() {
+    // SAFETY: SIG_DFL is a valid disposition; nothing else in the process handles SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. }) {
-        // The commands that print (`check | head`, `spend | less` closed early) end quietly
-        // when their reader goes away, as Unix tools do, instead of panicking on the write.
-        // Not `serve`, whose sockets must see a closed peer as an error, not a signal.
-        // SAFETY: before any thread is started; SIG_DFL is a valid disposition.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+    if matches!(cli.command, Command::Check { .. } | Command::Keys { .. }) {
+        quiet_when_the_reader_leaves();
     }
     match cli.command {
         Command::Serve {
@@ -267,6 +272,7 @@ fn spend(
     });
     match result {
         Ok(lines) => {
+            quiet_when_the_reader_leaves();
             print!("{}", report::render(&lines, by, format));
             if format == Format::Json {
                 println!();

@@ -1895,3 +1895,41 @@ async fn a_slow_reader_gets_a_large_answer_whole() {
         got.len()
     );
 }
+
+/// A config that is a symlink to another file of its own folder (`routes.yaml ->
+/// routes-v2.yaml`) is reloaded when that file changes.
+#[tokio::test]
+async fn a_config_linked_within_its_folder_reloads_when_its_target_changes() {
+    let up = MockUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("routes-v2.yaml");
+    std::fs::write(&target, "").unwrap();
+    std::os::unix::fs::symlink("routes-v2.yaml", dir.path().join("routes.yaml")).unwrap();
+    let gw = Gateway::start_in(&config(&up, ""), dir).await;
+    let original = std::fs::read_to_string(&target).unwrap();
+    std::fs::write(
+        &target,
+        original.replace(
+            "  demo: { deployments:",
+            "  demo2: { deployments: [ { provider: demo } ] }\n  demo: { deployments:",
+        ),
+    )
+    .unwrap();
+    let c = client();
+    let mut loaded = false;
+    for _ in 0..60 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .body(r#"{"model":"demo2","messages":[{"role":"user","content":"hi"}]}"#)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            loaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(loaded, "the target's change did not reload:\n{}", gw.logs());
+}

@@ -567,7 +567,14 @@ where
     // as long as its length allows.
     let mut since: Option<(std::time::Instant, usize)> = None;
     loop {
-        let frame = match tokio::time::timeout(idle, body.frame()).await {
+        // A frame already there (the usual body, read with its head) needs no deadline, nor
+        // the clock read that makes one.
+        let ready = futures_util::FutureExt::now_or_never(body.frame());
+        let next = match ready {
+            Some(frame) => Ok(frame),
+            None => tokio::time::timeout(idle, body.frame()).await,
+        };
+        let frame = match next {
             Err(_) => {
                 return Err(GatewayError::new(
                     StatusCode::REQUEST_TIMEOUT,

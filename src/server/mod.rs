@@ -842,20 +842,21 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
         _ => PathBuf::from("."),
     };
     let file_name = path.file_name().map(|f| f.to_os_string());
-    // A config that is a symlink into another folder (not a ConfigMap's, whose swap shows in
-    // this one) changes there: that folder is watched too, for the target's name, and found
+    // A config that is a symlink (not a ConfigMap's, whose swap shows in this folder)
+    // changes where it points: that file's folder is watched too, for its name, and found
     // again after each change (the link may have been pointed elsewhere).
     let link_target = {
-        let (path, dir) = (path.clone(), dir.clone());
+        let path = path.clone();
         move || {
             std::fs::canonicalize(&path).ok().filter(|t| {
-                t.parent() != std::fs::canonicalize(&dir).ok().as_deref()
+                t.as_path() != path.as_path()
                     && !t
                         .components()
                         .any(|c| c.as_os_str().to_string_lossy().starts_with(".."))
             })
         }
     };
+    let home = std::fs::canonicalize(&dir).ok();
     let mut target = link_target();
     let target_name = Arc::new(std::sync::Mutex::new(
         target
@@ -914,10 +915,21 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
         tracing::warn!(error = %e, "cannot watch the config folder; reload with SIGHUP or POST /admin/reload");
         return;
     }
-    let watch_folder_of = |watcher: &mut notify::RecommendedWatcher, target: &Option<PathBuf>| {
-        if let Some(folder) = target.as_deref().and_then(Path::parent) {
-            if let Err(e) = watcher.watch(folder, RecursiveMode::NonRecursive) {
-                tracing::warn!(error = %e, "cannot watch the folder the config file links to; reload with SIGHUP or POST /admin/reload");
+    // The link's folder, unless it is the config's own (watched already).
+    let other_folder = move |target: &Option<PathBuf>| {
+        target
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|f| Some(*f) != home.as_deref())
+            .map(Path::to_path_buf)
+    };
+    let watch_folder_of = {
+        let other_folder = other_folder.clone();
+        move |watcher: &mut notify::RecommendedWatcher, target: &Option<PathBuf>| {
+            if let Some(folder) = other_folder(target) {
+                if let Err(e) = watcher.watch(&folder, RecursiveMode::NonRecursive) {
+                    tracing::warn!(error = %e, "cannot watch the folder the config file links to; reload with SIGHUP or POST /admin/reload");
+                }
             }
         }
     };
@@ -936,8 +948,8 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
             while rx.try_recv().is_ok() {}
             let now = link_target();
             if now != target {
-                if let Some(folder) = target.as_deref().and_then(Path::parent) {
-                    let _ = watcher.unwatch(folder);
+                if let Some(folder) = other_folder(&target) {
+                    let _ = watcher.unwatch(&folder);
                 }
                 watch_folder_of(&mut watcher, &now);
                 if let Ok(mut n) = target_name.lock() {

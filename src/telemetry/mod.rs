@@ -632,11 +632,15 @@ impl Body for LoggedBody {
                 // grace runs out (its client's SDK raises instead of taking a cut answer for
                 // a whole one); its ledger row is written as its body is dropped.
                 if this.line.facts.stream && this.line.first_byte.is_some() {
+                    // Polled once, to leave this task's waker with the notification; from
+                    // then on the flag says (polling again would take the notification's
+                    // lock at every pause of every stream).
+                    let first_wait = this.cut.is_none();
                     let cut = this
                         .cut
                         .get_or_insert_with(|| Box::pin(SHUTDOWN_CUT.notified()));
                     if CUTTING.load(std::sync::atomic::Ordering::Relaxed)
-                        || cut.as_mut().poll(cx).is_ready()
+                        || (first_wait && cut.as_mut().poll(cx).is_ready())
                     {
                         this.ended = true;
                         this.line.emit("shutdown");
