@@ -864,7 +864,9 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
             .and_then(|t| t.file_name())
             .map(|f| f.to_os_string()),
     ));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // true: the file is whole (closed after writing, renamed or linked into place); false:
+    // it was written to, and may be whole once the writes stop.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
     let watcher = notify::recommended_watcher({
         let target_name = target_name.clone();
         move |ev: notify::Result<notify::Event>| {
@@ -872,25 +874,23 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
             let Ok(ev) = ev else { return };
             // A file is whole when its writer closes it, or when it is renamed or linked
             // into place (sed -i, vim, a ConfigMap's `..data` swap): a write alone may be
-            // half of one, and a half-written file can be valid YAML. Where the system does
-            // not report closes (not Linux), every write counts, and the pause below must do.
+            // half of one, and a half-written file can be valid YAML. A write counts only
+            // once writes have stopped for a while with no close reported (some mounts and
+            // systems report none).
             let whole = match ev.kind {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
+                EventKind::Access(_) => return,
                 EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
-                    !cfg!(target_os = "linux")
+                    false
                 }
-                EventKind::Modify(ModifyKind::Metadata(_)) => false,
+                EventKind::Modify(ModifyKind::Metadata(_)) => return,
                 // A file made is empty until written (its close says when); a link made
                 // points at a whole one.
-                EventKind::Create(_) if cfg!(target_os = "linux") => ev.paths.iter().any(|p| {
+                EventKind::Create(_) => ev.paths.iter().any(|p| {
                     std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())
                 }),
                 _ => true,
             };
-            if !whole {
-                return;
-            }
             let linked = target_name.lock().ok().and_then(|n| n.clone());
             let ours = ev.paths.iter().any(|p| {
                 let name = p.file_name().map(|f| f.to_os_string());
@@ -900,7 +900,7 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
                     || p.file_name().is_some_and(|f| f == "..data")
             });
             if ours {
-                let _ = tx.send(());
+                let _ = tx.send(whole);
             }
         }
     });
@@ -942,8 +942,18 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     };
     let mut last = read();
     tokio::spawn(async move {
-        while rx.recv().await.is_some() {
-            // Editors write in several steps: wait for the writes to settle, then reload once.
+        while let Some(whole) = rx.recv().await {
+            if !whole {
+                // Written to, no close yet: the close, or 5 s without another write.
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                        Ok(Some(true)) | Err(_) => break,
+                        Ok(Some(false)) => continue,
+                        Ok(None) => return,
+                    }
+                }
+            }
+            // Editors write in several steps: wait for them to settle, then reload once.
             tokio::time::sleep(Duration::from_millis(200)).await;
             while rx.try_recv().is_ok() {}
             let now = link_target();
