@@ -71,7 +71,7 @@ pub fn field_ranges<'a>(
 ) -> impl Iterator<Item = Range<usize>> + 'a {
     let delim = format!("--{boundary}");
     let next_delim = format!("\r\n{delim}");
-    let wanted = format!("name=\"{name}\"").to_ascii_lowercase();
+    let wanted = name.to_ascii_lowercase();
     let mut at = find(body, delim.as_bytes(), 0);
     std::iter::from_fn(move || loop {
         let headers_start = at? + delim.len();
@@ -82,9 +82,17 @@ pub fn field_ranges<'a>(
         let content_start = headers_end + 4;
         let next = find(body, next_delim.as_bytes(), content_start)?;
         let headers = &body[headers_start..headers_end];
+        // `name="model"`, and the spellings a lenient parser upstream also takes as it
+        // (`name=model`, `NAME = "model"`): a part the gateway did not see as `model` must
+        // not be one upstream.
         let is_field = headers.split(|b| *b == b'\n').any(|line| {
             let line = String::from_utf8_lossy(line).to_ascii_lowercase();
-            line.starts_with("content-disposition:") && line.split(';').any(|p| p.trim() == wanted)
+            line.starts_with("content-disposition:")
+                && line.split(';').skip(1).any(|p| {
+                    p.split_once('=').is_some_and(|(k, v)| {
+                        k.trim() == "name" && v.trim().trim_matches('"') == wanted
+                    })
+                })
         });
         at = Some(next + 2);
         if is_field {
@@ -137,6 +145,18 @@ mod tests {
         assert_eq!(field(&out, "XyZ", "model").as_deref(), Some("whisper-dep"));
         assert_eq!(out.len(), BODY.len() + 4);
         assert!(out.starts_with(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\""));
+    }
+
+    /// A part named without quotes, or with spaces, is the field a lenient parser upstream
+    /// would take it for; `filename="model"` names no field.
+    #[test]
+    fn every_spelling_of_a_name_is_that_field() {
+        let body = b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n\
+            --B\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o\r\n\
+            --B\r\ncontent-disposition: form-data; NAME = \"model\"\r\n\r\no1\r\n\
+            --B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"model\"\r\n\r\nx\r\n--B--\r\n";
+        let values: Vec<&[u8]> = field_ranges(body, "B", "model").map(|r| &body[r]).collect();
+        assert_eq!(values, [&b"whisper"[..], b"gpt-4o", b"o1"]);
     }
 
     #[test]
