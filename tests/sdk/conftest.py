@@ -236,7 +236,7 @@ def pytest_runtest_makereport(item, call):
 
 def gateway_config(upstream_addr: str) -> str:
     u = f"http://{upstream_addr}"
-    all_routes = "[gpt-4o, gpt-4o-azure, text-embedding-3-small, whisper, tts, dall-e-3, omni-moderation-latest, demo]"
+    all_routes = "[gpt-4o, gpt-4o-azure, text-embedding-3-small, whisper, tts, dall-e-3, gpt-image-1, omni-moderation-latest, demo]"
     # retries: 0 and a large allowed_fails keep the error tests independent: one scripted
     # upstream error is one client error, and no deployment is put in cooldown by them.
     return f"""\
@@ -258,6 +258,7 @@ models:
   whisper: {{ deployments: [ {{ provider: up-azure, deployment: whisper-dep }} ] }}
   tts: {{ deployments: [ {{ provider: up-openai, deployment: tts-1 }} ] }}
   dall-e-3: {{ deployments: [ {{ provider: up-azure, deployment: dalle-dep }} ] }}
+  gpt-image-1: {{ deployments: [ {{ provider: up-openai, deployment: gpt-image-1 }} ] }}
   omni-moderation-latest: {{ deployments: [ {{ provider: up-openai, deployment: omni-moderation-latest }} ] }}
   demo: {{ deployments: [ {{ provider: demo, deployment: demo-model }} ] }}
 keys:
@@ -266,7 +267,7 @@ keys:
 """
 
 
-ROUTES = ["gpt-4o", "gpt-4o-azure", "text-embedding-3-small", "whisper", "tts", "dall-e-3", "omni-moderation-latest", "demo"]
+ROUTES = ["gpt-4o", "gpt-4o-azure", "text-embedding-3-small", "whisper", "tts", "dall-e-3", "gpt-image-1", "omni-moderation-latest", "demo"]
 
 
 class Gateway:

@@ -4,10 +4,12 @@ client's key never leaves the gateway."""
 
 import base64
 import json
+import time
 
 import pytest
 
 from conftest import (
+    ADMIN_KEY,
     httpx,
     KEY_A,
     MOCK_TEXT,
@@ -213,6 +215,25 @@ def test_images_generate(client, mock_upstream):
     req = mock_upstream.only_request()
     assert req.path == "/openai/deployments/dalle-dep/images/generations"
     assert req.header("api-key") == "upstream-secret-azure"
+
+
+def test_gpt_image_usage_and_its_price(client, gateway, mock_upstream):
+    """A GPT Image answer carries its tokens (the SDK reads them), and the ledger prices them:
+    5 USD per 1M input, 40 per 1M output, nothing per image on top."""
+    r = client.images.generate(model="gpt-image-1", prompt="a fox", quality="low", size="1024x1024")
+    assert base64.b64decode(r.data[0].b64_json).startswith(b"\x89PNG")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (2, 272)
+    assert_openai_upstream(mock_upstream.only_request(), "/v1/images/generations")
+    cost = None
+    for _ in range(40):  # the ledger writes within 250 ms
+        spend = httpx.get(
+            f"{gateway.url}/admin/spend?by=model", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+        ).json()
+        cost = next((row["cost_usd"] for row in spend["rows"] if row["name"] == "gpt-image-1"), None)
+        if cost is not None:
+            break
+        time.sleep(0.05)
+    assert cost == pytest.approx(2 * 5e-6 + 272 * 40e-6, abs=1e-12)
 
 
 AUDIO = b"RIFF" + bytes(range(256)) * 8  # not real audio; the upstream only counts bytes
