@@ -88,6 +88,15 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Check { .. } | Command::Keys { .. }) {
         quiet_when_the_reader_leaves();
     }
+    if matches!(cli.command, Command::Serve { .. }) {
+        // A SIGHUP asks for a reload; its default action would end the process. Ignored
+        // from here until `serve` listens for it (its first step), so one sent at start
+        // does not.
+        // SAFETY: SIG_IGN is a valid disposition; no thread is running yet.
+        unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        }
+    }
     match cli.command {
         Command::Serve {
             config,
