@@ -1969,3 +1969,29 @@ async fn partial_images_are_reserved() {
     let r = post(&gw, "/v1/images/generations", low).await;
     assert_eq!(r.status(), 200);
 }
+
+/// A 200 that is no JSON (an HTML page from a misconfigured upstream) is passed on as it
+/// came; its row estimates the prompt that was sent (it recorded no tokens, not estimated).
+#[tokio::test]
+async fn a_success_that_is_not_json_estimates_its_prompt() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    up.script(Scripted::html(200));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "a question of some words"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("<html>"));
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].estimated && rows[0].prompt_tokens > 0,
+        "{:?}",
+        rows[0]
+    );
+    assert_eq!(rows[0].completion_tokens, 0);
+}

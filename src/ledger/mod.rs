@@ -391,6 +391,10 @@ impl Tap {
                     let mut text = String::new();
                     answer_text(&v, &mut text);
                     usage = Some(record.estimate(&text));
+                } else {
+                    // A success that is not JSON (an HTML page from a misconfigured upstream,
+                    // say): its answer is no text of the model's, but the prompt was sent.
+                    usage = Some(record.estimate(""));
                 }
             }
             answer = Some(whole);
