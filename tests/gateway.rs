@@ -885,6 +885,44 @@ async fn a_half_written_or_emptied_config_is_not_loaded_and_no_reload_turns_auth
     assert_eq!(keyless().await.unwrap().status(), 401);
 }
 
+/// A chat request with the client key as it goes on the wire (HTTP/1.1, kept alive).
+fn raw_chat(body: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Whether `route` answers 200 within 3 s (a reload of the config file may take a moment).
+async fn comes_to_serve(gw: &Gateway, route: &str) -> bool {
+    let c = client();
+    for _ in 0..60 {
+        let r = c
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .body(format!(
+                r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The config text with a route `name` added before `demo`.
+fn with_route(config: &str, name: &str) -> String {
+    config.replace(
+        "  demo: { deployments:",
+        &format!("  {name}: {{ deployments: [ {{ provider: demo }} ] }}\n  demo: {{ deployments:"),
+    )
+}
+
 /// A config file that is a symlink into another folder is reloaded when its target changes
 /// there.
 #[tokio::test]
@@ -899,31 +937,12 @@ async fn a_config_linked_from_another_folder_reloads_when_its_target_changes() {
     let gw = Gateway::start_in(&config(&up, ""), dir).await;
     let original = std::fs::read_to_string(&target).unwrap();
     assert!(original.contains("models:"));
-    std::fs::write(
-        &target,
-        original.replace(
-            "  demo: { deployments:",
-            "  demo2: { deployments: [ { provider: demo } ] }\n  demo: { deployments:",
-        ),
-    )
-    .unwrap();
-    let c = client();
-    let mut loaded = false;
-    for _ in 0..60 {
-        let r = c
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(CLIENT_KEY)
-            .body(r#"{"model":"demo2","messages":[{"role":"user","content":"hi"}]}"#)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            loaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(loaded, "the target's change did not reload:\n{}", gw.logs());
+    std::fs::write(&target, with_route(&original, "demo2")).unwrap();
+    assert!(
+        comes_to_serve(&gw, "demo2").await,
+        "the target's change did not reload:\n{}",
+        gw.logs()
+    );
 
     // `touch` (an open for writing and a close, nothing changed): no reload.
     let reloads = |gw: &Gateway| gw.logs().matches("config reloaded").count();
@@ -944,47 +963,15 @@ async fn a_config_linked_from_another_folder_reloads_when_its_target_changes() {
     // The link pointed into a third folder: that folder is watched from then on.
     let other = tempfile::tempdir().unwrap();
     let moved = other.path().join("routes.yaml");
-    let third = std::fs::read_to_string(&target).unwrap().replace(
-        "  demo2:",
-        "  demo3: { deployments: [ { provider: demo } ] }\n  demo2:",
-    );
+    let third = with_route(&std::fs::read_to_string(&target).unwrap(), "demo3");
     std::fs::write(&moved, &third).unwrap();
     let link = gw.config_path();
     let tmp_link = link.with_extension("new");
     std::os::unix::fs::symlink(&moved, &tmp_link).unwrap();
     std::fs::rename(&tmp_link, &link).unwrap();
-    let routes_served = |route: &'static str| {
-        let c = c.clone();
-        let url = gw.url("/v1/chat/completions");
-        async move {
-            for _ in 0..60 {
-                let r = c
-                    .post(&url)
-                    .bearer_auth(CLIENT_KEY)
-                    .body(format!(
-                        r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#
-                    ))
-                    .send()
-                    .await
-                    .unwrap();
-                if r.status() == 200 {
-                    return true;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            false
-        }
-    };
-    assert!(routes_served("demo3").await, "{}", gw.logs());
-    std::fs::write(
-        &moved,
-        third.replace(
-            "  demo3:",
-            "  demo4: { deployments: [ { provider: demo } ] }\n  demo3:",
-        ),
-    )
-    .unwrap();
-    assert!(routes_served("demo4").await, "{}", gw.logs());
+    assert!(comes_to_serve(&gw, "demo3").await, "{}", gw.logs());
+    std::fs::write(&moved, with_route(&third, "demo4")).unwrap();
+    assert!(comes_to_serve(&gw, "demo4").await, "{}", gw.logs());
 }
 
 /// A reload that changes fields read only at start applies everything else and logs one
@@ -1770,16 +1757,7 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
     // A kept-alive connection left idle after its answer is closed too.
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hi"}]}"#;
     let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
-    conn.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    conn.write_all(raw_chat(body).as_bytes()).await.unwrap();
     let answer = read_all(conn).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     gw.signal("TERM");
@@ -1860,16 +1838,7 @@ async fn a_slow_reader_gets_a_large_answer_whole() {
     let first = post(&gw, "/v1/chat/completions", body).await;
     assert_eq!(first.bytes().await.unwrap().len(), answer.len());
     let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
-    conn.write_all(
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {CLIENT_KEY}\r\n\
-             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    conn.write_all(raw_chat(body).as_bytes()).await.unwrap();
     // 256 KiB every 40 ms: about 2 s for the answer, many times client_timeout.
     let mut got = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
@@ -1907,29 +1876,10 @@ async fn a_config_linked_within_its_folder_reloads_when_its_target_changes() {
     std::os::unix::fs::symlink("routes-v2.yaml", dir.path().join("routes.yaml")).unwrap();
     let gw = Gateway::start_in(&config(&up, ""), dir).await;
     let original = std::fs::read_to_string(&target).unwrap();
-    std::fs::write(
-        &target,
-        original.replace(
-            "  demo: { deployments:",
-            "  demo2: { deployments: [ { provider: demo } ] }\n  demo: { deployments:",
-        ),
-    )
-    .unwrap();
-    let c = client();
-    let mut loaded = false;
-    for _ in 0..60 {
-        let r = c
-            .post(gw.url("/v1/chat/completions"))
-            .bearer_auth(CLIENT_KEY)
-            .body(r#"{"model":"demo2","messages":[{"role":"user","content":"hi"}]}"#)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == 200 {
-            loaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(loaded, "the target's change did not reload:\n{}", gw.logs());
+    std::fs::write(&target, with_route(&original, "demo2")).unwrap();
+    assert!(
+        comes_to_serve(&gw, "demo2").await,
+        "the target's change did not reload:\n{}",
+        gw.logs()
+    );
 }
