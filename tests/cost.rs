@@ -1995,3 +1995,28 @@ async fn a_success_that_is_not_json_estimates_its_prompt() {
     );
     assert_eq!(rows[0].completion_tokens, 0);
 }
+
+/// A worst case beyond any number (`max_tokens: 2^63 - 1`) is refused by the budget, and the
+/// gateway goes on (the sum overflowed under the budgets' lock: the request's connection
+/// dropped and every later request of every key was refused).
+#[tokio::test]
+async fn an_absurd_worst_case_is_refused_and_the_gateway_goes_on() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, &keys(", budget: { usd: 1, period: total }"))).await;
+    let chat = |max_tokens: u64| {
+        json!({"model": "gpt-4o", "max_tokens": max_tokens,
+               "messages": [{"role": "user", "content": "hi"}]})
+    };
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat(10)).await.status(),
+        200
+    );
+    let r = post(&gw, "/v1/chat/completions", chat(i64::MAX as u64)).await;
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded", "{v}");
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", chat(10)).await.status(),
+        200
+    );
+}

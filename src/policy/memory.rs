@@ -57,21 +57,26 @@ fn minute_of(now_ms: i64) -> u64 {
 
 /// Budget arithmetic in micro-dollars, so that float noise never lets a request through.
 fn fits(spent: f64, reserved: f64, worst: f64, limit: f64) -> bool {
+    if [spent, reserved, worst].iter().any(|v| v.is_nan()) {
+        return false;
+    }
+    // Saturating: a worst case of `max_tokens: 2^63` is the most there is, not a wrap (nor,
+    // in a debug build, a panic under the lock, which refused every request after it).
     let micros = |v: f64| (v * 1e6).round() as i64;
-    micros(spent) + micros(reserved) + micros(worst) <= micros(limit)
+    micros(spent)
+        .saturating_add(micros(reserved))
+        .saturating_add(micros(worst))
+        <= micros(limit)
 }
 
 impl MemoryState {
     fn admit_now(&self, plan: &Plan, now_ms: i64) -> Result<Admitted, Refused> {
-        let Ok(mut c) = self.inner.lock() else {
-            // A poisoned lock means a panic elsewhere; refuse rather than overspend.
-            return Err(Refused::Rate {
-                limit: "gateway".into(),
-                what: "internal state",
-                retry_after: Duration::from_secs(1),
-                headers: LimitHeaders::default(),
-            });
-        };
+        // A panic while it was held (a bug) leaves the counts as they were at that moment;
+        // refusing every request for ever after would be worse than going on with them.
+        let mut c = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let minute = minute_of(now_ms);
         let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
         let mut headers = LimitHeaders::default();
@@ -100,7 +105,9 @@ impl MemoryState {
             if l.rpm.is_some_and(|rpm| w.requests + 1 > rpm) {
                 return Err(refuse("requests per minute", to_next_minute, h));
             }
-            if l.tpm.is_some_and(|tpm| w.tokens + plan.tokens > tpm) {
+            if l.tpm
+                .is_some_and(|tpm| w.tokens.saturating_add(plan.tokens) > tpm)
+            {
                 return Err(refuse("tokens per minute", to_next_minute, h));
             }
             if l.max_parallel.is_some_and(|mp| w.in_flight + 1 > mp) {
@@ -128,7 +135,7 @@ impl MemoryState {
         for l in plan.limits.iter() {
             if let Some(w) = c.windows.get_mut(&l.id) {
                 w.requests += 1;
-                w.tokens += plan.tokens;
+                w.tokens = w.tokens.saturating_add(plan.tokens);
                 w.in_flight += 1;
                 // Headers: the tightest limit, counting this request.
                 if let Some(rpm) = l.rpm {
@@ -163,15 +170,19 @@ impl MemoryState {
     /// the period it was admitted in.
     fn settle_now(&self, plan: &Plan, admitted: &Admitted, actual: Actual) -> Vec<Alert> {
         let mut alerts = Vec::new();
-        let Ok(mut c) = self.inner.lock() else {
-            return alerts;
-        };
+        let mut c = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for l in plan.limits.iter() {
             if let Some(w) = c.windows.get_mut(&l.id) {
                 w.in_flight = w.in_flight.saturating_sub(1);
                 // Correct the estimate with the real tokens, within the same minute.
                 if w.minute == admitted.minute {
-                    w.tokens = (w.tokens + actual.tokens).saturating_sub(plan.tokens);
+                    w.tokens = w
+                        .tokens
+                        .saturating_add(actual.tokens)
+                        .saturating_sub(plan.tokens);
                 }
             }
         }
