@@ -1826,7 +1826,7 @@ async fn a_slow_reader_gets_a_large_answer_whole() {
             "  gpt-4o: { cache: { ttl: 1m }, deployments:",
         );
     let gw = Gateway::start(&cfg).await;
-    let text = "y".repeat(12 << 20);
+    let text = "y".repeat(6 << 20);
     let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
         "finish_reason": "stop"}],
@@ -1837,13 +1837,16 @@ async fn a_slow_reader_gets_a_large_answer_whole() {
     // Stored, then served from the cache.
     let first = post(&gw, "/v1/chat/completions", body).await;
     assert_eq!(first.bytes().await.unwrap().len(), answer.len());
-    let mut conn = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    // A small receive buffer, read 32 KiB every 20 ms (1.6 MB/s): the gateway's writes find
+    // the socket full for longer than client_timeout at a time.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 << 10).unwrap();
+    let mut conn = socket.connect(gw.addr.parse().unwrap()).await.unwrap();
     conn.write_all(raw_chat(body).as_bytes()).await.unwrap();
-    // 256 KiB every 40 ms: about 2 s for the answer, many times client_timeout.
     let mut got = Vec::new();
-    let mut buf = vec![0u8; 256 << 10];
+    let mut buf = vec![0u8; 32 << 10];
     loop {
-        tokio::time::sleep(Duration::from_millis(40)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
         match conn.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),

@@ -536,6 +536,9 @@ fn give_back_freed_memory() {
     }
 }
 
+/// How long a client may read nothing of an answer being written to it.
+const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Every client connection's clock and task, listed at accept.
 type Watched = Arc<std::sync::Mutex<Vec<(std::sync::Weak<Arrivals>, tokio::task::AbortHandle)>>>;
 
@@ -545,6 +548,12 @@ async fn sweep_idle_connections(connections: Watched, timeout: Duration) {
     use crate::telemetry::clock::TICKS;
     let tick = (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let limit = timeout.as_nanos().div_ceil(tick.as_nanos()) as u64;
+    // A peer that reads nothing of its answer for this long (nginx's `send_timeout`) is let
+    // go too; one that reads slowly, but reads, is not.
+    let send_limit = SEND_TIMEOUT
+        .max(timeout)
+        .as_nanos()
+        .div_ceil(tick.as_nanos()) as u64;
     let mut every = tokio::time::interval(tick);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -557,7 +566,10 @@ async fn sweep_idle_connections(connections: Watched, timeout: Duration) {
             None => false,
             // More than `limit` whole ticks: at least `timeout` (the tick it began in may
             // have been nearly over).
-            Some(a) if a.waiting_ticks(now).is_some_and(|t| t > limit) => {
+            Some(a)
+                if a.waiting_ticks(now).is_some_and(|t| t > limit)
+                    || a.blocked_ticks(now).is_some_and(|t| t > send_limit) =>
+            {
                 task.abort();
                 false
             }

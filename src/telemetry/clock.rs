@@ -84,6 +84,8 @@ pub trait Clock {
     }
     /// Bytes were written.
     fn wrote(&self);
+    /// A write found the socket full (the peer reads slower than the answer comes).
+    fn write_blocked(&self) {}
 }
 
 /// A coarse clock for idle connections, advanced by the server's sweeper (one tick a
@@ -99,6 +101,9 @@ pub struct Arrivals {
     at: AtomicU64,
     /// The `TICKS` at which the connection began to wait for its next request's head.
     waiting_since: AtomicU64,
+    /// The `TICKS` (plus one) at which a write found the socket full, 0 when the last write
+    /// went through: such a connection is not idle, whatever it waits for.
+    blocked_since: AtomicU64,
 }
 
 const SERVING: u64 = u64::MAX;
@@ -108,6 +113,7 @@ impl Default for Arrivals {
         Arrivals {
             at: AtomicU64::new(0),
             waiting_since: AtomicU64::new(TICKS.load(Relaxed)),
+            blocked_since: AtomicU64::new(0),
         }
     }
 }
@@ -117,8 +123,17 @@ impl Arrivals {
     /// of its bytes came); `None` while it serves one (an HTTP/2 connection, once it has had
     /// a request, always).
     pub fn waiting_ticks(&self, now: u64) -> Option<u64> {
-        (self.at.load(Acquire) != SERVING)
+        (self.at.load(Acquire) != SERVING && self.blocked_since.load(Relaxed) == 0)
             .then(|| now.saturating_sub(self.waiting_since.load(Relaxed)))
+    }
+
+    /// How many ticks its writes have found the socket full with nothing going through
+    /// (`None`: its last write went through).
+    pub fn blocked_ticks(&self, now: u64) -> Option<u64> {
+        match self.blocked_since.load(Relaxed) {
+            0 => None,
+            since => Some(now.saturating_sub(since - 1)),
+        }
     }
 
     /// When the request now handed to the gateway was read (`None` when its bytes came in
@@ -152,6 +167,15 @@ impl Clock for Arrivals {
     /// reader): the wait for the next request starts at the last write, not before.
     fn wrote(&self) {
         self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
+        if self.blocked_since.load(Relaxed) != 0 {
+            self.blocked_since.store(0, Relaxed);
+        }
+    }
+
+    fn write_blocked(&self) {
+        if self.blocked_since.load(Relaxed) == 0 {
+            self.blocked_since.store(TICKS.load(Relaxed) + 1, Relaxed);
+        }
     }
 }
 
@@ -227,8 +251,10 @@ impl<T, C> Clocked<T, C> {
 impl<T, C: Clock> Clocked<T, C> {
     /// Tells the clock of a write that wrote something; passes its result on.
     fn told(&self, r: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.clock.wrote();
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => self.clock.wrote(),
+            Poll::Pending => self.clock.write_blocked(),
+            _ => {}
         }
         r
     }
