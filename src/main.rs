@@ -273,11 +273,22 @@ fn spend(
             return ExitCode::FAILURE;
         }
     };
+    // A database that stops answering once connected would hold the command for ever.
+    const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
     let result = runtime.block_on(async {
-        let store = Store::open_read_only(&url).await?;
-        let lines = report::report(&store, by, since, until).await;
-        store.close().await;
-        lines
+        tokio::time::timeout(REPORT_TIMEOUT, async {
+            let store = Store::open_read_only(&url).await?;
+            let lines = report::report(&store, by, since, until).await;
+            store.close().await;
+            lines
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the ledger did not answer within {} s",
+                REPORT_TIMEOUT.as_secs()
+            ))
+        })
     });
     match result {
         Ok(lines) => {
