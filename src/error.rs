@@ -66,6 +66,26 @@ impl GatewayError {
         )
     }
 
+    /// The client sent its request too slowly (`server.client_timeout`).
+    pub fn request_timeout(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            message,
+        )
+    }
+
+    /// The client went away before its request was read (recorded, never seen by it).
+    pub fn client_closed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::from_u16(crate::ledger::CLIENT_CLOSED).unwrap_or(StatusCode::BAD_REQUEST),
+            "invalid_request_error",
+            "client_closed",
+            message,
+        )
+    }
+
     pub fn invalid_api_key(message: impl Into<String>) -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,

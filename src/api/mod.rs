@@ -290,20 +290,21 @@ impl ApiRequest {
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
             let boundary = multipart::boundary(ct)?;
-            // As in a JSON body, a field twice would be read as one and served as another.
-            for name in ["model", "stream"] {
-                if multipart::field_ranges(&body, &boundary, name)
-                    .nth(1)
-                    .is_some()
-                {
+            // A field's value, read once; as in a JSON body, a field twice would be read as
+            // one and served as another.
+            let only = |name: &str| {
+                let mut values = multipart::field_ranges(&body, &boundary, name);
+                let first = values.next();
+                if values.next().is_some() {
                     return Err(GatewayError::invalid_request(format!(
                         "the form has the field `{name}` more than once"
                     ))
                     .with_param(name));
                 }
-            }
-            let model = multipart::field(&body, &boundary, "model");
-            let stream = multipart::field(&body, &boundary, "stream").as_deref() == Some("true");
+                Ok(first.map(|r| multipart::text(&body, r)))
+            };
+            let model = only("model")?;
+            let stream = only("stream")?.as_deref() == Some("true");
             (Payload::Multipart { boundary, model }, stream)
         } else {
             let head = body::JsonHead::parse(&body)?;

@@ -103,7 +103,12 @@ pub fn field_ranges<'a>(
 
 /// The text value of field `name`.
 pub fn field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
-    field_range(body, boundary, name).map(|r| String::from_utf8_lossy(&body[r]).trim().to_string())
+    field_range(body, boundary, name).map(|r| text(body, r))
+}
+
+/// The text of a field's value at `range`.
+pub fn text(body: &[u8], range: Range<usize>) -> String {
+    String::from_utf8_lossy(&body[range]).trim().to_string()
 }
 
 /// The body with field `name` set to `value` (replaced in place, or added as the first part).

@@ -72,16 +72,20 @@ impl Loaded {
 
 /// Reads a config file, taking `${VAR}` from the process environment.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        file: file.clone(),
+        file: path.display().to_string(),
         errors: vec![Diagnostic {
             pos: Pos { line: 1, col: 1 },
             message: format!("cannot read the config file: {e}"),
         }],
     })?;
+    load_text(path, &text)
+}
+
+/// The config file at `path` as `text` already read from it.
+pub fn load_text(path: &Path, text: &str) -> Result<Loaded, ConfigErrors> {
     let env = |name: &str| std::env::var(name).ok();
-    load_str(&text, &file, &env)
+    load_str(text, &path.display().to_string(), &env)
 }
 
 /// Parses and checks config text. `file` is only used in messages.

@@ -526,11 +526,6 @@ impl ImagePrices {
         (!entries.is_empty()).then_some(ImagePrices { entries, max })
     }
 
-    /// The highest price of the table.
-    pub fn max(&self) -> f64 {
-        self.max
-    }
-
     /// The price of one image as the ledger counts it: the listed price of the request's
     /// quality and size, a quality not sent counting as `standard` and a size not sent as
     /// `1024x1024` (OpenAI's defaults for DALL·E); for what the table does not list (`auto`,
@@ -586,10 +581,8 @@ impl From<&Pricing> for Price {
             per_image: p
                 .per_image
                 .or_else(|| {
-                    p.image_sizes
-                        .as_ref()
-                        .and_then(ImagePrices::new)
-                        .map(|t| t.max)
+                    let rows = p.image_sizes.iter().flat_map(|t| t.values());
+                    rows.flat_map(|r| r.values().copied()).reduce(f64::max)
                 })
                 .unwrap_or(0.0),
             per_audio_second: p.per_audio_second.unwrap_or(0.0),

@@ -108,14 +108,12 @@ where
         },
         Target::ListModels => rt.keys.authenticate(req.headers()).map(|key| {
             facts.endpoint = "models";
-            facts.key.clone_from(&key.name);
-            facts.team = key.team.clone().unwrap_or_default();
+            facts.of_key(&key);
             list_models(&rt, &key)
         }),
         Target::GetModel(id) => rt.keys.authenticate(req.headers()).and_then(|key| {
             facts.endpoint = "models";
-            facts.key.clone_from(&key.name);
-            facts.team = key.team.clone().unwrap_or_default();
+            facts.of_key(&key);
             get_model(&rt, &key, &id)
         }),
         Target::Call(op, shape) => {
@@ -169,8 +167,7 @@ where
     B::Error: std::error::Error + Send + Sync + 'static,
 {
     let key = rt.keys.authenticate(req.headers())?;
-    facts.key.clone_from(&key.name);
-    facts.team = key.team.clone().unwrap_or_default();
+    facts.of_key(&key);
     let request_id = request_id(req.headers());
     let (parts, body) = req.into_parts();
     let started = std::time::Instant::now();
@@ -576,15 +573,10 @@ where
         };
         let frame = match next {
             Err(_) => {
-                return Err(GatewayError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "invalid_request_error",
-                    "request_timeout",
-                    format!(
-                        "no byte of the request body arrived for {} s",
-                        idle.as_secs_f64()
-                    ),
-                ))
+                return Err(GatewayError::request_timeout(format!(
+                    "no byte of the request body arrived for {} s",
+                    idle.as_secs_f64()
+                )))
             }
             Ok(None) => break,
             Ok(Some(Ok(frame))) => frame,
@@ -604,11 +596,7 @@ where
             // left to answer, and its row says so (499, as for a client gone before the
             // answer), not that it sent a bad request.
             Ok(Some(Err(_))) => {
-                return Err(GatewayError::new(
-                    StatusCode::from_u16(crate::ledger::CLIENT_CLOSED)
-                        .unwrap_or(StatusCode::BAD_REQUEST),
-                    "invalid_request_error",
-                    "client_closed",
+                return Err(GatewayError::client_closed(
                     "the request body could not be read to its end",
                 ))
             }
@@ -625,15 +613,9 @@ where
                     *bytes += data.len();
                     let took = start.elapsed();
                     if took > idle && (*bytes as f64) < MIN_BODY_RATE * took.as_secs_f64() {
-                        return Err(GatewayError::new(
-                            StatusCode::REQUEST_TIMEOUT,
-                            "invalid_request_error",
-                            "request_timeout",
-                            format!(
-                                "the request body arrived at less than {} bytes a second",
-                                MIN_BODY_RATE
-                            ),
-                        ));
+                        return Err(GatewayError::request_timeout(format!(
+                            "the request body arrived at less than {MIN_BODY_RATE} bytes a second"
+                        )));
                     }
                     more.push(data)
                 }

@@ -394,17 +394,25 @@ impl Gateway {
     }
 
     pub async fn reload(&self, trigger: &str) -> Result<u64, String> {
+        self.reload_text(trigger, None).await
+    }
+
+    /// `reload`, from the file's `text` when the caller has just read it.
+    async fn reload_text(&self, trigger: &str, text: Option<String>) -> Result<u64, String> {
         let _one_at_a_time = self.reload_lock.lock().await;
         let path = self.config_path.clone();
-        let result = tokio::task::spawn_blocking(move || config::load_file(&path))
-            .await
-            .map_err(|e| format!("reload task failed: {e}"))
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .and_then(|loaded| {
-                self.refuse_unsafe(&loaded.config)?;
-                let generation = self.generation.load(Ordering::SeqCst) + 1;
-                Runtime::build(loaded, generation, &self.registry)
-            });
+        let result = tokio::task::spawn_blocking(move || match text {
+            Some(text) => config::load_text(&path, &text),
+            None => config::load_file(&path),
+        })
+        .await
+        .map_err(|e| format!("reload task failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .and_then(|loaded| {
+            self.refuse_unsafe(&loaded.config)?;
+            let generation = self.generation.load(Ordering::SeqCst) + 1;
+            Runtime::build(loaded, generation, &self.registry)
+        });
         match result {
             Ok(rt) => {
                 for field in self.started.changed_in(&rt.loaded.config) {
@@ -950,7 +958,7 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     // opens the file for writing) is no reason to reload.
     let read = {
         let path = path.clone();
-        move || std::fs::read(&path).ok()
+        move || std::fs::read_to_string(&path).ok()
     };
     let mut last = read();
     tokio::spawn(async move {
@@ -988,7 +996,7 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
             }
             // Kept only when it loaded: after a refusal, the same text may load the next
             // time (an environment variable it needs was set meanwhile).
-            last = match gateway.reload("file change").await {
+            last = match gateway.reload_text("file change", text.clone()).await {
                 Ok(_) => text,
                 Err(_) => None,
             };

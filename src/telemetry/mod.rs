@@ -370,6 +370,14 @@ pub struct RequestFacts {
     pub key_counters: Option<Arc<metrics::KeyCounters>>,
 }
 
+impl RequestFacts {
+    /// The request's client key: its name and its team, for the log line and the metrics.
+    pub fn of_key(&mut self, key: &crate::auth::ClientKey) {
+        self.key.clone_from(&key.name);
+        self.team = key.team.clone().unwrap_or_default();
+    }
+}
+
 /// Writes one structured line per request when its response body ends or is dropped. Given
 /// its connection's `Arrivals`, an HTTP/1 request's time starts at the read that brought its
 /// first bytes; otherwise (HTTP/2's interleaved requests) as it is handed to the gateway.
