@@ -1782,6 +1782,68 @@ async fn slow_and_vanishing_clients_are_let_go_and_recorded() {
     assert_eq!(statuses, [408, 408, 400, 499, 200], "{}", gw.logs());
 }
 
+/// An HTTP/2 connection with no request open is closed after `server.client_timeout`, as
+/// an idle HTTP/1.1 one is; one with a request open is not, however long its answer takes,
+/// and another of its requests ending does not make it idle.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_and_a_serving_one_is_not() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = MockUpstream::start().await;
+    let cfg = config(&up, "").replace(
+        "  shutdown_grace: 10s",
+        "  shutdown_grace: 10s\n  client_timeout: 500ms",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .unwrap();
+        (send, tokio::spawn(conn))
+    };
+    let chat = |model: &str| {
+        hyper::Request::post("/v1/chat/completions")
+            .header("authorization", format!("Bearer {CLIENT_KEY}"))
+            .header("content-type", "application/json")
+            .body(Full::new(bytes::Bytes::from(format!(
+                r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))))
+            .unwrap()
+    };
+    // A request answered 1.5 s after it was sent (three timeouts with nothing written), and
+    // meanwhile another on the same connection, answered at once.
+    up.script(Scripted::Delay(
+        Duration::from_millis(1500),
+        Box::new(Scripted::respond(200, SMALL_ANSWER)),
+    ));
+    let (mut send, conn) = connect().await;
+    let slow = send.send_request(chat("gpt-4o"));
+    let slow = tokio::spawn(async move {
+        let resp = slow
+            .await
+            .expect("the connection stayed open for the slow answer");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    });
+    assert!(up.wait_in_flight(1, Duration::from_secs(5)).await);
+    let quick = send.send_request(chat("demo")).await.unwrap();
+    assert_eq!(quick.status(), 200);
+    quick.into_body().collect().await.unwrap();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
+    // Then nothing: the gateway closes the connection.
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("an idle HTTP/2 connection is closed")
+        .unwrap()
+        .ok();
+    assert!(send.send_request(chat("demo")).await.is_err());
+}
+
 /// A body of many fields is checked for a field sent twice in linear time (compared
 /// pairwise, 300,000 fields would have taken hours of the gateway's CPU).
 #[tokio::test]

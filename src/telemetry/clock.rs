@@ -24,7 +24,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{
     AtomicU64,
-    Ordering::{Acquire, Relaxed, Release},
+    Ordering::{AcqRel, Acquire, Relaxed, Release},
 };
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
@@ -104,9 +104,13 @@ pub struct Arrivals {
     /// The `TICKS` (plus one) at which a write found the socket full, 0 when the last write
     /// went through: such a connection is not idle, whatever it waits for.
     blocked_since: AtomicU64,
+    /// 0 on HTTP/1 (where `at` says whether a request is served); on HTTP/2, `H2` plus the
+    /// number of its requests not yet answered (its requests interleave).
+    h2: AtomicU64,
 }
 
 const SERVING: u64 = u64::MAX;
+const H2: u64 = 1 << 32;
 
 impl Default for Arrivals {
     fn default() -> Self {
@@ -114,16 +118,20 @@ impl Default for Arrivals {
             at: AtomicU64::new(0),
             waiting_since: AtomicU64::new(TICKS.load(Relaxed)),
             blocked_since: AtomicU64::new(0),
+            h2: AtomicU64::new(0),
         }
     }
 }
 
 impl Arrivals {
     /// How many ticks the connection has been waiting for a request's head (however many
-    /// of its bytes came); `None` while it serves one (an HTTP/2 connection, once it has had
-    /// a request, always).
+    /// of its bytes came), or on HTTP/2 with no request open; `None` while it serves one.
     pub fn waiting_ticks(&self, now: u64) -> Option<u64> {
-        (self.at.load(Acquire) != SERVING && self.blocked_since.load(Relaxed) == 0)
+        let idle = match self.h2.load(Acquire) {
+            0 => self.at.load(Acquire) != SERVING,
+            open => open == H2,
+        };
+        (idle && self.blocked_since.load(Relaxed) == 0)
             .then(|| now.saturating_sub(self.waiting_since.load(Relaxed)))
     }
 
@@ -145,8 +153,26 @@ impl Arrivals {
         }
     }
 
-    /// The answer is done: the next bytes read begin the next request.
+    /// An HTTP/2 request is handed to the gateway. Its requests interleave, so none is timed
+    /// by the connection's reads: the clock stays serving from the first on, and its reads
+    /// stay plain (no `recvmsg` for a time nobody takes).
+    pub fn opened(&self) {
+        self.at.store(SERVING, Relaxed);
+        // Counted first, then marked HTTP/2: the sweeper never sees it with none open.
+        if self.h2.fetch_add(1, AcqRel) & H2 == 0 {
+            self.h2.fetch_or(H2, AcqRel);
+        }
+    }
+
+    /// The answer is done: on HTTP/1 the next bytes read begin the next request; on HTTP/2
+    /// the connection is idle once its last open request is done.
     pub fn done(&self) {
+        if self.h2.load(Relaxed) != 0 {
+            if self.h2.fetch_sub(1, AcqRel) == H2 + 1 {
+                self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
+            }
+            return;
+        }
         self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
         self.at.store(0, Release);
     }

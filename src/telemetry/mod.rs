@@ -428,17 +428,15 @@ where
         let h1 = req.version() <= http::Version::HTTP_11;
         let start = match &self.arrivals {
             Some(a) if h1 => a.take(),
+            // HTTP/2's requests interleave on the connection: none is timed by its reads.
             Some(a) => {
-                // HTTP/2's requests interleave on the connection: none is timed by its reads.
-                // Taken (and never done), the clock stays serving, so the reads stay plain (no
-                // `recvmsg` for a time nobody takes).
-                a.take();
+                a.opened();
                 None
             }
             None => None,
         }
         .unwrap_or_else(Instant::now);
-        let arrivals = self.arrivals.clone().filter(|_| h1);
+        let arrivals = self.arrivals.clone();
         let method = req.method().clone();
         let uri = req.uri().clone();
         let request_id = request_id(req.headers());
@@ -489,7 +487,7 @@ struct LogLine {
     body_wait: std::time::Duration,
     pending_since: Option<Instant>,
     logged: bool,
-    /// The connection's clock, told when the answer is done (HTTP/1 only).
+    /// The connection's clock, told when the answer is done.
     arrivals: Option<Arc<clock::Arrivals>>,
 }
 
