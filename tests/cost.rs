@@ -1945,6 +1945,151 @@ async fn images_are_priced_and_reserved_by_quality_and_size() {
     }
 }
 
+/// `images/edits` (a form with the image to edit): routed by its `model` field (sent
+/// upstream as the deployment's name, the image untouched), in the Azure shape too; a GPT
+/// Image edit priced by its tokens, the uploaded image's at 10 USD per 1M (the mock bills
+/// 323 per image), and reserved at `IMAGE_INPUT_TOKENS` (10,000) per uploaded image; a DALL·E 2
+/// edit priced per image by size. A form without its image or prompt, or naming `model`
+/// twice (once as RFC 5987's `name*=`), is refused.
+#[tokio::test]
+async fn image_edits_are_routed_priced_and_reserved() {
+    let up = MockUpstream::start().await;
+    let config = config_with_routes(
+        &up,
+        "  dalle2: { deployments: [ { provider: up, deployment: dall-e-2 } ] }\n  \
+         img: { deployments: [ { provider: up, deployment: gpt-image-1 } ] }\n",
+        &keys(", budget: { usd: 0.2, period: daily }"),
+    );
+    let mut gw = Gateway::start(&config).await;
+    const PNG: &[u8] = b"\x89PNG\r\n\x1a\n-the-image-to-edit-";
+    let edit =
+        |path: &'static str, fields: &[(&'static str, &'static str)], files: &[&'static str]| {
+            let mut form = reqwest::multipart::Form::new();
+            for f in files {
+                form = form.part(
+                    *f,
+                    reqwest::multipart::Part::bytes(PNG.to_vec())
+                        .file_name("a.png")
+                        .mime_str("image/png")
+                        .unwrap(),
+                );
+            }
+            for (k, v) in fields {
+                form = form.text(*k, *v);
+            }
+            let req = client().post(gw.url(path)).bearer_auth(KEY).multipart(form);
+            async move {
+                let r = req.send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap())
+            }
+        };
+    let low = [
+        ("model", "img"),
+        ("prompt", "a fox"),
+        ("quality", "low"),
+        ("size", "1024x1024"),
+    ];
+    // Reserved 10,005 × 10 + 0.01088 = 0.111 of the 0.2; costs 2 × 5 + 323 × 10 + 272 × 40 =
+    // 14,120 micro-dollars.
+    let (status, v) = edit("/v1/images/edits", &low, &["image"]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        v["usage"]["input_tokens_details"]["image_tokens"], 323,
+        "{v}"
+    );
+    let sent = up.requests().pop().unwrap();
+    assert_eq!(sent.path, "/v1/images/edits");
+    let form = String::from_utf8_lossy(&sent.body).into_owned();
+    assert!(form.contains("\r\n\r\ngpt-image-1\r\n"), "{form}");
+    assert!(
+        sent.body.windows(PNG.len()).any(|w| w == PNG),
+        "the image went upstream untouched"
+    );
+    // An image and a mask: 20,005 × 10 + 0.01088 = 0.21 is more than the 0.186 left.
+    let (status, v) = edit("/v1/images/edits", &low, &["image", "mask"]).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("budget_exceeded")),
+        "{v}"
+    );
+    // DALL·E 2 in the Azure shape, two 512x512: 2 × 0.018.
+    let (status, v) = edit(
+        "/openai/deployments/dalle2/images/edits?api-version=2025-04-01-preview",
+        &[("prompt", "a fox"), ("n", "2"), ("size", "512x512")],
+        &["image"],
+    )
+    .await;
+    assert_eq!(
+        (status, v["data"].as_array().map(Vec::len)),
+        (200, Some(2)),
+        "{v}"
+    );
+    assert!(up.requests().pop().unwrap().path.contains("/images/edits"));
+    // Refused: no image, no prompt, a non-number `n`.
+    let (status, v) = edit(
+        "/v1/images/edits",
+        &[("model", "img"), ("prompt", "x")],
+        &[],
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{v}"
+    );
+    let (status, v) = edit("/v1/images/edits", &[("model", "img")], &["image"]).await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("prompt")),
+        "{v}"
+    );
+    let (status, v) = edit(
+        "/v1/images/edits",
+        &[("model", "img"), ("prompt", "x"), ("n", "two")],
+        &["image"],
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("n")),
+        "{v}"
+    );
+    // `model` twice, the second spelled `name*=`: a parser upstream may take either.
+    let body = "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n\
+        --B\r\nContent-Disposition: form-data; name*=UTF-8''model\r\n\r\ndalle2\r\n\
+        --B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n\
+        --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNG\r\n--B--\r\n";
+    let r = client()
+        .post(gw.url("/v1/images/edits"))
+        .bearer_auth(KEY)
+        .header("content-type", "multipart/form-data; boundary=B")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "model", "{v}");
+
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    assert_rows(
+        &rows,
+        "images/edits",
+        &[
+            (200, 0.01412, false),
+            (429, 0.0, false),
+            (200, 0.036, false),
+            (400, 0.0, false),
+            (400, 0.0, false),
+            (400, 0.0, false),
+            (400, 0.0, false),
+        ],
+    );
+    assert_eq!(up.request_count(), 2);
+}
+
 /// A streamed GPT image's partial images are billed as 100 output tokens each: three of
 /// them (0.012) with a low 1024x1024 image (0.01088) are more than a 0.02 budget.
 #[tokio::test]

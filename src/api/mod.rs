@@ -22,6 +22,7 @@ pub enum Operation {
     Completions,
     Embeddings,
     ImagesGenerations,
+    ImagesEdits,
     AudioTranscriptions,
     AudioTranslations,
     AudioSpeech,
@@ -30,11 +31,12 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::ChatCompletions,
         Operation::Completions,
         Operation::Embeddings,
         Operation::ImagesGenerations,
+        Operation::ImagesEdits,
         Operation::AudioTranscriptions,
         Operation::AudioTranslations,
         Operation::AudioSpeech,
@@ -49,6 +51,7 @@ impl Operation {
             Operation::Completions => "completions",
             Operation::Embeddings => "embeddings",
             Operation::ImagesGenerations => "images/generations",
+            Operation::ImagesEdits => "images/edits",
             Operation::AudioTranscriptions => "audio/transcriptions",
             Operation::AudioTranslations => "audio/translations",
             Operation::AudioSpeech => "audio/speech",
@@ -61,8 +64,16 @@ impl Operation {
         Operation::ALL.into_iter().find(|op| op.path() == p)
     }
 
-    /// The request is `multipart/form-data` (audio uploads), not JSON.
+    /// The request is `multipart/form-data` (audio and image uploads), not JSON.
     pub fn is_multipart(self) -> bool {
+        matches!(
+            self,
+            Operation::AudioTranscriptions | Operation::AudioTranslations | Operation::ImagesEdits
+        )
+    }
+
+    /// An audio upload, whose length the gateway reads for its price.
+    pub fn is_audio_upload(self) -> bool {
         matches!(
             self,
             Operation::AudioTranscriptions | Operation::AudioTranslations
@@ -94,7 +105,9 @@ impl Operation {
             Operation::AudioSpeech => &[("input", Expect::String)],
             Operation::Moderations => &[("input", Expect::Present)],
             Operation::Responses => &[],
-            Operation::AudioTranscriptions | Operation::AudioTranslations => &[],
+            Operation::AudioTranscriptions
+            | Operation::AudioTranslations
+            | Operation::ImagesEdits => &[],
         }
     }
 }
@@ -218,7 +231,7 @@ pub struct ApiRequest {
     pub audio: audio::AudioLength,
     /// The characters of `input` to be spoken (`audio/speech`), as the upstream bills them.
     pub speech_characters: u64,
-    /// What an `images/generations` request's price depends on.
+    /// What an image request's price depends on (`images/generations`, `images/edits`).
     pub image: Option<crate::ledger::cost::ImageAsk>,
     /// The output cap the gateway sets upstream when the client set none and a budget
     /// applies, so the request cannot cost more than it reserved. Set by the handler.
@@ -245,6 +258,11 @@ pub enum Payload {
         model: Option<String>,
     },
 }
+
+/// The most tokens an image uploaded to `images/edits` is billed as: GPT Image bills an
+/// input image by its tiles (a few hundred tokens), and a few thousand more with
+/// `input_fidelity: high`; the bound keeps a budget's reservation above either.
+pub const IMAGE_INPUT_TOKENS: u64 = 10_000;
 
 /// Client headers that never go upstream: credentials, hop-by-hop headers, lengths and
 /// encodings the gateway sets itself, and the gateway's own.
@@ -285,15 +303,18 @@ impl ApiRequest {
         let mut client_wants_usage = false;
         let mut speech_characters = 0;
         let mut image = None;
+        // An image edit's prompt bytes and uploaded images (masks included).
+        let mut edit_prompt = None;
         let (payload, stream) = if op.is_multipart() {
             let ct = headers
                 .get(http::header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok());
             let boundary = multipart::boundary(ct)?;
-            // A field's value, read once; as in a JSON body, a field twice would be read as
-            // one and served as another.
+            // The form's parts, read once; a text field's value read once too: as in a JSON
+            // body, a field twice would be read as one and served as another.
+            let parts: Vec<multipart::Part> = multipart::parts(&body, &boundary).collect();
             let only = |name: &str| {
-                let mut values = multipart::field_ranges(&body, &boundary, name);
+                let mut values = parts.iter().filter(|p| p.is(name));
                 let first = values.next();
                 if values.next().is_some() {
                     return Err(GatewayError::invalid_request(format!(
@@ -301,10 +322,53 @@ impl ApiRequest {
                     ))
                     .with_param(name));
                 }
-                Ok(first.map(|r| multipart::text(&body, r)))
+                Ok(first.map(|p| multipart::text(&body, p.value.clone())))
             };
             let model = only("model")?;
             let stream = only("stream")?.as_deref() == Some("true");
+            if op == Operation::ImagesEdits {
+                let uint = |name: &str| -> Result<Option<u64>, GatewayError> {
+                    only(name)?
+                        .map(|v| {
+                            v.parse::<u64>().map_err(|_| {
+                                GatewayError::invalid_request(format!(
+                                    "`{name}` must be a non-negative integer"
+                                ))
+                                .with_param(name)
+                            })
+                        })
+                        .transpose()
+                };
+                let Some(prompt) = only("prompt")? else {
+                    return Err(GatewayError::invalid_request(
+                        "`prompt` is required for /v1/images/edits",
+                    )
+                    .with_param("prompt"));
+                };
+                let images = parts
+                    .iter()
+                    .filter(|p| p.is("image") || p.is("image[]"))
+                    .count() as u64;
+                if images == 0 {
+                    return Err(GatewayError::invalid_request(
+                        "an image to edit (the file part `image`) is required for /v1/images/edits",
+                    )
+                    .with_param("image"));
+                }
+                let masks = parts.iter().filter(|p| p.is("mask")).count() as u64;
+                choices = uint("n")?.unwrap_or(1).max(1);
+                user = only("user")?;
+                image = Some(crate::ledger::cost::ImageAsk {
+                    quality: only("quality")?,
+                    size: only("size")?,
+                    partial_images: if stream {
+                        uint("partial_images")?.unwrap_or(0)
+                    } else {
+                        0
+                    },
+                });
+                edit_prompt = Some((prompt.len() as u64, images.saturating_add(masks)));
+            }
             (Payload::Multipart { boundary, model }, stream)
         } else {
             let head = body::JsonHead::parse(&body)?;
@@ -409,7 +473,14 @@ impl ApiRequest {
                 let images: usize = KEY.iter().map(|f| f.find_iter(&body).count()).sum();
                 (text.div_ceil(4), text + 1600 * images as u64)
             }
-            Payload::Multipart { .. } => (0, 0),
+            // An uploaded image is billed by its tokens (`gpt-image-1`): at most
+            // `IMAGE_INPUT_TOKENS` each, whatever its size and `input_fidelity`.
+            Payload::Multipart { .. } => edit_prompt.map_or((0, 0), |(text, images)| {
+                (
+                    text.div_ceil(4),
+                    text.saturating_add(images.saturating_mul(IMAGE_INPUT_TOKENS)),
+                )
+            }),
         };
         Ok(ApiRequest {
             op,

@@ -1,5 +1,6 @@
-//! Just enough `multipart/form-data` to read and replace one small text field (`model`) of an
-//! audio upload; the file part and every other byte pass through untouched.
+//! Just enough `multipart/form-data` to read a form's small text fields (`model`, `n`, ...)
+//! and replace one (`model`) of an audio or image upload; the file parts and every other
+//! byte pass through untouched.
 
 use std::ops::Range;
 
@@ -35,27 +36,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, GatewayError> {
 }
 
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    let first = needle[0];
-    let mut i = from;
-    while i + needle.len() <= hay.len() {
-        match hay[i..=hay.len() - needle.len()]
-            .iter()
-            .position(|b| *b == first)
-        {
-            None => return None,
-            Some(off) => {
-                let at = i + off;
-                if &hay[at..at + needle.len()] == needle {
-                    return Some(at);
-                }
-                i = at + 1;
-            }
-        }
-    }
-    None
+    memchr::memmem::find(hay.get(from..)?, needle).map(|i| i + from)
 }
 
 /// The byte range of the value of the text field `name`, if the body has one.
@@ -69,11 +50,33 @@ pub fn field_ranges<'a>(
     boundary: &str,
     name: &str,
 ) -> impl Iterator<Item = Range<usize>> + 'a {
+    let wanted = name.to_ascii_lowercase();
+    parts(body, boundary).filter_map(move |p| p.is(&wanted).then_some(p.value))
+}
+
+/// One part of a form: its name (lowercase), whether it is a file, and its value's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub name: String,
+    /// Further names its disposition gives (a parser upstream may take any of them).
+    pub aliases: Vec<String>,
+    pub file: bool,
+    pub value: Range<usize>,
+}
+
+impl Part {
+    /// Whether the part is named `name` (lowercase), by any of its names.
+    pub fn is(&self, name: &str) -> bool {
+        self.name == name || self.aliases.iter().any(|a| a == name)
+    }
+}
+
+/// Every part of a form, in order, in one pass over the body.
+pub fn parts<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = Part> + 'a {
     let delim = format!("--{boundary}");
     let next_delim = format!("\r\n{delim}");
-    let wanted = name.to_ascii_lowercase();
     let mut at = find(body, delim.as_bytes(), 0);
-    std::iter::from_fn(move || loop {
+    std::iter::from_fn(move || {
         let headers_start = at? + delim.len();
         if body.get(headers_start..headers_start + 2) == Some(b"--") {
             return None; // closing delimiter
@@ -82,23 +85,51 @@ pub fn field_ranges<'a>(
         let content_start = headers_end + 4;
         let next = find(body, next_delim.as_bytes(), content_start)?;
         let headers = &body[headers_start..headers_end];
-        // `name="model"`, and the spellings a lenient parser upstream also takes as it
-        // (`name=model`, `NAME = "model"`): a part the gateway did not see as `model` must
-        // not be one upstream.
-        let is_field = headers.split(|b| *b == b'\n').any(|line| {
-            let line = String::from_utf8_lossy(line).to_ascii_lowercase();
-            line.starts_with("content-disposition:")
-                && line.split(';').skip(1).any(|p| {
-                    p.split_once('=').is_some_and(|(k, v)| {
-                        k.trim() == "name" && v.trim().trim_matches('"') == wanted
-                    })
-                })
-        });
         at = Some(next + 2);
-        if is_field {
-            return Some(content_start..next);
-        }
+        let (mut names, file) = disposition(headers);
+        let name = if names.is_empty() {
+            String::new()
+        } else {
+            names.remove(0)
+        };
+        Some(Part {
+            name,
+            aliases: names,
+            file,
+            value: content_start..next,
+        })
     })
+}
+
+/// A part's name and whether it names a file, from its `Content-Disposition`. Every
+/// spelling a lenient parser upstream also takes counts (`name=model`, `NAME = "model"`,
+/// RFC 5987's `name*=UTF-8''model`): a part the gateway did not see as `model` must not be
+/// one upstream.
+fn disposition(headers: &[u8]) -> (Vec<String>, bool) {
+    let mut names = Vec::new();
+    let mut file = false;
+    for line in headers.split(|b| *b == b'\n') {
+        let line = String::from_utf8_lossy(line).to_ascii_lowercase();
+        if !line.starts_with("content-disposition:") {
+            continue;
+        }
+        for p in line.split(';').skip(1) {
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim() {
+                "name" => names.push(v.to_string()),
+                "name*" => {
+                    let v = v.split_once("''").map_or(v, |(_, v)| v);
+                    names.push(super::percent_decode(v));
+                }
+                "filename" | "filename*" => file = true,
+                _ => {}
+            }
+        }
+    }
+    (names, file)
 }
 
 /// The text value of field `name`.
@@ -162,6 +193,13 @@ mod tests {
             --B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"model\"\r\n\r\nx\r\n--B--\r\n";
         let values: Vec<&[u8]> = field_ranges(body, "B", "model").map(|r| &body[r]).collect();
         assert_eq!(values, [&b"whisper"[..], b"gpt-4o", b"o1"]);
+        let body = b"--B\r\nContent-Disposition: form-data; name*=UTF-8''mo%64el\r\n\r\nx\r\n\
+            --B\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"a.png\"\r\n\r\ny\r\n--B--\r\n";
+        let all: Vec<(String, bool)> = parts(body, "B").map(|p| (p.name, p.file)).collect();
+        assert_eq!(
+            all,
+            [("model".to_string(), false), ("image[]".to_string(), true)]
+        );
     }
 
     #[test]

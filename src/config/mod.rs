@@ -510,6 +510,7 @@ impl Checker<'_> {
                 pr.per_1m_characters,
                 pr.audio_input_per_1m,
                 pr.audio_output_per_1m,
+                pr.image_input_per_1m,
             ];
             let sized = pr
                 .image_sizes

@@ -339,6 +339,9 @@ pub struct Pricing {
     /// when not set.
     pub audio_input_per_1m: Option<f64>,
     pub audio_output_per_1m: Option<f64>,
+    /// USD per 1M image prompt tokens (an image uploaded to `images/edits`: the usage's
+    /// `input_tokens_details.image_tokens`); `input_per_1m` when not set.
+    pub image_input_per_1m: Option<f64>,
     /// USD per generated image by `quality`, then `size` (`hd: { 1024x1792: 0.12 }`);
     /// `per_image` is the price of what it does not list.
     pub image_sizes:

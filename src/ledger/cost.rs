@@ -20,6 +20,8 @@ pub struct Usage {
     pub cached: u64,
     /// Of `prompt`, audio tokens (`prompt_tokens_details.audio_tokens`).
     pub audio_prompt: u64,
+    /// Of `prompt`, image tokens (`input_tokens_details.image_tokens` of a GPT Image edit).
+    pub image_prompt: u64,
     pub completion: u64,
     pub reasoning: u64,
     /// Of `completion`, audio tokens (`completion_tokens_details.audio_tokens`).
@@ -323,8 +325,9 @@ impl UsageObject {
                 cached,
                 reasoning,
                 audio,
-            }) => (cached, reasoning, audio),
-            _ => (0, 0, 0),
+                image,
+            }) => (cached, reasoning, audio, image),
+            _ => (0, 0, 0, 0),
         };
         if matches!(self.kind, Some(Field::Duration)) {
             return Some(Usage {
@@ -355,12 +358,13 @@ impl UsageObject {
             } else {
                 return None;
             };
-        let (cached, _, audio_prompt) = details(prompt_details);
-        let (_, reasoning, audio_completion) = details(completion_details);
+        let (cached, _, audio_prompt, image_prompt) = details(prompt_details);
+        let (_, reasoning, audio_completion, _) = details(completion_details);
         Some(Usage {
             prompt: n(prompt),
             cached,
             audio_prompt,
+            image_prompt,
             completion: n(completion),
             reasoning,
             audio_completion,
@@ -386,6 +390,7 @@ enum Field {
         cached: u64,
         reasoning: u64,
         audio: u64,
+        image: u64,
     },
     Other,
 }
@@ -398,6 +403,7 @@ impl<'de> serde::Deserialize<'de> for Field {
             CachedTokens,
             ReasoningTokens,
             AudioTokens,
+            ImageTokens,
             #[serde(other)]
             Other,
         }
@@ -433,7 +439,7 @@ impl<'de> serde::Deserialize<'de> for Field {
                 Ok(Field::Other)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
-                let (mut cached, mut reasoning, mut audio) = (0, 0, 0);
+                let (mut cached, mut reasoning, mut audio, mut image) = (0, 0, 0, 0);
                 while let Some(k) = map.next_key::<Key>()? {
                     let v = map.next_value::<Field>()?;
                     let n = match v {
@@ -444,6 +450,7 @@ impl<'de> serde::Deserialize<'de> for Field {
                         Key::CachedTokens => cached = n,
                         Key::ReasoningTokens => reasoning = n,
                         Key::AudioTokens => audio = n,
+                        Key::ImageTokens => image = n,
                         Key::Other => {}
                     }
                 }
@@ -451,6 +458,7 @@ impl<'de> serde::Deserialize<'de> for Field {
                     cached,
                     reasoning,
                     audio,
+                    image,
                 })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
@@ -569,6 +577,7 @@ pub struct Price {
     pub per_1m_characters: f64,
     pub audio_input_per_1m: f64,
     pub audio_output_per_1m: f64,
+    pub image_input_per_1m: f64,
 }
 
 impl From<&Pricing> for Price {
@@ -589,18 +598,21 @@ impl From<&Pricing> for Price {
             per_1m_characters: p.per_1m_characters.unwrap_or(0.0),
             audio_input_per_1m: p.audio_input_per_1m.unwrap_or(p.input_per_1m),
             audio_output_per_1m: p.audio_output_per_1m.unwrap_or(p.output_per_1m),
+            image_input_per_1m: p.image_input_per_1m.unwrap_or(p.input_per_1m),
         }
     }
 }
 
 impl Price {
     /// Cost in USD. Prompt tokens the upstream served from its cache are billed at the
-    /// cached price, audio ones at the audio input price, the rest at the input price;
+    /// cached price, audio ones at the audio input price, image ones at the image input
+    /// price, the rest at the input price;
     /// audio completion tokens at the audio output price, the rest at the output price.
     pub fn cost(&self, u: &Usage) -> f64 {
         let cached = u.cached.min(u.prompt);
         let audio_prompt = u.audio_prompt.min(u.prompt - cached);
-        let text_prompt = u.prompt - cached - audio_prompt;
+        let image_prompt = u.image_prompt.min(u.prompt - cached - audio_prompt);
+        let text_prompt = u.prompt - cached - audio_prompt - image_prompt;
         let audio_completion = u.audio_completion.min(u.completion);
         // An image model that reports its tokens (`gpt-image-1`) is billed by them, not by the
         // image, when the deployment has token prices.
@@ -611,6 +623,7 @@ impl Price {
         (text_prompt as f64 * self.input_per_1m
             + cached as f64 * self.cached_input_per_1m
             + audio_prompt as f64 * self.audio_input_per_1m
+            + image_prompt as f64 * self.image_input_per_1m
             + (u.completion - audio_completion) as f64 * self.output_per_1m
             + audio_completion as f64 * self.audio_output_per_1m
             + u.characters as f64 * self.per_1m_characters)
@@ -624,7 +637,11 @@ impl Price {
     pub fn worst_case(&self, prompt: u64, max_output: u64, media: &Media) -> f64 {
         // The prompt bound counts text and images, not inline audio (docs/cost.md, "Where the
         // guarantee stops"); the output cap counts audio tokens too.
-        (prompt as f64 * self.input_per_1m.max(self.cached_input_per_1m)
+        let input = self
+            .input_per_1m
+            .max(self.cached_input_per_1m)
+            .max(self.image_input_per_1m);
+        (prompt as f64 * input
             + max_output as f64 * self.output_per_1m.max(self.audio_output_per_1m)
             + media.characters as f64 * self.per_1m_characters)
             / 1_000_000.0

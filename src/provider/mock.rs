@@ -85,7 +85,17 @@ impl MockProvider {
             Payload::Json { .. } => {
                 serde_json::from_slice(&req.upstream_body(None, true, model)).unwrap_or(Value::Null)
             }
-            Payload::Multipart { .. } => Value::Null,
+            // A form's text fields, numbers as numbers.
+            Payload::Multipart { boundary, .. } => Value::Object(
+                crate::api::multipart::parts(&req.body, boundary)
+                    .filter(|p| !p.file)
+                    .map(|p| {
+                        let v = crate::api::multipart::text(&req.body, p.value);
+                        let v = v.parse::<u64>().map_or(Value::String(v), Value::from);
+                        (p.name, v)
+                    })
+                    .collect(),
+            ),
         };
         let answer = Answer {
             mock: self,
@@ -107,7 +117,7 @@ impl MockProvider {
             Operation::Completions => json_ok(answer.completion()),
             Operation::Responses => json_ok(answer.response()),
             Operation::Embeddings => json_ok(answer.embeddings()),
-            Operation::ImagesGenerations => json_ok(answer.images()),
+            Operation::ImagesGenerations | Operation::ImagesEdits => json_ok(answer.images()),
             Operation::Moderations => json_ok(answer.moderation()),
             Operation::AudioSpeech => answer.speech(),
             Operation::AudioTranscriptions | Operation::AudioTranslations => {

@@ -217,7 +217,9 @@ where
             return Err(e);
         }
     };
-    if let api::Payload::Multipart { boundary, .. } = &api_req.payload {
+    if let (api::Payload::Multipart { boundary, .. }, true) =
+        (&api_req.payload, op.is_audio_upload())
+    {
         api_req.audio = api::audio::measure(&api_req.body, boundary).await;
     }
     facts.stream = api_req.stream;

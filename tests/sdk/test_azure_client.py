@@ -90,6 +90,17 @@ def test_transcription(azure_client, mock_upstream):
     assert isinstance(text, str) and text.strip() == f"mock transcript of {len(audio)} bytes"
 
 
+def test_image_edit(azure_client, mock_upstream):
+    png = b"\x89PNG\r\n\x1a\n-an-image-to-edit-"
+    r = azure_client.images.edit(model="gpt-image-1", image=("a.png", png, "image/png"), prompt="a fox", n=2)
+    assert len(r.data) == 2 and r.data[0].b64_json
+    req = mock_upstream.only_request()
+    # The route goes to an OpenAI-kind provider: the upstream gets the OpenAI shape.
+    assert req.path == "/v1/images/edits"
+    assert req.header("authorization") == f"Bearer {UPSTREAM_KEY_OPENAI}"
+    assert b"\r\n\r\ngpt-image-1\r\n" in req.body and png in req.body
+
+
 def test_images(azure_client, mock_upstream):
     r = azure_client.images.generate(model="dall-e-3", prompt="a fox")
     assert r.data[0].b64_json or r.data[0].url

@@ -217,23 +217,50 @@ def test_images_generate(client, mock_upstream):
     assert req.header("api-key") == "upstream-secret-azure"
 
 
+def spent_on(gateway, model, than=None):
+    """The ledger's spend on `model` (0 when none); with `than`, once it differs from it
+    (the ledger writes within 250 ms)."""
+    cost = 0.0
+    for _ in range(40):
+        spend = httpx.get(
+            f"{gateway.url}/admin/spend?by=model", headers={"authorization": f"Bearer {ADMIN_KEY}"}
+        ).json()
+        cost = next((row["cost_usd"] for row in spend["rows"] if row["name"] == model), 0.0)
+        if than is None or cost != than:
+            break
+        time.sleep(0.05)
+    return cost
+
+
 def test_gpt_image_usage_and_its_price(client, gateway, mock_upstream):
     """A GPT Image answer carries its tokens (the SDK reads them), and the ledger prices them:
     5 USD per 1M input, 40 per 1M output, nothing per image on top."""
+    before = spent_on(gateway, "gpt-image-1")
     r = client.images.generate(model="gpt-image-1", prompt="a fox", quality="low", size="1024x1024")
     assert base64.b64decode(r.data[0].b64_json).startswith(b"\x89PNG")
     assert (r.usage.input_tokens, r.usage.output_tokens) == (2, 272)
     assert_openai_upstream(mock_upstream.only_request(), "/v1/images/generations")
-    cost = None
-    for _ in range(40):  # the ledger writes within 250 ms
-        spend = httpx.get(
-            f"{gateway.url}/admin/spend?by=model", headers={"authorization": f"Bearer {ADMIN_KEY}"}
-        ).json()
-        cost = next((row["cost_usd"] for row in spend["rows"] if row["name"] == "gpt-image-1"), None)
-        if cost is not None:
-            break
-        time.sleep(0.05)
+    cost = spent_on(gateway, "gpt-image-1", before) - before
     assert cost == pytest.approx(2 * 5e-6 + 272 * 40e-6, abs=1e-12)
+
+
+def test_gpt_image_edit_and_its_price(client, gateway, mock_upstream):
+    """`images.edit` uploads the image as a form: the gateway routes it by its `model` field,
+    sends the image upstream untouched, and prices the edit by its tokens, the uploaded
+    image's at 10 USD per 1M (the mock bills 323 per image)."""
+    before = spent_on(gateway, "gpt-image-1")
+    png = b"\x89PNG\r\n\x1a\n-an-image-to-edit-"
+    r = client.images.edit(
+        model="gpt-image-1", image=("fox.png", png, "image/png"), prompt="a fox", quality="low", size="1024x1024"
+    )
+    assert base64.b64decode(r.data[0].b64_json).startswith(b"\x89PNG")
+    assert (r.usage.input_tokens, r.usage.output_tokens) == (2 + 323, 272)
+    assert r.usage.input_tokens_details.image_tokens == 323
+    req = mock_upstream.only_request()
+    assert_openai_upstream(req, "/v1/images/edits")
+    assert png in req.body
+    cost = spent_on(gateway, "gpt-image-1", before) - before
+    assert cost == pytest.approx(2 * 5e-6 + 323 * 10e-6 + 272 * 40e-6, abs=1e-12)
 
 
 AUDIO = b"RIFF" + bytes(range(256)) * 8  # not real audio; the upstream only counts bytes

@@ -988,6 +988,7 @@ fn faithful(shared: &Arc<Shared>, req: &Recorded) -> Reply {
         "completions",
         "embeddings",
         "images/generations",
+        "images/edits",
     ]
     .into_iter()
     .chain([
@@ -1001,7 +1002,7 @@ fn faithful(shared: &Arc<Shared>, req: &Recorded) -> Reply {
     .find(|op| path.ends_with(&format!("/{op}")));
     let is_json_op = !matches!(
         op,
-        Some("audio/transcriptions" | "audio/translations" | "models") | None
+        Some("audio/transcriptions" | "audio/translations" | "images/edits" | "models") | None
     );
     let body = if is_json_op {
         match serde_json::from_slice::<Value>(&req.body) {
@@ -1045,7 +1046,8 @@ fn faithful(shared: &Arc<Shared>, req: &Recorded) -> Reply {
         "chat/completions" => chat(req, &body, n, &rid),
         "completions" => completions(req, &body, n, &rid),
         "embeddings" => embeddings(req, &body),
-        "images/generations" => images(&body),
+        "images/generations" => images(&body, 0),
+        "images/edits" => image_edits(req),
         "audio/transcriptions" => transcription(req, "transcript"),
         "audio/translations" => transcription(req, "translation"),
         "audio/speech" => speech(&body),
@@ -1274,7 +1276,34 @@ fn embeddings(req: &Recorded, body: &Value) -> Reply {
     )
 }
 
-fn images(body: &Value) -> Reply {
+/// An edit, as OpenAI answers it: the form's fields read as `images/generations` reads its
+/// body; each uploaded image (and mask) billed as `EDIT_IMAGE_TOKENS` input tokens by GPT
+/// Image models.
+fn image_edits(req: &Recorded) -> Reply {
+    let ct = req.header("content-type").unwrap_or_default();
+    let Some(parts) = parse_multipart(ct, &req.body) else {
+        return error_reply(400, "Expected a multipart/form-data body", None);
+    };
+    let uploaded = parts
+        .iter()
+        .filter(|p| matches!(p.name.as_str(), "image" | "image[]" | "mask") && p.filename.is_some())
+        .count() as u64;
+    if uploaded == 0 {
+        return error_reply(400, "Missing required parameter: 'image'.", Some("image"));
+    }
+    let mut body = serde_json::Map::new();
+    for p in parts.iter().filter(|p| p.filename.is_none()) {
+        let v = String::from_utf8_lossy(&p.data).into_owned();
+        let v = v.parse::<u64>().map_or(Value::String(v), Value::from);
+        body.insert(p.name.clone(), v);
+    }
+    images(&Value::Object(body), uploaded)
+}
+
+/// What the mock bills each uploaded image of an edit as (a 1024x1024 image at low fidelity).
+pub const EDIT_IMAGE_TOKENS: u64 = 323;
+
+fn images(body: &Value, uploaded: u64) -> Reply {
     let Some(prompt) = body["prompt"].as_str() else {
         return error_reply(400, "'prompt' is a required property", None);
     };
@@ -1311,7 +1340,9 @@ fn images(body: &Value) -> Reply {
                 )
             }
         };
-        let input = (prompt.len() as u64).div_ceil(4);
+        let text = (prompt.len() as u64).div_ceil(4);
+        let image_tokens = uploaded * EDIT_IMAGE_TOKENS;
+        let input = text + image_tokens;
         let output = per_image * n;
         let data: Vec<Value> = (0..n).map(|_| json!({"b64_json": TINY_PNG_B64})).collect();
         return json_reply(
@@ -1322,7 +1353,7 @@ fn images(body: &Value) -> Reply {
                 "usage": {
                     "input_tokens": input, "output_tokens": output,
                     "total_tokens": input + output,
-                    "input_tokens_details": {"text_tokens": input, "image_tokens": 0},
+                    "input_tokens_details": {"text_tokens": text, "image_tokens": image_tokens},
                 },
             }),
         );
