@@ -267,7 +267,7 @@ fn check_refuses_state_urls_that_serve_would_refuse() {
         ),
         (
             r#"{ ledger: "postgres://u:REDISPASS@localhost/db?sslmode=bogus" }"#,
-            "state.ledger: ",
+            "state.ledger: unknown value \"bogus\" for `ssl_mode`",
         ),
     ] {
         let (code, out, err, p) = check_text(&dir, &format!("state: {state}\n{base}"), &[]);

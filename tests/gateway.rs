@@ -852,9 +852,14 @@ async fn a_half_written_or_emptied_config_is_not_loaded_and_no_reload_turns_auth
     assert!(loaded, "the whole file was not loaded:\n{}", gw.logs());
     assert_eq!(keyless().await.unwrap().status(), 401);
 
-    // Removed, then made again in two steps: not loaded at its making either.
+    // Removed: nothing refused (a warning says so), then made again in two steps: not
+    // loaded at its making either.
+    let refused = gw.logs().matches("reload refused").count();
     std::fs::remove_file(gw.config_path()).unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
+    let logs = gw.logs();
+    assert!(logs.contains("the config file was removed"), "{logs}");
+    assert_eq!(logs.matches("reload refused").count(), refused, "{logs}");
     let mut f = std::fs::File::create(gw.config_path()).unwrap();
     f.write_all(&with_new.as_bytes()[..cut]).unwrap();
     f.flush().unwrap();

@@ -250,7 +250,13 @@ impl Checker<'_> {
                 if let Err(e) =
                     <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(ledger)
                 {
-                    self.error(&p(&["state", "ledger"]), format!("state.ledger: {e}"));
+                    // sqlx wraps the cause twice, each time saying so.
+                    let e = e.to_string();
+                    let mut cause = e.as_str();
+                    while let Some(rest) = cause.strip_prefix("error with configuration: ") {
+                        cause = rest;
+                    }
+                    self.error(&p(&["state", "ledger"]), format!("state.ledger: {cause}"));
                 }
             }
         }

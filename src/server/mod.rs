@@ -958,9 +958,9 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     // opens the file for writing) is no reason to reload.
     let read = {
         let path = path.clone();
-        move || std::fs::read_to_string(&path).ok()
+        move || std::fs::read_to_string(&path)
     };
-    let mut last = read();
+    let mut last = read().ok();
     tokio::spawn(async move {
         while let Some(whole) = rx.recv().await {
             if !whole {
@@ -990,7 +990,21 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
                 }
                 target = now;
             }
-            let text = read();
+            let text = match read() {
+                // Removed (a deploy that replaces it in two steps, a mistake): nothing to
+                // reload, nothing refused; it loads when it is back.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if last.is_some() {
+                        tracing::warn!(
+                            config = %path.display(),
+                            "the config file was removed; the loaded config keeps serving and the file is read again when it is back"
+                        );
+                    }
+                    last = None;
+                    continue;
+                }
+                r => r.ok(),
+            };
             if text.is_some() && text == last {
                 continue;
             }
