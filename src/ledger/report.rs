@@ -81,9 +81,14 @@ pub async fn report(
     // 0.00022), which depends on the order it added the rows in: to the nano-dollar, the CLI
     // and the admin API print the same figures.
     for l in &mut lines {
-        l.cost_usd = (l.cost_usd * 1e9).round() / 1e9;
+        l.cost_usd = to_nano_dollar(l.cost_usd);
     }
     Ok(lines)
+}
+
+/// A sum of dollars to the nano-dollar, without the float noise below it.
+pub fn to_nano_dollar(usd: f64) -> f64 {
+    (usd * 1e9).round() / 1e9
 }
 
 pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {

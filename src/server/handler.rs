@@ -737,7 +737,8 @@ async fn admin_spend(
         let (spent, reserved) = gateway.accounting.policy.budget_status(b, start).await;
         budgets.push(json!({"budget": b.id.as_ref(), "scope": b.scope.kind(), "name": b.scope.name(),
                "period": policy::period_name(b.period), "period_start_ms": start, "period_end_ms": next,
-               "limit_usd": b.usd, "soft_usd": b.soft_usd, "spent_usd": spent, "reserved_usd": reserved}));
+               "limit_usd": b.usd, "soft_usd": b.soft_usd, "spent_usd": report::to_nano_dollar(spent),
+               "reserved_usd": report::to_nano_dollar(reserved)}));
     }
     let mut body: serde_json::Value =
         serde_json::from_str(&report::render(&lines, by, Format::Json))
