@@ -1949,8 +1949,9 @@ async fn images_are_priced_and_reserved_by_quality_and_size() {
 /// upstream as the deployment's name, the image untouched), in the Azure shape too; a GPT
 /// Image edit priced by its tokens, the uploaded image's at 10 USD per 1M (the mock bills
 /// 323 per image), and reserved at `IMAGE_INPUT_TOKENS` (10,000) per uploaded image; a DALL·E 2
-/// edit priced per image by size. A form without its image or prompt, or naming `model`
-/// twice (once as RFC 5987's `name*=`), is refused.
+/// edit priced per image by size; a GPT Image answer without usage by the image, its prompt
+/// counted. A form without its image or prompt, or naming `model` twice (once as RFC 5987's
+/// `name*=` with a language), is refused.
 #[tokio::test]
 async fn image_edits_are_routed_priced_and_reserved() {
     let up = MockUpstream::start().await;
@@ -2057,13 +2058,13 @@ async fn image_edits_are_routed_priced_and_reserved() {
     );
     // `model` twice, the second spelled `name*=`: a parser upstream may take either.
     let body = "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n\
-        --B\r\nContent-Disposition: form-data; name*=UTF-8''model\r\n\r\ndalle2\r\n\
+        --B\r\nContent-Disposition: form-data; name*=utf-8'en'model\r\n\r\ndalle2\r\n\
         --B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n\
         --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNG\r\n--B--\r\n";
     let r = client()
         .post(gw.url("/v1/images/edits"))
         .bearer_auth(KEY)
-        .header("content-type", "multipart/form-data; boundary=B")
+        .header("content-type", "multipart/form-data; Boundary=B")
         .body(body)
         .send()
         .await
@@ -2071,6 +2072,14 @@ async fn image_edits_are_routed_priced_and_reserved() {
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "model", "{v}");
+    // An answer without its tokens: the image at its price (0.01088), the prompt counted by
+    // the tokenizer (2 tokens at 5 USD per 1M), the row estimated.
+    up.script(Scripted::respond(
+        200,
+        r#"{"created":1,"data":[{"b64_json":"eA=="}]}"#,
+    ));
+    let (status, v) = edit("/v1/images/edits", &low, &["image"]).await;
+    assert_eq!(status, 200, "{v}");
 
     let url = sqlite_url(&gw);
     let rows = rows_after_shutdown(&mut gw, &url).await;
@@ -2085,9 +2094,11 @@ async fn image_edits_are_routed_priced_and_reserved() {
             (400, 0.0, false),
             (400, 0.0, false),
             (400, 0.0, false),
+            (200, 0.01089, true),
         ],
     );
-    assert_eq!(up.request_count(), 2);
+    assert_eq!(rows.last().unwrap().prompt_tokens, 2);
+    assert_eq!(up.request_count(), 3);
 }
 
 /// A streamed GPT image's partial images are billed as 100 output tokens each: three of

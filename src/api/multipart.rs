@@ -19,12 +19,12 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, GatewayError> {
         ));
     }
     for p in parts {
-        let p = p.trim();
-        if let Some(v) = p
-            .strip_prefix("boundary=")
-            .or_else(|| p.strip_prefix("BOUNDARY="))
-        {
-            let v = v.trim_matches('"');
+        // A parameter's name in any case, spaces around `=` (RFC 2045).
+        let Some((k, v)) = p.split_once('=') else {
+            continue;
+        };
+        if k.trim().eq_ignore_ascii_case("boundary") {
+            let v = v.trim().trim_matches('"');
             if !v.is_empty() {
                 return Ok(v.to_string());
             }
@@ -120,8 +120,9 @@ fn disposition(headers: &[u8]) -> (Vec<String>, bool) {
             let v = v.trim().trim_matches('"');
             match k.trim() {
                 "name" => names.push(v.to_string()),
+                // `charset'language'value`, the language often empty.
                 "name*" => {
-                    let v = v.split_once("''").map_or(v, |(_, v)| v);
+                    let v = v.splitn(3, '\'').nth(2).unwrap_or(v);
                     names.push(super::percent_decode(v));
                 }
                 "filename" | "filename*" => file = true,
@@ -194,7 +195,7 @@ mod tests {
         let values: Vec<&[u8]> = field_ranges(body, "B", "model").map(|r| &body[r]).collect();
         assert_eq!(values, [&b"whisper"[..], b"gpt-4o", b"o1"]);
         let body = b"--B\r\nContent-Disposition: form-data; name*=UTF-8''mo%64el\r\n\r\nx\r\n\
-            --B\r\nContent-Disposition: form-data; name=\"image[]\"; filename=\"a.png\"\r\n\r\ny\r\n--B--\r\n";
+            --B\r\nContent-Disposition: form-data; name*=utf-8'en'image%5B%5D; filename=\"a.png\"\r\n\r\ny\r\n--B--\r\n";
         let all: Vec<(String, bool)> = parts(body, "B").map(|p| (p.name, p.file)).collect();
         assert_eq!(
             all,
@@ -209,5 +210,12 @@ mod tests {
         let out = with_field(&body, "B", "model", "m");
         assert_eq!(field(&out, "B", "model").as_deref(), Some("m"));
         assert!(boundary(Some("application/json")).is_err());
+        for ct in [
+            "multipart/form-data; Boundary=XyZ",
+            "multipart/form-data;boundary = \"XyZ\"",
+            "Multipart/Form-Data; charset=utf-8; BOUNDARY=XyZ",
+        ] {
+            assert_eq!(boundary(Some(ct)).unwrap(), "XyZ", "{ct}");
+        }
     }
 }

@@ -181,6 +181,11 @@ impl RequestRecord {
                     collect_text(x, &mut prompt_text);
                 }
             }
+        } else if let Some(boundary) = form_boundary(&self.request_body) {
+            // A form (an image edit): its `prompt`.
+            if let Some(p) = crate::api::multipart::field(&self.request_body, boundary, "prompt") {
+                prompt_text = p;
+            }
         }
         Usage {
             prompt: count_tokens(&self.tokenizer_model, &prompt_text),
@@ -189,6 +194,13 @@ impl RequestRecord {
             ..Default::default()
         }
     }
+}
+
+/// The boundary of a `multipart/form-data` body, from its first line (`--BOUNDARY`).
+fn form_boundary(body: &[u8]) -> Option<&str> {
+    let line = body.strip_prefix(b"--")?;
+    let end = memchr::memmem::find(line, b"\r\n")?;
+    std::str::from_utf8(&line[..end]).ok()
 }
 
 /// The text of a JSON value: every string but inline data and URLs.
@@ -382,6 +394,16 @@ impl Tap {
                 whole.freeze()
             };
             usage = Usage::from_answer_bytes(&whole);
+            // A GPT Image answer without its tokens, on a deployment priced by them: the
+            // images at their per-image price, the prompt counted, the row estimated.
+            if let (Some(u), Operation::ImagesGenerations | Operation::ImagesEdits) =
+                (usage.as_mut(), record.op)
+            {
+                if u.prompt + u.completion == 0 && record.price.input_per_1m > 0.0 {
+                    u.prompt = record.estimate("").prompt;
+                    u.estimated = true;
+                }
+            }
             if usage.is_none() && counts_tokens(record.op) {
                 if record.op == Operation::Embeddings {
                     // Vectors, no text: only the input is counted. Not parsed into a tree,
