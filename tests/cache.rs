@@ -987,6 +987,63 @@ async fn failures_cut_streams_and_answers_without_usage_are_not_stored() {
     assert_eq!(up.request_count(), 6);
 }
 
+/// A completed stream is stored as its events alone: one whose events add up to no JSON
+/// answer (a choice that is not an object) is replayed to streams as it came, and a plain
+/// request for it goes upstream (a miss, storing nothing over it). A stream with an error
+/// event is not stored, even when `[DONE]` follows.
+#[tokio::test]
+async fn a_stored_stream_is_assembled_only_for_a_plain_request() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let odd = [
+        upstream::chat_chunk(Some("assistant"), Some(""), None),
+        upstream::chat_chunk(None, Some("Hello"), None),
+        "data: {\"id\":\"chatcmpl-odd\",\"object\":\"chat.completion.chunk\",\"choices\":[7]}\n\n"
+            .to_string(),
+        upstream::chat_chunk(None, None, Some("stop")),
+        upstream::usage_chunk(5, 2),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let refs: Vec<(u64, &str)> = odd.iter().map(|e| (0, e.as_str())).collect();
+    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    let s = ask_stream("m", "odd");
+    let first = chat(&gw, "red1", &s).await;
+    assert_eq!(
+        (first.status, first.cache()),
+        (200, "miss"),
+        "{}",
+        first.body
+    );
+    let again = chat(&gw, "red1", &s).await;
+    assert_eq!(again.cache(), "hit");
+    assert_eq!(again.body, first.body);
+    let plain = ask("m", "odd");
+    for _ in 0..2 {
+        let p = chat(&gw, "red1", &plain).await;
+        assert_eq!((p.status, p.cache()), (200, "miss"), "{}", p.body);
+        assert_eq!(p.json()["object"], "chat.completion", "{}", p.body);
+    }
+    assert_eq!(chat(&gw, "red1", &s).await.cache(), "hit");
+    assert_eq!(up.request_count(), 3);
+
+    let failed = [
+        upstream::chat_chunk(Some("assistant"), Some(""), None),
+        upstream::chat_chunk(None, Some("Hel"), None),
+        "data: {\"error\" : {\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n"
+            .to_string(),
+        upstream::usage_chunk(5, 1),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let refs: Vec<(u64, &str)> = failed.iter().map(|e| (0, e.as_str())).collect();
+    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    let s = ask_stream("m", "fails midway");
+    let first = chat(&gw, "red1", &s).await;
+    assert!(first.body.contains("overloaded"), "{}", first.body);
+    let second = chat(&gw, "red1", &s).await;
+    assert_eq!(second.cache(), "miss");
+    assert_eq!(stream_text(&second.body), upstream::MOCK_TEXT);
+}
+
 #[tokio::test]
 async fn ten_concurrent_identical_requests_reach_the_upstream_once() {
     let up = MockUpstream::start().await;

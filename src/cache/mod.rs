@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,7 +50,9 @@ type DigestState = std::hash::BuildHasherDefault<DigestHasher>;
 /// A stored answer.
 #[derive(Debug)]
 pub struct Entry {
-    /// The whole answer as one JSON body.
+    /// The whole answer as one JSON body; empty for a streamed chat or completion answer,
+    /// whose JSON is assembled from its events when a plain request is served it
+    /// (`Entry::answer`).
     pub json: Bytes,
     /// The events of a streamed answer, as the upstream sent them (usage chunk included).
     pub events: Option<Vec<Bytes>>,
@@ -61,6 +63,15 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The answer as one JSON body: the stored one, or assembled from the stored events
+    /// (`None` when they do not add up to one: served as a miss).
+    pub fn answer(&self, op: Operation) -> Option<Bytes> {
+        match &self.events {
+            Some(events) if self.json.is_empty() => assemble(op, events),
+            _ => Some(self.json.clone()),
+        }
+    }
+
     /// What an entry occupies, as near as can be told: its bytes, 48 per kept event (the
     /// `Bytes` handle and its allocation's header), and 640 for the entry itself, its key and
     /// moka's bookkeeping (hash table slot, LRU and timer-wheel nodes). Counting the payload
@@ -224,8 +235,10 @@ impl RedisTier {
         });
     }
 
+    /// `v2`: a streamed answer's JSON is no longer stored beside its events (a replica of
+    /// before would serve it empty), so the two versions keep their entries apart.
     fn key(key: &Key) -> String {
-        let mut s = String::from("{switchyard}:cache:");
+        let mut s = String::from("{switchyard}:cache:v2:");
         for b in key {
             let _ = write!(s, "{b:02x}");
         }
@@ -814,28 +827,30 @@ pub fn directives(headers: &http::HeaderMap) -> (bool, bool) {
     (lookup, store)
 }
 
+/// An event's first `data:` line's value (`None` without one, or when it is not UTF-8).
 fn data_of(event: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(event).ok()?;
-    text.lines().find_map(|l| {
-        l.strip_prefix("data:")
-            .map(|d| d.strip_prefix(' ').unwrap_or(d))
-    })
+    let mut rest = event;
+    loop {
+        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(d) = line.strip_prefix(b"data:") {
+            return std::str::from_utf8(d.strip_prefix(b" ").unwrap_or(d)).ok();
+        }
+        rest = rest.get(end + 1..)?;
+    }
 }
 
 /// Splits chunks into events (each ending with its blank line).
 pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
-    let mut out = Vec::new();
+    static BLANK: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+    let mut out = Vec::with_capacity(chunks.len());
     for c in chunks {
         let mut start = 0;
-        let mut i = 0;
-        while i + 1 < c.len() {
-            if c[i] == b'\n' && c[i + 1] == b'\n' {
-                out.push(c.slice(start..i + 2));
-                start = i + 2;
-                i += 2;
-            } else {
-                i += 1;
-            }
+        for at in BLANK.find_iter(c) {
+            out.push(c.slice(start..at + 2));
+            start = at + 2;
         }
         if start < c.len() {
             out.push(c.slice(start..));
@@ -861,6 +876,33 @@ struct StreamEvent<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow)]
     choices: Option<Vec<StreamChoice<'a>>>,
+}
+
+/// Whether a stream's events may be stored: they end properly (`[DONE]`) and no event
+/// names an `error` (an error event; any `"error":` member, however nested, counts, so a
+/// stream is rather not stored than stored wrong). Read without parsing a single event:
+/// whether they add up to one JSON answer is found when a plain request is served them
+/// (`Entry::answer`), not for every stream stored.
+pub fn stream_storable(events: &[Bytes]) -> bool {
+    static ERROR: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+    let mut done = false;
+    for e in events {
+        let Some(data) = data_of(e) else { continue };
+        if data.starts_with("[DONE]") {
+            done = true;
+            continue;
+        }
+        let data = data.as_bytes();
+        for at in ERROR.find_iter(data) {
+            let rest = &data[at + 7..];
+            let next = rest.iter().find(|b| !b.is_ascii_whitespace());
+            if next == Some(&b':') {
+                return false;
+            }
+        }
+    }
+    done
 }
 
 /// The one JSON answer a complete stream adds up to; `None` when the stream did not end
@@ -1152,6 +1194,33 @@ fn synthesize(entry: &Entry, op: Operation, include_usage: bool) -> Vec<Bytes> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn events_split_at_blank_lines_and_their_data_read() {
+        let chunks = [
+            Bytes::from_static(b"data: a\n\ndata: b\n\n\n"),
+            Bytes::from_static(b"data: c"),
+        ];
+        let got: Vec<Bytes> = split_events(&chunks);
+        assert_eq!(got, ["data: a\n\n", "data: b\n\n", "\n", "data: c"]);
+        assert_eq!(
+            data_of(b"event: x\r\ndata: {\"a\":1}\r\n\r\n"),
+            Some("{\"a\":1}")
+        );
+        assert_eq!(data_of(b"data:[DONE]\n\n"), Some("[DONE]"));
+        assert_eq!(data_of(b"id: 1\n\n"), None);
+        assert!(stream_storable(&[
+            Bytes::from_static(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"say \\\"error\\\": no\"}}]}\n\n"
+            ),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ]));
+        assert!(!stream_storable(&[
+            Bytes::from_static(b"data: {\"x\":{\"error\"\t: 1}}\n\n"),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ]));
+        assert!(!stream_storable(&[Bytes::from_static(b"data: {}\n\n")]));
+    }
+
     use super::*;
 
     #[test]

@@ -442,9 +442,11 @@ impl Tap {
             let entry = match self.mode {
                 _ if upstream_usage.is_none() || declined => None,
                 Mode::Json => answer.filter(|a| !a.is_empty()).map(|a| (a, None)),
+                // A stream as its events alone, its JSON assembled when a plain request is
+                // served it (most streams stored never are).
                 Mode::Sse => {
                     let events = crate::cache::split_events(&self.kept);
-                    crate::cache::assemble(record.op, &events).map(|json| (json, Some(events)))
+                    crate::cache::stream_storable(&events).then(|| (Bytes::new(), Some(events)))
                 }
                 Mode::Other => None,
             };

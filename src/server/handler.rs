@@ -245,7 +245,12 @@ where
             if lookup {
                 match gateway.cache.lookup(k, route.timeout).await {
                     cache::Lookup::Hit(entry) => {
-                        return Ok(serve_hit(gateway, route, &key, &api_req, op, &entry, facts));
+                        match serve_hit(gateway, route, &key, &api_req, op, &entry, facts) {
+                            Some(resp) => return Ok(resp),
+                            // Stored events that add up to no JSON answer: fetched anew for
+                            // a plain request, and not stored over them.
+                            None => cache_result = Some("miss"),
+                        }
                     }
                     cache::Lookup::Lead(leader) => {
                         cache_result = Some("miss");
@@ -475,7 +480,14 @@ fn serve_hit(
     op: api::Operation,
     entry: &cache::Entry,
     facts: &mut RequestFacts,
-) -> Response<ResponseBody> {
+) -> Option<Response<ResponseBody>> {
+    let (body, content_type) = if req.stream {
+        let events = cache::stream_events(entry, op, req.client_wants_usage);
+        let s = futures_util::stream::iter(events.into_iter().map(Ok::<Bytes, BoxError>));
+        (super::body::streaming(s), "text/event-stream")
+    } else {
+        (super::body::full(entry.answer(op)?), "application/json")
+    };
     facts.deployment = "cache".into();
     if let Some(m) = metrics::metrics() {
         m.cache_requests
@@ -485,13 +497,6 @@ fn serve_hit(
             .with_label_values(&[&route.name])
             .inc_by(entry.cost_usd);
     }
-    let (body, content_type) = if req.stream {
-        let events = cache::stream_events(entry, op, req.client_wants_usage);
-        let s = futures_util::stream::iter(events.into_iter().map(Ok::<Bytes, BoxError>));
-        (super::body::streaming(s), "text/event-stream")
-    } else {
-        (super::body::full(entry.json.clone()), "application/json")
-    };
     let mut record = new_record(gateway, key, req, route, Default::default());
     record.row.deployment = "cache".into();
     record.row.cache_hit = true;
@@ -503,7 +508,7 @@ fn serve_hit(
         HeaderValue::from_static(content_type),
     );
     h.insert(CACHE_HEADER, HeaderValue::from_static("hit"));
-    resp
+    Some(resp)
 }
 
 fn check_route<'a>(
