@@ -312,7 +312,7 @@ impl ApiRequest {
             let boundary = multipart::boundary(ct)?;
             // The form's parts, read once; a text field's value read once too: as in a JSON
             // body, a field twice would be read as one and served as another.
-            let parts: Vec<multipart::Part> = multipart::parts(&body, &boundary).collect();
+            let parts = multipart::form(&body, &boundary)?;
             let only = |name: &str| {
                 let mut values = parts.iter().filter(|p| p.is(name));
                 let first = values.next();

@@ -18,6 +18,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, GatewayError> {
             "this endpoint takes multipart/form-data (a file upload)",
         ));
     }
+    let mut found: Option<String> = None;
     for p in parts {
         // A parameter's name in any case, spaces around `=` (RFC 2045).
         let Some((k, v)) = p.split_once('=') else {
@@ -25,14 +26,82 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, GatewayError> {
         };
         if k.trim().eq_ignore_ascii_case("boundary") {
             let v = v.trim().trim_matches('"');
+            // Parsers differ on which of two they take: one only.
+            if found.is_some() {
+                return Err(GatewayError::invalid_request(
+                    "multipart/form-data with two boundaries",
+                ));
+            }
             if !v.is_empty() {
-                return Ok(v.to_string());
+                found = Some(v.to_string());
             }
         }
     }
-    Err(GatewayError::invalid_request(
-        "multipart/form-data without a boundary",
-    ))
+    found.ok_or_else(|| GatewayError::invalid_request("multipart/form-data without a boundary"))
+}
+
+/// Every part of a form, read strictly: each delimiter line is the boundary followed by a
+/// line break (or `--`, the closing one), each part's headers are lines ending in CRLF,
+/// none folded, ended by a blank line before the next delimiter, no part name split into
+/// RFC 2231 continuations (`name*0=`), and the form ends with its closing delimiter. A form
+/// that is not so could be read one way here and another way by a lenient parser upstream
+/// (a second `model` hidden in a part the gateway merged with another, say): refused.
+pub fn form(body: &[u8], boundary: &str) -> Result<Vec<Part>, GatewayError> {
+    let bad = |why: &str| {
+        Err(GatewayError::invalid_request(format!(
+            "the form is not well-formed multipart/form-data: {why}"
+        )))
+    };
+    let delim = format!("--{boundary}");
+    let Some(first) = find(body, delim.as_bytes(), 0) else {
+        return bad("no boundary line");
+    };
+    if first != 0 && !body[..first].ends_with(b"\r\n") {
+        return bad("the first boundary does not start a line");
+    }
+    let next_delim = format!("\r\n{delim}");
+    let mut out = Vec::new();
+    let mut at = first + delim.len();
+    loop {
+        if body[at..].starts_with(b"--") {
+            return Ok(out);
+        }
+        if !body[at..].starts_with(b"\r\n") {
+            return bad("a boundary line with more after the boundary");
+        }
+        let Some(next) = find(body, next_delim.as_bytes(), at) else {
+            return bad("no closing boundary");
+        };
+        // The blank line, then the value (empty or not), then the next delimiter.
+        let Some(headers_end) = find(body, b"\r\n\r\n", at).filter(|e| e + 4 <= next) else {
+            return bad("a part whose headers do not end with a blank line");
+        };
+        let headers = body.get(at + 2..headers_end).unwrap_or_default();
+        let lines_ok = headers.split(|b| *b == b'\n').all(|l| {
+            let l = l.strip_suffix(b"\r").unwrap_or(l);
+            !l.contains(&b'\r') && !l.starts_with(b" ") && !l.starts_with(b"\t")
+        }) && memchr::memchr_iter(b'\n', headers)
+            .all(|i| i > 0 && headers[i - 1] == b'\r');
+        if !lines_ok {
+            return bad("a part header that is folded or ends in a bare line break");
+        }
+        let (mut names, file, continued) = disposition(headers);
+        if continued {
+            return bad("a part name in RFC 2231 continuations (name*0=)");
+        }
+        let name = if names.is_empty() {
+            String::new()
+        } else {
+            names.remove(0)
+        };
+        out.push(Part {
+            name,
+            aliases: names,
+            file,
+            value: headers_end + 4..next,
+        });
+        at = next + next_delim.len();
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
@@ -86,7 +155,7 @@ pub fn parts<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = Part> +
         let next = find(body, next_delim.as_bytes(), content_start)?;
         let headers = &body[headers_start..headers_end];
         at = Some(next + 2);
-        let (mut names, file) = disposition(headers);
+        let (mut names, file, _) = disposition(headers);
         let name = if names.is_empty() {
             String::new()
         } else {
@@ -105,9 +174,12 @@ pub fn parts<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = Part> +
 /// spelling a lenient parser upstream also takes counts (`name=model`, `NAME = "model"`,
 /// RFC 5987's `name*=UTF-8''model`): a part the gateway did not see as `model` must not be
 /// one upstream.
-fn disposition(headers: &[u8]) -> (Vec<String>, bool) {
+/// Also whether a name is split into RFC 2231 continuations (`name*0=`), which none of them
+/// is read as.
+fn disposition(headers: &[u8]) -> (Vec<String>, bool, bool) {
     let mut names = Vec::new();
     let mut file = false;
+    let mut continued = false;
     for line in headers.split(|b| *b == b'\n') {
         let line = String::from_utf8_lossy(line).to_ascii_lowercase();
         if !line.starts_with("content-disposition:") {
@@ -126,11 +198,12 @@ fn disposition(headers: &[u8]) -> (Vec<String>, bool) {
                     names.push(super::percent_decode(v));
                 }
                 "filename" | "filename*" => file = true,
+                k if k.starts_with("name*") => continued = true,
                 _ => {}
             }
         }
     }
-    (names, file)
+    (names, file, continued)
 }
 
 /// The text value of field `name`.
@@ -201,6 +274,41 @@ mod tests {
             all,
             [("model".to_string(), false), ("image[]".to_string(), true)]
         );
+    }
+
+    /// What a lenient parser could read otherwise is refused; a well-formed form (a
+    /// preamble, an empty value, a part without headers) is read.
+    #[test]
+    fn a_form_is_read_strictly() {
+        let ok = b"preamble\r\n--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n\
+            --B\r\nContent-Disposition: form-data; name=\"empty\"\r\n\r\n\r\n\
+            --B\r\n\r\nno headers\r\n--B--\r\nepilogue";
+        let parts = form(ok, "B").unwrap();
+        let got: Vec<(&str, &[u8])> = parts
+            .iter()
+            .map(|p| (p.name.as_str(), &ok[p.value.clone()]))
+            .collect();
+        assert_eq!(
+            got,
+            [("model", &b"m"[..]), ("empty", b""), ("", b"no headers")]
+        );
+        for bad in [
+            // Headers ended by a bare LF: merged with the next part here, two parts there.
+            &b"--B\r\nContent-Disposition: form-data; name=\"a\"\n\nx\r\n--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ny\r\n--B--"[..],
+            // No closing delimiter.
+            b"--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ny\r\n--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nz",
+            // A folded header line.
+            b"--B\r\nContent-Disposition: form-data;\r\n name=\"model\"\r\n\r\ny\r\n--B--",
+            // RFC 2231 continuations.
+            b"--B\r\nContent-Disposition: form-data; name*0=\"mo\"; name*1=\"del\"\r\n\r\ny\r\n--B--",
+            // A line that starts with the boundary and goes on.
+            b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n--Bogus\r\n--B--",
+            // Headers running into the next delimiter.
+            b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n--B--",
+        ] {
+            assert!(form(bad, "B").is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        assert!(boundary(Some("multipart/form-data; boundary=A; boundary=B")).is_err());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! Key: route, operation, the scope (team, key or global) and the request body in canonical
 //! form (key order and number formatting do not matter) without `user`, `stream` and
 //! `stream_options`. Only complete, successful answers are stored; a streamed answer is kept
-//! as its events (replayed as they came) and as one JSON answer (served to plain requests).
+//! as its events (replayed as they came), assembled into one JSON answer when a plain request
+//! is served it.
 //! Concurrent identical misses go upstream once: the first is the leader, the others wait
 //! for its answer.
 
@@ -398,8 +399,8 @@ impl Leader {
     /// Whether `store` would decline an answer of `bytes` bytes (the upstream's bytes, JSON
     /// or events: an entry made of them weighs at least that plus `Entry::MIN_WEIGHT`) now:
     /// no room for it, a key not asked for before, no Redis tier to put it in, and nobody
-    /// waiting for it. The caller then need not make the entry (a stream's answer is
-    /// assembled from its events for the cache alone) and calls `declined`. A request that
+    /// waiting for it. The caller then need not make the entry (a stream's events are split
+    /// for the cache alone) and calls `declined`. A request that
     /// starts waiting after this is told to fetch its own, as for any answer not stored.
     pub fn would_decline(&self, bytes: usize) -> bool {
         let at_least = u32::try_from(bytes)
@@ -843,14 +844,12 @@ fn data_of(event: &[u8]) -> Option<&str> {
 
 /// Splits chunks into events (each ending with its blank line).
 pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
-    static BLANK: LazyLock<memchr::memmem::Finder<'static>> =
-        LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
     let mut out = Vec::with_capacity(chunks.len());
     for c in chunks {
         let mut start = 0;
-        for at in BLANK.find_iter(c) {
-            out.push(c.slice(start..at + 2));
-            start = at + 2;
+        for end in crate::ledger::event_ends(c) {
+            out.push(c.slice(start..end));
+            start = end;
         }
         if start < c.len() {
             out.push(c.slice(start..));
@@ -894,11 +893,13 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
             continue;
         }
         let data = data.as_bytes();
+        // A member `"error": null` (some servers send one in every chunk) is no error.
         for at in ERROR.find_iter(data) {
-            let rest = &data[at + 7..];
-            let next = rest.iter().find(|b| !b.is_ascii_whitespace());
-            if next == Some(&b':') {
-                return false;
+            let rest = data[at + 7..].trim_ascii_start();
+            if let Some(value) = rest.strip_prefix(b":") {
+                if !value.trim_ascii_start().starts_with(b"null") {
+                    return false;
+                }
             }
         }
     }
@@ -1202,6 +1203,8 @@ mod tests {
         ];
         let got: Vec<Bytes> = split_events(&chunks);
         assert_eq!(got, ["data: a\n\n", "data: b\n\n", "\n", "data: c"]);
+        let crlf = [Bytes::from_static(b"data: a\r\n\r\ndata: b\r\n\r\n")];
+        assert_eq!(split_events(&crlf), ["data: a\r\n\r\n", "data: b\r\n\r\n"]);
         assert_eq!(
             data_of(b"event: x\r\ndata: {\"a\":1}\r\n\r\n"),
             Some("{\"a\":1}")
@@ -1219,6 +1222,10 @@ mod tests {
             Bytes::from_static(b"data: [DONE]\n\n"),
         ]));
         assert!(!stream_storable(&[Bytes::from_static(b"data: {}\n\n")]));
+        assert!(stream_storable(&[
+            Bytes::from_static(b"data: {\"error\": null, \"choices\":[]}\n\n"),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ]));
     }
 
     use super::*;

@@ -196,9 +196,13 @@ impl RequestRecord {
     }
 }
 
-/// The boundary of a `multipart/form-data` body, from its first line (`--BOUNDARY`).
+/// The boundary of a `multipart/form-data` body, from its first delimiter line
+/// (`--BOUNDARY`, at its start or after a preamble).
 fn form_boundary(body: &[u8]) -> Option<&str> {
-    let line = body.strip_prefix(b"--")?;
+    let line = match body.strip_prefix(b"--") {
+        Some(line) => line,
+        None => &body[memchr::memmem::find(body, b"\r\n--")? + 4..],
+    };
     let end = memchr::memmem::find(line, b"\r\n")?;
     std::str::from_utf8(&line[..end]).ok()
 }
@@ -500,8 +504,9 @@ fn counts_tokens(op: Operation) -> bool {
     )
 }
 
-/// Ends (exclusive) of the complete events in a chunk.
-fn event_ends(chunk: &[u8]) -> Vec<usize> {
+/// Ends (exclusive) of the complete events in a chunk: at a blank line, `\n\n` or
+/// `\r\n\r\n`. The cache splits stored events by the same rule.
+pub(crate) fn event_ends(chunk: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
     let mut from = 0;
     // From one line feed to the next (memchr), not byte by byte.

@@ -168,9 +168,10 @@ impl Arrivals {
     /// the connection is idle once its last open request is done.
     pub fn done(&self) {
         if self.h2.load(Relaxed) != 0 {
-            if self.h2.fetch_sub(1, AcqRel) == H2 + 1 {
-                self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
-            }
+            // The wait starts before the count says idle: a sweep between the two must not
+            // see an old start (and close a connection whose answer is still going out).
+            self.waiting_since.store(TICKS.load(Relaxed), Relaxed);
+            self.h2.fetch_sub(1, AcqRel);
             return;
         }
         self.waiting_since.store(TICKS.load(Relaxed), Relaxed);

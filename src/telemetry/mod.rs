@@ -441,16 +441,17 @@ where
         let uri = req.uri().clone();
         let request_id = request_id(req.headers());
         let fut = self.inner.call(req);
+        // Until the answer begins, a line for a request that never gets one: the client went
+        // away (or the gateway shut down) and the handler was dropped, polled or not (so its
+        // connection's clock is told it is done either way).
+        let mut unanswered = Unanswered(Some(Pending {
+            start,
+            method,
+            uri,
+            request_id,
+            arrivals,
+        }));
         Box::pin(async move {
-            // Until the answer begins, a line for a request that never gets one: the client
-            // went away (or the gateway shut down) and the handler was dropped.
-            let mut unanswered = Unanswered(Some(Pending {
-                start,
-                method,
-                uri,
-                request_id,
-                arrivals,
-            }));
             let resp = fut.await?;
             let (mut parts, body) = resp.into_parts();
             let facts = parts
