@@ -2056,41 +2056,51 @@ async fn image_edits_are_routed_priced_and_reserved() {
         (400, Some("n")),
         "{v}"
     );
+    // Raw forms (content type given whole), answered with (status, body).
+    let raw = |content_type: &'static str, body: &'static str| {
+        let req = client()
+            .post(gw.url("/v1/images/edits"))
+            .bearer_auth(KEY)
+            .header("content-type", content_type)
+            .body(body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
     // `model` twice, the second spelled `name*=`: a parser upstream may take either.
-    let body = "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n\
+    let (status, v) = raw(
+        "multipart/form-data; Boundary=B",
+        "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n\
         --B\r\nContent-Disposition: form-data; name*=utf-8'en'model\r\n\r\ndalle2\r\n\
         --B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n\
-        --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNG\r\n--B--\r\n";
-    let r = client()
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(KEY)
-        .header("content-type", "multipart/form-data; Boundary=B")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["param"], "model", "{v}");
+        --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNG\r\n--B--\r\n",
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("model")),
+        "{v}"
+    );
     // A part whose headers end in a bare LF: read here as one part with the next, where a
     // lenient parser upstream sees a second `model`. Refused as malformed.
-    let body = "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n\
+    let (status, v) = raw(
+        "multipart/form-data; boundary=B",
+        "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n\
         --B\r\nContent-Disposition: form-data; name=\"note\"\n\nx\r\n\
         --B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ndalle2\r\n\
         --B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nx\r\n\
-        --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNG\r\n--B--\r\n";
-    let r = client()
-        .post(gw.url("/v1/images/edits"))
-        .bearer_auth(KEY)
-        .header("content-type", "multipart/form-data; boundary=B")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let v: Value = r.json().await.unwrap();
+        --B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNG\r\n--B--\r\n",
+    )
+    .await;
     assert_eq!(status, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("not well-formed"), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not well-formed"),
+        "{v}"
+    );
     // An answer without its tokens: the image at its price (0.01088), the prompt counted by
     // the tokenizer (2 tokens at 5 USD per 1M), the row estimated.
     up.script(Scripted::respond(
