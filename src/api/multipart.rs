@@ -66,6 +66,10 @@ pub fn form(body: &[u8], boundary: &str) -> Result<Vec<Part>, GatewayError> {
         if body[at..].starts_with(b"--") {
             return Ok(out);
         }
+        // RFC 2046's transport padding: spaces or tabs before the line break.
+        while matches!(body.get(at), Some(b' ' | b'\t')) {
+            at += 1;
+        }
         if !body[at..].starts_with(b"\r\n") {
             return bad("a boundary line with more after the boundary");
         }
@@ -280,7 +284,8 @@ mod tests {
     /// preamble, an empty value, a part without headers) is read.
     #[test]
     fn a_form_is_read_strictly() {
-        let ok = b"preamble\r\n--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n\
+        let ok =
+            b"preamble\r\n--B \t\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nm\r\n\
             --B\r\nContent-Disposition: form-data; name=\"empty\"\r\n\r\n\r\n\
             --B\r\n\r\nno headers\r\n--B--\r\nepilogue";
         let parts = form(ok, "B").unwrap();
