@@ -2101,6 +2101,13 @@ async fn image_edits_are_routed_priced_and_reserved() {
             .contains("not well-formed"),
         "{v}"
     );
+    // A second boundary given as `boundary*=`, which some parsers take: refused.
+    let (status, v) = raw(
+        "multipart/form-data; boundary=B; boundary*=utf-8''C",
+        "--B\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nimg\r\n--B--\r\n",
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
     // An answer without its tokens: the image at its price (0.01088), the prompt counted by
     // the tokenizer (2 tokens at 5 USD per 1M), the row estimated.
     up.script(Scripted::respond(
@@ -2119,6 +2126,7 @@ async fn image_edits_are_routed_priced_and_reserved() {
             (200, 0.01412, false),
             (429, 0.0, false),
             (200, 0.036, false),
+            (400, 0.0, false),
             (400, 0.0, false),
             (400, 0.0, false),
             (400, 0.0, false),

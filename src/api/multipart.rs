@@ -24,7 +24,17 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, GatewayError> {
         let Some((k, v)) = p.split_once('=') else {
             continue;
         };
-        if k.trim().eq_ignore_ascii_case("boundary") {
+        let k = k.trim();
+        // `boundary*=` (RFC 2231) is read by some parsers before or instead of `boundary=`.
+        if k.len() > 8
+            && k.get(..8)
+                .is_some_and(|p| p.eq_ignore_ascii_case("boundary"))
+        {
+            return Err(GatewayError::invalid_request(format!(
+                "multipart/form-data with a `{k}` parameter: give the boundary as boundary="
+            )));
+        }
+        if k.eq_ignore_ascii_case("boundary") {
             let v = v.trim().trim_matches('"');
             // Parsers differ on which of two they take: one only.
             if found.is_some() {
@@ -81,13 +91,19 @@ pub fn form(body: &[u8], boundary: &str) -> Result<Vec<Part>, GatewayError> {
             return bad("a part whose headers do not end with a blank line");
         };
         let headers = body.get(at + 2..headers_end).unwrap_or_default();
-        let lines_ok = headers.split(|b| *b == b'\n').all(|l| {
-            let l = l.strip_suffix(b"\r").unwrap_or(l);
-            !l.contains(&b'\r') && !l.starts_with(b" ") && !l.starts_with(b"\t")
-        }) && memchr::memchr_iter(b'\n', headers)
-            .all(|i| i > 0 && headers[i - 1] == b'\r');
+        // Each line `Name: value`, the name without spaces (RFC 9112 5.1: a parser may read
+        // `Content-Disposition : …` as the header, or not); none folded.
+        let lines_ok = headers.is_empty()
+            || headers.split(|b| *b == b'\n').all(|l| {
+                let l = l.strip_suffix(b"\r").unwrap_or(l);
+                let named = memchr::memchr(b':', l)
+                    .is_some_and(|c| c > 0 && !l[..c].iter().any(|b| b.is_ascii_whitespace()));
+                named && !l.contains(&b'\r')
+            }) && memchr::memchr_iter(b'\n', headers).all(|i| i > 0 && headers[i - 1] == b'\r');
         if !lines_ok {
-            return bad("a part header that is folded or ends in a bare line break");
+            return bad(
+                "a part header that is folded, has a space before its colon or ends in a bare line break",
+            );
         }
         let (mut names, file, continued) = disposition(headers);
         if continued {
@@ -308,12 +324,16 @@ mod tests {
             b"--B\r\nContent-Disposition: form-data; name*0=\"mo\"; name*1=\"del\"\r\n\r\ny\r\n--B--",
             // A line that starts with the boundary and goes on.
             b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nx\r\n--Bogus\r\n--B--",
+            // A space before a header's colon: `Content-Disposition` to some parsers.
+            b"--B\r\nContent-Disposition : form-data; name=\"model\"\r\n\r\ny\r\n--B--",
             // Headers running into the next delimiter.
             b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\n--B--",
         ] {
             assert!(form(bad, "B").is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(boundary(Some("multipart/form-data; boundary=A; boundary=B")).is_err());
+        assert!(boundary(Some("multipart/form-data; boundary=A; boundary*=utf-8''B")).is_err());
+        assert!(boundary(Some("multipart/form-data; boundaré=A; boundary=B")).is_ok());
     }
 
     #[test]
