@@ -2139,6 +2139,76 @@ async fn image_edits_are_routed_priced_and_reserved() {
     assert_eq!(up.request_count(), 3);
 }
 
+/// `images/variations` (DALL·E 2, a form with the image and no prompt): routed by the form's
+/// `model`, priced per image by size (2 × 0.016 at 256x256), reserved for `n` images at the
+/// most their size may cost (three at 1024x1024, 0.06, are more than the 0.05 left); a form
+/// without its image is refused.
+#[tokio::test]
+async fn image_variations_are_routed_priced_and_reserved() {
+    let up = MockUpstream::start().await;
+    let config = config_with_routes(
+        &up,
+        "  dalle2: { deployments: [ { provider: up, deployment: dall-e-2 } ] }\n",
+        &keys(", budget: { usd: 0.082, period: daily }"),
+    );
+    let mut gw = Gateway::start(&config).await;
+    let vary = |fields: &[(&'static str, &'static str)], with_image: bool| {
+        let mut form = reqwest::multipart::Form::new();
+        if with_image {
+            form = form.part(
+                "image",
+                reqwest::multipart::Part::bytes(b"\x89PNG-a-picture".to_vec()).file_name("a.png"),
+            );
+        }
+        for (k, v) in fields {
+            form = form.text(*k, *v);
+        }
+        let req = client()
+            .post(gw.url("/v1/images/variations"))
+            .bearer_auth(KEY)
+            .multipart(form);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, v) = vary(
+        &[("model", "dalle2"), ("n", "2"), ("size", "256x256")],
+        true,
+    )
+    .await;
+    assert_eq!(
+        (status, v["data"].as_array().map(Vec::len)),
+        (200, Some(2)),
+        "{v}"
+    );
+    let sent = up.requests().pop().unwrap();
+    assert_eq!(sent.path, "/v1/images/variations");
+    assert!(String::from_utf8_lossy(&sent.body).contains("\r\n\r\ndall-e-2\r\n"));
+    // 0.05 left: three images without a size may each be 0.02.
+    let (status, v) = vary(&[("model", "dalle2"), ("n", "3")], true).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("budget_exceeded")),
+        "{v}"
+    );
+    let (status, v) = vary(&[("model", "dalle2")], false).await;
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("image")),
+        "{v}"
+    );
+
+    let url = sqlite_url(&gw);
+    let rows = rows_after_shutdown(&mut gw, &url).await;
+    assert_rows(
+        &rows,
+        "images/variations",
+        &[(200, 0.032, false), (429, 0.0, false), (400, 0.0, false)],
+    );
+}
+
 /// A streamed GPT image's partial images are billed as 100 output tokens each: three of
 /// them (0.012) with a low 1024x1024 image (0.01088) are more than a 0.02 budget.
 #[tokio::test]

@@ -23,6 +23,7 @@ pub enum Operation {
     Embeddings,
     ImagesGenerations,
     ImagesEdits,
+    ImagesVariations,
     AudioTranscriptions,
     AudioTranslations,
     AudioSpeech,
@@ -31,12 +32,13 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub const ALL: [Operation; 10] = [
+    pub const ALL: [Operation; 11] = [
         Operation::ChatCompletions,
         Operation::Completions,
         Operation::Embeddings,
         Operation::ImagesGenerations,
         Operation::ImagesEdits,
+        Operation::ImagesVariations,
         Operation::AudioTranscriptions,
         Operation::AudioTranslations,
         Operation::AudioSpeech,
@@ -52,6 +54,7 @@ impl Operation {
             Operation::Embeddings => "embeddings",
             Operation::ImagesGenerations => "images/generations",
             Operation::ImagesEdits => "images/edits",
+            Operation::ImagesVariations => "images/variations",
             Operation::AudioTranscriptions => "audio/transcriptions",
             Operation::AudioTranslations => "audio/translations",
             Operation::AudioSpeech => "audio/speech",
@@ -68,7 +71,10 @@ impl Operation {
     pub fn is_multipart(self) -> bool {
         matches!(
             self,
-            Operation::AudioTranscriptions | Operation::AudioTranslations | Operation::ImagesEdits
+            Operation::AudioTranscriptions
+                | Operation::AudioTranslations
+                | Operation::ImagesEdits
+                | Operation::ImagesVariations
         )
     }
 
@@ -107,7 +113,8 @@ impl Operation {
             Operation::Responses => &[],
             Operation::AudioTranscriptions
             | Operation::AudioTranslations
-            | Operation::ImagesEdits => &[],
+            | Operation::ImagesEdits
+            | Operation::ImagesVariations => &[],
         }
     }
 }
@@ -326,7 +333,7 @@ impl ApiRequest {
             };
             let model = only("model")?;
             let stream = only("stream")?.as_deref() == Some("true");
-            if op == Operation::ImagesEdits {
+            if matches!(op, Operation::ImagesEdits | Operation::ImagesVariations) {
                 let uint = |name: &str| -> Result<Option<u64>, GatewayError> {
                     only(name)?
                         .map(|v| {
@@ -339,20 +346,26 @@ impl ApiRequest {
                         })
                         .transpose()
                 };
-                let Some(prompt) = only("prompt")? else {
-                    return Err(GatewayError::invalid_request(
-                        "`prompt` is required for /v1/images/edits",
-                    )
-                    .with_param("prompt"));
+                // A variation has no prompt; an edit needs one.
+                let prompt = match (only("prompt")?, op) {
+                    (Some(p), _) => p,
+                    (None, Operation::ImagesVariations) => String::new(),
+                    (None, _) => {
+                        return Err(GatewayError::invalid_request(
+                            "`prompt` is required for /v1/images/edits",
+                        )
+                        .with_param("prompt"))
+                    }
                 };
                 let images = parts
                     .iter()
                     .filter(|p| p.is("image") || p.is("image[]"))
                     .count() as u64;
                 if images == 0 {
-                    return Err(GatewayError::invalid_request(
-                        "an image to edit (the file part `image`) is required for /v1/images/edits",
-                    )
+                    return Err(GatewayError::invalid_request(format!(
+                        "an image (the file part `image`) is required for /v1/{}",
+                        op.path()
+                    ))
                     .with_param("image"));
                 }
                 let masks = parts.iter().filter(|p| p.is("mask")).count() as u64;

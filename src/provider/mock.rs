@@ -117,7 +117,9 @@ impl MockProvider {
             Operation::Completions => json_ok(answer.completion()),
             Operation::Responses => json_ok(answer.response()),
             Operation::Embeddings => json_ok(answer.embeddings()),
-            Operation::ImagesGenerations | Operation::ImagesEdits => json_ok(answer.images()),
+            Operation::ImagesGenerations | Operation::ImagesEdits | Operation::ImagesVariations => {
+                json_ok(answer.images())
+            }
             Operation::Moderations => json_ok(answer.moderation()),
             Operation::AudioSpeech => answer.speech(),
             Operation::AudioTranscriptions | Operation::AudioTranslations => {

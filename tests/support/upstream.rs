@@ -989,6 +989,7 @@ fn faithful(shared: &Arc<Shared>, req: &Recorded) -> Reply {
         "embeddings",
         "images/generations",
         "images/edits",
+        "images/variations",
     ]
     .into_iter()
     .chain([
@@ -1002,7 +1003,13 @@ fn faithful(shared: &Arc<Shared>, req: &Recorded) -> Reply {
     .find(|op| path.ends_with(&format!("/{op}")));
     let is_json_op = !matches!(
         op,
-        Some("audio/transcriptions" | "audio/translations" | "images/edits" | "models") | None
+        Some(
+            "audio/transcriptions"
+                | "audio/translations"
+                | "images/edits"
+                | "images/variations"
+                | "models"
+        ) | None
     );
     let body = if is_json_op {
         match serde_json::from_slice::<Value>(&req.body) {
@@ -1048,6 +1055,7 @@ fn faithful(shared: &Arc<Shared>, req: &Recorded) -> Reply {
         "embeddings" => embeddings(req, &body),
         "images/generations" => images(&body, 0),
         "images/edits" => image_edits(req),
+        "images/variations" => image_variations(req),
         "audio/transcriptions" => transcription(req, "transcript"),
         "audio/translations" => transcription(req, "translation"),
         "audio/speech" => speech(&body),
@@ -1298,6 +1306,41 @@ fn image_edits(req: &Recorded) -> Reply {
         body.insert(p.name.clone(), v);
     }
     images(&Value::Object(body), uploaded)
+}
+
+/// A variation (DALL·E 2): `n` images of the form's `image`, by `size`; no usage.
+fn image_variations(req: &Recorded) -> Reply {
+    let ct = req.header("content-type").unwrap_or_default();
+    let Some(parts) = parse_multipart(ct, &req.body) else {
+        return error_reply(400, "Expected a multipart/form-data body", None);
+    };
+    let field = |n: &str| {
+        parts
+            .iter()
+            .find(|p| p.name == n && p.filename.is_none())
+            .map(|p| String::from_utf8_lossy(&p.data).into_owned())
+    };
+    if !parts
+        .iter()
+        .any(|p| p.name == "image" && p.filename.is_some())
+    {
+        return error_reply(400, "Missing required parameter: 'image'.", Some("image"));
+    }
+    let n = field("n")
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(1)
+        .clamp(1, 10);
+    let url = field("response_format").as_deref() == Some("url");
+    let data: Vec<Value> = (0..n)
+        .map(|i| {
+            if url {
+                json!({"url": format!("https://images.mock.invalid/v{i}.png")})
+            } else {
+                json!({"b64_json": TINY_PNG_B64})
+            }
+        })
+        .collect();
+    json_reply(200, &json!({"created": CREATED, "data": data}))
 }
 
 /// What the mock bills each uploaded image of an edit as (a 1024x1024 image at low fidelity).
