@@ -177,7 +177,12 @@ fn script_slow_stream(up: &MockUpstream, pieces: &[&str]) {
     events.push(upstream::chat_chunk(None, None, Some("stop")));
     events.push(upstream::usage_chunk(5, 2));
     events.push("data: [DONE]\n\n".to_string());
-    let refs: Vec<(u64, &str)> = events.iter().map(|e| (100, e.as_str())).collect();
+    script_events(up, &events, 100);
+}
+
+/// Scripts the upstream's next answer: a stream of these writes, `delay_ms` apart.
+fn script_events(up: &MockUpstream, writes: &[String], delay_ms: u64) {
+    let refs: Vec<(u64, &str)> = writes.iter().map(|e| (delay_ms, e.as_str())).collect();
     up.script(Scripted::stream(&refs, StreamEnd::Finish));
 }
 
@@ -1004,8 +1009,7 @@ async fn a_stored_stream_is_assembled_only_for_a_plain_request() {
         upstream::usage_chunk(5, 2),
         "data: [DONE]\n\n".to_string(),
     ];
-    let refs: Vec<(u64, &str)> = odd.iter().map(|e| (0, e.as_str())).collect();
-    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    script_events(&up, &odd, 0);
     let s = ask_stream("m", "odd");
     let first = chat(&gw, "red1", &s).await;
     assert_eq!(
@@ -1034,8 +1038,7 @@ async fn a_stored_stream_is_assembled_only_for_a_plain_request() {
         upstream::usage_chunk(5, 1),
         "data: [DONE]\n\n".to_string(),
     ];
-    let refs: Vec<(u64, &str)> = failed.iter().map(|e| (0, e.as_str())).collect();
-    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    script_events(&up, &failed, 0);
     let s = ask_stream("m", "fails midway");
     let first = chat(&gw, "red1", &s).await;
     assert!(first.body.contains("overloaded"), "{}", first.body);
@@ -1059,8 +1062,7 @@ async fn a_crlf_stream_packed_in_few_writes_is_stored_event_by_event() {
         crlf(upstream::chat_chunk(None, None, Some("stop"))) + &crlf(upstream::usage_chunk(5, 2)),
         "data: [DONE]\r\n\r\n".to_string(),
     ];
-    let refs: Vec<(u64, &str)> = packed.iter().map(|e| (5, e.as_str())).collect();
-    up.script(Scripted::stream(&refs, StreamEnd::Finish));
+    script_events(&up, &packed, 5);
     let first = chat(&gw, "red1", &ask_stream("m", "crlf")).await;
     assert_eq!(
         (first.status, first.cache()),

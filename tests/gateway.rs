@@ -1860,14 +1860,7 @@ async fn a_body_of_many_fields_is_checked_at_once() {
         many.push_str(&format!(r#","f{i}":0"#));
     }
     many.push_str(r#","f7":1}"#);
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(CLIENT_KEY)
-        .header("content-type", "application/json")
-        .body(many)
-        .send()
-        .await
-        .unwrap();
+    let resp = post(&gw, "/v1/chat/completions", &many).await;
     let (status, v) = error_of(resp).await;
     assert_eq!(
         (status, v["error"]["param"].as_str()),

@@ -15,8 +15,6 @@ use symphonia::core::meta::MetadataOptions;
 use symphonia::core::units::Duration;
 use tokio::sync::Semaphore;
 
-use super::multipart;
-
 /// A file whose length cannot be read counts as this many bits a second: Opus's lowest
 /// bitrate, below what any format the upstreams accept produces for speech (a length that
 /// is only a bound is never used to price the ledger, only to reserve).
@@ -43,16 +41,17 @@ fn bytes_bound(bytes: usize) -> f64 {
     bytes as f64 * 8.0 / FALLBACK_BITS_PER_SECOND
 }
 
-/// Reads the length of the `file` parts of `body` (all of them: an upstream that took the
-/// last would bill that one). On a blocking thread, a few at a time: reading a file's packets
-/// takes about 2 ms per MB.
-pub async fn measure(body: &Bytes, boundary: &str) -> AudioLength {
+/// Reads the length of the `file` parts of `body` (`files`: the ranges of all of them, as
+/// an upstream that took the last would bill that one). On a blocking thread, a few at a
+/// time: reading a file's packets takes about 2 ms per MB.
+pub async fn measure(
+    body: &Bytes,
+    files: impl Iterator<Item = std::ops::Range<usize>>,
+) -> AudioLength {
     static READERS: LazyLock<Semaphore> = LazyLock::new(|| {
         Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
     });
-    let files: Vec<Bytes> = multipart::field_ranges(body, boundary, "file")
-        .map(|r| body.slice(r))
-        .collect();
+    let files: Vec<Bytes> = files.map(|r| body.slice(r)).collect();
     // No file read (none there, or a reader that panicked on some odd file): the whole body
     // counts by its bytes.
     let unread = AudioLength {
@@ -288,6 +287,13 @@ mod tests {
         .concat()
     }
 
+    /// The length of a form's `file` parts, read as the gateway reads a request's form.
+    async fn measure_form(body: &Bytes) -> AudioLength {
+        let parts = crate::api::multipart::form(body, "b").unwrap();
+        let files = parts.into_iter().filter(|p| p.is("file")).map(|p| p.value);
+        measure(body, files).await
+    }
+
     #[tokio::test]
     async fn an_unreadable_file_is_bounded_by_its_bytes_and_every_file_counts() {
         let end = b"--b--\r\n";
@@ -300,18 +306,18 @@ mod tests {
             ]
             .concat(),
         );
-        let l = measure(&body, "b").await;
+        let l = measure_form(&body).await;
         assert_eq!((l.seconds, l.bound_seconds), (None, 4.0));
         // Two files: both count (a WAV of 2.5 s, and the same again), rounded up as billed.
         let two = wav(2.5, 8_000, false);
         let body = Bytes::from([part("file", &two), part("file", &two), end.to_vec()].concat());
-        let l = measure(&body, "b").await;
+        let l = measure_form(&body).await;
         assert_eq!((l.seconds, l.bound_seconds), (Some(5.0), 5.0));
         let body = Bytes::from([part("file", &two), part("file", b"??"), end.to_vec()].concat());
-        assert_eq!(measure(&body, "b").await.seconds, None);
+        assert_eq!(measure_form(&body).await.seconds, None);
         // No part named `file` (a name the upstream may read otherwise): the whole body counts.
         let body = Bytes::from([part("File ", &[0u8; 7_500]), end.to_vec()].concat());
-        let l = measure(&body, "b").await;
+        let l = measure_form(&body).await;
         assert_eq!(l.seconds, None);
         assert!(l.bound_seconds >= 10.0, "{l:?}");
     }

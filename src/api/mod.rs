@@ -263,6 +263,8 @@ pub enum Payload {
     Multipart {
         boundary: String,
         model: Option<String>,
+        /// The form's parts, read once (`multipart::form`) for every later use.
+        parts: Vec<multipart::Part>,
     },
 }
 
@@ -310,8 +312,8 @@ impl ApiRequest {
         let mut client_wants_usage = false;
         let mut speech_characters = 0;
         let mut image = None;
-        // An image edit's prompt bytes and uploaded images (masks included).
-        let mut edit_prompt = None;
+        // A form's (estimated prompt tokens, prompt bound): an image edit's.
+        let mut form_prompt = (0, 0);
         let (payload, stream) = if op.is_multipart() {
             let ct = headers
                 .get(http::header::CONTENT_TYPE)
@@ -380,9 +382,26 @@ impl ApiRequest {
                         0
                     },
                 });
-                edit_prompt = Some((prompt.len() as u64, images.saturating_add(masks)));
+                // An uploaded image is billed by its tokens (`gpt-image-1`): at most
+                // `IMAGE_INPUT_TOKENS` each (masks too), whatever its size and fidelity.
+                let text = prompt.len() as u64;
+                form_prompt = (
+                    text.div_ceil(4),
+                    text.saturating_add(
+                        images
+                            .saturating_add(masks)
+                            .saturating_mul(IMAGE_INPUT_TOKENS),
+                    ),
+                );
             }
-            (Payload::Multipart { boundary, model }, stream)
+            (
+                Payload::Multipart {
+                    boundary,
+                    model,
+                    parts,
+                },
+                stream,
+            )
         } else {
             let head = body::JsonHead::parse(&body)?;
             check_json_shape(op, &head)?;
@@ -486,14 +505,7 @@ impl ApiRequest {
                 let images: usize = KEY.iter().map(|f| f.find_iter(&body).count()).sum();
                 (text.div_ceil(4), text + 1600 * images as u64)
             }
-            // An uploaded image is billed by its tokens (`gpt-image-1`): at most
-            // `IMAGE_INPUT_TOKENS` each, whatever its size and `input_fidelity`.
-            Payload::Multipart { .. } => edit_prompt.map_or((0, 0), |(text, images)| {
-                (
-                    text.div_ceil(4),
-                    text.saturating_add(images.saturating_mul(IMAGE_INPUT_TOKENS)),
-                )
-            }),
+            Payload::Multipart { .. } => form_prompt,
         };
         Ok(ApiRequest {
             op,
@@ -537,6 +549,32 @@ impl ApiRequest {
         }
     }
 
+    /// The value's range of a form's field `name` (its first part of that name; a form has
+    /// each field the gateway reads once).
+    pub fn form_field(&self, name: &str) -> Option<std::ops::Range<usize>> {
+        match &self.payload {
+            Payload::Multipart { parts, .. } => {
+                parts.iter().find(|p| p.is(name)).map(|p| p.value.clone())
+            }
+            Payload::Json { .. } => None,
+        }
+    }
+
+    /// The values' ranges of a form's parts named `name`, in order.
+    pub fn form_parts<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> impl Iterator<Item = std::ops::Range<usize>> + 'a {
+        let parts = match &self.payload {
+            Payload::Multipart { parts, .. } => parts.as_slice(),
+            Payload::Json { .. } => &[],
+        };
+        parts
+            .iter()
+            .filter(move |p| p.is(name))
+            .map(|p| p.value.clone())
+    }
+
     pub fn request_id_str(&self) -> &str {
         self.request_id.to_str().unwrap_or("")
     }
@@ -573,8 +611,15 @@ impl ApiRequest {
             Payload::Multipart {
                 boundary,
                 model: client_model,
+                ..
             } => match model.filter(|m| client_model.as_deref() != Some(*m)) {
-                Some(m) => multipart::with_field(&self.body, boundary, "model", m),
+                Some(m) => multipart::with_field(
+                    &self.body,
+                    boundary,
+                    self.form_field("model"),
+                    "model",
+                    m,
+                ),
                 None => self.body.clone(),
             },
         }

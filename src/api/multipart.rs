@@ -105,18 +105,12 @@ pub fn form(body: &[u8], boundary: &str) -> Result<Vec<Part>, GatewayError> {
                 "a part header that is folded, has a space before its colon or ends in a bare line break",
             );
         }
-        let (mut names, file, continued) = disposition(headers);
+        let (names, file, continued) = disposition(headers);
         if continued {
             return bad("a part name in RFC 2231 continuations (name*0=)");
         }
-        let name = if names.is_empty() {
-            String::new()
-        } else {
-            names.remove(0)
-        };
         out.push(Part {
-            name,
-            aliases: names,
+            names,
             file,
             value: headers_end + 4..next,
         });
@@ -128,66 +122,25 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     memchr::memmem::find(hay.get(from..)?, needle).map(|i| i + from)
 }
 
-/// The byte range of the value of the text field `name`, if the body has one.
-pub fn field_range(body: &[u8], boundary: &str, name: &str) -> Option<Range<usize>> {
-    field_ranges(body, boundary, name).next()
-}
-
-/// The byte ranges of the values of every part named `name`, in order.
-pub fn field_ranges<'a>(
-    body: &'a [u8],
-    boundary: &str,
-    name: &str,
-) -> impl Iterator<Item = Range<usize>> + 'a {
-    let wanted = name.to_ascii_lowercase();
-    parts(body, boundary).filter_map(move |p| p.is(&wanted).then_some(p.value))
-}
-
-/// One part of a form: its name (lowercase), whether it is a file, and its value's range.
+/// One part of a form: its names (lowercase; usually one, but a parser upstream may take
+/// any a disposition gives), whether it is a file, and its value's range.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
-    pub name: String,
-    /// Further names its disposition gives (a parser upstream may take any of them).
-    pub aliases: Vec<String>,
+    pub names: Vec<String>,
     pub file: bool,
     pub value: Range<usize>,
 }
 
 impl Part {
+    /// Its (first) name; empty for a part without one.
+    pub fn name(&self) -> &str {
+        self.names.first().map_or("", String::as_str)
+    }
+
     /// Whether the part is named `name` (lowercase), by any of its names.
     pub fn is(&self, name: &str) -> bool {
-        self.name == name || self.aliases.iter().any(|a| a == name)
+        self.names.iter().any(|n| n == name)
     }
-}
-
-/// Every part of a form, in order, in one pass over the body.
-pub fn parts<'a>(body: &'a [u8], boundary: &str) -> impl Iterator<Item = Part> + 'a {
-    let delim = format!("--{boundary}");
-    let next_delim = format!("\r\n{delim}");
-    let mut at = find(body, delim.as_bytes(), 0);
-    std::iter::from_fn(move || {
-        let headers_start = at? + delim.len();
-        if body.get(headers_start..headers_start + 2) == Some(b"--") {
-            return None; // closing delimiter
-        }
-        let headers_end = find(body, b"\r\n\r\n", headers_start)?;
-        let content_start = headers_end + 4;
-        let next = find(body, next_delim.as_bytes(), content_start)?;
-        let headers = &body[headers_start..headers_end];
-        at = Some(next + 2);
-        let (mut names, file, _) = disposition(headers);
-        let name = if names.is_empty() {
-            String::new()
-        } else {
-            names.remove(0)
-        };
-        Some(Part {
-            name,
-            aliases: names,
-            file,
-            value: content_start..next,
-        })
-    })
 }
 
 /// A part's name and whether it names a file, from its `Content-Disposition`. Every
@@ -226,19 +179,21 @@ fn disposition(headers: &[u8]) -> (Vec<String>, bool, bool) {
     (names, file, continued)
 }
 
-/// The text value of field `name`.
-pub fn field(body: &[u8], boundary: &str, name: &str) -> Option<String> {
-    field_range(body, boundary, name).map(|r| text(body, r))
-}
-
 /// The text of a field's value at `range`.
 pub fn text(body: &[u8], range: Range<usize>) -> String {
     String::from_utf8_lossy(&body[range]).trim().to_string()
 }
 
-/// The body with field `name` set to `value` (replaced in place, or added as the first part).
-pub fn with_field(body: &Bytes, boundary: &str, name: &str, value: &str) -> Bytes {
-    match field_range(body, boundary, name) {
+/// The body with field `name` set to `value`: replaced in place at `at` (its value's range,
+/// from `form`), or added as the first part.
+pub fn with_field(
+    body: &Bytes,
+    boundary: &str,
+    at: Option<Range<usize>>,
+    name: &str,
+    value: &str,
+) -> Bytes {
+    match at {
         Some(r) => {
             let mut out = BytesMut::with_capacity(body.len() + value.len());
             out.put_slice(&body[..r.start]);
@@ -262,6 +217,22 @@ pub fn with_field(body: &Bytes, boundary: &str, name: &str, value: &str) -> Byte
 mod tests {
     use super::*;
 
+    /// The values of the parts named `name`, as text.
+    fn values(body: &[u8], boundary: &str, name: &str) -> Vec<String> {
+        form(body, boundary)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.is(name))
+            .map(|p| text(body, p.value))
+            .collect()
+    }
+
+    /// The range of the first part named `name`.
+    fn at(body: &[u8], boundary: &str, name: &str) -> Option<Range<usize>> {
+        let parts = form(body, boundary).unwrap();
+        parts.into_iter().find(|p| p.is(name)).map(|p| p.value)
+    }
+
     const BODY: &[u8] = b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF\x00\x01\r\n--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n--XyZ--\r\n";
 
     #[test]
@@ -270,9 +241,16 @@ mod tests {
             boundary(Some("multipart/form-data; boundary=XyZ")).unwrap(),
             "XyZ"
         );
-        assert_eq!(field(BODY, "XyZ", "model").as_deref(), Some("whisper"));
-        let out = with_field(&Bytes::from_static(BODY), "XyZ", "model", "whisper-dep");
-        assert_eq!(field(&out, "XyZ", "model").as_deref(), Some("whisper-dep"));
+        assert_eq!(values(BODY, "XyZ", "model"), ["whisper"]);
+        let model = at(BODY, "XyZ", "model");
+        let out = with_field(
+            &Bytes::from_static(BODY),
+            "XyZ",
+            model,
+            "model",
+            "whisper-dep",
+        );
+        assert_eq!(values(&out, "XyZ", "model"), ["whisper-dep"]);
         assert_eq!(out.len(), BODY.len() + 4);
         assert!(out.starts_with(b"--XyZ\r\nContent-Disposition: form-data; name=\"file\""));
     }
@@ -285,11 +263,14 @@ mod tests {
             --B\r\nContent-Disposition: form-data; name=model\r\n\r\ngpt-4o\r\n\
             --B\r\ncontent-disposition: form-data; NAME = \"model\"\r\n\r\no1\r\n\
             --B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"model\"\r\n\r\nx\r\n--B--\r\n";
-        let values: Vec<&[u8]> = field_ranges(body, "B", "model").map(|r| &body[r]).collect();
-        assert_eq!(values, [&b"whisper"[..], b"gpt-4o", b"o1"]);
+        assert_eq!(values(body, "B", "model"), ["whisper", "gpt-4o", "o1"]);
         let body = b"--B\r\nContent-Disposition: form-data; name*=UTF-8''mo%64el\r\n\r\nx\r\n\
             --B\r\nContent-Disposition: form-data; name*=utf-8'en'image%5B%5D; filename=\"a.png\"\r\n\r\ny\r\n--B--\r\n";
-        let all: Vec<(String, bool)> = parts(body, "B").map(|p| (p.name, p.file)).collect();
+        let all: Vec<(String, bool)> = form(body, "B")
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.name().to_string(), p.file))
+            .collect();
         assert_eq!(
             all,
             [("model".to_string(), false), ("image[]".to_string(), true)]
@@ -307,7 +288,7 @@ mod tests {
         let parts = form(ok, "B").unwrap();
         let got: Vec<(&str, &[u8])> = parts
             .iter()
-            .map(|p| (p.name.as_str(), &ok[p.value.clone()]))
+            .map(|p| (p.name(), &ok[p.value.clone()]))
             .collect();
         assert_eq!(
             got,
@@ -339,9 +320,9 @@ mod tests {
     #[test]
     fn adds_a_missing_field() {
         let body = Bytes::from_static(b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\nabc\r\n--B--\r\n");
-        assert_eq!(field(&body, "B", "model"), None);
-        let out = with_field(&body, "B", "model", "m");
-        assert_eq!(field(&out, "B", "model").as_deref(), Some("m"));
+        assert_eq!(at(&body, "B", "model"), None);
+        let out = with_field(&body, "B", None, "model", "m");
+        assert_eq!(values(&out, "B", "model"), ["m"]);
         assert!(boundary(Some("application/json")).is_err());
         for ct in [
             "multipart/form-data; Boundary=XyZ",

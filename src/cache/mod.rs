@@ -893,7 +893,8 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
             continue;
         }
         let data = data.as_bytes();
-        // A member `"error": null` (some servers send one in every chunk) is no error.
+        // A member `"error": null` (some servers send one in every chunk) is no error; an
+        // `"error"` that is no member's name (a string's value) is none either.
         for at in ERROR.find_iter(data) {
             let rest = data[at + 7..].trim_ascii_start();
             if let Some(value) = rest.strip_prefix(b":") {

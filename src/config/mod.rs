@@ -250,11 +250,10 @@ impl Checker<'_> {
                 if let Err(e) =
                     <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(ledger)
                 {
-                    // sqlx wraps the cause twice, each time saying so.
-                    let e = e.to_string();
-                    let mut cause = e.as_str();
-                    while let Some(rest) = cause.strip_prefix("error with configuration: ") {
-                        cause = rest;
+                    // sqlx wraps the cause twice, each time saying so: its innermost says it.
+                    let mut cause: &dyn std::error::Error = &e;
+                    while let Some(inner) = cause.source() {
+                        cause = inner;
                     }
                     self.error(&p(&["state", "ledger"]), format!("state.ledger: {cause}"));
                 }

@@ -59,6 +59,8 @@ pub struct RequestRecord {
     pub tokenizer_model: Name,
     /// The request body, kept (not copied) for counting prompt tokens if needed.
     pub request_body: Bytes,
+    /// In a form (an image edit), the range of its `prompt`, counted instead.
+    pub form_prompt: Option<std::ops::Range<usize>>,
     /// The key's series on the serving deployment, when one served.
     pub counters: Option<Arc<crate::telemetry::metrics::KeyCounters>>,
     /// What the gateway measured of the request itself, priced when the upstream's answer
@@ -175,16 +177,14 @@ impl RequestRecord {
     /// Counts tokens with the tokenizer when the upstream reported no usage.
     fn estimate(&self, answer_text: &str) -> Usage {
         let mut prompt_text = String::new();
-        if let Ok(v) = serde_json::from_slice::<Value>(&self.request_body) {
+        if let Some(r) = self.form_prompt.clone() {
+            // A form (an image edit): its `prompt`.
+            prompt_text = crate::api::multipart::text(&self.request_body, r);
+        } else if let Ok(v) = serde_json::from_slice::<Value>(&self.request_body) {
             for field in ["messages", "prompt", "input", "instructions"] {
                 if let Some(x) = v.get(field) {
                     collect_text(x, &mut prompt_text);
                 }
-            }
-        } else if let Some(boundary) = form_boundary(&self.request_body) {
-            // A form (an image edit): its `prompt`.
-            if let Some(p) = crate::api::multipart::field(&self.request_body, boundary, "prompt") {
-                prompt_text = p;
             }
         }
         Usage {
@@ -194,17 +194,6 @@ impl RequestRecord {
             ..Default::default()
         }
     }
-}
-
-/// The boundary of a `multipart/form-data` body, from its first delimiter line
-/// (`--BOUNDARY`, at its start or after a preamble).
-fn form_boundary(body: &[u8]) -> Option<&str> {
-    let line = match body.strip_prefix(b"--") {
-        Some(line) => line,
-        None => &body[memchr::memmem::find(body, b"\r\n--")? + 4..],
-    };
-    let end = memchr::memmem::find(line, b"\r\n")?;
-    std::str::from_utf8(&line[..end]).ok()
 }
 
 /// The text of a JSON value: every string but inline data and URLs.

@@ -86,13 +86,14 @@ impl MockProvider {
                 serde_json::from_slice(&req.upstream_body(None, true, model)).unwrap_or(Value::Null)
             }
             // A form's text fields, numbers as numbers.
-            Payload::Multipart { boundary, .. } => Value::Object(
-                crate::api::multipart::parts(&req.body, boundary)
+            Payload::Multipart { parts, .. } => Value::Object(
+                parts
+                    .iter()
                     .filter(|p| !p.file)
                     .map(|p| {
-                        let v = crate::api::multipart::text(&req.body, p.value);
+                        let v = crate::api::multipart::text(&req.body, p.value.clone());
                         let v = v.parse::<u64>().map_or(Value::String(v), Value::from);
-                        (p.name, v)
+                        (p.name().to_string(), v)
                     })
                     .collect(),
             ),
@@ -433,12 +434,9 @@ impl Answer<'_> {
     }
 
     fn transcription(&self, req: &ApiRequest) -> http::Response<ResponseBody> {
-        let format = match &req.payload {
-            Payload::Multipart { boundary, .. } => {
-                crate::api::multipart::field(&req.body, boundary, "response_format")
-            }
-            Payload::Json { .. } => None,
-        };
+        let format = req
+            .form_field("response_format")
+            .map(|r| crate::api::multipart::text(&req.body, r));
         let (text, _) = self.content();
         // The file's length when the gateway could read it, else its bytes as 16 kHz 16-bit mono.
         let duration = req

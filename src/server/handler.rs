@@ -217,10 +217,8 @@ where
             return Err(e);
         }
     };
-    if let (api::Payload::Multipart { boundary, .. }, true) =
-        (&api_req.payload, op.is_audio_upload())
-    {
-        api_req.audio = api::audio::measure(&api_req.body, boundary).await;
+    if op.is_audio_upload() {
+        api_req.audio = api::audio::measure(&api_req.body, api_req.form_parts("file")).await;
     }
     facts.stream = api_req.stream;
     // Only a configured route name becomes a header or a metric label.
@@ -465,6 +463,7 @@ fn new_record(
         price: Default::default(),
         tokenizer_model: Name::default(),
         request_body: req.body.clone(),
+        form_prompt: req.form_field("prompt"),
         counters: None,
         measured_usage: req.measured_usage(),
     }
