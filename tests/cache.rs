@@ -1047,44 +1047,48 @@ async fn a_stored_stream_is_assembled_only_for_a_plain_request() {
     assert_eq!(stream_text(&second.body), upstream::MOCK_TEXT);
 }
 
-/// A stream framed with `\r\n` (as Python servers send it), several events to a write, is
-/// stored and replayed event by event: a plain hit gets its whole text and usage, a streamed
-/// hit without `include_usage` no usage chunk.
+/// A stream framed with `\r\n` (as Python servers send it) or with `\r` alone, several
+/// events to a write, is stored and replayed event by event: a plain hit gets its whole text
+/// and usage, a streamed hit without `include_usage` no usage chunk.
 #[tokio::test]
-async fn a_crlf_stream_packed_in_few_writes_is_stored_event_by_event() {
+async fn a_crlf_or_cr_stream_packed_in_few_writes_is_stored_event_by_event() {
     let up = MockUpstream::start().await;
     let gw = Gateway::start(&config(&up, "{}")).await;
-    let crlf = |e: String| e.replace("\n\n", "\r\n\r\n");
-    let packed = [
-        crlf(upstream::chat_chunk(Some("assistant"), Some(""), None))
-            + &crlf(upstream::chat_chunk(None, Some("Hello"), None))
-            + &crlf(upstream::chat_chunk(None, Some(" world"), None)),
-        crlf(upstream::chat_chunk(None, None, Some("stop"))) + &crlf(upstream::usage_chunk(5, 2)),
-        "data: [DONE]\r\n\r\n".to_string(),
-    ];
-    script_events(&up, &packed, 5);
-    let first = chat(&gw, "red1", &ask_stream("m", "crlf")).await;
-    assert_eq!(
-        (first.status, first.cache()),
-        (200, "miss"),
-        "{}",
-        first.body
-    );
-    let plain = chat(&gw, "red1", &ask("m", "crlf")).await;
-    assert_eq!(plain.cache(), "hit", "{}", plain.body);
-    let v = plain.json();
-    assert_eq!(v["choices"][0]["message"]["content"], "Hello world", "{v}");
-    assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
-    let mut quiet = ask("m", "crlf");
-    quiet["stream"] = json!(true);
-    let replay = chat(&gw, "red1", &quiet).await;
-    assert_eq!(replay.cache(), "hit");
-    assert_eq!(
-        stream_text(&replay.body.replace("\r\n", "\n")),
-        "Hello world"
-    );
-    assert!(!replay.body.contains("\"usage\":{"), "{}", replay.body);
-    assert_eq!(up.request_count(), 1);
+    for (n, end) in ["\r\n\r\n", "\r\r"].into_iter().enumerate() {
+        let prompt = format!("framed {end:?}");
+        let frame = |e: String| e.replace("\n\n", end);
+        let packed = [
+            frame(upstream::chat_chunk(Some("assistant"), Some(""), None))
+                + &frame(upstream::chat_chunk(None, Some("Hello"), None))
+                + &frame(upstream::chat_chunk(None, Some(" world"), None)),
+            frame(upstream::chat_chunk(None, None, Some("stop")))
+                + &frame(upstream::usage_chunk(5, 2)),
+            frame("data: [DONE]\n\n".to_string()),
+        ];
+        script_events(&up, &packed, 5);
+        let first = chat(&gw, "red1", &ask_stream("m", &prompt)).await;
+        assert_eq!(
+            (first.status, first.cache()),
+            (200, "miss"),
+            "{}",
+            first.body
+        );
+        let plain = chat(&gw, "red1", &ask("m", &prompt)).await;
+        assert_eq!(plain.cache(), "hit", "{end:?}: {}", plain.body);
+        let v = plain.json();
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello world", "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 2, "{v}");
+        let mut quiet = ask("m", &prompt);
+        quiet["stream"] = json!(true);
+        let replay = chat(&gw, "red1", &quiet).await;
+        assert_eq!(replay.cache(), "hit");
+        assert_eq!(
+            stream_text(&replay.body.replace(end, "\n\n")),
+            "Hello world"
+        );
+        assert!(!replay.body.contains("\"usage\":{"), "{}", replay.body);
+        assert_eq!(up.request_count(), n + 1);
+    }
 }
 
 #[tokio::test]

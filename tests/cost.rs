@@ -1322,6 +1322,62 @@ async fn embed(gw: &Gateway, input: &str) -> usize {
     r.bytes().await.unwrap().len()
 }
 
+/// Lines may end in `\r` alone, or in a mix of endings (the SSE rule the SDKs follow): the
+/// usage chunk the gateway asked for is still found as its own event, so a client that did
+/// not ask for usage never sees it, and the row has the upstream's usage, not an estimate.
+#[tokio::test]
+async fn streams_with_any_line_endings_are_read_for_usage_and_lose_the_extra_chunk() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    let framings: [(&str, &str); 4] = [
+        ("bare CR", "\r\r"),
+        ("LF then CRLF", "\n\r\n"),
+        ("CRLF then LF", "\r\n\n"),
+        ("CR then CRLF", "\r\r\n"),
+    ];
+    for (i, (name, end)) in framings.iter().enumerate() {
+        let frame = |e: String| e.replace("\n\n", end);
+        let completion = 10 + i as u64;
+        // The usage chunk arrives in the same write as the last content chunk.
+        let writes = [
+            frame(chat_chunk(Some("assistant"), Some(""), None))
+                + &frame(chat_chunk(None, Some("Hi"), None)),
+            frame(chat_chunk(None, None, Some("stop")))
+                + &frame(usage_chunk(7, completion))
+                + &frame("data: [DONE]\n\n".to_string()),
+        ];
+        let refs: Vec<(u64, &str)> = writes.iter().map(|w| (5, w.as_str())).collect();
+        up.script(Scripted::stream(&refs, StreamEnd::Finish));
+        let body = json!({"model": "gpt-4o", "stream": true,
+            "messages": [{"role": "user", "content": name}]});
+        let r = post(&gw, "/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 200, "{name}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains("\"Hi\""), "{name}: {text:?}");
+        assert!(!text.contains("\"usage\":{"), "{name}: {text:?}");
+        assert!(text.contains("[DONE]"), "{name}: {text:?}");
+        let sent = up.requests().last().unwrap().json();
+        assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
+    }
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let got: Vec<(u64, u64, bool)> = rows
+        .iter()
+        .map(|r| (r.prompt_tokens, r.completion_tokens, r.estimated))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (7, 10, false),
+            (7, 11, false),
+            (7, 12, false),
+            (7, 13, false)
+        ]
+    );
+}
+
 /// A stream past what is kept whole (~380 KB of events) from an upstream that sends no
 /// usage: its text, read in parts as it went, is counted whole.
 #[tokio::test]

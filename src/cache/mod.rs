@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::api::Operation;
 use crate::ledger::cost::Usage;
+use crate::stream::sse;
 
 pub type Key = [u8; 32];
 
@@ -828,26 +829,12 @@ pub fn directives(headers: &http::HeaderMap) -> (bool, bool) {
     (lookup, store)
 }
 
-/// An event's first `data:` line's value (`None` without one, or when it is not UTF-8).
-fn data_of(event: &[u8]) -> Option<&str> {
-    let mut rest = event;
-    loop {
-        let end = memchr::memchr(b'\n', rest).unwrap_or(rest.len());
-        let line = &rest[..end];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(d) = line.strip_prefix(b"data:") {
-            return std::str::from_utf8(d.strip_prefix(b" ").unwrap_or(d)).ok();
-        }
-        rest = rest.get(end + 1..)?;
-    }
-}
-
 /// Splits chunks into events (each ending with its blank line).
 pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
     let mut out = Vec::with_capacity(chunks.len());
     for c in chunks {
         let mut start = 0;
-        for end in crate::ledger::event_ends(c) {
+        for end in sse::event_ends(c) {
             out.push(c.slice(start..end));
             start = end;
         }
@@ -887,15 +874,16 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
         LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
     let mut done = false;
     for e in events {
-        let Some(data) = data_of(e) else { continue };
-        if data.starts_with("[DONE]") {
+        if sse::is_done(e) {
             done = true;
             continue;
         }
-        let data = data.as_bytes();
+        let Some(data) = sse::event_data(e) else {
+            continue;
+        };
         // A member `"error": null` (some servers send one in every chunk) is no error; an
         // `"error"` that is no member's name (a string's value) is none either.
-        for at in ERROR.find_iter(data) {
+        for at in ERROR.find_iter(&data) {
             let rest = data[at + 7..].trim_ascii_start();
             if let Some(value) = rest.strip_prefix(b":") {
                 if !value.trim_ascii_start().starts_with(b"null") {
@@ -915,11 +903,14 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     let mut choices: Vec<Map<String, Value>> = Vec::new();
     let mut usage = Value::Null;
     for e in events {
-        let Some(data) = data_of(e) else { continue };
-        if data.starts_with("[DONE]") {
+        if sse::is_done(e) {
             done = true;
             continue;
         }
+        let Some(data) = sse::event_data(e) else {
+            continue;
+        };
+        let data = std::str::from_utf8(&data).ok()?;
         // Each event's members as raw text: only what is merged becomes a JSON tree (a
         // choice, the usage, the first event as the answer's base), not every chunk.
         let v: StreamEvent<'_> = serde_json::from_str(data).ok()?;
@@ -1101,8 +1092,8 @@ pub fn stream_events(entry: &Entry, op: Operation, include_usage: bool) -> Vec<B
             .iter()
             .filter(|e| {
                 include_usage || {
-                    let usage_only = data_of(e)
-                        .and_then(|d| serde_json::from_str::<Value>(d).ok())
+                    let usage_only = sse::event_data(e)
+                        .and_then(|d| serde_json::from_slice::<Value>(&d).ok())
                         .is_some_and(|v| {
                             v.get("usage").is_some_and(Value::is_object)
                                 && v.get("choices")
@@ -1206,12 +1197,8 @@ mod tests {
         assert_eq!(got, ["data: a\n\n", "data: b\n\n", "\n", "data: c"]);
         let crlf = [Bytes::from_static(b"data: a\r\n\r\ndata: b\r\n\r\n")];
         assert_eq!(split_events(&crlf), ["data: a\r\n\r\n", "data: b\r\n\r\n"]);
-        assert_eq!(
-            data_of(b"event: x\r\ndata: {\"a\":1}\r\n\r\n"),
-            Some("{\"a\":1}")
-        );
-        assert_eq!(data_of(b"data:[DONE]\n\n"), Some("[DONE]"));
-        assert_eq!(data_of(b"id: 1\n\n"), None);
+        let bare_cr = [Bytes::from_static(b"data: a\r\rdata: b\r\r")];
+        assert_eq!(split_events(&bare_cr), ["data: a\r\r", "data: b\r\r"]);
         assert!(stream_storable(&[
             Bytes::from_static(
                 b"data: {\"choices\":[{\"delta\":{\"content\":\"say \\\"error\\\": no\"}}]}\n\n"
@@ -1225,6 +1212,11 @@ mod tests {
         assert!(!stream_storable(&[Bytes::from_static(b"data: {}\n\n")]));
         assert!(stream_storable(&[
             Bytes::from_static(b"data: {\"error\": null, \"choices\":[]}\n\n"),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ]));
+        // An error event's JSON over two `data:` lines is one text, read whole.
+        assert!(!stream_storable(&[
+            Bytes::from_static(b"data: {\ndata: \"error\": {\"message\": \"x\"}}\n\n"),
             Bytes::from_static(b"data: [DONE]\n\n"),
         ]));
     }

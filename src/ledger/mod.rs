@@ -8,7 +8,6 @@ pub mod cost;
 pub mod report;
 pub mod store;
 
-use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
@@ -21,6 +20,7 @@ use serde_json::Value;
 use crate::api::Operation;
 use crate::policy::{send_alerts, Actual, Admitted, Plan, PolicyState};
 use crate::server::body::{BoxError, ResponseBody};
+use crate::stream::sse::{event_data, event_ends};
 use crate::Name;
 use cost::{count_tokens, Price, Usage};
 pub use store::{LedgerRow, LedgerWriter};
@@ -495,27 +495,6 @@ fn counts_tokens(op: Operation) -> bool {
     )
 }
 
-/// Ends (exclusive) of the complete events in a chunk: at a blank line, `\n\n` or
-/// `\r\n\r\n`. The cache splits stored events by the same rule.
-pub(crate) fn event_ends(chunk: &[u8]) -> Vec<usize> {
-    let mut ends = Vec::new();
-    let mut from = 0;
-    // From one line feed to the next (memchr), not byte by byte.
-    while let Some(at) = memchr::memchr(b'\n', &chunk[from..]) {
-        let i = from + at;
-        if chunk.get(i + 1) == Some(&b'\n') {
-            ends.push(i + 2);
-            from = i + 2;
-        } else if i > from && chunk[i - 1] == b'\r' && chunk[i + 1..].starts_with(b"\r\n") {
-            ends.push(i + 3);
-            from = i + 3;
-        } else {
-            from = i + 1;
-        }
-    }
-    ends
-}
-
 /// Whether every `"usage"` in an event (or chunk) is `"usage": null`, OpenAI's content
 /// chunks when usage was asked for, or there is none: no usage to read, nothing to parse.
 /// Only a key can be followed by `:` outside a string, so this never hides a usage object.
@@ -525,28 +504,6 @@ fn usage_all_null(event: &[u8]) -> bool {
         rest.strip_prefix(b":")
             .is_some_and(|r| r.trim_ascii_start().starts_with(b"null"))
     })
-}
-
-/// An event's data: its `data:` lines, joined by newlines when there are several, borrowed
-/// from the event when there is one (the usual case). `None` without data or for `[DONE]`.
-fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data: Option<Cow<'_, [u8]>> = None;
-    for line in text.lines() {
-        if let Some(d) = line.strip_prefix("data:") {
-            let d = d.strip_prefix(' ').unwrap_or(d).as_bytes();
-            data = Some(match data {
-                Some(prev) if !prev.is_empty() => {
-                    let mut joined = prev.into_owned();
-                    joined.push(b'\n');
-                    joined.extend_from_slice(d);
-                    Cow::Owned(joined)
-                }
-                _ => Cow::Borrowed(d),
-            });
-        }
-    }
-    data.filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
 }
 
 /// The JSON of an event's `data:` lines.
@@ -643,25 +600,12 @@ mod tests {
     #[test]
     fn events_and_their_json() {
         let chunk = b"data: {\"a\":1}\n\n: ping\n\ndata: [DONE]\n\n";
-        assert_eq!(event_ends(chunk), vec![15, 23, 37]);
         assert_eq!(event_json(&chunk[..15]).unwrap()["a"], 1);
         assert!(event_json(&chunk[15..23]).is_none());
         assert!(event_json(&chunk[23..]).is_none());
         // Several `data:` lines are one JSON text, joined by newlines.
         let split = b"event: x\r\ndata: {\"a\":\r\ndata: [2]}\r\n\r\n";
-        assert_eq!(&*event_data(split).unwrap(), b"{\"a\":\n[2]}");
         assert_eq!(event_json(split).unwrap()["a"][0], 2);
-        assert!(matches!(
-            event_data(&chunk[..15]),
-            Some(Cow::Borrowed(b"{\"a\":1}"))
-        ));
-        // CRLF events, and a mix.
-        assert_eq!(
-            event_ends(b"data: 1\r\n\r\ndata: 2\n\n\r\n\r\nx"),
-            vec![11, 20, 24]
-        );
-        assert_eq!(event_ends(b"\n\r\n\r\n"), vec![5]);
-        assert!(event_ends(b"data: 1\ndata: 2\n").is_empty());
         // `"usage":null` alone needs no parse; a usage object or a nested one does.
         assert!(usage_all_null(br#"data: {"choices":[],"usage" : null}"#));
         assert!(!usage_all_null(

@@ -18,6 +18,9 @@ use tokio::time::Sleep;
 
 use crate::server::body::BoxError;
 
+pub mod sse;
+use sse::last_event_end;
+
 pub struct UpstreamStream<B> {
     inner: B,
     is_sse: bool,
@@ -30,17 +33,6 @@ pub struct UpstreamStream<B> {
     sent_any: bool,
     /// SSE bytes after the last complete event, waiting for the rest of their event.
     pending: BytesMut,
-}
-
-/// The index just past the last event boundary (a blank line) in `buf`.
-fn last_event_end(buf: &[u8]) -> Option<usize> {
-    (1..buf.len()).rev().find_map(|i| {
-        let two = &buf[i - 1..=i];
-        if two == b"\n\n" || two == b"\r\r" {
-            return Some(i + 1);
-        }
-        (i >= 3 && &buf[i - 3..=i] == b"\r\n\r\n").then_some(i + 1)
-    })
 }
 
 /// The upstream's body as a stream of chunks for the client, cut off at `deadline`.
@@ -182,18 +174,5 @@ impl<B> UpstreamStream<B> {
         } else {
             Err(message.into())
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn event_boundaries() {
-        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
-        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
-        assert_eq!(last_event_end(b"data: a\n"), None);
-        assert_eq!(last_event_end(b": ping\n\ndata: x\n\n"), Some(17));
     }
 }

@@ -1,0 +1,185 @@
+//! Where SSE events end and what their `data:` is, by the rule the SDKs' decoders follow:
+//! a line ends in `\r\n`, `\n` or `\r`, and an empty line ends an event. One rule for the
+//! re-framing towards the client, the ledger's usage reading and the cache's events, so
+//! they never disagree on where an event ends (an upstream that ends lines in `\r` alone,
+//! or mixes endings, is read as the client reads it).
+//!
+//! A buffer is taken to start at the start of a line (after an event's end). A `\r` that
+//! ends a buffer is taken as a whole line end; should a `\n` follow in the next read, it
+//! reads as one more empty line there, which ends no event with any data.
+
+use std::borrow::Cow;
+
+/// Ends (exclusive) of the events in `buf`: each just past the empty line that ends it.
+pub fn event_ends(buf: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut line_start = 0;
+    let mut from = 0;
+    while let Some(at) = memchr::memchr2(b'\n', b'\r', &buf[from..]) {
+        let t = from + at;
+        let next = if buf[t] == b'\r' && buf.get(t + 1) == Some(&b'\n') {
+            t + 2
+        } else {
+            t + 1
+        };
+        if t == line_start {
+            ends.push(next);
+        }
+        line_start = next;
+        from = next;
+    }
+    ends
+}
+
+/// Whether an empty line ends just before `p` (`0 < p <= buf.len()`): the line end that
+/// stops at `p` comes right after another line end, or at the buffer's start.
+fn empty_line_ends_at(buf: &[u8], p: usize) -> bool {
+    let start = match buf[p - 1] {
+        b'\n' if p >= 2 && buf[p - 2] == b'\r' => p - 2,
+        b'\n' => p - 1,
+        // A `\r` directly followed by `\n` is the first half of one line end, not a whole one.
+        b'\r' if buf.get(p) != Some(&b'\n') => p - 1,
+        _ => return false,
+    };
+    start == 0 || matches!(buf[start - 1], b'\n' | b'\r')
+}
+
+/// The index just past the last event's end in `buf`, if any: found from the back, so a
+/// buffer of whole events (the usual read) costs a look at its last bytes.
+pub fn last_event_end(buf: &[u8]) -> Option<usize> {
+    let mut upto = buf.len();
+    while let Some(at) = memchr::memrchr2(b'\n', b'\r', &buf[..upto]) {
+        if empty_line_ends_at(buf, at + 1) {
+            return Some(at + 1);
+        }
+        upto = at;
+    }
+    None
+}
+
+/// The lines of an event, without their line ends.
+pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = event;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        match memchr::memchr2(b'\n', b'\r', rest) {
+            Some(t) => {
+                let line = &rest[..t];
+                let skip = if rest[t] == b'\r' && rest.get(t + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
+                rest = &rest[t + skip..];
+                Some(line)
+            }
+            None => {
+                let line = rest;
+                rest = &[];
+                Some(line)
+            }
+        }
+    })
+}
+
+/// An event's data: its `data:` lines (one space after the colon dropped), joined by `\n`
+/// when there are several, borrowed when there is one (the usual case). `None` without
+/// data, or for `[DONE]`.
+pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    for line in lines(event) {
+        if let Some(d) = line.strip_prefix(b"data:") {
+            let d = d.strip_prefix(b" ").unwrap_or(d);
+            data = Some(match data {
+                Some(prev) => {
+                    let mut joined = prev.into_owned();
+                    joined.push(b'\n');
+                    joined.extend_from_slice(d);
+                    Cow::Owned(joined)
+                }
+                None => Cow::Borrowed(d),
+            });
+        }
+    }
+    data.filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
+}
+
+/// Whether an event is the stream's `[DONE]`.
+pub fn is_done(event: &[u8]) -> bool {
+    lines(event).any(|l| {
+        l.strip_prefix(b"data:")
+            .is_some_and(|d| d.strip_prefix(b" ").unwrap_or(d).starts_with(b"[DONE]"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ends_by_every_line_ending() {
+        let chunk = b"data: {\"a\":1}\n\n: ping\n\ndata: [DONE]\n\n";
+        assert_eq!(event_ends(chunk), vec![15, 23, 37]);
+        assert_eq!(
+            event_ends(b"data: 1\r\n\r\ndata: 2\n\n\r\n\r\nx"),
+            vec![11, 20, 22, 24]
+        );
+        // Bare CR, and mixes: LF then CRLF, CRLF then LF, LF then CR, CR then CRLF.
+        assert_eq!(event_ends(b"data: 1\r\rdata: 2\r\r"), vec![9, 18]);
+        assert_eq!(event_ends(b"data: 1\n\r\n"), vec![10]);
+        assert_eq!(event_ends(b"data: 1\r\n\n"), vec![10]);
+        assert_eq!(event_ends(b"data: 1\n\rdata: 2\n\n"), vec![9, 18]);
+        assert_eq!(event_ends(b"data: 1\r\r\n"), vec![10]);
+        assert!(event_ends(b"data: 1\ndata: 2\n").is_empty());
+        assert!(event_ends(b"data: 1\r\ndata: 2\r\n").is_empty());
+        assert_eq!(event_ends(b"\n"), vec![1]);
+    }
+
+    #[test]
+    fn last_end_agrees_with_the_forward_scan() {
+        assert_eq!(last_event_end(b"data: a\n\ndata: b"), Some(9));
+        assert_eq!(last_event_end(b"data: a\r\n\r\n"), Some(11));
+        assert_eq!(last_event_end(b"data: a\n"), None);
+        assert_eq!(last_event_end(b"data: a\r\n"), None);
+        assert_eq!(last_event_end(b"data: a\r"), None);
+        assert_eq!(last_event_end(b": ping\n\ndata: x\n\n"), Some(17));
+        // Every buffer of these bytes up to length 7: both scans find the same last end.
+        let alphabet = [b'a', b'\n', b'\r'];
+        let mut buf = Vec::new();
+        for len in 1..=7u32 {
+            for mut n in 0..3usize.pow(len) {
+                buf.clear();
+                for _ in 0..len {
+                    buf.push(alphabet[n % 3]);
+                    n /= 3;
+                }
+                let forward = event_ends(&buf).last().copied();
+                assert_eq!(last_event_end(&buf), forward, "{buf:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn data_of_events() {
+        let split = b"event: x\r\ndata: {\"a\":\r\ndata: [2]}\r\n\r\n";
+        assert_eq!(&*event_data(split).unwrap(), b"{\"a\":\n[2]}");
+        assert_eq!(
+            &*event_data(b"data:{\"a\":\rdata:1}\r\r").unwrap(),
+            b"{\"a\":\n1}"
+        );
+        assert!(matches!(
+            event_data(b"data: {\"a\":1}\n\n"),
+            Some(Cow::Borrowed(b"{\"a\":1}"))
+        ));
+        assert!(event_data(b": ping\n\n").is_none());
+        assert!(event_data(b"data: [DONE]\r\r").is_none());
+        assert!(is_done(b"data:[DONE]\r\r"));
+        assert!(!is_done(b"data: {}\n\n"));
+        assert_eq!(
+            lines(b"a\rb\r\nc\nd").collect::<Vec<_>>(),
+            [&b"a"[..], b"b", b"c", b"d"]
+        );
+    }
+}
