@@ -90,6 +90,15 @@ impl Redis {
         }
     }
 
+    /// Freezes (`STOP`) or thaws (`CONT`) the server: a frozen Redis accepts connections
+    /// and buffers what it is sent, and runs it when thawed, as a Redis stalled by a slow
+    /// disk, a fork or an overloaded host does.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success());
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -608,6 +617,111 @@ async fn a_free_request_under_a_budget_settles() {
         spent >= ledger - 1e-12 && spent <= ledger + 3e-9 + 1e-12,
         "{spend}"
     );
+    drop(gw);
+    pg.drop_db().await;
+}
+
+/// The budget's `(spent_usd, reserved_usd)` as `/admin/spend` reads them from Redis.
+async fn budget_figures(gw: &Gateway) -> (f64, f64) {
+    let spend = gw.get_json("/admin/spend", "admin").await;
+    let b = &spend["budgets"][0];
+    (
+        b["spent_usd"].as_f64().unwrap(),
+        b["reserved_usd"].as_f64().unwrap(),
+    )
+}
+
+/// A Redis that stalls past the call timeout: the admission is refused (503), and what the
+/// stalled call takes once Redis runs it is given back; a settlement that timed out is sent
+/// again and counted once. A request that fits the budget is then admitted.
+#[tokio::test]
+async fn a_stalled_redis_leaves_no_reservation_behind_and_settles_once() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    // A worst case of ~0.6 USD (60,000 output tokens at 10 per 1M) against a 1 USD total.
+    let cfg = config(&redis, &pg.url(), ", budget: { usd: 1, period: total }", "");
+    let gw = Gateway::start(&cfg).await;
+    let big = json!({"model": "fast", "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(&gw, KEY, &big).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let (spent, reserved) = budget_figures(&gw).await;
+    assert!(
+        spent > 0.0 && spent < 0.001 && reserved == 0.0,
+        "{spent} {reserved}"
+    );
+
+    // The admission times out while Redis is frozen; Redis runs it when thawed.
+    redis.signal("-STOP");
+    let r = post(&gw, KEY, &big).await;
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "state_unavailable", "{v}");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Admitted only once nothing of the refused request is held: 0.6 + 0.6 > 1.
+        let r = post(&gw, KEY, &big).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {}\n{}",
+            r.text().await.unwrap(),
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (after_two, reserved) = budget_figures(&gw).await;
+    assert_eq!(reserved, 0.0);
+    assert!(
+        (after_two - 2.0 * spent).abs() < 1e-9,
+        "{after_two} vs 2 × {spent}"
+    );
+
+    // A settlement that times out (Redis frozen while the upstream answers) is sent again
+    // and counted once, however its first sending ends.
+    let slow = json!({"model": "slow", "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
+    let pending = post(&gw, KEY, &slow);
+    let freeze = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        redis.signal("-STOP");
+    };
+    let (r, ()) = tokio::join!(pending, freeze);
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    redis.signal("-CONT");
+    let u = &answer["usage"];
+    let cost = (u["prompt_tokens"].as_f64().unwrap() * 2.5
+        + u["completion_tokens"].as_f64().unwrap() * 10.0)
+        / 1e6;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (spent_now, reserved) = budget_figures(&gw).await;
+        if reserved == 0.0 {
+            assert!(
+                (spent_now - after_two - cost).abs() < 1e-8,
+                "{spent_now} vs {after_two} + {cost}: counted once\n{}",
+                gw.logs()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reservation still held: {reserved}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (spent_later, _) = budget_figures(&gw).await;
+    assert!(
+        (spent_later - after_two - cost).abs() < 1e-8,
+        "{spent_later}"
+    );
+    assert!(gw.logs().contains("sent again"), "{}", gw.logs());
     drop(gw);
     pg.drop_db().await;
 }

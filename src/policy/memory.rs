@@ -162,6 +162,7 @@ impl MemoryState {
             periods,
             headers,
             counted: true,
+            ticket: None,
         })
     }
 

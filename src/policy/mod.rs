@@ -96,6 +96,8 @@ pub struct Admitted {
     /// Whether anything was counted (false when Redis was down and the policy is `open`):
     /// only what was counted is settled.
     pub counted: bool,
+    /// Redis only: the admission's ticket, with which it is settled once.
+    pub ticket: Option<Arc<str>>,
 }
 
 /// The OpenAI rate-limit headers of the tightest limit (remaining counts after this request).

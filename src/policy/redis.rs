@@ -3,6 +3,12 @@
 //! round trip each. Keys expire with their minute or period, so nothing leaks. All keys
 //! share one hash tag, so a script's keys live in one slot of a Redis Cluster.
 //!
+//! Each admission has a ticket (a key of its own, while its request runs), so that a call
+//! whose answer never came (a timeout: Redis may still run it) is put right in the
+//! background, whichever order the calls reach Redis in: an admission the gateway gave up
+//! on is cancelled (what it took is given back, or, not run yet, it will take nothing), and
+//! a settlement that timed out is sent again (it applies once: the ticket goes with it).
+//!
 //! When Redis cannot be reached, `on_redis_error` decides: `open` admits without counting,
 //! `closed` refuses (503); by default budgets fail closed and rate limits open.
 
@@ -25,10 +31,17 @@ use crate::config::FailMode;
 const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 const PREFIX: &str = "{switchyard}";
 
+/// How long an admission's ticket lives: longer than any request (it is deleted when the
+/// request is settled); a cancelled one, longer than a late call could take to arrive.
+const TICKET_TTL_S: i64 = 7 * 86_400;
+const CANCELLED_TTL_S: i64 = 3_600;
+
 const ADMIT: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local wttl = tonumber(ARGV[5])
-local a = 6
+local ticket = KEYS[2*n+m+1]
+if redis.call('EXISTS', ticket) == 1 then return {-3} end
+local a = 7
 for i = 1, n do
   local w = KEYS[2*i-1]; local p = KEYS[2*i]
   local rpm = tonumber(ARGV[a]); local tpm = tonumber(ARGV[a+1]); local mp = tonumber(ARGV[a+2]); a = a + 3
@@ -56,18 +69,48 @@ for i = 1, n do
   redis.call('EXPIRE', w, wttl)
   redis.call('INCR', p); redis.call('EXPIRE', p, 3600)
 end
-a = 6 + 3*n
+a = 7 + 3*n
 for j = 1, m do
   local b = KEYS[2*n+j]; local bttl = tonumber(ARGV[a+1]); a = a + 2
   redis.call('HINCRBY', b, 'r', worst)
   if bttl > 0 then redis.call('EXPIRE', b, bttl) end
 end
+redis.call('SET', ticket, 'a', 'EX', tonumber(ARGV[6]))
 return out
 "#;
 
+/// Gives back what an admission took, once: its ticket says whether it ran (`a`). Not run
+/// yet, the ticket is marked cancelled, and the admission, should it arrive, takes nothing.
+const CANCEL: &str = r#"
+local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
+local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local cttl = tonumber(ARGV[5])
+local ticket = KEYS[2*n+m+1]
+local v = redis.call('GET', ticket)
+redis.call('SET', ticket, 'c', 'EX', cttl)
+if v ~= 'a' then return 0 end
+for i = 1, n do
+  local w = KEYS[2*i-1]; local p = KEYS[2*i]
+  if redis.call('EXISTS', w) == 1 then
+    if redis.call('HINCRBY', w, 'r', -1) < 0 then redis.call('HSET', w, 'r', 0) end
+    if tokens > 0 and redis.call('HINCRBY', w, 't', -tokens) < 0 then redis.call('HSET', w, 't', 0) end
+  end
+  if redis.call('DECR', p) < 0 then redis.call('SET', p, 0) end
+end
+for j = 1, m do
+  local b = KEYS[2*n+j]
+  if worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
+end
+return 1
+"#;
+
+/// Settles an admission once: only while its ticket says it was admitted (`a`), and the
+/// ticket goes (a settlement sent again after a timeout finds it gone and does nothing).
 const SETTLE: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local est = tonumber(ARGV[3]); local act = tonumber(ARGV[4]); local worst = tonumber(ARGV[5]); local cost = tonumber(ARGV[6])
+local ticket = KEYS[2*n+m+1]
+if redis.call('GET', ticket) ~= 'a' then return {} end
+redis.call('DEL', ticket)
 for i = 1, n do
   local w = KEYS[2*i-1]; local p = KEYS[2*i]
   if redis.call('EXISTS', w) == 1 then
@@ -131,6 +174,7 @@ pub struct RedisState {
     connecting: Arc<AtomicBool>,
     admit: Script,
     settle: Script,
+    cancel: Script,
     seed: Script,
     budgets_fail: FailMode,
     limits_fail: FailMode,
@@ -158,6 +202,41 @@ fn budget_ttl(b: &BudgetRef, now_ms: i64) -> i64 {
         None => 0,
     }
 }
+
+/// The keys of an admission's scripts: each limit's minute window and in-flight count, each
+/// budget's period, the ticket last.
+fn script_keys(plan: &Plan, minute: u64, periods: &[(Arc<str>, i64)], ticket: &str) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2 * plan.limits.len() + periods.len() + 1);
+    for l in plan.limits.iter() {
+        keys.push(window_key(&l.id, minute));
+        keys.push(parallel_key(&l.id));
+    }
+    for (id, start) in periods {
+        keys.push(budget_key(id, *start));
+    }
+    keys.push(format!("{PREFIX}:t:{ticket}"));
+    keys
+}
+
+fn invocation<'a>(
+    script: &'a Script,
+    keys: &[String],
+    args: &[i64],
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = script.prepare_invoke();
+    for k in keys {
+        inv.key(k);
+    }
+    for a in args {
+        inv.arg(*a);
+    }
+    inv
+}
+
+/// When a call that did not answer is sent again: over about four minutes, then given up.
+const RETRY_DELAYS_MS: [u64; 10] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000,
+];
 
 /// Connects (again) in the background, with backoff, until Redis answers.
 fn spawn_connect(
@@ -208,6 +287,7 @@ impl RedisState {
             connecting: Arc::new(AtomicBool::new(false)),
             admit: Script::new(ADMIT),
             settle: Script::new(SETTLE),
+            cancel: Script::new(CANCEL),
             seed: Script::new(SEED),
             budgets_fail,
             limits_fail,
@@ -230,6 +310,58 @@ impl RedisState {
 
     fn conn(&self) -> Option<ConnectionManager> {
         self.conn.load_full().map(|c| (*c).clone())
+    }
+
+    /// Cancels, in the background, an admission whose answer never came (`CANCEL`).
+    fn cancel_later(&self, plan: &Plan, keys: Vec<String>, worst: i64) {
+        let args = vec![
+            plan.limits.len() as i64,
+            plan.budgets.len() as i64,
+            plan.tokens as i64,
+            worst,
+            CANCELLED_TTL_S,
+        ];
+        self.retry_later("cancel", self.cancel.clone(), keys, args);
+    }
+
+    /// Sends a script (one that applies at most once) until Redis answers it, in the
+    /// background, on the connection made anew.
+    fn retry_later(&self, what: &'static str, script: Script, keys: Vec<String>, args: Vec<i64>) {
+        let (client, slot, connecting) = (
+            self.client.clone(),
+            self.conn.clone(),
+            self.connecting.clone(),
+        );
+        tokio::spawn(async move {
+            for delay in RETRY_DELAYS_MS {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                let Some(mut conn) = slot.load_full().map(|c| (*c).clone()) else {
+                    continue;
+                };
+                let inv = invocation(&script, &keys, &args);
+                match tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    inv.invoke_async::<redis::Value>(&mut conn),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {
+                        tracing::info!(what, "Redis call sent again after it failed: done");
+                        return;
+                    }
+                    Ok(Err(e)) if !(e.is_io_error() || e.is_connection_dropped()) => {
+                        tracing::error!(what, error = %e, "Redis refused a call sent again");
+                        return;
+                    }
+                    _ => {
+                        slot.store(None);
+                        spawn_connect(client.clone(), slot.clone(), connecting.clone());
+                    }
+                }
+            }
+            crate::telemetry::metrics::state_error(what);
+            tracing::error!(what, "Redis did not answer a call sent again for minutes; the reservation stays until its period ends");
+        });
     }
 
     /// What to do when Redis is down for this plan.
@@ -323,28 +455,29 @@ impl RedisState {
         };
         let minute = (now_ms.max(0) as u64) / 60_000;
         let worst = nanos_up(plan.worst_usd);
-        let mut inv = self.admit.prepare_invoke();
-        for l in plan.limits.iter() {
-            inv.key(window_key(&l.id, minute)).key(parallel_key(&l.id));
-        }
         let mut periods = Vec::with_capacity(plan.budgets.len());
         for b in plan.budgets.iter() {
             let (start, _) = period_bounds(b.period, now_ms);
-            inv.key(budget_key(&b.id, start));
             periods.push((b.id.clone(), start));
         }
-        inv.arg(plan.limits.len())
-            .arg(plan.budgets.len())
-            .arg(plan.tokens)
-            .arg(worst)
-            .arg(120);
+        let ticket: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
+        let keys = script_keys(plan, minute, &periods, &ticket);
+        let mut args = vec![
+            plan.limits.len() as i64,
+            plan.budgets.len() as i64,
+            plan.tokens as i64,
+            worst,
+            120,
+            TICKET_TTL_S,
+        ];
         let opt = |v: Option<u64>| v.map_or(-1, |x| x as i64);
         for l in plan.limits.iter() {
-            inv.arg(opt(l.rpm)).arg(opt(l.tpm)).arg(opt(l.max_parallel));
+            args.extend([opt(l.rpm), opt(l.tpm), opt(l.max_parallel)]);
         }
         for b in plan.budgets.iter() {
-            inv.arg(nanos(b.usd)).arg(budget_ttl(b, now_ms));
+            args.extend([nanos(b.usd), budget_ttl(b, now_ms)]);
         }
+        let inv = invocation(&self.admit, &keys, &args);
         let reply: Vec<i64> =
             match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await {
                 Ok(Ok(r)) => r,
@@ -352,16 +485,23 @@ impl RedisState {
                     tracing::warn!(error = %e, "Redis admission failed");
                     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
                         self.reconnect();
+                        // Sent, perhaps, and run: what it may have taken is given back.
+                        self.cancel_later(plan, keys, worst);
                     }
                     return Once::Decided(self.on_error(plan, "admit"));
                 }
                 Err(_) => {
                     tracing::warn!("Redis admission timed out");
                     self.reconnect();
+                    self.cancel_later(plan, keys, worst);
                     return Once::Decided(self.on_error(plan, "admit"));
                 }
             };
         let to_next_minute = Duration::from_millis(60_000 - (now_ms.max(0) as u64 % 60_000));
+        if reply.first() == Some(&-3) {
+            // This ticket was cancelled: only after a call with it timed out, so not here.
+            return Once::Decided(self.on_error(plan, "admit"));
+        }
         if reply.first() == Some(&-2) {
             let j = reply.get(1).copied().unwrap_or(1).max(1) as usize - 1;
             return Once::Unseeded(j.min(plan.budgets.len().saturating_sub(1)));
@@ -390,6 +530,7 @@ impl RedisState {
                     periods,
                     headers,
                     counted: true,
+                    ticket: Some(ticket),
                 })
             }
             Some(0) => {
@@ -439,43 +580,40 @@ impl RedisState {
             tracing::error!("Redis is not connected: a reservation could not be settled (it expires with its period)");
             return Vec::new();
         };
-        let mut inv = self.settle.prepare_invoke();
-        for l in plan.limits.iter() {
-            inv.key(window_key(&l.id, admitted.minute))
-                .key(parallel_key(&l.id));
-        }
-        for (id, start) in &admitted.periods {
-            inv.key(budget_key(id, *start));
-        }
-        inv.arg(plan.limits.len())
-            .arg(admitted.periods.len())
-            .arg(plan.tokens)
-            .arg(actual.tokens)
-            .arg(nanos_up(plan.worst_usd))
-            .arg(nanos_up(actual.cost_usd));
-        for b in plan.budgets.iter() {
-            inv.arg(b.soft_usd.map_or(-1, nanos));
-        }
+        let ticket = admitted.ticket.as_deref().unwrap_or("");
+        let keys = script_keys(plan, admitted.minute, &admitted.periods, ticket);
+        let mut args = vec![
+            plan.limits.len() as i64,
+            admitted.periods.len() as i64,
+            plan.tokens as i64,
+            actual.tokens as i64,
+            nanos_up(plan.worst_usd),
+            nanos_up(actual.cost_usd),
+        ];
+        args.extend(plan.budgets.iter().map(|b| b.soft_usd.map_or(-1, nanos)));
+        let inv = invocation(&self.settle, &keys, &args);
         let reply: Vec<i64> = match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn))
             .await
         {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 crate::telemetry::metrics::state_error("settle");
-                tracing::error!(error = %e, "Redis settlement failed; the reservation expires with its period");
                 // An answer of Redis's own (a script's error) is no reason to drop the
                 // connection, and refuse admissions while it is made again.
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    tracing::warn!(error = %e, "Redis settlement failed; it is sent again in the background");
                     self.reconnect();
+                    self.retry_later("settle", self.settle.clone(), keys, args);
+                } else {
+                    tracing::error!(error = %e, "Redis settlement failed; the reservation stays until its period ends");
                 }
                 return Vec::new();
             }
             Err(_) => {
                 crate::telemetry::metrics::state_error("settle");
-                tracing::error!(
-                    "Redis settlement timed out; the reservation expires with its period"
-                );
+                tracing::warn!("Redis settlement timed out; it is sent again in the background");
                 self.reconnect();
+                self.retry_later("settle", self.settle.clone(), keys, args);
                 return Vec::new();
             }
         };
