@@ -301,6 +301,36 @@ models:
     }
 }
 
+/// Azure's 429 (`code: "429"`, no `type`) reaches the client as Azure wrote it, in the
+/// OpenAI shape: its code kept, the type OpenAI gives a rate limit, its `retry-after`.
+#[tokio::test]
+async fn an_azure_429_keeps_its_code_and_retry_after() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        r#"
+models:
+  solo: { deployments: [ { provider: a, deployment: solo } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::azure_rate_limited(6));
+    let r = chat(&gw, "solo").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.header("retry-after"), Some("6"));
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "429", "{e}");
+    assert_eq!(e["error"]["type"], "requests", "{e}");
+    assert!(e["error"]["param"].is_null(), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("retry after 6 seconds"),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn a_429_with_retry_after_ms_cools_the_deployment_down_for_that_long_then_it_is_back() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);

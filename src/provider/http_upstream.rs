@@ -430,8 +430,11 @@ pub fn normalize_error(
     body: &[u8],
     secret: Option<&str>,
 ) -> GatewayError {
+    // OpenAI's own types: `requests` for a rate limit (as the gateway's own 429s say).
     let default_type = if status.is_server_error() {
         "api_error"
+    } else if status == StatusCode::TOO_MANY_REQUESTS {
+        "requests"
     } else {
         "invalid_request_error"
     };
@@ -488,10 +491,11 @@ pub fn normalize_error(
         Some(Value::String(s)) if !s.is_empty() => s,
         _ => default_type.to_string(),
     };
-    // OpenAI's code is a string; vLLM and llama.cpp send the status as an integer and Azure
-    // sometimes "429": those say nothing the status does not, so they become `upstream_error`.
+    // OpenAI's code is a string, kept as the upstream wrote it (Azure's `"429"` too: a
+    // client may test for it); vLLM and llama.cpp send the status as an integer, which is
+    // no code of OpenAI's shape: `upstream_error`.
     let code = match obj.remove("code") {
-        Some(Value::String(s)) if !s.is_empty() && s.parse::<u16>().is_err() => s,
+        Some(Value::String(s)) if !s.is_empty() => s,
         _ => "upstream_error".to_string(),
     };
     let param = match obj.remove("param") {
@@ -592,6 +596,15 @@ mod tests {
             r#"{"error":{"message":"key sekrit-key is wrong"}}"#,
         );
         assert_eq!(v["error"]["message"], "key *** is wrong");
+        // Azure's 429: its code kept as written, the type OpenAI's for a rate limit.
+        let v = norm(
+            429,
+            "application/json",
+            r#"{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation have exceeded token rate limit. Please retry after 6 seconds."}}"#,
+        );
+        assert_eq!(v["error"]["code"], "429");
+        assert_eq!(v["error"]["type"], "requests");
+        assert!(v["error"]["param"].is_null());
     }
 
     #[test]

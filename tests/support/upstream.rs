@@ -163,7 +163,6 @@ impl Scripted {
         }
     }
 
-    /// Azure's 429: a string `code`, no `type`/`param`, the wait only in the message and headers.
     /// OpenAI's 429 of an account out of credit: `insufficient_quota`, `x-should-retry: false`.
     pub fn insufficient_quota() -> Scripted {
         Scripted::Respond {
@@ -179,6 +178,7 @@ impl Scripted {
         }
     }
 
+    /// Azure's 429: a string `code`, no `type`/`param`, the wait only in the message and headers.
     pub fn azure_rate_limited(retry_after_secs: u64) -> Scripted {
         Scripted::Respond {
             status: 429,
