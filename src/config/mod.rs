@@ -72,6 +72,11 @@ impl Loaded {
 
 /// Reads a config file, taking `${VAR}` from the process environment.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
+    load_file_and_text(path).map(|(loaded, _)| loaded)
+}
+
+/// `load_file`, and the text it loaded (what a change of the file is compared with).
+pub fn load_file_and_text(path: &Path) -> Result<(Loaded, String), ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         file: path.display().to_string(),
         errors: vec![Diagnostic {
@@ -79,7 +84,8 @@ pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
             message: format!("cannot read the config file: {e}"),
         }],
     })?;
-    load_text(path, &text)
+    let loaded = load_text(path, &text)?;
+    Ok((loaded, text))
 }
 
 /// The config file at `path` as `text` already read from it.

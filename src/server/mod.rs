@@ -606,7 +606,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     // then, it reloads once the gateway is up.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     raise_open_files_limit();
-    let loaded = config::load_file(&opts.config_path).map_err(|e| e.to_string())?;
+    let (loaded, loaded_text) =
+        config::load_file_and_text(&opts.config_path).map_err(|e| e.to_string())?;
     for w in loaded.warning_lines() {
         tracing::warn!("{w}");
     }
@@ -713,13 +714,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         workers = runtime.metrics().num_workers(),
         "switchyard listening"
     );
-    if let Some(path) = &opts.ready_file {
-        write_ready_file(path, bound).map_err(|e| format!("cannot write the ready file: {e}"))?;
-    }
-
+    // Watched before the gateway says it is ready: a change made as soon as it is (a
+    // deploy's next step, a test) is seen.
     spawn_reload_on_sighup(gateway.clone(), hup);
     if watch {
-        spawn_reload_on_change(gateway.clone());
+        spawn_reload_on_change(gateway.clone(), loaded_text);
+    }
+    if let Some(path) = &opts.ready_file {
+        write_ready_file(path, bound).map_err(|e| format!("cannot write the ready file: {e}"))?;
     }
 
     let handler = handler::GatewayService::new(gateway.clone());
@@ -853,8 +855,9 @@ fn spawn_reload_on_sighup(
 }
 
 /// Watches the config file's folder (editors and Kubernetes ConfigMaps replace the file
-/// rather than write into it) and reloads shortly after the file changes.
-fn spawn_reload_on_change(gateway: Arc<Gateway>) {
+/// rather than write into it) and reloads shortly after the file changes from `loaded`, the
+/// text the gateway started with (changed before the watch began, it is reloaded at once).
+fn spawn_reload_on_change(gateway: Arc<Gateway>, loaded: String) {
     use notify::{RecursiveMode, Watcher};
     let path = gateway.config_path.clone();
     let dir = match path.parent() {
@@ -887,6 +890,7 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
     // true: the file is whole (closed after writing, renamed or linked into place); false:
     // it was written to, and may be whole once the writes stop.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let changed_before = tx.clone();
     let watcher = notify::recommended_watcher({
         let target_name = target_name.clone();
         move |ev: notify::Result<notify::Event>| {
@@ -960,7 +964,11 @@ fn spawn_reload_on_change(gateway: Arc<Gateway>) {
         let path = path.clone();
         move || std::fs::read_to_string(&path)
     };
-    let mut last = read().ok();
+    let mut last = Some(loaded);
+    if read().ok() != last {
+        let _ = changed_before.send(true);
+    }
+    drop(changed_before);
     tokio::spawn(async move {
         while let Some(whole) = rx.recv().await {
             if !whole {
