@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::api::Operation;
 use crate::policy::{send_alerts, Actual, Admitted, Plan, PolicyState};
 use crate::server::body::{BoxError, ResponseBody};
-use crate::stream::sse::{event_data, event_ends};
+use crate::stream::sse::{ends_with_done, event_data, event_ends};
 use crate::Name;
 use cost::{count_tokens, Price, Usage};
 pub use store::{LedgerRow, LedgerWriter};
@@ -268,6 +268,9 @@ pub struct Tap {
     first_byte: Option<Instant>,
     /// The body reached its end (not cut by an error or a client going away).
     complete: bool,
+    /// A stream's `[DONE]` went to the client: complete for it, if it leaves before the
+    /// upstream's body ends (the OpenAI SDKs close the response at `[DONE]`).
+    done: bool,
     /// Store the answer in the cache once complete.
     cache: Option<(crate::cache::Leader, std::time::Duration)>,
 }
@@ -305,6 +308,7 @@ impl Tap {
             text: String::new(),
             first_byte: None,
             complete: false,
+            done: false,
             cache: None,
         }
     }
@@ -426,7 +430,8 @@ impl Tap {
             stream_text(&self.kept, &mut text);
             usage = Some(record.estimate(&text));
         }
-        if let (Some((leader, ttl)), true, true) = (self.cache.take(), self.complete, success) {
+        let complete = self.complete || self.done;
+        if let (Some((leader, ttl)), true, true) = (self.cache.take(), complete, success) {
             // Estimated usage is not the upstream's: such answers are not worth keeping.
             let upstream_usage = usage.filter(|u| !u.estimated);
             // Full, and the key new: no entry to make (for a stream, to assemble).
@@ -529,7 +534,11 @@ impl Body for Tap {
                                 this.first_byte = Some(Instant::now());
                             }
                             let data = match this.mode {
-                                Mode::Sse => this.sse_chunk(data),
+                                Mode::Sse => {
+                                    let data = this.sse_chunk(data);
+                                    this.done |= ends_with_done(&data);
+                                    data
+                                }
                                 Mode::Json => {
                                     if this.json.is_empty() {
                                         // Sized once from the upstream's Content-Length

@@ -106,6 +106,12 @@ pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     data.filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
 }
 
+/// Whether a chunk of whole events ends with the stream's `[DONE]`: the stream is complete
+/// for its client (the SDKs stop reading there), whenever the upstream's body ends.
+pub fn ends_with_done(chunk: &[u8]) -> bool {
+    chunk.trim_ascii_end().ends_with(b"[DONE]")
+}
+
 /// Whether an event is the stream's `[DONE]`.
 pub fn is_done(event: &[u8]) -> bool {
     lines(event).any(|l| {
@@ -176,6 +182,9 @@ mod tests {
         assert!(event_data(b": ping\n\n").is_none());
         assert!(event_data(b"data: [DONE]\r\r").is_none());
         assert!(is_done(b"data:[DONE]\r\r"));
+        assert!(ends_with_done(b"data: {}\n\ndata: [DONE]\n\n"));
+        assert!(ends_with_done(b"data:[DONE]\r\r"));
+        assert!(!ends_with_done(b"data: {\"a\":\"[DONE]\"}\n\n"));
         assert!(!is_done(b"data: {}\n\n"));
         assert_eq!(
             lines(b"a\rb\r\nc\nd").collect::<Vec<_>>(),

@@ -467,6 +467,7 @@ where
                 line,
                 cut: None,
                 ended: false,
+                done: false,
             }
             .boxed_unsync();
             Ok(Response::from_parts(parts, body))
@@ -599,6 +600,8 @@ struct LoggedBody {
     cut: Option<Pin<Box<tokio::sync::futures::Notified<'static>>>>,
     /// Ended by the gateway (the shutdown's error event sent): nothing more.
     ended: bool,
+    /// A stream's last chunk sent ended with its `[DONE]`.
+    done: bool,
 }
 
 impl Body for LoggedBody {
@@ -623,6 +626,9 @@ impl Body for LoggedBody {
                         this.line.first_byte = Some(Instant::now());
                     }
                     this.line.bytes += data.len() as u64;
+                    if this.line.facts.stream {
+                        this.done |= crate::stream::sse::ends_with_done(data);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -739,7 +745,9 @@ impl Drop for LoggedBody {
     fn drop(&mut self) {
         // hyper may drop a body whose end it already knows without polling it to `None`;
         // any other body dropped early means the client went away (or the server shut down).
-        let outcome = if self.inner.is_end_stream() {
+        // A stream whose `[DONE]` was the last it sent is complete for its client (the SDKs
+        // close the response there, before the upstream's body may have ended).
+        let outcome = if self.inner.is_end_stream() || self.done {
             "complete"
         } else {
             cut_short()
