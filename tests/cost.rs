@@ -1378,6 +1378,36 @@ async fn streams_with_any_line_endings_are_read_for_usage_and_lose_the_extra_chu
     );
 }
 
+/// `"stream_options": null` (some clients send every option, unset ones as null) is a
+/// stream that did not ask for usage: the upstream is asked, the client does not get it.
+#[tokio::test]
+async fn stream_options_null_is_asked_for_usage_like_none() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    up.script(long_stream(3, true, 0));
+    let body = json!({"model": "gpt-4o", "stream": true, "stream_options": null,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let r = post(&gw, "/v1/chat/completions", body).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    assert!(!text.contains("\"usage\":{"), "{text}");
+    let sent = up.requests().last().unwrap().json();
+    assert_eq!(
+        sent["stream_options"],
+        json!({"include_usage": true}),
+        "{sent}"
+    );
+    let rows = {
+        let url = sqlite_url(&gw);
+        rows_after_shutdown(&mut gw, &url).await
+    };
+    let row = rows.last().unwrap();
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens, row.estimated),
+        (3, 3, false)
+    );
+}
+
 /// A stream past what is kept whole (~380 KB of events) from an upstream that sends no
 /// usage: its text, read in parts as it went, is counted whole.
 #[tokio::test]

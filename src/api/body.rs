@@ -162,10 +162,16 @@ impl<'a> JsonHead<'a> {
     /// Whether the client asked for the usage chunk of a stream, and how to ask for it when
     /// it did not (the ledger needs usage; the chunk is dropped again on the way back).
     pub fn usage_ask(&self) -> Result<(bool, UsageAsk), GatewayError> {
-        let Some(raw) = self.field("stream_options").filter(|r| r.get() != "null") else {
+        let Some(raw) = self.field("stream_options") else {
             let at = self.body.iter().position(|b| *b == b'{').unwrap_or(0) + 1;
             return Ok((false, UsageAsk::AddField { at }));
         };
+        // `null` is replaced, not joined by a second `stream_options` (a parser takes the
+        // last of two: the null).
+        if raw.get() == "null" {
+            let span = self.span(raw);
+            return Ok((false, UsageAsk::ReplaceNull { span }));
+        }
         let inner = JsonHead::parse(raw.get().as_bytes()).map_err(|_| {
             GatewayError::invalid_request("`stream_options` must be an object")
                 .with_param("stream_options")
@@ -267,6 +273,8 @@ pub enum UsageAsk {
     AddToObject { at: usize, has_fields: bool },
     /// `include_usage` set to something other than `true`.
     Replace { span: Range<usize> },
+    /// `stream_options: null`: the object in its place.
+    ReplaceNull { span: Range<usize> },
 }
 
 impl UsageAsk {
@@ -285,6 +293,9 @@ impl UsageAsk {
                 Some((*at..*at, with))
             }
             UsageAsk::Replace { span } => Some((span.clone(), b"true".to_vec())),
+            UsageAsk::ReplaceNull { span } => {
+                Some((span.clone(), b"{\"include_usage\":true}".to_vec()))
+            }
         }
     }
 }
@@ -324,7 +335,9 @@ mod tests {
 
     #[test]
     fn asks_for_stream_usage_in_every_shape() {
-        let cases: [(&[u8], bool, &[u8]); 4] = [
+        let cases: [(&[u8], bool, &[u8]); 5] = [
+            (br#"{"model":"m","stream":true,"stream_options":null}"#, false,
+             br#"{"model":"x","stream":true,"stream_options":{"include_usage":true}}"#),
             (br#"{"model":"m","stream":true}"#, false,
              br#"{"stream_options":{"include_usage":true},"model":"x","stream":true}"#),
             (br#"{"model":"m","stream":true,"stream_options":{"include_obfuscation":false}}"#, false,
