@@ -1048,16 +1048,28 @@ async fn a_stored_stream_is_assembled_only_for_a_plain_request() {
     assert_eq!(stream_text(&second.body), upstream::MOCK_TEXT);
 }
 
-/// A stream framed with `\r\n` (as Python servers send it) or with `\r` alone, several
-/// events to a write, is stored and replayed event by event: a plain hit gets its whole text
-/// and usage, a streamed hit without `include_usage` no usage chunk.
+/// A stream framed with `\r\n` (as Python servers send it), with `\r` alone, or with each
+/// JSON over several `data:` lines, several events to a write, is stored and replayed event
+/// by event: a plain hit gets its whole text and usage, a streamed hit without
+/// `include_usage` no usage chunk.
 #[tokio::test]
 async fn a_crlf_or_cr_stream_packed_in_few_writes_is_stored_event_by_event() {
     let up = MockUpstream::start().await;
     let gw = Gateway::start(&config(&up, "{}")).await;
-    for (n, end) in ["\r\n\r\n", "\r\r"].into_iter().enumerate() {
-        let prompt = format!("framed {end:?}");
-        let frame = |e: String| e.replace("\n\n", end);
+    // The third: each JSON over two `data:` lines (joined by a newline, it is the same).
+    for (n, (end, split)) in [("\r\n\r\n", false), ("\r\r", false), ("\n\n", true)]
+        .into_iter()
+        .enumerate()
+    {
+        let prompt = format!("framed {end:?} {split}");
+        let frame = |e: String| {
+            let e = if split {
+                e.replace("data: {", "data: {\ndata: ")
+            } else {
+                e
+            };
+            e.replace("\n\n", end)
+        };
         let packed = [
             frame(upstream::chat_chunk(Some("assistant"), Some(""), None))
                 + &frame(upstream::chat_chunk(None, Some("Hello"), None))
@@ -1084,7 +1096,7 @@ async fn a_crlf_or_cr_stream_packed_in_few_writes_is_stored_event_by_event() {
         let replay = chat(&gw, "red1", &quiet).await;
         assert_eq!(replay.cache(), "hit");
         assert_eq!(
-            stream_text(&replay.body.replace(end, "\n\n")),
+            stream_text(&replay.body.replace(end, "\n\n").replace("{\ndata: ", "{")),
             "Hello world"
         );
         assert!(!replay.body.contains("\"usage\":{"), "{}", replay.body);
