@@ -16,7 +16,6 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -845,25 +844,6 @@ pub fn split_events(chunks: &[Bytes]) -> Vec<Bytes> {
     out
 }
 
-/// One stream event, read in one pass: its members left as raw JSON text, its choices and
-/// their deltas as far as they are merged (`null` reads as absent). An event that does not
-/// read this way (a choice that is not an object, a member twice) is not cached.
-#[derive(serde::Deserialize)]
-struct StreamEvent<'a> {
-    #[serde(borrow)]
-    error: Option<&'a RawValue>,
-    #[serde(rename = "type", borrow)]
-    kind: Option<&'a RawValue>,
-    #[serde(borrow)]
-    response: Option<&'a RawValue>,
-    #[serde(borrow)]
-    usage: Option<&'a RawValue>,
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow)]
-    choices: Option<Vec<StreamChoice<'a>>>,
-}
-
 /// Whether a stream's events may be stored: they end properly (`[DONE]`) and no event
 /// names an `error` (an error event; any `"error":` member, however nested, counts, so a
 /// stream is rather not stored than stored wrong). Read without parsing a single event:
@@ -896,10 +876,15 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
 }
 
 /// The one JSON answer a complete stream adds up to; `None` when the stream did not end
-/// properly (no `[DONE]` / `response.completed`, or an error event).
+/// properly (no `[DONE]` / `response.completed`, or an error event). Every member is kept
+/// as the upstream's own plain answer would have it: the first event's (or a later one's,
+/// for what the first lacks: Azure's `prompt_filter_results`, llama.cpp's `timings`); each
+/// choice's deltas merged into its `message` (strings joined: `content`, `refusal`,
+/// `reasoning_content`; arrays joined: `annotations`; tool calls by their index), its
+/// `logprobs` joined, its last `finish_reason` and other members; the usage chunk's usage.
 pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     let mut done = false;
-    let mut base: Option<Value> = None;
+    let mut top: Map<String, Value> = Map::new();
     let mut choices: Vec<Map<String, Value>> = Vec::new();
     let mut usage = Value::Null;
     for e in events {
@@ -910,159 +895,168 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
         let Some(data) = sse::event_data(e) else {
             continue;
         };
-        let data = std::str::from_utf8(&data).ok()?;
-        // Each event's members as raw text: only what is merged becomes a JSON tree (a
-        // choice, the usage, the first event as the answer's base), not every chunk.
-        let v: StreamEvent<'_> = serde_json::from_str(data).ok()?;
-        if v.error.is_some() {
+        let Value::Object(mut v) = serde_json::from_slice::<Value>(&data).ok()? else {
+            return None;
+        };
+        if v.get("error").is_some_and(|e| !e.is_null()) {
             return None;
         }
         if op == Operation::Responses {
-            if v.kind.map(RawValue::get) == Some("\"response.completed\"") {
-                let response: Value = serde_json::from_str(v.response?.get()).ok()?;
+            if v.get("type").and_then(Value::as_str) == Some("response.completed") {
+                let response = v.remove("response")?;
                 return Some(Bytes::from(response.to_string()));
             }
             continue;
         }
-        if let Some(u) = v.usage.filter(|u| u.get().starts_with('{')) {
-            usage = serde_json::from_str(u.get()).ok()?;
+        if let Some(u) = v.remove("usage").filter(Value::is_object) {
+            usage = u;
         }
-        // A non-empty string (`""` is two bytes).
-        let has_id =
-            v.id.is_some_and(|id| id.get().starts_with('"') && id.get().len() > 2);
-        if base.is_none() && has_id {
-            base = Some(serde_json::from_str(data).ok()?);
-        }
-        for c in v.choices.unwrap_or_default() {
-            let idx = c
-                .index
-                .and_then(|i| i.get().parse::<u64>().ok())
-                .unwrap_or(0) as usize;
-            while choices.len() <= idx {
-                choices.push(Map::new());
+        if let Some(cs) = v.remove("choices") {
+            let Value::Array(cs) = cs else { return None };
+            for c in cs {
+                let Value::Object(c) = c else { return None };
+                let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+                while choices.len() <= idx {
+                    choices.push(Map::new());
+                }
+                merge_choice(&mut choices[idx], c, op)?;
             }
-            merge_choice(&mut choices[idx], &c, op)?;
+        }
+        for (k, val) in v {
+            if matches!(k.as_str(), "object" | "obfuscation") {
+                continue;
+            }
+            // The first value that says something: Azure's first event has an empty `id`
+            // and `model` and a `created` of 0, the next ones the real ones.
+            let says_nothing =
+                |x: &Value| x.is_null() || x.as_str() == Some("") || x.as_u64() == Some(0);
+            match top.get(&k) {
+                Some(old) if !says_nothing(old) => {}
+                Some(_) if says_nothing(&val) => {}
+                _ => {
+                    top.insert(k, val);
+                }
+            }
         }
     }
     if !done {
         return None;
     }
-    let mut out = base.unwrap_or_else(|| json!({}));
     let object = if op == Operation::ChatCompletions {
         "chat.completion"
     } else {
         "text_completion"
     };
-    out["object"] = json!(object);
-    out["choices"] = Value::Array(
-        choices
-            .into_iter()
-            .enumerate()
-            .map(|(i, mut c)| {
-                c.insert("index".into(), json!(i));
-                c.entry("finish_reason").or_insert(Value::Null);
-                c.entry("logprobs").or_insert(Value::Null);
-                Value::Object(c)
-            })
-            .collect(),
+    let mut out = Map::new();
+    for k in ["id", "object", "created", "model"] {
+        match k {
+            "object" => {
+                out.insert(k.into(), json!(object));
+            }
+            _ => {
+                if let Some(v) = top.remove(k) {
+                    out.insert(k.into(), v);
+                }
+            }
+        }
+    }
+    out.insert(
+        "choices".into(),
+        Value::Array(
+            choices
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let mut o = Map::new();
+                    o.insert("index".into(), json!(i));
+                    if op == Operation::ChatCompletions {
+                        let message = c.get("message").cloned();
+                        o.insert(
+                            "message".into(),
+                            message
+                                .unwrap_or_else(|| json!({"role": "assistant", "content": null})),
+                        );
+                    }
+                    for (k, v) in c {
+                        if k != "message" && k != "index" {
+                            o.insert(k, v);
+                        }
+                    }
+                    o.entry("logprobs").or_insert(Value::Null);
+                    o.entry("finish_reason").or_insert(Value::Null);
+                    Value::Object(o)
+                })
+                .collect(),
+        ),
     );
-    if let Value::Object(o) = &mut out {
-        o.remove("obfuscation");
-    }
-    out["usage"] = usage;
-    Some(Bytes::from(out.to_string()))
+    out.extend(top);
+    out.insert("usage".into(), usage);
+    Some(Bytes::from(Value::Object(out).to_string()))
 }
 
-/// One choice of a stream event (`null` reads as absent, except for `delta`, whose presence
-/// alone opens the message).
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct StreamChoice<'a> {
-    #[serde(borrow)]
-    index: Option<&'a RawValue>,
-    #[serde(borrow)]
-    finish_reason: Option<&'a RawValue>,
-    #[serde(borrow)]
-    text: Option<&'a RawValue>,
-    #[serde(borrow, deserialize_with = "present")]
-    delta: Option<Delta<'a>>,
-}
-
-/// What a delta adds to the message.
-#[derive(serde::Deserialize, Default)]
-#[serde(default)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    content: Option<&'a RawValue>,
-    #[serde(borrow)]
-    refusal: Option<&'a RawValue>,
-    #[serde(borrow)]
-    tool_calls: Option<&'a RawValue>,
-}
-
-/// A delta that is there, even as `null` (then an empty one).
-fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Delta<'a>>, D::Error> {
-    <Option<Delta<'a>> as serde::Deserialize>::deserialize(d).map(|o| Some(o.unwrap_or_default()))
-}
-
-/// A JSON string's text, borrowed unless it holds escapes; `None` for anything else.
-fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
-    let text = raw.get();
-    if !text.starts_with('"') {
-        return None;
-    }
-    // A raw value is valid JSON: without a backslash the text between the quotes is it.
-    if text.contains('\\') {
-        serde_json::from_str::<String>(text).ok().map(Cow::Owned)
-    } else {
-        Some(Cow::Borrowed(&text[1..text.len() - 1]))
-    }
-}
-
-fn merge_choice(acc: &mut Map<String, Value>, c: &StreamChoice<'_>, op: Operation) -> Option<()> {
-    if let Some(f) = c
-        .finish_reason
-        .and_then(|f| serde_json::from_str::<Value>(f.get()).ok())
-    {
-        acc.insert("finish_reason".into(), f);
-    }
-    if op == Operation::Completions {
-        let text = acc.entry("text").or_insert(json!(""));
-        if let (Some(t), Value::String(s)) = (c.text.and_then(json_str), text) {
-            s.push_str(&t);
+/// Adds one event's choice to what its earlier events made of it.
+fn merge_choice(acc: &mut Map<String, Value>, c: Map<String, Value>, op: Operation) -> Option<()> {
+    for (k, v) in c {
+        match k.as_str() {
+            "index" => {}
+            "delta" if op == Operation::ChatCompletions => {
+                let msg = acc
+                    .entry("message")
+                    .or_insert_with(|| json!({"role": "assistant", "content": null}));
+                let (Value::Object(msg), Value::Object(delta)) = (msg, v) else {
+                    // `"delta": null` adds nothing; anything else is no stream of OpenAI's.
+                    continue;
+                };
+                for (dk, dv) in delta {
+                    if dk == "tool_calls" {
+                        merge_tool_calls(msg, dv);
+                    } else {
+                        let text = dk != "role";
+                        join(msg, dk, dv, text);
+                    }
+                }
+            }
+            // Completions' text, and each chunk's `logprobs.content` (or `tokens`) entries.
+            "text" => join(acc, k, v, true),
+            "logprobs" => match (acc.get_mut("logprobs"), v) {
+                (Some(Value::Object(have)), Value::Object(more)) => {
+                    for (lk, lv) in more {
+                        join(have, lk, lv, false);
+                    }
+                }
+                (_, v) => join(acc, k, v, false),
+            },
+            _ => join(acc, k, v, false),
         }
-        return Some(());
     }
-    let Some(delta) = &c.delta else {
-        return Some(());
+    Some(())
+}
+
+/// Puts `v` under `k` in `into`: a string after the string there when `append_text`, an
+/// array after the array there, else in its place unless it is `null` where there is a value.
+fn join(into: &mut Map<String, Value>, k: String, v: Value, append_text: bool) {
+    match (into.get_mut(&k), v) {
+        (Some(Value::String(have)), Value::String(more)) if append_text => have.push_str(&more),
+        (Some(Value::Array(have)), Value::Array(more)) => have.extend(more),
+        (Some(have), Value::Null) if !have.is_null() => {}
+        (_, v) => {
+            into.insert(k, v);
+        }
+    }
+}
+
+/// Tool-call deltas into the message's calls, by their `index`: the id, type and name as
+/// they come, the arguments joined.
+fn merge_tool_calls(msg: &mut Map<String, Value>, deltas: Value) {
+    let Value::Array(deltas) = deltas else { return };
+    if !msg.get("tool_calls").is_some_and(Value::is_array) {
+        msg.insert("tool_calls".into(), json!([]));
+    }
+    let Some(Value::Array(calls)) = msg.get_mut("tool_calls") else {
+        return;
     };
-    let msg = acc
-        .entry("message")
-        .or_insert_with(|| json!({"role": "assistant", "content": null}));
-    if let Some(t) = delta.content.and_then(json_str) {
-        match &mut msg["content"] {
-            Value::String(s) => s.push_str(&t),
-            other => *other = json!(t),
-        }
-    }
-    if let Some(r) = delta.refusal.and_then(json_str) {
-        match &mut msg["refusal"] {
-            Value::String(s) => s.push_str(&r),
-            other => *other = json!(r),
-        }
-    }
-    let tool_calls: Vec<Value> = delta
-        .tool_calls
-        .and_then(|t| serde_json::from_str(t.get()).ok())
-        .unwrap_or_default();
-    for tc in &tool_calls {
+    for tc in deltas {
         let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-        if !msg["tool_calls"].is_array() {
-            msg["tool_calls"] = json!([]);
-        }
-        let Some(calls) = msg["tool_calls"].as_array_mut() else {
-            return Some(());
-        };
         while calls.len() <= i {
             calls.push(
                 json!({"id": null, "type": "function", "function": {"name": "", "arguments": ""}}),
@@ -1071,6 +1065,9 @@ fn merge_choice(acc: &mut Map<String, Value>, c: &StreamChoice<'_>, op: Operatio
         let call = &mut calls[i];
         if let Some(id) = tc.get("id").filter(|v| !v.is_null()) {
             call["id"] = id.clone();
+        }
+        if let Some(t) = tc.get("type").and_then(Value::as_str) {
+            call["type"] = json!(t);
         }
         if let Some(name) = tc.pointer("/function/name").and_then(Value::as_str) {
             call["function"]["name"] = json!(name);
@@ -1081,7 +1078,6 @@ fn merge_choice(acc: &mut Map<String, Value>, c: &StreamChoice<'_>, op: Operatio
             }
         }
     }
-    Some(())
 }
 
 /// The events a streamed hit sends: the stored ones (without the usage chunk unless the
@@ -1113,7 +1109,6 @@ fn synthesize(entry: &Entry, op: Operation, include_usage: bool) -> Vec<Bytes> {
     let Ok(v) = serde_json::from_slice::<Value>(&entry.json) else {
         return Vec::new();
     };
-    let ev = |x: Value| Bytes::from(format!("data: {x}\n\n"));
     let mut out = Vec::new();
     if op == Operation::Responses {
         let mut seq = 0;
@@ -1127,59 +1122,107 @@ fn synthesize(entry: &Entry, op: Operation, include_usage: bool) -> Vec<Bytes> {
         out.push(event("response.completed", json!({"response": v})));
         return out;
     }
-    let usage_null = if include_usage {
-        json!({"usage": null})
-    } else {
-        json!({})
+    let Value::Object(answer) = v else {
+        return Vec::new();
     };
-    let head = |mut x: Value| {
-        for k in ["id", "created", "model", "system_fingerprint"] {
-            if let Some(val) = v.get(k) {
-                x[k] = val.clone();
-            }
-        }
-        if let (Value::Object(o), Value::Object(u)) = (&mut x, &usage_null) {
-            o.extend(u.clone());
-        }
-        x
-    };
+    // Each chunk carries the answer's plain members (id, created, model, system_fingerprint,
+    // service_tier, ...), as OpenAI's do; the others (Azure's `prompt_filter_results`,
+    // llama.cpp's `timings`) go with the first chunk.
     let object = if op == Operation::ChatCompletions {
         "chat.completion.chunk"
     } else {
         "text_completion"
     };
-    for c in v
+    let mut head = Map::new();
+    let mut extras = Map::new();
+    for (k, val) in &answer {
+        match k.as_str() {
+            "object" => {
+                head.insert(k.clone(), json!(object));
+            }
+            "choices" | "usage" => {}
+            _ if val.is_object() || val.is_array() => {
+                extras.insert(k.clone(), val.clone());
+            }
+            _ => {
+                head.insert(k.clone(), val.clone());
+            }
+        }
+    }
+    head.entry("object").or_insert(json!(object));
+    if include_usage {
+        head.insert("usage".into(), Value::Null);
+    }
+    let chunk = |choice: Value, first: bool| {
+        let mut c = head.clone();
+        c.insert("choices".into(), json!([choice]));
+        if first {
+            c.extend(extras.clone());
+        }
+        Bytes::from(format!("data: {}\n\n", Value::Object(c)))
+    };
+    let mut first = true;
+    for c in answer
         .get("choices")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
     {
+        let Some(c) = c.as_object() else { continue };
         let i = c.get("index").cloned().unwrap_or(json!(0));
-        let finish = c.get("finish_reason").cloned().unwrap_or(Value::Null);
-        if op == Operation::ChatCompletions {
-            let m = c.get("message").cloned().unwrap_or(json!({}));
-            let mut delta = json!({"role": "assistant", "content": m.get("content").cloned().unwrap_or(Value::Null)});
-            if let Some(tc) = m.get("tool_calls").and_then(Value::as_array) {
-                delta["tool_calls"] = json!(tc
-                    .iter()
-                    .enumerate()
-                    .map(|(n, t)| {
-                        let mut t = t.clone();
-                        t["index"] = json!(n);
-                        t
-                    })
-                    .collect::<Vec<_>>());
+        // The choice's other members (Azure's `content_filter_results`, vLLM's
+        // `stop_reason`) go with its last chunk, as they come in a stream.
+        let mut last = Map::new();
+        last.insert("index".into(), i.clone());
+        for (k, val) in c {
+            if !matches!(k.as_str(), "index" | "message" | "text" | "logprobs") {
+                last.insert(k.clone(), val.clone());
             }
-            out.push(ev(head(json!({"object": object, "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]}))));
-            out.push(ev(head(json!({"object": object, "choices": [{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}]}))));
-        } else {
-            out.push(ev(head(json!({"object": object, "choices": [{"index": i, "text": c.get("text").cloned().unwrap_or(json!("")), "logprobs": null, "finish_reason": finish}]}))));
         }
+        last.entry("finish_reason").or_insert(Value::Null);
+        let logprobs = c.get("logprobs").cloned().unwrap_or(Value::Null);
+        if op == Operation::ChatCompletions {
+            let mut delta = Map::new();
+            delta.insert("role".into(), json!("assistant"));
+            if let Some(m) = c.get("message").and_then(Value::as_object) {
+                for (k, val) in m {
+                    let val = match (k.as_str(), val) {
+                        ("tool_calls", Value::Array(tc)) => json!(tc
+                            .iter()
+                            .enumerate()
+                            .map(|(n, t)| {
+                                let mut t = t.clone();
+                                t["index"] = json!(n);
+                                t
+                            })
+                            .collect::<Vec<_>>()),
+                        _ => val.clone(),
+                    };
+                    delta.insert(k.clone(), val);
+                }
+            }
+            out.push(chunk(
+                json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": null}),
+                first,
+            ));
+            last.insert("delta".into(), json!({}));
+            last.insert("logprobs".into(), Value::Null);
+            out.push(chunk(Value::Object(last), false));
+        } else {
+            last.insert("text".into(), c.get("text").cloned().unwrap_or(json!("")));
+            last.insert("logprobs".into(), logprobs);
+            out.push(chunk(Value::Object(last), first));
+        }
+        first = false;
     }
     if include_usage {
-        let mut u = head(json!({"object": object, "choices": []}));
-        u["usage"] = v.get("usage").cloned().unwrap_or(Value::Null);
-        out.push(ev(u));
+        let mut u = head.clone();
+        u.insert("choices".into(), json!([]));
+        u.insert(
+            "usage".into(),
+            answer.get("usage").cloned().unwrap_or(Value::Null),
+        );
+        out.push(Bytes::from(format!("data: {}\n\n", Value::Object(u))));
     }
     out.push(Bytes::from_static(b"data: [DONE]\n\n"));
     out
@@ -1371,7 +1414,6 @@ mod tests {
         for bad in [
             r#"{"id":"c","choices":[5]}"#,
             r#"{"id":"c","choices":"none"}"#,
-            r#"{"id":"c","choices":[{"delta":{"content":"a","content":"b"}}]}"#,
         ] {
             let evs: Vec<Bytes> = [bad, "[DONE]"]
                 .iter()
@@ -1391,5 +1433,65 @@ mod tests {
         let again: Value = serde_json::from_slice(&again).unwrap();
         assert_eq!(again["choices"][0]["message"]["content"], "Hello");
         assert_eq!(again["usage"], json["usage"]);
+    }
+
+    /// What upstreams put beside the text survives both ways: a stream assembled into the
+    /// plain answer the upstream would have sent, and that answer replayed as a stream and
+    /// assembled again.
+    #[test]
+    fn assembly_keeps_what_upstreams_send_beside_the_text() {
+        let evs: Vec<Bytes> = [
+            // Azure's first event: empty id and model, the prompt's filter results.
+            r#"{"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":{"content":[],"refusal":null},"finish_reason":null},{"index":1,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"reasoning_content":"think","content":"He"},"logprobs":{"content":[{"token":"He","logprob":-0.1}],"refusal":null},"finish_reason":null}]}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":1,"delta":{"content":"Yo"},"logprobs":null,"finish_reason":"stop","stop_reason":null}]}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","service_tier":"default","system_fingerprint":"fp","choices":[{"index":0,"delta":{"reasoning_content":"ing","content":"y"},"logprobs":{"content":[{"token":"y","logprob":-0.2}],"refusal":null},"finish_reason":"stop","content_filter_results":{"hate":{"filtered":false}}}],"timings":{"predicted_n":2}}"#,
+            r#"{"id":"c1","object":"chat.completion.chunk","created":7,"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            "[DONE]",
+        ]
+        .iter()
+        .map(|s| Bytes::from(format!("data: {s}\n\n")))
+        .collect();
+        let got: Value =
+            serde_json::from_slice(&assemble(Operation::ChatCompletions, &evs).unwrap()).unwrap();
+        let want = json!({
+            "id": "c1", "object": "chat.completion", "created": 7, "model": "m",
+            "choices": [
+                {"index": 0,
+                 "message": {"role": "assistant", "content": "Hey", "refusal": null,
+                             "reasoning_content": "thinking"},
+                 "logprobs": {"content": [{"token": "He", "logprob": -0.1},
+                                          {"token": "y", "logprob": -0.2}], "refusal": null},
+                 "finish_reason": "stop",
+                 "content_filter_results": {"hate": {"filtered": false}}},
+                {"index": 1, "message": {"role": "assistant", "content": "Yo"},
+                 "logprobs": null, "finish_reason": "stop", "stop_reason": null},
+            ],
+            "prompt_filter_results": [{"prompt_index": 0,
+                "content_filter_results": {"hate": {"filtered": false, "severity": "safe"}}}],
+            "service_tier": "default", "system_fingerprint": "fp",
+            "timings": {"predicted_n": 2},
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+        });
+        assert_eq!(got, want);
+        // Replayed as a stream and assembled again: the same answer.
+        let entry = Entry {
+            json: Bytes::from(got.to_string()),
+            events: None,
+            usage: Usage::default(),
+            cost_usd: 0.0,
+            ttl: Duration::from_secs(1),
+        };
+        let replay = synthesize(&entry, Operation::ChatCompletions, true);
+        let again: Value =
+            serde_json::from_slice(&assemble(Operation::ChatCompletions, &replay).unwrap())
+                .unwrap();
+        assert_eq!(again, want);
+        // Without usage asked for, no event has a usage member.
+        let quiet = synthesize(&entry, Operation::ChatCompletions, false);
+        assert!(quiet
+            .iter()
+            .all(|e| !e.windows(7).any(|w| w == b"\"usage\"")));
     }
 }
