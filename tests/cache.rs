@@ -1157,6 +1157,58 @@ async fn a_stream_its_client_leaves_at_done_is_stored() {
     assert_eq!(up.request_count(), 1);
 }
 
+/// A plain request served from a stored Azure stream gets what Azure's plain answer has
+/// beside the text: the prompt's filter results, each choice's, its logprobs.
+#[tokio::test]
+async fn a_plain_hit_from_a_stored_stream_keeps_filter_results_and_logprobs() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let events = [
+        r#"{"id":"","object":"","created":0,"model":"","choices":[],"prompt_filter_results":[{"prompt_index":0,"content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}"#,
+        r#"{"id":"chatcmpl-az","object":"chat.completion.chunk","created":9,"model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":"","refusal":null},"logprobs":{"content":[],"refusal":null},"finish_reason":null}]}"#,
+        r#"{"id":"chatcmpl-az","object":"chat.completion.chunk","created":9,"model":"gpt-4o","choices":[{"index":0,"delta":{"content":"Hi"},"logprobs":{"content":[{"token":"Hi","logprob":-0.5,"bytes":[72,105],"top_logprobs":[]}],"refusal":null},"finish_reason":"stop","content_filter_results":{"hate":{"filtered":false,"severity":"safe"}}}]}"#,
+        r#"{"id":"chatcmpl-az","object":"chat.completion.chunk","created":9,"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#,
+        "[DONE]",
+    ]
+    .map(|e| format!("data: {e}\n\n"));
+    script_events(&up, &events, 2);
+    let mut q = ask_stream("m", "azure with logprobs");
+    q["logprobs"] = json!(true);
+    let first = chat(&gw, "red1", &q).await;
+    assert_eq!(
+        (first.status, first.cache()),
+        (200, "miss"),
+        "{}",
+        first.body
+    );
+    let mut plain = ask("m", "azure with logprobs");
+    plain["logprobs"] = json!(true);
+    let hit = chat(&gw, "red1", &plain).await;
+    assert_eq!(hit.cache(), "hit", "{}", hit.body);
+    let v = hit.json();
+    assert_eq!(
+        (&v["id"], &v["created"], &v["model"]),
+        (&json!("chatcmpl-az"), &json!(9), &json!("gpt-4o")),
+        "{v}"
+    );
+    assert_eq!(
+        v["prompt_filter_results"][0]["content_filter_results"]["hate"]["severity"], "safe",
+        "{v}"
+    );
+    let c = &v["choices"][0];
+    assert_eq!(
+        c["message"],
+        json!({"role": "assistant", "content": "Hi", "refusal": null})
+    );
+    assert_eq!(c["logprobs"]["content"][0]["token"], "Hi", "{v}");
+    assert_eq!(
+        c["content_filter_results"]["hate"]["filtered"], false,
+        "{v}"
+    );
+    assert_eq!(v["usage"]["total_tokens"], 5);
+    assert_eq!(up.request_count(), 1);
+}
+
 #[tokio::test]
 async fn ten_concurrent_identical_requests_reach_the_upstream_once() {
     let up = MockUpstream::start().await;
