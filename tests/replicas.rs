@@ -170,10 +170,12 @@ state:
 providers:
   slow: {{ kind: mock, latency: 400ms, stream_chunks: 8 }}
   fast: {{ kind: mock, stream_chunks: 2 }}
+  slower: {{ kind: mock, latency: 1500ms }}
 models:
   slow: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slow }} ] }}
   fast: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: fast }} ] }}
   free: {{ pricing: {{ input_per_1m: 0, output_per_1m: 0 }}, deployments: [ {{ provider: fast }} ] }}
+  slower: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slower }} ] }}
   tiny: {{ pricing: {{ input_per_1m: 0.01, output_per_1m: 0.01 }}, deployments: [ {{ provider: fast }} ] }}
 keys:
   - {{ name: budgeted, key: "sha256:{h1}"{key_extra} }}
@@ -680,23 +682,33 @@ async fn a_stalled_redis_leaves_no_reservation_behind_and_settles_once() {
         "{after_two} vs 2 × {spent}"
     );
 
-    // A settlement that times out (Redis frozen while the upstream answers) is sent again
-    // and counted once, however its first sending ends.
-    let slow = json!({"model": "slow", "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
-    let pending = post(&gw, KEY, &slow);
+    // Settlements while Redis is frozen (it froze while the upstream answered): the first
+    // times out, the others find no connection (the gateway is making a new one); each is
+    // sent again and counted once, however its first sending ends.
+    let ask = |model: &str| json!({"model": model, "max_tokens": 20000, "messages": [{"role": "user", "content": "hi"}]});
+    let (slow, slower) = (ask("slow"), ask("slower"));
+    // `slower` answers after the first settlement timed out and dropped the connection.
+    let pending = join_all([
+        post(&gw, KEY, &slow),
+        post(&gw, KEY, &slow),
+        post(&gw, KEY, &slower),
+    ]);
     let freeze = async {
         tokio::time::sleep(Duration::from_millis(150)).await;
         redis.signal("-STOP");
     };
-    let (r, ()) = tokio::join!(pending, freeze);
-    assert_eq!(r.status(), 200);
-    let answer: Value = r.json().await.unwrap();
+    let (answers, ()) = tokio::join!(pending, freeze);
+    let mut cost = 0.0;
+    for r in answers {
+        assert_eq!(r.status(), 200);
+        let answer: Value = r.json().await.unwrap();
+        let u = &answer["usage"];
+        cost += (u["prompt_tokens"].as_f64().unwrap() * 2.5
+            + u["completion_tokens"].as_f64().unwrap() * 10.0)
+            / 1e6;
+    }
     tokio::time::sleep(Duration::from_millis(900)).await;
     redis.signal("-CONT");
-    let u = &answer["usage"];
-    let cost = (u["prompt_tokens"].as_f64().unwrap() * 2.5
-        + u["completion_tokens"].as_f64().unwrap() * 10.0)
-        / 1e6;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (spent_now, reserved) = budget_figures(&gw).await;

@@ -94,7 +94,7 @@ for i = 1, n do
     if redis.call('HINCRBY', w, 'r', -1) < 0 then redis.call('HSET', w, 'r', 0) end
     if tokens > 0 and redis.call('HINCRBY', w, 't', -tokens) < 0 then redis.call('HSET', w, 't', 0) end
   end
-  if redis.call('DECR', p) < 0 then redis.call('SET', p, 0) end
+  if redis.call('DECR', p) <= 0 then redis.call('DEL', p) end
 end
 for j = 1, m do
   local b = KEYS[2*n+j]
@@ -117,7 +117,7 @@ for i = 1, n do
     local t = redis.call('HINCRBY', w, 't', act - est)
     if t < 0 then redis.call('HSET', w, 't', 0) end
   end
-  if redis.call('DECR', p) < 0 then redis.call('SET', p, 0) end
+  if redis.call('DECR', p) <= 0 then redis.call('DEL', p) end
 end
 local out = {}
 for j = 1, m do
@@ -174,12 +174,13 @@ pub struct RedisState {
     connecting: Arc<AtomicBool>,
     admit: Script,
     settle: Script,
-    cancel: Script,
     seed: Script,
     budgets_fail: FailMode,
     limits_fail: FailMode,
     /// Where a budget's spend is read from when Redis has lost it.
     ledger: crate::ledger::store::Store,
+    /// Calls that did not answer, to send again (`spawn_retries`).
+    retries: tokio::sync::mpsc::Sender<Retry>,
 }
 
 fn window_key(id: &str, minute: u64) -> String {
@@ -233,10 +234,136 @@ fn invocation<'a>(
     inv
 }
 
-/// When a call that did not answer is sent again: over about four minutes, then given up.
-const RETRY_DELAYS_MS: [u64; 10] = [
-    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000,
-];
+/// How long a call that did not answer is sent again before it is given up: longer than
+/// Redis stalls (a fork, a slow disk, a host paused), and shorter than a cancelled
+/// admission's mark lives (`CANCELLED_TTL_S`), so a late admission always finds it.
+const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
+/// Calls waiting to be sent again at most: past them, new ones are given up at once (and
+/// counted), so a long outage cannot grow the gateway's memory without bound.
+const RETRY_QUEUE: usize = 100_000;
+
+/// A call to send again: which script, with what.
+struct Retry {
+    what: RetryKind,
+    keys: Vec<String>,
+    args: Vec<i64>,
+    until: tokio::time::Instant,
+}
+
+#[derive(Clone, Copy)]
+enum RetryKind {
+    Settle,
+    Cancel,
+}
+
+impl RetryKind {
+    fn name(self) -> &'static str {
+        match self {
+            RetryKind::Settle => "settle",
+            RetryKind::Cancel => "cancel",
+        }
+    }
+}
+
+/// Whether a failed call may pass if sent again: Redis unreachable or slow, or busy for a
+/// moment (loading its data, a failover, a script running long).
+fn transient(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::BusyLoadingError
+                | redis::ErrorKind::TryAgain
+                | redis::ErrorKind::ReadOnly
+                | redis::ErrorKind::MasterDown
+                | redis::ErrorKind::ClusterDown
+        )
+        || e.code() == Some("BUSY")
+}
+
+/// Sends the calls that did not answer again, in order, one worker for all: while Redis
+/// does not answer it waits (100 ms, doubling up to a minute) and keeps them queued.
+fn spawn_retries(
+    client: redis::Client,
+    slot: Arc<ArcSwapOption<ConnectionManager>>,
+    connecting: Arc<AtomicBool>,
+    settle: Script,
+    cancel: Script,
+) -> tokio::sync::mpsc::Sender<Retry> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Retry>(RETRY_QUEUE);
+    tokio::spawn(async move {
+        let mut pending = std::collections::VecDeque::new();
+        let mut wait = Duration::from_millis(100);
+        loop {
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(r) => pending.push_back(r),
+                    None => return,
+                }
+                wait = Duration::from_millis(100);
+            }
+            tokio::time::sleep(wait).await;
+            while let Ok(r) = rx.try_recv() {
+                pending.push_back(r);
+            }
+            let now = tokio::time::Instant::now();
+            let before = pending.len();
+            pending.retain(|r: &Retry| r.until > now);
+            if pending.len() < before {
+                crate::telemetry::metrics::state_error("settle");
+                tracing::error!(
+                    calls = before - pending.len(),
+                    "Redis did not take calls sent again for 30 minutes; their reservations stay until their periods end"
+                );
+            }
+            let Some(conn) = slot.load_full() else {
+                spawn_connect(client.clone(), slot.clone(), connecting.clone());
+                wait = (wait * 2).min(Duration::from_secs(60));
+                continue;
+            };
+            let mut c = (*conn).clone();
+            let mut failed = false;
+            while let Some(r) = pending.front() {
+                let script = match r.what {
+                    RetryKind::Settle => &settle,
+                    RetryKind::Cancel => &cancel,
+                };
+                let inv = invocation(script, &r.keys, &r.args);
+                match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<redis::Value>(&mut c))
+                    .await
+                {
+                    Ok(Ok(_)) => {
+                        tracing::info!(what = r.what.name(), "Redis call sent again: done");
+                        pending.pop_front();
+                    }
+                    Ok(Err(e)) if !transient(&e) => {
+                        crate::telemetry::metrics::state_error(r.what.name());
+                        tracing::error!(what = r.what.name(), error = %e, "Redis refused a call sent again");
+                        pending.pop_front();
+                    }
+                    _ => {
+                        failed = true;
+                        // Dropped only if it is still the one that failed: another may be
+                        // in its place already, serving admissions.
+                        let prev = slot.compare_and_swap(&Some(conn.clone()), None);
+                        if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &conn)) {
+                            spawn_connect(client.clone(), slot.clone(), connecting.clone());
+                        }
+                        break;
+                    }
+                }
+            }
+            wait = if failed {
+                (wait * 2).min(Duration::from_secs(60))
+            } else {
+                Duration::from_millis(100)
+            };
+        }
+    });
+    tx
+}
 
 /// Connects (again) in the background, with backoff, until Redis answers.
 fn spawn_connect(
@@ -281,17 +408,27 @@ impl RedisState {
         ledger: crate::ledger::store::Store,
     ) -> Result<RedisState, String> {
         let client = crate::provider::tls::redis_client(url)?;
+        let conn = Arc::new(ArcSwapOption::empty());
+        let connecting = Arc::new(AtomicBool::new(false));
+        let (settle, cancel) = (Script::new(SETTLE), Script::new(CANCEL));
+        let retries = spawn_retries(
+            client.clone(),
+            conn.clone(),
+            connecting.clone(),
+            settle.clone(),
+            cancel,
+        );
         let state = RedisState {
             client,
-            conn: Arc::new(ArcSwapOption::empty()),
-            connecting: Arc::new(AtomicBool::new(false)),
+            conn,
+            connecting,
             admit: Script::new(ADMIT),
-            settle: Script::new(SETTLE),
-            cancel: Script::new(CANCEL),
+            settle,
             seed: Script::new(SEED),
             budgets_fail,
             limits_fail,
             ledger,
+            retries,
         };
         state.reconnect();
         Ok(state)
@@ -321,47 +458,24 @@ impl RedisState {
             worst,
             CANCELLED_TTL_S,
         ];
-        self.retry_later("cancel", self.cancel.clone(), keys, args);
+        self.retry_later(RetryKind::Cancel, keys, args);
     }
 
-    /// Sends a script (one that applies at most once) until Redis answers it, in the
-    /// background, on the connection made anew.
-    fn retry_later(&self, what: &'static str, script: Script, keys: Vec<String>, args: Vec<i64>) {
-        let (client, slot, connecting) = (
-            self.client.clone(),
-            self.conn.clone(),
-            self.connecting.clone(),
-        );
-        tokio::spawn(async move {
-            for delay in RETRY_DELAYS_MS {
-                tokio::time::sleep(Duration::from_millis(delay)).await;
-                let Some(mut conn) = slot.load_full().map(|c| (*c).clone()) else {
-                    continue;
-                };
-                let inv = invocation(&script, &keys, &args);
-                match tokio::time::timeout(
-                    CALL_TIMEOUT,
-                    inv.invoke_async::<redis::Value>(&mut conn),
-                )
-                .await
-                {
-                    Ok(Ok(_)) => {
-                        tracing::info!(what, "Redis call sent again after it failed: done");
-                        return;
-                    }
-                    Ok(Err(e)) if !(e.is_io_error() || e.is_connection_dropped()) => {
-                        tracing::error!(what, error = %e, "Redis refused a call sent again");
-                        return;
-                    }
-                    _ => {
-                        slot.store(None);
-                        spawn_connect(client.clone(), slot.clone(), connecting.clone());
-                    }
-                }
-            }
-            crate::telemetry::metrics::state_error(what);
-            tracing::error!(what, "Redis did not answer a call sent again for minutes; the reservation stays until its period ends");
-        });
+    /// Queues a call (one that applies at most once) to be sent again until Redis takes it.
+    fn retry_later(&self, what: RetryKind, keys: Vec<String>, args: Vec<i64>) {
+        let retry = Retry {
+            what,
+            keys,
+            args,
+            until: tokio::time::Instant::now() + RETRY_FOR,
+        };
+        if self.retries.try_send(retry).is_err() {
+            crate::telemetry::metrics::state_error(what.name());
+            tracing::error!(
+                what = what.name(),
+                "too many Redis calls wait to be sent again; this one is given up (its reservation stays until its period ends)"
+            );
+        }
     }
 
     /// What to do when Redis is down for this plan.
@@ -575,11 +689,6 @@ impl RedisState {
         if !admitted.counted {
             return Vec::new();
         }
-        let Some(mut conn) = self.conn() else {
-            crate::telemetry::metrics::state_error("settle");
-            tracing::error!("Redis is not connected: a reservation could not be settled (it expires with its period)");
-            return Vec::new();
-        };
         let ticket = admitted.ticket.as_deref().unwrap_or("");
         let keys = script_keys(plan, admitted.minute, &admitted.periods, ticket);
         let mut args = vec![
@@ -591,6 +700,13 @@ impl RedisState {
             nanos_up(actual.cost_usd),
         ];
         args.extend(plan.budgets.iter().map(|b| b.soft_usd.map_or(-1, nanos)));
+        let Some(mut conn) = self.conn() else {
+            // Being connected again (after a call that failed): sent once it is.
+            crate::telemetry::metrics::state_error("settle");
+            tracing::warn!("Redis is not connected: the settlement is sent once it is");
+            self.retry_later(RetryKind::Settle, keys, args);
+            return Vec::new();
+        };
         let inv = invocation(&self.settle, &keys, &args);
         let reply: Vec<i64> = match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn))
             .await
@@ -601,9 +717,11 @@ impl RedisState {
                 // An answer of Redis's own (a script's error) is no reason to drop the
                 // connection, and refuse admissions while it is made again.
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
-                    tracing::warn!(error = %e, "Redis settlement failed; it is sent again in the background");
                     self.reconnect();
-                    self.retry_later("settle", self.settle.clone(), keys, args);
+                }
+                if transient(&e) {
+                    tracing::warn!(error = %e, "Redis settlement failed; it is sent again in the background");
+                    self.retry_later(RetryKind::Settle, keys, args);
                 } else {
                     tracing::error!(error = %e, "Redis settlement failed; the reservation stays until its period ends");
                 }
@@ -613,7 +731,7 @@ impl RedisState {
                 crate::telemetry::metrics::state_error("settle");
                 tracing::warn!("Redis settlement timed out; it is sent again in the background");
                 self.reconnect();
-                self.retry_later("settle", self.settle.clone(), keys, args);
+                self.retry_later(RetryKind::Settle, keys, args);
                 return Vec::new();
             }
         };
