@@ -1157,6 +1157,36 @@ async fn a_stream_its_client_leaves_at_done_is_stored() {
     assert_eq!(up.request_count(), 1);
 }
 
+/// An upstream whose connection breaks after its `[DONE]` (before the body's proper end)
+/// has sent a whole stream: its client gets no error event, and it is stored.
+#[tokio::test]
+async fn a_break_after_done_ends_the_stream_cleanly() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, "{}")).await;
+    let events = [
+        upstream::chat_chunk(Some("assistant"), Some(""), None),
+        upstream::chat_chunk(None, Some("Whole"), None),
+        upstream::chat_chunk(None, None, Some("stop")),
+        upstream::usage_chunk(5, 1),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let refs: Vec<(u64, &str)> = events.iter().map(|e| (2, e.as_str())).collect();
+    up.script(Scripted::stream(&refs, StreamEnd::Abort));
+    let q = ask_stream("m", "broken after done");
+    let first = chat(&gw, "red1", &q).await;
+    assert_eq!((first.status, first.cache()), (200, "miss"));
+    assert!(
+        first.body.trim_end().ends_with("data: [DONE]"),
+        "{}",
+        first.body
+    );
+    assert!(!first.body.contains("\"error\""), "{}", first.body);
+    let again = chat(&gw, "red1", &q).await;
+    assert_eq!(again.cache(), "hit", "{}", again.body);
+    assert_eq!(stream_text(&again.body), "Whole");
+    assert_eq!(up.request_count(), 1);
+}
+
 /// A plain request served from a stored Azure stream gets what Azure's plain answer has
 /// beside the text: the prompt's filter results, each choice's, its logprobs.
 #[tokio::test]

@@ -854,9 +854,10 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
         LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
     let mut done = false;
     for e in events {
+        // What follows `[DONE]` no client reads.
         if sse::is_done(e) {
             done = true;
-            continue;
+            break;
         }
         let Some(data) = sse::event_data(e) else {
             continue;
@@ -888,9 +889,10 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     let mut choices: Vec<Map<String, Value>> = Vec::new();
     let mut usage = Value::Null;
     for e in events {
+        // What follows `[DONE]` no client reads.
         if sse::is_done(e) {
             done = true;
-            continue;
+            break;
         }
         let Some(data) = sse::event_data(e) else {
             continue;
@@ -911,16 +913,23 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
         if let Some(u) = v.remove("usage").filter(Value::is_object) {
             usage = u;
         }
-        if let Some(cs) = v.remove("choices") {
-            let Value::Array(cs) = cs else { return None };
-            for c in cs {
-                let Value::Object(c) = c else { return None };
-                let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                while choices.len() <= idx {
-                    choices.push(Map::new());
+        match v.remove("choices") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(cs)) => {
+                for c in cs {
+                    let Value::Object(c) = c else { return None };
+                    let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+                    // No upstream sends more choices than `n` allows (128).
+                    if idx >= MAX_CHOICES {
+                        return None;
+                    }
+                    while choices.len() <= idx {
+                        choices.push(Map::new());
+                    }
+                    merge_choice(&mut choices[idx], c, op)?;
                 }
-                merge_choice(&mut choices[idx], c, op)?;
             }
+            Some(_) => return None,
         }
         for (k, val) in v {
             if matches!(k.as_str(), "object" | "obfuscation") {
@@ -982,6 +991,9 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
                             o.insert(k, v);
                         }
                     }
+                    if op == Operation::Completions {
+                        o.entry("text").or_insert(json!(""));
+                    }
                     o.entry("logprobs").or_insert(Value::Null);
                     o.entry("finish_reason").or_insert(Value::Null);
                     Value::Object(o)
@@ -994,11 +1006,16 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     Some(Bytes::from(Value::Object(out).to_string()))
 }
 
+/// The most choices (and tool calls of one message) an assembled answer may have: OpenAI's
+/// `n` is at most 128; an index past it is no stream to trust.
+const MAX_CHOICES: usize = 128;
+
 /// Adds one event's choice to what its earlier events made of it.
 fn merge_choice(acc: &mut Map<String, Value>, c: Map<String, Value>, op: Operation) -> Option<()> {
     for (k, v) in c {
         match k.as_str() {
-            "index" => {}
+            // Azure's positions of a filtered stretch in the stream: no plain answer has them.
+            "index" | "content_filter_offsets" => {}
             "delta" if op == Operation::ChatCompletions => {
                 let msg = acc
                     .entry("message")
@@ -1008,37 +1025,51 @@ fn merge_choice(acc: &mut Map<String, Value>, c: Map<String, Value>, op: Operati
                     continue;
                 };
                 for (dk, dv) in delta {
-                    if dk == "tool_calls" {
-                        merge_tool_calls(msg, dv);
-                    } else {
-                        let text = dk != "role";
-                        join(msg, dk, dv, text);
+                    match dk.as_str() {
+                        "tool_calls" => merge_tool_calls(msg, dv)?,
+                        "role" => {
+                            msg.insert(dk, dv);
+                        }
+                        // Text in pieces: `content`, `refusal`, `reasoning_content`, and
+                        // within objects (`function_call`'s arguments, `audio`'s transcript).
+                        _ => join(msg, dk, dv, Join::Text),
                     }
                 }
             }
-            // Completions' text, and each chunk's `logprobs.content` (or `tokens`) entries.
-            "text" => join(acc, k, v, true),
-            "logprobs" => match (acc.get_mut("logprobs"), v) {
-                (Some(Value::Object(have)), Value::Object(more)) => {
-                    for (lk, lv) in more {
-                        join(have, lk, lv, false);
-                    }
-                }
-                (_, v) => join(acc, k, v, false),
-            },
-            _ => join(acc, k, v, false),
+            "text" => join(acc, k, v, Join::Text),
+            // Each chunk's `logprobs.content` (or `tokens`, ...) entries, joined.
+            "logprobs" => join(acc, k, v, Join::Members),
+            _ => join(acc, k, v, Join::Members),
         }
     }
     Some(())
 }
 
-/// Puts `v` under `k` in `into`: a string after the string there when `append_text`, an
-/// array after the array there, else in its place unless it is `null` where there is a value.
-fn join(into: &mut Map<String, Value>, k: String, v: Value, append_text: bool) {
+#[derive(Clone, Copy, PartialEq)]
+enum Join {
+    /// Strings are pieces of one text: appended.
+    Text,
+    /// Strings are whole: replaced.
+    Members,
+}
+
+/// Puts `v` under `k` in `into`: arrays appended to the array there, objects merged member
+/// by member, strings appended (`Join::Text`) or replaced; a `null` or `{}` where there is a
+/// value says nothing (Azure's filter results come as `{}` on a stream's first and last
+/// chunks).
+fn join(into: &mut Map<String, Value>, k: String, v: Value, how: Join) {
     match (into.get_mut(&k), v) {
-        (Some(Value::String(have)), Value::String(more)) if append_text => have.push_str(&more),
+        (Some(Value::String(have)), Value::String(more)) if how == Join::Text => {
+            have.push_str(&more)
+        }
         (Some(Value::Array(have)), Value::Array(more)) => have.extend(more),
+        (Some(Value::Object(have)), Value::Object(more)) => {
+            for (mk, mv) in more {
+                join(have, mk, mv, how);
+            }
+        }
         (Some(have), Value::Null) if !have.is_null() => {}
+        (Some(have), Value::Object(more)) if more.is_empty() && !have.is_null() => {}
         (_, v) => {
             into.insert(k, v);
         }
@@ -1047,16 +1078,21 @@ fn join(into: &mut Map<String, Value>, k: String, v: Value, append_text: bool) {
 
 /// Tool-call deltas into the message's calls, by their `index`: the id, type and name as
 /// they come, the arguments joined.
-fn merge_tool_calls(msg: &mut Map<String, Value>, deltas: Value) {
-    let Value::Array(deltas) = deltas else { return };
+fn merge_tool_calls(msg: &mut Map<String, Value>, deltas: Value) -> Option<()> {
+    let Value::Array(deltas) = deltas else {
+        return Some(());
+    };
     if !msg.get("tool_calls").is_some_and(Value::is_array) {
         msg.insert("tool_calls".into(), json!([]));
     }
     let Some(Value::Array(calls)) = msg.get_mut("tool_calls") else {
-        return;
+        return Some(());
     };
     for tc in deltas {
         let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if i >= MAX_CHOICES {
+            return None;
+        }
         while calls.len() <= i {
             calls.push(
                 json!({"id": null, "type": "function", "function": {"name": "", "arguments": ""}}),
@@ -1078,6 +1114,7 @@ fn merge_tool_calls(msg: &mut Map<String, Value>, deltas: Value) {
             }
         }
     }
+    Some(())
 }
 
 /// The events a streamed hit sends: the stored ones (without the usage chunk unless the
@@ -1488,6 +1525,39 @@ mod tests {
             serde_json::from_slice(&assemble(Operation::ChatCompletions, &replay).unwrap())
                 .unwrap();
         assert_eq!(again, want);
+        // Azure's `{}` filter results on the first and last chunks, its offsets, a legacy
+        // `function_call` and an audio transcript in pieces, `choices: null` on an event,
+        // `[DONE]` followed by more: as the plain answer would have them.
+        let evs: Vec<Bytes> = [
+            r#"{"id":"a","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"content_filter_results":{}}]}"#,
+            r#"{"id":"a","created":1,"model":"m","choices":[{"index":0,"delta":{"function_call":{"name":"f","arguments":""}},"content_filter_results":{"hate":{"filtered":false}},"content_filter_offsets":{"start_offset":0}}]}"#,
+            r#"{"id":"a","created":1,"model":"m","choices":[{"index":0,"delta":{"function_call":{"arguments":"{\"x\":"}}}]}"#,
+            r#"{"id":"a","created":1,"model":"m","choices":null}"#,
+            r#"{"id":"a","created":1,"model":"m","choices":[{"index":0,"delta":{"function_call":{"arguments":"1}"},"audio":{"id":"au","transcript":"he"}}}]}"#,
+            r#"{"id":"a","created":1,"model":"m","choices":[{"index":0,"delta":{"audio":{"transcript":"llo","expires_at":5}},"finish_reason":"function_call","content_filter_results":{}}]}"#,
+            "[DONE]",
+            r#"{"id":"a","choices":[{"index":0,"delta":{"content":"after done"}}]}"#,
+        ]
+        .iter()
+        .map(|s| Bytes::from(format!("data: {s}\n\n")))
+        .collect();
+        let got: Value =
+            serde_json::from_slice(&assemble(Operation::ChatCompletions, &evs).unwrap()).unwrap();
+        assert_eq!(
+            got["choices"][0],
+            json!({"index": 0,
+                   "message": {"role": "assistant", "content": "",
+                               "function_call": {"name": "f", "arguments": "{\"x\":1}"},
+                               "audio": {"id": "au", "transcript": "hello", "expires_at": 5}},
+                   "content_filter_results": {"hate": {"filtered": false}},
+                   "logprobs": null, "finish_reason": "function_call"}),
+            "{got}"
+        );
+        let far = [
+            Bytes::from_static(b"data: {\"id\":\"a\",\"choices\":[{\"index\":4096}]}\n\n"),
+            Bytes::from_static(b"data: [DONE]\n\n"),
+        ];
+        assert_eq!(assemble(Operation::ChatCompletions, &far), None);
         // Without usage asked for, no event has a usage member.
         let quiet = synthesize(&entry, Operation::ChatCompletions, false);
         assert!(quiet

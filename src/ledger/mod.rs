@@ -268,8 +268,8 @@ pub struct Tap {
     first_byte: Option<Instant>,
     /// The body reached its end (not cut by an error or a client going away).
     complete: bool,
-    /// A stream's `[DONE]` went to the client: complete for it, if it leaves before the
-    /// upstream's body ends (the OpenAI SDKs close the response at `[DONE]`).
+    /// The last a stream sent its client was its `[DONE]`: complete for it, if it leaves
+    /// before the upstream's body ends (the OpenAI SDKs close the response at `[DONE]`).
     done: bool,
     /// Store the answer in the cache once complete.
     cache: Option<(crate::cache::Leader, std::time::Duration)>,
@@ -536,7 +536,9 @@ impl Body for Tap {
                             let data = match this.mode {
                                 Mode::Sse => {
                                     let data = this.sse_chunk(data);
-                                    this.done |= ends_with_done(&data);
+                                    if !data.is_empty() {
+                                        this.done = ends_with_done(&data);
+                                    }
                                     data
                                 }
                                 Mode::Json => {

@@ -19,7 +19,7 @@ use tokio::time::Sleep;
 use crate::server::body::BoxError;
 
 pub mod sse;
-use sse::last_event_end;
+use sse::{ends_with_done, last_event_end, last_event_end_after};
 
 pub struct UpstreamStream<B> {
     inner: B,
@@ -33,6 +33,9 @@ pub struct UpstreamStream<B> {
     sent_any: bool,
     /// SSE bytes after the last complete event, waiting for the rest of their event.
     pending: BytesMut,
+    /// The last event that went out was the stream's `[DONE]`: a break or a time-out after
+    /// it is the end, not an error (nothing a client reads comes after it).
+    sent_done: bool,
 }
 
 /// The upstream's body as a stream of chunks for the client, cut off at `deadline`.
@@ -53,6 +56,7 @@ where
         done: false,
         sent_any: false,
         pending: BytesMut::new(),
+        sent_done: false,
     }
 }
 
@@ -104,12 +108,18 @@ where
             // The common case, a chunk of whole events, goes out without a copy.
             if self.pending.is_empty() && last_event_end(&chunk) == Some(chunk.len()) {
                 self.sent_any = true;
+                self.sent_done = ends_with_done(&chunk);
                 return Poll::Ready(Some(Ok(chunk)));
             }
+            // Only the new bytes can end an event (and the 2 before them: a line end split
+            // between two reads), so a long event arriving in many reads is not read again
+            // at each.
+            let from = self.pending.len().saturating_sub(2);
             self.pending.extend_from_slice(&chunk);
-            if let Some(end) = last_event_end(&self.pending) {
+            if let Some(end) = last_event_end_after(&self.pending, from) {
                 let ready = self.pending.split_to(end).freeze();
                 self.sent_any = true;
+                self.sent_done = ends_with_done(&ready);
                 return Poll::Ready(Some(Ok(ready)));
             }
         }
@@ -154,6 +164,10 @@ impl<B> UpstreamStream<B> {
     fn broke_off(&mut self, timed_out: bool) -> Result<Bytes, BoxError> {
         self.done = true;
         self.pending.clear();
+        if self.sent_done {
+            // Whole for its client, whatever the upstream's connection did after.
+            return Ok(Bytes::new());
+        }
         let (code, message) = if timed_out {
             (
                 "upstream_timeout",

@@ -47,8 +47,15 @@ fn empty_line_ends_at(buf: &[u8], p: usize) -> bool {
 /// The index just past the last event's end in `buf`, if any: found from the back, so a
 /// buffer of whole events (the usual read) costs a look at its last bytes.
 pub fn last_event_end(buf: &[u8]) -> Option<usize> {
+    last_event_end_after(buf, 0)
+}
+
+/// `last_event_end`, looking only at line ends from `from` on: a buffer whose first `from`
+/// bytes were looked at before (and held no end) is not read again.
+pub fn last_event_end_after(buf: &[u8], from: usize) -> Option<usize> {
     let mut upto = buf.len();
-    while let Some(at) = memchr::memrchr2(b'\n', b'\r', &buf[..upto]) {
+    while let Some(at) = memchr::memrchr2(b'\n', b'\r', &buf[from.min(upto)..upto]) {
+        let at = from.min(upto) + at;
         if empty_line_ends_at(buf, at + 1) {
             return Some(at + 1);
         }
@@ -84,10 +91,9 @@ pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// An event's data: its `data:` lines (one space after the colon dropped), joined by `\n`
-/// when there are several, borrowed when there is one (the usual case). `None` without
-/// data, or for `[DONE]`.
-pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+/// An event's `data:` lines (one space after each colon dropped), joined by `\n` when there
+/// are several, borrowed when there is one (the usual case); `None` without any.
+fn joined_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut data: Option<Cow<'_, [u8]>> = None;
     for line in lines(event) {
         if let Some(d) = line.strip_prefix(b"data:") {
@@ -103,21 +109,28 @@ pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
             });
         }
     }
-    data.filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
+    data
 }
 
-/// Whether a chunk of whole events ends with the stream's `[DONE]`: the stream is complete
-/// for its client (the SDKs stop reading there), whenever the upstream's body ends.
-pub fn ends_with_done(chunk: &[u8]) -> bool {
-    chunk.trim_ascii_end().ends_with(b"[DONE]")
+/// An event's data (`joined_data`); `None` without data, or for `[DONE]`.
+pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    joined_data(event).filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
 }
 
-/// Whether an event is the stream's `[DONE]`.
+/// Whether an event is the stream's end, `[DONE]`, as the SDKs tell it: its data starts so.
 pub fn is_done(event: &[u8]) -> bool {
-    lines(event).any(|l| {
-        l.strip_prefix(b"data:")
-            .is_some_and(|d| d.strip_prefix(b" ").unwrap_or(d).starts_with(b"[DONE]"))
-    })
+    joined_data(event).is_some_and(|d| d.starts_with(b"[DONE]"))
+}
+
+/// Whether a chunk of whole events ends with the stream's `[DONE]` (its last line is its
+/// `data:`): the stream is complete for its client (the SDKs stop reading there), whenever
+/// the upstream's body ends.
+pub fn ends_with_done(chunk: &[u8]) -> bool {
+    let text = chunk.trim_ascii_end();
+    let start = memchr::memrchr2(b'\n', b'\r', text).map_or(0, |i| i + 1);
+    text[start..]
+        .strip_prefix(b"data:")
+        .is_some_and(|d| d.trim_ascii_start().starts_with(b"[DONE]"))
 }
 
 #[cfg(test)]
@@ -163,6 +176,13 @@ mod tests {
                 }
                 let forward = event_ends(&buf).last().copied();
                 assert_eq!(last_event_end(&buf), forward, "{buf:?}");
+                // Looked at in two parts (the first held no end): the same.
+                for cut in 0..buf.len() {
+                    if event_ends(&buf[..cut]).is_empty() {
+                        let from = cut.saturating_sub(2);
+                        assert_eq!(last_event_end_after(&buf, from), forward, "{buf:?} {cut}");
+                    }
+                }
             }
         }
     }
@@ -185,6 +205,8 @@ mod tests {
         assert!(ends_with_done(b"data: {}\n\ndata: [DONE]\n\n"));
         assert!(ends_with_done(b"data:[DONE]\r\r"));
         assert!(!ends_with_done(b"data: {\"a\":\"[DONE]\"}\n\n"));
+        assert!(!ends_with_done(b": [DONE]\n\n"));
+        assert!(!ends_with_done(b"data: [DONE]\n\ndata: {}\n\n"));
         assert!(!is_done(b"data: {}\n\n"));
         assert_eq!(
             lines(b"a\rb\r\nc\nd").collect::<Vec<_>>(),

@@ -626,8 +626,8 @@ impl Body for LoggedBody {
                         this.line.first_byte = Some(Instant::now());
                     }
                     this.line.bytes += data.len() as u64;
-                    if this.line.facts.stream {
-                        this.done |= crate::stream::sse::ends_with_done(data);
+                    if this.line.facts.stream && !data.is_empty() {
+                        this.done = crate::stream::sse::ends_with_done(data);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
