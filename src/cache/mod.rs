@@ -854,14 +854,17 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
         LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
     let mut done = false;
     for e in events {
+        let Some(data) = sse::joined_data(e) else {
+            continue;
+        };
         // What follows `[DONE]` no client reads.
-        if sse::is_done(e) {
+        if data.starts_with(b"[DONE]") {
             done = true;
             break;
         }
-        let Some(data) = sse::event_data(e) else {
+        if data.is_empty() {
             continue;
-        };
+        }
         // A member `"error": null` (some servers send one in every chunk) is no error; an
         // `"error"` that is no member's name (a string's value) is none either.
         for at in ERROR.find_iter(&data) {
@@ -889,14 +892,17 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     let mut choices: Vec<Map<String, Value>> = Vec::new();
     let mut usage = Value::Null;
     for e in events {
+        let Some(data) = sse::joined_data(e) else {
+            continue;
+        };
         // What follows `[DONE]` no client reads.
-        if sse::is_done(e) {
+        if data.starts_with(b"[DONE]") {
             done = true;
             break;
         }
-        let Some(data) = sse::event_data(e) else {
+        if data.is_empty() {
             continue;
-        };
+        }
         let Value::Object(mut v) = serde_json::from_slice::<Value>(&data).ok()? else {
             return None;
         };

@@ -53,7 +53,12 @@ pub fn last_event_end(buf: &[u8]) -> Option<usize> {
 /// `last_event_end`, looking only at line ends from `from` on: a buffer whose first `from`
 /// bytes were looked at before (and held no end) is not read again.
 pub fn last_event_end_after(buf: &[u8], from: usize) -> Option<usize> {
-    let mut upto = buf.len();
+    // The usual read: whole events, the last ending the buffer (looked at without a search).
+    let len = buf.len();
+    if len > from && matches!(buf[len - 1], b'\n' | b'\r') && empty_line_ends_at(buf, len) {
+        return Some(len);
+    }
+    let mut upto = len;
     while let Some(at) = memchr::memrchr2(b'\n', b'\r', &buf[from.min(upto)..upto]) {
         let at = from.min(upto) + at;
         if empty_line_ends_at(buf, at + 1) {
@@ -92,8 +97,9 @@ pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// An event's `data:` lines (one space after each colon dropped), joined by `\n` when there
-/// are several, borrowed when there is one (the usual case); `None` without any.
-fn joined_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+/// are several, borrowed when there is one (the usual case); `None` without any. `[DONE]`
+/// included (the SDKs tell it by this data starting with it).
+pub fn joined_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     let mut data: Option<Cow<'_, [u8]>> = None;
     for line in lines(event) {
         if let Some(d) = line.strip_prefix(b"data:") {
@@ -117,16 +123,15 @@ pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     joined_data(event).filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
 }
 
-/// Whether an event is the stream's end, `[DONE]`, as the SDKs tell it: its data starts so.
-pub fn is_done(event: &[u8]) -> bool {
-    joined_data(event).is_some_and(|d| d.starts_with(b"[DONE]"))
-}
-
 /// Whether a chunk of whole events ends with the stream's `[DONE]` (its last line is its
 /// `data:`): the stream is complete for its client (the SDKs stop reading there), whenever
 /// the upstream's body ends.
 pub fn ends_with_done(chunk: &[u8]) -> bool {
     let text = chunk.trim_ascii_end();
+    // Most chunks end with a JSON's `}`: told at once.
+    if !text.ends_with(b"[DONE]") {
+        return false;
+    }
     let start = memchr::memrchr2(b'\n', b'\r', text).map_or(0, |i| i + 1);
     text[start..]
         .strip_prefix(b"data:")
@@ -201,13 +206,13 @@ mod tests {
         ));
         assert!(event_data(b": ping\n\n").is_none());
         assert!(event_data(b"data: [DONE]\r\r").is_none());
-        assert!(is_done(b"data:[DONE]\r\r"));
+        assert!(joined_data(b"data:[DONE]\r\r").is_some_and(|d| d.starts_with(b"[DONE]")));
         assert!(ends_with_done(b"data: {}\n\ndata: [DONE]\n\n"));
         assert!(ends_with_done(b"data:[DONE]\r\r"));
         assert!(!ends_with_done(b"data: {\"a\":\"[DONE]\"}\n\n"));
         assert!(!ends_with_done(b": [DONE]\n\n"));
         assert!(!ends_with_done(b"data: [DONE]\n\ndata: {}\n\n"));
-        assert!(!is_done(b"data: {}\n\n"));
+        assert!(joined_data(b": ping\n\n").is_none());
         assert_eq!(
             lines(b"a\rb\r\nc\nd").collect::<Vec<_>>(),
             [&b"a"[..], b"b", b"c", b"d"]
