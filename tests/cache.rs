@@ -1110,51 +1110,60 @@ async fn a_crlf_or_cr_stream_packed_in_few_writes_is_stored_event_by_event() {
 async fn a_stream_its_client_leaves_at_done_is_stored() {
     let up = MockUpstream::start().await;
     let gw = Gateway::start(&config(&up, "{}")).await;
-    let mut writes: Vec<(u64, String)> = [
-        upstream::chat_chunk(Some("assistant"), Some(""), None),
-        upstream::chat_chunk(None, Some("Left at done"), None),
-        upstream::chat_chunk(None, None, Some("stop")),
-        upstream::usage_chunk(5, 3),
-        "data: [DONE]\n\n".to_string(),
-    ]
-    .into_iter()
-    .map(|e| (5, e))
-    .collect();
-    // The upstream's body ends well after its `[DONE]`.
-    writes.push((2_000, ": bye\n\n".to_string()));
-    let refs: Vec<(u64, &str)> = writes.iter().map(|(d, e)| (*d, e.as_str())).collect();
-    up.script(Scripted::stream(&refs, StreamEnd::Finish));
-    let q = ask_stream("m", "left at done");
-    let resp = client()
-        .post(gw.url("/v1/chat/completions"))
-        .bearer_auth(secret("red1"))
-        .json(&q)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.bytes_stream();
-    let mut got = String::new();
-    while let Some(chunk) = body.next().await {
-        got.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
-        if got.contains("[DONE]") {
-            break;
+    // The second `[DONE]` event has a `retry:` line after its data (sse-starlette's way).
+    for (n, done) in ["data: [DONE]\n\n", "data: [DONE]\nretry: 3000\n\n"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut writes: Vec<(u64, String)> = [
+            upstream::chat_chunk(Some("assistant"), Some(""), None),
+            upstream::chat_chunk(None, Some("Left at done"), None),
+            upstream::chat_chunk(None, None, Some("stop")),
+            upstream::usage_chunk(5, 3),
+            done.to_string(),
+        ]
+        .into_iter()
+        .map(|e| (5, e))
+        .collect();
+        // The upstream's body ends well after its `[DONE]`.
+        writes.push((2_000, ": bye\n\n".to_string()));
+        let refs: Vec<(u64, &str)> = writes.iter().map(|(d, e)| (*d, e.as_str())).collect();
+        up.script(Scripted::stream(&refs, StreamEnd::Finish));
+        let q = ask_stream("m", &format!("left at done {n}"));
+        let resp = client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(secret("red1"))
+            .json(&q)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let mut got = String::new();
+        while let Some(chunk) = body.next().await {
+            got.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+            if got.contains(done) {
+                break;
+            }
         }
+        drop(body);
+        let complete = |l: &str| {
+            l.lines()
+                .filter(|l| l.contains("outcome=complete") && l.contains("stream=true"))
+                .count()
+        };
+        assert!(
+            // This miss, and each earlier round's miss and hit.
+            gw.wait_log(|l| complete(l) == 2 * n + 1, Duration::from_secs(1))
+                .await,
+            "{}",
+            gw.logs()
+        );
+        let again = chat(&gw, "red1", &q).await;
+        assert_eq!(again.cache(), "hit", "{done:?}: {}", again.body);
+        assert_eq!(stream_text(&again.body), "Left at done");
+        assert_eq!(up.request_count(), n + 1);
     }
-    drop(body);
-    assert!(
-        gw.wait_log(
-            |l| l.contains("outcome=complete") && l.contains("stream=true"),
-            Duration::from_secs(1)
-        )
-        .await,
-        "{}",
-        gw.logs()
-    );
-    let again = chat(&gw, "red1", &q).await;
-    assert_eq!(again.cache(), "hit", "{}", again.body);
-    assert_eq!(stream_text(&again.body), "Left at done");
-    assert_eq!(up.request_count(), 1);
 }
 
 /// An upstream whose connection breaks after its `[DONE]` (before the body's proper end)

@@ -548,6 +548,16 @@ async fn a_stream_that_breaks_off_ends_with_an_error_event() {
         .unwrap_or_else(|e| panic!("last event is not JSON ({e}): {text}"));
     assert_eq!(last["error"]["code"], "upstream_error");
     assert!(!text.contains("[DONE]"));
+    // Its log line says so.
+    assert!(
+        gw.wait_log(
+            |l| l.contains("stream=true") && l.contains("outcome=upstream_broke_off"),
+            Duration::from_secs(2)
+        )
+        .await,
+        "{}",
+        gw.logs()
+    );
 }
 
 #[tokio::test]

@@ -128,14 +128,26 @@ pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
 /// the upstream's body ends.
 pub fn ends_with_done(chunk: &[u8]) -> bool {
     let text = chunk.trim_ascii_end();
-    // Most chunks end with a JSON's `}`: told at once.
-    if !text.ends_with(b"[DONE]") {
+    // Most chunks end with a JSON's `}`, the `[DONE]` event with itself: told at once.
+    if text.ends_with(b"}") {
         return false;
     }
-    let start = memchr::memrchr2(b'\n', b'\r', text).map_or(0, |i| i + 1);
-    text[start..]
-        .strip_prefix(b"data:")
-        .is_some_and(|d| d.trim_ascii_start().starts_with(b"[DONE]"))
+    if text.ends_with(b"[DONE]") {
+        let start = memchr::memrchr2(b'\n', b'\r', text).map_or(0, |i| i + 1);
+        if text[start..]
+            .strip_prefix(b"data:")
+            .is_some_and(|d| d.trim_ascii_start().starts_with(b"[DONE]"))
+        {
+            return true;
+        }
+    }
+    // Other lines after the data (`id:`, `retry:`, a comment): the last event read whole.
+    let ends = event_ends(chunk);
+    let last = match ends.as_slice() {
+        [.., before, _] => &chunk[*before..],
+        _ => chunk,
+    };
+    joined_data(last).is_some_and(|d| d.starts_with(b"[DONE]"))
 }
 
 #[cfg(test)]
@@ -211,6 +223,11 @@ mod tests {
         assert!(ends_with_done(b"data:[DONE]\r\r"));
         assert!(!ends_with_done(b"data: {\"a\":\"[DONE]\"}\n\n"));
         assert!(!ends_with_done(b": [DONE]\n\n"));
+        assert!(ends_with_done(
+            b"data: {}\n\ndata: [DONE]\nid: 7\n: bye\n\n"
+        ));
+        assert!(ends_with_done(b"data: [DONE]\r\nretry: 3000\r\n\r\n"));
+        assert!(!ends_with_done(b"data: [DONE]\n\nid: 8\n\n"));
         assert!(!ends_with_done(b"data: [DONE]\n\ndata: {}\n\n"));
         assert!(joined_data(b": ping\n\n").is_none());
         assert_eq!(

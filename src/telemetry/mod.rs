@@ -468,6 +468,7 @@ where
                 cut: None,
                 ended: false,
                 done: false,
+                broke: false,
             }
             .boxed_unsync();
             Ok(Response::from_parts(parts, body))
@@ -602,6 +603,9 @@ struct LoggedBody {
     ended: bool,
     /// A stream's last chunk sent ended with its `[DONE]`.
     done: bool,
+    /// A stream's last chunk sent was the gateway's error event for an upstream that broke
+    /// the stream off or let it time out.
+    broke: bool,
 }
 
 impl Body for LoggedBody {
@@ -628,6 +632,7 @@ impl Body for LoggedBody {
                     this.line.bytes += data.len() as u64;
                     if this.line.facts.stream && !data.is_empty() {
                         this.done = crate::stream::sse::ends_with_done(data);
+                        this.broke = crate::stream::is_broke_off_event(data);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -637,7 +642,12 @@ impl Body for LoggedBody {
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
-                this.line.emit("complete");
+                // A stream the upstream broke off ends with the gateway's error event.
+                this.line.emit(if this.broke {
+                    "upstream_broke_off"
+                } else {
+                    "complete"
+                });
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -747,7 +757,9 @@ impl Drop for LoggedBody {
         // any other body dropped early means the client went away (or the server shut down).
         // A stream whose `[DONE]` was the last it sent is complete for its client (the SDKs
         // close the response there, before the upstream's body may have ended).
-        let outcome = if self.inner.is_end_stream() || self.done {
+        let outcome = if self.broke {
+            "upstream_broke_off"
+        } else if self.inner.is_end_stream() || self.done {
             "complete"
         } else {
             cut_short()

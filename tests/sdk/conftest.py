@@ -236,7 +236,7 @@ def pytest_runtest_makereport(item, call):
 
 def gateway_config(upstream_addr: str) -> str:
     u = f"http://{upstream_addr}"
-    all_routes = "[gpt-4o, gpt-4o-azure, text-embedding-3-small, whisper, tts, dall-e-3, gpt-image-1, omni-moderation-latest, demo]"
+    all_routes = "[gpt-4o, gpt-4o-cached, gpt-4o-azure, text-embedding-3-small, whisper, tts, dall-e-3, gpt-image-1, omni-moderation-latest, demo]"
     # retries: 0 and a large allowed_fails keep the error tests independent: one scripted
     # upstream error is one client error, and no deployment is put in cooldown by them.
     return f"""\
@@ -253,6 +253,7 @@ providers:
   demo: {{ kind: mock }}
 models:
   gpt-4o: {{ deployments: [ {{ provider: up-openai, deployment: gpt-4o-upstream }} ] }}
+  gpt-4o-cached: {{ deployments: [ {{ provider: up-openai, deployment: gpt-4o-upstream }} ], cache: {{ ttl: 5m }} }}
   gpt-4o-azure: {{ deployments: [ {{ provider: up-azure, deployment: my-azure-deployment }} ] }}
   text-embedding-3-small: {{ deployments: [ {{ provider: up-openai, deployment: emb-upstream }} ] }}
   whisper: {{ deployments: [ {{ provider: up-azure, deployment: whisper-dep }} ] }}
@@ -267,7 +268,7 @@ keys:
 """
 
 
-ROUTES = ["gpt-4o", "gpt-4o-azure", "text-embedding-3-small", "whisper", "tts", "dall-e-3", "gpt-image-1", "omni-moderation-latest", "demo"]
+ROUTES = ["gpt-4o", "gpt-4o-cached", "gpt-4o-azure", "text-embedding-3-small", "whisper", "tts", "dall-e-3", "gpt-image-1", "omni-moderation-latest", "demo"]
 
 
 class Gateway:

@@ -151,3 +151,31 @@ def test_client_closing_a_stream_cancels_upstream_stream(gateway, mock_upstream)
         assert mock_upstream.in_flight() == 1
         stream.close()
     assert wait_in_flight(mock_upstream, 0), "the gateway kept reading the upstream stream after the client left"
+
+
+def test_a_stream_the_sdk_closes_at_done_is_cached(client, mock_upstream):
+    """The SDK closes the response at `[DONE]`; an upstream whose body ends a second later has
+    still sent a whole stream: it is stored, and the next identical request is a hit."""
+    usage = "data: " + json.dumps(
+        {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
+         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}},
+        separators=(",", ":"),
+    )
+    events = [chunk("", role="assistant"), chunk("Kept"), chunk(finish="stop"), usage, "data: [DONE]"]
+    mock_upstream.script(
+        {
+            "stream": {
+                "chunks": [[0, e + "\n\n"] for e in events] + [[1000, ": the body ends later\n\n"]],
+                "end": "finish",
+            }
+        }
+    )
+    ask = {"model": "gpt-4o-cached", "messages": [{"role": "user", "content": "keep me"}], "stream": True}
+    seen = []
+    for _ in range(2):
+        raw = client.chat.completions.with_raw_response.create(**ask)
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        seen.append((raw.headers.get("x-switchyard-cache"), text))
+    assert seen == [("miss", "Kept"), ("hit", "Kept")]
+    assert len(mock_upstream.requests()) == 1
