@@ -49,6 +49,12 @@ async fn rows_after_shutdown(gw: &mut Gateway, url: &str) -> Vec<LedgerRow> {
     rows
 }
 
+/// `rows_after_shutdown` of the gateway's own SQLite ledger.
+async fn sqlite_rows_after_shutdown(gw: &mut Gateway) -> Vec<LedgerRow> {
+    let url = sqlite_url(gw);
+    rows_after_shutdown(gw, &url).await
+}
+
 fn sqlite_url(gw: &Gateway) -> String {
     format!("sqlite://{}", gw.dir.path().join("switchyard.db").display())
 }
@@ -258,10 +264,7 @@ async fn the_ledger_matches_the_upstreams_usage_to_the_micro_dollar() {
     .await;
     resp.bytes().await.unwrap();
 
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_eq!(rows.len(), expected.len() + 1, "{rows:#?}");
     for (row, (p, c, o, usd)) in rows.iter().zip(&expected) {
         assert_eq!(
@@ -356,10 +359,7 @@ async fn budget_holds_under_concurrency(one_core: bool) {
     let spend: Value = gw.get_json("/admin/spend?by=key", ADMIN).await;
     let budget = &spend["budgets"][0];
     assert_eq!(budget["budget"], "key:app");
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let spent: f64 = rows.iter().map(|r| r.cost_usd).sum();
     assert!(spent <= 0.1, "spent {spent}");
     assert_eq!(rows.iter().filter(|r| r.status == 200).count(), ok);
@@ -639,10 +639,7 @@ async fn spend_reports_agree_between_cli_and_admin_api_and_soft_budgets_alert_on
         ),
         (Some("soft"), Some("key"), Some("app"))
     );
-    let _ = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let _ = sqlite_rows_after_shutdown(&mut gw).await;
     let (ok, stdout, stderr) = spend_cli(gw.dir.path(), &gw.config_path(), JSON_BY_MODEL);
     assert!(ok, "{stderr}");
     let cli: Value = serde_json::from_str(&stdout).unwrap();
@@ -889,10 +886,7 @@ async fn requests_refused_before_routing_have_ledger_rows_and_unknown_keys_none(
         Some("slow"),
         "a refused request names its configured route as the ledger row does"
     );
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let mut got: Vec<(u16, String, String, String, f64)> = rows
         .iter()
         .map(|r| {
@@ -1359,10 +1353,7 @@ async fn streams_with_any_line_endings_are_read_for_usage_and_lose_the_extra_chu
         let sent = up.requests().last().unwrap().json();
         assert_eq!(sent["stream_options"]["include_usage"], true, "{sent}");
     }
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let got: Vec<(u64, u64, bool)> = rows
         .iter()
         .map(|r| (r.prompt_tokens, r.completion_tokens, r.estimated))
@@ -1397,10 +1388,7 @@ async fn stream_options_null_is_asked_for_usage_like_none() {
         json!({"include_usage": true}),
         "{sent}"
     );
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let row = rows.last().unwrap();
     assert_eq!(
         (row.prompt_tokens, row.completion_tokens, row.estimated),
@@ -1416,10 +1404,7 @@ async fn a_long_stream_without_usage_is_estimated_from_all_of_its_text() {
     let mut gw = Gateway::start(&config(&up, "")).await;
     up.script(long_stream(2_000, false, 0));
     assert!(stream_chat(&gw).await > 300_000);
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let row = rows.last().unwrap();
     assert!(row.estimated, "{row:?}");
     assert_eq!(row.completion_tokens, 2_000, "each ` word` once: {row:?}");
@@ -1443,10 +1428,7 @@ async fn a_long_run_of_one_letter_is_estimated_without_holding_the_gateway() {
     assert_eq!(r.bytes().await.unwrap().len(), answer.to_string().len());
     let r = post(&gw, "/v1/chat/completions", chat).await;
     assert_eq!(r.status(), 200);
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert!(
         rows[0].estimated && rows[0].completion_tokens > 0,
         "{:?}",
@@ -1495,10 +1477,7 @@ async fn a_large_json_answer_is_held_once() {
         grew_mib < 60,
         "peak RSS grew {grew_mib} MiB for a 40 MiB answer"
     );
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let row = rows.last().unwrap();
     assert_eq!((row.prompt_tokens, row.estimated), (7, false), "{row:?}");
 }
@@ -1526,10 +1505,7 @@ async fn a_large_embeddings_answer_without_usage_is_not_parsed_whole() {
         grew_mib < 40,
         "peak RSS grew {grew_mib} MiB for a 19 MB answer"
     );
-    let rows = {
-        let url = sqlite_url(&gw);
-        rows_after_shutdown(&mut gw, &url).await
-    };
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let row = rows.last().unwrap();
     assert_eq!(
         (row.prompt_tokens, row.completion_tokens, row.estimated),
@@ -1676,8 +1652,7 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
     let (status, body) = transcribe(&gw, vec![b'x'; 3_000], "text").await;
     assert_eq!(status, 200, "{body}");
 
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_rows(
         &rows,
         "audio/transcriptions",
@@ -1736,8 +1711,7 @@ async fn speech_is_reserved_and_priced_by_its_characters() {
     let (status, _) = speak("abcdefghijklmnopqrstuvwxyz").await;
     assert_eq!(status, 200);
 
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_rows(
         &rows,
         "audio/speech",
@@ -1780,8 +1754,7 @@ async fn audio_tokens_of_a_chat_answer_are_priced_at_the_audio_prices() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let row = rows.iter().find(|r| &*r.route == "voice").expect("a row");
     assert_eq!(
         (row.prompt_tokens, row.cached_tokens, row.completion_tokens),
@@ -1852,8 +1825,7 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
         let n = gw.metric("switchyard_requests_total", &labels).await;
         assert_eq!(n, Some(1.0), "{labels:?}\n{}", gw.metrics_text().await);
     }
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let statuses: Vec<(u16, f64)> = rows.iter().map(|r| (r.status, r.cost_usd)).collect();
     assert_eq!(statuses.len(), 2, "{statuses:?}");
     assert!(statuses.contains(&(499, 0.0)), "{statuses:?}");
@@ -1903,8 +1875,7 @@ async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
         }
         (String::from_utf8_lossy(&got).into_owned(), clean)
     });
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     // The client's stream ends with an error event, and then ends cleanly: no silent cut.
     let (text, clean) = reader.await.unwrap();
     let last = text.trim_end().rsplit("\n\n").next().unwrap_or("");
@@ -1948,8 +1919,7 @@ async fn usage_is_read_from_a_json_answer_labelled_text_plain() {
         .to_str()
         .unwrap()
         .starts_with("text/plain"));
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let row = &rows[0];
     assert_eq!((row.prompt_tokens, row.completion_tokens), (300, 100));
     assert!(!row.estimated);
@@ -2010,8 +1980,7 @@ async fn images_are_priced_and_reserved_by_quality_and_size() {
             .await;
     assert_eq!(status, 200, "{v}");
 
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let got: Vec<(String, u16, f64)> = rows
         .iter()
         .map(|r| (r.route.to_string(), r.status, r.cost_usd))
@@ -2203,8 +2172,7 @@ async fn image_edits_are_routed_priced_and_reserved() {
     let (status, v) = edit("/v1/images/edits", &low, &["image"]).await;
     assert_eq!(status, 200, "{v}");
 
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_rows(
         &rows,
         "images/edits",
@@ -2286,8 +2254,7 @@ async fn image_variations_are_routed_priced_and_reserved() {
         "{v}"
     );
 
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_rows(
         &rows,
         "images/variations",
@@ -2335,8 +2302,7 @@ async fn a_success_that_is_not_json_estimates_its_prompt() {
     .await;
     assert_eq!(r.status(), 200);
     assert!(r.text().await.unwrap().contains("<html>"));
-    let url = sqlite_url(&gw);
-    let rows = rows_after_shutdown(&mut gw, &url).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert!(
         rows[0].estimated && rows[0].prompt_tokens > 0,
