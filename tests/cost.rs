@@ -1829,6 +1829,14 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
     let statuses: Vec<(u16, f64)> = rows.iter().map(|r| (r.status, r.cost_usd)).collect();
     assert_eq!(statuses.len(), 2, "{statuses:?}");
     assert!(statuses.contains(&(499, 0.0)), "{statuses:?}");
+    // The abandoned row names the deployment it was waiting on (which one keeps clients
+    // waiting is what on-call asks).
+    let gone = rows.iter().find(|r| r.status == 499).unwrap();
+    assert_eq!(
+        (&*gone.route, &*gone.deployment, &*gone.provider),
+        ("slow", "slow/slow", "slow"),
+        "{gone:?}"
+    );
 }
 
 /// A stream still open when the shutdown's grace period ends is cut, and its row (what it

@@ -66,6 +66,9 @@ pub struct RequestRecord {
     /// What the gateway measured of the request itself, priced when the upstream's answer
     /// reports no usage (`ApiRequest::measured_usage`).
     pub measured_usage: Option<Usage>,
+    /// The attempts' facts while the route tries its deployments: a request dropped then
+    /// (its client gone) is recorded with the deployment it was waiting on.
+    pub served: crate::route::Served,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -88,6 +91,14 @@ impl RequestRecord {
         let Some(accounting) = self.accounting.take() else {
             return;
         };
+        if self.row.deployment.is_empty() && !self.served.deployment.is_empty() {
+            let s = std::mem::take(&mut self.served);
+            if !s.route.is_empty() {
+                self.row.route = s.route;
+            }
+            self.row.deployment = s.deployment;
+            self.row.provider = s.provider;
+        }
         let usage = usage.unwrap_or_default();
         let cost = if (200..300).contains(&status) {
             self.price.cost(&usage)

@@ -343,9 +343,9 @@ where
         .map(|a| a.headers)
         .unwrap_or_default();
 
-    let mut served = Served::default();
     let dispatched = std::time::Instant::now();
-    let result = route::dispatch(route, &rt.routes, &api_req, &mut served).await;
+    let result = route::dispatch(route, &rt.routes, &api_req, &mut record.served).await;
+    let served = std::mem::take(&mut record.served);
     let waited = dispatched.elapsed();
     // The upstream's own time as its connection saw it, when one attempt served on a
     // connection it did not have to make; else the whole dispatch (a new connection's setup,
@@ -466,6 +466,7 @@ fn new_record(
         form_prompt: req.form_field("prompt"),
         counters: None,
         measured_usage: req.measured_usage(),
+        served: Served::default(),
     }
 }
 
