@@ -299,6 +299,11 @@ pub trait PolicyState: Send + Sync {
         budget: &'a BudgetRef,
         period_start: i64,
     ) -> BoxFuture<'a, (f64, f64)>;
+    /// At shutdown: what is still to be told to shared state, told within `within`.
+    fn drain(&self, within: std::time::Duration) -> BoxFuture<'_, ()> {
+        let _ = within;
+        Box::pin(async {})
+    }
 }
 
 /// Dollars to the micro-dollar, the precision budgets count in, without trailing zeros:

@@ -181,6 +181,7 @@ pub struct RedisState {
     ledger: crate::ledger::store::Store,
     /// Calls that did not answer, to send again (`spawn_retries`).
     retries: tokio::sync::mpsc::Sender<Retry>,
+    retry_state: Arc<RetryState>,
 }
 
 fn window_key(id: &str, minute: u64) -> String {
@@ -283,6 +284,14 @@ fn transient(e: &redis::RedisError) -> bool {
         || e.code() == Some("BUSY")
 }
 
+/// What the gateway and the retry worker share: how many calls wait (queued or being sent),
+/// and a bell that cuts the worker's wait short (at shutdown, to send them at once).
+#[derive(Default)]
+struct RetryState {
+    waiting: std::sync::atomic::AtomicUsize,
+    now: tokio::sync::Notify,
+}
+
 /// Sends the calls that did not answer again, in order, one worker for all: while Redis
 /// does not answer it waits (100 ms, doubling up to a minute) and keeps them queued.
 fn spawn_retries(
@@ -291,9 +300,13 @@ fn spawn_retries(
     connecting: Arc<AtomicBool>,
     settle: Script,
     cancel: Script,
+    state: Arc<RetryState>,
 ) -> tokio::sync::mpsc::Sender<Retry> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Retry>(RETRY_QUEUE);
     tokio::spawn(async move {
+        let done = |n: usize| {
+            state.waiting.fetch_sub(n, Ordering::AcqRel);
+        };
         let mut pending = std::collections::VecDeque::new();
         let mut wait = Duration::from_millis(100);
         loop {
@@ -304,7 +317,10 @@ fn spawn_retries(
                 }
                 wait = Duration::from_millis(100);
             }
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = state.now.notified() => {}
+            }
             while let Ok(r) = rx.try_recv() {
                 pending.push_back(r);
             }
@@ -312,6 +328,7 @@ fn spawn_retries(
             let before = pending.len();
             pending.retain(|r: &Retry| r.until > now);
             if pending.len() < before {
+                done(before - pending.len());
                 crate::telemetry::metrics::state_error("settle");
                 tracing::error!(
                     calls = before - pending.len(),
@@ -337,11 +354,13 @@ fn spawn_retries(
                     Ok(Ok(_)) => {
                         tracing::info!(what = r.what.name(), "Redis call sent again: done");
                         pending.pop_front();
+                        done(1);
                     }
                     Ok(Err(e)) if !transient(&e) => {
                         crate::telemetry::metrics::state_error(r.what.name());
                         tracing::error!(what = r.what.name(), error = %e, "Redis refused a call sent again");
                         pending.pop_front();
+                        done(1);
                     }
                     _ => {
                         failed = true;
@@ -411,12 +430,14 @@ impl RedisState {
         let conn = Arc::new(ArcSwapOption::empty());
         let connecting = Arc::new(AtomicBool::new(false));
         let (settle, cancel) = (Script::new(SETTLE), Script::new(CANCEL));
+        let retry_state = Arc::new(RetryState::default());
         let retries = spawn_retries(
             client.clone(),
             conn.clone(),
             connecting.clone(),
             settle.clone(),
             cancel,
+            retry_state.clone(),
         );
         let state = RedisState {
             client,
@@ -429,6 +450,7 @@ impl RedisState {
             limits_fail,
             ledger,
             retries,
+            retry_state,
         };
         state.reconnect();
         Ok(state)
@@ -469,7 +491,9 @@ impl RedisState {
             args,
             until: tokio::time::Instant::now() + RETRY_FOR,
         };
+        self.retry_state.waiting.fetch_add(1, Ordering::AcqRel);
         if self.retries.try_send(retry).is_err() {
+            self.retry_state.waiting.fetch_sub(1, Ordering::AcqRel);
             crate::telemetry::metrics::state_error(what.name());
             tracing::error!(
                 what = what.name(),
@@ -767,6 +791,28 @@ impl PolicyState for RedisState {
         actual: Actual,
     ) -> BoxFuture<'a, Vec<Alert>> {
         Box::pin(self.settle_redis(plan, admitted, actual))
+    }
+
+    fn drain(&self, within: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let deadline = tokio::time::Instant::now() + within;
+            loop {
+                let waiting = self.retry_state.waiting.load(Ordering::Acquire);
+                if waiting == 0 {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    crate::telemetry::metrics::state_error("settle");
+                    tracing::error!(
+                        calls = waiting,
+                        "Redis calls still to be sent again at exit; their reservations stay until their periods end"
+                    );
+                    return;
+                }
+                self.retry_state.now.notify_one();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
     }
 
     fn seed_spent<'a>(

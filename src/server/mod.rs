@@ -643,6 +643,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         }
         _ => Arc::new(MemoryState::default()),
     };
+    let drain_policy = policy_state.clone();
     let accounting = Accounting {
         policy: policy_state,
         ledger: writer,
@@ -800,6 +801,8 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     while connections.join_next().await.is_some() {}
     // Let the settlements of the last requests queue their rows, then write them all.
     tokio::time::sleep(Duration::from_millis(50)).await;
+    // What Redis did not take in time (settlements, cancelled admissions), sent once more.
+    drain_policy.drain(Duration::from_secs(5)).await;
     ledger_task.shutdown(Duration::from_secs(30)).await;
     tracing::info!("ledger flushed");
     Ok(())
