@@ -853,18 +853,7 @@ pub fn stream_storable(events: &[Bytes]) -> bool {
     static ERROR: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
     let mut done = false;
-    for e in events {
-        let Some(data) = sse::joined_data(e) else {
-            continue;
-        };
-        // What follows `[DONE]` no client reads.
-        if data.starts_with(b"[DONE]") {
-            done = true;
-            break;
-        }
-        if data.is_empty() {
-            continue;
-        }
+    for data in sse::data_until_done(events, &mut done) {
         // A member `"error": null` (some servers send one in every chunk) is no error; an
         // `"error"` that is no member's name (a string's value) is none either.
         for at in ERROR.find_iter(&data) {
@@ -891,18 +880,10 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
     let mut top: Map<String, Value> = Map::new();
     let mut choices: Vec<Map<String, Value>> = Vec::new();
     let mut usage = Value::Null;
-    for e in events {
-        let Some(data) = sse::joined_data(e) else {
-            continue;
-        };
-        // What follows `[DONE]` no client reads.
-        if data.starts_with(b"[DONE]") {
-            done = true;
-            break;
-        }
-        if data.is_empty() {
-            continue;
-        }
+    // The first value that says something: Azure's first event has an empty `id` and
+    // `model` and a `created` of 0, the next ones the real ones.
+    let says_nothing = |x: &Value| x.is_null() || x.as_str() == Some("") || x.as_u64() == Some(0);
+    for data in sse::data_until_done(events, &mut done) {
         let Value::Object(mut v) = serde_json::from_slice::<Value>(&data).ok()? else {
             return None;
         };
@@ -941,10 +922,6 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
             if matches!(k.as_str(), "object" | "obfuscation") {
                 continue;
             }
-            // The first value that says something: Azure's first event has an empty `id`
-            // and `model` and a `created` of 0, the next ones the real ones.
-            let says_nothing =
-                |x: &Value| x.is_null() || x.as_str() == Some("") || x.as_u64() == Some(0);
             match top.get(&k) {
                 Some(old) if !says_nothing(old) => {}
                 Some(_) if says_nothing(&val) => {}
@@ -963,16 +940,13 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
         "text_completion"
     };
     let mut out = Map::new();
-    for k in ["id", "object", "created", "model"] {
-        match k {
-            "object" => {
-                out.insert(k.into(), json!(object));
-            }
-            _ => {
-                if let Some(v) = top.remove(k) {
-                    out.insert(k.into(), v);
-                }
-            }
+    if let Some(id) = top.remove("id") {
+        out.insert("id".into(), id);
+    }
+    out.insert("object".into(), json!(object));
+    for k in ["created", "model"] {
+        if let Some(v) = top.remove(k) {
+            out.insert(k.into(), v);
         }
     }
     out.insert(
@@ -981,22 +955,14 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
             choices
                 .into_iter()
                 .enumerate()
-                .map(|(i, c)| {
+                .map(|(i, mut c)| {
                     let mut o = Map::new();
                     o.insert("index".into(), json!(i));
                     if op == Operation::ChatCompletions {
-                        let message = c.get("message").cloned();
-                        o.insert(
-                            "message".into(),
-                            message
-                                .unwrap_or_else(|| json!({"role": "assistant", "content": null})),
-                        );
+                        let message = c.shift_remove("message").unwrap_or_else(empty_message);
+                        o.insert("message".into(), message);
                     }
-                    for (k, v) in c {
-                        if k != "message" && k != "index" {
-                            o.insert(k, v);
-                        }
-                    }
+                    o.extend(c);
                     if op == Operation::Completions {
                         o.entry("text").or_insert(json!(""));
                     }
@@ -1016,6 +982,11 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
 /// `n` is at most 128; an index past it is no stream to trust.
 const MAX_CHOICES: usize = 128;
 
+/// A chat choice's message before its first delta.
+fn empty_message() -> Value {
+    json!({"role": "assistant", "content": null})
+}
+
 /// Adds one event's choice to what its earlier events made of it.
 fn merge_choice(acc: &mut Map<String, Value>, c: Map<String, Value>, op: Operation) -> Option<()> {
     for (k, v) in c {
@@ -1023,9 +994,7 @@ fn merge_choice(acc: &mut Map<String, Value>, c: Map<String, Value>, op: Operati
             // Azure's positions of a filtered stretch in the stream: no plain answer has them.
             "index" | "content_filter_offsets" => {}
             "delta" if op == Operation::ChatCompletions => {
-                let msg = acc
-                    .entry("message")
-                    .or_insert_with(|| json!({"role": "assistant", "content": null}));
+                let msg = acc.entry("message").or_insert_with(empty_message);
                 let (Value::Object(msg), Value::Object(delta)) = (msg, v) else {
                     // `"delta": null` adds nothing; anything else is no stream of OpenAI's.
                     continue;
@@ -1043,8 +1012,8 @@ fn merge_choice(acc: &mut Map<String, Value>, c: Map<String, Value>, op: Operati
                 }
             }
             "text" => join(acc, k, v, Join::Text),
-            // Each chunk's `logprobs.content` (or `tokens`, ...) entries, joined.
-            "logprobs" => join(acc, k, v, Join::Members),
+            // The rest as members: each chunk's `logprobs.content` (or `tokens`, ...)
+            // entries joined, the last `finish_reason`, Azure's filter results merged.
             _ => join(acc, k, v, Join::Members),
         }
     }
@@ -1129,19 +1098,7 @@ pub fn stream_events(entry: &Entry, op: Operation, include_usage: bool) -> Vec<B
     if let Some(events) = &entry.events {
         return events
             .iter()
-            .filter(|e| {
-                include_usage || {
-                    let usage_only = sse::event_data(e)
-                        .and_then(|d| serde_json::from_slice::<Value>(&d).ok())
-                        .is_some_and(|v| {
-                            v.get("usage").is_some_and(Value::is_object)
-                                && v.get("choices")
-                                    .and_then(Value::as_array)
-                                    .is_some_and(|c| c.is_empty())
-                        });
-                    !usage_only
-                }
-            })
+            .filter(|e| include_usage || !crate::ledger::is_usage_chunk(e))
             .cloned()
             .collect();
     }

@@ -81,6 +81,17 @@ impl Drop for RequestRecord {
 }
 
 impl RequestRecord {
+    /// The row's route (a fallback's, when one served), deployment and provider from the
+    /// attempts made so far.
+    pub fn row_from_served(&mut self) {
+        let s = &self.served;
+        if !s.route.is_empty() {
+            self.row.route.clone_from(&s.route);
+        }
+        self.row.deployment.clone_from(&s.deployment);
+        self.row.provider.clone_from(&s.provider);
+    }
+
     /// Prices the request, settles its reservation and queues its ledger row. Nothing here
     /// waits: the in-process state settles at once, Redis in a task of its own.
     pub fn finish(mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
@@ -91,13 +102,9 @@ impl RequestRecord {
         let Some(accounting) = self.accounting.take() else {
             return;
         };
-        if self.row.deployment.is_empty() && !self.served.deployment.is_empty() {
-            let s = std::mem::take(&mut self.served);
-            if !s.route.is_empty() {
-                self.row.route = s.route;
-            }
-            self.row.deployment = s.deployment;
-            self.row.provider = s.provider;
+        // Dropped while a deployment was being tried (its client gone): that one.
+        if self.row.deployment.is_empty() {
+            self.row_from_served();
         }
         let usage = usage.unwrap_or_default();
         let cost = if (200..300).contains(&status) {
@@ -354,13 +361,10 @@ impl Tap {
             let mut dropped = false;
             // Read without a JSON tree: OpenAI puts `"usage":null` in every chunk of a stream
             // that asked for usage, so this runs for each of them.
-            if !usage_all_null(event) {
-                if let Some((u, usage_only)) = event_data(event).and_then(|d| Usage::from_event(&d))
-                {
-                    self.usage = Some(u);
-                    if self.drop_usage_chunk && usage_only {
-                        dropped = true;
-                    }
+            if let Some((u, usage_only)) = event_usage(event) {
+                self.usage = Some(u);
+                if self.drop_usage_chunk && usage_only {
+                    dropped = true;
                 }
             }
             match (&mut out, dropped) {
@@ -520,6 +524,22 @@ fn usage_all_null(event: &[u8]) -> bool {
         rest.strip_prefix(b":")
             .is_some_and(|r| r.trim_ascii_start().starts_with(b"null"))
     })
+}
+
+/// The usage an event reports, and whether it carries nothing else (`Usage::from_event`):
+/// looked for without a JSON tree first, since OpenAI puts `"usage":null` in every chunk of
+/// a stream that asked for usage.
+fn event_usage(event: &[u8]) -> Option<(Usage, bool)> {
+    if usage_all_null(event) {
+        return None;
+    }
+    event_data(event).and_then(|d| Usage::from_event(&d))
+}
+
+/// Whether an event is the usage chunk `stream_options.include_usage` adds (usage, no
+/// choices): the one a client that did not ask for it is not sent, live or replayed.
+pub(crate) fn is_usage_chunk(event: &[u8]) -> bool {
+    event_usage(event).is_some_and(|(_, usage_only)| usage_only)
 }
 
 /// The JSON of an event's `data:` lines.

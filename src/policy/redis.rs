@@ -326,10 +326,15 @@ fn spawn_retries(
             }
             let now = tokio::time::Instant::now();
             let before = pending.len();
-            pending.retain(|r: &Retry| r.until > now);
+            pending.retain(|r: &Retry| {
+                let live = r.until > now;
+                if !live {
+                    crate::telemetry::metrics::state_error(r.what.name());
+                }
+                live
+            });
             if pending.len() < before {
                 done(before - pending.len());
-                crate::telemetry::metrics::state_error("settle");
                 tracing::error!(
                     calls = before - pending.len(),
                     "Redis did not take calls sent again for 30 minutes; their reservations stay until their periods end"

@@ -345,6 +345,7 @@ where
 
     let dispatched = std::time::Instant::now();
     let result = route::dispatch(route, &rt.routes, &api_req, &mut record.served).await;
+    record.row_from_served();
     let served = std::mem::take(&mut record.served);
     let waited = dispatched.elapsed();
     // The upstream's own time as its connection saw it, when one attempt served on a
@@ -367,10 +368,7 @@ where
     });
     if !served.route.is_empty() {
         facts.route.clone_from(&served.route);
-        record.row.route.clone_from(&served.route);
     }
-    record.row.deployment.clone_from(&served.deployment);
-    record.row.provider.clone_from(&served.provider);
     record.price = served.price;
     record.tokenizer_model = served.tokenizer_model;
     facts.deployment = served.deployment;

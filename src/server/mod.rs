@@ -643,7 +643,6 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         }
         _ => Arc::new(MemoryState::default()),
     };
-    let drain_policy = policy_state.clone();
     let accounting = Accounting {
         policy: policy_state,
         ledger: writer,
@@ -802,7 +801,11 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
     // Let the settlements of the last requests queue their rows, then write them all.
     tokio::time::sleep(Duration::from_millis(50)).await;
     // What Redis did not take in time (settlements, cancelled admissions), sent once more.
-    drain_policy.drain(Duration::from_secs(5)).await;
+    gateway
+        .accounting
+        .policy
+        .drain(Duration::from_secs(5))
+        .await;
     ledger_task.shutdown(Duration::from_secs(30)).await;
     tracing::info!("ledger flushed");
     Ok(())

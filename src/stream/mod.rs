@@ -60,7 +60,6 @@ where
     }
 }
 
-/// The SSE event that ends a broken stream.
 /// Whether a chunk is the error event that ends a stream the upstream broke off or let
 /// time out (`error_event`, its `code` last).
 pub fn is_broke_off_event(chunk: &[u8]) -> bool {
@@ -68,6 +67,7 @@ pub fn is_broke_off_event(chunk: &[u8]) -> bool {
         || chunk.ends_with(b"\"code\":\"upstream_timeout\"}}\n\n")
 }
 
+/// The SSE event that ends a broken stream.
 pub fn error_event(code: &str, message: &str) -> Bytes {
     let body =
         json!({"error": {"message": message, "type": "api_error", "param": null, "code": code}});

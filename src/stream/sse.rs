@@ -10,6 +10,16 @@
 
 use std::borrow::Cow;
 
+/// Where the line end that starts at `t` (a `\r` or `\n`) stops: past `\r\n`, else past the
+/// one byte.
+fn after_line_end(buf: &[u8], t: usize) -> usize {
+    if buf[t] == b'\r' && buf.get(t + 1) == Some(&b'\n') {
+        t + 2
+    } else {
+        t + 1
+    }
+}
+
 /// Ends (exclusive) of the events in `buf`: each just past the empty line that ends it.
 pub fn event_ends(buf: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
@@ -17,11 +27,7 @@ pub fn event_ends(buf: &[u8]) -> Vec<usize> {
     let mut from = 0;
     while let Some(at) = memchr::memchr2(b'\n', b'\r', &buf[from..]) {
         let t = from + at;
-        let next = if buf[t] == b'\r' && buf.get(t + 1) == Some(&b'\n') {
-            t + 2
-        } else {
-            t + 1
-        };
+        let next = after_line_end(buf, t);
         if t == line_start {
             ends.push(next);
         }
@@ -55,12 +61,13 @@ pub fn last_event_end(buf: &[u8]) -> Option<usize> {
 pub fn last_event_end_after(buf: &[u8], from: usize) -> Option<usize> {
     // The usual read: whole events, the last ending the buffer (looked at without a search).
     let len = buf.len();
+    let from = from.min(len);
     if len > from && matches!(buf[len - 1], b'\n' | b'\r') && empty_line_ends_at(buf, len) {
         return Some(len);
     }
     let mut upto = len;
-    while let Some(at) = memchr::memrchr2(b'\n', b'\r', &buf[from.min(upto)..upto]) {
-        let at = from.min(upto) + at;
+    while let Some(at) = memchr::memrchr2(b'\n', b'\r', &buf[from..upto]) {
+        let at = from + at;
         if empty_line_ends_at(buf, at + 1) {
             return Some(at + 1);
         }
@@ -79,12 +86,7 @@ pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
         match memchr::memchr2(b'\n', b'\r', rest) {
             Some(t) => {
                 let line = &rest[..t];
-                let skip = if rest[t] == b'\r' && rest.get(t + 1) == Some(&b'\n') {
-                    2
-                } else {
-                    1
-                };
-                rest = &rest[t + skip..];
+                rest = &rest[after_line_end(rest, t)..];
                 Some(line)
             }
             None => {
@@ -118,14 +120,30 @@ pub fn joined_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     data
 }
 
+/// The data of a stream's events up to its `[DONE]` (events without data, or with empty
+/// data, left out); `done` is set when the `[DONE]` came. What follows it no client reads.
+pub fn data_until_done<'a>(
+    events: &'a [bytes::Bytes],
+    done: &'a mut bool,
+) -> impl Iterator<Item = Cow<'a, [u8]>> + 'a {
+    events
+        .iter()
+        .filter_map(|e| joined_data(e))
+        .take_while(move |d| {
+            *done = d.starts_with(b"[DONE]");
+            !*done
+        })
+        .filter(|d| !d.is_empty())
+}
+
 /// An event's data (`joined_data`); `None` without data, or for `[DONE]`.
 pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
     joined_data(event).filter(|d| !d.is_empty() && !d.starts_with(b"[DONE]"))
 }
 
-/// Whether a chunk of whole events ends with the stream's `[DONE]` (its last line is its
-/// `data:`): the stream is complete for its client (the SDKs stop reading there), whenever
-/// the upstream's body ends.
+/// Whether the last event of a chunk of whole events is the stream's `[DONE]`: the stream
+/// is complete for its client (the SDKs stop reading there), whenever the upstream's body
+/// ends.
 pub fn ends_with_done(chunk: &[u8]) -> bool {
     let text = chunk.trim_ascii_end();
     // Most chunks end with a JSON's `}`, the `[DONE]` event with itself: told at once.
