@@ -264,6 +264,14 @@ impl RetryKind {
             RetryKind::Cancel => "cancel",
         }
     }
+
+    /// Its `operation` in `switchyard_state_errors_total`: a cancel mends an admission.
+    fn operation(self) -> &'static str {
+        match self {
+            RetryKind::Settle => "settle",
+            RetryKind::Cancel => "admit",
+        }
+    }
 }
 
 /// Whether a failed call may pass if sent again: Redis unreachable or slow, or busy for a
@@ -329,7 +337,7 @@ fn spawn_retries(
             pending.retain(|r: &Retry| {
                 let live = r.until > now;
                 if !live {
-                    crate::telemetry::metrics::state_error(r.what.name());
+                    crate::telemetry::metrics::state_error(r.what.operation());
                 }
                 live
             });
@@ -362,7 +370,7 @@ fn spawn_retries(
                         done(1);
                     }
                     Ok(Err(e)) if !transient(&e) => {
-                        crate::telemetry::metrics::state_error(r.what.name());
+                        crate::telemetry::metrics::state_error(r.what.operation());
                         tracing::error!(what = r.what.name(), error = %e, "Redis refused a call sent again");
                         pending.pop_front();
                         done(1);
@@ -499,7 +507,7 @@ impl RedisState {
         self.retry_state.waiting.fetch_add(1, Ordering::AcqRel);
         if self.retries.try_send(retry).is_err() {
             self.retry_state.waiting.fetch_sub(1, Ordering::AcqRel);
-            crate::telemetry::metrics::state_error(what.name());
+            crate::telemetry::metrics::state_error(what.operation());
             tracing::error!(
                 what = what.name(),
                 "too many Redis calls wait to be sent again; this one is given up (its reservation stays until its period ends)"
