@@ -171,12 +171,14 @@ providers:
   slow: {{ kind: mock, latency: 400ms, stream_chunks: 8 }}
   fast: {{ kind: mock, stream_chunks: 2 }}
   slower: {{ kind: mock, latency: 1500ms }}
+  slowest: {{ kind: mock, latency: 5s }}
 models:
   slow: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slow }} ] }}
   fast: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: fast }} ] }}
   free: {{ pricing: {{ input_per_1m: 0, output_per_1m: 0 }}, deployments: [ {{ provider: fast }} ] }}
   slower: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slower }} ] }}
   tiny: {{ pricing: {{ input_per_1m: 0.01, output_per_1m: 0.01 }}, deployments: [ {{ provider: fast }} ] }}
+  slowest: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slowest }} ] }}
 keys:
   - {{ name: budgeted, key: "sha256:{h1}"{key_extra} }}
   - {{ name: limited, key: "sha256:{h2}"{open_extra} }}
@@ -788,6 +790,169 @@ async fn a_settlement_waiting_for_redis_is_sent_before_the_gateway_exits() {
         (spent - cost).abs() < 1e-8,
         "{spent} vs {cost}\n{}",
         a.logs()
+    );
+    // It left the list of replicas as it exited (else the others would look for what it
+    // held once it had been silent for `replica_timeout`): B alone is on it.
+    let listed = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "zrange",
+            "{switchyard}:replicas",
+            "0",
+            "-1",
+        ])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    drop((a, b));
+    pg.drop_db().await;
+}
+
+/// The config with replicas taken for stopped after 2 s of silence (30 s by default).
+fn quick_to_reap(cfg: String) -> String {
+    cfg.replacen("state:\n", "state:\n  replica_timeout: 2s\n", 1)
+}
+
+/// The cost of an answer at the test's price (2.5 / 10 USD per 1M tokens).
+async fn answer_cost(r: reqwest::Response) -> f64 {
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    let u = &answer["usage"];
+    (u["prompt_tokens"].as_f64().unwrap() * 2.5 + u["completion_tokens"].as_f64().unwrap() * 10.0)
+        / 1e6
+}
+
+/// Waits until the budget holds more than `at_least` USD in reservations.
+async fn wait_reserved(gw: &Gateway, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget_figures(gw).await.1 <= at_least {
+        assert!(Instant::now() < deadline, "nothing reserved\n{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A replica killed while its request runs (an OOM kill, a lost node) never settles it: the
+/// other replicas give back its budget reservation and its `max_parallel` slot once it has
+/// been silent for `state.replica_timeout`. (Before, they stayed: the reservation until the
+/// period's end, for good on a `total` budget.)
+#[tokio::test]
+async fn what_a_killed_replica_held_is_given_back_by_the_others() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = quick_to_reap(config(
+        &redis,
+        &pg.url(),
+        ", limits: { max_parallel: 1 }, budget: { usd: 1, period: total }",
+        "",
+    ));
+    let mut a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    // A worst case of ~0.6 USD against 1 USD: two cannot be held at once.
+    let big = |model: &str| json!({"model": model, "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
+    let on_a = reqwest::Client::new()
+        .post(a.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&big("slowest"))
+        .send();
+    let on_a = tokio::spawn(on_a);
+    wait_reserved(&b, 0.5).await;
+    a.signal("KILL");
+    a.wait_exit(Duration::from_secs(10)).await.expect("killed");
+    assert!(on_a.await.unwrap().is_err(), "the killed replica answered");
+
+    // Held still: the slot (429) and the reservation.
+    let r = post(&b, KEY, &big("fast")).await;
+    assert_eq!(r.status(), 429, "{}", r.text().await.unwrap());
+    assert!(budget_figures(&b).await.1 > 0.5);
+
+    // Given back: the same request is admitted, and counted alone.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let cost = loop {
+        let r = post(&b, KEY, &big("fast")).await;
+        if r.status() == 200 {
+            break answer_cost(r).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {}\n{}",
+            r.text().await.unwrap(),
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let spent = settled_figures(&b).await;
+    assert!((spent - cost).abs() < 1e-8, "{spent} vs {cost}");
+    assert!(
+        b.logs().contains("a replica stopped reaching Redis"),
+        "{}",
+        b.logs()
+    );
+    drop((a, b));
+    pg.drop_db().await;
+}
+
+/// A replica cut off from Redis longer than `state.replica_timeout` (here: frozen) is taken
+/// for stopped and what it held is given back; when it comes back and its request ends, the
+/// request's cost is still counted, once, and no other reservation is given back with it.
+#[tokio::test]
+async fn a_replica_taken_for_stopped_still_counts_its_cost_when_it_comes_back() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = quick_to_reap(config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 2, period: total }",
+        "",
+    ));
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let big = |model: &str| json!({"model": model, "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
+    let send = |gw: &Gateway, model: &str| {
+        tokio::spawn(
+            reqwest::Client::new()
+                .post(gw.url("/v1/chat/completions"))
+                .bearer_auth(KEY)
+                .json(&big(model))
+                .timeout(Duration::from_secs(60))
+                .send(),
+        )
+    };
+    let on_a = send(&a, "slower");
+    wait_reserved(&b, 0.5).await;
+    a.signal("STOP");
+    // B gives back A's reservation once A has been silent for 2 s.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while budget_figures(&b).await.1 > 0.0 {
+        assert!(Instant::now() < deadline, "not given back\n{}", b.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A request of B's own holds ~0.6 while A comes back and settles.
+    let on_b = send(&b, "slowest");
+    wait_reserved(&b, 0.5).await;
+    a.signal("CONT");
+    let cost_a = answer_cost(on_a.await.unwrap().unwrap()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (spent, reserved) = budget_figures(&b).await;
+        if (spent - cost_a).abs() < 1e-8 {
+            // Counted; B's reservation is still held (not given back a second time).
+            assert!(reserved > 0.5, "{spent} {reserved}\n{}", a.logs());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's cost not counted: {spent} vs {cost_a}\n{}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cost_b = answer_cost(on_b.await.unwrap().unwrap()).await;
+    let spent = settled_figures(&b).await;
+    assert!(
+        (spent - cost_a - cost_b).abs() < 1e-8,
+        "{spent} vs {cost_a} + {cost_b}"
     );
     drop((a, b));
     pg.drop_db().await;

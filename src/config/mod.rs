@@ -330,6 +330,15 @@ impl Checker<'_> {
                 "server.client_timeout must be longer than 0: every request would time out at once",
             );
         }
+        if c.state
+            .replica_timeout
+            .is_some_and(|d| d.0 < std::time::Duration::from_secs(1))
+        {
+            self.error(
+                &p(&["state", "replica_timeout"]),
+                "state.replica_timeout must be at least 1s: a replica could be taken for stopped while it waits for one Redis call (500 ms)",
+            );
+        }
         let rt = &c.routing;
         for (field, d) in [
             ("timeout", rt.timeout),

@@ -93,6 +93,18 @@ pub struct StateCfg {
     pub redis: Option<Secret>,
     #[serde(default)]
     pub on_redis_error: OnRedisError,
+    /// With `redis`: how long a replica may go without reaching Redis before the others
+    /// give back what its requests in flight hold (default 30s).
+    pub replica_timeout: Option<Dur>,
+}
+
+impl StateCfg {
+    pub const DEFAULT_REPLICA_TIMEOUT: Duration = Duration::from_secs(30);
+
+    pub fn replica_timeout(&self) -> Duration {
+        self.replica_timeout
+            .map_or(Self::DEFAULT_REPLICA_TIMEOUT, |d| d.0)
+    }
 }
 
 /// What admission does while Redis cannot be reached.

@@ -9,6 +9,13 @@
 //! on is cancelled (what it took is given back, or, not run yet, it will take nothing), and
 //! a settlement that timed out is sent again (it applies once: the ticket goes with it).
 //!
+//! A replica that stops (a crash, a lost node) cannot settle what its requests in flight hold.
+//! Each replica says every few seconds that it is alive, and lists its tickets with what
+//! each took; the others give back what a replica held once it has been silent for
+//! `state.replica_timeout` (only while they themselves have reached Redis for that long, so
+//! a Redis that was away does not make every replica look stopped). A settlement that comes
+//! after all (a replica that was cut off, not stopped) still counts its cost.
+//!
 //! When Redis cannot be reached, `on_redis_error` decides: `open` admits without counting,
 //! `closed` refuses (503); by default budgets fail closed and rate limits open.
 
@@ -76,18 +83,39 @@ for j = 1, m do
   if bttl > 0 then redis.call('EXPIRE', b, bttl) end
 end
 redis.call('SET', ticket, 'a', 'EX', tonumber(ARGV[6]))
+-- What it took, for the other replicas to give back should this one stop: the keys and the
+-- arguments as sent (strings: a number through Lua's tostring loses digits).
+local held = KEYS[2*n+m+2]
+local ks = {}
+for i = 1, 2*n+m do ks[i] = KEYS[i] end
+redis.call('HSET', held, ticket, cjson.encode({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ks}))
+redis.call('EXPIRE', held, tonumber(ARGV[6]))
+-- A replica that holds something is on the list of replicas, even before its first beat.
+local replicas = KEYS[2*n+m+3]; local me = string.match(held, ':held:(.*)$')
+if not redis.call('ZSCORE', replicas, me) then
+  local t = redis.call('TIME')
+  redis.call('ZADD', replicas, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), me)
+end
 return out
 "#;
 
 /// Gives back what an admission took, once: its ticket says whether it ran (`a`). Not run
 /// yet, the ticket is marked cancelled, and the admission, should it arrive, takes nothing.
+/// `ARGV[6]` 1: the admission of a replica that stopped, whose settlement may still come
+/// (marked `r`: it then counts its cost only).
 const CANCEL: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local cttl = tonumber(ARGV[5])
-local ticket = KEYS[2*n+m+1]
+local ticket = KEYS[2*n+m+1]; local held = KEYS[2*n+m+2]
 local v = redis.call('GET', ticket)
-redis.call('SET', ticket, 'c', 'EX', cttl)
-if v ~= 'a' then return 0 end
+redis.call('HDEL', held, ticket)
+if ARGV[6] == '1' then
+  if v ~= 'a' then return 0 end
+  redis.call('SET', ticket, 'r', 'EX', cttl)
+else
+  redis.call('SET', ticket, 'c', 'EX', cttl)
+  if v ~= 'a' then return 0 end
+end
 for i = 1, n do
   local w = KEYS[2*i-1]; local p = KEYS[2*i]
   if redis.call('EXISTS', w) == 1 then
@@ -105,25 +133,30 @@ return 1
 
 /// Settles an admission once: only while its ticket says it was admitted (`a`), and the
 /// ticket goes (a settlement sent again after a timeout finds it gone and does nothing).
+/// A ticket another replica gave back (`r`: this one was taken for stopped) counts the cost
+/// only: its reservation and in-flight count were given back then.
 const SETTLE: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local est = tonumber(ARGV[3]); local act = tonumber(ARGV[4]); local worst = tonumber(ARGV[5]); local cost = tonumber(ARGV[6])
-local ticket = KEYS[2*n+m+1]
-if redis.call('GET', ticket) ~= 'a' then return {} end
+local ticket = KEYS[2*n+m+1]; local held = KEYS[2*n+m+2]
+local st = redis.call('GET', ticket)
+if st ~= 'a' and st ~= 'r' then return {} end
 redis.call('DEL', ticket)
+redis.call('HDEL', held, ticket)
+local live = st == 'a'
 for i = 1, n do
   local w = KEYS[2*i-1]; local p = KEYS[2*i]
-  if redis.call('EXISTS', w) == 1 then
+  if live and redis.call('EXISTS', w) == 1 then
     local t = redis.call('HINCRBY', w, 't', act - est)
     if t < 0 then redis.call('HSET', w, 't', 0) end
   end
-  if redis.call('DECR', p) <= 0 then redis.call('DEL', p) end
+  if live and redis.call('DECR', p) <= 0 then redis.call('DEL', p) end
 end
 local out = {}
 for j = 1, m do
   local b = KEYS[2*n+j]; local soft = tonumber(ARGV[6+j])
   -- Lua's -0 reaches Redis as the text "-0", which HINCRBY refuses: nothing to release anyway.
-  if worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
+  if live and worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
   local before = tonumber(redis.call('HGET', b, 's') or '0')
   local after = redis.call('HINCRBY', b, 's', cost)
   local crossed = 0
@@ -131,6 +164,47 @@ for j = 1, m do
   table.insert(out, crossed); table.insert(out, after)
 end
 return out
+"#;
+
+/// A replica says it is alive (`KEYS[1]`: every replica by the time Redis last heard from it)
+/// and learns which replicas have been silent for `ARGV[3]` ms: only once it has itself
+/// reached Redis without a gap longer than `ARGV[2]` ms for that long (`KEYS[2]`: since
+/// when), so that after Redis was away every replica has had its turn to say so.
+const BEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local me = ARGV[1]; local gap = tonumber(ARGV[2]); local dead = tonumber(ARGV[3])
+local prev = tonumber(redis.call('ZSCORE', KEYS[1], me))
+local since = tonumber(redis.call('HGET', KEYS[2], me))
+if not prev or not since or now - prev > gap then
+  since = now
+  redis.call('HSET', KEYS[2], me, now)
+end
+redis.call('ZADD', KEYS[1], now, me)
+if now - since < dead then return {} end
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dead))
+"#;
+
+/// Forgets a stopped replica once nothing it held is left (`KEYS[3]`), unless it has spoken
+/// again meanwhile.
+const FORGET: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if score and score >= now - tonumber(ARGV[2]) then return 0 end
+if redis.call('HLEN', KEYS[3]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// A replica leaves at exit (see `RedisState::leave`).
+const LEAVE: &str = r#"
+if redis.call('HLEN', KEYS[3]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])
+  return 1
+end
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+return 0
 "#;
 
 /// Seeds a budget's spend from the ledger, once: `s` becomes the more of what Redis holds (the
@@ -182,6 +256,12 @@ pub struct RedisState {
     /// Calls that did not answer, to send again (`spawn_retries`).
     retries: tokio::sync::mpsc::Sender<Retry>,
     retry_state: Arc<RetryState>,
+    /// This replica's name among the others (random, new at each start), and the key of what
+    /// its requests in flight hold.
+    replica: Arc<str>,
+    held: String,
+    /// Set at shutdown: the replica no longer says it is alive.
+    stopping: Arc<AtomicBool>,
 }
 
 fn window_key(id: &str, minute: u64) -> String {
@@ -190,6 +270,12 @@ fn window_key(id: &str, minute: u64) -> String {
 fn parallel_key(id: &str) -> String {
     format!("{PREFIX}:p:{id}")
 }
+fn held_key(replica: &str) -> String {
+    format!("{PREFIX}:held:{replica}")
+}
+const REPLICAS_KEY: &str = "{switchyard}:replicas";
+const SINCE_KEY: &str = "{switchyard}:replicas:since";
+
 fn budget_key(id: &str, period_start: i64) -> String {
     // `bn`: in nano-dollars (keys in micro-dollars were `b`; a new key is seeded from the
     // ledger like any other).
@@ -206,9 +292,15 @@ fn budget_ttl(b: &BudgetRef, now_ms: i64) -> i64 {
 }
 
 /// The keys of an admission's scripts: each limit's minute window and in-flight count, each
-/// budget's period, the ticket last.
-fn script_keys(plan: &Plan, minute: u64, periods: &[(Arc<str>, i64)], ticket: &str) -> Vec<String> {
-    let mut keys = Vec::with_capacity(2 * plan.limits.len() + periods.len() + 1);
+/// budget's period, the ticket, the replica's list of what it holds, and the list of replicas.
+fn script_keys(
+    plan: &Plan,
+    minute: u64,
+    periods: &[(Arc<str>, i64)],
+    ticket: &str,
+    held: &str,
+) -> Vec<String> {
+    let mut keys = Vec::with_capacity(2 * plan.limits.len() + periods.len() + 3);
     for l in plan.limits.iter() {
         keys.push(window_key(&l.id, minute));
         keys.push(parallel_key(&l.id));
@@ -217,6 +309,8 @@ fn script_keys(plan: &Plan, minute: u64, periods: &[(Arc<str>, i64)], ticket: &s
         keys.push(budget_key(id, *start));
     }
     keys.push(format!("{PREFIX}:t:{ticket}"));
+    keys.push(held.to_string());
+    keys.push(REPLICAS_KEY.to_string());
     keys
 }
 
@@ -377,12 +471,7 @@ fn spawn_retries(
                     }
                     _ => {
                         failed = true;
-                        // Dropped only if it is still the one that failed: another may be
-                        // in its place already, serving admissions.
-                        let prev = slot.compare_and_swap(&Some(conn.clone()), None);
-                        if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, &conn)) {
-                            spawn_connect(client.clone(), slot.clone(), connecting.clone());
-                        }
+                        drop_failed(&client, &slot, &connecting, &conn);
                         break;
                     }
                 }
@@ -395,6 +484,164 @@ fn spawn_retries(
         }
     });
     tx
+}
+
+/// Drops a connection a call failed or timed out on, and connects anew: only if it is still
+/// the one that failed (another may be in its place already, serving admissions).
+fn drop_failed(
+    client: &redis::Client,
+    slot: &Arc<ArcSwapOption<ConnectionManager>>,
+    connecting: &Arc<AtomicBool>,
+    conn: &Arc<ConnectionManager>,
+) {
+    let prev = slot.compare_and_swap(&Some(conn.clone()), None);
+    if prev.as_ref().is_some_and(|p| Arc::ptr_eq(p, conn)) {
+        spawn_connect(client.clone(), slot.clone(), connecting.clone());
+    }
+}
+
+/// What a replica's beat needs: the connection, the scripts, its name and when the others
+/// count as stopped.
+struct Beats {
+    client: redis::Client,
+    slot: Arc<ArcSwapOption<ConnectionManager>>,
+    connecting: Arc<AtomicBool>,
+    cancel: Script,
+    replica: Arc<str>,
+    dead_after: Duration,
+    stopping: Arc<AtomicBool>,
+}
+
+/// Says, six times per `dead_after`, that this replica is alive; gives back what the
+/// replicas silent for `dead_after` held.
+fn spawn_beats(b: Beats) {
+    tokio::spawn(async move {
+        let (beat, forget) = (Script::new(BEAT), Script::new(FORGET));
+        let every = (b.dead_after / 6).max(Duration::from_millis(100));
+        let gap_ms = (every * 2 + CALL_TIMEOUT).as_millis() as i64;
+        let dead_ms = b.dead_after.as_millis() as i64;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut listed = false;
+        loop {
+            if listed {
+                tick.tick().await;
+            } else {
+                // Listed as soon as Redis answers, not a beat later.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if b.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let Some(conn) = b.slot.load_full() else {
+                continue; // being connected again
+            };
+            let mut c = (*conn).clone();
+            let mut inv = beat.prepare_invoke();
+            inv.key(REPLICAS_KEY)
+                .key(SINCE_KEY)
+                .arg(&*b.replica)
+                .arg(gap_ms)
+                .arg(dead_ms);
+            let stopped: Vec<String> =
+                match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut c)).await {
+                    Ok(Ok(v)) => {
+                        listed = true;
+                        v
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "Redis did not take this replica's beat");
+                        if transient(&e) {
+                            drop_failed(&b.client, &b.slot, &b.connecting, &conn);
+                        }
+                        continue;
+                    }
+                    Err(_) => {
+                        drop_failed(&b.client, &b.slot, &b.connecting, &conn);
+                        continue;
+                    }
+                };
+            for other in stopped.iter().filter(|o| **o != *b.replica) {
+                match reap(&mut c, &b.cancel, &forget, other, dead_ms).await {
+                    Ok(0) => {}
+                    Ok(given) => tracing::warn!(
+                        replica = %other,
+                        requests = given,
+                        "a replica stopped reaching Redis: what its requests in flight held (budget reservations, in-flight counts) is given back"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(replica = %other, error = %e, "cannot give back what a stopped replica held; tried again at the next beat");
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// One entry of a replica's list of what it holds, as `ADMIT` wrote it: the arguments of
+/// `CANCEL` (n, m, tokens, worst) and the keys before the ticket.
+fn parse_held(entry: &str) -> Option<([i64; 4], Vec<String>)> {
+    let (n, m, tokens, worst, keys): (String, String, String, String, Vec<String>) =
+        serde_json::from_str(entry).ok()?;
+    let nums = [n, m, tokens, worst].map(|v| v.parse::<i64>().ok());
+    let [Some(n), Some(m), Some(tokens), Some(worst)] = nums else {
+        return None;
+    };
+    (n >= 0 && m >= 0 && keys.len() as i64 == 2 * n + m).then_some(([n, m, tokens, worst], keys))
+}
+
+/// Gives back what a stopped replica's requests held, each once (`CANCEL`, marking its
+/// ticket `r`, so a settlement that still comes counts its cost), then forgets the replica.
+/// How many it gave back.
+async fn reap(
+    c: &mut ConnectionManager,
+    cancel: &Script,
+    forget: &Script,
+    replica: &str,
+    dead_ms: i64,
+) -> Result<usize, redis::RedisError> {
+    let timeout = || redis::RedisError::from((redis::ErrorKind::IoError, "timeout"));
+    let held = held_key(replica);
+    let entries: Vec<(String, String)> = tokio::time::timeout(
+        CALL_TIMEOUT,
+        redis::cmd("HGETALL").arg(&held).query_async(c),
+    )
+    .await
+    .map_err(|_| timeout())??;
+    let mut given = 0;
+    for (ticket, entry) in entries {
+        let Some((args, mut keys)) = parse_held(&entry) else {
+            tracing::error!(
+                replica,
+                "an entry of a stopped replica's holdings does not read; dropped"
+            );
+            let _: Result<i64, _> = redis::cmd("HDEL")
+                .arg(&held)
+                .arg(&ticket)
+                .query_async(c)
+                .await;
+            continue;
+        };
+        keys.push(ticket);
+        keys.push(held.clone());
+        let [n, m, tokens, worst] = args;
+        let inv = invocation(cancel, &keys, &[n, m, tokens, worst, TICKET_TTL_S, 1]);
+        let done: i64 = tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(c))
+            .await
+            .map_err(|_| timeout())??;
+        given += done as usize;
+    }
+    let mut inv = forget.prepare_invoke();
+    inv.key(REPLICAS_KEY)
+        .key(SINCE_KEY)
+        .key(&held)
+        .arg(replica)
+        .arg(dead_ms);
+    let _: i64 = tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(c))
+        .await
+        .map_err(|_| timeout())??;
+    Ok(given)
 }
 
 /// Connects (again) in the background, with backoff, until Redis answers.
@@ -437,6 +684,7 @@ impl RedisState {
         url: &str,
         budgets_fail: FailMode,
         limits_fail: FailMode,
+        replica_timeout: Duration,
         ledger: crate::ledger::store::Store,
     ) -> Result<RedisState, String> {
         let client = crate::provider::tls::redis_client(url)?;
@@ -449,9 +697,20 @@ impl RedisState {
             conn.clone(),
             connecting.clone(),
             settle.clone(),
-            cancel,
+            cancel.clone(),
             retry_state.clone(),
         );
+        let replica: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+        let stopping = Arc::new(AtomicBool::new(false));
+        spawn_beats(Beats {
+            client: client.clone(),
+            slot: conn.clone(),
+            connecting: connecting.clone(),
+            cancel,
+            replica: replica.clone(),
+            dead_after: replica_timeout,
+            stopping: stopping.clone(),
+        });
         let state = RedisState {
             client,
             conn,
@@ -464,6 +723,9 @@ impl RedisState {
             ledger,
             retries,
             retry_state,
+            held: held_key(&replica),
+            replica,
+            stopping,
         };
         state.reconnect();
         Ok(state)
@@ -492,6 +754,7 @@ impl RedisState {
             plan.tokens as i64,
             worst,
             CANCELLED_TTL_S,
+            0,
         ];
         self.retry_later(RetryKind::Cancel, keys, args);
     }
@@ -612,7 +875,7 @@ impl RedisState {
             periods.push((b.id.clone(), start));
         }
         let ticket: Arc<str> = format!("{:032x}", rand::random::<u128>()).into();
-        let keys = script_keys(plan, minute, &periods, &ticket);
+        let keys = script_keys(plan, minute, &periods, &ticket, &self.held);
         let mut args = vec![
             plan.limits.len() as i64,
             plan.budgets.len() as i64,
@@ -727,7 +990,7 @@ impl RedisState {
             return Vec::new();
         }
         let ticket = admitted.ticket.as_deref().unwrap_or("");
-        let keys = script_keys(plan, admitted.minute, &admitted.periods, ticket);
+        let keys = script_keys(plan, admitted.minute, &admitted.periods, ticket, &self.held);
         let mut args = vec![
             plan.limits.len() as i64,
             admitted.periods.len() as i64,
@@ -788,6 +1051,29 @@ impl RedisState {
     }
 }
 
+impl RedisState {
+    /// At exit: this replica stops saying it is alive, and leaves the list of replicas, or,
+    /// with something still held (a settlement Redis did not take), is marked stopped, so
+    /// the others give it back at once.
+    async fn leave(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let Some(mut conn) = self.conn() else { return };
+        let leave = Script::new(LEAVE);
+        let mut inv = leave.prepare_invoke();
+        inv.key(REPLICAS_KEY)
+            .key(SINCE_KEY)
+            .key(&self.held)
+            .arg(&*self.replica);
+        if let Ok(Err(e)) | Err(e) =
+            tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<i64>(&mut conn))
+                .await
+                .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "timeout")))
+        {
+            tracing::warn!(error = %e, "cannot tell Redis this replica stops; the others find it stopped after state.replica_timeout");
+        }
+    }
+}
+
 impl PolicyState for RedisState {
     fn admit<'a>(
         &'a self,
@@ -812,19 +1098,20 @@ impl PolicyState for RedisState {
             loop {
                 let waiting = self.retry_state.waiting.load(Ordering::Acquire);
                 if waiting == 0 {
-                    return;
+                    break;
                 }
                 if tokio::time::Instant::now() >= deadline {
                     crate::telemetry::metrics::state_error("settle");
                     tracing::error!(
                         calls = waiting,
-                        "Redis calls still to be sent again at exit; their reservations stay until their periods end"
+                        "Redis calls still to be sent again at exit; the other replicas give back their reservations"
                     );
-                    return;
+                    break;
                 }
                 self.retry_state.now.notify_one();
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
+            self.leave().await;
         })
     }
 
@@ -880,5 +1167,25 @@ impl PolicyState for RedisState {
                 Err(_) => (0.0, 0.0),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_held;
+
+    #[test]
+    fn a_held_entry_reads_as_admit_wrote_it() {
+        // As Redis's cjson writes it: strings as sent, `/` escaped.
+        let e = r#"["1","1","20","1000000000000000",["{switchyard}:w:key:a\/b:1","{switchyard}:p:key:a\/b","{switchyard}:bn:key:a\/b:0"]]"#;
+        let (args, keys) = parse_held(e).unwrap();
+        assert_eq!(args, [1, 1, 20, 1_000_000_000_000_000]);
+        assert_eq!(keys[0], "{switchyard}:w:key:a/b:1");
+        assert_eq!(keys.len(), 3);
+        // Keys that do not match the counts, or numbers that do not read, are refused.
+        assert!(parse_held(r#"["1","1","20","5",["a","b"]]"#).is_none());
+        assert!(parse_held(r#"["1","x","20","5",["a","b","c"]]"#).is_none());
+        assert!(parse_held(r#"["-1","3","20","5",["a"]]"#).is_none());
+        assert!(parse_held("{}").is_none());
     }
 }

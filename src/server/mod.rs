@@ -638,6 +638,7 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
                 url.expose(),
                 on.budgets,
                 on.rate_limits,
+                loaded.config.state.replica_timeout(),
                 store.clone(),
             )?)
         }
