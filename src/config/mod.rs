@@ -332,11 +332,11 @@ impl Checker<'_> {
         }
         if c.state
             .replica_timeout
-            .is_some_and(|d| d.0 < std::time::Duration::from_secs(1))
+            .is_some_and(|d| d.0 < std::time::Duration::from_secs(5))
         {
             self.error(
                 &p(&["state", "replica_timeout"]),
-                "state.replica_timeout must be at least 1s: a replica could be taken for stopped while it waits for one Redis call (500 ms)",
+                "state.replica_timeout must be at least 5s: after Redis was away, a replica may take a few seconds to connect again and must not be taken for stopped meanwhile",
             );
         }
         let rt = &c.routing;
