@@ -386,12 +386,30 @@ fn transient(e: &redis::RedisError) -> bool {
         || e.code() == Some("BUSY")
 }
 
-/// What the gateway and the retry worker share: how many calls wait (queued or being sent),
-/// and a bell that cuts the worker's wait short (at shutdown, to send them at once).
+/// What the gateway and the retry worker share: how many calls wait (queued or being sent
+/// again), how many settlements are in their first sending, and a bell that cuts the
+/// worker's wait short (at shutdown, to send them at once).
 #[derive(Default)]
 struct RetryState {
     waiting: std::sync::atomic::AtomicUsize,
+    settling: std::sync::atomic::AtomicUsize,
     now: tokio::sync::Notify,
+}
+
+/// A settlement in its first sending, counted while it lasts (shutdown waits for it).
+struct Settling<'a>(&'a RetryState);
+
+impl<'a> Settling<'a> {
+    fn start(state: &'a RetryState) -> Settling<'a> {
+        state.settling.fetch_add(1, Ordering::AcqRel);
+        Settling(state)
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.0.settling.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Sends the calls that did not answer again, in order, one worker for all: while Redis
@@ -989,6 +1007,7 @@ impl RedisState {
         if !admitted.counted {
             return Vec::new();
         }
+        let _settling = Settling::start(&self.retry_state);
         let ticket = admitted.ticket.as_deref().unwrap_or("");
         let keys = script_keys(plan, admitted.minute, &admitted.periods, ticket, &self.held);
         let mut args = vec![
@@ -1096,7 +1115,10 @@ impl PolicyState for RedisState {
         Box::pin(async move {
             let deadline = tokio::time::Instant::now() + within;
             loop {
-                let waiting = self.retry_state.waiting.load(Ordering::Acquire);
+                // Sent again, or still in their first sending (which may time out, and then
+                // be sent again).
+                let waiting = self.retry_state.waiting.load(Ordering::Acquire)
+                    + self.retry_state.settling.load(Ordering::Acquire);
                 if waiting == 0 {
                     break;
                 }
