@@ -172,6 +172,7 @@ providers:
   fast: {{ kind: mock, stream_chunks: 2 }}
   slower: {{ kind: mock, latency: 1500ms }}
   slowest: {{ kind: mock, latency: 5s }}
+  longest: {{ kind: mock, latency: 20s }}
 models:
   slow: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slow }} ] }}
   fast: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: fast }} ] }}
@@ -179,6 +180,7 @@ models:
   slower: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slower }} ] }}
   tiny: {{ pricing: {{ input_per_1m: 0.01, output_per_1m: 0.01 }}, deployments: [ {{ provider: fast }} ] }}
   slowest: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: slowest }} ] }}
+  longest: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: longest }} ] }}
 keys:
   - {{ name: budgeted, key: "sha256:{h1}"{key_extra} }}
   - {{ name: limited, key: "sha256:{h2}"{open_extra} }}
@@ -953,6 +955,114 @@ async fn a_replica_taken_for_stopped_still_counts_its_cost_when_it_comes_back() 
         (spent - cost_a - cost_b).abs() < 1e-8,
         "{spent} vs {cost_a} + {cost_b}"
     );
+    drop((a, b));
+    pg.drop_db().await;
+}
+
+/// A replica that stopped holding many requests (20,000, as many budgets' worth of tickets)
+/// is given back in batches, while every live replica keeps saying it is alive: the live
+/// replica's own request keeps its reservation throughout (giving back one at a time, the
+/// replicas stopped beating for longer than `replica_timeout` and took each other for
+/// stopped).
+#[tokio::test]
+async fn giving_back_a_large_holding_takes_no_live_replica_for_stopped() {
+    const N: usize = 60_000;
+    const WORST: i64 = 1_000;
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = quick_to_reap(config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 2, period: total }",
+        "",
+    ));
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    // What a replica that crashed left: its tickets, what each took from a budget of its own,
+    // and its last beat a minute ago.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    let dummy = "{switchyard}:bn:key:gone:0";
+    let held = "{switchyard}:held:dead0";
+    let mut pipe = redis::pipe();
+    for i in 0..N {
+        let ticket = format!("{{switchyard}}:t:dead0-{i}");
+        pipe.cmd("SET").arg(&ticket).arg("a").ignore();
+        let entry = json!(["0", "1", "0", WORST.to_string(), [dummy]]).to_string();
+        pipe.cmd("HSET").arg(held).arg(&ticket).arg(entry).ignore();
+    }
+    pipe.cmd("HSET")
+        .arg(dummy)
+        .arg("r")
+        .arg(N as i64 * WORST)
+        .ignore();
+    let (secs, _): (i64, i64) = redis::cmd("TIME").query_async(&mut r).await.unwrap();
+    pipe.cmd("ZADD")
+        .arg("{switchyard}:replicas")
+        .arg((secs - 60) * 1000)
+        .arg("dead0")
+        .ignore();
+    let () = pipe.query_async(&mut r).await.unwrap();
+
+    let on_a = tokio::spawn(
+        reqwest::Client::new()
+            .post(a.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": "longest", "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]}))
+            .timeout(Duration::from_secs(60))
+            .send(),
+    );
+    wait_reserved(&b, 0.5).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let left: i64 = redis::cmd("HGET")
+            .arg(dummy)
+            .arg("r")
+            .query_async::<Option<i64>>(&mut r)
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        let (_, reserved) = budget_figures(&b).await;
+        assert!(
+            reserved > 0.5,
+            "the live replica's reservation was given back ({left} of the stopped one's left)\nA: {}\nB: {}",
+            a.logs(),
+            b.logs()
+        );
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} still held");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let still: i64 = redis::cmd("HLEN")
+        .arg(held)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(still, 0);
+    // Each ticket given back once, by one replica or the other: the counts add up.
+    let given: usize = [a.logs(), b.logs()]
+        .iter()
+        .flat_map(|l| l.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| l.contains("a replica stopped reaching Redis"))
+        .map(|l| {
+            assert!(l.contains("replica=dead0"), "{l}");
+            l.split("requests=")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(given, N);
+    // The live request is still counted as usual when it ends.
+    let cost = answer_cost(on_a.await.unwrap().unwrap()).await;
+    let spent = settled_figures(&b).await;
+    assert!((spent - cost).abs() < 1e-8, "{spent} vs {cost}");
     drop((a, b));
     pg.drop_db().await;
 }

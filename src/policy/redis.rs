@@ -90,26 +90,34 @@ local ks = {}
 for i = 1, 2*n+m do ks[i] = KEYS[i] end
 redis.call('HSET', held, ticket, cjson.encode({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ks}))
 redis.call('EXPIRE', held, tonumber(ARGV[6]))
--- A replica that holds something is on the list of replicas, even before its first beat.
-local replicas = KEYS[2*n+m+3]; local me = string.match(held, ':held:(.*)$')
-if not redis.call('ZSCORE', replicas, me) then
-  local t = redis.call('TIME')
-  redis.call('ZADD', replicas, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), me)
-end
+-- A replica that holds something is on the list of replicas, as alive now: before its
+-- first beat, and after it was cut off (a replica giving back its holdings then stops).
+local t = redis.call('TIME')
+local me = string.match(held, ':held:(.*)$')
+redis.call('ZADD', KEYS[2*n+m+3], 'GT', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), me)
 return out
 "#;
 
 /// Gives back what an admission took, once: its ticket says whether it ran (`a`). Not run
 /// yet, the ticket is marked cancelled, and the admission, should it arrive, takes nothing.
-/// `ARGV[6]` 1: the admission of a replica that stopped, whose settlement may still come
-/// (marked `r`: it then counts its cost only).
+/// `ARGV[6]` 1: the admission of a replica taken for stopped (`ARGV[7]`, silent for
+/// `ARGV[8]` ms on the list `KEYS[2n+m+3]`; -1 and nothing done if it has spoken since),
+/// whose settlement may still come (marked `r`: it then counts its cost only); its request
+/// ran, so its minute's counts stay.
 const CANCEL: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local cttl = tonumber(ARGV[5])
 local ticket = KEYS[2*n+m+1]; local held = KEYS[2*n+m+2]
+local reap = ARGV[6] == '1'
+if reap then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local score = tonumber(redis.call('ZSCORE', KEYS[2*n+m+3], ARGV[7]))
+  if score and score >= now - tonumber(ARGV[8]) then return -1 end
+end
 local v = redis.call('GET', ticket)
 redis.call('HDEL', held, ticket)
-if ARGV[6] == '1' then
+if reap then
   if v ~= 'a' then return 0 end
   redis.call('SET', ticket, 'r', 'EX', cttl)
 else
@@ -118,7 +126,7 @@ else
 end
 for i = 1, n do
   local w = KEYS[2*i-1]; local p = KEYS[2*i]
-  if redis.call('EXISTS', w) == 1 then
+  if not reap and redis.call('EXISTS', w) == 1 then
     if redis.call('HINCRBY', w, 'r', -1) < 0 then redis.call('HSET', w, 'r', 0) end
     if tokens > 0 and redis.call('HINCRBY', w, 't', -tokens) < 0 then redis.call('HSET', w, 't', 0) end
   end
@@ -169,7 +177,8 @@ return out
 /// A replica says it is alive (`KEYS[1]`: every replica by the time Redis last heard from it)
 /// and learns which replicas have been silent for `ARGV[3]` ms: only once it has itself
 /// reached Redis without a gap longer than `ARGV[2]` ms for that long (`KEYS[2]`: since
-/// when), so that after Redis was away every replica has had its turn to say so.
+/// when), so that after Redis was away every replica has had its turn to say so. Both keys
+/// live `ARGV[4]` s past the last beat.
 const BEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -181,6 +190,7 @@ if not prev or not since or now - prev > gap then
   redis.call('HSET', KEYS[2], me, now)
 end
 redis.call('ZADD', KEYS[1], now, me)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])); redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 if now - since < dead then return {} end
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dead))
 "#;
@@ -530,11 +540,15 @@ struct Beats {
     stopping: Arc<AtomicBool>,
 }
 
-/// Says, six times per `dead_after`, that this replica is alive; gives back what the
-/// replicas silent for `dead_after` held.
+/// Says, six times per `dead_after`, that this replica is alive; hands the replicas silent
+/// for `dead_after` to a task of their own, which gives back what they held (so that giving
+/// back much, or to a slow Redis, never delays a beat).
 fn spawn_beats(b: Beats) {
+    let (stopped_tx, stopped_rx) = tokio::sync::mpsc::channel::<Vec<String>>(1);
+    let b = Arc::new(b);
+    spawn_reaper(b.clone(), stopped_rx);
     tokio::spawn(async move {
-        let (beat, forget) = (Script::new(BEAT), Script::new(FORGET));
+        let beat = Script::new(BEAT);
         let every = (b.dead_after / 6).max(Duration::from_millis(100));
         let gap_ms = (every * 2 + CALL_TIMEOUT).as_millis() as i64;
         let dead_ms = b.dead_after.as_millis() as i64;
@@ -560,27 +574,46 @@ fn spawn_beats(b: Beats) {
                 .key(SINCE_KEY)
                 .arg(&*b.replica)
                 .arg(gap_ms)
-                .arg(dead_ms);
-            let stopped: Vec<String> =
-                match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut c)).await {
-                    Ok(Ok(v)) => {
-                        listed = true;
-                        v
+                .arg(dead_ms)
+                .arg(TICKET_TTL_S);
+            match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<Vec<String>>(&mut c)).await
+            {
+                Ok(Ok(stopped)) => {
+                    listed = true;
+                    let stopped: Vec<String> =
+                        stopped.into_iter().filter(|o| *o != *b.replica).collect();
+                    // Busy with the last ones: they come again at a later beat.
+                    if !stopped.is_empty() {
+                        let _ = stopped_tx.try_send(stopped);
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "Redis did not take this replica's beat");
-                        if transient(&e) {
-                            drop_failed(&b.client, &b.slot, &b.connecting, &conn);
-                        }
-                        continue;
-                    }
-                    Err(_) => {
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "Redis did not take this replica's beat");
+                    if transient(&e) {
                         drop_failed(&b.client, &b.slot, &b.connecting, &conn);
-                        continue;
                     }
+                }
+                Err(_) => drop_failed(&b.client, &b.slot, &b.connecting, &conn),
+            }
+        }
+    });
+}
+
+/// Gives back what the replicas the beat found stopped held, one replica after another.
+fn spawn_reaper(b: Arc<Beats>, mut stopped: tokio::sync::mpsc::Receiver<Vec<String>>) {
+    tokio::spawn(async move {
+        let (cancel, forget) = (b.cancel.clone(), Script::new(FORGET));
+        let dead_ms = b.dead_after.as_millis() as i64;
+        while let Some(replicas) = stopped.recv().await {
+            for other in &replicas {
+                if b.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                let Some(conn) = b.slot.load_full() else {
+                    break;
                 };
-            for other in stopped.iter().filter(|o| **o != *b.replica) {
-                match reap(&mut c, &b.cancel, &forget, other, dead_ms).await {
+                let mut c = (*conn).clone();
+                match reap(&mut c, &cancel, &forget, other, dead_ms).await {
                     Ok(0) => {}
                     Ok(given) => tracing::warn!(
                         replica = %other,
@@ -588,7 +621,7 @@ fn spawn_beats(b: Beats) {
                         "a replica stopped reaching Redis: what its requests in flight held (budget reservations, in-flight counts) is given back"
                     ),
                     Err(e) => {
-                        tracing::warn!(replica = %other, error = %e, "cannot give back what a stopped replica held; tried again at the next beat");
+                        tracing::warn!(replica = %other, error = %e, "cannot give back what a stopped replica held; tried again at a later beat");
                         break;
                     }
                 }
@@ -609,8 +642,12 @@ fn parse_held(entry: &str) -> Option<([i64; 4], Vec<String>)> {
     (n >= 0 && m >= 0 && keys.len() as i64 == 2 * n + m).then_some(([n, m, tokens, worst], keys))
 }
 
+/// Entries of a stopped replica's holdings read, and given back, per round trip.
+const REAP_BATCH: usize = 200;
+
 /// Gives back what a stopped replica's requests held, each once (`CANCEL`, marking its
-/// ticket `r`, so a settlement that still comes counts its cost), then forgets the replica.
+/// ticket `r`, so a settlement that still comes counts its cost), a batch per round trip,
+/// then forgets the replica. Stops, giving back nothing more, if the replica speaks again.
 /// How many it gave back.
 async fn reap(
     c: &mut ConnectionManager,
@@ -619,36 +656,71 @@ async fn reap(
     replica: &str,
     dead_ms: i64,
 ) -> Result<usize, redis::RedisError> {
-    let timeout = || redis::RedisError::from((redis::ErrorKind::IoError, "timeout"));
-    let held = held_key(replica);
-    let entries: Vec<(String, String)> = tokio::time::timeout(
-        CALL_TIMEOUT,
-        redis::cmd("HGETALL").arg(&held).query_async(c),
-    )
-    .await
-    .map_err(|_| timeout())??;
-    let mut given = 0;
-    for (ticket, entry) in entries {
-        let Some((args, mut keys)) = parse_held(&entry) else {
-            tracing::error!(
-                replica,
-                "an entry of a stopped replica's holdings does not read; dropped"
-            );
-            let _: Result<i64, _> = redis::cmd("HDEL")
-                .arg(&held)
-                .arg(&ticket)
-                .query_async(c)
-                .await;
-            continue;
-        };
-        keys.push(ticket);
-        keys.push(held.clone());
-        let [n, m, tokens, worst] = args;
-        let inv = invocation(cancel, &keys, &[n, m, tokens, worst, TICKET_TTL_S, 1]);
-        let done: i64 = tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(c))
+    async fn timed<T>(
+        f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, redis::RedisError> {
+        tokio::time::timeout(CALL_TIMEOUT, f)
             .await
-            .map_err(|_| timeout())??;
-        given += done as usize;
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "timeout")))?
+    }
+    let held = held_key(replica);
+    // Pipelined calls do not load a script Redis lacks (after a restart): load it first.
+    let _: String = timed(cancel.prepare_invoke().load_async(c)).await?;
+    let mut given = 0;
+    let mut cursor = 0u64;
+    loop {
+        let (next, entries): (u64, Vec<(String, String)>) = timed(
+            redis::cmd("HSCAN")
+                .arg(&held)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(REAP_BATCH)
+                .query_async(c),
+        )
+        .await?;
+        let mut pipe = redis::pipe();
+        let mut invocations = Vec::with_capacity(entries.len());
+        for (ticket, entry) in entries {
+            let Some((args, mut keys)) = parse_held(&entry) else {
+                tracing::error!(
+                    replica,
+                    "an entry of a stopped replica's holdings does not read; dropped"
+                );
+                pipe.cmd("HDEL").arg(&held).arg(&ticket).ignore();
+                continue;
+            };
+            keys.extend([ticket, held.clone(), REPLICAS_KEY.to_string()]);
+            let [n, m, tokens, worst] = args;
+            let mut inv = cancel.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            inv.arg(n)
+                .arg(m)
+                .arg(tokens)
+                .arg(worst)
+                .arg(TICKET_TTL_S)
+                .arg(1)
+                .arg(replica)
+                .arg(dead_ms);
+            invocations.push(inv);
+        }
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        let done: Vec<i64> = if pipe.is_empty() {
+            Vec::new()
+        } else {
+            timed(pipe.query_async(c)).await?
+        };
+        if done.contains(&-1) {
+            return Ok(given); // it spoke again: alive
+        }
+        given += done.iter().filter(|d| **d == 1).count();
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
     }
     let mut inv = forget.prepare_invoke();
     inv.key(REPLICAS_KEY)
@@ -656,9 +728,7 @@ async fn reap(
         .key(&held)
         .arg(replica)
         .arg(dead_ms);
-    let _: i64 = tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(c))
-        .await
-        .map_err(|_| timeout())??;
+    let _: i64 = timed(inv.invoke_async(c)).await?;
     Ok(given)
 }
 
