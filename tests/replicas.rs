@@ -816,6 +816,22 @@ fn quick_to_reap(cfg: String) -> String {
     cfg.replacen("state:\n", "state:\n  replica_timeout: 5s\n", 1)
 }
 
+/// A request of up to 60,000 output tokens (a worst case of ~0.6 USD) on its own task, so
+/// the test can stop the replica meanwhile.
+fn spawn_big(
+    gw: &Gateway,
+    model: &str,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    tokio::spawn(
+        reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .json(&json!({"model": model, "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]}))
+            .timeout(Duration::from_secs(60))
+            .send(),
+    )
+}
+
 /// The cost of an answer at the test's price (2.5 / 10 USD per 1M tokens).
 async fn answer_cost(r: reqwest::Response) -> f64 {
     assert_eq!(r.status(), 200);
@@ -852,12 +868,7 @@ async fn what_a_killed_replica_held_is_given_back_by_the_others() {
     let b = Gateway::start(&cfg).await;
     // A worst case of ~0.6 USD against 1 USD: two cannot be held at once.
     let big = |model: &str| json!({"model": model, "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
-    let on_a = reqwest::Client::new()
-        .post(a.url("/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&big("slowest"))
-        .send();
-    let on_a = tokio::spawn(on_a);
+    let on_a = spawn_big(&a, "slowest");
     wait_reserved(&b, 0.5).await;
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10)).await.expect("killed");
@@ -909,18 +920,7 @@ async fn a_replica_taken_for_stopped_still_counts_its_cost_when_it_comes_back() 
     ));
     let a = Gateway::start(&cfg).await;
     let b = Gateway::start(&cfg).await;
-    let big = |model: &str| json!({"model": model, "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
-    let send = |gw: &Gateway, model: &str| {
-        tokio::spawn(
-            reqwest::Client::new()
-                .post(gw.url("/v1/chat/completions"))
-                .bearer_auth(KEY)
-                .json(&big(model))
-                .timeout(Duration::from_secs(60))
-                .send(),
-        )
-    };
-    let on_a = send(&a, "slower");
+    let on_a = spawn_big(&a, "slower");
     wait_reserved(&b, 0.5).await;
     a.signal("STOP");
     // B gives back A's reservation once A has been silent for 5 s.
@@ -930,7 +930,7 @@ async fn a_replica_taken_for_stopped_still_counts_its_cost_when_it_comes_back() 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A request of B's own holds ~0.6 while A comes back and settles.
-    let on_b = send(&b, "slowest");
+    let on_b = spawn_big(&b, "slowest");
     wait_reserved(&b, 0.5).await;
     a.signal("CONT");
     let cost_a = answer_cost(on_a.await.unwrap().unwrap()).await;
@@ -1004,14 +1004,7 @@ async fn giving_back_a_large_holding_takes_no_live_replica_for_stopped() {
         .ignore();
     let () = pipe.query_async(&mut r).await.unwrap();
 
-    let on_a = tokio::spawn(
-        reqwest::Client::new()
-            .post(a.url("/v1/chat/completions"))
-            .bearer_auth(KEY)
-            .json(&json!({"model": "longest", "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]}))
-            .timeout(Duration::from_secs(60))
-            .send(),
-    );
+    let on_a = spawn_big(&a, "longest");
     wait_reserved(&b, 0.5).await;
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
