@@ -1034,24 +1034,31 @@ async fn giving_back_a_large_holding_takes_no_live_replica_for_stopped() {
         .await
         .unwrap();
     assert_eq!(still, 0);
-    // Each ticket given back once, by one replica or the other: the counts add up.
-    let given: usize = [a.logs(), b.logs()]
-        .iter()
-        .flat_map(|l| l.lines().map(str::to_string).collect::<Vec<_>>())
-        .filter(|l| l.contains("a replica stopped reaching Redis"))
-        .map(|l| {
-            assert!(l.contains("replica=dead0"), "{l}");
-            l.split("requests=")
-                .nth(1)
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse::<usize>()
-                .unwrap()
-        })
-        .sum();
-    assert_eq!(given, N);
+    // Each ticket given back once, by one replica or the other: the counts add up (a
+    // replica logs its count once it is done with the stopped one).
+    let given = || {
+        [a.logs(), b.logs()]
+            .iter()
+            .flat_map(|l| l.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| l.contains("a replica stopped reaching Redis"))
+            .map(|l| {
+                assert!(l.contains("replica=dead0"), "{l}");
+                l.split("requests=")
+                    .nth(1)
+                    .unwrap()
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap()
+            })
+            .sum::<usize>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while given() < N && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(given(), N);
     // The live request is still counted as usual when it ends.
     let cost = answer_cost(on_a.await.unwrap().unwrap()).await;
     let spent = settled_figures(&b).await;

@@ -613,17 +613,18 @@ fn spawn_reaper(b: Arc<Beats>, mut stopped: tokio::sync::mpsc::Receiver<Vec<Stri
                     break;
                 };
                 let mut c = (*conn).clone();
-                match reap(&mut c, &cancel, &forget, other, dead_ms).await {
-                    Ok(0) => {}
-                    Ok(given) => tracing::warn!(
+                let mut given = 0;
+                let done = reap(&mut c, &cancel, &forget, other, dead_ms, &mut given).await;
+                if given > 0 {
+                    tracing::warn!(
                         replica = %other,
                         requests = given,
                         "a replica stopped reaching Redis: what its requests in flight held (budget reservations, in-flight counts) is given back"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(replica = %other, error = %e, "cannot give back what a stopped replica held; tried again at a later beat");
-                        break;
-                    }
+                    );
+                }
+                if let Err(e) = done {
+                    tracing::warn!(replica = %other, error = %e, "cannot give back (all of) what a stopped replica held; tried again at a later beat");
+                    break;
                 }
             }
         }
@@ -648,14 +649,15 @@ const REAP_BATCH: usize = 200;
 /// Gives back what a stopped replica's requests held, each once (`CANCEL`, marking its
 /// ticket `r`, so a settlement that still comes counts its cost), a batch per round trip,
 /// then forgets the replica. Stops, giving back nothing more, if the replica speaks again.
-/// How many it gave back.
+/// Counts in `given` how many it gave back (also when a call fails midway).
 async fn reap(
     c: &mut ConnectionManager,
     cancel: &Script,
     forget: &Script,
     replica: &str,
     dead_ms: i64,
-) -> Result<usize, redis::RedisError> {
+    given: &mut usize,
+) -> Result<(), redis::RedisError> {
     async fn timed<T>(
         f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
     ) -> Result<T, redis::RedisError> {
@@ -666,7 +668,6 @@ async fn reap(
     let held = held_key(replica);
     // Pipelined calls do not load a script Redis lacks (after a restart): load it first.
     let _: String = timed(cancel.prepare_invoke().load_async(c)).await?;
-    let mut given = 0;
     let mut cursor = 0u64;
     loop {
         let (next, entries): (u64, Vec<(String, String)>) = timed(
@@ -713,10 +714,10 @@ async fn reap(
         } else {
             timed(pipe.query_async(c)).await?
         };
+        *given += done.iter().filter(|d| **d == 1).count();
         if done.contains(&-1) {
-            return Ok(given); // it spoke again: alive
+            return Ok(()); // it spoke again: alive
         }
-        given += done.iter().filter(|d| **d == 1).count();
         cursor = next;
         if cursor == 0 {
             break;
@@ -729,7 +730,7 @@ async fn reap(
         .arg(replica)
         .arg(dead_ms);
     let _: i64 = timed(inv.invoke_async(c)).await?;
-    Ok(given)
+    Ok(())
 }
 
 /// Connects (again) in the background, with backoff, until Redis answers.
