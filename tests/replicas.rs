@@ -22,6 +22,8 @@ struct Redis {
     child: Option<Child>,
     /// `--tls-port` and its certificate files: the port then speaks TLS only.
     tls: Vec<String>,
+    /// Its working folder, where `SHUTDOWN SAVE` leaves the data a restart loads.
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -62,6 +64,7 @@ impl Redis {
             port,
             child: None,
             tls,
+            dir: tempfile::tempdir().unwrap(),
         };
         r.restart();
         r
@@ -70,6 +73,8 @@ impl Redis {
     fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
             .args(if self.tls.is_empty() {
                 vec!["--port".to_string(), self.port.to_string()]
             } else {
@@ -97,6 +102,19 @@ impl Redis {
         let pid = self.child.as_ref().unwrap().id().to_string();
         let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
         assert!(ok.success());
+    }
+
+    /// Stops the server with its data saved (a restart then loads it: a restart, or a
+    /// failover to a replica, that keeps the data).
+    fn stop_keeping_data(&mut self) {
+        let ok = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown", "save"])
+            .status()
+            .unwrap();
+        let _ = ok;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        }
     }
 
     fn stop(&mut self) {
@@ -1063,6 +1081,85 @@ async fn giving_back_a_large_holding_takes_no_live_replica_for_stopped() {
     let cost = answer_cost(on_a.await.unwrap().unwrap()).await;
     let spent = settled_figures(&b).await;
     assert!((spent - cost).abs() < 1e-8, "{spent} vs {cost}");
+    drop((a, b));
+    pg.drop_db().await;
+}
+
+/// After Redis was away (restarted with its data), a replica that admits requests before it
+/// beats again does not take the others for stopped before they had their turn to say they
+/// are alive (here one needs 3 s): their requests keep their reservations. (Its admissions refresh its place on
+/// the list, which its beat read as its own last beat: it gave back the others' holdings
+/// ~1.5 s after Redis came back.)
+#[tokio::test]
+async fn after_redis_comes_back_no_live_replica_is_taken_for_stopped() {
+    let mut redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = quick_to_reap(config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 2, period: total }",
+        "",
+    ));
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    // Both beat for longer than `replica_timeout` before Redis goes.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let on_b = spawn_big(&b, "longest");
+    wait_reserved(&a, 0.5).await;
+    // A keeps admitting while Redis is away and as soon as it is back.
+    let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let traffic = {
+        let (url, busy) = (a.url("/v1/chat/completions"), busy.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let small = json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+            while busy.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client.post(&url).bearer_auth(KEY).json(&small).send().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    redis.stop_keeping_data();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    redis.restart();
+    // B is slow to come back (3 s, within what `replica_timeout` allows for connecting
+    // again): A, admitting at once, must not take it for stopped meanwhile.
+    b.signal("STOP");
+    let thaw = {
+        let pid = b.pid().to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        })
+    };
+    // Longer than `replica_timeout` after Redis is back: B's reservation stays (read from
+    // Redis itself: the gateways may not be connected again yet).
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let reserved: Option<i64> = redis::cmd("HGET")
+            .arg("{switchyard}:bn:key:budgeted:0")
+            .arg("r")
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert!(
+            reserved.unwrap_or(0) > 500_000_000,
+            "B's reservation was given back: {reserved:?}\nA: {}",
+            a.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    traffic.await.unwrap();
+    thaw.await.unwrap();
+    assert!(
+        !a.logs().contains("a replica stopped reaching Redis"),
+        "{}",
+        a.logs()
+    );
+    assert_eq!(on_b.await.unwrap().unwrap().status(), 200);
     drop((a, b));
     pg.drop_db().await;
 }

@@ -176,19 +176,23 @@ return out
 
 /// A replica says it is alive (`KEYS[1]`: every replica by the time Redis last heard from it)
 /// and learns which replicas have been silent for `ARGV[3]` ms: only once it has itself
-/// reached Redis without a gap longer than `ARGV[2]` ms for that long (`KEYS[2]`: since
-/// when), so that after Redis was away every replica has had its turn to say so. Both keys
+/// reached Redis without a gap longer than `ARGV[2]` ms between its beats for that long
+/// (`KEYS[2]`: since when, and its last beat), so that after Redis was away every replica has
+/// had its turn to say so. Both keys
 /// live `ARGV[4]` s past the last beat.
 const BEAT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me = ARGV[1]; local gap = tonumber(ARGV[2]); local dead = tonumber(ARGV[3])
-local prev = tonumber(redis.call('ZSCORE', KEYS[1], me))
+-- Its own last beat (its score on the list is refreshed by its admissions too, which can
+-- come first after Redis was away).
+local prev = tonumber(redis.call('HGET', KEYS[2], me .. ':beat'))
 local since = tonumber(redis.call('HGET', KEYS[2], me))
 if not prev or not since or now - prev > gap then
   since = now
   redis.call('HSET', KEYS[2], me, now)
 end
+redis.call('HSET', KEYS[2], me .. ':beat', now)
 redis.call('ZADD', KEYS[1], now, me)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])); redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 if now - since < dead then return {} end
@@ -203,14 +207,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 if score and score >= now - tonumber(ARGV[2]) then return 0 end
 if redis.call('HLEN', KEYS[3]) > 0 then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1], ARGV[1] .. ':beat')
 return 1
 "#;
 
 /// A replica leaves at exit (see `RedisState::leave`).
 const LEAVE: &str = r#"
 if redis.call('HLEN', KEYS[3]) == 0 then
-  redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1], ARGV[1] .. ':beat')
   return 1
 end
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
