@@ -829,6 +829,21 @@ async fn a_settlement_waiting_for_redis_is_sent_before_the_gateway_exits() {
     pg.drop_db().await;
 }
 
+/// Two replicas, taken for stopped after 5 s of silence, the key under a 2 USD `total` budget.
+async fn two_quick_replicas() -> (Redis, Pg, Gateway, Gateway) {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = quick_to_reap(config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 2, period: total }",
+        "",
+    ));
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    (redis, pg, a, b)
+}
+
 /// The config with replicas taken for stopped after 5 s of silence (the least; 30 s by default).
 fn quick_to_reap(cfg: String) -> String {
     cfg.replacen("state:\n", "state:\n  replica_timeout: 5s\n", 1)
@@ -928,16 +943,7 @@ async fn what_a_killed_replica_held_is_given_back_by_the_others() {
 /// request's cost is still counted, once, and no other reservation is given back with it.
 #[tokio::test]
 async fn a_replica_taken_for_stopped_still_counts_its_cost_when_it_comes_back() {
-    let redis = Redis::start();
-    let pg = Pg::create().await;
-    let cfg = quick_to_reap(config(
-        &redis,
-        &pg.url(),
-        ", budget: { usd: 2, period: total }",
-        "",
-    ));
-    let a = Gateway::start(&cfg).await;
-    let b = Gateway::start(&cfg).await;
+    let (_redis, pg, a, b) = two_quick_replicas().await;
     let on_a = spawn_big(&a, "slower");
     wait_reserved(&b, 0.5).await;
     a.signal("STOP");
@@ -986,16 +992,7 @@ async fn a_replica_taken_for_stopped_still_counts_its_cost_when_it_comes_back() 
 async fn giving_back_a_large_holding_takes_no_live_replica_for_stopped() {
     const N: usize = 60_000;
     const WORST: i64 = 1_000;
-    let redis = Redis::start();
-    let pg = Pg::create().await;
-    let cfg = quick_to_reap(config(
-        &redis,
-        &pg.url(),
-        ", budget: { usd: 2, period: total }",
-        "",
-    ));
-    let a = Gateway::start(&cfg).await;
-    let b = Gateway::start(&cfg).await;
+    let (redis, pg, a, b) = two_quick_replicas().await;
     // What a replica that crashed left: its tickets, what each took from a budget of its own,
     // and its last beat a minute ago.
     let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
@@ -1087,21 +1084,12 @@ async fn giving_back_a_large_holding_takes_no_live_replica_for_stopped() {
 
 /// After Redis was away (restarted with its data), a replica that admits requests before it
 /// beats again does not take the others for stopped before they had their turn to say they
-/// are alive (here one needs 3 s): their requests keep their reservations. (Its admissions refresh its place on
-/// the list, which its beat read as its own last beat: it gave back the others' holdings
-/// ~1.5 s after Redis came back.)
+/// are alive (here one needs 3 s): their requests keep their reservations. (Its admissions
+/// refresh its place on the list, which its beat read as its own last beat: it gave back the
+/// others' holdings ~1.5 s after Redis came back.)
 #[tokio::test]
 async fn after_redis_comes_back_no_live_replica_is_taken_for_stopped() {
-    let mut redis = Redis::start();
-    let pg = Pg::create().await;
-    let cfg = quick_to_reap(config(
-        &redis,
-        &pg.url(),
-        ", budget: { usd: 2, period: total }",
-        "",
-    ));
-    let a = Gateway::start(&cfg).await;
-    let b = Gateway::start(&cfg).await;
+    let (mut redis, pg, a, b) = two_quick_replicas().await;
     // Both beat for longer than `replica_timeout` before Redis goes.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let on_b = spawn_big(&b, "longest");
