@@ -83,13 +83,10 @@ for j = 1, m do
   if bttl > 0 then redis.call('EXPIRE', b, bttl) end
 end
 redis.call('SET', ticket, 'a', 'EX', tonumber(ARGV[6]))
--- What it took, for the other replicas to give back should this one stop: the keys and the
--- arguments as sent (strings: a number through Lua's tostring loses digits).
+-- What it took, for the other replicas to give back should this one stop (written by the
+-- gateway, the last argument: its keys and arguments; the list's TTL is kept by the beats).
 local held = KEYS[2*n+m+2]
-local ks = {}
-for i = 1, 2*n+m do ks[i] = KEYS[i] end
-redis.call('HSET', held, ticket, cjson.encode({ARGV[1], ARGV[2], ARGV[3], ARGV[4], ks}))
-redis.call('EXPIRE', held, tonumber(ARGV[6]))
+redis.call('HSET', held, ticket, ARGV[7 + 3*n + 2*m])
 -- A replica that holds something is on the list of replicas, as alive now: before its
 -- first beat, and after it was cut off (a replica giving back its holdings then stops).
 local t = redis.call('TIME')
@@ -178,7 +175,7 @@ return out
 /// and learns which replicas have been silent for `ARGV[3]` ms: only once it has itself
 /// reached Redis without a gap longer than `ARGV[2]` ms between its beats for that long
 /// (`KEYS[2]`: since when, and its last beat), so that after Redis was away every replica has
-/// had its turn to say so. Both keys
+/// had its turn to say so. Both keys, and the replica's list of what it holds (`KEYS[3]`),
 /// live `ARGV[4]` s past the last beat.
 const BEAT: &str = r#"
 local t = redis.call('TIME')
@@ -195,6 +192,7 @@ end
 redis.call('HSET', KEYS[2], me .. ':beat', now)
 redis.call('ZADD', KEYS[1], now, me)
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])); redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 if now - since < dead then return {} end
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dead))
 "#;
@@ -540,6 +538,7 @@ struct Beats {
     connecting: Arc<AtomicBool>,
     cancel: Script,
     replica: Arc<str>,
+    held: String,
     dead_after: Duration,
     stopping: Arc<AtomicBool>,
 }
@@ -576,6 +575,7 @@ fn spawn_beats(b: Beats) {
             let mut inv = beat.prepare_invoke();
             inv.key(REPLICAS_KEY)
                 .key(SINCE_KEY)
+                .key(&b.held)
                 .arg(&*b.replica)
                 .arg(gap_ms)
                 .arg(dead_ms)
@@ -635,8 +635,17 @@ fn spawn_reaper(b: Arc<Beats>, mut stopped: tokio::sync::mpsc::Receiver<Vec<Stri
     });
 }
 
-/// One entry of a replica's list of what it holds, as `ADMIT` wrote it: the arguments of
-/// `CANCEL` (n, m, tokens, worst) and the keys before the ticket.
+/// One entry of a replica's list of what it holds, for `ADMIT` to write: the arguments of
+/// `CANCEL` (n, m, tokens, worst, as strings) and the keys before the ticket.
+fn held_entry(args: &[i64], keys: &[String]) -> String {
+    let n = 2 * args[0] + args[1];
+    let nums = [args[0], args[1], args[2], args[3]].map(|a| a.to_string());
+    let keys = &keys[..(n.max(0) as usize).min(keys.len())];
+    // Strings and a list of strings: serializing cannot fail.
+    serde_json::to_string(&(&nums[0], &nums[1], &nums[2], &nums[3], keys)).unwrap_or_default()
+}
+
+/// One entry of a replica's list of what it holds, as `held_entry` made it.
 fn parse_held(entry: &str) -> Option<([i64; 4], Vec<String>)> {
     let (n, m, tokens, worst, keys): (String, String, String, String, Vec<String>) =
         serde_json::from_str(entry).ok()?;
@@ -801,6 +810,7 @@ impl RedisState {
             connecting: connecting.clone(),
             cancel,
             replica: replica.clone(),
+            held: held_key(&replica),
             dead_after: replica_timeout,
             stopping: stopping.clone(),
         });
@@ -984,7 +994,8 @@ impl RedisState {
         for b in plan.budgets.iter() {
             args.extend([nanos(b.usd), budget_ttl(b, now_ms)]);
         }
-        let inv = invocation(&self.admit, &keys, &args);
+        let mut inv = invocation(&self.admit, &keys, &args);
+        inv.arg(held_entry(&args[..4], &keys));
         let reply: Vec<i64> =
             match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await {
                 Ok(Ok(r)) => r,
@@ -1272,8 +1283,19 @@ mod tests {
     use super::parse_held;
 
     #[test]
-    fn a_held_entry_reads_as_admit_wrote_it() {
-        // As Redis's cjson writes it: strings as sent, `/` escaped.
+    fn a_held_entry_reads_back_as_written() {
+        let keys: Vec<String> = ["w", "p", "b\"/\\", "t", "held", "replicas"]
+            .map(String::from)
+            .to_vec();
+        let entry = super::held_entry(&[1, 1, 20, 1_000_000_000_000_000], &keys);
+        let (args, back) = parse_held(&entry).unwrap();
+        assert_eq!(args, [1, 1, 20, 1_000_000_000_000_000]);
+        assert_eq!(back, keys[..3]);
+    }
+
+    #[test]
+    fn a_held_entry_reads_as_a_json_writer_may_write_it() {
+        // Strings as sent, `/` escaped (as Redis's cjson wrote them in the first version).
         let e = r#"["1","1","20","1000000000000000",["{switchyard}:w:key:a\/b:1","{switchyard}:p:key:a\/b","{switchyard}:bn:key:a\/b:0"]]"#;
         let (args, keys) = parse_held(e).unwrap();
         assert_eq!(args, [1, 1, 20, 1_000_000_000_000_000]);
