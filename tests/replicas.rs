@@ -322,6 +322,23 @@ async fn redis_down_fails_budgets_closed_and_rate_limits_open_then_recovers() {
     );
     let metrics = gw.metrics_text().await;
     assert!(metrics.contains("switchyard_state_errors_total"), "counted");
+    // What the budget spent is unknown meanwhile: null in the spend report, and no sample
+    // in the scrape (it read 0, as if nothing had been spent).
+    let spend = gw.get_json("/admin/spend", "admin").await;
+    let b = &spend["budgets"][0];
+    assert!(
+        b["spent_usd"].is_null() && b["reserved_usd"].is_null(),
+        "{spend}"
+    );
+    assert_eq!(b["limit_usd"], 100.0);
+    assert!(
+        !metrics.contains("switchyard_budget_spent_usd{"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_budget_limit_usd{"),
+        "{metrics}"
+    );
 
     redis.restart();
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -336,6 +353,11 @@ async fn redis_down_fails_budgets_closed_and_rate_limits_open_then_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let spend = gw.get_json("/admin/spend", "admin").await;
+    assert!(
+        spend["budgets"][0]["spent_usd"].as_f64().unwrap() > 0.0,
+        "{spend}"
+    );
     drop(gw);
     pg.drop_db().await;
 }

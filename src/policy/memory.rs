@@ -268,9 +268,9 @@ impl PolicyState for MemoryState {
         &'a self,
         budget: &'a BudgetRef,
         period_start: i64,
-    ) -> BoxFuture<'a, (f64, f64)> {
+    ) -> BoxFuture<'a, Option<(f64, f64)>> {
         let status = self.status_now(budget, period_start);
-        Box::pin(async move { status })
+        Box::pin(async move { Some(status) })
     }
 }
 

@@ -293,12 +293,13 @@ pub trait PolicyState: Send + Sync {
         period_start: i64,
         spent: f64,
     ) -> BoxFuture<'a, ()>;
-    /// Spent and reserved of a budget in the period starting at `period_start`.
+    /// Spent and reserved of a budget in the period starting at `period_start`; `None`
+    /// when the shared state cannot be read (Redis unreachable): unknown, not 0.
     fn budget_status<'a>(
         &'a self,
         budget: &'a BudgetRef,
         period_start: i64,
-    ) -> BoxFuture<'a, (f64, f64)>;
+    ) -> BoxFuture<'a, Option<(f64, f64)>>;
     /// At shutdown: what is still to be told to shared state, told within `within`.
     fn drain(&self, within: std::time::Duration) -> BoxFuture<'_, ()> {
         let _ = within;

@@ -1249,11 +1249,9 @@ impl PolicyState for RedisState {
         &'a self,
         budget: &'a BudgetRef,
         period_start: i64,
-    ) -> BoxFuture<'a, (f64, f64)> {
+    ) -> BoxFuture<'a, Option<(f64, f64)>> {
         Box::pin(async move {
-            let Some(mut conn) = self.conn() else {
-                return (0.0, 0.0);
-            };
+            let mut conn = self.conn()?;
             let key = budget_key(&budget.id, period_start);
             let r: Result<(Option<i64>, Option<i64>), _> = tokio::time::timeout(
                 CALL_TIMEOUT,
@@ -1270,10 +1268,8 @@ impl PolicyState for RedisState {
                     "timeout",
                 )))
             });
-            match r {
-                Ok((s, r)) => (s.unwrap_or(0) as f64 / 1e9, r.unwrap_or(0) as f64 / 1e9),
-                Err(_) => (0.0, 0.0),
-            }
+            let (s, r) = r.ok()?;
+            Some((s.unwrap_or(0) as f64 / 1e9, r.unwrap_or(0) as f64 / 1e9))
         })
     }
 }

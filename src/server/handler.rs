@@ -737,11 +737,13 @@ async fn admin_spend(
     let mut budgets = Vec::with_capacity(rt.policy.all_budgets.len());
     for b in &rt.policy.all_budgets {
         let (start, next) = policy::period_bounds(b.period, now);
-        let (spent, reserved) = gateway.accounting.policy.budget_status(b, start).await;
+        // Unknown while Redis cannot be read: null, not 0.
+        let status = gateway.accounting.policy.budget_status(b, start).await;
         budgets.push(json!({"budget": b.id.as_ref(), "scope": b.scope.kind(), "name": b.scope.name(),
                "period": policy::period_name(b.period), "period_start_ms": start, "period_end_ms": next,
-               "limit_usd": b.usd, "soft_usd": b.soft_usd, "spent_usd": report::to_nano_dollar(spent),
-               "reserved_usd": report::to_nano_dollar(reserved)}));
+               "limit_usd": b.usd, "soft_usd": b.soft_usd,
+               "spent_usd": status.map(|(s, _)| report::to_nano_dollar(s)),
+               "reserved_usd": status.map(|(_, r)| report::to_nano_dollar(r))}));
     }
     let mut body: serde_json::Value =
         serde_json::from_str(&report::render(&lines, by, Format::Json))
@@ -779,13 +781,16 @@ async fn metrics_response(gateway: &Gateway, rt: &Runtime) -> Response<ResponseB
         let now = ledger::now_ms();
         for b in &rt.policy.all_budgets {
             let (start, _) = policy::period_bounds(b.period, now);
-            let (spent, _) = gateway.accounting.policy.budget_status(b, start).await;
+            let status = gateway.accounting.policy.budget_status(b, start).await;
             let labels = [
                 b.scope.kind(),
                 b.scope.name(),
                 policy::period_name(b.period),
             ];
-            m.budget_spent.with_label_values(&labels).set(spent);
+            // Unknown while Redis cannot be read: left out of this scrape, not 0.
+            if let Some((spent, _)) = status {
+                m.budget_spent.with_label_values(&labels).set(spent);
+            }
             m.budget_limit.with_label_values(&labels).set(b.usd);
         }
     }
