@@ -758,12 +758,7 @@ async fn a_stalled_redis_leaves_no_reservation_behind_and_settles_once() {
     let (answers, ()) = tokio::join!(pending, freeze);
     let mut cost = 0.0;
     for r in answers {
-        assert_eq!(r.status(), 200);
-        let answer: Value = r.json().await.unwrap();
-        let u = &answer["usage"];
-        cost += (u["prompt_tokens"].as_f64().unwrap() * 2.5
-            + u["completion_tokens"].as_f64().unwrap() * 10.0)
-            / 1e6;
+        cost += answer_cost(r).await;
     }
     tokio::time::sleep(Duration::from_millis(900)).await;
     redis.signal("-CONT");

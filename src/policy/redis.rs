@@ -43,7 +43,15 @@ const PREFIX: &str = "{switchyard}";
 const TICKET_TTL_S: i64 = 7 * 86_400;
 const CANCELLED_TTL_S: i64 = 3_600;
 
-const ADMIT: &str = r#"
+/// `now`: Redis's clock in milliseconds (one clock for every replica), as a Lua local.
+macro_rules! lua_now_ms {
+    () => {
+        "local now_t = redis.call('TIME')\nlocal now = tonumber(now_t[1]) * 1000 + math.floor(tonumber(now_t[2]) / 1000)\n"
+    };
+}
+
+const ADMIT: &str = concat!(
+    r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local wttl = tonumber(ARGV[5])
 local ticket = KEYS[2*n+m+1]
@@ -89,11 +97,13 @@ local held = KEYS[2*n+m+2]
 redis.call('HSET', held, ticket, ARGV[7 + 3*n + 2*m])
 -- A replica that holds something is on the list of replicas, as alive now: before its
 -- first beat, and after it was cut off (a replica giving back its holdings then stops).
-local t = redis.call('TIME')
-local me = string.match(held, ':held:(.*)$')
-redis.call('ZADD', KEYS[2*n+m+3], 'GT', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), me)
+"#,
+    lua_now_ms!(),
+    r#"
+redis.call('ZADD', KEYS[2*n+m+3], 'GT', now, string.match(held, ':held:(.*)$'))
 return out
-"#;
+"#
+);
 
 /// Gives back what an admission took, once: its ticket says whether it ran (`a`). Not run
 /// yet, the ticket is marked cancelled, and the admission, should it arrive, takes nothing.
@@ -101,14 +111,14 @@ return out
 /// `ARGV[8]` ms on the list `KEYS[2n+m+3]`; -1 and nothing done if it has spoken since),
 /// whose settlement may still come (marked `r`: it then counts its cost only); its request
 /// ran, so its minute's counts stay.
-const CANCEL: &str = r#"
+const CANCEL: &str = concat!(
+    lua_now_ms!(),
+    r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local tokens = tonumber(ARGV[3]); local worst = tonumber(ARGV[4]); local cttl = tonumber(ARGV[5])
 local ticket = KEYS[2*n+m+1]; local held = KEYS[2*n+m+2]
 local reap = ARGV[6] == '1'
 if reap then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   local score = tonumber(redis.call('ZSCORE', KEYS[2*n+m+3], ARGV[7]))
   if score and score >= now - tonumber(ARGV[8]) then return -1 end
 end
@@ -134,7 +144,8 @@ for j = 1, m do
   if worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
 end
 return 1
-"#;
+"#
+);
 
 /// Settles an admission once: only while its ticket says it was admitted (`a`), and the
 /// ticket goes (a settlement sent again after a timeout finds it gone and does nothing).
@@ -177,9 +188,9 @@ return out
 /// (`KEYS[2]`: since when, and its last beat), so that after Redis was away every replica has
 /// had its turn to say so. Both keys, and the replica's list of what it holds (`KEYS[3]`),
 /// live `ARGV[4]` s past the last beat.
-const BEAT: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+const BEAT: &str = concat!(
+    lua_now_ms!(),
+    r#"
 local me = ARGV[1]; local gap = tonumber(ARGV[2]); local dead = tonumber(ARGV[3])
 -- Its own last beat (its score on the list is refreshed by its admissions too, which can
 -- come first after Redis was away).
@@ -195,19 +206,21 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4])); redis.call('EXPIRE', KEYS[2], 
 redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 if now - since < dead then return {} end
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - dead))
-"#;
+"#
+);
 
 /// Forgets a stopped replica once nothing it held is left (`KEYS[3]`), unless it has spoken
 /// again meanwhile.
-const FORGET: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+const FORGET: &str = concat!(
+    lua_now_ms!(),
+    r#"
 local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
 if score and score >= now - tonumber(ARGV[2]) then return 0 end
 if redis.call('HLEN', KEYS[3]) > 0 then return 0 end
 redis.call('ZREM', KEYS[1], ARGV[1]); redis.call('HDEL', KEYS[2], ARGV[1], ARGV[1] .. ':beat')
 return 1
-"#;
+"#
+);
 
 /// A replica leaves at exit (see `RedisState::leave`).
 const LEAVE: &str = r#"
@@ -380,12 +393,15 @@ impl RetryKind {
     }
 }
 
+/// Whether a call failed with the connection (not with an answer of Redis's own).
+fn connection_lost(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
 /// Whether a failed call may pass if sent again: Redis unreachable or slow, or busy for a
 /// moment (loading its data, a failover, a script running long).
 fn transient(e: &redis::RedisError) -> bool {
-    e.is_io_error()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
+    connection_lost(e)
         || e.is_timeout()
         || matches!(
             e.kind(),
@@ -458,13 +474,12 @@ fn spawn_retries(
             }
             let now = tokio::time::Instant::now();
             let before = pending.len();
-            pending.retain(|r: &Retry| {
-                let live = r.until > now;
-                if !live {
-                    crate::telemetry::metrics::state_error(r.what.operation());
-                }
-                live
-            });
+            // Queued in the order they were given up on, each for the same time: the expired
+            // ones are at the front.
+            while let Some(r) = pending.front().filter(|r: &&Retry| r.until <= now) {
+                crate::telemetry::metrics::state_error(r.what.operation());
+                pending.pop_front();
+            }
             if pending.len() < before {
                 done(before - pending.len());
                 tracing::error!(
@@ -514,6 +529,15 @@ fn spawn_retries(
         }
     });
     tx
+}
+
+/// A Redis call within `CALL_TIMEOUT`; past it, an I/O error.
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, redis::RedisError> {
+    tokio::time::timeout(CALL_TIMEOUT, f)
+        .await
+        .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "timeout")))?
 }
 
 /// Drops a connection a call failed or timed out on, and connects anew: only if it is still
@@ -671,13 +695,6 @@ async fn reap(
     dead_ms: i64,
     given: &mut usize,
 ) -> Result<(), redis::RedisError> {
-    async fn timed<T>(
-        f: impl std::future::Future<Output = Result<T, redis::RedisError>>,
-    ) -> Result<T, redis::RedisError> {
-        tokio::time::timeout(CALL_TIMEOUT, f)
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "timeout")))?
-    }
     let held = held_key(replica);
     // Pipelined calls do not load a script Redis lacks (after a restart): load it first.
     let _: String = timed(cancel.prepare_invoke().load_async(c)).await?;
@@ -705,18 +722,8 @@ async fn reap(
             };
             keys.extend([ticket, held.clone(), REPLICAS_KEY.to_string()]);
             let [n, m, tokens, worst] = args;
-            let mut inv = cancel.prepare_invoke();
-            for k in &keys {
-                inv.key(k);
-            }
-            inv.arg(n)
-                .arg(m)
-                .arg(tokens)
-                .arg(worst)
-                .arg(TICKET_TTL_S)
-                .arg(1)
-                .arg(replica)
-                .arg(dead_ms);
+            let mut inv = invocation(cancel, &keys, &[n, m, tokens, worst, TICKET_TTL_S, 1]);
+            inv.arg(replica).arg(dead_ms);
             invocations.push(inv);
         }
         for inv in &invocations {
@@ -803,6 +810,7 @@ impl RedisState {
             retry_state.clone(),
         );
         let replica: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
+        let held = held_key(&replica);
         let stopping = Arc::new(AtomicBool::new(false));
         spawn_beats(Beats {
             client: client.clone(),
@@ -810,7 +818,7 @@ impl RedisState {
             connecting: connecting.clone(),
             cancel,
             replica: replica.clone(),
-            held: held_key(&replica),
+            held: held.clone(),
             dead_after: replica_timeout,
             stopping: stopping.clone(),
         });
@@ -826,7 +834,7 @@ impl RedisState {
             ledger,
             retries,
             retry_state,
-            held: held_key(&replica),
+            held,
             replica,
             stopping,
         };
@@ -907,13 +915,7 @@ impl RedisState {
             .arg(nanos_up(spent))
             .arg(budget.soft_usd.map_or(-1, nanos))
             .arg(budget_ttl(budget, crate::ledger::now_ms()));
-        match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<i64>(conn)).await {
-            Ok(r) => r.map(|_| ()),
-            Err(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::IoError,
-                "timeout",
-            ))),
-        }
+        timed(inv.invoke_async::<i64>(conn)).await.map(|_| ())
     }
 
     /// A budget key that was never seeded (Redis lost its data, or a new period began): its
@@ -1001,7 +1003,7 @@ impl RedisState {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Redis admission failed");
-                    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                    if connection_lost(&e) {
                         self.reconnect();
                         // Sent, perhaps, and run: what it may have taken is given back.
                         self.cancel_later(plan, keys, worst);
@@ -1121,7 +1123,7 @@ impl RedisState {
                 crate::telemetry::metrics::state_error("settle");
                 // An answer of Redis's own (a script's error) is no reason to drop the
                 // connection, and refuse admissions while it is made again.
-                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                if connection_lost(&e) {
                     self.reconnect();
                 }
                 if transient(&e) {
@@ -1169,11 +1171,7 @@ impl RedisState {
             .key(SINCE_KEY)
             .key(&self.held)
             .arg(&*self.replica);
-        if let Ok(Err(e)) | Err(e) =
-            tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async::<i64>(&mut conn))
-                .await
-                .map_err(|_| redis::RedisError::from((redis::ErrorKind::IoError, "timeout")))
-        {
+        if let Err(e) = timed(inv.invoke_async::<i64>(&mut conn)).await {
             tracing::warn!(error = %e, "cannot tell Redis this replica stops; the others find it stopped after state.replica_timeout");
         }
     }
@@ -1253,21 +1251,14 @@ impl PolicyState for RedisState {
         Box::pin(async move {
             let mut conn = self.conn()?;
             let key = budget_key(&budget.id, period_start);
-            let r: Result<(Option<i64>, Option<i64>), _> = tokio::time::timeout(
-                CALL_TIMEOUT,
+            let r: Result<(Option<i64>, Option<i64>), _> = timed(
                 redis::cmd("HMGET")
                     .arg(&key)
                     .arg("s")
                     .arg("r")
                     .query_async(&mut conn),
             )
-            .await
-            .unwrap_or_else(|_| {
-                Err(redis::RedisError::from((
-                    redis::ErrorKind::IoError,
-                    "timeout",
-                )))
-            });
+            .await;
             let (s, r) = r.ok()?;
             Some((s.unwrap_or(0) as f64 / 1e9, r.unwrap_or(0) as f64 / 1e9))
         })

@@ -112,23 +112,34 @@ where
                 self.sent_any = true;
                 return Poll::Ready(Some(Ok(chunk)));
             }
-            // The common case, a chunk of whole events, goes out without a copy.
-            if self.pending.is_empty() && last_event_end(&chunk) == Some(chunk.len()) {
-                self.sent_any = true;
-                self.sent_done = ends_with_done(&chunk);
-                return Poll::Ready(Some(Ok(chunk)));
-            }
-            // Only the new bytes can end an event (and the 2 before them: a line end split
-            // between two reads), so a long event arriving in many reads is not read again
-            // at each.
-            let from = self.pending.len().saturating_sub(2);
-            self.pending.extend_from_slice(&chunk);
-            if let Some(end) = last_event_end_after(&self.pending, from) {
-                let ready = self.pending.split_to(end).freeze();
-                self.sent_any = true;
-                self.sent_done = ends_with_done(&ready);
-                return Poll::Ready(Some(Ok(ready)));
-            }
+            let ready = if self.pending.is_empty() {
+                // The common case, a chunk of whole events, goes out without a copy; a chunk
+                // that ends inside an event keeps only its unfinished part back.
+                match last_event_end(&chunk) {
+                    Some(end) if end == chunk.len() => chunk,
+                    Some(end) => {
+                        self.pending.extend_from_slice(&chunk[end..]);
+                        chunk.slice(..end)
+                    }
+                    None => {
+                        self.pending.extend_from_slice(&chunk);
+                        continue;
+                    }
+                }
+            } else {
+                // Only the new bytes can end an event (and the 2 before them: a line end
+                // split between two reads), so a long event arriving in many reads is not
+                // read again at each.
+                let from = self.pending.len().saturating_sub(2);
+                self.pending.extend_from_slice(&chunk);
+                match last_event_end_after(&self.pending, from) {
+                    Some(end) => self.pending.split_to(end).freeze(),
+                    None => continue,
+                }
+            };
+            self.sent_any = true;
+            self.sent_done = ends_with_done(&ready);
+            return Poll::Ready(Some(Ok(ready)));
         }
     }
 }
