@@ -353,11 +353,8 @@ async fn redis_down_fails_budgets_closed_and_rate_limits_open_then_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let spend = gw.get_json("/admin/spend", "admin").await;
-    assert!(
-        spend["budgets"][0]["spent_usd"].as_f64().unwrap() > 0.0,
-        "{spend}"
-    );
+    let (spent, _) = budget_figures(&gw).await;
+    assert!(spent > 0.0, "{spent}");
     drop(gw);
     pg.drop_db().await;
 }
@@ -667,14 +664,20 @@ async fn a_free_request_under_a_budget_settles() {
     pg.drop_db().await;
 }
 
-/// The budget's `(spent_usd, reserved_usd)` as `/admin/spend` reads them from Redis.
+/// The budget's `(spent_usd, reserved_usd)` as `/admin/spend` reads them from Redis (null
+/// while the gateway cannot read Redis, as while it connects again after a stall: read
+/// again).
 async fn budget_figures(gw: &Gateway) -> (f64, f64) {
-    let spend = gw.get_json("/admin/spend", "admin").await;
-    let b = &spend["budgets"][0];
-    (
-        b["spent_usd"].as_f64().unwrap(),
-        b["reserved_usd"].as_f64().unwrap(),
-    )
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spend = gw.get_json("/admin/spend", "admin").await;
+        let b = &spend["budgets"][0];
+        if let (Some(s), Some(r)) = (b["spent_usd"].as_f64(), b["reserved_usd"].as_f64()) {
+            return (s, r);
+        }
+        assert!(Instant::now() < deadline, "Redis not read: {spend}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The budget's figures once nothing is reserved: a request's settlement runs after its
