@@ -838,23 +838,28 @@ impl RedisState {
             replica,
             stopping,
         };
-        state.reconnect();
-        Ok(state)
-    }
-
-    /// Drops the connection and connects anew in the background: a call that failed or
-    /// timed out leaves no half-dead connection behind.
-    fn reconnect(&self) {
-        self.conn.store(None);
         spawn_connect(
-            self.client.clone(),
-            self.conn.clone(),
-            self.connecting.clone(),
+            state.client.clone(),
+            state.conn.clone(),
+            state.connecting.clone(),
         );
+        Ok(state)
     }
 
     fn conn(&self) -> Option<ConnectionManager> {
         self.conn.load_full().map(|c| (*c).clone())
+    }
+
+    /// The connection, and the handle `drop_used` compares: a call that fails drops the
+    /// connection it ran on, not one made since by another call's failure.
+    fn conn_used(&self) -> Option<(ConnectionManager, Arc<ConnectionManager>)> {
+        self.conn.load_full().map(|c| ((*c).clone(), c))
+    }
+
+    /// Drops `used` and connects anew in the background, unless it was replaced already: a
+    /// call that failed or timed out leaves no half-dead connection behind.
+    fn drop_used(&self, used: &Arc<ConnectionManager>) {
+        drop_failed(&self.client, &self.conn, &self.connecting, used);
     }
 
     /// Cancels, in the background, an admission whose answer never came (`CANCEL`).
@@ -968,7 +973,7 @@ impl RedisState {
 
     /// One run of `ADMIT`.
     async fn admit_once(&self, plan: &Plan, now_ms: i64) -> Once {
-        let Some(mut conn) = self.conn() else {
+        let Some((mut conn, used)) = self.conn_used() else {
             tracing::warn!("Redis is not connected: admission falls back to on_redis_error");
             return Once::Decided(self.on_error(plan, "admit"));
         };
@@ -1004,7 +1009,7 @@ impl RedisState {
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Redis admission failed");
                     if connection_lost(&e) {
-                        self.reconnect();
+                        self.drop_used(&used);
                         // Sent, perhaps, and run: what it may have taken is given back.
                         self.cancel_later(plan, keys, worst);
                     }
@@ -1012,7 +1017,7 @@ impl RedisState {
                 }
                 Err(_) => {
                     tracing::warn!("Redis admission timed out");
-                    self.reconnect();
+                    self.drop_used(&used);
                     self.cancel_later(plan, keys, worst);
                     return Once::Decided(self.on_error(plan, "admit"));
                 }
@@ -1107,7 +1112,7 @@ impl RedisState {
             nanos_up(actual.cost_usd),
         ];
         args.extend(plan.budgets.iter().map(|b| b.soft_usd.map_or(-1, nanos)));
-        let Some(mut conn) = self.conn() else {
+        let Some((mut conn, used)) = self.conn_used() else {
             // Being connected again (after a call that failed): sent once it is.
             crate::telemetry::metrics::state_error("settle");
             tracing::warn!("Redis is not connected: the settlement is sent once it is");
@@ -1124,7 +1129,7 @@ impl RedisState {
                 // An answer of Redis's own (a script's error) is no reason to drop the
                 // connection, and refuse admissions while it is made again.
                 if connection_lost(&e) {
-                    self.reconnect();
+                    self.drop_used(&used);
                 }
                 if transient(&e) {
                     tracing::warn!(error = %e, "Redis settlement failed; it is sent again in the background");
@@ -1137,7 +1142,7 @@ impl RedisState {
             Err(_) => {
                 crate::telemetry::metrics::state_error("settle");
                 tracing::warn!("Redis settlement timed out; it is sent again in the background");
-                self.reconnect();
+                self.drop_used(&used);
                 self.retry_later(RetryKind::Settle, keys, args);
                 return Vec::new();
             }
