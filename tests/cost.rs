@@ -1556,6 +1556,104 @@ async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstr
     assert!(up2.requests()[0].json().get("max_tokens").is_none());
 }
 
+/// A cap that caps nothing upstream bounds no reservation: `"max_tokens": null` (what the
+/// Python SDK sends for `max_tokens=None`) gets the reserved cap in its place (it went out
+/// as `null`, the upstream generating without limit against a 4096-token reservation), a
+/// cap field of another endpoint (`max_output_tokens` on a chat) is not taken for the
+/// chat's (it reserved for 1 token and capped nothing), and a reasoning deployment's
+/// `null` `max_tokens` becomes the `max_completion_tokens` such models take.
+#[tokio::test]
+async fn a_null_or_foreign_cap_field_gets_the_reserved_cap_upstream() {
+    let up = MockUpstream::start().await;
+    let extra = format!("{}\n", keys(", budget: { usd: 5, period: daily }"));
+    let routes = "  o3:\n    pricing: { input_per_1m: 2, output_per_1m: 8 }\n    max_output_tokens: 250\n    deployments: [ { provider: up, deployment: o3-mini } ]\n";
+    let cfg = config_with_routes(&up, routes, &extra).replace(
+        "  gpt-4o:\n    pricing:",
+        "  gpt-4o:\n    max_output_tokens: 300\n    pricing:",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let send = |body: &'static str| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    for body in [
+        r#"{"model":"gpt-4o","max_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o","max_tokens" : null ,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o","max_output_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"o3","max_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"o3","max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
+    ] {
+        let r = send(body).await.unwrap();
+        assert_eq!(r.status(), 200, "{body}");
+        r.bytes().await.unwrap();
+    }
+    let sent: Vec<String> = up
+        .requests()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(
+        sent[0],
+        r#"{"model":"gpt-4o-up","max_tokens":300,"messages":[{"role":"user","content":"hi"}]}"#
+    );
+    assert_eq!(
+        sent[1],
+        r#"{"model":"gpt-4o-up","max_tokens" : 300 ,"messages":[{"role":"user","content":"hi"}]}"#
+    );
+    let third: Value = serde_json::from_str(&sent[2]).unwrap();
+    assert_eq!(
+        (&third["max_tokens"], &third["max_output_tokens"]),
+        (&json!(300), &json!(1)),
+        "{}",
+        sent[2]
+    );
+    assert_eq!(
+        sent[3],
+        r#"{"model":"o3-mini","max_completion_tokens":250,"messages":[{"role":"user","content":"hi"}]}"#
+    );
+    assert_eq!(
+        sent[4],
+        r#"{"model":"o3-mini","max_completion_tokens":250,"messages":[{"role":"user","content":"hi"}]}"#
+    );
+}
+
+/// Legacy completions with `best_of` make (and bill) `best_of` answers upstream, whatever
+/// `n` returns: the reservation counts them (it counted `n` only).
+#[tokio::test]
+async fn best_of_completions_reserve_for_every_answer_made() {
+    let up = MockUpstream::start().await;
+    // 1,000 output tokens at 10 USD per 1M: 0.01 per answer made.
+    let gw = Gateway::start(&config(
+        &up,
+        &keys(", budget: { usd: 0.03, period: daily }"),
+    ))
+    .await;
+    let completion = |extra: Value| {
+        let mut body = json!({"model": "gpt-4o", "prompt": "hi", "max_tokens": 1000});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let r = post(&gw, "/v1/completions", completion(json!({"best_of": 5}))).await;
+    assert_eq!(r.status(), 429, "5 answers of up to 1,000 tokens: 0.05 USD");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert!(up.requests().is_empty());
+    let r = post(
+        &gw,
+        "/v1/completions",
+        completion(json!({"best_of": 2, "n": 1})),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "2 answers: 0.02 USD fits");
+    r.bytes().await.unwrap();
+}
+
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
 fn wav(seconds: f64) -> Vec<u8> {
     let data_len = (seconds * 8_000.0) as u32 * 2;

@@ -114,6 +114,24 @@ impl<'a> JsonHead<'a> {
         start..start + raw.get().len()
     }
 
+    /// Where a field sits: its whole member (`"name": value`) and its value, when the name
+    /// is written plainly (no escapes; else the member is `None`).
+    pub fn member(&self, name: &str) -> Option<(Option<Range<usize>>, Range<usize>)> {
+        let value = self.span(self.field(name)?);
+        let before = &self.body[..value.start];
+        let colon = before.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        let end = before[..colon]
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |q| q + 1);
+        let quoted = format!("\"{name}\"");
+        let member = end
+            .checked_sub(quoted.len())
+            .filter(|&start| before[colon] == b':' && &before[start..end] == quoted.as_bytes())
+            .map(|start| start..value.end);
+        Some((member, value))
+    }
+
     /// `model`, which must be a string when present.
     pub fn model(&self) -> Result<Option<String>, GatewayError> {
         match self.field("model") {

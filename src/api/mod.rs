@@ -243,8 +243,9 @@ pub struct ApiRequest {
     /// The output cap the gateway sets upstream when the client set none and a budget
     /// applies, so the request cannot cost more than it reserved. Set by the handler.
     pub output_cap: Option<u64>,
-    /// The body has a cap field (even `null`): the gateway adds none beside it.
-    pub client_set_cap_field: bool,
+    /// The endpoint's cap fields the body sets to `null`: the gateway's `output_cap` goes in
+    /// the place of one of them, not beside it.
+    pub null_caps: Vec<NullCap>,
     /// The body's `user`, for the ledger.
     pub user: Option<String>,
     /// The client asked for the usage chunk of its stream (`stream_options.include_usage`).
@@ -252,6 +253,15 @@ pub struct ApiRequest {
     /// The client's headers that may travel upstream (no credentials, no hop-by-hop).
     pub upstream_headers: HeaderMap,
     pub request_id: HeaderValue,
+}
+
+/// A cap field of the client's set to `null` (see `ApiRequest::null_caps`).
+#[derive(Debug, Clone)]
+pub struct NullCap {
+    pub field: &'static str,
+    /// The whole `"field": null` member, when its name is written plainly.
+    pub member: Option<std::ops::Range<usize>>,
+    pub value: std::ops::Range<usize>,
 }
 
 pub enum Payload {
@@ -306,7 +316,7 @@ impl ApiRequest {
         request_id: HeaderValue,
     ) -> Result<ApiRequest, GatewayError> {
         let mut max_tokens = None;
-        let mut client_set_cap_field = false;
+        let mut null_caps = Vec::new();
         let mut choices = 1;
         let mut user = None;
         let mut client_wants_usage = false;
@@ -407,15 +417,35 @@ impl ApiRequest {
             check_json_shape(op, &head)?;
             let model = head.model()?;
             let stream = head.stream()?;
-            for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
-                if let Some(n) = head.uint(field)? {
-                    max_tokens = Some(n);
-                }
-                if head.field(field).is_some() {
-                    client_set_cap_field = true;
+            // The endpoint's own cap fields, the one that counts last: a field another
+            // endpoint reads caps nothing here (the upstream ignores it), so it bounds no
+            // reservation either. One set to `null` caps nothing: the gateway's cap, when it
+            // sets one, takes its place.
+            let cap_fields: &[&'static str] = match op {
+                Operation::ChatCompletions => &["max_tokens", "max_completion_tokens"],
+                Operation::Completions => &["max_tokens"],
+                Operation::Responses => &["max_output_tokens"],
+                _ => &[],
+            };
+            for &field in cap_fields {
+                match head.uint(field)? {
+                    Some(n) => max_tokens = Some(n),
+                    None => {
+                        if let Some((member, value)) = head.member(field) {
+                            null_caps.push(NullCap {
+                                field,
+                                member,
+                                value,
+                            });
+                        }
+                    }
                 }
             }
             choices = head.uint("n")?.unwrap_or(1).max(1);
+            if op == Operation::Completions {
+                // `best_of` answers are made (and billed) server-side, `n` of them returned.
+                choices = choices.max(head.uint("best_of")?.unwrap_or(1));
+            }
             user = head
                 .field("user")
                 .and_then(|u| serde_json::from_str::<String>(u.get()).ok());
@@ -521,7 +551,7 @@ impl ApiRequest {
             speech_characters,
             image,
             output_cap: None,
-            client_set_cap_field,
+            null_caps,
             user,
             client_wants_usage,
             upstream_headers,
@@ -599,8 +629,21 @@ impl ApiRequest {
                 }
                 if let Some(cap) = self.output_cap {
                     let mut digits = itoa::Buffer::new();
-                    edits
-                        .push(slot.add_field(cap_field(self.op, served_model), digits.format(cap)));
+                    let digits = digits.format(cap);
+                    let field = cap_field(self.op, served_model);
+                    // A `null` of the field the upstream takes gets the cap as its value;
+                    // else the first `null` one becomes that field (a reasoning model refuses
+                    // `max_tokens`, even `null`, say); else the field is added.
+                    let same = self.null_caps.iter().find(|c| c.field == field);
+                    let other = self.null_caps.iter().find(|c| c.member.is_some());
+                    edits.push(match (same, other) {
+                        (Some(c), _) => (c.value.clone(), digits.as_bytes().to_vec()),
+                        (None, Some(c)) => (
+                            c.member.clone().unwrap_or_default(),
+                            format!("\"{field}\":{digits}").into_bytes(),
+                        ),
+                        (None, None) => slot.add_field(field, digits),
+                    });
                 }
                 if edits.is_empty() {
                     self.body.clone()

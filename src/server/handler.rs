@@ -277,7 +277,6 @@ where
     // Under a budget, a request without an output cap gets the one its reservation assumed.
     if !plan.budgets.is_empty()
         && api_req.max_tokens.is_none()
-        && !api_req.client_set_cap_field
         && matches!(
             op,
             api::Operation::ChatCompletions
