@@ -155,8 +155,9 @@ impl GatewayError {
     }
 
     /// A prompt too long for the model, in the words of OpenAI/Azure
-    /// (`context_length_exceeded`), vLLM ("maximum context length"), TGI ("must be <= N
-    /// tokens") or Ollama/llama.cpp ("context length", "context size").
+    /// (`context_length_exceeded`), vLLM ("maximum context length"), TGI ("`inputs` must
+    /// have less than N tokens", "`inputs` tokens + `max_new_tokens` must be <= N") or
+    /// Ollama/llama.cpp ("context length", "context size").
     pub fn is_context_length(&self) -> bool {
         if !matches!(self.status.as_u16(), 400 | 413 | 422) {
             return false;
@@ -170,6 +171,7 @@ impl GatewayError {
             || m.contains("context window")
             || m.contains("context size")
             || (m.contains("tokens") && m.contains("must be <="))
+            || (m.contains("tokens") && m.contains("must have less than"))
             || m.contains("too many tokens")
     }
 

@@ -661,6 +661,16 @@ models:
     chat(&gw, "small").await.served_by("big", "b/big");
     assert_eq!(a.request_count(), 1, "a 400 is not retried");
     assert_eq!(b.requests()[0].json()["model"], "big");
+    // TGI's two: a prompt over `max_input_tokens` (the usual one for chat, TGI filling in
+    // `max_new_tokens` itself), and prompt plus `max_new_tokens` over `max_total_tokens`.
+    for message in [
+        "Input validation error: `inputs` must have less than 4096 tokens. Given: 5000",
+        "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 4000 `inputs` tokens and 200 `max_new_tokens`",
+    ] {
+        a.script(Scripted::tgi_error(422, message, "validation"));
+        chat(&gw, "small").await.served_by("big", "b/big");
+    }
+    assert_eq!(a.request_count(), 3);
 
     // Estimated at ceil(bytes / 4) > 100 tokens: straight to the context fallback.
     let long =
@@ -668,7 +678,7 @@ models:
     send(&client(), &gw, &long).await.served_by("big", "b/big");
     assert_eq!(
         a.request_count(),
-        1,
+        3,
         "the long prompt was not sent to `small`"
     );
     chat(&gw, "small").await.served_by("small", "a/small");
