@@ -1466,6 +1466,65 @@ models:
     chat(&gw, "r").await.served_by("r", "a/m");
 }
 
+/// A refusal of the client's own request (a 400) says nothing of the deployment's health:
+/// it neither counts nor resets its failures in a row, and a probe that gets one ends
+/// without a verdict, so the next request probes again (a 400 reset the count and brought
+/// a cooled deployment fully back, so one failing most requests stayed in rotation).
+#[tokio::test]
+async fn a_400_neither_counts_nor_resets_failures_nor_decides_a_probe() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  r:
+    strategy: priority
+    allowed_fails: 2
+    cooldown: 1s
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let refusal = || Scripted::vllm_error(400, "temperature must be at most 2");
+    a.script(Scripted::server_error(503));
+    chat(&gw, "r").await.served_by("r", "b/m");
+    a.script(refusal());
+    let r = chat(&gw, "r").await;
+    assert_eq!((r.status, r.deployment()), (400, "a/m"), "{}", r.text);
+    assert_eq!(dep_state(&gw, "a/m").await["fails_in_row"], 1);
+    a.script(Scripted::server_error(503));
+    chat(&gw, "r").await.served_by("r", "b/m");
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (&d["up"], &d["fails_in_row"]),
+        (&json!(false), &json!(2)),
+        "{d}"
+    );
+
+    // The probe after the cooldown is refused: no verdict, the next request probes again,
+    // and its failure cools the deployment down at once.
+    wait_dep(&gw, "a/m", |d| d["up"] == true, Duration::from_secs(4)).await;
+    a.script(refusal());
+    let r = chat(&gw, "r").await;
+    assert_eq!((r.status, r.deployment()), (400, "a/m"), "{}", r.text);
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (&d["probing"], &d["fails_in_row"]),
+        (&json!(false), &json!(2)),
+        "{d}"
+    );
+    a.script(Scripted::server_error(503));
+    chat(&gw, "r").await.served_by("r", "b/m");
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        d["up"], false,
+        "the second probe failed: cooling down again: {d}"
+    );
+    assert_eq!(a.request_count(), 5);
+}
+
 #[tokio::test]
 async fn admin_routes_shows_the_live_state_without_a_secret() {
     let a = MockUpstream::start().await;

@@ -564,8 +564,9 @@ impl Route {
                         d.state
                             .failure(self.allowed_fails, self.cooldown, retry_after)
                     } else {
-                        // A refusal of this request (a 400): the deployment itself is up.
-                        d.state.answered();
+                        // A refusal of this request (a 400) says nothing of the deployment:
+                        // its failures neither count nor reset, and a probe has no verdict.
+                        d.state.release_probe();
                         false
                     };
                     if let Some(m) = metrics::metrics() {

@@ -226,7 +226,8 @@ impl DeploymentState {
         }
     }
 
-    /// The upstream answered, if only to refuse the client's request (a 400): it is up.
+    /// The upstream answered the request (a success): it is up. A refusal of the client's
+    /// own request (a 400) is no such answer (`release_probe` only).
     ///
     /// An answer to a request sent before a cooldown began (a long stream ending after a
     /// 429's `retry-after`) does not end that cooldown early.
