@@ -1512,8 +1512,9 @@ async fn the_overhead_histogram_leaves_out_the_wait_on_the_upstream() {
     assert!(own > 0.0 && own < 0.25, "overhead sum {own}s of {took}s");
 }
 
-/// An upstream that echoes the key it was sent, in its message and in any other field of its
-/// error (an Azure AI inference `detail`, a nested object): the client sees none of it.
+/// An upstream that echoes the key it was sent, or its own address, in its message and in any
+/// other field of its error (an Azure AI inference `detail`, a nested object): the client
+/// sees none of it (PRODUCT.md: "never its key or URL").
 #[tokio::test]
 async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrubbed() {
     let (up, gw) = setup().await;
@@ -1552,6 +1553,22 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
             .unwrap();
         assert!(!text.contains(secret), "{text}");
         assert!(text.contains("key *** is not valid"), "{text}");
+        // Its own address: the URL the provider is configured with, its host and port.
+        let addr = up.url();
+        let host_port = addr.trim_start_matches("http://");
+        up.script(Scripted::respond(
+            401,
+            json!({"error": {"message": format!("Incorrect API key for {addr}/v1/chat/completions"),
+                             "detail": format!("{host_port} refused it")}})
+            .to_string(),
+        ));
+        let text = post(&gw, "/v1/chat/completions", &body)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(!text.contains(host_port), "{text}");
+        assert!(text.contains("*** refused it"), "{text}");
     }
     assert!(!gw.logs().contains(OPENAI_SECRET) && !gw.logs().contains(AZURE_SECRET));
 }

@@ -56,8 +56,9 @@ pub struct HttpUpstream {
     /// `Host` for every request: the URL's host, and its port when not the scheme's default.
     host: Option<HeaderValue>,
     stream_usage: bool,
-    /// The upstream key, kept only to scrub it from error messages.
-    secret: Option<String>,
+    /// What an upstream error message must not carry to the client, longest first: its key,
+    /// its configured URL and the host in it (`scrubbed`).
+    scrub: Vec<String>,
 }
 
 enum Flavor {
@@ -115,13 +116,18 @@ impl HttpUpstream {
             Flavor::Azure { endpoint, .. } => host_header(endpoint),
             Flavor::OpenAi { base_url } => host_header(base_url),
         };
+        let base = match &flavor {
+            Flavor::Azure { endpoint, .. } => endpoint,
+            Flavor::OpenAi { base_url } => base_url,
+        };
+        let scrub = scrubbed(key.map(|k| k.expose()), base);
         Ok(HttpUpstream {
             flavor,
             client,
             auth,
             host,
             stream_usage,
-            secret: key.map(|k| k.expose().to_string()),
+            scrub,
         })
     }
 
@@ -263,7 +269,7 @@ impl HttpUpstream {
             b = read_limited(body) => b,
             () = deadline => return timed_out(timeout),
         };
-        let mut error = normalize_error(status, content_type, &body, self.secret.as_deref());
+        let mut error = normalize_error(status, content_type, &body, &self.scrub);
         if let Some(ra) = retry_after {
             error
                 .headers
@@ -288,6 +294,26 @@ impl HttpUpstream {
 
 /// `Host` for a base URL as hyper's client sets it: the host, with the port only when it is
 /// not the scheme's default. `None` leaves it to the client (an unparsable URL fails later).
+/// The strings scrubbed from an upstream's error messages, longest first: the key, the
+/// configured URL, and its host with and without the port, unless the host is a single
+/// word (a service name such as `vllm`, which would blank that word out of any message).
+fn scrubbed(key: Option<&str>, base: &str) -> Vec<String> {
+    let mut out: Vec<String> = key.map(str::to_string).into_iter().collect();
+    out.push(base.to_string());
+    if let Ok(uri) = base.parse::<http::Uri>() {
+        if let Some(authority) = uri.authority() {
+            out.push(authority.as_str().to_string());
+        }
+        if let Some(host) = uri.host().filter(|h| h.contains(['.', ':', '['])) {
+            out.push(host.to_string());
+        }
+    }
+    out.retain(|s| s.len() >= 4);
+    out.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    out.dedup();
+    out
+}
+
 fn host_header(base: &str) -> Option<HeaderValue> {
     let uri: http::Uri = base.parse().ok()?;
     let host = uri.host()?;
@@ -428,7 +454,7 @@ pub fn normalize_error(
     status: StatusCode,
     content_type: &str,
     body: &[u8],
-    secret: Option<&str>,
+    scrub: &[String],
 ) -> GatewayError {
     // OpenAI's own types: `requests` for a rate limit (as the gateway's own 429s say).
     let default_type = if status.is_server_error() {
@@ -478,9 +504,9 @@ pub fn normalize_error(
         }
     };
     // Every string the upstream wrote, not only its message: an upstream may echo the key it
-    // was sent in any field (a `detail`, a `key`, a nested `innererror`).
-    if let Some(k) = secret.filter(|k| k.len() >= 4) {
-        scrub_map(&mut obj, k);
+    // was sent, or its own address, in any field (a `detail`, a `key`, an `innererror`).
+    for secret in scrub {
+        scrub_map(&mut obj, secret);
     }
     let message = match obj.remove("message") {
         Some(Value::String(s)) => s,
@@ -529,7 +555,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             ct,
             body.as_bytes(),
-            Some("sekrit-key"),
+            &scrubbed(Some("sekrit-key"), "https://east.example.com:8443/v1"),
         );
         serde_json::from_slice(e.upstream_body.as_ref().unwrap()).unwrap()
     }
@@ -596,6 +622,19 @@ mod tests {
             r#"{"error":{"message":"key sekrit-key is wrong"}}"#,
         );
         assert_eq!(v["error"]["message"], "key *** is wrong");
+        // The upstream's own address, whole or its host, with or without the port.
+        let v = norm(
+            401,
+            "application/json",
+            r#"{"error":{"message":"bad key for https://east.example.com:8443/v1/chat/completions","detail":"east.example.com:8443 and east.example.com refused"}}"#,
+        );
+        assert_eq!(v["error"]["message"], "bad key for ***/chat/completions");
+        assert_eq!(v["error"]["detail"], "*** and *** refused");
+        assert_eq!(
+            scrubbed(None, "http://vllm:8000/v1"),
+            ["http://vllm:8000/v1", "vllm:8000"],
+            "a one-word host alone is left in messages"
+        );
         // Azure's 429: its code kept as written, the type OpenAI's for a rate limit.
         let v = norm(
             429,
