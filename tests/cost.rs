@@ -1654,6 +1654,42 @@ async fn best_of_completions_reserve_for_every_answer_made() {
     r.bytes().await.unwrap();
 }
 
+/// An upstream that compresses its answer though asked not to: the answer reaches the
+/// client as sent and is not read, and its row counts the prompt that was sent, marked
+/// estimated, so a budget sees the request (it cost 0, and was not marked).
+#[tokio::test]
+async fn a_compressed_answer_counts_its_prompt_as_an_estimate() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    up.script(Scripted::Respond {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("content-encoding".into(), "gzip".into()),
+        ],
+        body: "\u{1f}compressed".into(),
+    });
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello world, how are you"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.text().await.unwrap(), "\u{1f}compressed");
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let row = &rows[0];
+    assert!(
+        row.estimated && row.prompt_tokens > 0 && row.completion_tokens == 0,
+        "{row:?}"
+    );
+    assert!(
+        (row.cost_usd - row.prompt_tokens as f64 * 2.5 / 1e6).abs() < 1e-12,
+        "{row:?}"
+    );
+}
+
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
 fn wav(seconds: f64) -> Vec<u8> {
     let data_len = (seconds * 8_000.0) as u32 * 2;

@@ -291,6 +291,8 @@ pub struct Tap {
     done: bool,
     /// Store the answer in the cache once complete.
     cache: Option<(crate::cache::Leader, std::time::Duration)>,
+    /// The upstream compressed its answer (asked not to): it is passed on unread.
+    encoded: bool,
 }
 
 impl Tap {
@@ -328,6 +330,7 @@ impl Tap {
             complete: false,
             done: false,
             cache: None,
+            encoded,
         }
     }
 
@@ -439,6 +442,11 @@ impl Tap {
             // Whisper's `json`, `text`, `srt` and `vtt` answers say nothing of the audio, and
             // speech answers are audio.
             usage = record.measured_usage;
+        }
+        if success && usage.is_none() && self.encoded && counts_tokens(record.op) {
+            // A compressed answer is not read: the prompt that was sent is counted, the
+            // answer not, and the row says it is an estimate.
+            usage = Some(record.estimate(""));
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
             let mut text = std::mem::take(&mut self.text);
