@@ -1690,6 +1690,58 @@ async fn a_compressed_answer_counts_its_prompt_as_an_estimate() {
     );
 }
 
+/// Azure bills a prompt its content filter refuses (a 400 with code `content_filter`), and
+/// the refusal reports no usage: the row counts the prompt with the tokenizer, marked
+/// estimated, at the input price, and the key's budget is charged it (it cost 0).
+#[tokio::test]
+async fn an_azure_content_filter_refusal_is_charged_for_its_prompt() {
+    let up = MockUpstream::start().await;
+    let routes = "  guarded:\n    pricing: { input_per_1m: 2.50, output_per_1m: 10.00 }\n    deployments: [ { provider: az, deployment: gpt-4o-eu } ]\n";
+    let cfg = config_with_routes(&up, routes, &keys("")).replace(
+        "providers:\n",
+        &format!(
+            "providers:\n  az: {{ kind: azure_openai, endpoint: \"{}\", api_key: sk-az, api_version: 2024-10-21 }}\n",
+            up.url()
+        ),
+    );
+    let mut gw = Gateway::start(&cfg).await;
+    up.script(Scripted::azure_content_filter());
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "guarded", "messages": [{"role": "user", "content": "something the filter refuses"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "content_filter");
+    // Any other refusal costs nothing.
+    up.script(Scripted::vllm_error(400, "temperature must be at most 2"));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "guarded", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let row = &rows[0];
+    assert_eq!(
+        (row.status, row.estimated, row.completion_tokens),
+        (400, true, 0),
+        "{row:?}"
+    );
+    assert!(row.prompt_tokens > 0, "{row:?}");
+    assert!(
+        (row.cost_usd - row.prompt_tokens as f64 * 2.5 / 1e6).abs() < 1e-12,
+        "{row:?}"
+    );
+    assert_eq!(
+        (rows[1].status, rows[1].cost_usd, rows[1].prompt_tokens),
+        (400, 0.0, 0)
+    );
+}
+
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
 fn wav(seconds: f64) -> Vec<u8> {
     let data_len = (seconds * 8_000.0) as u32 * 2;

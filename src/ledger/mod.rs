@@ -69,6 +69,8 @@ pub struct RequestRecord {
     /// The attempts' facts while the route tries its deployments: a request dropped then
     /// (its client gone) is recorded with the deployment it was waiting on.
     pub served: crate::route::Served,
+    /// Priced though not a success (`finish_billed_refusal`).
+    pub billed_refusal: bool,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -98,6 +100,15 @@ impl RequestRecord {
         self.settle(status, usage, first_byte);
     }
 
+    /// A refusal the upstream bills: Azure bills a prompt its content filter refuses (a
+    /// 400) for its tokens, which the refusal does not report. Counted with the tokenizer,
+    /// marked estimated, at the prompt's price.
+    pub fn finish_billed_refusal(mut self, status: u16) {
+        let usage = self.estimate("");
+        self.billed_refusal = true;
+        self.settle(status, Some(usage), None);
+    }
+
     fn settle(&mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
         let Some(accounting) = self.accounting.take() else {
             return;
@@ -107,7 +118,7 @@ impl RequestRecord {
             self.row_from_served();
         }
         let usage = usage.unwrap_or_default();
-        let cost = if (200..300).contains(&status) {
+        let cost = if (200..300).contains(&status) || self.billed_refusal {
             self.price.cost(&usage)
         } else {
             0.0

@@ -385,6 +385,11 @@ where
     facts.key_counters = counters;
     facts.metrics = served.metrics;
     match result {
+        Err(e) if e.is_content_filter() => {
+            // Azure's content filter refusing the prompt: billed for the prompt's tokens.
+            record.finish_billed_refusal(e.status.as_u16());
+            Err(e)
+        }
         Err(e) => {
             record.finish(e.status.as_u16(), None, None);
             Err(e)
@@ -464,6 +469,7 @@ fn new_record(
         counters: None,
         measured_usage: req.measured_usage(),
         served: Served::default(),
+        billed_refusal: false,
     }
 }
 
