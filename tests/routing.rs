@@ -483,6 +483,11 @@ models:
     assert_eq!(r.deployment(), "c/hung");
 }
 
+/// A stream that breaks off after its first chunk reached the client: the client gets the
+/// error event, nothing is retried, and the break counts against the deployment (its
+/// failures in a row, the cooldown, `switchyard_upstream_errors_total{kind="broke_off"}`),
+/// as a failure before the first byte does (it counted nowhere: an engine dying
+/// mid-generation stayed in rotation).
 #[tokio::test]
 async fn a_stream_reset_after_its_first_chunk_is_passed_on_and_not_retried() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
@@ -492,6 +497,7 @@ async fn a_stream_reset_after_its_first_chunk_is_passed_on_and_not_retried() {
 models:
   r:
     strategy: priority
+    allowed_fails: 2
     deployments:
       - { provider: a, deployment: m, priority: 0 }
       - { provider: b, deployment: m, priority: 1 }
@@ -511,8 +517,45 @@ models:
         0,
         "a stream that reached the client is not retried"
     );
-    let d = dep_state(&gw, "a/m").await;
-    assert_eq!((&d["up"], &d["fails_in_row"]), (&json!(true), &json!(0)));
+    wait_dep(
+        &gw,
+        "a/m",
+        |d| d["fails_in_row"] == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(dep_state(&gw, "a/m").await["up"], true);
+    let broke = [("route", "r"), ("deployment", "a/m"), ("kind", "broke_off")];
+    assert_eq!(
+        gw.metric("switchyard_upstream_errors_total", &broke).await,
+        Some(1.0)
+    );
+    // A whole stream ends the failures in a row; two breaks in a row cool `a` down.
+    a.script(Scripted::stream(
+        &[(0, &first), (0, "data: [DONE]\n\n")],
+        StreamEnd::Finish,
+    ));
+    send(&client(), &gw, &stream_body("r"))
+        .await
+        .served_by("r", "a/m");
+    wait_dep(
+        &gw,
+        "a/m",
+        |d| d["fails_in_row"] == 0,
+        Duration::from_secs(5),
+    )
+    .await;
+    for _ in 0..2 {
+        a.script(Scripted::stream(&[(0, &first)], StreamEnd::Abort));
+        let r = send(&client(), &gw, &stream_body("r")).await;
+        r.served_by("r", "a/m");
+    }
+    wait_dep(&gw, "a/m", |d| d["up"] == false, Duration::from_secs(5)).await;
+    assert_eq!(
+        gw.metric("switchyard_upstream_errors_total", &broke).await,
+        Some(3.0)
+    );
+    chat(&gw, "r").await.served_by("r", "b/m");
 }
 
 /// Headers, then the connection breaks before the first byte of the stream: nothing reached

@@ -3,6 +3,7 @@
 //! normalised to the OpenAI shape, with the upstream's key scrubbed from any message.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +20,7 @@ use crate::api::{ApiRequest, Operation};
 use crate::config::ProviderCfg;
 use crate::error::GatewayError;
 use crate::server::body::ResponseBody;
-use crate::stream::guard_upstream_stream;
+use crate::stream::{guard_upstream_stream, BrokeOff};
 use crate::telemetry::clock::UpstreamClock;
 
 /// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
@@ -234,8 +235,12 @@ impl HttpUpstream {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        let broke = is_sse.then(Arc::<BrokeOff>::default);
+        if let Some(b) = &broke {
+            extensions.insert(b.clone());
+        }
         let mut out = http::Response::new(
-            guard_upstream_stream(body, is_sse, deadline, timeout).boxed_unsync(),
+            guard_upstream_stream(body, is_sse, deadline, timeout, broke).boxed_unsync(),
         );
         *out.status_mut() = parts.status;
         *out.extensions_mut() = extensions;

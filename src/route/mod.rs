@@ -276,6 +276,51 @@ struct TrackedBody {
     first: Option<Frame<Bytes>>,
     rest: ResponseBody,
     _in_flight: InFlight,
+    _watch: Option<BreakWatch>,
+}
+
+/// A stream that breaks off or times out after its first event (`stream::BrokeOff`) is a
+/// failure of its deployment, as one before the first byte is: counted when its body is
+/// dropped (its failures in a row, the cooldown, `switchyard_upstream_errors_total`). Its
+/// first event said the deployment is up (a probe's verdict, its time to first token);
+/// its failures in a row end only with the stream's end, so a deployment whose streams all
+/// break off after their first event cools down like any failing one.
+struct BreakWatch {
+    broke: Arc<crate::stream::BrokeOff>,
+    state: Arc<DeploymentState>,
+    allowed_fails: u32,
+    cooldown: Duration,
+    route: Name,
+    deployment: Name,
+    provider: Name,
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        let Some(w) = &self._watch else {
+            return;
+        };
+        let Some(kind) = w.broke.kind() else {
+            // Whole (or its client gone: nothing said either way).
+            if self.first.is_none() && self.rest.is_end_stream() {
+                w.state.stream_ended();
+            }
+            return;
+        };
+        let cooled = w.state.failure(w.allowed_fails, w.cooldown, None);
+        if let Some(m) = metrics::metrics() {
+            m.upstream_errors
+                .with_label_values(&[&*w.route, &*w.deployment, &*w.provider, kind])
+                .inc();
+        }
+        tracing::warn!(
+            route = %w.route,
+            deployment = %w.deployment,
+            kind,
+            cooling_down = cooled,
+            "upstream stream failed after its first event"
+        );
+    }
 }
 
 impl Body for TrackedBody {
@@ -663,17 +708,30 @@ impl Route {
         } else {
             None
         };
+        let watch = parts
+            .extensions
+            .remove::<Arc<crate::stream::BrokeOff>>()
+            .map(|broke| BreakWatch {
+                broke,
+                state: d.state.clone(),
+                allowed_fails: self.allowed_fails,
+                cooldown: self.cooldown,
+                route: self.name.clone(),
+                deployment: d.label.clone(),
+                provider: d.provider.name.clone(),
+            });
         // A stream's sample is its time to first token; a plain request's, its latency.
         let elapsed = start.elapsed();
-        if req.stream {
-            d.state.success(None, Some(elapsed));
-        } else {
-            d.state.success(Some(elapsed), None);
+        match (req.stream, &watch) {
+            (true, Some(_)) => d.state.first_event(elapsed),
+            (true, None) => d.state.success(None, Some(elapsed)),
+            (false, _) => d.state.success(Some(elapsed), None),
         }
         let body = TrackedBody {
             first,
             rest: body,
             _in_flight: in_flight,
+            _watch: watch,
         };
         Ok(http::Response::from_parts(parts, body.boxed_unsync()))
     }

@@ -233,6 +233,11 @@ impl DeploymentState {
     /// 429's `retry-after`) does not end that cooldown early.
     pub fn answered(&self) {
         self.fails_in_row.store(0, Ordering::Release);
+        self.came_back();
+    }
+
+    /// Up: a probe's verdict, and the end of a cooldown that is over.
+    fn came_back(&self) {
         let until = self.cooldown_until.load(Ordering::Acquire);
         if until != 0 && now_ms() >= until {
             self.cooldown_until.store(0, Ordering::Release);
@@ -244,6 +249,18 @@ impl DeploymentState {
     /// request may probe again.
     pub fn release_probe(&self) {
         self.probing.store(false, Ordering::Release);
+    }
+
+    /// An event stream's first event: up, as `success` says, but its failures in a row end
+    /// only with the stream (`stream_ended`), which may still break off.
+    pub fn first_event(&self, ttft: Duration) {
+        self.came_back();
+        ewma(&self.ttft_ms, ttft.as_secs_f64() * 1000.0);
+    }
+
+    /// An event stream that reached its end.
+    pub fn stream_ended(&self) {
+        self.fails_in_row.store(0, Ordering::Release);
     }
 
     pub fn success(&self, latency: Option<Duration>, ttft: Option<Duration>) {

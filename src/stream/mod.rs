@@ -7,6 +7,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -36,6 +38,25 @@ pub struct UpstreamStream<B> {
     /// The last event that went out was the stream's `[DONE]`: a break or a time-out after
     /// it is the end, not an error (nothing a client reads comes after it).
     sent_done: bool,
+    /// Told when the stream breaks off or times out after it began (an event stream's).
+    broke: Option<Arc<BrokeOff>>,
+}
+
+/// Whether an upstream's event stream broke off or timed out once it had begun: the route
+/// counts that against the deployment (`route::TrackedBody`), as it counts a failure before
+/// the first byte. Carried to it in the answer's extensions.
+#[derive(Debug, Default)]
+pub struct BrokeOff(AtomicU8);
+
+impl BrokeOff {
+    /// `broke_off` or `timeout`, the kind `switchyard_upstream_errors_total` counts it as.
+    pub fn kind(&self) -> Option<&'static str> {
+        match self.0.load(Ordering::Acquire) {
+            1 => Some("broke_off"),
+            2 => Some("timeout"),
+            _ => None,
+        }
+    }
 }
 
 /// The upstream's body as a stream of chunks for the client, cut off at `deadline`.
@@ -44,6 +65,7 @@ pub fn guard_upstream_stream<B>(
     is_sse: bool,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
+    broke: Option<Arc<BrokeOff>>,
 ) -> UpstreamStream<B>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -57,6 +79,7 @@ where
         sent_any: false,
         pending: BytesMut::new(),
         sent_done: false,
+        broke,
     }
 }
 
@@ -201,6 +224,9 @@ impl<B> UpstreamStream<B> {
             )
         };
         tracing::warn!(code, "upstream stream ended with an error");
+        if let (Some(b), true) = (&self.broke, self.sent_any) {
+            b.0.store(if timed_out { 2 } else { 1 }, Ordering::Release);
+        }
         if self.is_sse && self.sent_any {
             Ok(error_event(code, &message))
         } else {
