@@ -959,7 +959,17 @@ pub fn assemble(op: Operation, events: &[Bytes]) -> Option<Bytes> {
                     let mut o = Map::new();
                     o.insert("index".into(), json!(i));
                     if op == Operation::ChatCompletions {
-                        let message = c.shift_remove("message").unwrap_or_else(empty_message);
+                        let mut message = c.shift_remove("message").unwrap_or_else(empty_message);
+                        // Calls with no text: `null`, as in the plain answer, though a
+                        // stream's first delta may carry `"content": ""` (vLLM's, Ollama's).
+                        if let Some(m) = message.as_object_mut() {
+                            let calls = ["tool_calls", "function_call"];
+                            if calls.iter().any(|c| m.contains_key(*c))
+                                && m.get("content").and_then(Value::as_str) == Some("")
+                            {
+                                m.insert("content".into(), Value::Null);
+                            }
+                        }
                         o.insert("message".into(), message);
                     }
                     o.extend(c);
@@ -1509,13 +1519,33 @@ mod tests {
         assert_eq!(
             got["choices"][0],
             json!({"index": 0,
-                   "message": {"role": "assistant", "content": "",
+                   "message": {"role": "assistant", "content": null,
                                "function_call": {"name": "f", "arguments": "{\"x\":1}"},
                                "audio": {"id": "au", "transcript": "hello", "expires_at": 5}},
                    "content_filter_results": {"hate": {"filtered": false}},
                    "logprobs": null, "finish_reason": "function_call"}),
             "{got}"
         );
+        // Tool calls after a first delta with `"content": ""` (vLLM's): `null`, as in the
+        // plain answer; text with them stays.
+        for (first, want) in [("", Value::Null), ("Sure.", json!("Sure."))] {
+            let evs: Vec<Bytes> = [
+                json!({"id":"t","created":1,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":first}}]}).to_string(),
+                json!({"id":"t","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":"{}"}}]},"finish_reason":"tool_calls"}]}).to_string(),
+                "[DONE]".to_string(),
+            ]
+            .iter()
+            .map(|s| Bytes::from(format!("data: {s}\n\n")))
+            .collect();
+            let got: Value =
+                serde_json::from_slice(&assemble(Operation::ChatCompletions, &evs).unwrap())
+                    .unwrap();
+            assert_eq!(got["choices"][0]["message"]["content"], want, "{got}");
+            assert_eq!(
+                got["choices"][0]["message"]["tool_calls"][0]["id"],
+                "call_1"
+            );
+        }
         let far = [
             Bytes::from_static(b"data: {\"id\":\"a\",\"choices\":[{\"index\":4096}]}\n\n"),
             Bytes::from_static(b"data: [DONE]\n\n"),
