@@ -963,6 +963,13 @@ models:
     let gw = Gateway::start(&yaml).await;
     let r = chat(&gw, "quick").await;
     assert!(matches!(r.status, 502 | 504), "{} {}", r.status, r.text);
+    if r.status == 502 {
+        assert!(
+            r.text.contains("within the route's connect_timeout"),
+            "{}",
+            r.text
+        );
+    }
     assert!(
         r.elapsed >= Duration::from_millis(200) && r.elapsed < Duration::from_millis(2500),
         "the route's 200 ms: {:?}",

@@ -371,6 +371,10 @@ fn classify(e: &hyper_util::client::legacy::Error) -> AttemptError {
         "the connection to the upstream failed before an answer"
     };
     AttemptError::Connect(match root_cause(e) {
+        // The connector's own time limit (tokio's words for it say nothing of which).
+        Some(cause) if e.is_connect() && cause == "deadline has elapsed" => {
+            format!("{what} within the route's connect_timeout")
+        }
         Some(cause) => format!("{what}: {cause}"),
         None => what.to_string(),
     })
