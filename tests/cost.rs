@@ -242,8 +242,9 @@ async fn the_ledger_matches_the_upstreams_usage_to_the_micro_dollar() {
     let p = v["usage"]["prompt_tokens"].as_u64().unwrap();
     expected.push((p, 0, 0, p as f64 * 0.02 / 1e6));
 
-    // A refusal by the upstream costs nothing.
-    up.script(Scripted::azure_content_filter());
+    // A refusal of the request by the upstream costs nothing (Azure's content filter, which
+    // Azure bills, excepted: `an_azure_content_filter_refusal_is_charged_for_its_prompt`).
+    up.script(Scripted::vllm_error(400, "temperature must be at most 2"));
     let resp = post(
         &gw,
         "/v1/chat/completions",
