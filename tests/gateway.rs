@@ -560,6 +560,40 @@ async fn a_stream_that_breaks_off_ends_with_an_error_event() {
         "{}",
         gw.logs()
     );
+    // An upstream whose own stream ends with such an error event (another gateway in front
+    // of a broken one), then ends whole: passed on as it came, and complete here (the access
+    // log told a broken stream by those bytes).
+    let theirs = "data: {\"error\":{\"message\":\"the upstream stream broke off before its end\",\"type\":\"api_error\",\"param\":null,\"code\":\"upstream_error\"}}\n\n";
+    up.script(Scripted::stream(
+        &[(0, c1_whole()), (0, theirs)],
+        StreamEnd::Finish,
+    ));
+    let text = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","stream":true,"messages":[]}"#,
+    )
+    .await
+    .text()
+    .await
+    .unwrap();
+    assert!(text.ends_with(theirs), "{text}");
+    assert!(
+        gw.wait_log(
+            |log| log
+                .lines()
+                .any(|l| l.contains("stream=true") && l.contains("outcome=complete")),
+            Duration::from_secs(2)
+        )
+        .await,
+        "{}",
+        gw.logs()
+    );
+}
+
+/// One whole chat chunk event.
+fn c1_whole() -> &'static str {
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"},\"finish_reason\":null}]}\n\n"
 }
 
 #[tokio::test]

@@ -708,11 +708,12 @@ impl Route {
         } else {
             None
         };
+        // Left in the extensions too: the access log tells a broken stream by it.
         let watch = parts
             .extensions
-            .remove::<Arc<crate::stream::BrokeOff>>()
+            .get::<Arc<crate::stream::BrokeOff>>()
             .map(|broke| BreakWatch {
-                broke,
+                broke: broke.clone(),
                 state: d.state.clone(),
                 allowed_fails: self.allowed_fails,
                 cooldown: self.cooldown,

@@ -83,13 +83,6 @@ where
     }
 }
 
-/// Whether a chunk is the error event that ends a stream the upstream broke off or let
-/// time out (`error_event`, its `code` last).
-pub fn is_broke_off_event(chunk: &[u8]) -> bool {
-    chunk.ends_with(b"\"code\":\"upstream_error\"}}\n\n")
-        || chunk.ends_with(b"\"code\":\"upstream_timeout\"}}\n\n")
-}
-
 /// The SSE event that ends a broken stream.
 pub fn error_event(code: &str, message: &str) -> Bytes {
     let body =

@@ -462,13 +462,14 @@ where
                 return Ok(Response::from_parts(parts, body.boxed_unsync()));
             };
             let line = p.line(parts.status.as_u16(), facts);
+            let broke = parts.extensions.remove::<Arc<crate::stream::BrokeOff>>();
             let body = LoggedBody {
                 inner: body,
                 line,
                 cut: None,
                 ended: false,
                 done: false,
-                broke: false,
+                broke,
             }
             .boxed_unsync();
             Ok(Response::from_parts(parts, body))
@@ -603,9 +604,15 @@ struct LoggedBody {
     ended: bool,
     /// A stream's last chunk sent ended with its `[DONE]`.
     done: bool,
-    /// A stream's last chunk sent was the gateway's error event for an upstream that broke
-    /// the stream off or let it time out.
-    broke: bool,
+    /// Told when the upstream broke the stream off or let it time out after it began
+    /// (the gateway's error event ended it then).
+    broke: Option<Arc<crate::stream::BrokeOff>>,
+}
+
+impl LoggedBody {
+    fn broke(&self) -> bool {
+        self.broke.as_ref().is_some_and(|b| b.kind().is_some())
+    }
 }
 
 impl Body for LoggedBody {
@@ -632,7 +639,6 @@ impl Body for LoggedBody {
                     this.line.bytes += data.len() as u64;
                     if this.line.facts.stream && !data.is_empty() {
                         this.done = crate::stream::sse::ends_with_done(data);
-                        this.broke = crate::stream::is_broke_off_event(data);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -643,7 +649,7 @@ impl Body for LoggedBody {
             }
             Poll::Ready(None) => {
                 // A stream the upstream broke off ends with the gateway's error event.
-                this.line.emit(if this.broke {
+                this.line.emit(if this.broke() {
                     "upstream_broke_off"
                 } else {
                     "complete"
@@ -757,7 +763,7 @@ impl Drop for LoggedBody {
         // any other body dropped early means the client went away (or the server shut down).
         // A stream whose `[DONE]` was the last it sent is complete for its client (the SDKs
         // close the response there, before the upstream's body may have ended).
-        let outcome = if self.broke {
+        let outcome = if self.broke() {
             "upstream_broke_off"
         } else if self.inner.is_end_stream() || self.done {
             "complete"
