@@ -123,13 +123,16 @@ impl GatewayError {
         )
     }
 
-    pub fn method_not_allowed() -> Self {
-        Self::new(
+    /// With the `allow` header a 405 must carry (RFC 9110 15.5.6).
+    pub fn method_not_allowed(allow: &'static str) -> Self {
+        let mut e = Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
             "method_not_allowed",
-            "this endpoint does not take that HTTP method",
-        )
+            format!("this endpoint takes {allow} only"),
+        );
+        e.headers.push(("allow", allow.to_string()));
+        e
     }
 
     pub fn upstream_error(status: StatusCode, message: impl Into<String>) -> Self {

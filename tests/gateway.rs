@@ -1306,6 +1306,33 @@ async fn health_and_readiness() {
         .await
         .unwrap();
     assert_eq!(ready["status"], "ready");
+    // HEAD, as load balancers and uptime checks send it: the GET's status and headers, no
+    // body; a model list too. An endpoint that takes POST only says which method it takes.
+    for path in ["/healthz", "/readyz"] {
+        let r = c.head(gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(r.bytes().await.unwrap().is_empty(), "{path}");
+    }
+    let r = c
+        .head(gw.url("/v1/models"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert!(r.bytes().await.unwrap().is_empty());
+    let r = c
+        .head(gw.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
 }
 
 /// `switchyard_overhead_seconds_{what}` of the test config's `gpt-4o` route (0 before its

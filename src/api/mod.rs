@@ -149,7 +149,8 @@ pub enum Target {
     AdminReload,
     AdminSpend,
     NotFound,
-    WrongMethod,
+    /// A known path asked with a method it does not take; the methods it takes.
+    WrongMethod(&'static str),
 }
 
 /// Maps method and path to a target. Accepts `/v1/x`, `/x` (clients whose base URL has no
@@ -158,7 +159,15 @@ pub fn classify(method: &http::Method, path: &str) -> Target {
     // HEAD wherever GET works (RFC 9110 9.3.2): the same answer without its body.
     let get = method == http::Method::GET || method == http::Method::HEAD;
     let post = method == http::Method::POST;
-    let either = |ok: bool, t: Target| if ok { t } else { Target::WrongMethod };
+    let either = |ok: bool, t: Target| {
+        if ok {
+            t
+        } else if matches!(t, Target::Call(..) | Target::AdminReload) {
+            Target::WrongMethod("POST")
+        } else {
+            Target::WrongMethod("GET, HEAD")
+        }
+    };
     match path {
         "/healthz" => return either(get, Target::Healthz),
         "/readyz" => return either(get, Target::Readyz),
@@ -797,7 +806,7 @@ mod tests {
         assert_eq!(classify(&Method::HEAD, "/healthz"), Target::Healthz);
         assert_eq!(
             classify(&Method::HEAD, "/v1/chat/completions"),
-            Target::WrongMethod
+            Target::WrongMethod("POST")
         );
         assert_eq!(classify(&Method::GET, "/openai/models"), Target::ListModels);
         assert_eq!(
@@ -806,7 +815,11 @@ mod tests {
         );
         assert_eq!(
             classify(&Method::GET, "/v1/chat/completions"),
-            Target::WrongMethod
+            Target::WrongMethod("POST")
+        );
+        assert_eq!(
+            classify(&Method::POST, "/healthz"),
+            Target::WrongMethod("GET, HEAD")
         );
         assert_eq!(classify(&Method::POST, "/v1/files"), Target::NotFound);
     }

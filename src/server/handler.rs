@@ -120,7 +120,7 @@ where
             facts.endpoint = op.path();
             proxy(&gateway, &rt, op, shape, req, &mut facts).await
         }
-        Target::WrongMethod => Err(GatewayError::method_not_allowed()),
+        Target::WrongMethod(allow) => Err(GatewayError::method_not_allowed(allow)),
         Target::NotFound => Err(GatewayError::not_found(
             "unknown endpoint: see GET /v1/models and the OpenAI API paths under /v1",
         )),
