@@ -1587,6 +1587,9 @@ async fn a_null_or_foreign_cap_field_gets_the_reserved_cap_upstream() {
         r#"{"model":"gpt-4o","max_output_tokens":1,"messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"o3","max_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
         r#"{"model":"o3","max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        // Both `null`: the one the deployment takes gets the cap, the other goes.
+        r#"{"model":"o3","max_tokens":null,"max_completion_tokens":null,"messages":[{"role":"user","content":"hi"}]}"#,
+        r#"{"model":"gpt-4o","max_tokens":null,"messages":[{"role":"user","content":"hi"}],"max_completion_tokens" : null }"#,
     ] {
         let r = send(body).await.unwrap();
         assert_eq!(r.status(), 200, "{body}");
@@ -1619,6 +1622,14 @@ async fn a_null_or_foreign_cap_field_gets_the_reserved_cap_upstream() {
     assert_eq!(
         sent[4],
         r#"{"model":"o3-mini","max_completion_tokens":250,"messages":[{"role":"user","content":"hi"}]}"#
+    );
+    assert_eq!(
+        sent[5],
+        r#"{"model":"o3-mini","max_completion_tokens":250,"messages":[{"role":"user","content":"hi"}]}"#
+    );
+    assert_eq!(
+        sent[6],
+        r#"{"model":"gpt-4o-up","max_tokens":300,"messages":[{"role":"user","content":"hi"}] }"#
     );
 }
 

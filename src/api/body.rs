@@ -223,7 +223,8 @@ pub type Edit = (Range<usize>, Vec<u8>);
 /// The body with `edits` applied (in order of position; insertions at one place keep their
 /// order).
 pub fn splice(body: &[u8], mut edits: Vec<Edit>) -> Bytes {
-    edits.sort_by_key(|(r, _)| r.start);
+    // An insertion before a removal that starts at the same place.
+    edits.sort_by_key(|(r, _)| (r.start, r.end));
     let extra: usize = edits.iter().map(|(_, w)| w.len()).sum();
     let mut out = BytesMut::with_capacity(body.len() + extra);
     let mut at = 0;
@@ -234,6 +235,25 @@ pub fn splice(body: &[u8], mut edits: Vec<Edit>) -> Bytes {
     }
     out.put_slice(&body[at..]);
     out.freeze()
+}
+
+/// What to cut to remove the member at `member` from its object: the member and one comma
+/// beside it (the one after it, else the one before it).
+pub fn member_cut(body: &[u8], member: Range<usize>) -> Range<usize> {
+    let after = body[member.end..]
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map(|i| member.end + i);
+    if let Some(comma) = after.filter(|&i| body[i] == b',') {
+        return member.start..comma + 1;
+    }
+    let before = body[..member.start]
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace());
+    match before.filter(|&i| body[i] == b',') {
+        Some(comma) => comma..member.end,
+        None => member,
+    }
 }
 
 /// The place of `model` in a JSON body (or the lack of it).

@@ -640,19 +640,25 @@ impl ApiRequest {
                     let mut digits = itoa::Buffer::new();
                     let digits = digits.format(cap);
                     let field = cap_field(self.op, served_model);
-                    // A `null` of the field the upstream takes gets the cap as its value;
-                    // else the first `null` one becomes that field (a reasoning model refuses
-                    // `max_tokens`, even `null`, say); else the field is added.
+                    // A `null` of the field the upstream takes gets the cap as its value,
+                    // else another `null` cap field becomes that field, else the field is
+                    // added; any other `null` cap field goes (a reasoning model refuses
+                    // `max_tokens` beside `max_completion_tokens`, even `null`).
                     let same = self.null_caps.iter().find(|c| c.field == field);
-                    let other = self.null_caps.iter().find(|c| c.member.is_some());
-                    edits.push(match (same, other) {
-                        (Some(c), _) => (c.value.clone(), digits.as_bytes().to_vec()),
-                        (None, Some(c)) => (
-                            c.member.clone().unwrap_or_default(),
-                            format!("\"{field}\":{digits}").into_bytes(),
-                        ),
-                        (None, None) => slot.add_field(field, digits),
-                    });
+                    let mut others = self
+                        .null_caps
+                        .iter()
+                        .filter(|c| c.field != field)
+                        .filter_map(|c| c.member.clone());
+                    let cap = match same {
+                        Some(c) => (c.value.clone(), digits.as_bytes().to_vec()),
+                        None => match others.next() {
+                            Some(m) => (m, format!("\"{field}\":{digits}").into_bytes()),
+                            None => slot.add_field(field, digits),
+                        },
+                    };
+                    edits.push(cap);
+                    edits.extend(others.map(|m| (body::member_cut(&self.body, m), vec![])));
                 }
                 if edits.is_empty() {
                     self.body.clone()
