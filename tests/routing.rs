@@ -558,6 +558,106 @@ models:
     chat(&gw, "r").await.served_by("r", "b/m");
 }
 
+/// A stream closed by its client at `[DONE]` (as the SDKs do) is whole, even when the
+/// upstream's body ends later: it ends the failures in a row (it said nothing, so breaks
+/// among whole SDK streams added up to a cooldown). An error event of the upstream's own
+/// (vLLM's for an engine that died mid-answer, then `[DONE]`) is a failure of the
+/// deployment, counted as `error_event`, and reaches the client without the upstream's
+/// key or address.
+#[tokio::test]
+async fn a_stream_whole_at_done_ends_the_failures_and_an_upstream_error_event_counts() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        r#"
+models:
+  r:
+    allowed_fails: 2
+    deployments: [ { provider: a, deployment: m } ]
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let first = sse_chunk("par");
+    a.script(Scripted::stream(&[(0, &first)], StreamEnd::Abort));
+    send(&client(), &gw, &stream_body("r"))
+        .await
+        .served_by("r", "a/m");
+    wait_dep(
+        &gw,
+        "a/m",
+        |d| d["fails_in_row"] == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // The client reads up to `[DONE]` and lets go; the upstream's body ends 1 s later.
+    a.script(Scripted::stream(
+        &[(0, &first), (0, "data: [DONE]\n\n"), (1000, "")],
+        StreamEnd::Finish,
+    ));
+    let mut resp = client()
+        .post(gw.url("/v1/chat/completions"))
+        .json(&stream_body("r"))
+        .send()
+        .await
+        .unwrap();
+    let mut text = String::new();
+    while !text.contains("[DONE]") {
+        let chunk = resp
+            .chunk()
+            .await
+            .unwrap()
+            .expect("the stream ends after [DONE]");
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(resp);
+    wait_dep(
+        &gw,
+        "a/m",
+        |d| d["fails_in_row"] == 0,
+        Duration::from_secs(5),
+    )
+    .await;
+
+    // vLLM's error event mid-answer, echoing the upstream's key and address, then [DONE].
+    let addr = a.url();
+    let error = format!(
+        "data: {{\"error\": {{\"object\": \"error\", \"message\": \"EngineDeadError at {addr}/v1 (key sk-upstream-a)\", \"type\": \"InternalServerError\", \"param\": null, \"code\": 500}}}}\n\n"
+    );
+    a.script(Scripted::stream(
+        &[(0, &first), (0, &error), (0, "data: [DONE]\n\n")],
+        StreamEnd::Finish,
+    ));
+    let r = send(&client(), &gw, &stream_body("r")).await;
+    r.served_by("r", "a/m");
+    assert!(
+        r.text.contains("EngineDeadError at *** (key ***)"),
+        "{}",
+        r.text
+    );
+    assert!(
+        !r.text.contains(&addr) && !r.text.contains("sk-upstream-a"),
+        "{}",
+        r.text
+    );
+    wait_dep(
+        &gw,
+        "a/m",
+        |d| d["fails_in_row"] == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    let kind = [
+        ("route", "r"),
+        ("deployment", "a/m"),
+        ("kind", "error_event"),
+    ];
+    assert_eq!(
+        gw.metric("switchyard_upstream_errors_total", &kind).await,
+        Some(1.0)
+    );
+}
+
 /// Headers, then the connection breaks before the first byte of the stream: nothing reached
 /// the client yet, so it is an attempt failure like any connection error, retried elsewhere.
 #[tokio::test]

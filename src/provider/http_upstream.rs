@@ -15,12 +15,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{json, Map, Value};
 
+use super::scrub::Scrub;
 use super::{AttemptError, UpstreamQuota};
 use crate::api::{ApiRequest, Operation};
 use crate::config::ProviderCfg;
 use crate::error::GatewayError;
 use crate::server::body::ResponseBody;
-use crate::stream::{guard_upstream_stream, BrokeOff};
+use crate::stream::{guard_upstream_stream, StreamState};
 use crate::telemetry::clock::UpstreamClock;
 
 /// Largest error body read from an upstream; error bodies are small, a huge one is garbage.
@@ -57,9 +58,8 @@ pub struct HttpUpstream {
     /// `Host` for every request: the URL's host, and its port when not the scheme's default.
     host: Option<HeaderValue>,
     stream_usage: bool,
-    /// What an upstream error message must not carry to the client, longest first: its key,
-    /// its configured URL and the host in it (`scrubbed`).
-    scrub: Vec<String>,
+    /// What an upstream's error must not carry to the client: its key and its address.
+    scrub: Arc<Scrub>,
 }
 
 enum Flavor {
@@ -121,7 +121,7 @@ impl HttpUpstream {
             Flavor::Azure { endpoint, .. } => endpoint,
             Flavor::OpenAi { base_url } => base_url,
         };
-        let scrub = scrubbed(key.map(|k| k.expose()), base);
+        let scrub = Arc::new(Scrub::new(key.map(|k| k.expose()), base));
         Ok(HttpUpstream {
             flavor,
             client,
@@ -235,12 +235,13 @@ impl HttpUpstream {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
-        let broke = is_sse.then(Arc::<BrokeOff>::default);
-        if let Some(b) = &broke {
-            extensions.insert(b.clone());
+        let state = is_sse.then(Arc::<StreamState>::default);
+        if let Some(s) = &state {
+            extensions.insert(s.clone());
         }
+        let scrub = is_sse.then(|| self.scrub.clone());
         let mut out = http::Response::new(
-            guard_upstream_stream(body, is_sse, deadline, timeout, broke).boxed_unsync(),
+            guard_upstream_stream(body, is_sse, deadline, timeout, state, scrub).boxed_unsync(),
         );
         *out.status_mut() = parts.status;
         *out.extensions_mut() = extensions;
@@ -299,26 +300,6 @@ impl HttpUpstream {
 
 /// `Host` for a base URL as hyper's client sets it: the host, with the port only when it is
 /// not the scheme's default. `None` leaves it to the client (an unparsable URL fails later).
-/// The strings scrubbed from an upstream's error messages, longest first: the key, the
-/// configured URL, and its host with and without the port, unless the host is a single
-/// word (a service name such as `vllm`, which would blank that word out of any message).
-fn scrubbed(key: Option<&str>, base: &str) -> Vec<String> {
-    let mut out: Vec<String> = key.map(str::to_string).into_iter().collect();
-    out.push(base.to_string());
-    if let Ok(uri) = base.parse::<http::Uri>() {
-        if let Some(authority) = uri.authority() {
-            out.push(authority.as_str().to_string());
-        }
-        if let Some(host) = uri.host().filter(|h| h.contains(['.', ':', '['])) {
-            out.push(host.to_string());
-        }
-    }
-    out.retain(|s| s.len() >= 4);
-    out.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    out.dedup();
-    out
-}
-
 fn host_header(base: &str) -> Option<HeaderValue> {
     let uri: http::Uri = base.parse().ok()?;
     let host = uri.host()?;
@@ -436,24 +417,28 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
         })
 }
 
-/// Replaces `secret` with `***` in every string of `v`, keys of objects included.
-fn scrub_strings(v: &mut Value, secret: &str) {
+/// Blanks out what `scrub` names in every string of `v`, keys of objects included.
+fn scrub_strings(v: &mut Value, scrub: &Scrub) {
     match v {
-        Value::String(s) if s.contains(secret) => *s = s.replace(secret, "***"),
-        Value::Array(a) => a.iter_mut().for_each(|x| scrub_strings(x, secret)),
-        Value::Object(m) => scrub_map(m, secret),
+        Value::String(s) => {
+            if let Some(clean) = scrub.text(s) {
+                *s = clean;
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|x| scrub_strings(x, scrub)),
+        Value::Object(m) => scrub_map(m, scrub),
         _ => {}
     }
 }
 
-fn scrub_map(m: &mut Map<String, Value>, secret: &str) {
-    if m.keys().any(|k| k.contains(secret)) {
+fn scrub_map(m: &mut Map<String, Value>, scrub: &Scrub) {
+    if m.keys().any(|k| scrub.text(k).is_some()) {
         *m = std::mem::take(m)
             .into_iter()
-            .map(|(k, v)| (k.replace(secret, "***"), v))
+            .map(|(k, v)| (scrub.text(&k).unwrap_or(k), v))
             .collect();
     }
-    m.values_mut().for_each(|x| scrub_strings(x, secret));
+    m.values_mut().for_each(|x| scrub_strings(x, scrub));
 }
 
 /// Any upstream error body, in the shapes of OpenAI, Azure, vLLM, TGI, Ollama, llama.cpp
@@ -463,7 +448,7 @@ pub fn normalize_error(
     status: StatusCode,
     content_type: &str,
     body: &[u8],
-    scrub: &[String],
+    scrub: &Scrub,
 ) -> GatewayError {
     // OpenAI's own types: `requests` for a rate limit (as the gateway's own 429s say).
     let default_type = if status.is_server_error() {
@@ -514,8 +499,8 @@ pub fn normalize_error(
     };
     // Every string the upstream wrote, not only its message: an upstream may echo the key it
     // was sent, or its own address, in any field (a `detail`, a `key`, an `innererror`).
-    for secret in scrub {
-        scrub_map(&mut obj, secret);
+    if !scrub.is_empty() {
+        scrub_map(&mut obj, scrub);
     }
     let message = match obj.remove("message") {
         Some(Value::String(s)) => s,
@@ -564,7 +549,7 @@ mod tests {
             StatusCode::from_u16(status).unwrap(),
             ct,
             body.as_bytes(),
-            &scrubbed(Some("sekrit-key"), "https://east.example.com:8443/v1"),
+            &Scrub::new(Some("sekrit-key"), "https://east.example.com:8443/v1"),
         );
         serde_json::from_slice(e.upstream_body.as_ref().unwrap()).unwrap()
     }
@@ -639,11 +624,6 @@ mod tests {
         );
         assert_eq!(v["error"]["message"], "bad key for ***/chat/completions");
         assert_eq!(v["error"]["detail"], "*** and *** refused");
-        assert_eq!(
-            scrubbed(None, "http://vllm:8000/v1"),
-            ["http://vllm:8000/v1", "vllm:8000"],
-            "a one-word host alone is left in messages"
-        );
         // Azure's 429: its code kept as written, the type OpenAI's for a rate limit.
         let v = norm(
             429,

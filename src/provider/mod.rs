@@ -6,6 +6,7 @@
 mod http_upstream;
 pub mod mock;
 pub mod proxy;
+pub mod scrub;
 pub mod tls;
 
 use std::sync::Arc;

@@ -279,14 +279,15 @@ struct TrackedBody {
     _watch: Option<BreakWatch>,
 }
 
-/// A stream that breaks off or times out after its first event (`stream::BrokeOff`) is a
-/// failure of its deployment, as one before the first byte is: counted when its body is
-/// dropped (its failures in a row, the cooldown, `switchyard_upstream_errors_total`). Its
-/// first event said the deployment is up (a probe's verdict, its time to first token);
-/// its failures in a row end only with the stream's end, so a deployment whose streams all
-/// break off after their first event cools down like any failing one.
+/// A stream that fails after its first event (`stream::StreamState`: broken off, timed out,
+/// or ended by an error event of the upstream's own) is a failure of its deployment, as one
+/// before the first byte is: counted when its body is dropped (its failures in a row, the
+/// cooldown, `switchyard_upstream_errors_total`). Its first event said the deployment is up
+/// (a probe's verdict, its time to first token); its failures in a row end only with the
+/// stream, whole (its `[DONE]` sent, or its body's end), so a deployment whose streams all
+/// die after their first event cools down like any failing one.
 struct BreakWatch {
-    broke: Arc<crate::stream::BrokeOff>,
+    stream: Arc<crate::stream::StreamState>,
     state: Arc<DeploymentState>,
     allowed_fails: u32,
     cooldown: Duration,
@@ -300,9 +301,9 @@ impl Drop for TrackedBody {
         let Some(w) = &self._watch else {
             return;
         };
-        let Some(kind) = w.broke.kind() else {
-            // Whole (or its client gone: nothing said either way).
-            if self.first.is_none() && self.rest.is_end_stream() {
+        let Some(kind) = w.stream.failure() else {
+            // Whole (else its client left: nothing said either way).
+            if w.stream.done() || (self.first.is_none() && self.rest.is_end_stream()) {
                 w.state.stream_ended();
             }
             return;
@@ -711,9 +712,9 @@ impl Route {
         // Left in the extensions too: the access log tells a broken stream by it.
         let watch = parts
             .extensions
-            .get::<Arc<crate::stream::BrokeOff>>()
-            .map(|broke| BreakWatch {
-                broke: broke.clone(),
+            .get::<Arc<crate::stream::StreamState>>()
+            .map(|stream| BreakWatch {
+                stream: stream.clone(),
                 state: d.state.clone(),
                 allowed_fails: self.allowed_fails,
                 cooldown: self.cooldown,

@@ -18,6 +18,7 @@ use http_body::{Body, Frame, SizeHint};
 use serde_json::json;
 use tokio::time::Sleep;
 
+use crate::provider::scrub::Scrub;
 use crate::server::body::BoxError;
 
 pub mod sse;
@@ -38,24 +39,70 @@ pub struct UpstreamStream<B> {
     /// The last event that went out was the stream's `[DONE]`: a break or a time-out after
     /// it is the end, not an error (nothing a client reads comes after it).
     sent_done: bool,
-    /// Told when the stream breaks off or times out after it began (an event stream's).
-    broke: Option<Arc<BrokeOff>>,
+    /// What happened to an event stream once it began, told to the route and the log.
+    state: Option<Arc<StreamState>>,
+    /// What its error events must not carry to the client (the upstream's key, address).
+    scrub: Option<Arc<Scrub>>,
 }
 
-/// Whether an upstream's event stream broke off or timed out once it had begun: the route
-/// counts that against the deployment (`route::TrackedBody`), as it counts a failure before
-/// the first byte. Carried to it in the answer's extensions.
+/// What happened to an upstream's event stream once it began, told by its guard
+/// (`UpstreamStream`) to the route, which counts a failure against the deployment
+/// (`route::TrackedBody`), and to the access log. Carried in the answer's extensions.
 #[derive(Debug, Default)]
-pub struct BrokeOff(AtomicU8);
+pub struct StreamState(AtomicU8);
 
-impl BrokeOff {
-    /// `broke_off` or `timeout`, the kind `switchyard_upstream_errors_total` counts it as.
-    pub fn kind(&self) -> Option<&'static str> {
-        match self.0.load(Ordering::Acquire) {
-            1 => Some("broke_off"),
-            2 => Some("timeout"),
-            _ => None,
+const BROKE: u8 = 1;
+const TIMED_OUT: u8 = 2;
+const ERROR_EVENT: u8 = 4;
+const DONE: u8 = 8;
+
+impl StreamState {
+    fn set(&self, bit: u8) {
+        self.0.fetch_or(bit, Ordering::AcqRel);
+    }
+
+    /// How the stream failed after it began, the kind `switchyard_upstream_errors_total`
+    /// counts it as: `broke_off`, `timeout`, or `error_event` (an error event of the
+    /// upstream's own, such as vLLM's for an engine that died mid-answer).
+    pub fn failure(&self) -> Option<&'static str> {
+        let s = self.0.load(Ordering::Acquire);
+        if s & BROKE != 0 {
+            Some("broke_off")
+        } else if s & TIMED_OUT != 0 {
+            Some("timeout")
+        } else if s & ERROR_EVENT != 0 {
+            Some("error_event")
+        } else {
+            None
         }
+    }
+
+    /// The gateway broke it off (the upstream cut it or let it time out).
+    pub fn broke_off(&self) -> bool {
+        self.0.load(Ordering::Acquire) & (BROKE | TIMED_OUT) != 0
+    }
+
+    /// Its `[DONE]` went out: whole for its client (the SDKs close the response there),
+    /// whenever the upstream's body ends.
+    pub fn done(&self) -> bool {
+        self.0.load(Ordering::Acquire) & DONE != 0
+    }
+}
+
+/// Whether an event is an error of the upstream's own: `{"error": …}` (OpenAI, Azure,
+/// vLLM, TGI), vLLM's older `{"object": "error", …}`, the Responses API's
+/// `{"type": "error", …}`. Read as JSON (only events holding `"error"` get here).
+fn is_error_event(event: &[u8]) -> bool {
+    let Some(data) = sse::event_data(event) else {
+        return false;
+    };
+    match serde_json::from_slice::<serde_json::Value>(&data) {
+        Ok(serde_json::Value::Object(m)) => {
+            m.get("error").is_some_and(|e| !e.is_null())
+                || m.get("object").and_then(|o| o.as_str()) == Some("error")
+                || m.get("type").and_then(|t| t.as_str()) == Some("error")
+        }
+        _ => false,
     }
 }
 
@@ -65,7 +112,8 @@ pub fn guard_upstream_stream<B>(
     is_sse: bool,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
-    broke: Option<Arc<BrokeOff>>,
+    state: Option<Arc<StreamState>>,
+    scrub: Option<Arc<Scrub>>,
 ) -> UpstreamStream<B>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -79,7 +127,8 @@ where
         sent_any: false,
         pending: BytesMut::new(),
         sent_done: false,
-        broke,
+        state,
+        scrub,
     }
 }
 
@@ -154,7 +203,11 @@ where
                 }
             };
             self.sent_any = true;
+            let ready = self.read_errors(ready);
             self.sent_done = ends_with_done(&ready);
+            if let (true, Some(state)) = (self.sent_done, &self.state) {
+                state.set(DONE);
+            }
             return Poll::Ready(Some(Ok(ready)));
         }
     }
@@ -195,6 +248,47 @@ where
 }
 
 impl<B> UpstreamStream<B> {
+    /// Whole events on their way out: an error event of the upstream's own is told to the
+    /// route (a failure of the deployment), and goes out without the upstream's key or
+    /// address. Found by `"error"` in the chunk first, which an ordinary chunk lacks (the
+    /// text's own quotes are escaped).
+    fn read_errors(&self, ready: Bytes) -> Bytes {
+        if memchr::memmem::find(&ready, b"\"error\"").is_none() {
+            return ready;
+        }
+        let mut out: Option<BytesMut> = None;
+        let mut start = 0;
+        for end in sse::event_ends(&ready) {
+            let event = &ready[start..end];
+            let clean = if is_error_event(event) {
+                if let Some(state) = &self.state {
+                    state.set(ERROR_EVENT);
+                }
+                self.scrub.as_ref().and_then(|s| s.bytes(event))
+            } else {
+                None
+            };
+            match (&mut out, clean) {
+                (None, Some(clean)) => {
+                    let mut b = BytesMut::with_capacity(ready.len());
+                    b.extend_from_slice(&ready[..start]);
+                    b.extend_from_slice(&clean);
+                    out = Some(b);
+                }
+                (Some(b), clean) => b.extend_from_slice(clean.as_deref().unwrap_or(event)),
+                (None, None) => {}
+            }
+            start = end;
+        }
+        match out {
+            Some(mut b) => {
+                b.extend_from_slice(&ready[start..]);
+                b.freeze()
+            }
+            None => ready,
+        }
+    }
+
     fn broke_off(&mut self, timed_out: bool) -> Result<Bytes, BoxError> {
         self.done = true;
         self.pending.clear();
@@ -217,8 +311,8 @@ impl<B> UpstreamStream<B> {
             )
         };
         tracing::warn!(code, "upstream stream ended with an error");
-        if let (Some(b), true) = (&self.broke, self.sent_any) {
-            b.0.store(if timed_out { 2 } else { 1 }, Ordering::Release);
+        if let (Some(state), true) = (&self.state, self.sent_any) {
+            state.set(if timed_out { TIMED_OUT } else { BROKE });
         }
         if self.is_sse && self.sent_any {
             Ok(error_event(code, &message))

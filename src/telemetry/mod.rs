@@ -462,14 +462,14 @@ where
                 return Ok(Response::from_parts(parts, body.boxed_unsync()));
             };
             let line = p.line(parts.status.as_u16(), facts);
-            let broke = parts.extensions.remove::<Arc<crate::stream::BrokeOff>>();
+            let stream = parts.extensions.remove::<Arc<crate::stream::StreamState>>();
             let body = LoggedBody {
                 inner: body,
                 line,
                 cut: None,
                 ended: false,
                 done: false,
-                broke,
+                stream,
             }
             .boxed_unsync();
             Ok(Response::from_parts(parts, body))
@@ -604,14 +604,15 @@ struct LoggedBody {
     ended: bool,
     /// A stream's last chunk sent ended with its `[DONE]`.
     done: bool,
-    /// Told when the upstream broke the stream off or let it time out after it began
-    /// (the gateway's error event ended it then).
-    broke: Option<Arc<crate::stream::BrokeOff>>,
+    /// What happened to an upstream's event stream once it began.
+    stream: Option<Arc<crate::stream::StreamState>>,
 }
 
 impl LoggedBody {
+    /// The gateway ended the stream with its error event: the upstream cut it or let it
+    /// time out.
     fn broke(&self) -> bool {
-        self.broke.as_ref().is_some_and(|b| b.kind().is_some())
+        self.stream.as_ref().is_some_and(|s| s.broke_off())
     }
 }
 
