@@ -1754,6 +1754,44 @@ async fn an_azure_content_filter_refusal_is_charged_for_its_prompt() {
     );
 }
 
+/// A prompt that merely starts with `data:` (or quotes it) counts whole, for the budget's
+/// bound and the `tpm` estimate: only an inline data URL's base64 is left out (all the text
+/// after `"data:` was, so such a prompt of 30,000 tokens went through a $1 budget and a
+/// `tpm` of 2,000).
+#[tokio::test]
+async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
+    let big = "hello world ".repeat(1000);
+    let bodies = [
+        json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": format!("data:{big}")}]}),
+        json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": format!("He wrote \"data: {big}\" and stopped")}]}),
+    ];
+    for (limit, code) in [
+        (", limits: { tpm: 2000 }", "rate_limit_exceeded"),
+        (", budget: { usd: 0.01, period: daily }", "budget_exceeded"),
+    ] {
+        let up = MockUpstream::start().await;
+        let gw = Gateway::start(&config(&up, &keys(limit))).await;
+        for body in &bodies {
+            let r = post(&gw, "/v1/chat/completions", body.clone()).await;
+            assert_eq!(r.status(), 429, "{limit}");
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["error"]["code"], code, "{limit}: {e}");
+        }
+        assert!(up.requests().is_empty());
+        // An image's base64 is still not text.
+        let image = format!("data:image/png;base64,{}", "A".repeat(40_000));
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": image}}]}]}),
+        )
+        .await;
+        assert_eq!(r.status(), 200, "{limit}");
+    }
+}
+
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
 fn wav(seconds: f64) -> Vec<u8> {
     let data_len = (seconds * 8_000.0) as u32 * 2;

@@ -703,21 +703,64 @@ fn cap_field(op: Operation, model: &str) -> &'static str {
     }
 }
 
-/// Bytes of a JSON body that are text, leaving out inline `data:` URLs (base64 images and
-/// audio), which count as a few hundred tokens upstream, not as their length.
+/// Bytes of a JSON body that are text, leaving out inline data URLs (base64 images and
+/// audio), which count as a few hundred tokens upstream, not as their length. Only a JSON
+/// string that *is* such a URL is left out: it starts the string (its opening quote not
+/// escaped), names a media type, says `;base64,`, and what is left out is its run of base64
+/// characters. Any other text counts whole, `data:` in it or not (a prompt that merely
+/// started with `data:` was left out of the budget's bound and the `tpm` estimate).
 fn text_bytes(body: &[u8]) -> usize {
     let mut total = body.len();
     let mut i = 0;
-    while let Some(off) = body[i..].windows(6).position(|w| w == b"\"data:") {
-        let start = i + off + 1;
-        let end = body[start..]
+    while let Some(off) = memchr::memmem::find(&body[i..], b"\"data:") {
+        let quote = i + off;
+        i = quote + 6;
+        let escaped = body[..quote]
             .iter()
-            .position(|b| *b == b'"')
-            .map_or(body.len(), |e| start + e);
-        total -= end - start;
-        i = end;
+            .rev()
+            .take_while(|b| **b == b'\\')
+            .count()
+            % 2
+            == 1;
+        if escaped {
+            continue;
+        }
+        let Some(data) = data_url_payload(&body[i..]) else {
+            continue;
+        };
+        let start = i + data;
+        let len = body[start..]
+            .iter()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+            .count();
+        total -= len;
+        i = start + len;
     }
     total
+}
+
+/// Where a data URL's base64 begins, after `data:` (`image/png;base64,` and the like: a
+/// media type of letters, digits and `.+-` around one `/`, optional parameters, then
+/// `;base64,`), if it is one.
+fn data_url_payload(after_data: &[u8]) -> Option<usize> {
+    const MARK: &[u8] = b";base64,";
+    // Media types and their parameters are short: a long run is no data URL's head.
+    let head = &after_data[..after_data.len().min(200)];
+    let at = memchr::memmem::find(head, MARK)?;
+    let media = &head[..at];
+    let kind = media.split(|b| *b == b';').next()?;
+    let token = |t: &[u8]| {
+        !t.is_empty()
+            && t.iter()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
+    };
+    let mut parts = kind.splitn(2, |b| *b == b'/');
+    let ok = token(parts.next()?)
+        && token(parts.next()?)
+        && media
+            .iter()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'"' | b'\\'));
+    ok.then_some(at + MARK.len())
 }
 
 /// The body checked against the endpoint's shape, with what the gateway needs from it.
@@ -778,11 +821,27 @@ mod tests {
     #[test]
     fn inline_data_is_not_text() {
         let body = br#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAAAAAAAAAAAAAA"}}]}]}"#;
+        assert_eq!(text_bytes(body), body.len() - "AAAAAAAAAAAAAAAA".len());
+        assert_eq!(text_bytes(b"{}"), 2);
+        // Text that merely starts with, or holds, `data:` counts whole.
+        for text in [
+            r#"{"messages":[{"content":"data: hello world hello world"}]}"#,
+            r#"{"messages":[{"content":"He wrote \"data: hello world\" and stopped"}]}"#,
+            r#"{"messages":[{"content":"data:text/plain;base64, hello world hello world"}]}"#,
+            r#"{"messages":[{"content":"data:image/png;base64,AAAA and then a long text"}]}"#,
+        ] {
+            let left_out = text.len() - text_bytes(text.as_bytes());
+            assert!(
+                left_out <= "AAAA".len(),
+                "{text}: {left_out} bytes left out"
+            );
+        }
+        // An audio part and a file part, as the SDKs send them.
+        let body = br#"{"input":[{"type":"input_file","file_data":"data:application/pdf;base64,JVBERi0xLjQK"},{"x":"data:audio/wav;codecs=1;base64,UklGRg=="}]}"#;
         assert_eq!(
             text_bytes(body),
-            body.len() - "data:image/png;base64,AAAAAAAAAAAAAAAA".len()
+            body.len() - "JVBERi0xLjQK".len() - "UklGRg==".len()
         );
-        assert_eq!(text_bytes(b"{}"), 2);
     }
 
     #[test]
