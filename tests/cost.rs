@@ -2579,4 +2579,18 @@ async fn an_absurd_worst_case_is_refused_and_the_gateway_goes_on() {
         post(&gw, "/v1/chat/completions", chat(10)).await.status(),
         200
     );
+    // Without a budget, the largest `max_tokens` there is goes upstream as it is, on a
+    // deployment that counts its tokens per minute (the sum overflowed there: the request's
+    // connection dropped in a debug build).
+    let up = MockUpstream::start().await;
+    let cfg = config(&up, &keys("")).replace(
+        "deployments: [ { provider: up, deployment: gpt-4o-up } ]",
+        "deployments: [ { provider: up, deployment: gpt-4o-up, tpm: 100000 } ]",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let r = post(&gw, "/v1/chat/completions", chat(u64::MAX)).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert_eq!(up.requests()[0].json()["max_tokens"], u64::MAX);
+    assert!(!gw.logs().contains("panicked"), "{}", gw.logs());
 }

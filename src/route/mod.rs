@@ -555,7 +555,9 @@ impl Route {
         req: &ApiRequest,
         served: &mut Served,
     ) -> Result<http::Response<ResponseBody>, RouteError> {
-        let tokens = req.estimated_prompt_tokens + req.max_tokens.unwrap_or(0);
+        let tokens = req
+            .estimated_prompt_tokens
+            .saturating_add(req.max_tokens.unwrap_or(0));
         let mut tried = vec![false; self.deployments.len()];
         let mut last: Option<AttemptError> = None;
         for attempt in 0..=self.retries {

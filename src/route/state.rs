@@ -81,11 +81,12 @@ impl QuotaWindow {
     pub fn fits(&mut self, minute: u64, tokens: u64, rpm: Option<u64>, tpm: Option<u64>) -> bool {
         self.roll(minute);
         let (sent_requests, sent_tokens) = (
-            self.requests + self.others_requests,
-            self.tokens + self.others_tokens,
+            self.requests.saturating_add(self.others_requests),
+            self.tokens.saturating_add(self.others_tokens),
         );
         let rpm_ok = rpm.is_none_or(|r| sent_requests < r);
-        let tpm_ok = tpm.is_none_or(|t| sent_tokens + tokens <= t || sent_tokens == 0);
+        let tpm_ok =
+            tpm.is_none_or(|t| sent_tokens.saturating_add(tokens) <= t || sent_tokens == 0);
         let upstream_ok = self.upstream_remaining_requests.is_none_or(|r| r > 0)
             && self
                 .upstream_remaining_tokens
@@ -96,9 +97,10 @@ impl QuotaWindow {
     pub fn take(&mut self, minute: u64, tokens: u64) {
         self.roll(minute);
         self.requests += 1;
-        self.tokens += tokens;
+        // A client's `max_tokens` can be any u64.
+        self.tokens = self.tokens.saturating_add(tokens);
         self.unsynced_requests += 1;
-        self.unsynced_tokens += tokens;
+        self.unsynced_tokens = self.unsynced_tokens.saturating_add(tokens);
         // Until the upstream says again, count down what it said was left.
         if let Some(r) = &mut self.upstream_remaining_requests {
             *r = r.saturating_sub(1);
