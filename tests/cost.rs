@@ -1792,6 +1792,32 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
     }
 }
 
+/// In process, as in Redis, budgets count in nano-dollars, what is counted rounded up: a
+/// request whose worst case is a fraction of a micro-dollar is refused by `usd: 0` (rounded
+/// to the nearest micro-dollar, it was 0 and went through).
+#[tokio::test]
+async fn a_zero_budget_refuses_a_worst_case_below_a_micro_dollar() {
+    let up = MockUpstream::start().await;
+    let routes = "  tiny:\n    pricing: { input_per_1m: 0.01, output_per_1m: 0 }\n    deployments: [ { provider: up, deployment: emb-up } ]\n";
+    let gw = Gateway::start(&config_with_routes(
+        &up,
+        routes,
+        &keys(", budget: { usd: 0, period: daily }"),
+    ))
+    .await;
+    // 29 bytes at 0.01 USD per 1M tokens: 2.9e-7 USD.
+    let r = post(
+        &gw,
+        "/v1/embeddings",
+        json!({"model": "tiny", "input": "hi"}),
+    )
+    .await;
+    assert_eq!(r.status(), 429);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "budget_exceeded", "{e}");
+    assert!(up.requests().is_empty());
+}
+
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
 fn wav(seconds: f64) -> Vec<u8> {
     let data_len = (seconds * 8_000.0) as u32 * 2;

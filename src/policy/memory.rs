@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 
+use super::{nanos, nanos_up};
 use super::{
     period_bounds, period_name, Actual, Admitted, Alert, BudgetRef, LimitHeaders, Plan,
     PolicyState, Refused,
@@ -55,18 +56,20 @@ fn minute_of(now_ms: i64) -> u64 {
     (now_ms.max(0) as u64) / 60_000
 }
 
-/// Budget arithmetic in micro-dollars, so that float noise never lets a request through.
+/// Budget arithmetic in whole nano-dollars, as in Redis, what is counted rounded up: float
+/// noise never lets a request through, and a cost below a micro-dollar is not lost (rounded
+/// to the nearest micro-dollar, `usd: 0` admitted requests whose worst case was below half
+/// of one, and a budget of one micro-dollar was spent 1.5 times over).
 fn fits(spent: f64, reserved: f64, worst: f64, limit: f64) -> bool {
     if [spent, reserved, worst].iter().any(|v| v.is_nan()) {
         return false;
     }
     // Saturating: a worst case of `max_tokens: 2^63` is the most there is, not a wrap (nor,
     // in a debug build, a panic under the lock, which refused every request after it).
-    let micros = |v: f64| (v * 1e6).round() as i64;
-    micros(spent)
-        .saturating_add(micros(reserved))
-        .saturating_add(micros(worst))
-        <= micros(limit)
+    nanos_up(spent)
+        .saturating_add(nanos_up(reserved))
+        .saturating_add(nanos_up(worst))
+        <= nanos(limit)
 }
 
 impl MemoryState {

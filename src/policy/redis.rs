@@ -28,6 +28,7 @@ use futures_util::future::BoxFuture;
 use redis::aio::ConnectionManager;
 use redis::Script;
 
+use super::{nanos, nanos_up};
 use super::{
     period_bounds, period_name, Actual, Admitted, Alert, BudgetRef, LimitHeaders, Plan,
     PolicyState, Refused,
@@ -252,19 +253,6 @@ return 1
 enum Once {
     Decided(Result<Admitted, Refused>),
     Unseeded(usize),
-}
-
-/// Budgets count in nano-dollars: a request can cost less than a micro-dollar (ten tokens of
-/// an embedding model), and counted in micro-dollars it either vanished (rounded down) or
-/// counted five times over (rounded up).
-fn nanos(usd: f64) -> i64 {
-    (usd * 1e9).round() as i64
-}
-
-/// Whole nano-dollars, rounded up (past a thousandth of one of float noise: 3 × 0.000001 is
-/// 3.0000000000000004e-6), so rounding never lets a request through, nor a cost go uncounted.
-fn nanos_up(usd: f64) -> i64 {
-    (usd * 1e9 - 1e-3).ceil().max(0.0) as i64
 }
 
 pub struct RedisState {
