@@ -1818,6 +1818,64 @@ async fn a_zero_budget_refuses_a_worst_case_below_a_micro_dollar() {
     assert!(up.requests().is_empty());
 }
 
+/// A budget a reload removes and a later reload brings back counts what was spent while it
+/// was away (it was rebuilt from the ledger only once, so it came back with its old spend
+/// and admitted past its limit until a restart).
+#[tokio::test]
+async fn a_budget_brought_back_by_a_reload_counts_what_was_spent_without_it() {
+    let up = MockUpstream::start().await;
+    let with = config(&up, &keys(", budget: { usd: 5, period: daily }"));
+    let without = config(&up, &keys(""));
+    let gw = Gateway::start(&with).await;
+    let chat = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+    let spent = || async {
+        let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
+        spend["budgets"][0]["spent_usd"].as_f64()
+    };
+    let reload = |yaml: String| {
+        let gw = &gw;
+        async move {
+            std::fs::write(gw.config_path(), yaml).unwrap();
+            let r = client()
+                .post(gw.url("/admin/reload"))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+        }
+    };
+    let r = post(&gw, "/v1/chat/completions", chat.clone()).await;
+    r.bytes().await.unwrap();
+    let one = gw_wait_spent(&gw).await;
+    reload(without).await;
+    for _ in 0..3 {
+        let r = post(&gw, "/v1/chat/completions", chat.clone()).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    // Past a ledger flush, so that the rows of those three are in it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    reload(with).await;
+    let back = spent().await.unwrap();
+    assert!((back - 4.0 * one).abs() < 1e-9, "{back} against 4 × {one}");
+}
+
+/// The first budget's spend, once a settlement has made it more than 0.
+async fn gw_wait_spent(gw: &Gateway) -> f64 {
+    for _ in 0..100 {
+        let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
+        if let Some(s) = spend["budgets"][0]["spent_usd"]
+            .as_f64()
+            .filter(|s| *s > 0.0)
+        {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing spent");
+}
+
 /// A canonical PCM WAV of `seconds` of silence, 16-bit mono at 8 kHz (16,000 bytes a second).
 fn wav(seconds: f64) -> Vec<u8> {
     let data_len = (seconds * 8_000.0) as u32 * 2;

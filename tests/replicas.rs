@@ -606,6 +606,39 @@ async fn a_budget_is_seeded_again_from_the_ledger_when_redis_loses_its_data() {
     pg.drop_db().await;
 }
 
+/// With Redis too, a budget a reload removes and a later one brings back counts what was
+/// spent while it was away: its key in Redis, seeded before, is seeded again with the more
+/// of its figure and the ledger's (it kept its old spend).
+#[tokio::test]
+async fn a_budget_brought_back_by_a_reload_is_seeded_again_in_redis() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let with = config(&redis, &pg.url(), ", budget: { usd: 5, period: daily }", "");
+    let without = config(&redis, &pg.url(), "", "");
+    let gw = Gateway::start(&with).await;
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let reload = |yaml: &str| {
+        std::fs::write(gw.config_path(), yaml).unwrap();
+        reqwest::Client::new()
+            .post(gw.url("/admin/reload"))
+            .bearer_auth("admin")
+            .send()
+    };
+    let one = answer_cost(post(&gw, KEY, &body).await).await;
+    assert!((settled_figures(&gw).await - one).abs() < 1e-9);
+    assert_eq!(reload(&without).await.unwrap().status(), 200);
+    for _ in 0..3 {
+        assert_eq!(post(&gw, KEY, &body).await.status(), 200);
+    }
+    // Past a ledger flush, so that the rows of those three are in it.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(reload(&with).await.unwrap().status(), 200);
+    let back = settled_figures(&gw).await;
+    assert!((back - 4.0 * one).abs() < 1e-8, "{back} against 4 × {one}");
+    drop(gw);
+    pg.drop_db().await;
+}
+
 /// A request on a route priced at 0 under a budget reserves and costs 0: its settlement
 /// works like any other (it failed, and the reconnect that followed refused requests with
 /// 503 `state_unavailable`).

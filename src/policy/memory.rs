@@ -256,6 +256,7 @@ impl PolicyState for MemoryState {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
+        _again: bool,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Ok(mut c) = self.inner.lock() {

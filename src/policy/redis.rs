@@ -236,10 +236,11 @@ return 0
 /// Seeds a budget's spend from the ledger, once: `s` becomes the more of what Redis holds (the
 /// settlements made since the key was lost or made) and the ledger's figure, and `seeded`
 /// marks it done. An admission finds a key without `seeded` (Redis restarted without its
-/// data, or flushed; a new period) and has it seeded before it counts against it.
+/// data, or flushed; a new period) and has it seeded before it counts against it. With
+/// ARGV[4] = 1 (a budget a reload brings back) it is seeded again, seeded or not.
 const SEED: &str = r#"
 local b = KEYS[1]; local ledger = tonumber(ARGV[1]); local soft = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
-if redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
+if ARGV[4] ~= '1' and redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
 local s = tonumber(redis.call('HGET', b, 's') or '0')
 if ledger > s then redis.call('HSET', b, 's', ledger); s = ledger end
 redis.call('HSET', b, 'seeded', 1)
@@ -902,12 +903,14 @@ impl RedisState {
         budget: &BudgetRef,
         period_start: i64,
         spent: f64,
+        again: bool,
     ) -> Result<(), redis::RedisError> {
         let mut inv = self.seed.prepare_invoke();
         inv.key(budget_key(&budget.id, period_start))
             .arg(nanos_up(spent))
             .arg(budget.soft_usd.map_or(-1, nanos))
-            .arg(budget_ttl(budget, crate::ledger::now_ms()));
+            .arg(budget_ttl(budget, crate::ledger::now_ms()))
+            .arg(i64::from(again));
         timed(inv.invoke_async::<i64>(conn)).await.map(|_| ())
     }
 
@@ -928,7 +931,10 @@ impl RedisState {
         let Some(mut conn) = self.conn() else {
             return false;
         };
-        match self.seed_key(&mut conn, budget, period_start, spent).await {
+        match self
+            .seed_key(&mut conn, budget, period_start, spent, false)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(budget = %budget.id, spent, "budget seeded in Redis from the ledger");
                 true
@@ -1219,6 +1225,7 @@ impl PolicyState for RedisState {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
+        again: bool,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             // Wait a little for the first connection: seeding happens at start.
@@ -1230,7 +1237,10 @@ impl PolicyState for RedisState {
             }
             let Some(mut conn) = self.conn() else { return };
             // The first replica to start seeds; the others find the figure there.
-            if let Err(e) = self.seed_key(&mut conn, budget, period_start, spent).await {
+            if let Err(e) = self
+                .seed_key(&mut conn, budget, period_start, spent, again)
+                .await
+            {
                 tracing::warn!(error = %e, budget = %budget.id, "cannot seed a budget in Redis");
             }
         })

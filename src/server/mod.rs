@@ -253,8 +253,9 @@ pub struct Gateway {
     pub cache: Arc<crate::cache::Cache>,
     /// The ledger, for spend reports and rebuilding budgets.
     pub store: Store,
-    /// Budgets whose spend was already rebuilt from the ledger.
-    seeded: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Budgets whose spend was rebuilt from the ledger, and whether the config still has
+    /// them (one a reload removed is rebuilt again when it comes back).
+    seeded: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     config_path: PathBuf,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
@@ -344,22 +345,38 @@ impl Gateway {
     }
 
     /// Rebuilds what each budget spent in its current period from the ledger, once per
-    /// budget (a reload seeds only budgets it did not know).
+    /// budget (a reload seeds only budgets it did not have: new ones, and ones an earlier
+    /// reload removed, whose spend while they were away was counted nowhere).
     async fn seed_budgets(&self, rt: &Runtime) {
         let now = crate::ledger::now_ms();
-        for b in &rt.policy.all_budgets {
-            let fresh = self
-                .seeded
-                .lock()
-                .map(|mut s| s.insert(b.id.to_string()))
-                .unwrap_or(false);
-            if !fresh {
-                continue;
+        let todo: Vec<(&policy::BudgetRef, bool)> = match self.seeded.lock() {
+            Ok(mut seeded) => {
+                let todo: Vec<_> = rt
+                    .policy
+                    .all_budgets
+                    .iter()
+                    .filter_map(|b| match seeded.get(&*b.id) {
+                        None => Some((b, false)),
+                        Some(false) => Some((b, true)),
+                        Some(true) => None,
+                    })
+                    .collect();
+                seeded.values_mut().for_each(|present| *present = false);
+                for b in &rt.policy.all_budgets {
+                    seeded.insert(b.id.to_string(), true);
+                }
+                todo
             }
+            Err(_) => Vec::new(),
+        };
+        for (b, again) in todo {
             let (start, _) = policy::period_bounds(b.period, now);
             match self.store.spent_since(b.scope.ledger_scope(), start).await {
                 Ok(spent) => {
-                    self.accounting.policy.seed_spent(b, start, spent).await;
+                    self.accounting
+                        .policy
+                        .seed_spent(b, start, spent, again)
+                        .await;
                     tracing::info!(budget = %b.id, spent, limit = b.usd, "budget rebuilt from the ledger");
                 }
                 Err(e) => {
