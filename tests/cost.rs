@@ -1776,6 +1776,13 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
             assert_eq!(r.status(), 429, "{limit}");
             let e: Value = r.json().await.unwrap();
             assert_eq!(e["error"]["code"], code, "{limit}: {e}");
+            // OpenAI's types: `tokens` for a tokens-per-minute limit.
+            let kind = if code == "budget_exceeded" {
+                "insufficient_quota"
+            } else {
+                "tokens"
+            };
+            assert_eq!(e["error"]["type"], kind, "{limit}: {e}");
         }
         assert!(up.requests().is_empty());
         // An image's base64 is still not text.

@@ -180,9 +180,15 @@ impl Refused {
                 retry_after,
                 headers,
             } => {
+                // OpenAI's own types: `tokens` for a tokens-per-minute limit, else `requests`.
+                let kind = if what == "tokens per minute" {
+                    "tokens"
+                } else {
+                    "requests"
+                };
                 let mut e = GatewayError::new(
                     StatusCode::TOO_MANY_REQUESTS,
-                    "requests",
+                    kind,
                     "rate_limit_exceeded",
                     format!(
                         "Rate limit reached for {limit} on {what}. Please retry after {}s.",
