@@ -1470,3 +1470,57 @@ async fn an_answer_bigger_than_the_whole_cache_is_never_a_hit() {
         "hit"
     );
 }
+
+/// The cap the gateway adds upstream under a budget is part of the key: an answer cut at a
+/// budget's cap is not served to a key under no budget, whose request goes uncapped (it was,
+/// to every key of the team). And a key without a team under the `team` scope has entries of
+/// its own, apart from its entries under the `key` scope: a change of scope finds none of
+/// the old ones (the two were the same).
+#[tokio::test]
+async fn a_budgets_cap_is_in_the_key_and_a_scope_change_finds_no_old_entry() {
+    let up = MockUpstream::start().await;
+    let red2 = format!(
+        "name: red2, key: \"sha256:{}\", team: red }}",
+        sha256_hex(secret("red2"))
+    );
+    let team = format!(
+        "server: {{ admin_key: adm }}\n{}",
+        config(&up, "{ scope: team }").replace(
+            &red2,
+            &red2.replace(" }", ", budget: { usd: 100, period: daily } }"),
+        )
+    );
+    let gw = Gateway::start(&team).await;
+    let q = ask("m", "a long story");
+    let capped = chat(&gw, "red2", &q).await;
+    assert_eq!((capped.status, capped.cache()), (200, "miss"));
+    assert_eq!(up.requests()[0].json()["max_tokens"], 4096);
+    let uncapped = chat(&gw, "red1", &q).await;
+    assert_eq!(
+        (uncapped.status, uncapped.cache()),
+        (200, "miss"),
+        "the budget's cap changed the answer: {}",
+        uncapped.body
+    );
+    assert!(up.requests()[1].json().get("max_tokens").is_none());
+    assert_eq!(chat(&gw, "red2", &q).await.cache(), "hit");
+    assert_eq!(chat(&gw, "red1", &q).await.cache(), "hit");
+    assert_eq!(up.request_count(), 2);
+
+    // A key without a team: stored under `team`, not found under `key`.
+    assert_eq!(chat(&gw, "solo", &q).await.cache(), "miss");
+    assert_eq!(chat(&gw, "solo", &q).await.cache(), "hit");
+    std::fs::write(
+        gw.config_path(),
+        team.replace("{ scope: team }", "{ scope: key }"),
+    )
+    .unwrap();
+    let r = client()
+        .post(gw.url("/admin/reload"))
+        .bearer_auth("adm")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(chat(&gw, "solo", &q).await.cache(), "miss");
+}

@@ -224,21 +224,47 @@ where
     // Only a configured route name becomes a header or a metric label.
     facts.route.clone_from(&route.name);
 
+    // What admission will check (a hit takes nothing from it).
+    let plan = rt.policy.plan(
+        &key.name,
+        &route.name,
+        api_req.estimated_prompt_tokens,
+        route.worst_case_usd(&api_req, &rt.routes),
+    );
+    // Under a budget, a request without an output cap gets the one its reservation assumed.
+    if !plan.budgets.is_empty()
+        && api_req.max_tokens.is_none()
+        && matches!(
+            op,
+            api::Operation::ChatCompletions
+                | api::Operation::Completions
+                | api::Operation::Responses
+        )
+    {
+        api_req.output_cap = Some(route.output_cap(&api_req));
+    }
+
     // The cache, on routes that set one: a hit is served here, costs nothing and takes
     // nothing from limits or budgets; a miss leads (others asking the same wait for it).
     let mut cache_leader = None;
     let mut cache_result = None;
     if let (Some(ttl), true) = (route.cache_ttl, op.cacheable()) {
         let (lookup, store) = cache::directives(&parts.headers);
-        let scope: [&str; 2] = match rt.loaded.config.cache.scope {
-            CacheScope::Global => ["global", ""],
-            CacheScope::Key => ["key:", &key.name],
+        let (who, name): (&str, &str) = match rt.loaded.config.cache.scope {
+            CacheScope::Global => ("global", ""),
+            CacheScope::Key => ("key:", &key.name),
             CacheScope::Team => match &key.team {
-                Some(t) => ["team:", t],
-                // A key without a team is a team of its own.
-                None => ["key:", &key.name],
+                Some(t) => ("team:", t),
+                // A key without a team is a team of its own (not its entries under the
+                // `key` scope: a change of scope finds none of the old ones).
+                None => ("teamless key:", &key.name),
             },
         };
+        // The cap the gateway adds upstream changes the answer as much as the body does:
+        // answers cut at a budget's cap are not served to requests that would go uncapped.
+        let mut digits = itoa::Buffer::new();
+        let cap = api_req.output_cap.map_or("", |c| digits.format(c));
+        let scope = [who, name, if cap.is_empty() { "" } else { "\0cap:" }, cap];
         if let Some(k) = cache::key(&route.name, op, &scope, &api_req.body) {
             if lookup {
                 match gateway.cache.lookup(k, route.timeout).await {
@@ -268,24 +294,6 @@ where
     }
 
     // Admission: rate limits and budgets, reserved in one step.
-    let plan = rt.policy.plan(
-        &key.name,
-        &route.name,
-        api_req.estimated_prompt_tokens,
-        route.worst_case_usd(&api_req, &rt.routes),
-    );
-    // Under a budget, a request without an output cap gets the one its reservation assumed.
-    if !plan.budgets.is_empty()
-        && api_req.max_tokens.is_none()
-        && matches!(
-            op,
-            api::Operation::ChatCompletions
-                | api::Operation::Completions
-                | api::Operation::Responses
-        )
-    {
-        api_req.output_cap = Some(route.output_cap(&api_req));
-    }
     let mut record = new_record(gateway, &key, &api_req, route, plan);
     match gateway
         .accounting

@@ -253,7 +253,10 @@ impl<B> UpstreamStream<B> {
     /// address. Found by `"error"` in the chunk first, which an ordinary chunk lacks (the
     /// text's own quotes are escaped).
     fn read_errors(&self, ready: Bytes) -> Bytes {
-        if memchr::memmem::find(&ready, b"\"error\"").is_none() {
+        // One searcher, made once: building it per chunk cost more than the search.
+        static ERROR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+        if ERROR.find(&ready).is_none() {
             return ready;
         }
         let mut out: Option<BytesMut> = None;
