@@ -2622,6 +2622,74 @@ async fn partial_images_are_reserved() {
     assert_eq!(r.status(), 200);
 }
 
+/// A streamed GPT image whose events report no usage is priced as a plain answer without
+/// usage is: its image at its per-image price, each partial image as 100 output tokens, the
+/// prompt counted, estimated; one whose client leaves after a partial image costs that
+/// partial image and the prompt (both cost 0, so a budget never saw streamed images).
+#[tokio::test]
+async fn a_streamed_image_without_usage_is_priced_by_what_was_sent() {
+    let up = MockUpstream::start().await;
+    let config = config_with_routes(
+        &up,
+        "  img: { deployments: [ { provider: up, deployment: gpt-image-1 } ] }\n",
+        &keys(""),
+    );
+    let mut gw = Gateway::start(&config).await;
+    let partial = |i: u32| {
+        format!(
+            "event: image_generation.partial_image\ndata: {{\"type\":\"image_generation.partial_image\",\"b64_json\":\"QUJD\",\"partial_image_index\":{i}}}\n\n"
+        )
+    };
+    let done = "event: image_generation.completed\ndata: {\"type\":\"image_generation.completed\",\"b64_json\":\"QUJDRA==\"}\n\n";
+    let (p0, p1) = (partial(0), partial(1));
+    up.script(Scripted::stream(
+        &[(0, &p0), (0, &p1), (0, done)],
+        StreamEnd::Finish,
+    ));
+    let body = json!({"model": "img", "prompt": "a fox", "quality": "low", "size": "1024x1024",
+        "stream": true, "partial_images": 2});
+    let r = post(&gw, "/v1/images/generations", body.clone()).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().ends_with(done));
+    // The client leaves after the first partial image.
+    up.script(Scripted::stream(
+        &[(0, &p0), (3000, &p1), (0, done)],
+        StreamEnd::Finish,
+    ));
+    let mut r = post(&gw, "/v1/images/generations", body).await;
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("partial_image"));
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let prompt = rows[0].prompt_tokens;
+    assert!(prompt > 0, "{rows:?}");
+    // gpt-image-1: 5 USD per 1M text input tokens, 40 per 1M output, 0.01088 a low 1024x1024.
+    let (whole, left) = (&rows[0], &rows[1]);
+    assert_eq!(
+        (whole.completion_tokens, whole.estimated),
+        (200, true),
+        "{whole:?}"
+    );
+    let want = 0.01088 + 200.0 * 40.0 / 1e6 + prompt as f64 * 5.0 / 1e6;
+    assert!(
+        (whole.cost_usd - want).abs() < 1e-9,
+        "{} != {want}: {whole:?}",
+        whole.cost_usd
+    );
+    assert_eq!(
+        (left.completion_tokens, left.estimated),
+        (100, true),
+        "{left:?}"
+    );
+    let want = 100.0 * 40.0 / 1e6 + prompt as f64 * 5.0 / 1e6;
+    assert!(
+        (left.cost_usd - want).abs() < 1e-9,
+        "{} != {want}: {left:?}",
+        left.cost_usd
+    );
+}
+
 /// A 200 that is no JSON (an HTML page from a misconfigured upstream) is passed on as it
 /// came; its row estimates the prompt that was sent (it recorded no tokens, not estimated).
 #[tokio::test]

@@ -304,6 +304,10 @@ pub struct Tap {
     cache: Option<(crate::cache::Leader, std::time::Duration)>,
     /// The upstream compressed its answer (asked not to): it is passed on unread.
     encoded: bool,
+    /// An image stream's images and partial images sent, for pricing it when no event
+    /// reports usage (or its client leaves first).
+    images_sent: u64,
+    partial_images_sent: u64,
 }
 
 impl Tap {
@@ -342,6 +346,8 @@ impl Tap {
             done: false,
             cache: None,
             encoded,
+            images_sent: 0,
+            partial_images_sent: 0,
         }
     }
 
@@ -364,6 +370,9 @@ impl Tap {
             stream_text(&self.kept, &mut self.text);
             self.kept.clear();
             self.kept_bytes = 0;
+        }
+        if self.record.as_ref().is_some_and(|r| is_image_op(r.op)) {
+            self.count_images(&chunk);
         }
         if usage_all_null(&chunk) {
             return chunk;
@@ -399,6 +408,18 @@ impl Tap {
             }
             None => chunk,
         }
+    }
+
+    /// Counts an image stream's events by their type: `image_generation.completed` or
+    /// `image_edit.completed` (an image), `….partial_image` (a partial image).
+    fn count_images(&mut self, chunk: &[u8]) {
+        use std::sync::LazyLock;
+        static PARTIAL: LazyLock<memchr::memmem::Finder<'static>> =
+            LazyLock::new(|| memchr::memmem::Finder::new(b".partial_image\""));
+        static DONE: LazyLock<memchr::memmem::Finder<'static>> =
+            LazyLock::new(|| memchr::memmem::Finder::new(b".completed\""));
+        self.partial_images_sent += PARTIAL.find_iter(chunk).count() as u64;
+        self.images_sent += DONE.find_iter(chunk).count() as u64;
     }
 
     fn finish(&mut self) {
@@ -458,6 +479,15 @@ impl Tap {
             // A compressed answer is not read: the prompt that was sent is counted, the
             // answer not, and the row says it is an estimate.
             usage = Some(record.estimate(""));
+        }
+        if success && self.mode == Mode::Sse && usage.is_none() && is_image_op(record.op) {
+            // A GPT Image stream that reported no usage (or whose client left before its
+            // completed event): the images sent at their per-image price, each partial image
+            // as the 100 output tokens OpenAI bills it, the prompt counted; estimated.
+            let mut u = record.estimate("");
+            u.images = self.images_sent;
+            u.completion = self.partial_images_sent.saturating_mul(100);
+            usage = Some(u);
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
             let mut text = std::mem::take(&mut self.text);
@@ -522,6 +552,13 @@ fn stream_text(chunks: &[Bytes], out: &mut String) {
             start = end;
         }
     }
+}
+
+fn is_image_op(op: Operation) -> bool {
+    matches!(
+        op,
+        Operation::ImagesGenerations | Operation::ImagesEdits | Operation::ImagesVariations
+    )
 }
 
 fn counts_tokens(op: Operation) -> bool {
