@@ -1763,6 +1763,9 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
     let big = "hello world ".repeat(1000);
     let bodies = [
         json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": format!("data:{big}")}]}),
+        // Text that is a data URL is still text (only an image's or a file's member holds
+        // one the upstream bills by what it holds).
+        json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": format!("data:text/plain;base64,{}", "QUJD".repeat(3000))}]}),
         json!({"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": format!("He wrote \"data: {big}\" and stopped")}]}),
     ];
     for (limit, code) in [
@@ -1855,6 +1858,11 @@ async fn a_budget_brought_back_by_a_reload_counts_what_was_spent_without_it() {
     let r = post(&gw, "/v1/chat/completions", chat.clone()).await;
     r.bytes().await.unwrap();
     let one = gw_wait_spent(&gw).await;
+    // Removed and brought back at once, before the ledger's writer has written that row:
+    // what was counted stays.
+    reload(without.clone()).await;
+    reload(with.clone()).await;
+    assert_eq!(spent().await, Some(one));
     reload(without).await;
     for _ in 0..3 {
         let r = post(&gw, "/v1/chat/completions", chat.clone()).await;

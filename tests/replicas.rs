@@ -639,6 +639,38 @@ async fn a_budget_brought_back_by_a_reload_is_seeded_again_in_redis() {
     pg.drop_db().await;
 }
 
+/// A `max_tokens` beyond what Redis's HINCRBY takes (a signed 64-bit step) on a deployment
+/// with a `tpm` quota: the quota sync goes on (the pipeline failed, and the replica stopped
+/// reading the others' cooldowns and counts while such requests came).
+#[tokio::test]
+async fn a_huge_max_tokens_leaves_the_quota_sync_working() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), "", "").replace(
+        "fast: {{ pricing: {{ input_per_1m: 2.5, output_per_1m: 10 }}, deployments: [ {{ provider: fast }} ] }}"
+            .replace("{{", "{")
+            .replace("}}", "}")
+            .as_str(),
+        "fast: { pricing: { input_per_1m: 2.5, output_per_1m: 10 }, deployments: [ { provider: fast, tpm: 1000000 } ] }",
+    );
+    assert!(cfg.contains("tpm: 1000000"), "{cfg}");
+    let gw = Gateway::start(&cfg).await;
+    let body = json!({"model": "fast", "max_tokens": u64::MAX, "messages": [{"role": "user", "content": "hi"}]});
+    assert_eq!(post(&gw, OPEN_KEY, &body).await.status(), 200);
+    // Two syncs (twice a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let failed = gw
+        .metric(
+            "switchyard_state_errors_total",
+            &[("operation", "cooldown_sync")],
+        )
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(failed, 0.0, "{}", gw.logs());
+    drop(gw);
+    pg.drop_db().await;
+}
+
 /// A request on a route priced at 0 under a budget reserves and costs 0: its settlement
 /// works like any other (it failed, and the reconnect that followed refused requests with
 /// 503 `state_unavailable`).

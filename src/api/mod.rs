@@ -722,7 +722,7 @@ fn text_bytes(body: &[u8]) -> usize {
             .count()
             % 2
             == 1;
-        if escaped {
+        if escaped || !inline_file_member(&body[..quote]) {
             continue;
         }
         let Some(data) = data_url_payload(&body[i..]) else {
@@ -737,6 +737,27 @@ fn text_bytes(body: &[u8]) -> usize {
         i = start + len;
     }
     total
+}
+
+/// Whether the JSON string starting after `before` is the value of a member whose data
+/// URL upstreams bill by what it holds (an image's tiles, a file's pages), not by its
+/// length: `url` (a chat `image_url`), `image_url` (a Responses `input_image`), `file_data`
+/// (a file part). A data URL anywhere else is text, counted whole.
+fn inline_file_member(before: &[u8]) -> bool {
+    let mut end = before.len();
+    while end > 0 && before[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    if end == 0 || before[end - 1] != b':' {
+        return false;
+    }
+    end -= 1;
+    while end > 0 && before[end - 1].is_ascii_whitespace() {
+        end -= 1;
+    }
+    [&b"\"url\""[..], b"\"image_url\"", b"\"file_data\""]
+        .iter()
+        .any(|k| before[..end].ends_with(k))
 }
 
 /// Where a data URL's base64 begins, after `data:` (`image/png;base64,` and the like: a
@@ -836,8 +857,9 @@ mod tests {
                 "{text}: {left_out} bytes left out"
             );
         }
-        // An audio part and a file part, as the SDKs send them.
-        let body = br#"{"input":[{"type":"input_file","file_data":"data:application/pdf;base64,JVBERi0xLjQK"},{"x":"data:audio/wav;codecs=1;base64,UklGRg=="}]}"#;
+        // A file part and a Responses image, as the SDKs send them; a data URL that is a
+        // message's text, or any other member's value, counts whole.
+        let body = br#"{"input":[{"type":"input_file","file_data":"data:application/pdf;base64,JVBERi0xLjQK"},{"type":"input_image","image_url" : "data:image/png;base64,UklGRg=="},{"x":"data:audio/wav;codecs=1;base64,UklGRg=="}],"messages":[{"content":"data:text/plain;base64,QUJDRA=="}]}"#;
         assert_eq!(
             text_bytes(body),
             body.len() - "JVBERi0xLjQK".len() - "UklGRg==".len()

@@ -262,8 +262,11 @@ impl PolicyState for MemoryState {
             if let Ok(mut c) = self.inner.lock() {
                 let s = c.budgets.entry(budget.id.clone()).or_default();
                 s.roll(period_start);
-                s.spent = spent;
-                s.soft_alerted = budget.soft_usd.is_some_and(|soft| spent >= soft);
+                // The more of what was counted here and the ledger's figure: a budget a
+                // reload brings back at once has settlements of its period the ledger's
+                // writer has not written yet (it took the ledger's figure, 0 then).
+                s.spent = s.spent.max(spent);
+                s.soft_alerted = budget.soft_usd.is_some_and(|soft| s.spent >= soft);
             }
         })
     }

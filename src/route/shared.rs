@@ -88,8 +88,10 @@ async fn sync_once(
             continue;
         };
         let k = format!("{{switchyard}}:quota:{label}:{minute}");
-        pipe.hincr(&k, "r", dr)
-            .hincr(&k, "t", dt)
+        // HINCRBY takes a signed 64-bit step: a client's `max_tokens` can be any u64.
+        let step = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        pipe.hincr(&k, "r", step(dr))
+            .hincr(&k, "t", step(dt))
             .expire(&k, 120)
             .ignore();
         own.push((s.clone(), minute, (own_r, own_t)));
