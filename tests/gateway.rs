@@ -549,17 +549,7 @@ async fn a_stream_that_breaks_off_ends_with_an_error_event() {
     assert_eq!(last["error"]["code"], "upstream_error");
     assert!(!text.contains("[DONE]"));
     // Its log line says so.
-    assert!(
-        gw.wait_log(
-            |log| log
-                .lines()
-                .any(|l| l.contains("stream=true") && l.contains("outcome=upstream_broke_off")),
-            Duration::from_secs(2)
-        )
-        .await,
-        "{}",
-        gw.logs()
-    );
+    stream_logged(&gw, "upstream_broke_off").await;
     // An upstream whose own stream ends with such an error event (another gateway in front
     // of a broken one), then ends whole: passed on as it came, and complete here (the access
     // log told a broken stream by those bytes).
@@ -578,17 +568,22 @@ async fn a_stream_that_breaks_off_ends_with_an_error_event() {
     .await
     .unwrap();
     assert!(text.ends_with(theirs), "{text}");
-    assert!(
-        gw.wait_log(
-            |log| log
-                .lines()
-                .any(|l| l.contains("stream=true") && l.contains("outcome=complete")),
-            Duration::from_secs(2)
+    stream_logged(&gw, "complete").await;
+}
+
+/// Waits for a stream's access-log line with `outcome`.
+async fn stream_logged(gw: &Gateway, outcome: &str) {
+    let want = format!("outcome={outcome}");
+    let logged = gw
+        .wait_log(
+            |log| {
+                log.lines()
+                    .any(|l| l.contains("stream=true") && l.contains(&want))
+            },
+            Duration::from_secs(2),
         )
-        .await,
-        "{}",
-        gw.logs()
-    );
+        .await;
+    assert!(logged, "no stream logged {want}: {}", gw.logs());
 }
 
 /// One whole chat chunk event.

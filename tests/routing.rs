@@ -490,20 +490,7 @@ models:
 /// mid-generation stayed in rotation).
 #[tokio::test]
 async fn a_stream_reset_after_its_first_chunk_is_passed_on_and_not_retried() {
-    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let yaml = config(
-        &(openai("a", &a) + &openai("b", &b)),
-        r#"
-models:
-  r:
-    strategy: priority
-    allowed_fails: 2
-    deployments:
-      - { provider: a, deployment: m, priority: 0 }
-      - { provider: b, deployment: m, priority: 1 }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, b, gw) = primary_and_spare("allowed_fails: 2").await;
     let first = sse_chunk("par");
     a.script(Scripted::stream(&[(0, &first)], StreamEnd::Abort));
     let r = send(&client(), &gw, &stream_body("r")).await;
@@ -766,6 +753,21 @@ models:
         "{:?}",
         r.elapsed
     );
+}
+
+/// Route `r`: deployment `a/m` first (priority 0), `b/m` behind it (priority 1), with the
+/// route settings `settings` (a YAML flow map's members, such as `allowed_fails: 2`).
+async fn primary_and_spare(settings: &str) -> (MockUpstream, MockUpstream, Gateway) {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        &format!(
+            "models:\n  r: {{ strategy: priority, {settings}, deployments: [ \
+             {{ provider: a, deployment: m, priority: 0 }}, {{ provider: b, deployment: m, priority: 1 }} ] }}\n"
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    (a, b, gw)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1551,21 +1553,7 @@ models:
 
 #[tokio::test]
 async fn allowed_fails_cool_a_deployment_down_then_exactly_one_probe_brings_it_back() {
-    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let yaml = config(
-        &(openai("a", &a) + &openai("b", &b)),
-        r#"
-models:
-  r:
-    strategy: priority
-    allowed_fails: 2
-    cooldown: 1s
-    deployments:
-      - { provider: a, deployment: m, priority: 0 }
-      - { provider: b, deployment: m, priority: 1 }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, _b, gw) = primary_and_spare("allowed_fails: 2, cooldown: 1s").await;
     a.script(Scripted::server_error(500));
     a.script(Scripted::server_error(500));
     chat(&gw, "r").await.served_by("r", "b/m");
@@ -1622,21 +1610,7 @@ models:
 /// a cooled deployment fully back, so one failing most requests stayed in rotation).
 #[tokio::test]
 async fn a_400_neither_counts_nor_resets_failures_nor_decides_a_probe() {
-    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let yaml = config(
-        &(openai("a", &a) + &openai("b", &b)),
-        r#"
-models:
-  r:
-    strategy: priority
-    allowed_fails: 2
-    cooldown: 1s
-    deployments:
-      - { provider: a, deployment: m, priority: 0 }
-      - { provider: b, deployment: m, priority: 1 }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, _b, gw) = primary_and_spare("allowed_fails: 2, cooldown: 1s").await;
     let refusal = || Scripted::vllm_error(400, "temperature must be at most 2");
     a.script(Scripted::server_error(503));
     chat(&gw, "r").await.served_by("r", "b/m");

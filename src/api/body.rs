@@ -119,16 +119,10 @@ impl<'a> JsonHead<'a> {
     pub fn member(&self, name: &str) -> Option<(Option<Range<usize>>, Range<usize>)> {
         let value = self.span(self.field(name)?);
         let before = &self.body[..value.start];
-        let colon = before.iter().rposition(|b| !b.is_ascii_whitespace())?;
-        let end = before[..colon]
-            .iter()
-            .rposition(|b| !b.is_ascii_whitespace())
-            .map_or(0, |q| q + 1);
         let quoted = format!("\"{name}\"");
-        let member = end
-            .checked_sub(quoted.len())
-            .filter(|&start| before[colon] == b':' && &before[start..end] == quoted.as_bytes())
-            .map(|start| start..value.end);
+        let member = key_end(before)
+            .filter(|&end| before[..end].ends_with(quoted.as_bytes()))
+            .map(|end| end - quoted.len()..value.end);
         Some((member, value))
     }
 
@@ -235,6 +229,19 @@ pub fn splice(body: &[u8], mut edits: Vec<Edit>) -> Bytes {
     }
     out.put_slice(&body[at..]);
     out.freeze()
+}
+
+/// Where the member name before a value ends (just past its closing quote), given the
+/// bytes before the value: past the `:` and the spaces around it. `None` when no `:` comes
+/// right before (the value is no member's: an array's element, or text inside a string).
+pub fn key_end(before: &[u8]) -> Option<usize> {
+    let colon = before.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    (before[colon] == b':').then(|| {
+        before[..colon]
+            .iter()
+            .rposition(|b| !b.is_ascii_whitespace())
+            .map_or(0, |q| q + 1)
+    })
 }
 
 /// What to cut to remove the member at `member` from its object: the member and one comma

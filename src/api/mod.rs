@@ -703,26 +703,20 @@ fn cap_field(op: Operation, model: &str) -> &'static str {
     }
 }
 
-/// Bytes of a JSON body that are text, leaving out inline data URLs (base64 images and
-/// audio), which count as a few hundred tokens upstream, not as their length. Only a JSON
-/// string that *is* such a URL is left out: it starts the string (its opening quote not
-/// escaped), names a media type, says `;base64,`, and what is left out is its run of base64
-/// characters. Any other text counts whole, `data:` in it or not (a prompt that merely
-/// started with `data:` was left out of the budget's bound and the `tpm` estimate).
+/// Bytes of a JSON body that are text, leaving out the base64 of inline images and files,
+/// which upstreams bill by what they hold (an image's tiles), not by their length. Only a
+/// JSON string that *is* a data URL (`data:<media type>;base64,…`) and is the value of an
+/// image's or a file's member (`inline_file_member`) is left out, and of it only its run of
+/// base64 characters. Any other text counts whole, `data:` in it or not (a prompt that
+/// merely started with `data:` was left out of the budget's bound and the `tpm` estimate).
 fn text_bytes(body: &[u8]) -> usize {
     let mut total = body.len();
     let mut i = 0;
     while let Some(off) = memchr::memmem::find(&body[i..], b"\"data:") {
         let quote = i + off;
         i = quote + 6;
-        let escaped = body[..quote]
-            .iter()
-            .rev()
-            .take_while(|b| **b == b'\\')
-            .count()
-            % 2
-            == 1;
-        if escaped || !inline_file_member(&body[..quote]) {
+        // (A quote inside a string is escaped: no `:` comes right before it.)
+        if !inline_file_member(&body[..quote]) {
             continue;
         }
         let Some(data) = data_url_payload(&body[i..]) else {
@@ -744,20 +738,11 @@ fn text_bytes(body: &[u8]) -> usize {
 /// length: `url` (a chat `image_url`), `image_url` (a Responses `input_image`), `file_data`
 /// (a file part). A data URL anywhere else is text, counted whole.
 fn inline_file_member(before: &[u8]) -> bool {
-    let mut end = before.len();
-    while end > 0 && before[end - 1].is_ascii_whitespace() {
-        end -= 1;
-    }
-    if end == 0 || before[end - 1] != b':' {
-        return false;
-    }
-    end -= 1;
-    while end > 0 && before[end - 1].is_ascii_whitespace() {
-        end -= 1;
-    }
-    [&b"\"url\""[..], b"\"image_url\"", b"\"file_data\""]
-        .iter()
-        .any(|k| before[..end].ends_with(k))
+    body::key_end(before).is_some_and(|end| {
+        [&b"\"url\""[..], b"\"image_url\"", b"\"file_data\""]
+            .iter()
+            .any(|k| before[..end].ends_with(k))
+    })
 }
 
 /// Where a data URL's base64 begins, after `data:` (`image/png;base64,` and the like: a

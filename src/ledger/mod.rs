@@ -443,11 +443,7 @@ impl Tap {
             usage = Usage::from_answer_bytes(&whole);
             // A GPT Image answer without its tokens, on a deployment priced by them: the
             // images at their per-image price, the prompt counted, the row estimated.
-            if let (
-                Some(u),
-                Operation::ImagesGenerations | Operation::ImagesEdits | Operation::ImagesVariations,
-            ) = (usage.as_mut(), record.op)
-            {
+            if let Some(u) = usage.as_mut().filter(|_| is_image_op(record.op)) {
                 if u.prompt + u.completion == 0 && record.price.input_per_1m > 0.0 {
                     u.prompt = record.estimate("").prompt;
                     u.estimated = true;

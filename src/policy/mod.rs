@@ -247,7 +247,6 @@ impl Refused {
     }
 }
 
-/// Whole seconds, rounded up: a client that waits that long finds room.
 /// Budgets count in nano-dollars, in process and in Redis alike: a request can cost less
 /// than a micro-dollar (ten tokens of an embedding model), and counted in micro-dollars it
 /// either vanished (rounded down) or counted five times over (rounded up).
@@ -261,6 +260,7 @@ pub(crate) fn nanos_up(usd: f64) -> i64 {
     (usd * 1e9 - 1e-3).ceil().max(0.0) as i64
 }
 
+/// Whole seconds, rounded up: a client that waits that long finds room.
 fn secs_up(d: Duration) -> u64 {
     d.as_secs_f64().ceil().max(1.0) as u64
 }

@@ -275,8 +275,9 @@ pub struct FirstFrameWait(pub Duration);
 struct TrackedBody {
     first: Option<Frame<Bytes>>,
     rest: ResponseBody,
-    _in_flight: InFlight,
-    _watch: Option<BreakWatch>,
+    /// Its deployment's in-flight count, and its state for `watch`.
+    in_flight: InFlight,
+    watch: Option<BreakWatch>,
 }
 
 /// A stream that fails after its first event (`stream::StreamState`: broken off, timed out,
@@ -288,7 +289,6 @@ struct TrackedBody {
 /// die after their first event cools down like any failing one.
 struct BreakWatch {
     stream: Arc<crate::stream::StreamState>,
-    state: Arc<DeploymentState>,
     allowed_fails: u32,
     cooldown: Duration,
     route: Name,
@@ -298,17 +298,18 @@ struct BreakWatch {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        let Some(w) = &self._watch else {
+        let Some(w) = &self.watch else {
             return;
         };
+        let state = &self.in_flight.0;
         let Some(kind) = w.stream.failure() else {
             // Whole (else its client left: nothing said either way).
             if w.stream.done() || (self.first.is_none() && self.rest.is_end_stream()) {
-                w.state.stream_ended();
+                state.stream_ended();
             }
             return;
         };
-        let cooled = w.state.failure(w.allowed_fails, w.cooldown, None);
+        let cooled = state.failure(w.allowed_fails, w.cooldown, None);
         if let Some(m) = metrics::metrics() {
             m.upstream_errors
                 .with_label_values(&[&*w.route, &*w.deployment, &*w.provider, kind])
@@ -717,7 +718,6 @@ impl Route {
             .get::<Arc<crate::stream::StreamState>>()
             .map(|stream| BreakWatch {
                 stream: stream.clone(),
-                state: d.state.clone(),
                 allowed_fails: self.allowed_fails,
                 cooldown: self.cooldown,
                 route: self.name.clone(),
@@ -734,8 +734,8 @@ impl Route {
         let body = TrackedBody {
             first,
             rest: body,
-            _in_flight: in_flight,
-            _watch: watch,
+            in_flight,
+            watch,
         };
         Ok(http::Response::from_parts(parts, body.boxed_unsync()))
     }
