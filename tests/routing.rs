@@ -1028,6 +1028,63 @@ async fn a_503_of_routes_that_cannot_try_says_1_s_when_one_only_waits_for_a_prob
     assert_eq!(probe.await.unwrap(), 200);
 }
 
+/// A fallback route's own `limits:` count the requests that reach it as a fallback, with its
+/// own: past them, the fallback is not tried, and the client gets what the requested route
+/// got (its upstream's error; a 429 when none of its deployments could take the request).
+#[tokio::test]
+async fn a_fallback_routes_own_limits_count_and_refuse_requests_reaching_it_as_a_fallback() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+models:
+  main: { retries: 0, deployments: [ { provider: a, deployment: main } ], fallbacks: [spare] }
+  dry: { deployments: [ { provider: a, deployment: dry, rpm: 1 } ], fallbacks: [spare] }
+  spare: { deployments: [ { provider: b, deployment: spare } ], limits: { rpm: 2 } }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    gateway::not_near_a_minute_boundary().await;
+    for _ in 0..2 {
+        a.script(Scripted::server_error(503));
+        chat(&gw, "main").await.served_by("spare", "b/spare");
+    }
+    // `spare`'s rpm is used up by the two fallbacks: not tried for a third.
+    a.script(Scripted::server_error(503));
+    let r = chat(&gw, "main").await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!((r.route(), r.deployment()), ("main", "a/main"));
+    assert_eq!(b.request_count(), 2);
+    // Nor asked directly.
+    let r = chat(&gw, "spare").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+    assert!(r.text.contains("route:spare"), "{}", r.text);
+
+    // `dry` serves once, then its deployment is out of its upstream quota: the fallback's
+    // refusal is what the client gets, a 429 with its retry-after.
+    chat(&gw, "dry").await.served_by("dry", "a/dry");
+    let r = chat(&gw, "dry").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    assert_eq!(
+        r.json()["error"]["code"],
+        "rate_limit_exceeded",
+        "{}",
+        r.text
+    );
+    assert!(r.text.contains("route:spare"), "{}", r.text);
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(b.request_count(), 2);
+    assert_eq!(
+        gw.metric(
+            "switchyard_ratelimited_total",
+            &[("scope", "route"), ("name", "spare"), ("kind", "rpm")]
+        )
+        .await,
+        Some(3.0)
+    );
+}
+
 /// A listener that never accepts, its queue filled: a connection to it is never made (the
 /// kernel drops the SYNs), so only a connect timeout ends the attempt. The streams are kept
 /// to keep the queue full.

@@ -184,11 +184,35 @@ impl RequestRecord {
         };
         let plan = std::mem::take(&mut self.plan);
         let admitted = self.admitted.take();
+        // Fallback routes' own limits: the one that served takes the real tokens, one that
+        // could not keeps its estimate.
+        let fallbacks: Vec<_> = std::mem::take(&mut self.served.admissions)
+            .into_iter()
+            .map(|f| {
+                let tokens = if f.route == self.row.route {
+                    actual.tokens
+                } else {
+                    f.plan.tokens
+                };
+                (
+                    f,
+                    Actual {
+                        cost_usd: 0.0,
+                        tokens,
+                    },
+                )
+            })
+            .collect();
         accounting.ledger.record(std::mem::take(&mut self.row));
-        if let Some(admitted) = admitted {
+        if admitted.is_some() || !fallbacks.is_empty() {
             let mut fut = Box::pin(async move {
-                let alerts = accounting.policy.settle(&plan, &admitted, actual).await;
-                send_alerts(&accounting.http, accounting.webhook.as_deref(), alerts);
+                if let Some(admitted) = admitted {
+                    let alerts = accounting.policy.settle(&plan, &admitted, actual).await;
+                    send_alerts(&accounting.http, accounting.webhook.as_deref(), alerts);
+                }
+                for (f, actual) in fallbacks {
+                    accounting.policy.settle(&f.plan, &f.admitted, actual).await;
+                }
             });
             // The in-process state settles at once, here; a settlement that waits (Redis)
             // goes on in a task of its own.

@@ -172,6 +172,28 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// Counts the refusal in `switchyard_ratelimited_total{scope, name, kind}`.
+    pub fn count(&self) {
+        let Some(m) = crate::telemetry::metrics::metrics() else {
+            return;
+        };
+        let (scope, name, kind) = match self {
+            Refused::Rate { limit, what, .. } => {
+                let (scope, name) = limit.split_once(':').unwrap_or(("", limit));
+                let kind = match *what {
+                    "requests per minute" => "rpm",
+                    "tokens per minute" => "tpm",
+                    "requests in parallel" => "max_parallel",
+                    _ => "internal",
+                };
+                (scope, name, kind)
+            }
+            Refused::Budget { budget, .. } => (budget.scope.kind(), budget.scope.name(), "budget"),
+            Refused::Unavailable => ("state", "redis", "unavailable"),
+        };
+        m.ratelimited.with_label_values(&[scope, name, kind]).inc();
+    }
+
     pub fn into_error(self) -> GatewayError {
         match self {
             Refused::Rate {
@@ -518,6 +540,17 @@ impl PolicyTable {
         ids.sort();
         ids.dedup();
         ids
+    }
+
+    /// The plan of a request reaching `route` as a fallback: the route's own `limits:` alone
+    /// (the key's and its budgets were admitted with the route it named). `None` when the
+    /// route has none.
+    pub fn fallback_plan(&self, route: &str, tokens: u64) -> Option<Plan> {
+        self.route_limits.get(route).map(|r| Plan {
+            limits: r.alone.clone(),
+            tokens,
+            ..Default::default()
+        })
     }
 
     pub fn plan(&self, key: &str, route: &str, tokens: u64, worst_usd: f64) -> Plan {

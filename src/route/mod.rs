@@ -22,6 +22,7 @@ use crate::api::ApiRequest;
 use crate::config::{Loaded, Pricing, Strategy};
 use crate::error::GatewayError;
 use crate::ledger::cost::{builtin_pricing, ImagePrices, Media, Price};
+use crate::policy::{Admitted, Plan, PolicyState, PolicyTable, Refused};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
 use crate::telemetry::metrics;
@@ -196,6 +197,23 @@ pub struct Served {
     pub tokenizer_model: Name,
     /// The serving deployment's metric handles.
     pub metrics: Option<Arc<crate::telemetry::metrics::DeploymentMetrics>>,
+    /// What fallback routes with `limits:` of their own admitted, settled with the request.
+    pub admissions: Vec<FallbackAdmitted>,
+}
+
+/// A fallback route's own limits, admitted for a request that reached it.
+#[derive(Debug, Clone)]
+pub struct FallbackAdmitted {
+    pub route: Name,
+    pub plan: Plan,
+    pub admitted: Admitted,
+}
+
+/// What admits a request to a fallback route with `limits:` of its own.
+#[derive(Clone, Copy)]
+pub struct Admission<'a> {
+    pub table: &'a PolicyTable,
+    pub state: &'a dyn PolicyState,
 }
 
 /// Why a route could not serve.
@@ -204,6 +222,8 @@ enum RouteError {
     Failed(AttemptError),
     /// No deployment could take the request (cooling down, probing, out of quota).
     Unavailable { retry_after: Option<Duration> },
+    /// A fallback route's own `limits:` refused it.
+    Limited(Refused),
 }
 
 impl RouteError {
@@ -212,6 +232,7 @@ impl RouteError {
     fn into_gateway_error(self, routes: &str) -> GatewayError {
         match self {
             RouteError::Failed(e) => e.into_gateway_error(),
+            RouteError::Limited(refused) => refused.into_error(),
             RouteError::Unavailable { retry_after } => {
                 let mut e = GatewayError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -232,7 +253,7 @@ impl RouteError {
     /// Whether the route's `fallbacks` may do better.
     fn falls_back(&self) -> bool {
         match self {
-            RouteError::Unavailable { .. } => true,
+            RouteError::Unavailable { .. } | RouteError::Limited(_) => true,
             RouteError::Failed(e) => e.retryable(),
         }
     }
@@ -757,6 +778,28 @@ fn weighted(candidates: &[usize], weight: impl Fn(usize) -> f64, rng: &mut impl 
     candidates[candidates.len() - 1]
 }
 
+/// What the client is told of the routes tried so far (`last`) and the one just tried (`e`).
+fn merge(last: Option<RouteError>, e: RouteError) -> RouteError {
+    match (last, e) {
+        // A fallback that could not even try says less than an upstream's answer already
+        // had: that answer (and the deployment that gave it, in the headers) is what the
+        // client gets.
+        (
+            Some(failed @ RouteError::Failed(_)),
+            RouteError::Unavailable { .. } | RouteError::Limited(_),
+        ) => failed,
+        // None could try: the soonest any of them can (`None` is a route with nothing
+        // cooling down, a probe out say: sooner than any cooldown).
+        (
+            Some(RouteError::Unavailable { retry_after: a }),
+            RouteError::Unavailable { retry_after: b },
+        ) => RouteError::Unavailable {
+            retry_after: a.zip(b).map(|(a, b)| a.min(b)),
+        },
+        (_, e) => e,
+    }
+}
+
 /// Which fallback list an error leads to.
 fn context_error(e: &AttemptError) -> bool {
     matches!(e, AttemptError::Status { error, .. } if error.is_context_length())
@@ -771,11 +814,13 @@ fn content_filter_error(e: &AttemptError) -> bool {
 /// `context_window`, or from the upstream's error), `content_filter_fallbacks` for a
 /// content-filter refusal, `fallbacks` for anything another route might not have. Each
 /// route is tried at most once per request.
+/// A fallback route with `limits:` of its own is tried only when they admit the request.
 pub async fn dispatch(
     route: &Arc<Route>,
     routes: &Routes,
     req: &ApiRequest,
     served: &mut Served,
+    admission: Admission<'_>,
 ) -> Result<http::Response<ResponseBody>, GatewayError> {
     let too_long = route
         .context_window
@@ -827,6 +872,32 @@ pub async fn dispatch(
                 .with_label_values(&[&route.name, list_name])
                 .inc();
         }
+        let admitted = match admission
+            .table
+            .fallback_plan(name, req.estimated_prompt_tokens)
+        {
+            None => Ok(()),
+            Some(plan) => match admission.state.admit(&plan, crate::ledger::now_ms()).await {
+                Ok(admitted) => {
+                    served.admissions.push(FallbackAdmitted {
+                        route: fallback.name.clone(),
+                        plan,
+                        admitted,
+                    });
+                    Ok(())
+                }
+                Err(refused) => {
+                    tracing::info!(request_id = %req.request_id_str(), route = %name,
+                        "the fallback route's own limits refuse the request");
+                    refused.count();
+                    Err(RouteError::Limited(refused))
+                }
+            },
+        };
+        if let Err(e) = admitted {
+            last = Some(merge(last, e));
+            continue;
+        }
         match fallback.attempt(req, served).await {
             Ok(resp) => return Ok(resp),
             Err(e) => {
@@ -835,23 +906,7 @@ pub async fn dispatch(
                 if matches!(e, RouteError::Unavailable { .. }) {
                     unavailable.push(name.as_str());
                 }
-                last = Some(match (last, e) {
-                    // A fallback that could not even try says less than an upstream's answer
-                    // already had: that answer (and the deployment that gave it, in the
-                    // headers) is what the client gets.
-                    (Some(failed @ RouteError::Failed(_)), RouteError::Unavailable { .. }) => {
-                        failed
-                    }
-                    // None could try: the soonest any of them can (`None` is a route with
-                    // nothing cooling down, a probe out say: sooner than any cooldown).
-                    (
-                        Some(RouteError::Unavailable { retry_after: a }),
-                        RouteError::Unavailable { retry_after: b },
-                    ) => RouteError::Unavailable {
-                        retry_after: a.zip(b).map(|(a, b)| a.min(b)),
-                    },
-                    (_, e) => e,
-                });
+                last = Some(merge(last, e));
                 if !go_on {
                     break;
                 }

@@ -303,29 +303,7 @@ where
     {
         Ok(admitted) => record.admitted = Some(admitted),
         Err(refused) => {
-            if let Some(m) = metrics::metrics() {
-                let (scope, name, kind) = match &refused {
-                    Refused::Rate { limit, what, .. } => {
-                        let (scope, name) = limit.split_once(':').unwrap_or(("", limit));
-                        let kind = match *what {
-                            "requests per minute" => "rpm",
-                            "tokens per minute" => "tpm",
-                            "requests in parallel" => "max_parallel",
-                            _ => "internal",
-                        };
-                        (scope.to_string(), name.to_string(), kind)
-                    }
-                    Refused::Budget { budget, .. } => (
-                        budget.scope.kind().to_string(),
-                        budget.scope.name().to_string(),
-                        "budget",
-                    ),
-                    Refused::Unavailable => ("state".into(), "redis".into(), "unavailable"),
-                };
-                m.ratelimited
-                    .with_label_values(&[&scope, &name, kind])
-                    .inc();
-            }
+            refused.count();
             if let Refused::Budget {
                 budget,
                 spent,
@@ -351,9 +329,15 @@ where
         .unwrap_or_default();
 
     let dispatched = std::time::Instant::now();
-    let result = route::dispatch(route, &rt.routes, &api_req, &mut record.served).await;
+    let admission = route::Admission {
+        table: &rt.policy,
+        state: &*gateway.accounting.policy,
+    };
+    let result = route::dispatch(route, &rt.routes, &api_req, &mut record.served, admission).await;
     record.row_from_served();
-    let served = std::mem::take(&mut record.served);
+    let mut served = std::mem::take(&mut record.served);
+    // Settled with the request.
+    record.served.admissions = std::mem::take(&mut served.admissions);
     let waited = dispatched.elapsed();
     // The upstream's own time as its connection saw it, when one attempt served on a
     // connection it did not have to make; else the whole dispatch (a new connection's setup,
