@@ -606,6 +606,37 @@ async fn a_budget_is_seeded_again_from_the_ledger_when_redis_loses_its_data() {
     pg.drop_db().await;
 }
 
+/// Redis losing its data while a request runs: its reservation and ticket are gone, and the
+/// key is seeded again from a ledger that has no row of it yet. Its settlement, finding no
+/// ticket in a key seeded after its admission, still counts its cost there. (It counted
+/// nothing: the cost was in the ledger and missing from the budget's spend until the period
+/// ended.)
+#[tokio::test]
+async fn a_request_running_while_redis_loses_its_data_still_counts_its_cost() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), ", budget: { usd: 2, period: total }", "");
+    let gw = Gateway::start(&cfg).await;
+    let running = spawn_big(&gw, "slower");
+    wait_reserved(&gw, 0.0).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    // The next admission seeds the key again, from the ledger (nothing in it yet).
+    let small =
+        json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let small_cost = answer_cost(post(&gw, KEY, &small).await).await;
+    let big_cost = answer_cost(running.await.unwrap().unwrap()).await;
+    let spent = settled_figures(&gw).await;
+    assert!(
+        (spent - (small_cost + big_cost)).abs() < 1e-8,
+        "spent {spent}, the two requests cost {small_cost} + {big_cost}\n{}",
+        gw.logs()
+    );
+    drop(gw);
+    pg.drop_db().await;
+}
+
 /// With Redis too, a budget a reload removes and a later one brings back counts what was
 /// spent while it was away: its key in Redis, seeded before, is seeded again with the more
 /// of its figure and the ledger's (it kept its old spend).

@@ -166,6 +166,7 @@ impl MemoryState {
             headers,
             counted: true,
             ticket: None,
+            redis_ms: 0,
         })
     }
 

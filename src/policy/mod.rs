@@ -98,6 +98,9 @@ pub struct Admitted {
     pub counted: bool,
     /// Redis only: the admission's ticket, with which it is settled once.
     pub ticket: Option<Arc<str>>,
+    /// Redis only: when it was admitted, on Redis's clock (its settlement, finding the ticket
+    /// gone with Redis's data, counts the cost in budgets seeded since).
+    pub redis_ms: i64,
 }
 
 /// The OpenAI rate-limit headers of the tightest limit (remaining counts after this request).

@@ -102,6 +102,8 @@ redis.call('HSET', held, ticket, ARGV[7 + 3*n + 2*m])
     lua_now_ms!(),
     r#"
 redis.call('ZADD', KEYS[2*n+m+3], 'GT', now, string.match(held, ':held:(.*)$'))
+-- When it was admitted, on Redis's clock: its settlement compares it with a budget's seeding.
+table.insert(out, now)
 return out
 "#
 );
@@ -151,15 +153,23 @@ return 1
 /// Settles an admission once: only while its ticket says it was admitted (`a`), and the
 /// ticket goes (a settlement sent again after a timeout finds it gone and does nothing).
 /// A ticket another replica gave back (`r`: this one was taken for stopped) counts the cost
-/// only: its reservation and in-flight count were given back then.
+/// only: its reservation and in-flight count were given back then. No ticket at all, and a
+/// budget key seeded after the admission (`ARGV[7+m]`, Redis's time then): Redis lost its
+/// data meanwhile (the reservation went with it), and the ledger's figure the key was
+/// seeded from holds no row of this request yet: its cost is counted there.
 const SETTLE: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local est = tonumber(ARGV[3]); local act = tonumber(ARGV[4]); local worst = tonumber(ARGV[5]); local cost = tonumber(ARGV[6])
+local at = tonumber(ARGV[7+m] or '0')
 local ticket = KEYS[2*n+m+1]; local held = KEYS[2*n+m+2]
 local st = redis.call('GET', ticket)
-if st ~= 'a' and st ~= 'r' then return {} end
-redis.call('DEL', ticket)
-redis.call('HDEL', held, ticket)
+local lost = not st
+if st ~= 'a' and st ~= 'r' then
+  if not lost or at <= 0 then return {} end
+else
+  redis.call('DEL', ticket)
+  redis.call('HDEL', held, ticket)
+end
 local live = st == 'a'
 for i = 1, n do
   local w = KEYS[2*i-1]; local p = KEYS[2*i]
@@ -174,10 +184,12 @@ for j = 1, m do
   local b = KEYS[2*n+j]; local soft = tonumber(ARGV[6+j])
   -- Lua's -0 reaches Redis as the text "-0", which HINCRBY refuses: nothing to release anyway.
   if live and worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
-  local before = tonumber(redis.call('HGET', b, 's') or '0')
-  local after = redis.call('HINCRBY', b, 's', cost)
-  local crossed = 0
-  if soft >= 0 and before < soft and after >= soft then crossed = redis.call('HSETNX', b, 'soft', 1) end
+  local crossed = 0; local after = 0
+  if not lost or tonumber(redis.call('HGET', b, 'seeded') or '0') > at then
+    local before = tonumber(redis.call('HGET', b, 's') or '0')
+    after = redis.call('HINCRBY', b, 's', cost)
+    if soft >= 0 and before < soft and after >= soft then crossed = redis.call('HSETNX', b, 'soft', 1) end
+  end
   table.insert(out, crossed); table.insert(out, after)
 end
 return out
@@ -237,17 +249,22 @@ return 0
 /// settlements made since the key was lost or made) and the ledger's figure, and `seeded`
 /// marks it done. An admission finds a key without `seeded` (Redis restarted without its
 /// data, or flushed; a new period) and has it seeded before it counts against it. With
-/// ARGV[4] = 1 (a budget a reload brings back) it is seeded again, seeded or not.
-const SEED: &str = r#"
+/// ARGV[4] = 1 (a budget a reload brings back) it is seeded again, seeded or not. `seeded`
+/// holds when it was first seeded (Redis's time): a settlement whose ticket is gone tells
+/// by it whether its cost can be in the ledger's figure.
+const SEED: &str = concat!(
+    lua_now_ms!(),
+    r#"
 local b = KEYS[1]; local ledger = tonumber(ARGV[1]); local soft = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
 if ARGV[4] ~= '1' and redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
 local s = tonumber(redis.call('HGET', b, 's') or '0')
 if ledger > s then redis.call('HSET', b, 's', ledger); s = ledger end
-redis.call('HSET', b, 'seeded', 1)
+redis.call('HSETNX', b, 'seeded', now)
 if soft >= 0 and s >= soft then redis.call('HSETNX', b, 'soft', 1) end
 if ttl > 0 then redis.call('EXPIRE', b, ttl) end
 return 1
-"#;
+"#
+);
 
 /// What one run of `ADMIT` came to: an answer, or the index of a budget whose key must be
 /// seeded first (nothing was counted).
@@ -1050,6 +1067,7 @@ impl RedisState {
                     headers,
                     counted: true,
                     ticket: Some(ticket),
+                    redis_ms: reply.get(1 + 2 * plan.limits.len()).copied().unwrap_or(0),
                 })
             }
             Some(0) => {
@@ -1106,6 +1124,7 @@ impl RedisState {
             nanos_up(actual.cost_usd),
         ];
         args.extend(plan.budgets.iter().map(|b| b.soft_usd.map_or(-1, nanos)));
+        args.push(admitted.redis_ms);
         let Some((mut conn, used)) = self.conn_used() else {
             // Being connected again (after a call that failed): sent once it is.
             crate::telemetry::metrics::state_error("settle");
