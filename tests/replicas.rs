@@ -244,6 +244,50 @@ async fn an_rpm_limit_holds_across_replicas() {
     pg.drop_db().await;
 }
 
+/// A fallback route's own limits are counted in Redis too: the replicas together let exactly
+/// its `rpm` of requests through to it as a fallback.
+#[tokio::test]
+async fn a_fallback_routes_own_limits_hold_across_replicas() {
+    not_near_a_minute_boundary().await;
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), "", "")
+        .replacen(
+            "providers:\n",
+            "providers:\n  dead: { kind: openai, base_url: \"http://127.0.0.1:9/v1\" }\n",
+            1,
+        )
+        .replacen(
+            "models:\n",
+            "models:\n  main: { retries: 0, deployments: [ { provider: dead, deployment: m } ], fallbacks: [spare] }\n  spare: { deployments: [ { provider: fast } ], limits: { rpm: 3 } }\n",
+            1,
+        );
+    let a = Gateway::start(&cfg).await;
+    let b = Gateway::start(&cfg).await;
+    let body = json!({"model": "main", "messages": [{"role": "user", "content": "hi"}]});
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let r = post(gw, OPEN_KEY, &body).await;
+        let route = r.headers()["x-switchyard-route"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        statuses.push((r.status().as_u16(), route));
+    }
+    let served = statuses
+        .iter()
+        .filter(|s| **s == (200, "spare".to_string()))
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == (502, "main".to_string()))
+        .count();
+    assert_eq!((served, refused), (3, 3), "{statuses:?}");
+    drop((a, b));
+    pg.drop_db().await;
+}
+
 #[tokio::test]
 async fn a_budget_holds_across_replicas_and_the_shared_ledger_agrees() {
     let redis = Redis::start();
