@@ -7,6 +7,8 @@ mod gateway;
 mod pki;
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -647,6 +649,108 @@ async fn a_budget_is_seeded_again_from_the_ledger_when_redis_loses_its_data() {
         json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
     assert_eq!(post(&gw, KEY, &small).await.status(), 200);
     drop(gw);
+    pg.drop_db().await;
+}
+
+/// A TCP proxy in front of the test's PostgreSQL that, while `cuts` is above 0, lets a
+/// `COMMIT` through and then cuts the connection before the answer comes back: the commit is
+/// applied and the gateway cannot know it (a failover or a network cut at the worst moment).
+/// Returns `url` pointing at the proxy.
+async fn commit_cutting_proxy(url: &str, cuts: Arc<AtomicUsize>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (head, rest) = url.split_once('@').unwrap();
+    let (server, db) = rest.split_once('/').unwrap();
+    let server = server.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (cuts, server) = (cuts.clone(), server.clone());
+            tokio::spawn(async move {
+                let upstream = tokio::net::TcpStream::connect(&server).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = upstream.into_split();
+                let cutting = Arc::new(AtomicBool::new(false));
+                let answers = tokio::spawn({
+                    let cutting = cutting.clone();
+                    async move {
+                        let mut buf = vec![0u8; 65536];
+                        while let Ok(n @ 1..) = server_read.read(&mut buf).await {
+                            if cutting.load(Ordering::SeqCst)
+                                || client_write.write_all(&buf[..n]).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                });
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                    let commit = buf[..n].windows(7).any(|w| w == b"COMMIT\0");
+                    if commit
+                        && cuts
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+                            .is_ok()
+                    {
+                        cutting.store(true, Ordering::SeqCst);
+                        let _ = server_write.write_all(&buf[..n]).await;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        break;
+                    }
+                    if server_write.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                answers.abort();
+            });
+        }
+    });
+    // In the clear, so that the proxy can see the COMMIT.
+    format!("{head}@{proxy}/{db}?sslmode=disable")
+}
+
+/// A ledger batch whose COMMIT PostgreSQL applied but whose answer never reached the gateway
+/// is written again (the gateway cannot know it was committed) but not twice: every request
+/// has one row. (Every row of such a batch was there twice.)
+#[tokio::test]
+async fn a_ledger_batch_committed_without_its_answer_is_not_written_twice() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let url = commit_cutting_proxy(&pg.url(), cuts.clone()).await;
+    let mut gw = Gateway::start(&config(&redis, &url, "", "")).await;
+    cuts.store(2, Ordering::SeqCst);
+    let body = json!({"model": "fast", "messages": [{"role": "user", "content": "hi"}]});
+    let mut ids = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cuts.load(Ordering::SeqCst) > 0 || ids.len() < 20 {
+        assert!(Instant::now() < deadline, "no batch was cut\n{}", gw.logs());
+        for _ in 0..4 {
+            let r = post(&gw, OPEN_KEY, &body).await;
+            assert_eq!(r.status(), 200);
+            ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    gw.signal("TERM");
+    assert!(gw.wait_exit(Duration::from_secs(20)).await.is_some());
+    let store = Store::open(&pg.url()).await.unwrap();
+    let mut written: Vec<String> = store
+        .rows()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    store.close().await;
+    written.sort();
+    ids.sort();
+    assert_eq!(written, ids, "one row per request");
+    assert!(
+        gw.logs().contains("not written twice"),
+        "a cut batch was written again: {}",
+        gw.logs()
+    );
     pg.drop_db().await;
 }
 

@@ -119,7 +119,8 @@ const SQLITE_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
     CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts_ms);
     CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts_ms);"];
 
-const POSTGRES_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS requests (
         id BIGSERIAL PRIMARY KEY,
         ts_ms BIGINT NOT NULL,
         request_id TEXT NOT NULL,
@@ -142,7 +143,15 @@ const POSTGRES_MIGRATIONS: &[&str] = &["CREATE TABLE IF NOT EXISTS requests (
     );
     CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
     CREATE INDEX IF NOT EXISTS requests_key_ts ON requests (key_name, ts_ms);
-    CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts_ms);"];
+    CREATE INDEX IF NOT EXISTS requests_team_ts ON requests (team, ts_ms);",
+    // Each batch's id, written in the batch's transaction: a batch whose COMMIT was applied
+    // but whose answer never came back (a failover, a cut connection) is written again under
+    // the same id, which this table takes once (`insert_postgres`).
+    "CREATE TABLE IF NOT EXISTS ledger_batches (id TEXT PRIMARY KEY);",
+];
+
+/// How long a batch's id is kept (`ledger_batches`): far longer than a write is retried.
+const BATCH_ID_KEPT_MS: i64 = 7 * 86_400_000;
 
 /// A spend report's grouping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -296,6 +305,13 @@ impl Store {
 
     /// Writes `batch` in one transaction and empties it; on failure the rows stay in it.
     pub async fn write(&self, batch: &mut Vec<LedgerRow>) -> Result<(), WriteError> {
+        self.write_as(batch, &BatchId::new()).await
+    }
+
+    /// `write`, under `id`: PostgreSQL takes a batch id once, so a batch written again after
+    /// a failure that may have been committed all the same is not written twice. (SQLite,
+    /// in process, knows whether it committed.)
+    async fn write_as(&self, batch: &mut Vec<LedgerRow>, id: &BatchId) -> Result<(), WriteError> {
         match self {
             Store::Sqlite(_, None) => return Err(WriteError::ReadOnly),
             Store::Sqlite(_, Some(writer)) => {
@@ -303,10 +319,31 @@ impl Store {
                 *batch = rows;
                 written?;
             }
-            Store::Postgres(pool) => insert_postgres(pool, batch).await?,
+            Store::Postgres(pool) => {
+                if insert_postgres(pool, batch, id).await? == Written::Before {
+                    tracing::warn!(
+                        rows = batch.len(),
+                        "ledger batch written again after a failure had been committed already; not written twice"
+                    );
+                }
+            }
         }
         batch.clear();
         Ok(())
+    }
+
+    /// Forgets batch ids older than `BATCH_ID_KEPT_MS` (PostgreSQL).
+    async fn prune_batch_ids(&self) {
+        if let Store::Postgres(pool) = self {
+            let before = BatchId::at(crate::ledger::now_ms() - BATCH_ID_KEPT_MS);
+            if let Err(e) = sqlx::query("DELETE FROM ledger_batches WHERE id < $1")
+                .bind(&before.0)
+                .execute(pool)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot forget old ledger batch ids; tried again in an hour");
+            }
+        }
     }
 
     /// What a scope spent since `since_ms` (cache hits cost nothing, so they add nothing).
@@ -424,14 +461,54 @@ impl Store {
     }
 }
 
+/// A batch's id: the time it was first written (hex, so that ids sort by it) and a random
+/// part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BatchId(String);
+
+impl BatchId {
+    fn new() -> BatchId {
+        BatchId(format!(
+            "{:012x}{:032x}",
+            crate::ledger::now_ms().max(0),
+            rand::random::<u128>()
+        ))
+    }
+
+    /// Sorts before every id made at `ms` or later.
+    fn at(ms: i64) -> BatchId {
+        BatchId(format!("{:012x}", ms.max(0)))
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    Now,
+    /// Its id was there: committed by an earlier try.
+    Before,
+}
+
 /// One multi-row INSERT per chunk (`statement_chunks`): few round-trips to the database,
 /// and few statement shapes (`insert_sql`, one text per power of two), each parsed once and
-/// kept in sqlx's statement cache. The arguments are sized up front.
-async fn insert_postgres(pool: &PgPool, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
+/// kept in sqlx's statement cache. The arguments are sized up front. The batch's id goes
+/// first: taken already, the batch was committed before (the transaction is rolled back).
+async fn insert_postgres(
+    pool: &PgPool,
+    rows: &[LedgerRow],
+    id: &BatchId,
+) -> Result<Written, sqlx::Error> {
     use sqlx::Arguments;
     static SQL: LazyLock<Vec<String>> = LazyLock::new(|| insert_sql(true));
     let enc = sqlx::Error::Encode;
     let mut tx = pool.begin().await?;
+    let taken = sqlx::query("INSERT INTO ledger_batches (id) VALUES ($1)")
+        .bind(&id.0)
+        .execute(&mut *tx)
+        .await;
+    match taken {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Ok(Written::Before),
+        taken => taken?,
+    };
     for chunk in statement_chunks(rows, MAX_ROWS_PER_STATEMENT) {
         let mut args = sqlx::postgres::PgArguments::default();
         args.reserve(chunk.len() * COLUMNS, chunk.len() * 160);
@@ -452,7 +529,8 @@ async fn insert_postgres(pool: &PgPool, rows: &[LedgerRow]) -> Result<(), sqlx::
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await
+    tx.commit().await?;
+    Ok(Written::Now)
 }
 
 /// Whether a `sqlite:` URL names a database in memory (its rows would be lost at exit, and
@@ -963,6 +1041,9 @@ impl LedgerWriter {
         let batch_full = full.clone();
         let task = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
+            let mut unsure = None;
+            let mut pruned = tokio::time::Instant::now();
+            store.prune_batch_ids().await;
             // Connections whose threads were last lowered (`Store::open` lowers the first).
             // None counted yet: the first flush lowers every connection opened since
             // `Store::open` (the budgets' queries at start can open a second one).
@@ -977,11 +1058,15 @@ impl LedgerWriter {
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
                     if batch.len() >= BATCH {
-                        write_with_retry(&store, &mut batch).await;
+                        write_with_retry(&store, &mut batch, &mut unsure).await;
                     }
                 }
                 if !batch.is_empty() {
-                    write_with_retry(&store, &mut batch).await;
+                    write_with_retry(&store, &mut batch, &mut unsure).await;
+                }
+                if pruned.elapsed() >= Duration::from_secs(3600) {
+                    pruned = tokio::time::Instant::now();
+                    store.prune_batch_ids().await;
                 }
                 // A connection opened since (by the pool, a write or a report) brought a new
                 // thread: /proc is read only when the pool's connection count changed, and
@@ -1053,10 +1138,14 @@ fn lower_sqlite_threads() {
 
 /// A failed write (database restarting, disk full) is retried with a pause; rows are kept
 /// in memory meanwhile rather than dropped.
-async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
+async fn write_with_retry(
+    store: &Store,
+    batch: &mut Vec<LedgerRow>,
+    unsure: &mut Option<(BatchId, usize)>,
+) {
     let mut wait = Duration::from_millis(100);
     for attempt in 0..8 {
-        match store.write(batch).await {
+        match write_batch(store, batch, unsure).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, attempt, rows = batch.len(), "ledger write failed; retrying");
@@ -1069,6 +1158,43 @@ async fn write_with_retry(store: &Store, batch: &mut Vec<LedgerRow>) {
         rows = batch.len(),
         "ledger write kept failing; these rows are kept for the next flush"
     );
+}
+
+/// Writes `batch` under a new id. A write that failed may have been committed all the same
+/// (PostgreSQL applied the COMMIT and the connection broke before its answer): `unsure`
+/// holds its id and how many rows it had (the first of `batch`, which only grows after
+/// them), and those go again first, alone, under that id.
+async fn write_batch(
+    store: &Store,
+    batch: &mut Vec<LedgerRow>,
+    unsure: &mut Option<(BatchId, usize)>,
+) -> Result<(), WriteError> {
+    if let Some((id, n)) = unsure.take() {
+        if n >= batch.len() {
+            let written = store.write_as(batch, &id).await;
+            if written.is_err() {
+                *unsure = Some((id, n));
+            }
+            return written;
+        }
+        let mut first: Vec<LedgerRow> = batch.drain(..n).collect();
+        if let Err(e) = store.write_as(&mut first, &id).await {
+            first.append(batch);
+            *batch = first;
+            *unsure = Some((id, n));
+            return Err(e);
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let id = BatchId::new();
+    let n = batch.len();
+    let written = store.write_as(batch, &id).await;
+    if written.is_err() {
+        *unsure = Some((id, n));
+    }
+    written
 }
 
 #[cfg(test)]
