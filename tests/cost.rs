@@ -1863,7 +1863,7 @@ async fn a_budget_brought_back_by_a_reload_counts_what_was_spent_without_it() {
     reload(without.clone()).await;
     reload(with.clone()).await;
     assert_eq!(spent().await, Some(one));
-    reload(without).await;
+    reload(without.clone()).await;
     for _ in 0..3 {
         let r = post(&gw, "/v1/chat/completions", chat.clone()).await;
         assert_eq!(r.status(), 200);
@@ -1871,9 +1871,59 @@ async fn a_budget_brought_back_by_a_reload_counts_what_was_spent_without_it() {
     }
     // Past a ledger flush, so that the rows of those three are in it.
     tokio::time::sleep(Duration::from_millis(800)).await;
-    reload(with).await;
+    reload(with.clone()).await;
     let back = spent().await.unwrap();
     assert!((back - 4.0 * one).abs() < 1e-9, "{back} against 4 × {one}");
+
+    // Removed again, and brought back while three requests run: admitted without it, they
+    // end after it is back. Once they have, it is rebuilt again and counts them too. (They
+    // were counted nowhere until a restart.)
+    reload(without).await;
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "late"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}});
+    for _ in 0..3 {
+        up.script(Scripted::Delay(
+            Duration::from_millis(1500),
+            Box::new(Scripted::respond(200, answer.to_string())),
+        ));
+    }
+    let running: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(post_owned(gw.url("/v1/chat/completions"), chat.clone())))
+        .collect();
+    assert!(up.wait_in_flight(3, Duration::from_secs(5)).await);
+    reload(with).await;
+    for r in running {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let late = 3.0 * (1000.0 * 2.5 + 500.0 * 10.0) / 1e6;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = spent().await.unwrap();
+        if (now - (4.0 * one + late)).abs() < 1e-9 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now} against 4 × {one} + {late}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// POSTs `body` to `url` with the test key; the answer's status, once its body is read.
+async fn post_owned(url: String, body: Value) -> u16 {
+    let r = client()
+        .post(url)
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    r.bytes().await.unwrap();
+    status
 }
 
 /// The first budget's spend, once a settlement has made it more than 0.

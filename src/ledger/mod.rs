@@ -71,6 +71,8 @@ pub struct RequestRecord {
     pub served: crate::route::Served,
     /// Priced though not a success (`finish_billed_refusal`).
     pub billed_refusal: bool,
+    /// Its config generation's token (`Runtime::requests`), let go once it is settled.
+    pub generation: Option<Arc<()>>,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).

@@ -895,6 +895,8 @@ impl Drop for Inserts {
 #[derive(Clone)]
 pub struct LedgerWriter {
     tx: mpsc::UnboundedSender<LedgerRow>,
+    /// Asks the writer to write what is queued now, and to say when it is done.
+    flushes: mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
     /// Rows sent so far; every `BATCH`-th wakes the writer through `full`.
     sent: Arc<AtomicUsize>,
     full: Arc<tokio::sync::Notify>,
@@ -1035,6 +1037,7 @@ impl LedgerWriter {
 
     fn start_every(store: Store, interval: Duration) -> (LedgerWriter, LedgerTask) {
         let (tx, mut rx) = mpsc::unbounded_channel::<LedgerRow>();
+        let (flushes, mut flush_rx) = mpsc::unbounded_channel();
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = stop.clone();
         let full = Arc::new(tokio::sync::Notify::new());
@@ -1049,11 +1052,16 @@ impl LedgerWriter {
             // `Store::open` (the budgets' queries at start can open a second one).
             let mut sqlite_connections = 0;
             let mut tick = tokio::time::interval(interval);
+            let mut asked = Vec::new();
             loop {
                 let stopping = tokio::select! {
                     _ = stopped.notified() => true,
                     _ = tick.tick() => false,
                     _ = batch_full.notified() => false,
+                    Some(done) = flush_rx.recv() => {
+                        asked.push(done);
+                        false
+                    }
                 };
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
@@ -1064,6 +1072,13 @@ impl LedgerWriter {
                 if !batch.is_empty() {
                     write_with_retry(&store, &mut batch, &mut unsure).await;
                 }
+                // What was queued when a flush was asked for is written (or kept, the database
+                // failing): said so.
+                asked
+                    .drain(..)
+                    .for_each(|done: tokio::sync::oneshot::Sender<()>| {
+                        let _ = done.send(());
+                    });
                 if pruned.elapsed() >= Duration::from_secs(3600) {
                     pruned = tokio::time::Instant::now();
                     store.prune_batch_ids().await;
@@ -1085,10 +1100,20 @@ impl LedgerWriter {
         });
         let writer = LedgerWriter {
             tx,
+            flushes,
             sent: Arc::new(AtomicUsize::new(0)),
             full,
         };
         (writer, LedgerTask { stop, task })
+    }
+
+    /// Returns once the rows queued so far have been written (or, the database failing,
+    /// tried and kept for later).
+    pub async fn flush(&self) {
+        let (done, written) = tokio::sync::oneshot::channel();
+        if self.flushes.send(done).is_ok() {
+            let _ = written.await;
+        }
     }
 
     pub fn record(&self, row: LedgerRow) {

@@ -257,7 +257,6 @@ impl PolicyState for MemoryState {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
-        _again: bool,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Ok(mut c) = self.inner.lock() {

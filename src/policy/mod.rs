@@ -330,15 +330,15 @@ pub trait PolicyState: Send + Sync {
         admitted: &'a Admitted,
         actual: Actual,
     ) -> BoxFuture<'a, Vec<Alert>>;
-    /// Seeds what a budget spent in its current period (from the ledger at start). `again`:
-    /// a budget a reload had removed comes back, and what was spent while it was away
-    /// counts (the shared state keeps the more of its figure and the ledger's).
+    /// Seeds what a budget spent in its current period with the ledger's figure (at start,
+    /// and when a reload brings a budget in or back): the state keeps the more of what it
+    /// counted and that figure (settlements the ledger's writers have not written yet, or
+    /// costs the state missed).
     fn seed_spent<'a>(
         &'a self,
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
-        again: bool,
     ) -> BoxFuture<'a, ()>;
     /// Spent and reserved of a budget in the period starting at `period_start`; `None`
     /// when the shared state cannot be read (Redis unreachable): unknown, not 0.

@@ -249,7 +249,9 @@ return 0
 /// settlements made since the key was lost or made) and the ledger's figure, and `seeded`
 /// marks it done. An admission finds a key without `seeded` (Redis restarted without its
 /// data, or flushed; a new period) and has it seeded before it counts against it. With
-/// ARGV[4] = 1 (a budget a reload brings back) it is seeded again, seeded or not. `seeded`
+/// ARGV[4] = 1 (the gateway's start, a reload bringing a budget in or back, and the rebuild
+/// once the requests that started before that reload have ended) it is seeded again,
+/// seeded or not. `seeded`
 /// holds when it was first seeded (Redis's time): a settlement whose ticket is gone tells
 /// by it whether its cost can be in the ledger's figure.
 const SEED: &str = concat!(
@@ -1244,7 +1246,6 @@ impl PolicyState for RedisState {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
-        again: bool,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             // Wait a little for the first connection: seeding happens at start.
@@ -1257,7 +1258,7 @@ impl PolicyState for RedisState {
             let Some(mut conn) = self.conn() else { return };
             // The first replica to start seeds; the others find the figure there.
             if let Err(e) = self
-                .seed_key(&mut conn, budget, period_start, spent, again)
+                .seed_key(&mut conn, budget, period_start, spent, true)
                 .await
             {
                 tracing::warn!(error = %e, budget = %budget.id, "cannot seed a budget in Redis");

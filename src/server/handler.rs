@@ -295,6 +295,7 @@ where
 
     // Admission: rate limits and budgets, reserved in one step.
     let mut record = new_record(gateway, &key, &api_req, route, plan);
+    record.generation = Some(rt.requests.clone());
     match gateway
         .accounting
         .policy
@@ -462,6 +463,7 @@ fn new_record(
         measured_usage: req.measured_usage(),
         served: Served::default(),
         billed_refusal: false,
+        generation: None,
     }
 }
 

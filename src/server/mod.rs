@@ -67,6 +67,9 @@ pub struct Runtime {
     pub max_body: u64,
     /// Active health checks of this generation's providers; stopped with it.
     health_checks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held by this generation and by each request it admits until the request is settled:
+    /// a reload tells by it when the requests started before it have all ended.
+    pub requests: Arc<()>,
 }
 
 impl Drop for Runtime {
@@ -228,6 +231,7 @@ impl Runtime {
         }
         Ok(Runtime {
             health_checks,
+            requests: Arc::new(()),
             policy,
             max_body: loaded.config.server.max_body.0,
             generation,
@@ -255,13 +259,34 @@ pub struct Gateway {
     pub store: Store,
     /// Budgets whose spend was rebuilt from the ledger, and whether the config still has
     /// them (one a reload removed is rebuilt again when it comes back).
-    seeded: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    seeded: Arc<std::sync::Mutex<std::collections::HashMap<String, bool>>>,
+    /// The earlier generations' request tokens (`Runtime::requests`) not yet all gone.
+    earlier: std::sync::Mutex<Vec<std::sync::Weak<()>>>,
     config_path: PathBuf,
     generation: AtomicU64,
     reload_lock: tokio::sync::Mutex<()>,
     /// The fields read only at start, as the process started with them: what they still
     /// hold whatever later reloads said (a reload is compared with this, not with the last).
     started: StartOnly,
+}
+
+/// Rebuilds what `b` spent in its current period from the ledger.
+async fn rebuild_budget(
+    store: &Store,
+    policy: &dyn policy::PolicyState,
+    b: &policy::BudgetRef,
+    now: i64,
+) {
+    let (start, _) = policy::period_bounds(b.period, now);
+    match store.spent_since(b.scope.ledger_scope(), start).await {
+        Ok(spent) => {
+            policy.seed_spent(b, start, spent).await;
+            tracing::info!(budget = %b.id, spent, limit = b.usd, "budget rebuilt from the ledger");
+        }
+        Err(e) => {
+            tracing::error!(budget = %b.id, error = %e, "cannot read the ledger to rebuild a budget")
+        }
+    }
 }
 
 /// The config fields read only at start. Compared as values: their Debug text hides the
@@ -332,6 +357,7 @@ impl Gateway {
             accounting,
             store,
             seeded: Default::default(),
+            earlier: Default::default(),
             started: StartOnly::of(&runtime.loaded.config),
             generation: AtomicU64::new(runtime.generation),
             runtime: ArcSwap::from_pointee(runtime),
@@ -346,20 +372,18 @@ impl Gateway {
 
     /// Rebuilds what each budget spent in its current period from the ledger, once per
     /// budget (a reload seeds only budgets it did not have: new ones, and ones an earlier
-    /// reload removed, whose spend while they were away was counted nowhere).
-    async fn seed_budgets(&self, rt: &Runtime) {
+    /// reload removed, whose spend while they were away was counted nowhere). The state
+    /// keeps the more of its own figure and the ledger's. Returns the budgets rebuilt.
+    async fn seed_budgets(&self, rt: &Runtime) -> Vec<policy::BudgetRef> {
         let now = crate::ledger::now_ms();
-        let todo: Vec<(&policy::BudgetRef, bool)> = match self.seeded.lock() {
+        let todo: Vec<policy::BudgetRef> = match self.seeded.lock() {
             Ok(mut seeded) => {
                 let todo: Vec<_> = rt
                     .policy
                     .all_budgets
                     .iter()
-                    .filter_map(|b| match seeded.get(&*b.id) {
-                        None => Some((b, false)),
-                        Some(false) => Some((b, true)),
-                        Some(true) => None,
-                    })
+                    .filter(|b| seeded.get(&*b.id) != Some(&true))
+                    .cloned()
                     .collect();
                 seeded.values_mut().for_each(|present| *present = false);
                 for b in &rt.policy.all_budgets {
@@ -369,21 +393,60 @@ impl Gateway {
             }
             Err(_) => Vec::new(),
         };
-        for (b, again) in todo {
-            let (start, _) = policy::period_bounds(b.period, now);
-            match self.store.spent_since(b.scope.ledger_scope(), start).await {
-                Ok(spent) => {
-                    self.accounting
-                        .policy
-                        .seed_spent(b, start, spent, again)
-                        .await;
-                    tracing::info!(budget = %b.id, spent, limit = b.usd, "budget rebuilt from the ledger");
+        for b in &todo {
+            rebuild_budget(&self.store, &*self.accounting.policy, b, now).await;
+        }
+        todo
+    }
+
+    /// After a reload that rebuilt `budgets`: the requests started before it were admitted
+    /// without them, and their costs (and rows the writer had not written yet) reach the
+    /// ledger only as they end. Once every one of them has ended (each holds its
+    /// generation's token until it is settled), the queued rows are written and those
+    /// budgets still in the config are rebuilt again (the more of the two figures).
+    fn rebuild_after_earlier_requests(&self, old: &Runtime, budgets: Vec<policy::BudgetRef>) {
+        let earlier = match self.earlier.lock() {
+            Ok(mut earlier) => {
+                earlier.retain(|w| w.strong_count() > 0);
+                earlier.push(Arc::downgrade(&old.requests));
+                earlier.clone()
+            }
+            Err(_) => return,
+        };
+        if budgets.is_empty() {
+            return;
+        }
+        let (store, policy, ledger, seeded) = (
+            self.store.clone(),
+            self.accounting.policy.clone(),
+            self.accounting.ledger.clone(),
+            self.seeded.clone(),
+        );
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+            while earlier.iter().any(|w| w.strong_count() > 0) {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!("requests started before a reload still run after an hour: budgets it brought back are rebuilt again now");
+                    break;
                 }
-                Err(e) => {
-                    tracing::error!(budget = %b.id, error = %e, "cannot read the ledger to rebuild a budget")
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if tokio::time::timeout(Duration::from_secs(30), ledger.flush())
+                .await
+                .is_err()
+            {
+                tracing::warn!("the ledger's queued rows were not written within 30 s: budgets are rebuilt again without them");
+            }
+            let now = crate::ledger::now_ms();
+            for b in &budgets {
+                let present = seeded
+                    .lock()
+                    .is_ok_and(|s| s.get(&*b.id).copied() == Some(true));
+                if present {
+                    rebuild_budget(&store, &*policy, b, now).await;
                 }
             }
-        }
+        });
     }
 
     /// Reads, checks and swaps in the config file. A bad config is refused, logged, and the
@@ -442,9 +505,11 @@ impl Gateway {
                     tracing::warn!("{w}");
                 }
                 let generation = rt.generation;
-                self.seed_budgets(&rt).await;
+                let rebuilt = self.seed_budgets(&rt).await;
                 self.generation.store(generation, Ordering::SeqCst);
-                self.runtime.store(Arc::new(rt));
+                let old = self.runtime.swap(Arc::new(rt));
+                self.rebuild_after_earlier_requests(&old, rebuilt);
+                drop(old);
                 give_back_freed_memory();
                 tracing::info!(trigger, generation, "config reloaded");
                 if let Some(m) = crate::telemetry::metrics::metrics() {
