@@ -2229,6 +2229,22 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
 /// writer is gone").
 #[tokio::test]
 async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
+    stream_cut_at_shutdown("1s", false).await;
+}
+
+/// A second SIGTERM ends the grace period at once (it waited it out, a minute here): the
+/// stream is cut as at its end, and keeps its row.
+#[tokio::test]
+async fn a_second_sigterm_cuts_the_grace_period_short() {
+    let started = std::time::Instant::now();
+    stream_cut_at_shutdown("60s", true).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// A 20-chunk stream 300 ms apart is running when the gateway (`shutdown_grace: grace`)
+/// gets SIGTERM (and a second one 300 ms later when `twice`): it ends with the shutdown's
+/// error event, cleanly, and its row holds what it sent.
+async fn stream_cut_at_shutdown(grace: &str, twice: bool) {
     let up = MockUpstream::start().await;
     let config = config_with_routes(
         &up,
@@ -2237,7 +2253,7 @@ async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
     )
     .replace(
             &format!("server: {{ admin_key: {ADMIN} }}"),
-            &format!("server: {{ admin_key: {ADMIN}, shutdown_grace: 1s }}"),
+            &format!("server: {{ admin_key: {ADMIN}, shutdown_grace: {grace} }}"),
         )
     .replace(
         "providers:\n",
@@ -2268,6 +2284,14 @@ async fn a_stream_cut_at_the_end_of_the_shutdown_grace_keeps_its_ledger_row() {
         }
         (String::from_utf8_lossy(&got).into_owned(), clean)
     });
+    if twice {
+        gw.signal("TERM");
+        assert!(
+            gw.wait_log(|l| l.contains("shutting down"), Duration::from_secs(5))
+                .await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let rows = sqlite_rows_after_shutdown(&mut gw).await;
     // The client's stream ends with an error event, and then ends cleanly: no silent cut.
     let (text, clean) = reader.await.unwrap();

@@ -861,24 +861,36 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         }
     }
     drop(listener);
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections closed"),
-        Err(_) => {
-            tracing::warn!(
-                grace_seconds = grace.as_secs_f64(),
-                "shutdown grace period over; closing the connections still open"
-            );
-            // Streams end with an error event, and their connections close (a graceful
-            // shutdown closes each after its answer); a moment for that, then what is still
-            // open is dropped. Dropping a connection drops its requests: each records its
-            // row (a stream, what it sent so far) and settles its reservation as it goes.
-            crate::telemetry::cutting_connections();
-            let _ = tokio::time::timeout(Duration::from_millis(500), async {
-                while connections.join_next().await.is_some() {}
-            })
-            .await;
-            connections.abort_all();
+    // A second SIGTERM or SIGINT ends the wait at once (an operator's second Ctrl-C).
+    let closed = tokio::select! {
+        waited = tokio::time::timeout(grace, graceful.shutdown()) => match waited {
+            Ok(()) => true,
+            Err(_) => {
+                tracing::warn!(
+                    grace_seconds = grace.as_secs_f64(),
+                    "shutdown grace period over; closing the connections still open"
+                );
+                false
+            }
+        },
+        signal = shutdown_signal() => {
+            tracing::warn!(signal, "second signal: closing the connections still open now");
+            false
         }
+    };
+    if closed {
+        tracing::info!("all connections closed");
+    } else {
+        // Streams end with an error event, and their connections close (a graceful
+        // shutdown closes each after its answer); a moment for that, then what is still
+        // open is dropped. Dropping a connection drops its requests: each records its
+        // row (a stream, what it sent so far) and settles its reservation as it goes.
+        crate::telemetry::cutting_connections();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
     // Let the settlements of the last requests queue their rows, then write them all.
