@@ -969,6 +969,67 @@ async fn settled_figures(gw: &Gateway) -> f64 {
     }
 }
 
+/// A client that leaves while its admission waits on a slow Redis leaves nothing held: the
+/// admission, which Redis runs after the request was dropped, is cancelled. (Its budget
+/// reservation and its `max_parallel` slot stayed held until the replica exited.)
+#[tokio::test]
+async fn a_client_gone_while_redis_admits_leaves_nothing_held() {
+    let redis = Redis::start();
+    let pg = Pg::create().await;
+    // A worst case of ~0.6 USD against a 1 USD total, and one request at a time.
+    let cfg = config(
+        &redis,
+        &pg.url(),
+        ", budget: { usd: 1, period: total }, limits: { max_parallel: 1 }",
+        "",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let big = json!({"model": "fast", "max_tokens": 60000, "messages": [{"role": "user", "content": "hi"}]});
+    // A first request, so that the next reaches Redis at once (the first of a process loads
+    // what it needs lazily).
+    assert_eq!(post(&gw, KEY, &big).await.status(), 200);
+    let spent = settled_figures(&gw).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Redis holds every command for 400 ms (less than the gateway's 500 ms limit on a call);
+    // the client gives up after 200.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(400)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let gone = reqwest::Client::new()
+        .post(gw.url("/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&big)
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gives up before Redis answers");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // Admitted only once nothing of the dropped request is held: 0.6 + 0.6 > 1, and one
+        // request at a time.
+        let r = post(&gw, KEY, &big).await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {}\n{}",
+            r.text().await.unwrap(),
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let after = settled_figures(&gw).await;
+    assert!((after - 2.0 * spent).abs() < 1e-9, "{after} vs 2 × {spent}");
+    drop(gw);
+    pg.drop_db().await;
+}
+
 /// A Redis that stalls past the call timeout: the admission is refused (503), and what the
 /// stalled call takes once Redis runs it is given back; a settlement that timed out is sent
 /// again and counted once. A request that fits the budget is then admitted.

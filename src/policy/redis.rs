@@ -268,6 +268,25 @@ return 1
 "#
 );
 
+/// An admission sent to Redis and not answered yet: dropped so (the call failed or timed
+/// out, or the request's future was dropped), it is cancelled in the background (`CANCEL`,
+/// which gives back what it took if it ran, and makes it take nothing if it runs later).
+struct Unanswered<'a> {
+    state: &'a RedisState,
+    plan: &'a Plan,
+    /// `None` once Redis has answered.
+    keys: Option<Vec<String>>,
+    worst: i64,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(keys) = self.keys.take() {
+            self.state.cancel_later(self.plan, keys, self.worst);
+        }
+    }
+}
+
 /// What one run of `ADMIT` came to: an answer, or the index of a budget whose key must be
 /// seeded first (nothing was counted).
 enum Once {
@@ -1016,22 +1035,34 @@ impl RedisState {
         }
         let mut inv = invocation(&self.admit, &keys, &args);
         inv.arg(held_entry(&args[..4], &keys));
+        // Sent, perhaps, and run: until Redis answers, what it may have taken is given back
+        // should the call fail, time out, or this future be dropped (its client gone while
+        // Redis was slow: its request is never settled).
+        let mut unanswered = Unanswered {
+            state: self,
+            plan,
+            keys: Some(keys),
+            worst,
+        };
         let reply: Vec<i64> =
             match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await {
-                Ok(Ok(r)) => r,
+                Ok(Ok(r)) => {
+                    unanswered.keys = None;
+                    r
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "Redis admission failed");
                     if connection_lost(&e) {
                         self.drop_used(&used);
-                        // Sent, perhaps, and run: what it may have taken is given back.
-                        self.cancel_later(plan, keys, worst);
+                    } else {
+                        // Redis's own answer (a script's error): it took nothing.
+                        unanswered.keys = None;
                     }
                     return Once::Decided(self.on_error(plan, "admit"));
                 }
                 Err(_) => {
                     tracing::warn!("Redis admission timed out");
                     self.drop_used(&used);
-                    self.cancel_later(plan, keys, worst);
                     return Once::Decided(self.on_error(plan, "admit"));
                 }
             };
