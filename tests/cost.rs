@@ -1636,7 +1636,7 @@ async fn a_null_or_foreign_cap_field_gets_the_reserved_cap_upstream() {
 /// Legacy completions with `best_of` make (and bill) `best_of` answers upstream, whatever
 /// `n` returns: the reservation counts them (it counted `n` only).
 #[tokio::test]
-async fn best_of_completions_reserve_for_every_answer_made() {
+async fn completions_reserve_for_every_answer_made_best_of_and_batches() {
     let up = MockUpstream::start().await;
     // 1,000 output tokens at 10 USD per 1M: 0.01 per answer made.
     let gw = Gateway::start(&config(
@@ -1663,6 +1663,26 @@ async fn best_of_completions_reserve_for_every_answer_made() {
     )
     .await;
     assert_eq!(r.status(), 200, "2 answers: 0.02 USD fits");
+    r.bytes().await.unwrap();
+    // A batch of prompts is answered prompt by prompt: 3 strings (or token arrays) with
+    // `best_of: 2` are 6 answers, 0.06; one array of tokens is one prompt.
+    for batch in [json!(["a", "b", "c"]), json!([[1, 2], [3], [4, 5]])] {
+        let r = post(
+            &gw,
+            "/v1/completions",
+            completion(json!({"prompt": batch, "best_of": 2})),
+        )
+        .await;
+        assert_eq!(r.status(), 429, "{batch}: 6 answers, 0.06 USD");
+    }
+    assert_eq!(up.requests().len(), 1);
+    let r = post(
+        &gw,
+        "/v1/completions",
+        completion(json!({"prompt": [1, 2, 3], "max_tokens": 500})),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "one prompt of tokens: 0.005 USD fits");
     r.bytes().await.unwrap();
 }
 

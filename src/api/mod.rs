@@ -452,8 +452,11 @@ impl ApiRequest {
             }
             choices = head.uint("n")?.unwrap_or(1).max(1);
             if op == Operation::Completions {
-                // `best_of` answers are made (and billed) server-side, `n` of them returned.
-                choices = choices.max(head.uint("best_of")?.unwrap_or(1));
+                // `best_of` answers are made (and billed) server-side, `n` of them returned,
+                // for each prompt of a batch.
+                choices = choices
+                    .max(head.uint("best_of")?.unwrap_or(1))
+                    .saturating_mul(head.field("prompt").map_or(1, prompts));
             }
             user = head
                 .field("user")
@@ -894,5 +897,23 @@ mod tests {
             Target::WrongMethod("GET, HEAD")
         );
         assert_eq!(classify(&Method::POST, "/v1/files"), Target::NotFound);
+    }
+}
+
+/// How many prompts a completions request's `prompt` holds: a batch (an array of strings, or
+/// of token arrays) is answered prompt by prompt; a string, or one array of tokens, is one.
+fn prompts(prompt: &serde_json::value::RawValue) -> u64 {
+    if !prompt.get().starts_with('[') {
+        return 1;
+    }
+    match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(prompt.get()) {
+        Ok(items)
+            if items
+                .first()
+                .is_some_and(|i| i.get().starts_with(['"', '['])) =>
+        {
+            items.len() as u64
+        }
+        _ => 1,
     }
 }
