@@ -1822,6 +1822,45 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
     }
 }
 
+/// An image counts 1,600 tokens in a budget's prompt bound however its `image_url` member
+/// is written: with whitespace before the colon, or with an escape in its name (40 images
+/// so written went through a budget they cost 1.5-2.3x of).
+#[tokio::test]
+async fn images_count_for_budgets_however_their_member_is_written() {
+    let up = MockUpstream::start().await;
+    // 40 images: 64,000 tokens at 2.50 USD per 1M, 0.16 USD; 10 images: 0.04.
+    let gw = Gateway::start(&config(&up, &keys(", budget: { usd: 0.1, period: daily }"))).await;
+    let body = |images: usize, key: &str| {
+        let part =
+            format!(r#"{{"type": "image_url", {key} {{"url": "https://example.com/a.png"}}}}"#);
+        let parts = vec![part; images].join(", ");
+        format!(
+            r#"{{"model": "gpt-4o", "max_tokens": 5, "messages": [{{"role": "user", "content": [{parts}]}}]}}"#
+        )
+    };
+    let send = |text: String| {
+        client()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(KEY)
+            .header("content-type", "application/json")
+            .body(text)
+            .send()
+    };
+    for key in [
+        r#""image_url":"#,
+        "\"image_url\"\t:",
+        r#""image\u005furl":"#,
+    ] {
+        let r = send(body(40, key)).await.unwrap();
+        assert_eq!(r.status(), 429, "{key}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], "budget_exceeded", "{key}: {e}");
+        let r = send(body(10, key)).await.unwrap();
+        assert_eq!(r.status(), 200, "{key}: {}", r.text().await.unwrap());
+    }
+    assert_eq!(up.requests().len(), 3);
+}
+
 /// In process, as in Redis, budgets count in nano-dollars, what is counted rounded up: a
 /// request whose worst case is a fraction of a micro-dollar is refused by `usd: 0` (rounded
 /// to the nearest micro-dollar, it was 0 and went through).

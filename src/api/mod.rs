@@ -536,16 +536,8 @@ impl ApiRequest {
         let (estimated_prompt_tokens, prompt_bound) = match payload {
             Payload::Json { .. } => {
                 let text = text_bytes(&body) as u64;
-                // The `image_url` key of a chat part or a Responses `input_image` part (not
-                // the `"type":"image_url"` value beside it).
-                static KEY: LazyLock<[memchr::memmem::Finder<'static>; 2]> = LazyLock::new(|| {
-                    [
-                        memchr::memmem::Finder::new(b"\"image_url\":"),
-                        memchr::memmem::Finder::new(b"\"image_url\" :"),
-                    ]
-                });
-                let images: usize = KEY.iter().map(|f| f.find_iter(&body).count()).sum();
-                (text.div_ceil(4), text + 1600 * images as u64)
+                let images = image_members(&body) as u64;
+                (text.div_ceil(4), text + 1600 * images)
             }
             Payload::Multipart { .. } => form_prompt,
         };
@@ -736,6 +728,42 @@ fn text_bytes(body: &[u8]) -> usize {
     total
 }
 
+/// How many images a JSON body holds: its members named `image_url` (a chat image part's, a
+/// Responses `input_image` part's), wherever they are, not the `"type": "image_url"` value
+/// beside one. A name can be written with escapes (`"image\u005furl"`): a body holding any
+/// is read as JSON to find them.
+fn image_members(body: &[u8]) -> usize {
+    static KEY: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\"image_url\""));
+    static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
+        LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
+    use serde_json::Value;
+    fn named(v: &Value) -> usize {
+        match v {
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, v)| usize::from(k == "image_url") + named(v))
+                .sum(),
+            Value::Array(a) => a.iter().map(named).sum(),
+            _ => 0,
+        }
+    }
+    if ESCAPE.find(body).is_some() {
+        if let Ok(v) = serde_json::from_slice::<Value>(body) {
+            return named(&v);
+        }
+    }
+    // A name, not a value: the first byte after it other than whitespace is `:`.
+    KEY.find_iter(body)
+        .filter(|&at| {
+            body[at + KEY.needle().len()..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                == Some(&b':')
+        })
+        .count()
+}
+
 /// Whether the JSON string starting after `before` is the value of a member whose data
 /// URL upstreams bill by what it holds (an image's tiles, a file's pages), not by its
 /// length: `url` (a chat `image_url`), `image_url` (a Responses `input_image`), `file_data`
@@ -796,6 +824,24 @@ pub fn check_json_shape(op: Operation, head: &body::JsonHead<'_>) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// How many prompts a completions request's `prompt` holds: a batch (an array of strings, or
+/// of token arrays) is answered prompt by prompt; a string, or one array of tokens, is one.
+fn prompts(prompt: &serde_json::value::RawValue) -> u64 {
+    if !prompt.get().starts_with('[') {
+        return 1;
+    }
+    match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(prompt.get()) {
+        Ok(items)
+            if items
+                .first()
+                .is_some_and(|i| i.get().starts_with(['"', '['])) =>
+        {
+            items.len() as u64
+        }
+        _ => 1,
+    }
 }
 
 #[cfg(test)]
@@ -897,23 +943,5 @@ mod tests {
             Target::WrongMethod("GET, HEAD")
         );
         assert_eq!(classify(&Method::POST, "/v1/files"), Target::NotFound);
-    }
-}
-
-/// How many prompts a completions request's `prompt` holds: a batch (an array of strings, or
-/// of token arrays) is answered prompt by prompt; a string, or one array of tokens, is one.
-fn prompts(prompt: &serde_json::value::RawValue) -> u64 {
-    if !prompt.get().starts_with('[') {
-        return 1;
-    }
-    match serde_json::from_str::<Vec<&serde_json::value::RawValue>>(prompt.get()) {
-        Ok(items)
-            if items
-                .first()
-                .is_some_and(|i| i.get().starts_with(['"', '['])) =>
-        {
-            items.len() as u64
-        }
-        _ => 1,
     }
 }
