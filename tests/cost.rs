@@ -1822,6 +1822,34 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
     }
 }
 
+/// llama.cpp's server reads its own `n_predict` before `max_tokens`: under a budget, an
+/// `n_predict` above the reservation's cap (or negative: no cap) goes upstream cut to it.
+/// (It went as sent: `max_tokens: 10` reserved 10 tokens and llama.cpp made 5,000.)
+#[tokio::test]
+async fn llama_cpp_n_predict_is_cut_to_the_reserved_cap_under_a_budget() {
+    let up = MockUpstream::start().await;
+    let gw = Gateway::start(&config(&up, &keys(", budget: { usd: 5, period: daily }"))).await;
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    for (extra, sent) in [
+        (json!({"max_tokens": 10, "n_predict": 5000}), json!(10)),
+        (json!({"max_tokens": 10, "n_predict": 5}), json!(5)),
+        (json!({"n_predict": -1}), json!(4096)),
+        (json!({"max_tokens": 100, "n_predict": 1e4}), json!(100)),
+    ] {
+        let r = post(&gw, "/v1/chat/completions", chat(extra.clone())).await;
+        assert_eq!(r.status(), 200, "{extra}");
+        r.bytes().await.unwrap();
+        let upstream = up.requests().last().unwrap().json();
+        assert_eq!(upstream["n_predict"], sent, "{extra}: {upstream}");
+    }
+}
+
 /// An image counts 1,600 tokens in a budget's prompt bound however its `image_url` member
 /// is written: with whitespace before the colon, or with an escape in its name (40 images
 /// so written went through a budget they cost 1.5-2.3x of).

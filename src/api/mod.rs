@@ -255,6 +255,12 @@ pub struct ApiRequest {
     /// The endpoint's cap fields the body sets to `null`: the gateway's `output_cap` goes in
     /// the place of one of them, not beside it.
     pub null_caps: Vec<NullCap>,
+    /// llama.cpp's own cap, `n_predict`, which its server reads before `max_tokens`: where
+    /// its value lies, and the value (negative: no cap), when the body has one.
+    pub n_predict: Option<(std::ops::Range<usize>, i64)>,
+    /// What the handler puts in `n_predict`'s place when a budget applies and it asks more
+    /// than the reservation's cap.
+    pub n_predict_cap: Option<u64>,
     /// The body's `user`, for the ledger.
     pub user: Option<String>,
     /// The client asked for the usage chunk of its stream (`stream_options.include_usage`).
@@ -326,6 +332,7 @@ impl ApiRequest {
     ) -> Result<ApiRequest, GatewayError> {
         let mut max_tokens = None;
         let mut null_caps = Vec::new();
+        let mut n_predict = None;
         let mut choices = 1;
         let mut user = None;
         let mut client_wants_usage = false;
@@ -450,6 +457,14 @@ impl ApiRequest {
                     }
                 }
             }
+            if matches!(op, Operation::ChatCompletions | Operation::Completions) {
+                // A number in any JSON form (`5000`, `-1`, `5e3`) that fits in an i64.
+                n_predict = head.member("n_predict").and_then(|(_, value)| {
+                    serde_json::from_slice::<f64>(&body[value.clone()])
+                        .ok()
+                        .map(|n| (value, n.clamp(i64::MIN as f64, i64::MAX as f64) as i64))
+                });
+            }
             choices = head.uint("n")?.unwrap_or(1).max(1);
             if op == Operation::Completions {
                 // `best_of` answers are made (and billed) server-side, `n` of them returned,
@@ -556,6 +571,8 @@ impl ApiRequest {
             image,
             output_cap: None,
             null_caps,
+            n_predict,
+            n_predict_cap: None,
             user,
             client_wants_usage,
             upstream_headers,
@@ -654,6 +671,10 @@ impl ApiRequest {
                     };
                     edits.push(cap);
                     edits.extend(others.map(|m| (body::member_cut(&self.body, m), vec![])));
+                }
+                if let (Some((value, _)), Some(cap)) = (&self.n_predict, self.n_predict_cap) {
+                    let mut digits = itoa::Buffer::new();
+                    edits.push((value.clone(), digits.format(cap).as_bytes().to_vec()));
                 }
                 if edits.is_empty() {
                     self.body.clone()

@@ -243,6 +243,14 @@ where
     {
         api_req.output_cap = Some(route.output_cap(&api_req));
     }
+    // llama.cpp reads its own `n_predict` before `max_tokens`: under a budget, one asking
+    // more than the reservation's cap (or no cap, when negative) is cut to it.
+    if let (false, Some((_, asked))) = (plan.budgets.is_empty(), &api_req.n_predict) {
+        let cap = route.output_cap(&api_req);
+        if *asked < 0 || *asked as u64 > cap {
+            api_req.n_predict_cap = Some(cap);
+        }
+    }
 
     // The cache, on routes that set one: a hit is served here, costs nothing and takes
     // nothing from limits or budgets; a miss leads (others asking the same wait for it).
@@ -263,7 +271,10 @@ where
         // The cap the gateway adds upstream changes the answer as much as the body does:
         // answers cut at a budget's cap are not served to requests that would go uncapped.
         let mut digits = itoa::Buffer::new();
-        let cap = api_req.output_cap.map_or("", |c| digits.format(c));
+        let cap = api_req
+            .output_cap
+            .or(api_req.n_predict_cap)
+            .map_or("", |c| digits.format(c));
         let scope = [who, name, if cap.is_empty() { "" } else { "\0cap:" }, cap];
         if let Some(k) = cache::key(&route.name, op, &scope, &api_req.body) {
             if lookup {
