@@ -1822,6 +1822,48 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
     }
 }
 
+/// A plain answer whose client leaves before its end was made whole upstream before its
+/// first byte, and is billed whole: the rest is read for its usage, and the row has the
+/// answer's tokens. (It had the prompt alone, estimated, and no completion.)
+#[tokio::test]
+async fn a_plain_answer_left_before_its_end_is_billed_whole() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x".repeat(2000)},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 1500, "total_tokens": 1520}})
+    .to_string();
+    let (head, tail) = answer.split_at(answer.len() / 2);
+    up.script(Scripted::JsonParts(vec![
+        (Duration::ZERO, head.to_string()),
+        (Duration::from_millis(800), tail.to_string()),
+    ]));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    assert!(body.next().await.unwrap().is_ok());
+    drop(body);
+    // The rest arrives 0.8 s later, read by the gateway alone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let row = rows
+        .iter()
+        .find(|r| r.endpoint == "chat/completions")
+        .unwrap();
+    assert_eq!(
+        (row.prompt_tokens, row.completion_tokens, row.estimated),
+        (20, 1500, false),
+        "{row:?}"
+    );
+    assert!((row.cost_usd - (20.0 * 2.5 + 1500.0 * 10.0) / 1e6).abs() < 1e-12);
+}
+
 /// llama.cpp's server reads its own `n_predict` before `max_tokens`: under a budget, an
 /// `n_predict` above the reservation's cap (or negative: no cap) goes upstream cut to it.
 /// (It went as sent: `max_tokens: 10` reserved 10 tokens and llama.cpp made 5,000.)

@@ -705,10 +705,88 @@ impl Body for Tap {
     }
 }
 
+/// Plain answers whose rest is being read after their client left (`Drop for Tap`).
+static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of `READING`, for as long as it lives.
+struct Reading;
+
+impl Reading {
+    fn start() -> Reading {
+        READING.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Reading
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        READING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// At shutdown: waits up to `within` for the answers being read after their clients left,
+/// so that their rows are written with the rest.
+pub async fn answers_read(within: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while READING.load(std::sync::atomic::Ordering::Acquire) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 impl Drop for Tap {
     fn drop(&mut self) {
-        // The client went away, or hyper dropped a body whose end it knew: either way the
-        // request is over, and what it used so far is what it costs.
+        // The client went away, or hyper dropped a body whose end it knew. A plain answer
+        // left before its end was made whole upstream before its first byte was sent, and
+        // is billed whole: the rest is read in the background for its usage (within the
+        // route's timeout, which bounds the upstream's body). Else the request is over, and
+        // what it used so far is what it costs.
+        let unread = self.record.is_some()
+            && self.mode == Mode::Json
+            && !self.complete
+            && (200..300).contains(&self.status);
+        if unread {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let mut rest = Tap {
+                    inner: std::mem::replace(
+                        &mut self.inner,
+                        crate::server::body::full(Bytes::new()),
+                    ),
+                    record: self.record.take(),
+                    status: self.status,
+                    mode: Mode::Json,
+                    drop_usage_chunk: false,
+                    usage: self.usage,
+                    kept: Vec::new(),
+                    json: std::mem::take(&mut self.json),
+                    kept_bytes: 0,
+                    text: String::new(),
+                    first_byte: self.first_byte,
+                    complete: false,
+                    done: false,
+                    cache: self.cache.take(),
+                    encoded: false,
+                    images_sent: self.images_sent,
+                    partial_images_sent: self.partial_images_sent,
+                };
+                let reading = Reading::start();
+                runtime.spawn(async move {
+                    use http_body_util::BodyExt;
+                    let _reading = reading;
+                    while let Some(frame) = rest.inner.frame().await {
+                        match frame.map(|f| f.into_data()) {
+                            Ok(Ok(data)) => rest.json.extend_from_slice(&data),
+                            Ok(Err(_trailers)) => {}
+                            Err(_) => return rest.finish(),
+                        }
+                    }
+                    rest.complete = true;
+                    rest.finish();
+                });
+                return;
+            }
+        }
         self.finish();
     }
 }

@@ -893,6 +893,9 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
+    // Plain answers left by their clients are read to their end for their usage (the
+    // upstream's timeout bounds each).
+    crate::ledger::answers_read(Duration::from_secs(10)).await;
     // Let the settlements of the last requests queue their rows, then write them all.
     tokio::time::sleep(Duration::from_millis(50)).await;
     // What Redis did not take in time (settlements, cancelled admissions), sent once more.

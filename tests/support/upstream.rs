@@ -109,6 +109,8 @@ pub enum Scripted {
         chunks: Vec<(Duration, Bytes)>,
         end: StreamEnd,
     },
+    /// A `200 application/json` answer written in parts, each after its delay.
+    JsonParts(Vec<(Duration, String)>),
     /// Accept the request and never answer, until the client goes away.
     Hang,
     /// Wait, then answer as the inner script says.
@@ -671,6 +673,14 @@ async fn handle(
                 headers: Vec::new(),
                 chunks,
                 end,
+            },
+            Some(Scripted::JsonParts(parts)) => Reply::Stream {
+                headers: vec![("content-type".into(), "application/json".into())],
+                chunks: parts
+                    .into_iter()
+                    .map(|(d, s)| (d, Bytes::from(s)))
+                    .collect(),
+                end: StreamEnd::Finish,
             },
             Some(Scripted::Stream { chunks, end }) => Reply::Stream {
                 headers: Vec::new(),
