@@ -1281,6 +1281,42 @@ async fn ten_concurrent_identical_requests_reach_the_upstream_once() {
     }
 }
 
+/// A client that leaves while its request waits for another's answer to the same question
+/// still has its row (a `499`, at no cost), as every request of a known key has. (None was
+/// written: the request was dropped before its record was made.)
+#[tokio::test]
+async fn a_client_gone_while_waiting_for_another_requests_answer_has_its_row() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "{}")).await;
+    up.script(Scripted::Delay(
+        Duration::from_millis(800),
+        Box::new(Scripted::respond(200, chat_answer("slow", "ok"))),
+    ));
+    let q = ask("m", "asked twice");
+    let leader = chat(&gw, "red1", &q);
+    let waiter = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let gone = reqwest::Client::new()
+            .post(gw.url("/v1/chat/completions"))
+            .bearer_auth(secret("red2"))
+            .json(&q)
+            .timeout(Duration::from_millis(200))
+            .send()
+            .await;
+        assert!(gone.is_err(), "the waiter's client gives up first");
+    };
+    let (answer, ()) = tokio::join!(leader, waiter);
+    assert_eq!(answer.status, 200);
+    assert_eq!(up.request_count(), 1);
+    let rows = rows_after_shutdown(&mut gw).await;
+    let red2: Vec<_> = rows.iter().filter(|r| &*r.key == "red2").collect();
+    assert_eq!(red2.len(), 1, "{rows:#?}");
+    assert_eq!(
+        (red2[0].status, &*red2[0].route, red2[0].cost_usd),
+        (499, "m", 0.0)
+    );
+}
+
 #[tokio::test]
 async fn when_the_leading_request_fails_one_waiter_fetches_for_the_others() {
     let up = MockUpstream::start().await;

@@ -171,6 +171,17 @@ where
     let request_id = request_id(req.headers());
     let (parts, body) = req.into_parts();
     let started = std::time::Instant::now();
+    // Dropped (its client gone) before its record takes over, the request still gets its row.
+    let mut unrecorded = Unrecorded {
+        ledger: &gateway.accounting.ledger,
+        row: Some(ledger_row(
+            &key,
+            request_id.to_str().unwrap_or(""),
+            Name::from("unknown"),
+            op,
+        )),
+        started,
+    };
     // What is refused before it is routed (too large, not JSON, a model unknown or not the
     // key's) still gets its ledger row, as every request of a known key does.
     let mut named_route = None;
@@ -200,6 +211,7 @@ where
     let (mut api_req, route) = match checked {
         Ok(checked) => checked,
         Err(e) => {
+            unrecorded.row = None;
             let route = match named_route {
                 // A configured route's name, as every other answer of the route has it (the
                 // header, the metrics' label).
@@ -223,6 +235,10 @@ where
     facts.stream = api_req.stream;
     // Only a configured route name becomes a header or a metric label.
     facts.route.clone_from(&route.name);
+    if let Some(row) = unrecorded.row.as_mut() {
+        row.route.clone_from(&route.name);
+        row.user = api_req.user.clone().unwrap_or_default();
+    }
 
     // What admission will check (a hit takes nothing from it).
     let plan = rt.policy.plan(
@@ -281,7 +297,10 @@ where
                 match gateway.cache.lookup(k, route.timeout).await {
                     cache::Lookup::Hit(entry) => {
                         match serve_hit(gateway, route, &key, &api_req, op, &entry, facts) {
-                            Some(resp) => return Ok(resp),
+                            Some(resp) => {
+                                unrecorded.row = None;
+                                return Ok(resp);
+                            }
                             // Stored events that add up to no JSON answer: fetched anew for
                             // a plain request, and not stored over them.
                             None => cache_result = Some("miss"),
@@ -306,6 +325,7 @@ where
 
     // Admission: rate limits and budgets, reserved in one step.
     let mut record = new_record(gateway, &key, &api_req, route, plan);
+    unrecorded.row = None;
     record.generation = Some(rt.requests.clone());
     match gateway
         .accounting
@@ -431,6 +451,27 @@ where
                     .insert(CACHE_HEADER, HeaderValue::from_static(result));
             }
             Ok(Response::from_parts(parts, tap.boxed_unsync()))
+        }
+    }
+}
+
+/// The row of a request of a known key whose client left before its `RequestRecord` took over
+/// (while its body was read, or it waited for another request's answer to the same
+/// question): written when dropped still holding it, as a `499` at no cost.
+struct Unrecorded<'a> {
+    ledger: &'a ledger::LedgerWriter,
+    row: Option<LedgerRow>,
+    started: std::time::Instant,
+}
+
+impl Drop for Unrecorded<'_> {
+    fn drop(&mut self) {
+        if let Some(row) = self.row.take() {
+            self.ledger.record(LedgerRow {
+                status: ledger::CLIENT_CLOSED,
+                latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+                ..row
+            });
         }
     }
 }
