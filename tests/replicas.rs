@@ -785,6 +785,54 @@ async fn a_request_running_while_redis_loses_its_data_still_counts_its_cost() {
     pg.drop_db().await;
 }
 
+/// A request that ends while Redis is down has its row written to the ledger; Redis comes
+/// back empty and the next admission seeds the budget from that ledger, row included. The
+/// settlement, sent again once Redis is back, finds its ticket gone and counts nothing: the
+/// cost is counted once. (A first version of the rule above counted it twice.)
+#[tokio::test]
+async fn a_request_ending_while_redis_is_down_is_counted_once_when_redis_comes_back_empty() {
+    let mut redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), ", budget: { usd: 2, period: total }", "");
+    let gw = Gateway::start(&cfg).await;
+    let running = spawn_big(&gw, "slower");
+    wait_reserved(&gw, 0.0).await;
+    redis.stop();
+    let big_cost = answer_cost(running.await.unwrap().unwrap()).await;
+    // Past a ledger flush (the row is in the ledger before Redis comes back), and long
+    // enough for the settlement's next sending to come after the next admission.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart();
+    let small =
+        json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let small_cost = loop {
+        let r = post(&gw, KEY, &small).await;
+        if r.status() == 200 {
+            break answer_cost(r).await;
+        }
+        assert!(Instant::now() < deadline, "{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        gw.wait_log(
+            |l| l.contains("Redis call sent again: done"),
+            Duration::from_secs(20)
+        )
+        .await,
+        "{}",
+        gw.logs()
+    );
+    let spent = settled_figures(&gw).await;
+    assert!(
+        (spent - (big_cost + small_cost)).abs() < 1e-8,
+        "spent {spent}, the two requests cost {big_cost} + {small_cost}\n{}",
+        gw.logs()
+    );
+    drop(gw);
+    pg.drop_db().await;
+}
+
 /// With Redis too, a budget a reload removes and a later one brings back counts what was
 /// spent while it was away: its key in Redis, seeded before, is seeded again with the more
 /// of its figure and the ledger's (it kept its old spend).

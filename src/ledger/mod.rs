@@ -183,6 +183,7 @@ impl RequestRecord {
         let actual = Actual {
             cost_usd: cost,
             tokens: usage.prompt + usage.completion,
+            ended_ms: now_ms(),
         };
         let plan = std::mem::take(&mut self.plan);
         let admitted = self.admitted.take();
@@ -201,6 +202,7 @@ impl RequestRecord {
                     Actual {
                         cost_usd: 0.0,
                         tokens,
+                        ended_ms: actual.ended_ms,
                     },
                 )
             })

@@ -166,7 +166,7 @@ impl MemoryState {
             headers,
             counted: true,
             ticket: None,
-            redis_ms: 0,
+            at_ms: now_ms,
         })
     }
 
@@ -257,6 +257,7 @@ impl PolicyState for MemoryState {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
+        _read_ms: i64,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Ok(mut c) = self.inner.lock() {
@@ -360,6 +361,7 @@ mod tests {
             Actual {
                 cost_usd: 0.1,
                 tokens: 10,
+                ..Default::default()
             },
         );
         assert!(alerts.is_empty());
@@ -373,6 +375,7 @@ mod tests {
             Actual {
                 cost_usd: 0.45,
                 tokens: 10,
+                ..Default::default()
             },
         );
         assert_eq!(alerts.len(), 1, "soft budget 0.5 crossed once");
@@ -399,6 +402,7 @@ mod tests {
         let actual = Actual {
             cost_usd: 0.4,
             tokens: 10,
+            ..Default::default()
         };
         let before = s.admit_now(&p, midnight - 1).unwrap();
         // It ends after the new day's first request, which rolled the budget over.

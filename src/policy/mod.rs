@@ -98,9 +98,9 @@ pub struct Admitted {
     pub counted: bool,
     /// Redis only: the admission's ticket, with which it is settled once.
     pub ticket: Option<Arc<str>>,
-    /// Redis only: when it was admitted, on Redis's clock (its settlement, finding the ticket
-    /// gone with Redis's data, counts the cost in budgets seeded since).
-    pub redis_ms: i64,
+    /// When it was admitted (ms since the epoch): its settlement, finding the ticket gone
+    /// with Redis's data, tells by it whether a budget was seeded again since.
+    pub at_ms: i64,
 }
 
 /// The OpenAI rate-limit headers of the tightest limit (remaining counts after this request).
@@ -305,6 +305,8 @@ pub struct Actual {
     pub cost_usd: f64,
     /// Prompt + completion tokens, to correct the `tpm` estimate.
     pub tokens: u64,
+    /// When the request ended and its row was queued for the ledger (ms since the epoch).
+    pub ended_ms: i64,
 }
 
 /// A soft budget crossed (or a hard stop hit) for the first time this period.
@@ -330,7 +332,8 @@ pub trait PolicyState: Send + Sync {
         admitted: &'a Admitted,
         actual: Actual,
     ) -> BoxFuture<'a, Vec<Alert>>;
-    /// Seeds what a budget spent in its current period with the ledger's figure (at start,
+    /// Seeds what a budget spent in its current period with the ledger's figure, read at
+    /// `read_ms` (at start,
     /// and when a reload brings a budget in or back): the state keeps the more of what it
     /// counted and that figure (settlements the ledger's writers have not written yet, or
     /// costs the state missed).
@@ -339,6 +342,7 @@ pub trait PolicyState: Send + Sync {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
+        read_ms: i64,
     ) -> BoxFuture<'a, ()>;
     /// Spent and reserved of a budget in the period starting at `period_start`; `None`
     /// when the shared state cannot be read (Redis unreachable): unknown, not 0.

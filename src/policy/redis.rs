@@ -102,8 +102,6 @@ redis.call('HSET', held, ticket, ARGV[7 + 3*n + 2*m])
     lua_now_ms!(),
     r#"
 redis.call('ZADD', KEYS[2*n+m+3], 'GT', now, string.match(held, ':held:(.*)$'))
--- When it was admitted, on Redis's clock: its settlement compares it with a budget's seeding.
-table.insert(out, now)
 return out
 "#
 );
@@ -154,13 +152,15 @@ return 1
 /// ticket goes (a settlement sent again after a timeout finds it gone and does nothing).
 /// A ticket another replica gave back (`r`: this one was taken for stopped) counts the cost
 /// only: its reservation and in-flight count were given back then. No ticket at all, and a
-/// budget key seeded after the admission (`ARGV[7+m]`, Redis's time then): Redis lost its
-/// data meanwhile (the reservation went with it), and the ledger's figure the key was
-/// seeded from holds no row of this request yet: its cost is counted there.
+/// budget key seeded from a ledger read after the admission (`ARGV[7+m]`) and before the
+/// request ended (`ARGV[8+m]`): Redis lost its data meanwhile (the reservation went with
+/// it), and the figure the key was seeded with holds no row of this request: its cost is
+/// counted there. (Read after the request ended, the figure has its row: a settlement sent
+/// again once Redis came back empty counts nothing.)
 const SETTLE: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local est = tonumber(ARGV[3]); local act = tonumber(ARGV[4]); local worst = tonumber(ARGV[5]); local cost = tonumber(ARGV[6])
-local at = tonumber(ARGV[7+m] or '0')
+local at = tonumber(ARGV[7+m] or '0'); local ended = tonumber(ARGV[8+m] or '0')
 local ticket = KEYS[2*n+m+1]; local held = KEYS[2*n+m+2]
 local st = redis.call('GET', ticket)
 local lost = not st
@@ -185,7 +185,8 @@ for j = 1, m do
   -- Lua's -0 reaches Redis as the text "-0", which HINCRBY refuses: nothing to release anyway.
   if live and worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
   local crossed = 0; local after = 0
-  if not lost or tonumber(redis.call('HGET', b, 'seeded') or '0') > at then
+  local seeded = tonumber(redis.call('HGET', b, 'seeded') or '0')
+  if not lost or (seeded > at and seeded < ended) then
     local before = tonumber(redis.call('HGET', b, 's') or '0')
     after = redis.call('HINCRBY', b, 's', cost)
     if soft >= 0 and before < soft and after >= soft then crossed = redis.call('HSETNX', b, 'soft', 1) end
@@ -251,22 +252,18 @@ return 0
 /// data, or flushed; a new period) and has it seeded before it counts against it. With
 /// ARGV[4] = 1 (the gateway's start, a reload bringing a budget in or back, and the rebuild
 /// once the requests that started before that reload have ended) it is seeded again,
-/// seeded or not. `seeded`
-/// holds when it was first seeded (Redis's time): a settlement whose ticket is gone tells
-/// by it whether its cost can be in the ledger's figure.
-const SEED: &str = concat!(
-    lua_now_ms!(),
-    r#"
+/// seeded or not. `seeded` holds when the ledger was read for its first seeding (ARGV[5]):
+/// a settlement whose ticket is gone tells by it whether its cost can be in the figure.
+const SEED: &str = r#"
 local b = KEYS[1]; local ledger = tonumber(ARGV[1]); local soft = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
 if ARGV[4] ~= '1' and redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
 local s = tonumber(redis.call('HGET', b, 's') or '0')
 if ledger > s then redis.call('HSET', b, 's', ledger); s = ledger end
-redis.call('HSETNX', b, 'seeded', now)
+redis.call('HSETNX', b, 'seeded', ARGV[5])
 if soft >= 0 and s >= soft then redis.call('HSETNX', b, 'soft', 1) end
 if ttl > 0 then redis.call('EXPIRE', b, ttl) end
 return 1
-"#
-);
+"#;
 
 /// An admission sent to Redis and not answered yet: dropped so (the call failed or timed
 /// out, or the request's future was dropped), it is cancelled in the background (`CANCEL`,
@@ -941,6 +938,7 @@ impl RedisState {
         budget: &BudgetRef,
         period_start: i64,
         spent: f64,
+        read_ms: i64,
         again: bool,
     ) -> Result<(), redis::RedisError> {
         let mut inv = self.seed.prepare_invoke();
@@ -948,13 +946,15 @@ impl RedisState {
             .arg(nanos_up(spent))
             .arg(budget.soft_usd.map_or(-1, nanos))
             .arg(budget_ttl(budget, crate::ledger::now_ms()))
-            .arg(i64::from(again));
+            .arg(i64::from(again))
+            .arg(read_ms);
         timed(inv.invoke_async::<i64>(conn)).await.map(|_| ())
     }
 
     /// A budget key that was never seeded (Redis lost its data, or a new period began): its
     /// spend is read from the ledger and seeded. `false` when that could not be done.
     async fn reseed(&self, budget: &BudgetRef, period_start: i64) -> bool {
+        let read_ms = crate::ledger::now_ms();
         let spent = match self
             .ledger
             .spent_since(budget.scope.ledger_scope(), period_start)
@@ -970,7 +970,7 @@ impl RedisState {
             return false;
         };
         match self
-            .seed_key(&mut conn, budget, period_start, spent, false)
+            .seed_key(&mut conn, budget, period_start, spent, read_ms, false)
             .await
         {
             Ok(()) => {
@@ -1100,7 +1100,7 @@ impl RedisState {
                     headers,
                     counted: true,
                     ticket: Some(ticket),
-                    redis_ms: reply.get(1 + 2 * plan.limits.len()).copied().unwrap_or(0),
+                    at_ms: now_ms,
                 })
             }
             Some(0) => {
@@ -1157,7 +1157,7 @@ impl RedisState {
             nanos_up(actual.cost_usd),
         ];
         args.extend(plan.budgets.iter().map(|b| b.soft_usd.map_or(-1, nanos)));
-        args.push(admitted.redis_ms);
+        args.extend([admitted.at_ms, actual.ended_ms]);
         let Some((mut conn, used)) = self.conn_used() else {
             // Being connected again (after a call that failed): sent once it is.
             crate::telemetry::metrics::state_error("settle");
@@ -1277,6 +1277,7 @@ impl PolicyState for RedisState {
         budget: &'a BudgetRef,
         period_start: i64,
         spent: f64,
+        read_ms: i64,
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             // Wait a little for the first connection: seeding happens at start.
@@ -1289,7 +1290,7 @@ impl PolicyState for RedisState {
             let Some(mut conn) = self.conn() else { return };
             // The first replica to start seeds; the others find the figure there.
             if let Err(e) = self
-                .seed_key(&mut conn, budget, period_start, spent, true)
+                .seed_key(&mut conn, budget, period_start, spent, read_ms, true)
                 .await
             {
                 tracing::warn!(error = %e, budget = %budget.id, "cannot seed a budget in Redis");

@@ -278,9 +278,10 @@ async fn rebuild_budget(
     now: i64,
 ) {
     let (start, _) = policy::period_bounds(b.period, now);
+    let read_ms = crate::ledger::now_ms();
     match store.spent_since(b.scope.ledger_scope(), start).await {
         Ok(spent) => {
-            policy.seed_spent(b, start, spent).await;
+            policy.seed_spent(b, start, spent, read_ms).await;
             tracing::info!(budget = %b.id, spent, limit = b.usd, "budget rebuilt from the ledger");
         }
         Err(e) => {
