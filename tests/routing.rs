@@ -1045,9 +1045,18 @@ models:
     );
     let gw = Gateway::start(&yaml).await;
     gateway::not_near_a_minute_boundary().await;
-    for _ in 0..2 {
+    // Served by `spare`, its answers carry its figures.
+    for left in ["1", "0"] {
         a.script(Scripted::server_error(503));
-        chat(&gw, "main").await.served_by("spare", "b/spare");
+        let r = chat(&gw, "main").await;
+        r.served_by("spare", "b/spare");
+        assert_eq!(
+            (
+                r.header("x-ratelimit-limit-requests"),
+                r.header("x-ratelimit-remaining-requests")
+            ),
+            (Some("2"), Some(left))
+        );
     }
     // `spare`'s rpm is used up by the two fallbacks: not tried for a third.
     a.script(Scripted::server_error(503));
@@ -1075,14 +1084,54 @@ models:
     assert!(r.text.contains("route:spare"), "{}", r.text);
     assert!(r.header("retry-after").is_some());
     assert_eq!(b.request_count(), 2);
+    // Counted as refusals when the client got them (the direct request and `dry`'s), not
+    // when the client got another answer (`main`'s third).
     assert_eq!(
         gw.metric(
             "switchyard_ratelimited_total",
             &[("scope", "route"), ("name", "spare"), ("kind", "rpm")]
         )
         .await,
-        Some(3.0)
+        Some(2.0)
     );
+}
+
+/// A fallback whose own attempt failed gives its `max_parallel` slot back at once, not when
+/// the request ends (served by a later fallback, it held the slot for its whole answer).
+#[tokio::test]
+async fn a_fallback_that_failed_gives_its_parallel_slot_back_at_once() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+routing: { retries: 0 }
+models:
+  main: { deployments: [ { provider: a, deployment: main } ], fallbacks: [tight, spare] }
+  tight: { deployments: [ { provider: a, deployment: tight } ], limits: { max_parallel: 1 } }
+  spare: { deployments: [ { provider: b, deployment: spare } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::server_error(503));
+    a.script(Scripted::server_error(503));
+    b.script(ok_after(1500));
+    let slow = tokio::spawn({
+        let (c, url) = (client(), gw.url("/v1/chat/completions"));
+        async move {
+            let r = c.post(url).json(&chat_body("main")).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers()["x-switchyard-route"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            )
+        }
+    });
+    assert!(b.wait_in_flight(1, Duration::from_secs(5)).await);
+    // `tight` failed for `main` and holds nothing: a request of its own is let through.
+    chat(&gw, "tight").await.served_by("tight", "a/tight");
+    assert_eq!(slow.await.unwrap(), (200, "spare".to_string()));
 }
 
 /// A listener that never accepts, its queue filled: a connection to it is never made (the

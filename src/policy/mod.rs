@@ -111,6 +111,18 @@ pub struct LimitHeaders {
 }
 
 impl LimitHeaders {
+    /// Each pair from the limit with the less left, of these and `other`.
+    pub fn tightest(self, other: LimitHeaders) -> LimitHeaders {
+        let least = |a: Option<(u64, u64)>, b: Option<(u64, u64)>| match (a, b) {
+            (Some(a), Some(b)) => Some(if b.1 < a.1 { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        LimitHeaders {
+            requests: least(self.requests, other.requests),
+            tokens: least(self.tokens, other.tokens),
+        }
+    }
+
     pub fn apply(&self, h: &mut http::HeaderMap) {
         use http::HeaderName;
         // Names made once: a `&str` name is parsed and checked on every insert.

@@ -889,7 +889,6 @@ pub async fn dispatch(
                 Err(refused) => {
                     tracing::info!(request_id = %req.request_id_str(), route = %name,
                         "the fallback route's own limits refuse the request");
-                    refused.count();
                     Err(RouteError::Limited(refused))
                 }
             },
@@ -901,6 +900,24 @@ pub async fn dispatch(
         match fallback.attempt(req, served).await {
             Ok(resp) => return Ok(resp),
             Err(e) => {
+                // Its admission is over: what it held (a `max_parallel` slot) goes back now,
+                // its estimate counted.
+                // (Removed once settled: dropped meanwhile, the request settles it again,
+                // which Redis's ticket makes count once.)
+                if let Some(i) = served
+                    .admissions
+                    .iter()
+                    .position(|f| f.route == fallback.name)
+                {
+                    let f = &served.admissions[i];
+                    let actual = crate::policy::Actual {
+                        tokens: f.plan.tokens,
+                        ended_ms: crate::ledger::now_ms(),
+                        ..Default::default()
+                    };
+                    admission.state.settle(&f.plan, &f.admitted, actual).await;
+                    served.admissions.swap_remove(i);
+                }
                 let go_on = e.falls_back()
                     || matches!(&e, RouteError::Failed(a) if context_error(a) || content_filter_error(a));
                 if matches!(e, RouteError::Unavailable { .. }) {
@@ -916,6 +933,10 @@ pub async fn dispatch(
     if served.route.is_empty() || served.route == route.name {
         // The answer is the route's own: no fallback got as far as a deployment.
         served.fallback_from = None;
+    }
+    // A fallback's limit refusing counts as a refusal when it is what the client gets.
+    if let Some(RouteError::Limited(refused)) = &last {
+        refused.count();
     }
     Err(match last {
         Some(e) => e.into_gateway_error(&unavailable.join("`, `")),

@@ -368,8 +368,14 @@ where
     let result = route::dispatch(route, &rt.routes, &api_req, &mut record.served, admission).await;
     record.row_from_served();
     let mut served = std::mem::take(&mut record.served);
-    // Settled with the request.
+    // Settled with the request; the serving fallback's limits are in the headers too.
     record.served.admissions = std::mem::take(&mut served.admissions);
+    let limit_headers = record
+        .served
+        .admissions
+        .iter()
+        .filter(|f| f.route == served.route)
+        .fold(limit_headers, |h, f| h.tightest(f.admitted.headers));
     let waited = dispatched.elapsed();
     // The upstream's own time as its connection saw it, when one attempt served on a
     // connection it did not have to make; else the whole dispatch (a new connection's setup,
