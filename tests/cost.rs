@@ -2353,6 +2353,45 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
     );
 }
 
+/// While the last ledger write at shutdown keeps failing, another SIGTERM stops waiting
+/// for it, and the exit status says rows were not written. (The signal was ignored for the
+/// ledger's 30 s, and the gateway exited 0 having lost them.)
+#[tokio::test]
+async fn a_signal_during_the_last_ledger_write_exits_at_once_and_says_rows_were_lost() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let path = gw.dir.path().join("switchyard.db");
+    let db = rusqlite::Connection::open(&path).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON requests \
+         BEGIN SELECT RAISE(FAIL, 'refused by a test'); END",
+    )
+    .unwrap();
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    gw.signal("TERM");
+    assert!(
+        gw.wait_log(
+            |l| l.contains("ledger flushed") || l.contains("all connections closed"),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let signalled = std::time::Instant::now();
+    gw.signal("TERM");
+    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("exits");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert!(!status.success(), "{}", gw.logs());
+    assert!(gw.logs().contains("signal again"), "{}", gw.logs());
+}
+
 /// A stream still open when the shutdown's grace period ends is cut, and its row (what it
 /// sent so far, estimated) is written before the ledger's last flush; it was lost ("ledger
 /// writer is gone").

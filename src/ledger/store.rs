@@ -910,14 +910,28 @@ const BATCH: usize = 512;
 /// The writer task; `shutdown` writes what is queued and stops it.
 pub struct LedgerTask {
     stop: Arc<tokio::sync::Notify>,
-    task: tokio::task::JoinHandle<()>,
+    /// Ends with the number of rows it could not write.
+    task: tokio::task::JoinHandle<usize>,
 }
 
 impl LedgerTask {
-    pub async fn shutdown(self, timeout: Duration) {
+    /// Whether every queued row was written within `timeout`.
+    pub async fn shutdown(self, timeout: Duration) -> bool {
         self.stop.notify_one();
-        if tokio::time::timeout(timeout, self.task).await.is_err() {
-            tracing::error!("the ledger did not finish writing in time");
+        match tokio::time::timeout(timeout, self.task).await {
+            Ok(Ok(0)) => true,
+            Ok(Ok(rows)) => {
+                tracing::error!(rows, "the ledger could not write these rows; they are lost");
+                false
+            }
+            Ok(Err(_)) => {
+                tracing::error!("the ledger's writer failed");
+                false
+            }
+            Err(_) => {
+                tracing::error!("the ledger did not finish writing in time");
+                false
+            }
         }
     }
 }
@@ -1097,6 +1111,7 @@ impl LedgerWriter {
                 }
             }
             store.close().await;
+            batch.len()
         });
         let writer = LedgerWriter {
             tx,

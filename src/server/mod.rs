@@ -893,19 +893,32 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .await;
         connections.abort_all();
     }
-    while connections.join_next().await.is_some() {}
-    // Plain answers left by their clients are read to their end for their usage (the
-    // upstream's timeout bounds each).
-    crate::ledger::answers_read(Duration::from_secs(10)).await;
-    // Let the settlements of the last requests queue their rows, then write them all.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // What Redis did not take in time (settlements, cancelled admissions), sent once more.
-    gateway
-        .accounting
-        .policy
-        .drain(Duration::from_secs(5))
-        .await;
-    ledger_task.shutdown(Duration::from_secs(30)).await;
+    // What is left to record and write, bounded; a further signal stops waiting for it.
+    let finish = async {
+        while connections.join_next().await.is_some() {}
+        // Plain answers left by their clients are read to their end for their usage (the
+        // upstream's timeout bounds each).
+        crate::ledger::answers_read(Duration::from_secs(10)).await;
+        // Let the settlements of the last requests queue their rows, then write them all.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // What Redis did not take in time (settlements, cancelled admissions), sent once more.
+        gateway
+            .accounting
+            .policy
+            .drain(Duration::from_secs(5))
+            .await;
+        ledger_task.shutdown(Duration::from_secs(30)).await
+    };
+    let written = tokio::select! {
+        written = finish => written,
+        signal = shutdown_signal() => {
+            tracing::error!(signal, "signal again: exiting before the ledger's last rows are written");
+            false
+        }
+    };
+    if !written {
+        return Err("stopped with ledger rows not written (see the log above)".to_string());
+    }
     tracing::info!("ledger flushed");
     Ok(())
 }
