@@ -174,13 +174,12 @@ where
     // Dropped (its client gone) before its record takes over, the request still gets its row.
     let mut unrecorded = Unrecorded {
         ledger: &gateway.accounting.ledger,
-        row: Some(ledger_row(
-            &key,
-            request_id.to_str().unwrap_or(""),
-            Name::from("unknown"),
-            op,
-        )),
+        key: &key,
+        request_id: &request_id,
+        route: None,
+        op,
         started,
+        armed: true,
     };
     // What is refused before it is routed (too large, not JSON, a model unknown or not the
     // key's) still gets its ledger row, as every request of a known key does.
@@ -211,7 +210,7 @@ where
     let (mut api_req, route) = match checked {
         Ok(checked) => checked,
         Err(e) => {
-            unrecorded.row = None;
+            unrecorded.armed = false;
             let route = match named_route {
                 // A configured route's name, as every other answer of the route has it (the
                 // header, the metrics' label).
@@ -235,10 +234,7 @@ where
     facts.stream = api_req.stream;
     // Only a configured route name becomes a header or a metric label.
     facts.route.clone_from(&route.name);
-    if let Some(row) = unrecorded.row.as_mut() {
-        row.route.clone_from(&route.name);
-        row.user = api_req.user.clone().unwrap_or_default();
-    }
+    unrecorded.route = Some(&route.name);
 
     // What admission will check (a hit takes nothing from it).
     let plan = rt.policy.plan(
@@ -298,7 +294,7 @@ where
                     cache::Lookup::Hit(entry) => {
                         match serve_hit(gateway, route, &key, &api_req, op, &entry, facts) {
                             Some(resp) => {
-                                unrecorded.row = None;
+                                unrecorded.armed = false;
                                 return Ok(resp);
                             }
                             // Stored events that add up to no JSON answer: fetched anew for
@@ -325,7 +321,7 @@ where
 
     // Admission: rate limits and budgets, reserved in one step.
     let mut record = new_record(gateway, &key, &api_req, route, plan);
-    unrecorded.row = None;
+    unrecorded.armed = false;
     record.generation = Some(rt.requests.clone());
     match gateway
         .accounting
@@ -463,20 +459,34 @@ where
 
 /// The row of a request of a known key whose client left before its `RequestRecord` took over
 /// (while its body was read, or it waited for another request's answer to the same
-/// question): written when dropped still holding it, as a `499` at no cost.
+/// question): written when dropped still `armed`, as a `499` at no cost. (Made only then:
+/// nothing is allocated for the requests that get their record.)
 struct Unrecorded<'a> {
     ledger: &'a ledger::LedgerWriter,
-    row: Option<LedgerRow>,
+    key: &'a ClientKey,
+    request_id: &'a HeaderValue,
+    /// Once known.
+    route: Option<&'a Name>,
+    op: api::Operation,
     started: std::time::Instant,
+    armed: bool,
 }
 
 impl Drop for Unrecorded<'_> {
     fn drop(&mut self) {
-        if let Some(row) = self.row.take() {
+        if self.armed {
+            let route = self
+                .route
+                .map_or_else(|| Name::from("unknown"), Name::clone);
             self.ledger.record(LedgerRow {
                 status: ledger::CLIENT_CLOSED,
                 latency_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-                ..row
+                ..ledger_row(
+                    self.key,
+                    self.request_id.to_str().unwrap_or(""),
+                    route,
+                    self.op,
+                )
             });
         }
     }
