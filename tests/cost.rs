@@ -1864,6 +1864,43 @@ async fn a_plain_answer_left_before_its_end_is_billed_whole() {
     assert!((row.cost_usd - (20.0 * 2.5 + 1500.0 * 10.0) / 1e6).abs() < 1e-12);
 }
 
+/// At shutdown, a plain answer its client left whose upstream is still sending the rest is
+/// waited for 10 s, then finishes with what it read: the gateway exits cleanly and its row is
+/// written. (Its reading, dropped with the runtime, started again without end: a stack
+/// overflow, exit 134, and no row.)
+#[tokio::test]
+async fn a_left_answer_still_arriving_at_shutdown_keeps_its_row_and_a_clean_exit() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x".repeat(2000)},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 1500, "total_tokens": 1520}})
+    .to_string();
+    let (head, tail) = answer.split_at(answer.len() / 2);
+    up.script(Scripted::JsonParts(vec![
+        (Duration::ZERO, head.to_string()),
+        (Duration::from_secs(60), tail.to_string()),
+    ]));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    assert!(body.next().await.unwrap().is_ok());
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let row = rows
+        .iter()
+        .find(|r| r.endpoint == "chat/completions")
+        .unwrap_or_else(|| panic!("no row: {rows:?}\n{}", gw.logs()));
+    assert_eq!((row.status, row.estimated), (200, true), "{row:?}");
+}
+
 /// llama.cpp's server reads its own `n_predict` before `max_tokens`: under a budget, an
 /// `n_predict` above the reservation's cap (or negative: no cap) goes upstream cut to it.
 /// (It went as sent: `max_tokens: 10` reserved 10 tokens and llama.cpp made 5,000.)

@@ -336,6 +336,9 @@ pub struct Tap {
     /// reports usage (or its client leaves first).
     images_sent: u64,
     partial_images_sent: u64,
+    /// The rest of an answer being read after its client left: dropped, it finishes with
+    /// what it has (never read again).
+    reading_rest: bool,
 }
 
 impl Tap {
@@ -376,6 +379,7 @@ impl Tap {
             encoded,
             images_sent: 0,
             partial_images_sent: 0,
+            reading_rest: false,
         }
     }
 
@@ -726,14 +730,22 @@ impl Drop for Reading {
     }
 }
 
+/// Tells the answers still being read to finish with what they have.
+static STOP_READING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// At shutdown: waits up to `within` for the answers being read after their clients left,
-/// so that their rows are written with the rest.
+/// then has those still read finish with what they have, so that every row is written with
+/// the rest.
 pub async fn answers_read(within: std::time::Duration) {
+    let reading = || READING.load(std::sync::atomic::Ordering::Acquire) > 0;
     let deadline = tokio::time::Instant::now() + within;
-    while READING.load(std::sync::atomic::Ordering::Acquire) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while reading() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    while reading() && tokio::time::Instant::now() < deadline {
+        STOP_READING.notify_waiters();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
@@ -745,6 +757,7 @@ impl Drop for Tap {
         // route's timeout, which bounds the upstream's body). Else the request is over, and
         // what it used so far is what it costs.
         let unread = self.record.is_some()
+            && !self.reading_rest
             && self.mode == Mode::Json
             && !self.complete
             && (200..300).contains(&self.status);
@@ -771,16 +784,23 @@ impl Drop for Tap {
                     encoded: false,
                     images_sent: self.images_sent,
                     partial_images_sent: self.partial_images_sent,
+                    reading_rest: true,
                 };
                 let reading = Reading::start();
                 runtime.spawn(async move {
                     use http_body_util::BodyExt;
                     let _reading = reading;
-                    while let Some(frame) = rest.inner.frame().await {
-                        match frame.map(|f| f.into_data()) {
-                            Ok(Ok(data)) => rest.json.extend_from_slice(&data),
-                            Ok(Err(_trailers)) => {}
-                            Err(_) => return rest.finish(),
+                    loop {
+                        let frame = tokio::select! {
+                            frame = rest.inner.frame() => frame,
+                            // At shutdown, past its wait: what was read is what it costs.
+                            () = STOP_READING.notified() => return rest.finish(),
+                        };
+                        match frame.map(|f| f.map(|f| f.into_data())) {
+                            Some(Ok(Ok(data))) => rest.json.extend_from_slice(&data),
+                            Some(Ok(Err(_trailers))) => {}
+                            Some(Err(_)) => return rest.finish(),
+                            None => break,
                         }
                     }
                     rest.complete = true;
