@@ -1937,12 +1937,20 @@ async fn images_count_for_budgets_however_their_member_is_written() {
     let up = MockUpstream::start().await;
     // 40 images: 64,000 tokens at 2.50 USD per 1M, 0.16 USD; 10 images: 0.04.
     let gw = Gateway::start(&config(&up, &keys(", budget: { usd: 0.1, period: daily }"))).await;
+    // Beside escaped names, what a JSON parser refuses: nesting past its depth limit.
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
     let body = |images: usize, key: &str| {
         let part =
             format!(r#"{{"type": "image_url", {key} {{"url": "https://example.com/a.png"}}}}"#);
         let parts = vec![part; images].join(", ");
+        // (Only where the gateway refuses it: the test's upstream parses what it is sent.)
+        let extra = if key.contains("\\u") && images == 40 {
+            format!(r#", "x": {deep}"#)
+        } else {
+            String::new()
+        };
         format!(
-            r#"{{"model": "gpt-4o", "max_tokens": 5, "messages": [{{"role": "user", "content": [{parts}]}}]}}"#
+            r#"{{"model": "gpt-4o", "max_tokens": 5, "messages": [{{"role": "user", "content": [{parts}]}}]{extra}}}"#
         )
     };
     let send = |text: String| {

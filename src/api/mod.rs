@@ -751,38 +751,84 @@ fn text_bytes(body: &[u8]) -> usize {
 
 /// How many images a JSON body holds: its members named `image_url` (a chat image part's, a
 /// Responses `input_image` part's), wherever they are, not the `"type": "image_url"` value
-/// beside one. A name can be written with escapes (`"image\u005furl"`): a body holding any
-/// is read as JSON to find them.
+/// beside one. A name can be written with escapes (`"image\u005furl"`): in a body holding
+/// any, every member name is decoded.
 fn image_members(body: &[u8]) -> usize {
     static KEY: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(b"\"image_url\""));
     static ESCAPE: LazyLock<memchr::memmem::Finder<'static>> =
         LazyLock::new(|| memchr::memmem::Finder::new(b"\\u"));
-    use serde_json::Value;
-    fn named(v: &Value) -> usize {
-        match v {
-            Value::Object(o) => o
-                .iter()
-                .map(|(k, v)| usize::from(k == "image_url") + named(v))
-                .sum(),
-            Value::Array(a) => a.iter().map(named).sum(),
-            _ => 0,
-        }
-    }
-    if ESCAPE.find(body).is_some() {
-        if let Ok(v) = serde_json::from_slice::<Value>(body) {
-            return named(&v);
-        }
-    }
     // A name, not a value: the first byte after it other than whitespace is `:`.
-    KEY.find_iter(body)
-        .filter(|&at| {
-            body[at + KEY.needle().len()..]
-                .iter()
-                .find(|b| !b.is_ascii_whitespace())
-                == Some(&b':')
-        })
-        .count()
+    let named = |end: usize| body[end..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':');
+    if ESCAPE.find(body).is_none() {
+        return KEY
+            .find_iter(body)
+            .filter(|&at| named(at + KEY.needle().len()))
+            .count();
+    }
+    // Every string, in one pass (no depth limit: any nesting, any escape), and of those
+    // that are member names, the ones that decode to `image_url`.
+    let mut count = 0;
+    let mut at = 0;
+    while let Some(open) = memchr::memchr(b'"', &body[at..]).map(|i| at + i + 1) {
+        let mut close = open;
+        loop {
+            match memchr::memchr2(b'"', b'\\', &body[close.min(body.len())..]) {
+                None => return count,
+                Some(i) if body[close + i] == b'\\' => close += i + 2,
+                Some(i) => {
+                    close += i;
+                    break;
+                }
+            }
+        }
+        if named(close + 1) && decodes_to(&body[open..close], b"image_url") {
+            count += 1;
+        }
+        at = close + 1;
+    }
+    count
+}
+
+/// Whether the JSON string text `raw` (between its quotes) decodes to the ASCII `want`.
+fn decodes_to(raw: &[u8], want: &[u8]) -> bool {
+    let mut got = Vec::with_capacity(want.len());
+    let mut i = 0;
+    while i < raw.len() && got.len() <= want.len() {
+        let b = raw[i];
+        if b != b'\\' {
+            got.push(b);
+            i += 1;
+            continue;
+        }
+        let c = match raw.get(i + 1) {
+            Some(b'u') => {
+                let code = raw
+                    .get(i + 2..i + 6)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u16::from_str_radix(h, 16).ok());
+                i += 6;
+                match code {
+                    Some(c) if c < 0x80 => c as u8,
+                    _ => return false,
+                }
+            }
+            Some(&e) => {
+                i += 2;
+                match e {
+                    b'n' => b'\n',
+                    b't' => b'\t',
+                    b'r' => b'\r',
+                    b'b' => 8,
+                    b'f' => 12,
+                    other => other,
+                }
+            }
+            None => return false,
+        };
+        got.push(c);
+    }
+    got == want
 }
 
 /// Whether the JSON string starting after `before` is the value of a member whose data
@@ -868,6 +914,36 @@ fn prompts(prompt: &serde_json::value::RawValue) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_members_are_found_however_written_and_nested() {
+        let part =
+            |key: &str| format!(r#"{{"type":"image_url",{key}{{"url":"https://x/a.png"}}}}"#);
+        let body = |key: &str, extra: &str| {
+            format!(
+                r#"{{"messages":[{{"content":[{},{}]}}]{extra}}}"#,
+                part(key),
+                part(key)
+            )
+        };
+        for key in [
+            r#""image_url":"#,
+            "\"image_url\"\t :",
+            r#""image\u005furl":"#,
+            r#""\u0069mage_url" :"#,
+        ] {
+            assert_eq!(image_members(body(key, "").as_bytes()), 2, "{key}");
+            // Beside what a JSON parser refuses: nesting past its depth, a lone surrogate.
+            let deep = format!(r#","x":{}1{}"#, "[".repeat(300), "]".repeat(300));
+            assert_eq!(image_members(body(key, &deep).as_bytes()), 2, "{key} deep");
+            let lone = r#","user":"\ud800""#;
+            assert_eq!(image_members(body(key, lone).as_bytes()), 2, "{key} lone");
+        }
+        // Values are not names; a quoted name inside a string is text.
+        let text = r#"{"type":"image_url","content":"say \"image_url\": x","n":"\u0041"}"#;
+        assert_eq!(image_members(text.as_bytes()), 0);
+        assert_eq!(image_members(br#"{"image\u00ff_url":1}"#), 0);
+    }
     use http::Method;
 
     #[test]
