@@ -814,6 +814,7 @@ async fn a_request_ending_while_redis_is_down_is_counted_once_when_redis_comes_b
         assert!(Instant::now() < deadline, "{}", gw.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    // Once the settlement sent again has been taken (and nothing more is counted after).
     assert!(
         gw.wait_log(
             |l| l.contains("Redis call sent again: done"),
@@ -823,12 +824,58 @@ async fn a_request_ending_while_redis_is_down_is_counted_once_when_redis_comes_b
         "{}",
         gw.logs()
     );
-    let spent = settled_figures(&gw).await;
+    spent_comes_to(&gw, big_cost + small_cost).await;
+    drop(gw);
+    pg.drop_db().await;
+}
+
+/// The same, with the ledger's writes held up (PostgreSQL slow to take them): the request's
+/// row is still queued when the budget is seeded again, so the figure read lacks it, and its
+/// settlement, sent again, counts its cost. (Counted nowhere: the seeding's time was taken
+/// as holding every row of requests ended before it.)
+#[tokio::test]
+async fn a_request_whose_row_waits_while_redis_comes_back_empty_is_counted_once() {
+    use sqlx::Connection;
+    let mut redis = Redis::start();
+    let pg = Pg::create().await;
+    let cfg = config(&redis, &pg.url(), ", budget: { usd: 2, period: total }", "");
+    let gw = Gateway::start(&cfg).await;
+    let running = spawn_big(&gw, "slower");
+    wait_reserved(&gw, 0.0).await;
+    redis.stop();
+    // Inserts wait (reads go on) until this transaction ends.
+    let mut lock = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
+    let mut tx = lock.begin().await.unwrap();
+    sqlx::query("LOCK TABLE requests IN SHARE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let big_cost = answer_cost(running.await.unwrap().unwrap()).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart();
+    let small =
+        json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let small_cost = loop {
+        let r = post(&gw, KEY, &small).await;
+        if r.status() == 200 {
+            break answer_cost(r).await;
+        }
+        assert!(Instant::now() < deadline, "{}", gw.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tx.commit().await.unwrap();
+    // Once the settlement sent again has been taken (and nothing more is counted after).
     assert!(
-        (spent - (big_cost + small_cost)).abs() < 1e-8,
-        "spent {spent}, the two requests cost {big_cost} + {small_cost}\n{}",
+        gw.wait_log(
+            |l| l.contains("Redis call sent again: done"),
+            Duration::from_secs(20)
+        )
+        .await,
+        "{}",
         gw.logs()
     );
+    spent_comes_to(&gw, big_cost + small_cost).await;
     drop(gw);
     pg.drop_db().await;
 }
@@ -981,6 +1028,26 @@ async fn a_free_request_under_a_budget_settles() {
     );
     drop(gw);
     pg.drop_db().await;
+}
+
+/// Waits until the budget's settled spend is `want` (within 10 s), then checks it stays so.
+async fn spent_comes_to(gw: &Gateway, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let spent = settled_figures(gw).await;
+        if (spent - want).abs() < 1e-8 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spent {spent}, not {want}\n{}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let spent = settled_figures(gw).await;
+    assert!((spent - want).abs() < 1e-8, "spent {spent}, then {want}");
 }
 
 /// The budget's `(spent_usd, reserved_usd)` as `/admin/spend` reads them from Redis (null

@@ -891,6 +891,17 @@ impl Drop for Inserts {
     }
 }
 
+/// Every row of a request that ended at or before this time (ms since the epoch) is written:
+/// the start of the writer's last round that wrote all it had taken. A budget seeded from
+/// the ledger holds the rows up to it (`ledger_read_ms`).
+static WRITTEN_THROUGH: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// When a ledger read made now holds every row of: now, or earlier while this process's
+/// writer has rows not yet written.
+pub fn ledger_read_ms() -> i64 {
+    crate::ledger::now_ms().min(WRITTEN_THROUGH.load(std::sync::atomic::Ordering::Acquire))
+}
+
 /// The handle the request path writes to: a channel to the writer task.
 #[derive(Clone)]
 pub struct LedgerWriter {
@@ -1052,6 +1063,8 @@ impl LedgerWriter {
     fn start_every(store: Store, interval: Duration) -> (LedgerWriter, LedgerTask) {
         let (tx, mut rx) = mpsc::unbounded_channel::<LedgerRow>();
         let (flushes, mut flush_rx) = mpsc::unbounded_channel();
+        // Nothing queued yet: everything ended so far is written.
+        WRITTEN_THROUGH.store(crate::ledger::now_ms(), Ordering::Release);
         let stop = Arc::new(tokio::sync::Notify::new());
         let stopped = stop.clone();
         let full = Arc::new(tokio::sync::Notify::new());
@@ -1077,6 +1090,9 @@ impl LedgerWriter {
                         false
                     }
                 };
+                // Rows of requests ended before now are in the channel (a request's row is
+                // queued as it ends): all of them are taken below.
+                let round = crate::ledger::now_ms() - 1;
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
                     if batch.len() >= BATCH {
@@ -1085,6 +1101,9 @@ impl LedgerWriter {
                 }
                 if !batch.is_empty() {
                     write_with_retry(&store, &mut batch, &mut unsure).await;
+                }
+                if batch.is_empty() {
+                    WRITTEN_THROUGH.store(round, Ordering::Release);
                 }
                 // What was queued when a flush was asked for is written (or kept, the database
                 // failing): said so.

@@ -152,11 +152,11 @@ return 1
 /// ticket goes (a settlement sent again after a timeout finds it gone and does nothing).
 /// A ticket another replica gave back (`r`: this one was taken for stopped) counts the cost
 /// only: its reservation and in-flight count were given back then. No ticket at all, and a
-/// budget key seeded from a ledger read after the admission (`ARGV[7+m]`) and before the
-/// request ended (`ARGV[8+m]`): Redis lost its data meanwhile (the reservation went with
-/// it), and the figure the key was seeded with holds no row of this request: its cost is
-/// counted there. (Read after the request ended, the figure has its row: a settlement sent
-/// again once Redis came back empty counts nothing.)
+/// budget key seeded after the admission (`ARGV[7+m]`) with a figure holding rows only of
+/// requests ended before this one (`ARGV[8+m]`): Redis lost its data meanwhile (the
+/// reservation went with it), and the figure has no row of this request: its cost is
+/// counted there. (A figure holding its row, as when the request ended while Redis was
+/// down and the settlement is sent again once Redis came back empty, gets nothing.)
 const SETTLE: &str = r#"
 local n = tonumber(ARGV[1]); local m = tonumber(ARGV[2])
 local est = tonumber(ARGV[3]); local act = tonumber(ARGV[4]); local worst = tonumber(ARGV[5]); local cost = tonumber(ARGV[6])
@@ -186,7 +186,13 @@ for j = 1, m do
   if live and worst > 0 and redis.call('HINCRBY', b, 'r', -worst) < 0 then redis.call('HSET', b, 'r', 0) end
   local crossed = 0; local after = 0
   local seeded = tonumber(redis.call('HGET', b, 'seeded') or '0')
-  if not lost or (seeded > at and seeded < ended) then
+  local holds = tonumber(redis.call('HGET', b, 'holds') or '0')
+  if lost and seeded == 0 and cost > 0 then
+    -- Not seeded yet: kept, with when it ended, for the seeding to count if its figure
+    -- does not hold the row.
+    redis.call('HSET', b, 'e:' .. ticket, ended .. ':' .. cost)
+    if redis.call('TTL', b) < 0 then redis.call('EXPIRE', b, 604800) end
+  elseif not lost or (seeded > at and holds < ended) then
     local before = tonumber(redis.call('HGET', b, 's') or '0')
     after = redis.call('HINCRBY', b, 's', cost)
     if soft >= 0 and before < soft and after >= soft then crossed = redis.call('HSETNX', b, 'soft', 1) end
@@ -252,14 +258,28 @@ return 0
 /// data, or flushed; a new period) and has it seeded before it counts against it. With
 /// ARGV[4] = 1 (the gateway's start, a reload bringing a budget in or back, and the rebuild
 /// once the requests that started before that reload have ended) it is seeded again,
-/// seeded or not. `seeded` holds when the ledger was read for its first seeding (ARGV[5]):
-/// a settlement whose ticket is gone tells by it whether its cost can be in the figure.
+/// seeded or not. The first seeding keeps when it was made (`seeded`, ARGV[6]) and the time
+/// up to which its figure holds every row (`holds`, ARGV[5]: `ledger_read_ms`): a
+/// settlement whose ticket is gone tells by them whether its reservation was lost and
+/// whether its cost is in the figure. Such a settlement reaching a key not seeded yet leaves
+/// its cost and end time (`e:TICKET`), which the seeding adds if its figure does not hold
+/// the row.
 const SEED: &str = r#"
 local b = KEYS[1]; local ledger = tonumber(ARGV[1]); local soft = tonumber(ARGV[2]); local ttl = tonumber(ARGV[3])
 if ARGV[4] ~= '1' and redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
 local s = tonumber(redis.call('HGET', b, 's') or '0')
 if ledger > s then redis.call('HSET', b, 's', ledger); s = ledger end
-redis.call('HSETNX', b, 'seeded', ARGV[5])
+-- Costs settled while it was not seeded, of requests ended after what the figure holds.
+local fields = redis.call('HKEYS', b)
+for _, f in ipairs(fields) do
+  if string.sub(f, 1, 2) == 'e:' then
+    local ended, cost = string.match(redis.call('HGET', b, f) or '', '^(%-?%d+):(%d+)$')
+    if ended and tonumber(ended) > tonumber(ARGV[5]) then s = redis.call('HINCRBY', b, 's', tonumber(cost)) end
+    redis.call('HDEL', b, f)
+  end
+end
+redis.call('HSETNX', b, 'seeded', ARGV[6])
+redis.call('HSETNX', b, 'holds', ARGV[5])
 if soft >= 0 and s >= soft then redis.call('HSETNX', b, 'soft', 1) end
 if ttl > 0 then redis.call('EXPIRE', b, ttl) end
 return 1
@@ -947,14 +967,15 @@ impl RedisState {
             .arg(budget.soft_usd.map_or(-1, nanos))
             .arg(budget_ttl(budget, crate::ledger::now_ms()))
             .arg(i64::from(again))
-            .arg(read_ms);
+            .arg(read_ms)
+            .arg(crate::ledger::now_ms());
         timed(inv.invoke_async::<i64>(conn)).await.map(|_| ())
     }
 
     /// A budget key that was never seeded (Redis lost its data, or a new period began): its
     /// spend is read from the ledger and seeded. `false` when that could not be done.
     async fn reseed(&self, budget: &BudgetRef, period_start: i64) -> bool {
-        let read_ms = crate::ledger::now_ms();
+        let read_ms = crate::ledger::store::ledger_read_ms();
         let spent = match self
             .ledger
             .spent_since(budget.scope.ledger_scope(), period_start)

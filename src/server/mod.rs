@@ -278,7 +278,7 @@ async fn rebuild_budget(
     now: i64,
 ) {
     let (start, _) = policy::period_bounds(b.period, now);
-    let read_ms = crate::ledger::now_ms();
+    let read_ms = crate::ledger::store::ledger_read_ms();
     match store.spent_since(b.scope.ledger_scope(), start).await {
         Ok(spent) => {
             policy.seed_spent(b, start, spent, read_ms).await;
