@@ -1827,41 +1827,17 @@ async fn text_that_starts_with_data_counts_for_budgets_and_tpm() {
 /// answer's tokens. (It had the prompt alone, estimated, and no completion.)
 #[tokio::test]
 async fn a_plain_answer_left_before_its_end_is_billed_whole() {
-    let up = MockUpstream::start().await;
-    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
-    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x".repeat(2000)},
-                     "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 1500, "total_tokens": 1520}})
-    .to_string();
-    let (head, tail) = answer.split_at(answer.len() / 2);
-    up.script(Scripted::JsonParts(vec![
-        (Duration::ZERO, head.to_string()),
-        (Duration::from_millis(800), tail.to_string()),
-    ]));
-    let r = post(
-        &gw,
-        "/v1/chat/completions",
-        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
-    let mut body = r.bytes_stream();
-    assert!(body.next().await.unwrap().is_ok());
-    drop(body);
+    let (up, mut gw) = answer_left_midway(Duration::from_millis(800)).await;
     // The rest arrives 0.8 s later, read by the gateway alone.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let rows = sqlite_rows_after_shutdown(&mut gw).await;
-    let row = rows
-        .iter()
-        .find(|r| r.endpoint == "chat/completions")
-        .unwrap();
+    let row = the_chat_row(&mut gw).await;
     assert_eq!(
         (row.prompt_tokens, row.completion_tokens, row.estimated),
         (20, 1500, false),
         "{row:?}"
     );
     assert!((row.cost_usd - (20.0 * 2.5 + 1500.0 * 10.0) / 1e6).abs() < 1e-12);
+    drop(up);
 }
 
 /// At shutdown, a plain answer its client left whose upstream is still sending the rest is
@@ -1870,8 +1846,18 @@ async fn a_plain_answer_left_before_its_end_is_billed_whole() {
 /// overflow, exit 134, and no row.)
 #[tokio::test]
 async fn a_left_answer_still_arriving_at_shutdown_keeps_its_row_and_a_clean_exit() {
+    let (up, mut gw) = answer_left_midway(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let row = the_chat_row(&mut gw).await;
+    assert_eq!((row.status, row.estimated), (200, true), "{row:?}");
+    drop(up);
+}
+
+/// A gateway whose upstream sends half of a plain answer (20 + 1,500 tokens), and the rest
+/// `rest_after` later; its client has read the first half and left.
+async fn answer_left_midway(rest_after: Duration) -> (MockUpstream, Gateway) {
     let up = MockUpstream::start().await;
-    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let gw = Gateway::start(&config(&up, &keys(""))).await;
     let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "x".repeat(2000)},
                      "finish_reason": "stop"}],
@@ -1880,7 +1866,7 @@ async fn a_left_answer_still_arriving_at_shutdown_keeps_its_row_and_a_clean_exit
     let (head, tail) = answer.split_at(answer.len() / 2);
     up.script(Scripted::JsonParts(vec![
         (Duration::ZERO, head.to_string()),
-        (Duration::from_secs(60), tail.to_string()),
+        (rest_after, tail.to_string()),
     ]));
     let r = post(
         &gw,
@@ -1891,14 +1877,16 @@ async fn a_left_answer_still_arriving_at_shutdown_keeps_its_row_and_a_clean_exit
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
     assert!(body.next().await.unwrap().is_ok());
-    drop(body);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rows = sqlite_rows_after_shutdown(&mut gw).await;
-    let row = rows
-        .iter()
+    (up, gw)
+}
+
+/// The ledger's `chat/completions` row, once the gateway has stopped cleanly.
+async fn the_chat_row(gw: &mut Gateway) -> LedgerRow {
+    let rows = sqlite_rows_after_shutdown(gw).await;
+    rows.iter()
         .find(|r| r.endpoint == "chat/completions")
-        .unwrap_or_else(|| panic!("no row: {rows:?}\n{}", gw.logs()));
-    assert_eq!((row.status, row.estimated), (200, true), "{row:?}");
+        .unwrap_or_else(|| panic!("no row: {rows:?}\n{}", gw.logs()))
+        .clone()
 }
 
 /// llama.cpp's server reads its own `n_predict` before `max_tokens`: under a budget, an

@@ -730,8 +730,9 @@ impl Drop for Reading {
     }
 }
 
-/// Tells the answers still being read to finish with what they have.
-static STOP_READING: tokio::sync::Notify = tokio::sync::Notify::const_new();
+/// Tells the answers still being read to finish with what they have (each looks every
+/// 100 ms).
+static STOP_READING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// At shutdown: waits up to `within` for the answers being read after their clients left,
 /// then has those still read finish with what they have, so that every row is written with
@@ -742,9 +743,9 @@ pub async fn answers_read(within: std::time::Duration) {
     while reading() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    STOP_READING.store(true, std::sync::atomic::Ordering::Release);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
     while reading() && tokio::time::Instant::now() < deadline {
-        STOP_READING.notify_waiters();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
@@ -791,10 +792,13 @@ impl Drop for Tap {
                     use http_body_util::BodyExt;
                     let _reading = reading;
                     loop {
-                        let frame = tokio::select! {
-                            frame = rest.inner.frame() => frame,
-                            // At shutdown, past its wait: what was read is what it costs.
-                            () = STOP_READING.notified() => return rest.finish(),
+                        // At shutdown, past its wait: what was read is what it costs.
+                        if STOP_READING.load(std::sync::atomic::Ordering::Acquire) {
+                            return rest.finish();
+                        }
+                        let tick = std::time::Duration::from_millis(100);
+                        let Ok(frame) = tokio::time::timeout(tick, rest.inner.frame()).await else {
+                            continue;
                         };
                         match frame.map(|f| f.map(|f| f.into_data())) {
                             Some(Ok(Ok(data))) => rest.json.extend_from_slice(&data),
