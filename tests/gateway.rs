@@ -1328,6 +1328,25 @@ async fn health_and_readiness() {
         .unwrap();
     assert_eq!(r.status(), 405);
     assert_eq!(r.headers()["allow"], "POST");
+    // A HEAD answer is whole without its body: logged complete, not cut by its client.
+    assert!(
+        gw.wait_log(
+            |l| l
+                .lines()
+                .any(|l| l.contains("method=HEAD path=/healthz") && l.contains("outcome=complete")),
+            Duration::from_secs(5)
+        )
+        .await,
+        "{}",
+        gw.logs()
+    );
+    assert!(
+        !gw.logs()
+            .lines()
+            .any(|l| l.contains("method=HEAD") && l.contains("outcome=client_closed")),
+        "{}",
+        gw.logs()
+    );
 }
 
 /// `switchyard_overhead_seconds_{what}` of the test config's `gpt-4o` route (0 before its

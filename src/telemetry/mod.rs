@@ -766,7 +766,9 @@ impl Drop for LoggedBody {
         // close the response there, before the upstream's body may have ended).
         let outcome = if self.broke() {
             "upstream_broke_off"
-        } else if self.inner.is_end_stream() || self.done {
+        } else if self.inner.is_end_stream() || self.done || self.line.method == http::Method::HEAD
+        {
+            // A HEAD answer's body is never sent: whole without it.
             "complete"
         } else {
             cut_short()
