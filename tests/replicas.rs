@@ -222,6 +222,24 @@ async fn post(gw: &Gateway, key: &str, body: &Value) -> reqwest::Response {
         .unwrap()
 }
 
+/// Posts `body` until it is admitted (a 200), within 20 s; the answer.
+async fn post_until_admitted(gw: &Gateway, key: &str, body: &Value) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = post(gw, key, body).await;
+        if r.status() == 200 {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still refused: {}\n{}",
+            r.text().await.unwrap(),
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_rpm_limit_holds_across_replicas() {
     not_near_a_minute_boundary().await;
@@ -831,15 +849,7 @@ async fn counted_once_when_redis_comes_back_empty(hold_inserts: bool) {
     redis.restart();
     let small =
         json!({"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]});
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let small_cost = loop {
-        let r = post(&gw, KEY, &small).await;
-        if r.status() == 200 {
-            break answer_cost(r).await;
-        }
-        assert!(Instant::now() < deadline, "{}", gw.logs());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let small_cost = answer_cost(post_until_admitted(&gw, KEY, &small).await).await;
     tx.commit().await.unwrap();
     // Once the settlement sent again has been taken (and nothing more is counted after).
     assert!(
@@ -1099,22 +1109,9 @@ async fn a_client_gone_while_redis_admits_leaves_nothing_held() {
         .send()
         .await;
     assert!(gone.is_err(), "the client gives up before Redis answers");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        // Admitted only once nothing of the dropped request is held: 0.6 + 0.6 > 1, and one
-        // request at a time.
-        let r = post(&gw, KEY, &big).await;
-        if r.status() == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still refused: {}\n{}",
-            r.text().await.unwrap(),
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Admitted only once nothing of the dropped request is held: 0.6 + 0.6 > 1, and one
+    // request at a time.
+    post_until_admitted(&gw, KEY, &big).await;
     let after = settled_figures(&gw).await;
     assert!((after - 2.0 * spent).abs() < 1e-9, "{after} vs 2 × {spent}");
     drop(gw);
@@ -1145,21 +1142,8 @@ async fn a_stalled_redis_leaves_no_reservation_behind_and_settles_once() {
     assert_eq!(v["error"]["code"], "state_unavailable", "{v}");
     tokio::time::sleep(Duration::from_millis(700)).await;
     redis.signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        // Admitted only once nothing of the refused request is held: 0.6 + 0.6 > 1.
-        let r = post(&gw, KEY, &big).await;
-        if r.status() == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still refused: {}\n{}",
-            r.text().await.unwrap(),
-            gw.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    // Admitted only once nothing of the refused request is held: 0.6 + 0.6 > 1.
+    post_until_admitted(&gw, KEY, &big).await;
     let after_two = settled_figures(&gw).await;
     assert!(
         (after_two - 2.0 * spent).abs() < 1e-9,
@@ -1356,20 +1340,7 @@ async fn what_a_killed_replica_held_is_given_back_by_the_others() {
     assert!(budget_figures(&b).await.1 > 0.5);
 
     // Given back: the same request is admitted, and counted alone.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let cost = loop {
-        let r = post(&b, KEY, &big("fast")).await;
-        if r.status() == 200 {
-            break answer_cost(r).await;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still refused: {}\n{}",
-            r.text().await.unwrap(),
-            b.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let cost = answer_cost(post_until_admitted(&b, KEY, &big("fast")).await).await;
     let spent = settled_figures(&b).await;
     assert!((spent - cost).abs() < 1e-8, "{spent} vs {cost}");
     assert!(

@@ -183,7 +183,8 @@ impl RequestRecord {
         let actual = Actual {
             cost_usd: cost,
             tokens: usage.prompt + usage.completion,
-            ended_ms: now_ms(),
+            // The row's start and latency say when it ended (no second clock read).
+            ended_ms: self.row.ts_ms + self.row.latency_ms.ceil() as i64,
         };
         let plan = std::mem::take(&mut self.plan);
         let admitted = self.admitted.take();

@@ -270,12 +270,12 @@ if ARGV[4] ~= '1' and redis.call('HEXISTS', b, 'seeded') == 1 then return 0 end
 local s = tonumber(redis.call('HGET', b, 's') or '0')
 if ledger > s then redis.call('HSET', b, 's', ledger); s = ledger end
 -- Costs settled while it was not seeded, of requests ended after what the figure holds.
-local fields = redis.call('HKEYS', b)
-for _, f in ipairs(fields) do
-  if string.sub(f, 1, 2) == 'e:' then
-    local ended, cost = string.match(redis.call('HGET', b, f) or '', '^(%-?%d+):(%d+)$')
+local all = redis.call('HGETALL', b)
+for i = 1, #all, 2 do
+  if string.sub(all[i], 1, 2) == 'e:' then
+    local ended, cost = string.match(all[i+1], '^(%-?%d+):(%d+)$')
     if ended and tonumber(ended) > tonumber(ARGV[5]) then s = redis.call('HINCRBY', b, 's', tonumber(cost)) end
-    redis.call('HDEL', b, f)
+    redis.call('HDEL', b, all[i])
   end
 end
 redis.call('HSETNX', b, 'seeded', ARGV[6])
@@ -288,7 +288,7 @@ return 1
 /// An admission sent to Redis and not answered yet: dropped so (the call failed or timed
 /// out, or the request's future was dropped), it is cancelled in the background (`CANCEL`,
 /// which gives back what it took if it ran, and makes it take nothing if it runs later).
-struct Unanswered<'a> {
+struct PendingAdmission<'a> {
     state: &'a RedisState,
     plan: &'a Plan,
     /// `None` once Redis has answered.
@@ -296,7 +296,7 @@ struct Unanswered<'a> {
     worst: i64,
 }
 
-impl Drop for Unanswered<'_> {
+impl Drop for PendingAdmission<'_> {
     fn drop(&mut self) {
         if let Some(keys) = self.keys.take() {
             self.state.cancel_later(self.plan, keys, self.worst);
@@ -1059,7 +1059,7 @@ impl RedisState {
         // Sent, perhaps, and run: until Redis answers, what it may have taken is given back
         // should the call fail, time out, or this future be dropped (its client gone while
         // Redis was slow: its request is never settled).
-        let mut unanswered = Unanswered {
+        let mut pending = PendingAdmission {
             state: self,
             plan,
             keys: Some(keys),
@@ -1068,7 +1068,7 @@ impl RedisState {
         let reply: Vec<i64> =
             match tokio::time::timeout(CALL_TIMEOUT, inv.invoke_async(&mut conn)).await {
                 Ok(Ok(r)) => {
-                    unanswered.keys = None;
+                    pending.keys = None;
                     r
                 }
                 Ok(Err(e)) => {
@@ -1077,7 +1077,7 @@ impl RedisState {
                         self.drop_used(&used);
                     } else {
                         // Redis's own answer (a script's error): it took nothing.
-                        unanswered.keys = None;
+                        pending.keys = None;
                     }
                     return Once::Decided(self.on_error(plan, "admit"));
                 }
