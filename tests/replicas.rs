@@ -1109,6 +1109,34 @@ async fn a_client_gone_while_redis_admits_leaves_nothing_held() {
         .send()
         .await;
     assert!(gone.is_err(), "the client gives up before Redis answers");
+    // The dropped request's admission did reach Redis, and was cancelled: its ticket is the
+    // one left, marked `c` (a settled request's ticket is deleted).
+    let mut tickets: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        tickets = redis::cmd("KEYS")
+            .arg("{switchyard}:t:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !tickets.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(tickets.len(), 1, "{tickets:?}");
+    let mut mark = String::new();
+    for _ in 0..100 {
+        mark = redis::cmd("GET")
+            .arg(&tickets[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if mark == "c" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(mark, "c", "the dropped admission is marked cancelled");
     // Admitted only once nothing of the dropped request is held: 0.6 + 0.6 > 1, and one
     // request at a time.
     post_until_admitted(&gw, KEY, &big).await;
