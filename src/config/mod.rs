@@ -655,8 +655,10 @@ impl Checker<'_> {
                         .as_deref()
                         .and_then(crate::ledger::cost::builtin_price)
                         .is_some()
-                    || crate::ledger::cost::builtin_price(d.deployment.as_deref().unwrap_or(route))
-                        .is_some();
+                    || crate::ledger::cost::builtin_price_by_name(
+                        d.deployment.as_deref().unwrap_or(route),
+                    )
+                    .is_some();
                 if !known {
                     let mut path = p(&["models", route, "deployments"]);
                     path.push(Seg::Index(i));

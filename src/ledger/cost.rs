@@ -676,21 +676,78 @@ pub fn builtin_price(model: &str) -> Option<Price> {
 
 /// The built-in table's entry for a model, found as `builtin_price` finds it.
 pub fn builtin_pricing(model: &str) -> Option<&'static Pricing> {
+    lookup(model, same_model)
+}
+
+/// The built-in table's entry for a deployment name (a deployment without `model:`): names
+/// are the user's own (`gpt-4o-prod`, `o3-pro-east`), so the longest table name it starts
+/// with, followed by `-`, `@` or `:`, prices it, unless the rest names a speech or
+/// transcription model (billed by other units than the chat model it starts with).
+pub fn builtin_pricing_by_name(deployment: &str) -> Option<&'static Pricing> {
+    lookup(deployment, |rest| {
+        rest.starts_with(['-', '@', ':']) && !rest.contains("-tts") && !rest.contains("-transcribe")
+    })
+}
+
+/// `builtin_pricing_by_name` as a `Price`.
+pub fn builtin_price_by_name(deployment: &str) -> Option<Price> {
+    builtin_pricing_by_name(deployment).map(Price::from)
+}
+
+/// The exact name, else the longest table name it starts with whose rest `fits`.
+fn lookup(name: &str, fits: impl Fn(&str) -> bool) -> Option<&'static Pricing> {
     let t = table();
-    let m = model.to_ascii_lowercase();
+    let m = name.to_ascii_lowercase();
     if let Some(p) = t.get(&m) {
         return Some(p);
     }
     t.iter()
         .filter(|(k, _)| {
-            m.strip_prefix(k.as_str()).is_some_and(|rest| {
-                rest.starts_with(['-', '.', '@', ':'])
-                    && !rest.contains("-tts")
-                    && !rest.contains("-transcribe")
-            })
+            m.strip_prefix(k.as_str())
+                .is_some_and(|rest| !rest.is_empty() && fits(rest))
         })
         .max_by_key(|(k, _)| k.len())
         .map(|(_, p)| p)
+}
+
+/// Whether what follows a table name names the same model at another version or tag (so at
+/// its price): dated snapshots (`-2024-08-06`, `-0613`), `-preview`, `-latest`, or a tag
+/// after `@` or `:`. Anything else names another model, often priced far apart (`o3-pro`
+/// is 10x `o3`, `gpt-4.5-preview` 2.5x `gpt-4`, `gpt-4o-mini-tts` billed by other units),
+/// which gets no built-in price rather than a wrong one.
+fn same_model(mut rest: &str) -> bool {
+    while !rest.is_empty() {
+        if rest.starts_with(['@', ':']) {
+            return true;
+        }
+        let Some(r) = rest.strip_prefix('-') else {
+            return false;
+        };
+        let digits =
+            |s: &str, n: usize| s.len() >= n && s.as_bytes()[..n].iter().all(u8::is_ascii_digit);
+        let at_end = |s: &str, n: usize| s.len() == n || s[n..].starts_with(['-', '@', ':']);
+        let taken = if digits(r, 4)
+            && r.len() >= 10
+            && r.as_bytes()[4] == b'-'
+            && digits(&r[5..], 2)
+            && r.as_bytes()[7] == b'-'
+            && digits(&r[8..], 2)
+            && at_end(r, 10)
+        {
+            10
+        } else if digits(r, 4) && at_end(r, 4) {
+            4
+        } else if let Some(word) = ["preview", "latest"]
+            .into_iter()
+            .find(|w| r.starts_with(w) && at_end(r, w.len()))
+        {
+            word.len()
+        } else {
+            return false;
+        };
+        rest = &r[taken..];
+    }
+    true
 }
 
 /// Text counted whole; past it, the first this many bytes are counted and the count scaled
@@ -918,6 +975,47 @@ mod tests {
             builtin_price("tts-1-hd-1106").unwrap().per_1m_characters,
             30.0
         );
+        // Another model whose name starts with a known one has no built-in price (it is
+        // often priced far apart); a dated snapshot, preview or tag has its model's.
+        for other in [
+            "gpt-4.5",
+            "gpt-4o-realtime-preview",
+            "gpt-4o-search-preview",
+            "gpt-35-turbo-16k",
+            "o3-mini-high",
+            "gpt-image-1.5",
+        ] {
+            assert!(builtin_price(other).is_none(), "{other}");
+        }
+        // A deployment's own name (no `model:`) is the user's: any suffix after `-`.
+        assert_eq!(
+            builtin_price_by_name("gpt-4o-prod").unwrap().input_per_1m,
+            2.5
+        );
+        assert_eq!(
+            builtin_price_by_name("o3-pro-east").unwrap().input_per_1m,
+            20.0
+        );
+        assert!(builtin_price_by_name("gpt-4.5-east").is_none());
+        assert!(builtin_price_by_name("gpt-4o-mini-tts-east").is_none());
+        for (name, input, output) in [
+            ("o3-pro-2025-06-10", 20.0, 80.0),
+            ("o1-pro", 150.0, 600.0),
+            ("gpt-4.5-preview", 75.0, 150.0),
+            ("gpt-4.5-preview-2025-02-27", 75.0, 150.0),
+            ("gpt-4-32k-0613", 60.0, 120.0),
+            ("gpt-4-1106-preview", 10.0, 30.0),
+            ("gpt-4-turbo-2024-04-09", 10.0, 30.0),
+            ("gpt-4-0613", 30.0, 60.0),
+            ("o1-preview-2024-09-12", 15.0, 60.0),
+            ("o3-deep-research", 10.0, 40.0),
+            ("o4-mini-deep-research-2025-06-26", 2.0, 8.0),
+            ("gpt-35-turbo-0125", 0.5, 1.5),
+            ("GPT-4o-Mini@2024-07-18", 0.15, 0.6),
+        ] {
+            let p = builtin_price(name).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!((p.input_per_1m, p.output_per_1m), (input, output), "{name}");
+        }
         // A transcription's usage names its details `input_token_details`.
         let u = Usage::from_answer_bytes(
             br#"{"text":"hi","usage":{"type":"tokens","input_tokens":14,"input_token_details":{"text_tokens":4,"audio_tokens":10},"output_tokens":5,"total_tokens":19}}"#,

@@ -21,7 +21,7 @@ use rand::Rng;
 use crate::api::ApiRequest;
 use crate::config::{Loaded, Pricing, Strategy};
 use crate::error::GatewayError;
-use crate::ledger::cost::{builtin_pricing, ImagePrices, Media, Price};
+use crate::ledger::cost::{builtin_pricing, builtin_pricing_by_name, ImagePrices, Media, Price};
 use crate::policy::{Admitted, Plan, PolicyState, PolicyTable, Refused};
 use crate::provider::{AttemptError, Provider, Providers, UpstreamQuota};
 use crate::server::body::{BoxError, ResponseBody};
@@ -93,7 +93,7 @@ fn resolve_price<'a>(
     deployment
         .or(route)
         .or_else(|| model.and_then(builtin_pricing))
-        .or_else(|| builtin_pricing(upstream))
+        .or_else(|| builtin_pricing_by_name(upstream))
 }
 
 /// `by_connect_timeout`: the providers over a client with another connect timeout, for the
