@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use gateway::{not_near_a_minute_boundary, sha256_hex, Gateway};
 use serde_json::{json, Value};
 use switchyard::ledger::store::{LedgerRow, Store};
-use upstream::{chat_chunk, usage_chunk, MockUpstream, Scripted, StreamEnd};
+use upstream::{chat_chunk, sse, usage_chunk, MockUpstream, Scripted, StreamEnd};
 
 const KEY: &str = "sk-cost-test";
 const ADMIN: &str = "cost-admin";
@@ -3035,4 +3035,78 @@ async fn an_absurd_worst_case_is_refused_and_the_gateway_goes_on() {
     r.bytes().await.unwrap();
     assert_eq!(up.requests()[0].json()["max_tokens"], u64::MAX);
     assert!(!gw.logs().contains("panicked"), "{}", gw.logs());
+}
+
+/// Usage an upstream reports that no model can produce (past 10^8 tokens, 2^64-1, negative,
+/// a string) is not believed: the answer is counted with the tokenizer and marked
+/// estimated, and the key's budget is charged that. (10^12 tokens were billed as reported,
+/// $3M against a $50 budget, and 2^64-1 went into the ledger as -1 tokens; a negative or
+/// string count was 0 tokens, cost 0, not marked.)
+#[tokio::test]
+async fn usage_no_model_can_produce_is_counted_by_the_gateway_instead() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(", budget: { usd: 50, period: daily }"))).await;
+    let answer = |usage: &str| {
+        format!(
+            r#"{{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"Hello world"}},"finish_reason":"stop"}}],"usage":{usage}}}"#
+        )
+    };
+    let hello =
+        json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hello world"}]});
+    for usage in [
+        r#"{"prompt_tokens":1000000000000,"completion_tokens":1000000000000,"total_tokens":2000000000000}"#,
+        r#"{"prompt_tokens":18446744073709551615,"completion_tokens":18446744073709551615}"#,
+        r#"{"prompt_tokens":-5,"completion_tokens":-7}"#,
+        r#"{"prompt_tokens":"8","completion_tokens":"9"}"#,
+    ] {
+        up.script(Scripted::respond(200, answer(usage)));
+        let r = post(&gw, "/v1/chat/completions", hello.clone()).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    // The same in a stream's usage chunk.
+    let huge = sse(
+        &json!({"id": "s", "object": "chat.completion.chunk", "created": 1, "model": "m",
+        "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1_000_000_000_000u64}}),
+    );
+    up.script(Scripted::Stream {
+        chunks: vec![
+            (
+                Duration::ZERO,
+                chat_chunk(Some("assistant"), Some("Hello world"), None),
+            ),
+            (Duration::ZERO, chat_chunk(None, None, Some("stop"))),
+            (Duration::ZERO, huge),
+            (Duration::ZERO, "data: [DONE]\n\n".to_string()),
+        ],
+        end: StreamEnd::Finish,
+    });
+    let mut streamed = hello.clone();
+    streamed["stream"] = json!(true);
+    let r = post(&gw, "/v1/chat/completions", streamed).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // The key's budget still admits a request.
+    up.script(Scripted::respond(
+        200,
+        answer(r#"{"prompt_tokens":2,"completion_tokens":2}"#),
+    ));
+    assert_eq!(
+        post(&gw, "/v1/chat/completions", hello.clone())
+            .await
+            .status(),
+        200
+    );
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    assert_eq!(rows.len(), 6, "{rows:#?}");
+    for row in &rows[..5] {
+        assert!(row.estimated, "{row:?}");
+        assert_eq!(
+            (row.prompt_tokens, row.completion_tokens),
+            (2, 2),
+            "{row:?}"
+        );
+        assert!(row.cost_usd > 0.0 && row.cost_usd < 1e-4, "{row:?}");
+    }
+    assert!(!rows[5].estimated);
 }

@@ -161,7 +161,7 @@ impl Usage {
         if let (Some(Count(n)), true, true) = (data, created, no_object) {
             usage.get_or_insert_with(Usage::default).images = n;
         }
-        if let Some(d) = duration {
+        if let Some(d) = duration.filter(|d| believable_seconds(*d)) {
             usage.get_or_insert_with(Usage::default).audio_seconds = d;
         }
         usage
@@ -289,9 +289,25 @@ struct ResponseHead {
     usage: Option<UsageObject>,
 }
 
-/// A `usage` object as the upstreams write it. Lenient like reading it from a JSON tree:
-/// a field of another type counts as 0 rather than failing the answer; a token count
-/// present (even `null`) is what tells the shapes apart.
+/// The most one count of a `usage` object is believed to say: far above any model's context
+/// window and output (a few million tokens at most). An upstream saying more, or a count
+/// that is not a whole number of at least 0 (negative, fractional, a string), is not
+/// believed: the answer is taken as reporting no usage, and the gateway counts it with the
+/// tokenizer (the row marked estimated). Believed, 10^12 tokens cost a key its whole budget
+/// at once, and 2^64-1 went into the ledger as -1 tokens.
+pub const MAX_REPORTED_TOKENS: u64 = 100_000_000;
+
+/// The longest audio believed, in seconds (a transcription's `seconds` or `duration`):
+/// 1,000 hours; uploads are limited to 25 MB.
+const MAX_REPORTED_SECONDS: f64 = 3_600_000.0;
+
+fn believable_seconds(s: f64) -> bool {
+    s.is_finite() && (0.0..=MAX_REPORTED_SECONDS).contains(&s)
+}
+
+/// A `usage` object as the upstreams write it. A token count present (even `null`) is what
+/// tells the shapes apart; a count `null` is 0, and one not believable
+/// (`MAX_REPORTED_TOKENS`) makes the whole object unread.
 #[derive(serde::Deserialize, Default)]
 #[serde(default)]
 struct UsageObject {
@@ -317,8 +333,9 @@ struct UsageObject {
 impl UsageObject {
     fn usage(self) -> Option<Usage> {
         let n = |f: Option<Field>| match f {
-            Some(Field::Count(n)) => n,
-            _ => 0,
+            None | Some(Field::Null) => Some(0),
+            Some(Field::Count(n)) if n <= MAX_REPORTED_TOKENS => Some(n),
+            _ => None,
         };
         let details = |f: Option<Field>| match f {
             Some(Field::Details {
@@ -326,20 +343,22 @@ impl UsageObject {
                 reasoning,
                 audio,
                 image,
-            }) => (cached, reasoning, audio, image),
-            _ => (0, 0, 0, 0),
+                believable,
+            }) => believable.then_some((cached, reasoning, audio, image)),
+            _ => Some((0, 0, 0, 0)),
         };
         if matches!(self.kind, Some(Field::Duration)) {
-            return Some(Usage {
-                audio_seconds: match self.seconds {
-                    Some(Field::Count(n)) => n as f64,
-                    Some(Field::Float(x)) => x,
-                    _ => 0.0,
-                },
+            let seconds = match self.seconds {
+                Some(Field::Count(n)) => n as f64,
+                Some(Field::Float(x)) => x,
+                _ => 0.0,
+            };
+            return believable_seconds(seconds).then(|| Usage {
+                audio_seconds: seconds,
                 ..Default::default()
             });
         }
-        // `Option<Field>` is `None` only for a missing field: `null` reads as `Field::Other`.
+        // `Option<Field>` is `None` only for a missing field: `null` reads as `Field::Null`.
         let (prompt, completion, prompt_details, completion_details) =
             if self.prompt_tokens.is_some() || self.completion_tokens.is_some() {
                 (
@@ -358,16 +377,18 @@ impl UsageObject {
             } else {
                 return None;
             };
-        let (cached, _, audio_prompt, image_prompt) = details(prompt_details);
-        let (_, reasoning, audio_completion, _) = details(completion_details);
+        let (prompt, completion) = (n(prompt)?, n(completion)?);
+        let (cached, _, audio_prompt, image_prompt) = details(prompt_details)?;
+        let (_, reasoning, audio_completion, _) = details(completion_details)?;
+        // Parts of the prompt (and of the completion) are no more than it.
         Some(Usage {
-            prompt: n(prompt),
-            cached,
-            audio_prompt,
-            image_prompt,
-            completion: n(completion),
-            reasoning,
-            audio_completion,
+            prompt,
+            cached: cached.min(prompt),
+            audio_prompt: audio_prompt.min(prompt),
+            image_prompt: image_prompt.min(prompt),
+            completion,
+            reasoning: reasoning.min(completion),
+            audio_completion: audio_completion.min(completion),
             ..Default::default()
         })
     }
@@ -391,7 +412,10 @@ enum Field {
         reasoning: u64,
         audio: u64,
         image: u64,
+        /// No count of these is past `MAX_REPORTED_TOKENS`, negative or fractional.
+        believable: bool,
     },
+    Null,
     Other,
 }
 
@@ -433,17 +457,22 @@ impl<'de> serde::Deserialize<'de> for Field {
                 })
             }
             fn visit_unit<E>(self) -> Result<Field, E> {
-                Ok(Field::Other)
+                Ok(Field::Null)
             }
             fn visit_none<E>(self) -> Result<Field, E> {
-                Ok(Field::Other)
+                Ok(Field::Null)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Field, A::Error> {
                 let (mut cached, mut reasoning, mut audio, mut image) = (0, 0, 0, 0);
+                let mut believable = true;
                 while let Some(k) = map.next_key::<Key>()? {
                     let v = map.next_value::<Field>()?;
                     let n = match v {
-                        Field::Count(n) => n,
+                        Field::Count(n) if n <= MAX_REPORTED_TOKENS => n,
+                        Field::Count(_) | Field::Float(_) if !matches!(k, Key::Other) => {
+                            believable = false;
+                            0
+                        }
                         _ => 0,
                     };
                     match k {
@@ -459,6 +488,7 @@ impl<'de> serde::Deserialize<'de> for Field {
                     reasoning,
                     audio,
                     image,
+                    believable,
                 })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Field, A::Error> {
@@ -915,17 +945,54 @@ mod tests {
             3.5
         );
         assert_eq!(Usage::from_answer_bytes(br#"{"choices":[]}"#), None);
-        // Odd values read as a JSON tree would read them: 0, not a lost answer.
+        // A count that is not a believable whole number makes the usage unread (the gateway
+        // then counts the answer itself); `null` is 0; parts above their whole are cut.
         let odd = br#"{"usage": {"prompt_tokens": null, "completion_tokens": -3,
             "prompt_tokens_details": null, "completion_tokens_details": {"reasoning_tokens": 1.5},
             "extra": {"a": [1, {"b": 2}]}}}"#;
-        let u = Usage::from_answer_bytes(odd).unwrap();
-        assert_eq!(
-            (u.prompt, u.cached, u.completion, u.reasoning),
-            (0, 0, 0, 0)
+        assert_eq!(Usage::from_answer_bytes(odd), None);
+        for unbelievable in [
+            r#"{"usage": {"output_tokens": "7"}}"#,
+            r#"{"usage": {"prompt_tokens": 18446744073709551615, "completion_tokens": 1}}"#,
+            r#"{"usage": {"prompt_tokens": 1, "completion_tokens": 1000000000000}}"#,
+            r#"{"usage": {"prompt_tokens": 1, "completion_tokens": 8.0}}"#,
+            r#"{"usage": {"prompt_tokens": 1e30, "completion_tokens": 1}}"#,
+            r#"{"usage": {"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9223372036854775808}}}"#,
+            r#"{"usage": {"type": "duration", "seconds": 1e30}}"#,
+            r#"{"usage": {"type": "duration", "seconds": -4}}"#,
+            r#"{"response": {"usage": {"input_tokens": -1, "output_tokens": 2}}}"#,
+        ] {
+            assert_eq!(
+                Usage::from_answer_bytes(unbelievable.as_bytes()),
+                None,
+                "{unbelievable}"
+            );
+            assert_eq!(
+                Usage::from_event(unbelievable.as_bytes()),
+                None,
+                "{unbelievable}"
+            );
+        }
+        let u = Usage::from_answer_bytes(
+            br#"{"usage": {"prompt_tokens": 100000000, "completion_tokens": null,
+            "prompt_tokens_details": {"cached_tokens": 200000000, "other": 1e40}}}"#,
         );
-        let u = Usage::from_answer_bytes(br#"{"usage": {"output_tokens": "7"}}"#).unwrap();
-        assert_eq!((u.prompt, u.completion), (0, 0));
+        assert_eq!(u.map(|u| (u.prompt, u.cached, u.completion)), None);
+        let u = Usage::from_answer_bytes(
+            br#"{"usage": {"prompt_tokens": 100000000, "completion_tokens": null,
+            "prompt_tokens_details": {"cached_tokens": 99999999999, "other": 1e40}}}"#,
+        );
+        assert_eq!(u.map(|u| (u.prompt, u.cached)), None);
+        let u = Usage::from_answer_bytes(
+            br#"{"usage": {"prompt_tokens": 10, "completion_tokens": 2,
+            "prompt_tokens_details": {"cached_tokens": 30, "other": 1e40}}}"#,
+        )
+        .unwrap();
+        assert_eq!((u.prompt, u.cached, u.completion), (10, 10, 2));
+        assert_eq!(
+            Usage::from_answer_bytes(br#"{"text": "hi", "duration": 1e300}"#),
+            None
+        );
         let whisper = br#"{"usage": {"type": "duration", "seconds": 3}}"#;
         assert_eq!(
             Usage::from_answer_bytes(whisper).unwrap().audio_seconds,
