@@ -496,6 +496,49 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
     let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
     assert_eq!(status, 401);
     assert!(!body.to_string().contains(OPENAI_SECRET));
+    // Echoed URL-encoded (after `%20`), and in an HTML page where the 300 characters kept
+    // of it end inside the key: none of it is left (18 of its characters were).
+    up.script(Scripted::respond(
+        401,
+        json!({"error": {"message": format!("denied: Authorization=Bearer%20{OPENAI_SECRET}")}})
+            .to_string(),
+    ));
+    let (_, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    assert!(!body.to_string().contains(OPENAI_SECRET), "{body}");
+    // A header passed on from the upstream, echoing its key: left behind.
+    up.script(Scripted::Respond {
+        status: 200,
+        headers: vec![
+            (
+                "content-disposition".into(),
+                format!("attachment; filename=\"{OPENAI_SECRET}.json\""),
+            ),
+            ("openai-processing-ms".into(), "12".into()),
+        ],
+        body: json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).to_string(),
+    });
+    let r = post(&gw, "/v1/chat/completions", chat).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("content-disposition").is_none());
+    assert_eq!(r.headers()["openai-processing-ms"], "12");
+    let page = format!("<html>{} key {OPENAI_SECRET} end</html>", "x".repeat(278));
+    up.script(Scripted::Respond {
+        status: 403,
+        headers: vec![("content-type".into(), "text/html".into())],
+        body: page,
+    });
+    let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        status == 403 && message.contains("non-JSON body: <html>xxx"),
+        "{body}"
+    );
+    assert!(
+        !message.contains("upstream-s") && message.contains("key ***"),
+        "{message}"
+    );
 
     // A hanging upstream: 504 upstream_timeout after the route's timeout.
     up.script(Scripted::Hang);
@@ -1644,6 +1687,47 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
             .unwrap();
         assert!(!text.contains(host_port), "{text}");
         assert!(text.contains("*** refused it"), "{text}");
+        // In a stream: an `event: error` whose data is plain text, and the Responses API's
+        // `response.failed` (its error inside `response`), both went out as sent.
+        up.script(Scripted::Stream {
+            chunks: vec![
+                (
+                    Duration::ZERO,
+                    chat_chunk(Some("assistant"), Some("Hel"), None),
+                ),
+                (
+                    Duration::ZERO,
+                    format!("event: error\ndata: upstream auth failed for {secret} at {addr}\n\n"),
+                ),
+                (
+                    Duration::ZERO,
+                    format!(
+                        "event: response.failed\ndata: {}\n\n",
+                        json!({"type": "response.failed", "response": {"id": "r", "status": "failed",
+                               "error": {"code": "server_error", "message": format!("backend {addr}/v1 refused key {secret}")}}})
+                    ),
+                ),
+            ],
+            end: StreamEnd::Finish,
+        });
+        let streamed = format!(
+            r#"{{"model":"{route}","stream":true,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        let text = post(&gw, "/v1/chat/completions", &streamed)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains("Hel")
+                && text.contains("refused key ***")
+                && text.contains("failed for *** at"),
+            "{text}"
+        );
+        assert!(
+            !text.contains(secret) && !text.contains(host_port),
+            "{text}"
+        );
     }
     assert!(!gw.logs().contains(OPENAI_SECRET) && !gw.logs().contains(AZURE_SECRET));
 }

@@ -331,6 +331,30 @@ models:
     );
 }
 
+/// A `retry-after` given as an HTTP date more than a day off cools the deployment down for a
+/// day, as a figure does (it cooled it down until that date: 73 years, until a restart).
+#[tokio::test]
+async fn a_retry_after_date_far_off_cools_down_for_a_day() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        r#"
+models:
+  solo: { deployments: [ { provider: a, deployment: solo } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::Respond {
+        status: 429,
+        headers: vec![("retry-after".into(), "Wed, 21 Oct 2099 07:28:00 GMT".into())],
+        body: json!({"error": {"message": "slow down", "code": "rate_limit_exceeded"}}).to_string(),
+    });
+    let r = chat(&gw, "solo").await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    let ra: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((86_300..=86_400).contains(&ra), "retry-after {ra}");
+}
+
 #[tokio::test]
 async fn a_429_with_retry_after_ms_cools_the_deployment_down_for_that_long_then_it_is_back() {
     let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);

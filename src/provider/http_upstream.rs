@@ -246,7 +246,8 @@ impl HttpUpstream {
         *out.status_mut() = parts.status;
         *out.extensions_mut() = extensions;
         for (name, value) in &parts.headers {
-            if PASS_HEADERS.contains(&name.as_str()) {
+            // A value echoing the upstream's key or address stays behind with the rest.
+            if PASS_HEADERS.contains(&name.as_str()) && !self.scrub.found_in(value.as_bytes()) {
                 out.headers_mut().append(name.clone(), value.clone());
             }
         }
@@ -412,7 +413,8 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
                 httpdate::parse_http_date(headers.get("retry-after")?.to_str().ok()?).ok()?;
             Some(
                 date.duration_since(std::time::SystemTime::now())
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .min(Duration::from_secs_f64(MOST)),
             )
         })
 }
@@ -477,6 +479,8 @@ pub fn normalize_error(
         },
         _ => {
             let text = String::from_utf8_lossy(body);
+            // Blanked before it is cut: a key cut short by the cut no longer matches.
+            let text = scrub.text(&text).map_or(text, Into::into);
             let text = text.trim();
             let snippet: String = text.chars().take(300).collect();
             let mut m = Map::new();
@@ -659,6 +663,12 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        // A date past a day from now is a day (it was the whole time: 73 years).
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2099 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(86_400)));
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h), None);
         // A figure too large for a `Duration` is a day.

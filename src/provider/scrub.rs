@@ -42,6 +42,22 @@ impl Scrub {
 
     /// `text` with every item blanked out, or `None` when it holds none.
     pub fn bytes(&self, text: &[u8]) -> Option<Vec<u8>> {
+        // A first look, with one lowered copy for every address: most texts hold none.
+        let lowered = self
+            .items
+            .iter()
+            .any(|(_, any_case)| *any_case)
+            .then(|| text.to_ascii_lowercase());
+        let holds_any = self.items.iter().any(|(what, any_case)| {
+            let hay = match (&lowered, any_case) {
+                (Some(l), true) => &l[..],
+                _ => text,
+            };
+            memchr::memmem::find(hay, what).is_some()
+        });
+        if !holds_any {
+            return None;
+        }
         let mut out: Option<Vec<u8>> = None;
         for (what, any_case) in &self.items {
             let current = out.as_deref().unwrap_or(text);
@@ -57,6 +73,19 @@ impl Scrub {
         // ASCII replaced by ASCII (an ASCII byte never falls inside a UTF-8 sequence).
         self.bytes(text.as_bytes())
             .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// Whether `text` holds any item anywhere (addresses in any case, whole token or not),
+    /// without allocating: for short texts such as header values.
+    pub fn found_in(&self, text: &[u8]) -> bool {
+        self.items.iter().any(|(what, any_case)| {
+            if *any_case {
+                text.windows(what.len())
+                    .any(|w| w.eq_ignore_ascii_case(what))
+            } else {
+                memchr::memmem::find(text, what).is_some()
+            }
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,9 +115,11 @@ fn blank_out(text: &[u8], what: &[u8], any_case: bool) -> Option<Vec<u8>> {
         if at < copied {
             continue;
         }
+        // A key goes wherever it is (after `%20`, inside a longer token); an address only
+        // as a whole token (`127.0.0.1` is not blanked out of `127.0.0.10`).
         let before_ok = at == 0 || !(continues(hay[at - 1]) || matches!(hay[at - 1], b'.' | b'-'));
         let after_ok = end == hay.len() || !continues(hay[end]);
-        if !(before_ok && after_ok) {
+        if any_case && !(before_ok && after_ok) {
             continue;
         }
         let o = out.get_or_insert_with(|| Vec::with_capacity(text.len()));
@@ -115,8 +146,10 @@ mod tests {
         );
         assert_eq!(t("LOCALHOST.EXAMPLE refused"), "*** refused");
         assert_eq!(t("localhost.example:22103."), "***.");
-        // Not inside longer tokens.
-        assert_eq!(t("sk-secret-keys"), "sk-secret-keys");
+        // A key inside a longer token goes too (`%20` before it, as in an echoed header);
+        // an address does not.
+        assert_eq!(t("sk-secret-keys"), "***s");
+        assert_eq!(t("Bearer%20sk-secret-key%0A"), "Bearer%20***%0A");
         assert_eq!(t("a.localhost.example"), "a.localhost.example");
         let ip = Scrub::new(None, "http://127.0.0.1:22101/v1");
         let t = |x: &str| ip.text(x).unwrap_or_else(|| x.to_string());
@@ -125,6 +158,9 @@ mod tests {
             "peer 127.0.0.10 and ***:221010 and 1127.0.0.1 but ***"
         );
         assert_eq!(ip.text("nothing here"), None);
+        assert!(ip.found_in(b"x127.0.0.1:22101") && !ip.found_in(b"application/json"));
+        assert!(s.found_in(b"attachment; filename=\"sk-secret-key.json\""));
+        assert!(s.found_in(b"LOCALHOST.example") && !s.found_in(b"sk-secret"));
         // A one-word host alone is left in messages; with its port it goes.
         let svc = Scrub::new(None, "http://vllm:8000/v1");
         assert_eq!(

@@ -91,8 +91,16 @@ impl StreamState {
 
 /// Whether an event is an error of the upstream's own: `{"error": …}` (OpenAI, Azure,
 /// vLLM, TGI), vLLM's older `{"object": "error", …}`, the Responses API's
-/// `{"type": "error", …}`. Read as JSON (only events holding `"error"` get here).
+/// `{"type": "error", …}`, or any event named `error` (`event: error`, whatever its data).
+/// Read as JSON (only events holding `error` get here).
 fn is_error_event(event: &[u8]) -> bool {
+    let named_error = event.split(|b| matches!(b, b'\n' | b'\r')).any(|line| {
+        line.strip_prefix(b"event:")
+            .is_some_and(|name| name.trim_ascii() == b"error")
+    });
+    if named_error {
+        return true;
+    }
     let Some(data) = sse::event_data(event) else {
         return false;
     };
@@ -249,13 +257,14 @@ where
 
 impl<B> UpstreamStream<B> {
     /// Whole events on their way out: an error event of the upstream's own is told to the
-    /// route (a failure of the deployment), and goes out without the upstream's key or
-    /// address. Found by `"error"` in the chunk first, which an ordinary chunk lacks (the
-    /// text's own quotes are escaped).
+    /// route (a failure of the deployment); any event holding `error` (an error event, the
+    /// Responses API's `response.failed` with its `error` member) goes out without the
+    /// upstream's key or address. Found by `error` in the chunk first, which an ordinary
+    /// chunk lacks.
     fn read_errors(&self, ready: Bytes) -> Bytes {
         // One searcher, made once: building it per chunk cost more than the search.
         static ERROR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"error"));
         if ERROR.find(&ready).is_none() {
             return ready;
         }
@@ -263,9 +272,11 @@ impl<B> UpstreamStream<B> {
         let mut start = 0;
         for end in sse::event_ends(&ready) {
             let event = &ready[start..end];
-            let clean = if is_error_event(event) {
-                if let Some(state) = &self.state {
-                    state.set(ERROR_EVENT);
+            let clean = if ERROR.find(event).is_some() {
+                if is_error_event(event) {
+                    if let Some(state) = &self.state {
+                        state.set(ERROR_EVENT);
+                    }
                 }
                 self.scrub.as_ref().and_then(|s| s.bytes(event))
             } else {
