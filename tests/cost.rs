@@ -1853,6 +1853,36 @@ async fn a_left_answer_still_arriving_at_shutdown_keeps_its_row_and_a_clean_exit
     drop(up);
 }
 
+/// A second SIGTERM while such an answer is still read ends that wait, not the ledger's
+/// write: the row is written and the exit is clean. (The ledger's last write was skipped:
+/// exit 1, every such row lost, with a healthy database.)
+#[tokio::test]
+async fn a_second_signal_while_left_answers_are_read_still_writes_their_rows() {
+    let (up, mut gw) = answer_left_midway(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    gw.signal("TERM");
+    let started = std::time::Instant::now();
+    let status = gw
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("gateway exits");
+    assert!(status.success(), "{}", gw.logs());
+    // Well before the 10 s the first signal alone waits for such reads.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let store = Store::open(&sqlite_url(&gw)).await.unwrap();
+    let rows = store.rows().await.unwrap();
+    store.close().await;
+    assert_eq!(rows.len(), 1, "{rows:?}\n{}", gw.logs());
+    assert_eq!((rows[0].status, rows[0].estimated), (200, true), "{rows:?}");
+    drop(up);
+}
+
 /// A gateway whose upstream sends half of a plain answer (20 + 1,500 tokens), and the rest
 /// `rest_after` later; its client has read the first half and left.
 async fn answer_left_midway(rest_after: Duration) -> (MockUpstream, Gateway) {

@@ -893,13 +893,14 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
         .await;
         connections.abort_all();
     }
-    // What is left to record and write, bounded; a further signal stops waiting for it.
-    let finish = async {
+    // What is left to record, bounded. A further signal ends these waits, not the ledger's
+    // write: the answers still being read stop with what they read and record their rows.
+    let prepare = async {
         while connections.join_next().await.is_some() {}
         // Plain answers left by their clients are read to their end for their usage (the
         // upstream's timeout bounds each).
         crate::ledger::answers_read(Duration::from_secs(10)).await;
-        // Let the settlements of the last requests queue their rows, then write them all.
+        // Let the settlements of the last requests queue their rows.
         tokio::time::sleep(Duration::from_millis(50)).await;
         // What Redis did not take in time (settlements, cancelled admissions), sent once more.
         gateway
@@ -907,10 +908,22 @@ pub async fn serve(opts: ServeOptions) -> Result<(), String> {
             .policy
             .drain(Duration::from_secs(5))
             .await;
-        ledger_task.shutdown(Duration::from_secs(30)).await
     };
+    let interrupted = tokio::select! {
+        () = prepare => false,
+        signal = shutdown_signal() => {
+            tracing::warn!(signal, "signal again: no more waiting for answers being read or for Redis; writing the ledger's last rows");
+            true
+        }
+    };
+    if interrupted {
+        crate::ledger::answers_read(Duration::ZERO).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Then the rows are written (up to 30 s while the database fails); a signal during that
+    // write exits without it.
     let written = tokio::select! {
-        written = finish => written,
+        written = ledger_task.shutdown(Duration::from_secs(30)) => written,
         signal = shutdown_signal() => {
             tracing::error!(signal, "signal again: exiting before the ledger's last rows are written");
             false
