@@ -3140,3 +3140,38 @@ async fn usage_no_model_can_produce_is_counted_by_the_gateway_instead() {
     }
     assert!(!rows[5].estimated);
 }
+
+/// A Responses request run in the background (`background: true`) is answered at once,
+/// `queued`, with no usage: it is charged what its reservation assumed (its prompt and its
+/// whole output cap, estimated), so that background requests cannot overspend a budget.
+/// (They were charged their prompt alone: six went through a $0.02 budget they cost 3x of.)
+#[tokio::test]
+async fn a_background_response_is_charged_its_reservation() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(
+        &up,
+        &keys(", budget: { usd: 0.03, period: daily }"),
+    ))
+    .await;
+    let queued = json!({"id": "resp_1", "object": "response", "created_at": 1, "status": "queued",
+        "background": true, "model": "gpt-4o", "output": [], "usage": null, "error": null})
+    .to_string();
+    let ask =
+        json!({"model": "gpt-4o", "input": "hi", "background": true, "max_output_tokens": 1000});
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        up.script(Scripted::respond(200, queued.clone()));
+        let r = post(&gw, "/v1/responses", ask.clone()).await;
+        statuses.push(r.status().as_u16());
+        r.bytes().await.unwrap();
+    }
+    // 1000 output tokens at $10 per 1M: $0.01 and a little each; the third does not fit.
+    assert_eq!(statuses, [200, 200, 429]);
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let charged: Vec<_> = rows.iter().filter(|r| r.status == 200).collect();
+    assert_eq!(charged.len(), 2, "{rows:?}");
+    for r in charged {
+        assert_eq!((r.completion_tokens, r.estimated), (1000, true), "{r:?}");
+        assert!(r.cost_usd > 0.01 && r.cost_usd < 0.0101, "{r:?}");
+    }
+}

@@ -73,6 +73,10 @@ pub struct RequestRecord {
     pub billed_refusal: bool,
     /// Its config generation's token (`Runtime::requests`), let go once it is settled.
     pub generation: Option<Arc<()>>,
+    /// The output tokens its reservation assumed (`Route::output_cap`): what a Responses
+    /// request run in the background (answered `queued`, its usage to come later, upstream)
+    /// is charged.
+    pub output_cap: u64,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -252,6 +256,18 @@ impl RequestRecord {
             ..Default::default()
         }
     }
+}
+
+/// Whether a Responses answer is one still running upstream (`status` `queued` or
+/// `in_progress`: a background response).
+fn runs_on(answer: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow)]
+        status: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_slice::<Head>(answer)
+        .is_ok_and(|h| matches!(h.status.as_deref(), Some("queued" | "in_progress")))
 }
 
 /// The text of a JSON value: every string but inline data and URLs.
@@ -481,6 +497,15 @@ impl Tap {
                     u.prompt = record.estimate("").prompt;
                     u.estimated = true;
                 }
+            }
+            if usage.is_none() && record.op == Operation::Responses && runs_on(&whole) {
+                // Run in the background (`background: true`): answered at once, `queued`,
+                // its usage known upstream only when it is done, which the gateway does not
+                // follow. Charged what its reservation assumed: the prompt counted and the
+                // whole output cap, estimated, so that no budget is overspent by it.
+                let mut u = record.estimate("");
+                u.completion = record.output_cap;
+                usage = Some(u);
             }
             if usage.is_none() && counts_tokens(record.op) {
                 if record.op == Operation::Embeddings {

@@ -532,6 +532,7 @@ fn new_record(
         served: Served::default(),
         billed_refusal: false,
         generation: None,
+        output_cap: route.output_cap(req),
     }
 }
 
