@@ -3175,3 +3175,65 @@ async fn a_background_response_is_charged_its_reservation() {
         assert!(r.cost_usd > 0.01 && r.cost_usd < 0.0101, "{r:?}");
     }
 }
+
+/// Estimates where the upstream reports no usage: a streamed Responses function call counts
+/// its arguments (`response.function_call_arguments.delta`), and embeddings of token ids
+/// count one token per id. (Both were 0: a stream of arguments cost its prompt alone, and
+/// 1,000 token ids cost nothing.)
+#[tokio::test]
+async fn estimates_count_streamed_call_arguments_and_token_ids() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let event = |kind: &str, v: Value| format!("event: {kind}\ndata: {v}\n\n");
+    let args = r#"{"city":"Paris","unit":"celsius","days":[1,2,3]}"#;
+    let mut chunks = vec![(
+        Duration::ZERO,
+        event(
+            "response.created",
+            json!({"type": "response.created", "response": {"id": "r", "status": "in_progress", "error": null}}),
+        ),
+    )];
+    for piece in args.as_bytes().chunks(8) {
+        let piece = std::str::from_utf8(piece).unwrap();
+        chunks.push((
+            Duration::ZERO,
+            event(
+                "response.function_call_arguments.delta",
+                json!({"type": "response.function_call_arguments.delta", "item_id": "fc", "output_index": 0, "delta": piece}),
+            ),
+        ));
+    }
+    // Broken off before `response.completed` (which carries the usage).
+    up.script(Scripted::Stream {
+        chunks,
+        end: StreamEnd::Abort,
+    });
+    let r = post(
+        &gw,
+        "/v1/responses",
+        json!({"model": "gpt-4o", "input": "weather?", "stream": true}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await;
+    up.script(Scripted::respond(
+        200,
+        json!({"object": "list", "model": "emb", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]},
+            {"object": "embedding", "index": 1, "embedding": [0.2]}]})
+        .to_string(),
+    ));
+    let ids: Vec<u64> = (0..1000).map(|i| 100 + i).collect();
+    let r = post(
+        &gw,
+        "/v1/embeddings",
+        json!({"model": "emb", "input": [ids, [1, 2, 3]]}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let resp = rows.iter().find(|r| r.endpoint == "responses").unwrap();
+    assert!(resp.estimated && resp.completion_tokens >= 10, "{resp:?}");
+    let emb = rows.iter().find(|r| r.endpoint == "embeddings").unwrap();
+    assert_eq!((emb.prompt_tokens, emb.estimated), (1003, true), "{emb:?}");
+}

@@ -239,6 +239,8 @@ impl RequestRecord {
     /// Counts tokens with the tokenizer when the upstream reported no usage.
     fn estimate(&self, answer_text: &str) -> Usage {
         let mut prompt_text = String::new();
+        // A prompt or input given as token ids (arrays of integers): one token each.
+        let mut token_ids = 0;
         if let Some(r) = self.form_prompt.clone() {
             // A form (an image edit): its `prompt`.
             prompt_text = crate::api::multipart::text(&self.request_body, r);
@@ -246,11 +248,14 @@ impl RequestRecord {
             for field in ["messages", "prompt", "input", "instructions"] {
                 if let Some(x) = v.get(field) {
                     collect_text(x, &mut prompt_text);
+                    if matches!(field, "prompt" | "input") {
+                        token_ids += count_token_ids(x);
+                    }
                 }
             }
         }
         Usage {
-            prompt: count_tokens(&self.tokenizer_model, &prompt_text),
+            prompt: count_tokens(&self.tokenizer_model, &prompt_text) + token_ids,
             completion: count_tokens(&self.tokenizer_model, answer_text),
             estimated: true,
             ..Default::default()
@@ -268,6 +273,21 @@ fn runs_on(answer: &[u8]) -> bool {
     }
     serde_json::from_slice::<Head>(answer)
         .is_ok_and(|h| matches!(h.status.as_deref(), Some("queued" | "in_progress")))
+}
+
+/// The token ids in a `prompt` or `input` given as tokens: `[1, 2, 3]` or `[[1, 2], [3]]`.
+fn count_token_ids(v: &Value) -> u64 {
+    match v {
+        Value::Array(a) => a
+            .iter()
+            .map(|x| match x {
+                Value::Number(_) => 1,
+                Value::Array(_) => count_token_ids(x),
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
 }
 
 /// The text of a JSON value: every string but inline data and URLs.
@@ -305,13 +325,21 @@ fn answer_text(v: &Value, out: &mut String) {
             }
         }
     }
-    if v.get("type").and_then(Value::as_str) == Some("response.output_text.delta") {
+    // The Responses API's deltas: text, a function call's arguments, a refusal.
+    if matches!(
+        v.get("type").and_then(Value::as_str),
+        Some(
+            "response.output_text.delta"
+                | "response.function_call_arguments.delta"
+                | "response.refusal.delta"
+        )
+    ) {
         if let Some(s) = v.get("delta").and_then(Value::as_str) {
             out.push_str(s);
         }
     }
-    if let Some(output) = v.get("output").and_then(Value::as_array) {
-        collect_text(&Value::Array(output.clone()), out);
+    if let Some(output) = v.get("output").filter(|o| o.is_array()) {
+        collect_text(output, out);
     }
 }
 
