@@ -1118,6 +1118,25 @@ models:
         .await,
         Some(2.0)
     );
+    // Sent on to `spare` twice from `main` (its third was refused there, never sent) and
+    // never from `dry`.
+    assert_eq!(
+        gw.metric(
+            "switchyard_fallbacks_total",
+            &[("route", "main"), ("kind", "fallbacks")]
+        )
+        .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        gw.metric(
+            "switchyard_fallbacks_total",
+            &[("route", "dry"), ("kind", "fallbacks")]
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
 }
 
 /// A fallback whose own attempt failed gives its `max_parallel` slot back at once, not when

@@ -867,11 +867,6 @@ pub async fn dispatch(
         }
         tracing::info!(request_id = %req.request_id_str(), from = %route.name, to = %name, "falling back");
         served.fallback_from = Some(route.name.clone());
-        if let Some(m) = metrics::metrics() {
-            m.fallbacks
-                .with_label_values(&[&route.name, list_name])
-                .inc();
-        }
         let admitted = match admission
             .table
             .fallback_plan(name, req.estimated_prompt_tokens)
@@ -896,6 +891,12 @@ pub async fn dispatch(
         if let Err(e) = admitted {
             last = Some(merge(last, e));
             continue;
+        }
+        // Sent on: counted once the fallback's own limits took it.
+        if let Some(m) = metrics::metrics() {
+            m.fallbacks
+                .with_label_values(&[&route.name, list_name])
+                .inc();
         }
         match fallback.attempt(req, served).await {
             Ok(resp) => return Ok(resp),
