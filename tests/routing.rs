@@ -2004,3 +2004,93 @@ models:
         "each asked once"
     );
 }
+
+/// A Responses request continuing a stored response (`previous_response_id`) on a route of
+/// several deployments: a deployment that does not hold it (400 `previous_response_not_found`)
+/// is passed over for the others, whatever `retries` says, and counts nothing against it.
+/// (The follow-up failed whenever the route picked another deployment than the first turn's.)
+#[tokio::test]
+async fn a_follow_up_response_is_looked_for_on_the_other_deployments() {
+    let (a, b, c) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b) + &openai("c", &c)),
+        r#"
+routing: { retries: 0, allowed_fails: 1 }
+models:
+  multi:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+      - { provider: c, deployment: m, priority: 2 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let not_here = || {
+        Scripted::respond(
+            400,
+            json!({"error": {"message": "Previous response with id 'resp_b1' not found.",
+                "type": "invalid_request_error", "param": "previous_response_id",
+                "code": "previous_response_not_found"}})
+            .to_string(),
+        )
+    };
+    let done = json!({"id": "resp_b2", "object": "response", "status": "completed", "model": "m",
+        "output": [], "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}})
+    .to_string();
+    a.script(not_here());
+    b.script(Scripted::respond(200, done.clone()));
+    let follow_up =
+        json!({"model": "multi", "input": "and then?", "previous_response_id": "resp_b1"});
+    let r = client()
+        .post(gw.url("/v1/responses"))
+        .json(&follow_up)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-deployment"], "b/m");
+    assert_eq!(
+        (a.request_count(), b.request_count(), c.request_count()),
+        (1, 1, 0)
+    );
+    // Held by none: the upstream's 400, each asked once; none of them cooled down.
+    for up in [&a, &b, &c] {
+        up.script(not_here());
+    }
+    let r = client()
+        .post(gw.url("/v1/responses"))
+        .json(&follow_up)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "previous_response_not_found", "{e}");
+    assert_eq!(
+        (a.request_count(), b.request_count(), c.request_count()),
+        (2, 2, 1)
+    );
+    let (status, _) = readyz(&gw).await;
+    assert_eq!(status, 200);
+    // Any other 400 is the request's own: not tried elsewhere.
+    a.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "bad input", "type": "invalid_request_error", "code": "invalid_value"}}).to_string(),
+    ));
+    let r = client()
+        .post(gw.url("/v1/responses"))
+        .json(&follow_up)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        (a.request_count(), b.request_count(), c.request_count()),
+        (3, 2, 1)
+    );
+}

@@ -106,6 +106,14 @@ impl AttemptError {
         }
     }
 
+    /// The upstream does not hold the response a Responses request continues
+    /// (`previous_response_id`): stored responses live where they were made, on one
+    /// deployment, so another deployment of the route may hold it. Says nothing of this one.
+    pub fn held_elsewhere(&self) -> bool {
+        matches!(self, AttemptError::Status { error, .. }
+            if matches!(error.status.as_u16(), 400 | 404) && error.code == "previous_response_not_found")
+    }
+
     /// The upstream said a retry cannot help (`x-should-retry: false`, as OpenAI sends with a
     /// 429 of an account out of credit): not worth asking that deployment again.
     pub fn no_retry_here(&self) -> bool {

@@ -582,7 +582,13 @@ impl Route {
             .saturating_add(req.max_tokens.unwrap_or(0));
         let mut tried = vec![false; self.deployments.len()];
         let mut last: Option<AttemptError> = None;
-        for attempt in 0..=self.retries {
+        // Attempts allowed: `retries` more than the first, and one more for each deployment
+        // that did not hold the response a Responses request continues (`held_elsewhere`).
+        let mut allowed = self.retries;
+        let mut attempt = 0;
+        while attempt <= allowed {
+            attempt += 1;
+            let attempt = attempt - 1;
             let (i, probe) = match self.pick(&tried, tokens, req.stream) {
                 Ok(p) => p,
                 Err(wait) => {
@@ -592,7 +598,11 @@ impl Route {
                     })
                 }
             };
-            if tried[i] && last.as_ref().is_some_and(AttemptError::no_retry_here) {
+            if tried[i]
+                && last
+                    .as_ref()
+                    .is_some_and(|e| e.no_retry_here() || e.held_elsewhere())
+            {
                 // Only deployments already tried are left, and the last said a retry
                 // cannot help.
                 break;
@@ -664,8 +674,14 @@ impl Route {
                         "upstream attempt failed"
                     );
                     let retryable = e.retryable();
+                    let elsewhere = e.held_elsewhere();
                     last = Some(e);
-                    if !retryable {
+                    if elsewhere {
+                        // Looked for on the deployments not asked yet, retries or not.
+                        if tried.iter().any(|t| !t) {
+                            allowed += 1;
+                        }
+                    } else if !retryable {
                         break;
                     }
                 }
