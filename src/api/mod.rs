@@ -225,6 +225,9 @@ pub fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The route a moderation naming no `model` goes to: OpenAI's default model for it.
+pub const DEFAULT_MODERATION_MODEL: &str = "omni-moderation-latest";
+
 /// One client request, checked and ready to send: what every later stage works from.
 pub struct ApiRequest {
     pub op: Operation,
@@ -526,6 +529,10 @@ impl ApiRequest {
         };
         let route = match shape {
             Shape::Azure { route } => route,
+            // OpenAI's default for a moderation that names no model.
+            Shape::OpenAi if op == Operation::Moderations && client_model.is_none() => {
+                DEFAULT_MODERATION_MODEL.to_string()
+            }
             Shape::OpenAi => client_model.ok_or_else(|| {
                 GatewayError::invalid_request(format!("`model` is required for /v1/{}", op.path()))
                     .with_param("model")

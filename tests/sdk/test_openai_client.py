@@ -309,6 +309,16 @@ def test_moderations(client, mock_upstream):
     assert_openai_upstream(req, "/v1/moderations")
 
 
+def test_moderations_without_model_go_to_openais_default(client, mock_upstream):
+    # The SDK makes `model` optional; OpenAI then uses omni-moderation-latest, and so does the
+    # gateway: the route of that name (it refused the request with a 400).
+    r = client.moderations.create(input="I love puppies")
+    assert r.results[0].flagged is False
+    req = mock_upstream.only_request()
+    assert_openai_upstream(req, "/v1/moderations")
+    assert req.json()["model"] == "omni-moderation-latest"
+
+
 def test_responses(client, mock_upstream):
     r = client.responses.create(model="gpt-4o", input="Say hello")
     assert r.output_text == MOCK_TEXT
