@@ -254,6 +254,52 @@ models:
     assert!(err.contains("invalid type: integer `1234`"), "{err}");
 }
 
+/// A value from the environment put in the wrong field (an upstream key as a `base_url`) is
+/// refused without being printed (it was: `` `WSECRET_yy` is not an http(s) URL``); a webhook
+/// that is not a URL is refused at `check` (it failed every alert later, unsaid why).
+#[test]
+fn a_meaning_error_in_a_value_from_the_environment_does_not_print_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err, p) = check_text(
+        &dir,
+        "\
+providers:
+  up: { kind: openai, base_url: \"${UPSTREAM_KEY}\" }
+models:
+  a: { deployments: [ { provider: up, deployment: gpt-4o } ] }
+alerts:
+  webhook: ${HOOK}
+",
+        &[
+            ("UPSTREAM_KEY", "sk-wrong-field-7f3a9c"),
+            ("HOOK", "TOKEN-not-a-url"),
+        ],
+    );
+    assert_ne!(code, 0);
+    let all = format!("{out}{err}");
+    assert!(
+        !all.contains("sk-wrong-field-7f3a9c") && !all.contains("TOKEN-not-a-url"),
+        "{all}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{p}:2:33: providers.up.base_url: (the value from the environment) is not an http(s) URL"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("alerts.webhook is not an http(s) URL"),
+        "{err}"
+    );
+    // Empty (`${ALERT_WEBHOOK_URL:-}` unset): alerts are only logged, as documented.
+    let (code, _, err, _) = check_text(
+        &dir,
+        "providers:\n  demo: { kind: mock }\nmodels:\n  a: { deployments: [ { provider: demo } ] }\nalerts:\n  webhook: ${HOOK:-}\n",
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
 /// `check` refuses the state URLs `serve` would refuse at start, without printing them.
 #[test]
 fn check_refuses_state_urls_that_serve_would_refuse() {

@@ -201,14 +201,14 @@ impl Checker<'_> {
     fn error(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push(Diagnostic {
             pos: self.positions.value(path),
-            message: message.into(),
+            message: self.positions.without_env_values(message.into()),
         });
     }
 
     fn warn(&mut self, path: &[Seg], message: impl Into<String>) {
         self.warnings.push(Diagnostic {
             pos: self.positions.key(path),
-            message: message.into(),
+            message: self.positions.without_env_values(message.into()),
         });
     }
 
@@ -224,6 +224,17 @@ impl Checker<'_> {
     }
 
     fn server(&mut self, c: &Config) {
+        if let Some(hook) = c.alerts.webhook.as_ref().filter(|h| !h.expose().is_empty()) {
+            // Else every alert would fail later, with a log line that cannot say why.
+            let ok = reqwest::Url::parse(hook.expose())
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                self.error(
+                    &p(&["alerts", "webhook"]),
+                    "alerts.webhook is not an http(s) URL",
+                );
+            }
+        }
         if c.server.listen.parse::<std::net::SocketAddr>().is_err() {
             self.error(
                 &p(&["server", "listen"]),

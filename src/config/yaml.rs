@@ -76,6 +76,8 @@ pub struct Positions {
     values: HashMap<Path, Pos>,
     keys: HashMap<Path, Pos>,
     interpolated: HashSet<Path>,
+    /// The values that hold text from the environment, as they read after interpolation.
+    env_texts: Vec<String>,
 }
 
 impl Positions {
@@ -104,6 +106,21 @@ impl Positions {
     /// Whether the scalar at `path` came (at least partly) from `${VAR}` interpolation.
     pub fn was_interpolated(&self, path: &[Seg]) -> bool {
         self.interpolated.contains(path)
+    }
+
+    /// `message` with any value that holds text from the environment (4 characters or
+    /// more) said as such: a secret put in the wrong field is not printed by the check
+    /// that refuses it.
+    pub fn without_env_values(&self, message: String) -> String {
+        let mut out = message;
+        for t in self.env_texts.iter().filter(|t| t.len() >= 4) {
+            if out.contains(t.as_str()) {
+                out = out
+                    .replace(&format!("`{t}`"), "(the value from the environment)")
+                    .replace(t.as_str(), "(the value from the environment)");
+            }
+        }
+        out
     }
 }
 
@@ -267,6 +284,7 @@ fn to_value(
                     Ok((t, from_env)) => {
                         if from_env {
                             positions.interpolated.insert(path.clone());
+                            positions.env_texts.push(t.clone());
                         }
                         t
                     }
