@@ -3237,3 +3237,47 @@ async fn estimates_count_streamed_call_arguments_and_token_ids() {
     let emb = rows.iter().find(|r| r.endpoint == "embeddings").unwrap();
     assert_eq!((emb.prompt_tokens, emb.estimated), (1003, true), "{emb:?}");
 }
+
+/// A plain answer far larger than any real one (200 MB: a broken or hostile upstream) goes
+/// through without the gateway keeping it: past 32 MiB only its tail is kept, and its usage
+/// is read from there. (The gateway's memory grew with the answer: 1.9 GB in 20 s.)
+#[tokio::test]
+async fn a_huge_plain_answer_is_passed_on_without_being_kept_whole() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, "")).await;
+    let text = "x".repeat(200 << 20);
+    let answer = format!(
+        r#"{{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[{{"index":0,"message":{{"role":"assistant","content":"{text}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":9,"completion_tokens":50000000,"total_tokens":50000009}}}}"#
+    );
+    drop(text);
+    let sent = answer.len();
+    up.script(Scripted::respond(200, answer));
+    let (got, growth) = peak_growth_mib(&gw, async {
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let mut body = r.bytes_stream();
+        let mut got = 0;
+        while let Some(chunk) = body.next().await {
+            got += chunk.unwrap().len();
+        }
+        got
+    })
+    .await;
+    assert_eq!(got, sent);
+    assert!(growth < 100, "the gateway's peak RSS grew by {growth} MiB");
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    assert_eq!(
+        (
+            rows[0].prompt_tokens,
+            rows[0].completion_tokens,
+            rows[0].estimated
+        ),
+        (9, 50_000_000, false),
+        "{rows:?}"
+    );
+}

@@ -143,6 +143,17 @@ impl Usage {
     }
 
     /// The counts of `usage`, else of the Responses API's `response.usage`.
+    /// Usage from the last bytes of an answer too large to keep whole: the object after the
+    /// last `"usage":` in them (where the upstreams write it, at the answer's end).
+    pub fn from_answer_tail(tail: &[u8]) -> Option<Usage> {
+        let at = memchr::memmem::rfind(tail, b"\"usage\"")?;
+        let rest = tail[at + b"\"usage\"".len()..].trim_ascii_start();
+        let rest = rest.strip_prefix(b":")?;
+        let mut de = serde_json::Deserializer::from_slice(rest);
+        let usage = <Option<UsageObject> as Deserialize>::deserialize(&mut de).ok()??;
+        usage.usage()
+    }
+
     fn reported(usage: Option<UsageObject>, response: Option<ResponseHead>) -> Option<Usage> {
         usage
             .and_then(|u| u.usage())

@@ -363,6 +363,8 @@ pub struct Tap {
     kept: Vec<Bytes>,
     /// A JSON answer, gathered in one buffer as its chunks pass (read for usage at the end).
     json: BytesMut,
+    /// The JSON answer passed `JSON_KEPT_MAX`: `json` holds its tail only.
+    json_cut: bool,
     /// A stream's bytes in `kept`, and the answer text of the chunks it no longer holds
     /// (`KEEP_STREAM_BYTES`).
     kept_bytes: usize,
@@ -415,6 +417,7 @@ impl Tap {
             usage: None,
             kept: Vec::new(),
             json: BytesMut::new(),
+            json_cut: false,
             kept_bytes: 0,
             text: String::new(),
             first_byte: None,
@@ -499,6 +502,25 @@ impl Tap {
         self.images_sent += DONE.find_iter(chunk).count() as u64;
     }
 
+    /// Keeps a JSON answer's chunk, whole up to `JSON_KEPT_MAX`, then its tail only.
+    fn keep_json(&mut self, data: &[u8]) {
+        if !self.json_cut && self.json.len() + data.len() <= JSON_KEPT_MAX {
+            self.json.extend_from_slice(data);
+            return;
+        }
+        if !self.json_cut || self.json.len() + data.len() > 2 * JSON_TAIL {
+            // A new buffer of the last `JSON_TAIL` bytes; the old one goes.
+            let from_old = JSON_TAIL.saturating_sub(data.len()).min(self.json.len());
+            let mut tail = BytesMut::with_capacity(2 * JSON_TAIL);
+            tail.extend_from_slice(&self.json[self.json.len() - from_old..]);
+            tail.extend_from_slice(&data[data.len().saturating_sub(JSON_TAIL)..]);
+            self.json = tail;
+            self.json_cut = true;
+        } else {
+            self.json.extend_from_slice(data);
+        }
+    }
+
     fn finish(&mut self) {
         let Some(record) = self.record.take() else {
             return;
@@ -507,7 +529,14 @@ impl Tap {
         let mut usage = self.usage;
         // A JSON answer whole, read for usage and stored as the cache entry.
         let mut answer: Option<Bytes> = None;
-        if success && self.mode == Mode::Json {
+        if success && self.mode == Mode::Json && self.json_cut {
+            // Too large to keep whole: its usage read from its tail, else its prompt counted.
+            usage = Usage::from_answer_tail(&self.json);
+            if usage.is_none() && counts_tokens(record.op) {
+                usage = Some(record.estimate(""));
+            }
+            self.json.clear();
+        } else if success && self.mode == Mode::Json {
             let whole = self.json.split();
             // Grown past its first size, the buffer may have room to spare: what a cache
             // keeps (weighed by its length) is an exact copy instead.
@@ -617,6 +646,15 @@ impl Tap {
 /// (a larger answer grows it as it comes).
 const JSON_RESERVE_MAX: usize = 16 << 20;
 
+/// The most of a JSON answer kept whole (to read its usage, to count its text when it has
+/// none, to store it in the cache). Past it, only its last `JSON_TAIL` bytes are kept, where
+/// the upstreams write `usage` (a batch of 2,048 embeddings of 3,072 floats, ~80 MB, is
+/// read so; an embeddings estimate counts only the input anyway): an upstream sending
+/// gigabytes (broken, or hostile) costs the gateway this much, not its memory (1.9 GB of
+/// RSS in 20 s before). Such an answer is not stored in the cache.
+const JSON_KEPT_MAX: usize = 32 << 20;
+const JSON_TAIL: usize = 64 << 10;
+
 /// A stream's bytes kept at most when no cache entry is to be made of it: past them, the
 /// chunks are read for their answer text (what a token estimate needs, if the upstream sends
 /// no usage) and let go, so a long answer streamed to many clients at once is not held whole
@@ -719,7 +757,7 @@ impl Body for Tap {
                                         this.json
                                             .reserve(whole.min(JSON_RESERVE_MAX as u64) as usize);
                                     }
-                                    this.json.extend_from_slice(&data);
+                                    this.keep_json(&data);
                                     data
                                 }
                                 Mode::Other => data,
@@ -830,6 +868,7 @@ impl Drop for Tap {
                     usage: self.usage,
                     kept: Vec::new(),
                     json: std::mem::take(&mut self.json),
+                    json_cut: self.json_cut,
                     kept_bytes: 0,
                     text: String::new(),
                     first_byte: self.first_byte,
@@ -855,7 +894,7 @@ impl Drop for Tap {
                             continue;
                         };
                         match frame.map(|f| f.map(|f| f.into_data())) {
-                            Some(Ok(Ok(data))) => rest.json.extend_from_slice(&data),
+                            Some(Ok(Ok(data))) => rest.keep_json(&data),
                             Some(Ok(Err(_trailers))) => {}
                             Some(Err(_)) => return rest.finish(),
                             None => break,
