@@ -1728,6 +1728,33 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
             !text.contains(secret) && !text.contains(host_port),
             "{text}"
         );
+        // Only errors are scrubbed: the model's text and the client's own instructions go
+        // out as they came, `error` in them or not (a `response.created` holds `"error":
+        // null`; they lost the upstream's address).
+        let said = format!("if you see an error, check the server at {host_port}");
+        up.script(Scripted::Stream {
+            chunks: vec![
+                (
+                    Duration::ZERO,
+                    format!(
+                        "event: response.created\ndata: {}\n\n",
+                        json!({"type": "response.created", "response": {"id": "r", "status": "in_progress",
+                               "error": null, "instructions": format!("our DB runs on {host_port}")}})
+                    ),
+                ),
+                (Duration::ZERO, chat_chunk(None, Some(&said), None)),
+            ],
+            end: StreamEnd::Finish,
+        });
+        let text = post(&gw, "/v1/chat/completions", &streamed)
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            text.contains(&format!("our DB runs on {host_port}")) && text.contains(&said),
+            "{text}"
+        );
     }
     assert!(!gw.logs().contains(OPENAI_SECRET) && !gw.logs().contains(AZURE_SECRET));
 }

@@ -89,28 +89,46 @@ impl StreamState {
     }
 }
 
-/// Whether an event is an error of the upstream's own: `{"error": …}` (OpenAI, Azure,
-/// vLLM, TGI), vLLM's older `{"object": "error", …}`, the Responses API's
-/// `{"type": "error", …}`, or any event named `error` (`event: error`, whatever its data).
-/// Read as JSON (only events holding `error` get here).
-fn is_error_event(event: &[u8]) -> bool {
+/// What an event holding `error` is.
+#[derive(PartialEq)]
+enum ErrorEvent {
+    /// An error of the upstream's own: `{"error": …}` (OpenAI, Azure, vLLM, TGI), vLLM's
+    /// older `{"object": "error", …}`, the Responses API's `{"type": "error", …}`, or any
+    /// event named `error` (`event: error`, whatever its data).
+    Error,
+    /// The Responses API's `response.failed`: its error inside `response`.
+    Failed,
+    /// Anything else (a `response.created` with `"error": null`, a text about an error).
+    No,
+}
+
+/// Reads an event holding `error` as JSON.
+fn read_error_event(event: &[u8]) -> ErrorEvent {
     let named_error = event.split(|b| matches!(b, b'\n' | b'\r')).any(|line| {
         line.strip_prefix(b"event:")
             .is_some_and(|name| name.trim_ascii() == b"error")
     });
     if named_error {
-        return true;
+        return ErrorEvent::Error;
     }
     let Some(data) = sse::event_data(event) else {
-        return false;
+        return ErrorEvent::No;
     };
     match serde_json::from_slice::<serde_json::Value>(&data) {
         Ok(serde_json::Value::Object(m)) => {
-            m.get("error").is_some_and(|e| !e.is_null())
+            let kind = m.get("type").and_then(|t| t.as_str());
+            if m.get("error").is_some_and(|e| !e.is_null())
                 || m.get("object").and_then(|o| o.as_str()) == Some("error")
-                || m.get("type").and_then(|t| t.as_str()) == Some("error")
+                || kind == Some("error")
+            {
+                ErrorEvent::Error
+            } else if kind == Some("response.failed") {
+                ErrorEvent::Failed
+            } else {
+                ErrorEvent::No
+            }
         }
-        _ => false,
+        _ => ErrorEvent::No,
     }
 }
 
@@ -257,10 +275,9 @@ where
 
 impl<B> UpstreamStream<B> {
     /// Whole events on their way out: an error event of the upstream's own is told to the
-    /// route (a failure of the deployment); any event holding `error` (an error event, the
-    /// Responses API's `response.failed` with its `error` member) goes out without the
-    /// upstream's key or address. Found by `error` in the chunk first, which an ordinary
-    /// chunk lacks.
+    /// route (a failure of the deployment), and it and the Responses API's
+    /// `response.failed` go out without the upstream's key or address. Found by `error` in
+    /// the chunk first, which most chunks lack.
     fn read_errors(&self, ready: Bytes) -> Bytes {
         // One searcher, made once: building it per chunk cost more than the search.
         static ERROR: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
@@ -272,15 +289,22 @@ impl<B> UpstreamStream<B> {
         let mut start = 0;
         for end in sse::event_ends(&ready) {
             let event = &ready[start..end];
-            let clean = if ERROR.find(event).is_some() {
-                if is_error_event(event) {
-                    if let Some(state) = &self.state {
-                        state.set(ERROR_EVENT);
-                    }
-                }
-                self.scrub.as_ref().and_then(|s| s.bytes(event))
+            let kind = if ERROR.find(event).is_some() {
+                read_error_event(event)
             } else {
+                ErrorEvent::No
+            };
+            if kind == ErrorEvent::Error {
+                if let Some(state) = &self.state {
+                    state.set(ERROR_EVENT);
+                }
+            }
+            // Only errors are scrubbed: the text of other events is the model's, passed on
+            // as it came, whatever it says.
+            let clean = if kind == ErrorEvent::No {
                 None
+            } else {
+                self.scrub.as_ref().and_then(|s| s.bytes(event))
             };
             match (&mut out, clean) {
                 (None, Some(clean)) => {
