@@ -300,6 +300,32 @@ alerts:
     assert_eq!(code, 0, "{err}");
 }
 
+/// A deployment named as its model, a model the built-in table does not price (an Azure
+/// habit): `check` warns that it costs 0; it took the price of the model its name starts with
+/// (`gpt-35-turbo-16k` as `gpt-35-turbo`, 6x under, before it had its own entry) unsaid. Without `model:`, a deployment
+/// named after a priced model keeps its price.
+#[test]
+fn a_deployment_named_as_its_unpriced_model_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, err, _) = check_text(
+        &dir,
+        "\
+providers:
+  az: { kind: azure_openai, endpoint: \"https://x.openai.azure.com\", api_key: k, api_version: 2024-10-21 }
+models:
+  old: { deployments: [ { provider: az, deployment: gpt-4o-search-preview, model: gpt-4o-search-preview } ] }
+  prod: { deployments: [ { provider: az, deployment: gpt-4o-prod } ] }
+",
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("route `old`: no built-in price for model `gpt-4o-search-preview`"),
+        "{err}"
+    );
+    assert!(!err.contains("route `prod`"), "{err}");
+}
+
 /// `check` refuses the state URLs `serve` would refuse at start, without printing them.
 #[test]
 fn check_refuses_state_urls_that_serve_would_refuse() {

@@ -662,23 +662,28 @@ impl Checker<'_> {
                 let known = d.pricing.is_some()
                     || r.pricing.is_some()
                     || provider_is_mock
-                    || d.model
-                        .as_deref()
-                        .and_then(crate::ledger::cost::builtin_price)
-                        .is_some()
-                    || crate::ledger::cost::builtin_price_by_name(
-                        d.deployment.as_deref().unwrap_or(route),
-                    )
-                    .is_some();
+                    || match d.model.as_deref() {
+                        Some(m) => crate::ledger::cost::builtin_price(m).is_some(),
+                        None => crate::ledger::cost::builtin_price_by_name(
+                            d.deployment.as_deref().unwrap_or(route),
+                        )
+                        .is_some(),
+                    };
                 if !known {
                     let mut path = p(&["models", route, "deployments"]);
                     path.push(Seg::Index(i));
                     self.warn(
                         &path,
-                        format!(
-                            "route `{route}`: no price for deployment `{}` (set `pricing:` or `model:`); it costs 0",
-                            d.deployment.as_deref().unwrap_or(route)
-                        ),
+                        match d.model.as_deref() {
+                            Some(m) => format!(
+                                "route `{route}`: no built-in price for model `{m}` of deployment `{}` (set `pricing:`); it costs 0",
+                                d.deployment.as_deref().unwrap_or(route)
+                            ),
+                            None => format!(
+                                "route `{route}`: no price for deployment `{}` (set `pricing:` or `model:`); it costs 0",
+                                d.deployment.as_deref().unwrap_or(route)
+                            ),
+                        },
                     );
                 }
             }

@@ -1059,7 +1059,7 @@ mod tests {
             "gpt-4.5",
             "gpt-4o-realtime-preview",
             "gpt-4o-search-preview",
-            "gpt-35-turbo-16k",
+            "gpt-4o-mini-search-preview",
             "o3-mini-high",
             "gpt-image-1.5",
         ] {
@@ -1089,6 +1089,10 @@ mod tests {
             ("o3-deep-research", 10.0, 40.0),
             ("o4-mini-deep-research-2025-06-26", 2.0, 8.0),
             ("gpt-35-turbo-0125", 0.5, 1.5),
+            ("gpt-35-turbo-0613", 1.5, 2.0),
+            ("gpt-3.5-turbo-1106", 1.0, 2.0),
+            ("gpt-35-turbo-16k-0613", 3.0, 4.0),
+            ("gpt-3.5-turbo-instruct-0914", 1.5, 2.0),
             ("GPT-4o-Mini@2024-07-18", 0.15, 0.6),
         ] {
             let p = builtin_price(name).unwrap_or_else(|| panic!("{name}"));

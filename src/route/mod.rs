@@ -83,17 +83,19 @@ pub struct Route {
 pub type Routes = IndexMap<String, Arc<Route>>;
 
 /// The price of a deployment: its `pricing:`, the route's, or the built-in table by the
-/// underlying `model:` or the deployment name.
+/// underlying `model:`, else (no `model:`) by the deployment name.
 fn resolve_price<'a>(
     deployment: Option<&'a Pricing>,
     route: Option<&'a Pricing>,
     model: Option<&str>,
     upstream: &str,
 ) -> Option<&'a Pricing> {
-    deployment
-        .or(route)
-        .or_else(|| model.and_then(builtin_pricing))
-        .or_else(|| builtin_pricing_by_name(upstream))
+    // With `model:` set, the table by it alone: a deployment named as its model (an Azure
+    // habit) would otherwise take, by the looser name rule, the price of another model.
+    deployment.or(route).or_else(|| match model {
+        Some(m) => builtin_pricing(m),
+        None => builtin_pricing_by_name(upstream),
+    })
 }
 
 /// `by_connect_timeout`: the providers over a client with another connect timeout, for the
