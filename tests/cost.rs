@@ -3186,6 +3186,7 @@ async fn estimates_count_streamed_call_arguments_and_token_ids() {
     let mut gw = Gateway::start(&config(&up, &keys(""))).await;
     let event = |kind: &str, v: Value| format!("event: {kind}\ndata: {v}\n\n");
     let args = r#"{"city":"Paris","unit":"celsius","days":[1,2,3]}"#;
+    let summary = "The user asks for the weather in Paris for three days.";
     let mut chunks = vec![(
         Duration::ZERO,
         event(
@@ -3203,6 +3204,13 @@ async fn estimates_count_streamed_call_arguments_and_token_ids() {
             ),
         ));
     }
+    chunks.push((
+        Duration::ZERO,
+        event(
+            "response.reasoning_summary_text.delta",
+            json!({"type": "response.reasoning_summary_text.delta", "item_id": "rs", "output_index": 0, "delta": summary}),
+        ),
+    ));
     // Broken off before `response.completed` (which carries the usage).
     up.script(Scripted::Stream {
         chunks,
@@ -3233,7 +3241,8 @@ async fn estimates_count_streamed_call_arguments_and_token_ids() {
     r.bytes().await.unwrap();
     let rows = sqlite_rows_after_shutdown(&mut gw).await;
     let resp = rows.iter().find(|r| r.endpoint == "responses").unwrap();
-    assert!(resp.estimated && resp.completion_tokens >= 10, "{resp:?}");
+    // The arguments (~20 tokens) and the reasoning summary (12).
+    assert!(resp.estimated && resp.completion_tokens >= 30, "{resp:?}");
     let emb = rows.iter().find(|r| r.endpoint == "embeddings").unwrap();
     assert_eq!((emb.prompt_tokens, emb.estimated), (1003, true), "{emb:?}");
 }
@@ -3280,4 +3289,103 @@ async fn a_huge_plain_answer_is_passed_on_without_being_kept_whole() {
         (9, 50_000_000, false),
         "{rows:?}"
     );
+}
+
+/// Usage saying more completion tokens than the cap sent upstream allows (10 asked, 99,999,999
+/// reported: under the 10^8 tokens no model makes, so believed before) is not believed: the
+/// answer is counted instead, marked estimated, and the budget holds. (It cost $200 against
+/// a $50 budget, the key refused for the rest of the day.)
+#[tokio::test]
+async fn completion_tokens_past_the_cap_sent_are_counted_by_the_gateway() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(", budget: { usd: 50, period: daily }"))).await;
+    let answer = |content: &str, completion: u64| {
+        json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": completion, "total_tokens": 8 + completion}})
+        .to_string()
+    };
+    let ask = |n: u64| json!({"model": "gpt-4o", "max_tokens": 10, "n": n, "messages": [{"role": "user", "content": "hello world"}]});
+    up.script(Scripted::respond(200, answer("Hello world", 99_999_999)));
+    let r = post(&gw, "/v1/chat/completions", ask(1)).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    // Within the cap times the answers asked for: believed.
+    up.script(Scripted::respond(200, answer("Hello world", 20)));
+    let r = post(&gw, "/v1/chat/completions", ask(2)).await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| (r.prompt_tokens, r.completion_tokens, r.estimated))
+        .collect();
+    assert_eq!(got, [(2, 2, true), (8, 20, false)], "{rows:?}");
+}
+
+/// A background response streamed and cut before its `response.completed` (its client gone)
+/// runs on upstream, billed there: charged what its reservation assumed, as a plain background
+/// request is. (It cost its prompt alone: ten went through a $0.02 budget.)
+#[tokio::test]
+async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(
+        &up,
+        &keys(", budget: { usd: 0.03, period: daily }"),
+    ))
+    .await;
+    let created = format!(
+        "event: response.created\ndata: {}\n\n",
+        json!({"type": "response.created", "response": {"id": "r", "status": "queued", "background": true, "error": null}})
+    );
+    let ask = json!({"model": "gpt-4o", "input": "hi", "background": true, "stream": true, "max_output_tokens": 1000});
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        up.script(Scripted::Stream {
+            chunks: vec![
+                (Duration::ZERO, created.clone()),
+                (Duration::from_secs(30), created.clone()),
+            ],
+            end: StreamEnd::Finish,
+        });
+        let r = post(&gw, "/v1/responses", ask.clone()).await;
+        statuses.push(r.status().as_u16());
+        if r.status() == 200 {
+            // The client reads the first event and leaves.
+            let mut body = r.bytes_stream();
+            assert!(body.next().await.unwrap().is_ok());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let charged: Vec<_> = rows.iter().filter(|r| r.status == 200).collect();
+    assert_eq!(charged.len(), 2, "{rows:?}");
+    for r in charged {
+        assert_eq!((r.completion_tokens, r.estimated), (1000, true), "{r:?}");
+    }
+}
+
+/// A transcription's usage whose `seconds` is not a number (`"30"`) is not believed: priced by
+/// the length read from the file, marked estimated. (It cost 0, unmarked.)
+#[tokio::test]
+async fn a_transcription_whose_seconds_is_not_a_number_is_priced_by_the_file() {
+    let up = MockUpstream::start().await;
+    let config = config_with_routes(
+        &up,
+        "  whisper:
+    pricing: { input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }
+    deployments: [ { provider: up, deployment: whisper-1 } ]
+",
+        &keys(""),
+    );
+    let mut gw = Gateway::start(&config).await;
+    up.script(Scripted::respond(
+        200,
+        json!({"text": "hi", "usage": {"type": "duration", "seconds": "30"}}).to_string(),
+    ));
+    let (status, body) = transcribe(&gw, wav(30.0), "json").await;
+    assert_eq!(status, 200, "{body}");
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    assert_rows(&rows, "audio/transcriptions", &[(200, 0.003, true)]);
 }

@@ -362,7 +362,8 @@ impl UsageObject {
             let seconds = match self.seconds {
                 Some(Field::Count(n)) => n as f64,
                 Some(Field::Float(x)) => x,
-                _ => 0.0,
+                // Missing, or not a number (`"30"`): not believed.
+                _ => f64::NAN,
             };
             return believable_seconds(seconds).then(|| Usage {
                 audio_seconds: seconds,
@@ -388,6 +389,10 @@ impl UsageObject {
             } else {
                 return None;
             };
+        // A prompt count of `null` is not believed (every answer has a prompt).
+        if matches!(prompt, Some(Field::Null)) {
+            return None;
+        }
         let (prompt, completion) = (n(prompt)?, n(completion)?);
         let (cached, _, audio_prompt, image_prompt) = details(prompt_details)?;
         let (_, reasoning, audio_completion, _) = details(completion_details)?;

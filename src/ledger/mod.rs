@@ -77,6 +77,9 @@ pub struct RequestRecord {
     /// request run in the background (answered `queued`, its usage to come later, upstream)
     /// is charged.
     pub output_cap: u64,
+    /// The output cap sent upstream (the client's, or the one the gateway added), times the
+    /// answers asked for: a usage saying more completion tokens than that is not believed.
+    pub sent_cap: Option<u64>,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -263,6 +266,19 @@ impl RequestRecord {
     }
 }
 
+/// Tokens a usage may say beyond the cap sent before it is not believed (a server counting
+/// an end token, say).
+const OVER_CAP_SLACK: u64 = 16;
+
+/// Whether a request asks to run in the background (`"background": true`).
+fn in_background(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        background: Option<bool>,
+    }
+    serde_json::from_slice::<Head>(body).is_ok_and(|h| h.background == Some(true))
+}
+
 /// Whether a Responses answer is one still running upstream (`status` `queued` or
 /// `in_progress`: a background response).
 fn runs_on(answer: &[u8]) -> bool {
@@ -332,6 +348,8 @@ fn answer_text(v: &Value, out: &mut String) {
             "response.output_text.delta"
                 | "response.function_call_arguments.delta"
                 | "response.refusal.delta"
+                | "response.reasoning_text.delta"
+                | "response.reasoning_summary_text.delta"
         )
     ) {
         if let Some(s) = v.get("delta").and_then(Value::as_str) {
@@ -600,10 +618,45 @@ impl Tap {
             u.completion = self.partial_images_sent.saturating_mul(100);
             usage = Some(u);
         }
+        if success
+            && self.mode == Mode::Sse
+            && usage.is_none()
+            && record.op == Operation::Responses
+            && in_background(&record.request_body)
+        {
+            // A background response streamed, cut before its `response.completed` (its
+            // client gone): it runs on upstream to its end, billed there. Charged what its
+            // reservation assumed, as a plain background request is.
+            let mut u = record.estimate("");
+            u.completion = record.output_cap;
+            usage = Some(u);
+        }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
             let mut text = std::mem::take(&mut self.text);
             stream_text(&self.kept, &mut text);
             usage = Some(record.estimate(&text));
+        }
+        // More completion tokens than the cap sent upstream allows: not believed (a broken
+        // or hostile upstream), the answer counted instead (which also counts what a server
+        // ignoring the cap really made).
+        if let (Some(u), Some(cap)) = (usage, record.sent_cap) {
+            if success && !u.estimated && u.completion > cap.saturating_add(OVER_CAP_SLACK) {
+                let mut text = std::mem::take(&mut self.text);
+                match &answer {
+                    Some(whole) => {
+                        if let Ok(v) = serde_json::from_slice::<Value>(whole) {
+                            answer_text(&v, &mut text);
+                        }
+                    }
+                    None => stream_text(&self.kept, &mut text),
+                }
+                tracing::warn!(
+                    reported = u.completion,
+                    cap,
+                    "the upstream reported more completion tokens than the cap it was sent: counted instead"
+                );
+                usage = Some(record.estimate(&text));
+            }
         }
         let complete = self.complete || self.done;
         if let (Some((leader, ttl)), true, true) = (self.cache.take(), complete, success) {

@@ -533,6 +533,15 @@ fn new_record(
         billed_refusal: false,
         generation: None,
         output_cap: route.output_cap(req),
+        sent_cap: matches!(
+            req.op,
+            api::Operation::ChatCompletions
+                | api::Operation::Completions
+                | api::Operation::Responses
+        )
+        .then(|| req.max_tokens.or(req.output_cap).or(req.n_predict_cap))
+        .flatten()
+        .map(|cap| cap.saturating_mul(req.choices)),
     }
 }
 
