@@ -521,7 +521,7 @@ async fn restart_keeps_spend(ledger: Option<String>) {
     let costly = || {
         Scripted::respond(200, json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 2000, "completion_tokens": 500, "total_tokens": 2500}}).to_string())
+        "usage": {"prompt_tokens": 3600, "completion_tokens": 100, "total_tokens": 3700}}).to_string())
     };
     up.script(costly());
     let body = json!({"model": "gpt-4o", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
@@ -529,7 +529,7 @@ async fn restart_keeps_spend(ledger: Option<String>) {
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     let rows = rows_after_shutdown(&mut gw, &url).await;
-    let spent = 2000.0 * 2.5 / 1e6 + 500.0 * 10.0 / 1e6; // 0.01
+    let spent = 3600.0 * 2.5 / 1e6 + 100.0 * 10.0 / 1e6; // 0.01
     assert!((rows.iter().map(|r| r.cost_usd).sum::<f64>() - spent).abs() < 1e-9);
 
     // Same folder, same ledger: the budget knows what was spent.
