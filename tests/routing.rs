@@ -2094,3 +2094,132 @@ models:
         (3, 2, 1)
     );
 }
+
+/// A stored response is retrieved, cancelled, listed and deleted through the gateway: the
+/// providers of the key's routes are asked in turn until one holds it (a 404 is "not here"),
+/// with the provider's own key and path (Azure: `/openai/responses/{id}?api-version=`), the
+/// client's query passed on. (Every such call was a 404 "unknown endpoint": a background
+/// response could not be polled.)
+#[tokio::test]
+async fn stored_responses_are_looked_for_on_the_keys_providers() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let azure = format!(
+        "  b: {{ kind: azure_openai, endpoint: \"{}\", api_key: sk-upstream-b, api_version: 2025-04-01-preview }}\n",
+        b.url()
+    );
+    let yaml = config(
+        &(openai("a", &a) + &azure + "  demo: { kind: mock }\n"),
+        r#"
+models:
+  first: { deployments: [ { provider: demo }, { provider: a, deployment: m } ] }
+  second: { deployments: [ { provider: a, deployment: m2 }, { provider: b, deployment: m } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let not_found = || {
+        Scripted::respond(
+            404,
+            json!({"error": {"message": "Response with id 'resp_b1' not found.", "type": "invalid_request_error",
+                "param": null, "code": null}})
+            .to_string(),
+        )
+    };
+    let held = json!({"id": "resp_b1", "object": "response", "status": "completed", "output": [],
+        "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}})
+    .to_string();
+    // Retrieved: `a` (asked once, though two routes use it) has it not, `b` has it.
+    a.script(not_found());
+    b.script(Scripted::respond(200, held.clone()));
+    let r = client()
+        .get(gw.url("/v1/responses/resp_b1?include[]=reasoning.encrypted_content"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-deployment"], "b/m");
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "completed");
+    let asked = a.requests();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        (asked[0].method.as_str(), asked[0].path.as_str()),
+        ("GET", "/v1/responses/resp_b1")
+    );
+    assert_eq!(
+        asked[0].header("authorization"),
+        Some("Bearer sk-upstream-a")
+    );
+    let asked = b.requests();
+    assert_eq!(asked[0].path, "/openai/responses/resp_b1");
+    assert_eq!(
+        asked[0].query.as_deref(),
+        Some("api-version=2025-04-01-preview&include[]=reasoning.encrypted_content")
+    );
+    assert_eq!(asked[0].header("api-key"), Some("sk-upstream-b"));
+    // Cancelled where it lives; a refusal there (400) is the answer, not asked further.
+    a.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "Only background responses can be cancelled.", "type": "invalid_request_error", "code": null}}).to_string(),
+    ));
+    let r = client()
+        .post(gw.url("/v1/responses/resp_b1/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(b.request_count(), 1);
+    assert_eq!(a.requests()[1].method, "POST");
+    assert_eq!(a.requests()[1].path, "/v1/responses/resp_b1/cancel");
+    // Its input items, and deleted.
+    a.script(not_found());
+    b.script(Scripted::respond(
+        200,
+        json!({"object": "list", "data": []}).to_string(),
+    ));
+    let r = client()
+        .get(gw.url("/v1/responses/resp_b1/input_items?limit=5"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        b.requests()[1].path,
+        "/openai/responses/resp_b1/input_items"
+    );
+    a.script(not_found());
+    b.script(Scripted::respond(
+        200,
+        json!({"id": "resp_b1", "object": "response", "deleted": true}).to_string(),
+    ));
+    let r = client()
+        .delete(gw.url("/v1/responses/resp_b1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(b.requests()[2].method, "DELETE");
+    // Held by none: a 404 in the OpenAI shape.
+    a.script(not_found());
+    b.script(not_found());
+    let r = client()
+        .get(gw.url("/v1/responses/resp_b1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not found"),
+        "{e}"
+    );
+    // Not a response id: not sent anywhere.
+    let r = client()
+        .get(gw.url("/v1/responses/..%2Fmodels"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!((a.request_count(), b.request_count()), (5, 4));
+}

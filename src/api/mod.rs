@@ -140,6 +140,9 @@ pub enum Shape {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Call(Operation, Shape),
+    /// A call on a response an upstream stores: the path after `responses/` (`{id}`,
+    /// `{id}/cancel`, `{id}/input_items`).
+    StoredResponse(String),
     ListModels,
     GetModel(String),
     Healthz,
@@ -196,6 +199,28 @@ pub fn classify(method: &http::Method, path: &str) -> Target {
         .trim_end_matches('/');
     if rest == "models" {
         return either(get, Target::ListModels);
+    }
+    if let Some(stored) = rest.strip_prefix("responses/") {
+        let (id, action) = stored.split_once('/').unwrap_or((stored, ""));
+        // A response id (`resp_…`): letters, digits, `_` and `-` only, so that it is one
+        // path segment upstream.
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+        {
+            return Target::NotFound;
+        }
+        let delete = method == http::Method::DELETE;
+        return match action {
+            "" if get || delete => Target::StoredResponse(stored.to_string()),
+            "" => Target::WrongMethod("GET, HEAD, DELETE"),
+            "input_items" if get => Target::StoredResponse(stored.to_string()),
+            "input_items" => Target::WrongMethod("GET, HEAD"),
+            "cancel" if post => Target::StoredResponse(stored.to_string()),
+            "cancel" => Target::WrongMethod("POST"),
+            _ => Target::NotFound,
+        };
     }
     if let Some(id) = rest.strip_prefix("models/") {
         return either(get, Target::GetModel(percent_decode(id)));

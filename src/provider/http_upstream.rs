@@ -185,7 +185,7 @@ impl HttpUpstream {
         timeout: Duration,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         // One deadline for the whole attempt: the answer's head, then its body to the end.
-        let mut deadline = Box::pin(tokio::time::sleep(timeout));
+        let deadline = Box::pin(tokio::time::sleep(timeout));
         // `None`: the URL did not parse when the config was loaded.
         let uri = target
             .cloned()
@@ -213,6 +213,66 @@ impl HttpUpstream {
             headers.insert(name.clone(), value.clone());
         }
         *request.uri_mut() = uri;
+        self.answer(request, deadline, timeout).await
+    }
+
+    /// A call on a response the upstream stores: `GET` or `DELETE /responses/{id}`, `POST
+    /// /responses/{id}/cancel`, `GET /responses/{id}/input_items`. `rest` is the path after
+    /// `responses/`, `query` the client's query string (Azure's `api-version` is the
+    /// provider's).
+    pub async fn send_stored(
+        &self,
+        method: http::Method,
+        rest: &str,
+        query: Option<&str>,
+        timeout: Duration,
+    ) -> Result<http::Response<ResponseBody>, AttemptError> {
+        let deadline = Box::pin(tokio::time::sleep(timeout));
+        let mut url = match &self.flavor {
+            Flavor::Azure {
+                endpoint,
+                api_version,
+            } => format!("{endpoint}/openai/responses/{rest}?api-version={api_version}"),
+            Flavor::OpenAi { base_url } => format!("{base_url}/responses/{rest}"),
+        };
+        let query = query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty() && !p.starts_with("api-version="))
+            .collect::<Vec<_>>()
+            .join("&");
+        if !query.is_empty() {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&query);
+        }
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| AttemptError::Connect("the upstream URL is not valid".into()))?;
+        let mut request = http::Request::new(Full::new(Bytes::new()));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if let Some(host) = &self.host {
+            headers.insert(http::header::HOST, host.clone());
+        }
+        if let Some((name, value)) = &self.auth {
+            headers.insert(name.clone(), value.clone());
+        }
+        self.answer(request, deadline, timeout).await
+    }
+
+    /// Sends `request` and makes its answer the client's: a success passed on as it comes
+    /// (a stream guarded and read for errors), an error normalised and scrubbed.
+    async fn answer(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        mut deadline: Pin<Box<tokio::time::Sleep>>,
+        timeout: Duration,
+    ) -> Result<http::Response<ResponseBody>, AttemptError> {
         let resp = tokio::select! {
             biased;
             r = self.client.request(request) => r.map_err(|e| classify(&e))?,

@@ -81,6 +81,23 @@ impl Provider {
     }
 }
 
+impl Provider {
+    /// A call on a response this provider's upstream stores (`HttpUpstream::send_stored`);
+    /// `None` for a mock, which stores none.
+    pub async fn send_stored(
+        &self,
+        method: http::Method,
+        rest: &str,
+        query: Option<&str>,
+        timeout: Duration,
+    ) -> Option<Result<http::Response<ResponseBody>, AttemptError>> {
+        match &self.kind {
+            ProviderKind::Http(h) => Some(h.send_stored(method, rest, query, timeout).await),
+            ProviderKind::Mock(_) => None,
+        }
+    }
+}
+
 /// Why one attempt failed, and whether another deployment may do better.
 #[derive(Debug)]
 pub enum AttemptError {

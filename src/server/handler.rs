@@ -120,6 +120,19 @@ where
             facts.endpoint = op.path();
             proxy(&gateway, &rt, op, shape, req, &mut facts).await
         }
+        Target::StoredResponse(rest) => match rt.keys.authenticate(req.headers()) {
+            Err(e) => Err(e),
+            Ok(key) => {
+                facts.endpoint = "responses";
+                facts.of_key(&key);
+                let method = match req.method() {
+                    &http::Method::HEAD => http::Method::GET,
+                    m => m.clone(),
+                };
+                let query = req.uri().query().map(str::to_string);
+                Box::pin(stored_response(&rt, &key, method, query, &rest, &mut facts)).await
+            }
+        },
         Target::WrongMethod(allow) => Err(GatewayError::method_not_allowed(allow)),
         Target::NotFound => Err(GatewayError::not_found(
             "unknown endpoint: see GET /v1/models and the OpenAI API paths under /v1",
@@ -490,6 +503,65 @@ impl Drop for Unrecorded<'_> {
             });
         }
     }
+}
+
+/// A call on a stored response (`GET`/`DELETE /v1/responses/{id}`, `POST …/cancel`, `GET
+/// …/input_items`): it names no model, and a response lives where it was made, so the
+/// providers of the routes the key may use are asked in turn (each once, in the config's
+/// order; mocks store nothing) until one does not answer 404. The answer is passed on as it
+/// comes (a `stream=true` retrieval too); such calls cost nothing and make no ledger row.
+async fn stored_response(
+    rt: &Runtime,
+    key: &ClientKey,
+    method: http::Method,
+    query: Option<String>,
+    rest: &str,
+    facts: &mut RequestFacts,
+) -> Result<Response<ResponseBody>, GatewayError> {
+    let mut asked: Vec<&str> = Vec::new();
+    let (mut last, mut not_found): (Option<GatewayError>, Option<GatewayError>) = (None, None);
+    for route in rt.routes.values() {
+        if check_route(rt, key, &route.name).is_err() {
+            continue;
+        }
+        for d in &route.deployments {
+            if asked.contains(&&*d.provider.name) {
+                continue;
+            }
+            asked.push(&d.provider.name);
+            let Some(answer) = d
+                .provider
+                .send_stored(method.clone(), rest, query.as_deref(), route.timeout)
+                .await
+            else {
+                continue;
+            };
+            facts.route.clone_from(&route.name);
+            facts.deployment.clone_from(&d.label);
+            let e = match answer {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e.into_gateway_error(),
+            };
+            match e.status.as_u16() {
+                // Not held there.
+                404 => {
+                    not_found.get_or_insert(e);
+                }
+                // Held there, and refused (a cancel of a response not in the background).
+                400..=499 if e.status != http::StatusCode::TOO_MANY_REQUESTS => return Err(e),
+                // That upstream cannot say (down, busy): asked of the others still.
+                _ => last = Some(e),
+            }
+        }
+    }
+    facts.route = Default::default();
+    facts.deployment = Default::default();
+    Err(last.or(not_found).unwrap_or_else(|| {
+        GatewayError::not_found(format!(
+            "no upstream of the routes this key may use holds response `{}`",
+            rest.split('/').next().unwrap_or(rest)
+        ))
+    }))
 }
 
 /// The start of a request's ledger row: when, which request, whose, where to.
