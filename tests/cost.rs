@@ -3389,3 +3389,67 @@ async fn a_transcription_whose_seconds_is_not_a_number_is_priced_by_the_file() {
     let rows = sqlite_rows_after_shutdown(&mut gw).await;
     assert_rows(&rows, "audio/transcriptions", &[(200, 0.003, true)]);
 }
+
+/// Honest usage is believed whatever cap field the upstream reads: llama.cpp reads
+/// `n_predict` before `max_tokens`, so 150 tokens for `max_tokens: 10, n_predict: 150` (or
+/// any number for `n_predict: -1`) is no more than was allowed. (It was disbelieved and
+/// re-counted: 1 prompt token where the upstream said 5, marked estimated.) And a background
+/// stream that ended (in `response.failed`) is counted as any stream, not charged its cap.
+#[tokio::test]
+async fn usage_within_n_predict_is_believed_and_an_ended_background_stream_is_not_charged_its_cap()
+{
+    let up = MockUpstream::start().await;
+    let mut gw = Gateway::start(&config(&up, &keys(""))).await;
+    let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "word ".repeat(150)}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 150, "total_tokens": 155}})
+    .to_string();
+    for n_predict in [150, -1] {
+        up.script(Scripted::respond(200, answer.clone()));
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "max_tokens": 10, "n_predict": n_predict,
+                "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let event = |kind: &str, v: Value| format!("event: {kind}\ndata: {v}\n\n");
+    up.script(Scripted::Stream {
+        chunks: vec![
+            (
+                Duration::ZERO,
+                event(
+                    "response.created",
+                    json!({"type": "response.created", "response": {"id": "r", "status": "queued", "error": null}}),
+                ),
+            ),
+            (
+                Duration::ZERO,
+                event(
+                    "response.failed",
+                    json!({"type": "response.failed", "response": {"id": "r", "status": "failed", "usage": null,
+                        "error": {"code": "server_error", "message": "failed"}}}),
+                ),
+            ),
+        ],
+        end: StreamEnd::Finish,
+    });
+    let r = post(
+        &gw,
+        "/v1/responses",
+        json!({"model": "gpt-4o", "input": "hi", "background": true, "stream": true, "max_output_tokens": 4000}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| (r.prompt_tokens, r.completion_tokens, r.estimated))
+        .collect();
+    assert_eq!(got[..2], [(5, 150, false), (5, 150, false)], "{rows:?}");
+    assert!(got[2].1 < 4000 && got[2].2, "{rows:?}");
+}

@@ -2223,3 +2223,79 @@ models:
     assert_eq!(r.status(), 404);
     assert_eq!((a.request_count(), b.request_count()), (5, 4));
 }
+
+/// A follow-up's search leaves no cooldown probe claimed (a deployment due for its probe,
+/// passed over because it does not hold the response, stayed "probing" until a restart and
+/// served nothing more), and the holder's own error (busy: a 429) is the client's answer,
+/// not the others' "not found" (a 400 the SDK does not retry).
+#[tokio::test]
+async fn a_follow_ups_search_leaves_no_probe_held_and_keeps_the_holders_error() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("b", &b)),
+        r#"
+routing: { retries: 2, allowed_fails: 1 }
+models:
+  multi:
+    strategy: priority
+    deployments:
+      - { provider: a, deployment: m, priority: 0 }
+      - { provider: b, deployment: m, priority: 1 }
+  pair:
+    strategy: priority
+    deployments:
+      - { provider: b, deployment: p, priority: 0 }
+      - { provider: a, deployment: p, priority: 1 }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let not_here = || {
+        Scripted::respond(
+            400,
+            json!({"error": {"message": "Previous response with id 'resp_x' not found.",
+                "type": "invalid_request_error", "param": "previous_response_id",
+                "code": "previous_response_not_found"}})
+            .to_string(),
+        )
+    };
+    let follow_up = |model: &str| json!({"model": model, "input": "and then?", "previous_response_id": "resp_x"});
+    // `a` cools down for 0.5 s; `b` serves.
+    a.script(Scripted::rate_limited(500));
+    b.script(Scripted::respond(200, completion_json()));
+    chat(&gw, "multi").await.served_by("multi", "b/m");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Its probe is due: the follow-up asks `a` (the probe), then `b`; neither holds it.
+    a.script(not_here());
+    b.script(not_here());
+    let r = client()
+        .post(gw.url("/v1/responses"))
+        .json(&follow_up("multi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // `a` is still asked, and its probe decides: back.
+    a.script(Scripted::respond(200, completion_json()));
+    chat(&gw, "multi").await.served_by("multi", "a/m");
+    wait_dep(
+        &gw,
+        "a/m",
+        |d| d["up"] == true && d["probing"] == false,
+        Duration::from_secs(2),
+    )
+    .await;
+
+    // `b` does not hold it; `a`, which does, is busy: its 429 (with its retry-after) is the
+    // answer, and `b` is not asked again.
+    b.script(not_here());
+    a.script(Scripted::rate_limited(5000));
+    let r = client()
+        .post(gw.url("/v1/responses"))
+        .json(&follow_up("pair"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().get("retry-after").is_some());
+    assert_eq!(b.request_count(), 3);
+}

@@ -621,12 +621,14 @@ impl Tap {
         if success
             && self.mode == Mode::Sse
             && usage.is_none()
+            && !(self.complete || self.done)
             && record.op == Operation::Responses
             && in_background(&record.request_body)
         {
-            // A background response streamed, cut before its `response.completed` (its
-            // client gone): it runs on upstream to its end, billed there. Charged what its
-            // reservation assumed, as a plain background request is.
+            // A background response streamed, cut before its end (its client gone): it runs
+            // on upstream to its end, billed there. Charged what its reservation assumed, as
+            // a plain background request is. (One whose stream ended, in `response.failed`
+            // say, is counted as any stream is.)
             let mut u = record.estimate("");
             u.completion = record.output_cap;
             usage = Some(u);

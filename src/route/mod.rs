@@ -583,6 +583,8 @@ impl Route {
             .estimated_prompt_tokens
             .saturating_add(req.max_tokens.unwrap_or(0));
         let mut tried = vec![false; self.deployments.len()];
+        // The deployments that said they do not hold the response a follow-up continues.
+        let mut not_holding = vec![false; self.deployments.len()];
         let mut last: Option<AttemptError> = None;
         // Attempts allowed: `retries` more than the first, and one more for each deployment
         // that did not hold the response a Responses request continues (`held_elsewhere`).
@@ -600,13 +602,15 @@ impl Route {
                     })
                 }
             };
-            if tried[i]
-                && last
-                    .as_ref()
-                    .is_some_and(|e| e.no_retry_here() || e.held_elsewhere())
+            if not_holding[i]
+                || (tried[i] && last.as_ref().is_some_and(AttemptError::no_retry_here))
             {
-                // Only deployments already tried are left, and the last said a retry
-                // cannot help.
+                // Only deployments already tried are left, and a retry cannot help: the
+                // last said so, or this one does not hold the response asked for. Its
+                // probe, if the pick claimed one, is given back (no attempt, no verdict).
+                if probe {
+                    self.deployments[i].state.release_probe();
+                }
                 break;
             }
             if tried[i] && attempt > 0 {
@@ -676,14 +680,22 @@ impl Route {
                         "upstream attempt failed"
                     );
                     let retryable = e.retryable();
-                    let elsewhere = e.held_elsewhere();
-                    last = Some(e);
-                    if elsewhere {
+                    if e.held_elsewhere() {
+                        not_holding[i] = true;
                         // Looked for on the deployments not asked yet, retries or not.
                         if tried.iter().any(|t| !t) {
                             allowed += 1;
                         }
-                    } else if !retryable {
+                        // What another deployment said (the one holding it, busy: a 429)
+                        // is the client's answer rather than this one's "not found".
+                        if last.is_none() || last.as_ref().is_some_and(AttemptError::held_elsewhere)
+                        {
+                            last = Some(e);
+                        }
+                        continue;
+                    }
+                    last = Some(e);
+                    if !retryable {
                         break;
                     }
                 }

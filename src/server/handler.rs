@@ -564,6 +564,28 @@ async fn stored_response(
     }))
 }
 
+/// The output cap a request goes upstream with, times the answers it asks for: its own cap
+/// field, or the one the gateway added. llama.cpp reads `n_predict` before either: with one
+/// (the client's, or the gateway's cut of it) the larger counts, and a negative one (no cap)
+/// leaves the request uncapped.
+fn sent_cap(req: &ApiRequest) -> Option<u64> {
+    use api::Operation as Op;
+    if !matches!(
+        req.op,
+        Op::ChatCompletions | Op::Completions | Op::Responses
+    ) {
+        return None;
+    }
+    let cap = req.max_tokens.or(req.output_cap);
+    let cap = match (&req.n_predict, req.n_predict_cap) {
+        (_, Some(cut)) => Some(cap.map_or(cut, |c| c.max(cut))),
+        (Some((_, asked)), None) if *asked < 0 => None,
+        (Some((_, asked)), None) => Some(cap.map_or(*asked as u64, |c| c.max(*asked as u64))),
+        (None, None) => cap,
+    };
+    cap.map(|c| c.saturating_mul(req.choices))
+}
+
 /// The start of a request's ledger row: when, which request, whose, where to.
 fn ledger_row(key: &ClientKey, request_id: &str, route: Name, op: api::Operation) -> LedgerRow {
     LedgerRow {
@@ -605,15 +627,7 @@ fn new_record(
         billed_refusal: false,
         generation: None,
         output_cap: route.output_cap(req),
-        sent_cap: matches!(
-            req.op,
-            api::Operation::ChatCompletions
-                | api::Operation::Completions
-                | api::Operation::Responses
-        )
-        .then(|| req.max_tokens.or(req.output_cap).or(req.n_predict_cap))
-        .flatten()
-        .map(|cap| cap.saturating_mul(req.choices)),
+        sent_cap: sent_cap(req),
     }
 }
 
