@@ -2157,6 +2157,12 @@ fn wav(seconds: f64) -> Vec<u8> {
     w
 }
 
+/// A transcription route at 0.0001 USD an audio second.
+const WHISPER_ROUTE: &str = "  whisper:
+    pricing: { input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }
+    deployments: [ { provider: up, deployment: whisper-1 } ]
+";
+
 async fn transcribe(gw: &Gateway, file: Vec<u8>, response_format: &str) -> (u16, String) {
     let form = reqwest::multipart::Form::new()
         .part(
@@ -2186,10 +2192,7 @@ async fn audio_reserves_for_its_length_and_is_priced_by_it_when_the_answer_does_
     // reports a WAV's length: rounded up in `json`'s `usage`, exact in `verbose_json`.
     let config = config_with_routes(
         &up,
-        "  whisper:
-    pricing: { input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }
-    deployments: [ { provider: up, deployment: whisper-1 } ]
-",
+        WHISPER_ROUTE,
         &keys(", budget: { usd: 0.01, period: daily }"),
     );
     let mut gw = Gateway::start(&config).await;
@@ -3371,14 +3374,7 @@ async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
 #[tokio::test]
 async fn a_transcription_whose_seconds_is_not_a_number_is_priced_by_the_file() {
     let up = MockUpstream::start().await;
-    let config = config_with_routes(
-        &up,
-        "  whisper:
-    pricing: { input_per_1m: 0, output_per_1m: 0, per_audio_second: 0.0001 }
-    deployments: [ { provider: up, deployment: whisper-1 } ]
-",
-        &keys(""),
-    );
+    let config = config_with_routes(&up, WHISPER_ROUTE, &keys(""));
     let mut gw = Gateway::start(&config).await;
     up.script(Scripted::respond(
         200,

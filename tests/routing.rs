@@ -305,15 +305,7 @@ models:
 /// OpenAI shape: its code kept, the type OpenAI gives a rate limit, its `retry-after`.
 #[tokio::test]
 async fn an_azure_429_keeps_its_code_and_retry_after() {
-    let a = MockUpstream::start().await;
-    let yaml = config(
-        &openai("a", &a),
-        r#"
-models:
-  solo: { deployments: [ { provider: a, deployment: solo } ] }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, gw) = solo().await;
     a.script(Scripted::azure_rate_limited(6));
     let r = chat(&gw, "solo").await;
     assert_eq!(r.status, 429, "{}", r.text);
@@ -335,15 +327,7 @@ models:
 /// day, as a figure does (it cooled it down until that date: 73 years, until a restart).
 #[tokio::test]
 async fn a_retry_after_date_far_off_cools_down_for_a_day() {
-    let a = MockUpstream::start().await;
-    let yaml = config(
-        &openai("a", &a),
-        r#"
-models:
-  solo: { deployments: [ { provider: a, deployment: solo } ] }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, gw) = solo().await;
     a.script(Scripted::Respond {
         status: 429,
         headers: vec![("retry-after".into(), "Wed, 21 Oct 2099 07:28:00 GMT".into())],
@@ -2030,15 +2014,7 @@ models:
 "#,
     );
     let gw = Gateway::start(&yaml).await;
-    let not_here = || {
-        Scripted::respond(
-            400,
-            json!({"error": {"message": "Previous response with id 'resp_b1' not found.",
-                "type": "invalid_request_error", "param": "previous_response_id",
-                "code": "previous_response_not_found"}})
-            .to_string(),
-        )
-    };
+    let not_here = previous_response_not_found;
     let done = json!({"id": "resp_b2", "object": "response", "status": "completed", "model": "m",
         "output": [], "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}})
     .to_string();
@@ -2249,15 +2225,7 @@ models:
 "#,
     );
     let gw = Gateway::start(&yaml).await;
-    let not_here = || {
-        Scripted::respond(
-            400,
-            json!({"error": {"message": "Previous response with id 'resp_x' not found.",
-                "type": "invalid_request_error", "param": "previous_response_id",
-                "code": "previous_response_not_found"}})
-            .to_string(),
-        )
-    };
+    let not_here = previous_response_not_found;
     let follow_up = |model: &str| json!({"model": model, "input": "and then?", "previous_response_id": "resp_x"});
     // `a` cools down for 0.5 s; `b` serves.
     a.script(Scripted::rate_limited(500));
@@ -2298,4 +2266,29 @@ models:
     assert_eq!(r.status(), 429);
     assert!(r.headers().get("retry-after").is_some());
     assert_eq!(b.request_count(), 3);
+}
+
+/// OpenAI's answer to a follow-up (`previous_response_id`) a deployment does not hold.
+fn previous_response_not_found() -> Scripted {
+    Scripted::respond(
+        400,
+        json!({"error": {"message": "Previous response with id 'resp_x' not found.",
+            "type": "invalid_request_error", "param": "previous_response_id",
+            "code": "previous_response_not_found"}})
+        .to_string(),
+    )
+}
+
+/// A gateway with one route, `solo`, on one upstream.
+async fn solo() -> (MockUpstream, Gateway) {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        r#"
+models:
+  solo: { deployments: [ { provider: a, deployment: solo } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    (a, gw)
 }

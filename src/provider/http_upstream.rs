@@ -199,21 +199,25 @@ impl HttpUpstream {
         for (name, value) in &req.upstream_headers {
             headers.append(name.clone(), value.clone());
         }
-        // Uncompressed answers: the gateway reads usage from them as they pass (the client's
-        // own `accept-encoding` is not forwarded).
+        self.own_headers(headers);
+        *request.uri_mut() = uri;
+        self.answer(request, deadline, timeout).await
+    }
+
+    /// The headers every request to this upstream carries: uncompressed answers (the gateway
+    /// reads usage from them as they pass; the client's own `accept-encoding` is not
+    /// forwarded), `Host` as hyper's client would make it but made once, and the key.
+    fn own_headers(&self, headers: &mut http::HeaderMap) {
         headers.insert(
             http::header::ACCEPT_ENCODING,
             HeaderValue::from_static("identity"),
         );
-        // The Host header as hyper's client would make it, but made once.
         if let Some(host) = &self.host {
             headers.insert(http::header::HOST, host.clone());
         }
         if let Some((name, value)) = &self.auth {
             headers.insert(name.clone(), value.clone());
         }
-        *request.uri_mut() = uri;
-        self.answer(request, deadline, timeout).await
     }
 
     /// A call on a response the upstream stores: `GET` or `DELETE /responses/{id}`, `POST
@@ -251,17 +255,7 @@ impl HttpUpstream {
         let mut request = http::Request::new(Full::new(Bytes::new()));
         *request.method_mut() = method;
         *request.uri_mut() = uri;
-        let headers = request.headers_mut();
-        headers.insert(
-            http::header::ACCEPT_ENCODING,
-            HeaderValue::from_static("identity"),
-        );
-        if let Some(host) = &self.host {
-            headers.insert(http::header::HOST, host.clone());
-        }
-        if let Some((name, value)) = &self.auth {
-            headers.insert(name.clone(), value.clone());
-        }
+        self.own_headers(request.headers_mut());
         self.answer(request, deadline, timeout).await
     }
 
