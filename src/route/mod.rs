@@ -583,8 +583,9 @@ impl Route {
             .estimated_prompt_tokens
             .saturating_add(req.max_tokens.unwrap_or(0));
         let mut tried = vec![false; self.deployments.len()];
-        // The deployments that said they do not hold the response a follow-up continues.
-        let mut not_holding = vec![false; self.deployments.len()];
+        // The deployments that said they do not hold the response a follow-up continues
+        // (made when one says so: no allocation on the common path).
+        let mut not_holding: Vec<bool> = Vec::new();
         let mut last: Option<AttemptError> = None;
         // Attempts allowed: `retries` more than the first, and one more for each deployment
         // that did not hold the response a Responses request continues (`held_elsewhere`).
@@ -602,7 +603,7 @@ impl Route {
                     })
                 }
             };
-            if not_holding[i]
+            if not_holding.get(i).copied().unwrap_or(false)
                 || (tried[i] && last.as_ref().is_some_and(AttemptError::no_retry_here))
             {
                 // Only deployments already tried are left, and a retry cannot help: the
@@ -681,6 +682,9 @@ impl Route {
                     );
                     let retryable = e.retryable();
                     if e.held_elsewhere() {
+                        if not_holding.is_empty() {
+                            not_holding = vec![false; self.deployments.len()];
+                        }
                         not_holding[i] = true;
                         // Looked for on the deployments not asked yet, retries or not.
                         if tried.iter().any(|t| !t) {
