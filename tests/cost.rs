@@ -3326,9 +3326,10 @@ async fn completion_tokens_past_the_cap_sent_are_counted_by_the_gateway() {
     assert_eq!(got, [(2, 2, true), (8, 20, false)], "{rows:?}");
 }
 
-/// A background response streamed and cut before its `response.completed` (its client gone)
-/// runs on upstream, billed there: charged what its reservation assumed, as a plain background
-/// request is. (It cost its prompt alone: ten went through a $0.02 budget.)
+/// A background response streamed and cut before its `response.completed` (its client gone,
+/// or the upstream's connection broken) runs on upstream, billed there: charged what its
+/// reservation assumed, as a plain background request is. (It cost its prompt alone: ten went
+/// through a $0.02 budget.)
 #[tokio::test]
 async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
     let up = MockUpstream::start().await;
@@ -3343,20 +3344,32 @@ async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
     );
     let ask = json!({"model": "gpt-4o", "input": "hi", "background": true, "stream": true, "max_output_tokens": 1000});
     let mut statuses = Vec::new();
-    for _ in 0..3 {
+    for i in 0..3 {
+        // Its client leaves; then the upstream's connection breaks off.
         up.script(Scripted::Stream {
             chunks: vec![
                 (Duration::ZERO, created.clone()),
-                (Duration::from_secs(30), created.clone()),
+                (
+                    Duration::from_secs(if i == 0 { 30 } else { 0 }),
+                    created.clone(),
+                ),
             ],
-            end: StreamEnd::Finish,
+            end: if i == 0 {
+                StreamEnd::Finish
+            } else {
+                StreamEnd::Abort
+            },
         });
         let r = post(&gw, "/v1/responses", ask.clone()).await;
         statuses.push(r.status().as_u16());
-        if r.status() == 200 {
+        if r.status() == 200 && i == 0 {
             // The client reads the first event and leaves.
             let mut body = r.bytes_stream();
             assert!(body.next().await.unwrap().is_ok());
+        } else if r.status() == 200 {
+            // The client reads to the end: the gateway's error event after the break.
+            let text = r.text().await.unwrap();
+            assert!(text.contains("upstream_error"), "{text}");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }

@@ -2292,3 +2292,58 @@ models:
     let gw = Gateway::start(&yaml).await;
     (a, gw)
 }
+
+/// A stored response made by a fallback of the key's route is found there too (the fallback
+/// serves the key), and a provider refusing the call for reasons that say nothing of the
+/// response (its key refused: 401; a method it does not serve: 405) does not end the search.
+/// (The search stopped at the 401 and the client got it; a fallback's providers were not
+/// asked.)
+#[tokio::test]
+async fn stored_responses_are_looked_for_past_refusals_and_on_fallbacks() {
+    let (a, c) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &(openai("a", &a) + &openai("c", &c)),
+        &format!(
+            r#"
+models:
+  mine: {{ deployments: [ {{ provider: a, deployment: m }} ], fallbacks: [spare] }}
+  spare: {{ deployments: [ {{ provider: c, deployment: m }} ] }}
+keys:
+  - {{ name: app, key: "sha256:{}", models: [mine] }}
+"#,
+            gateway::sha256_hex("sk-stored")
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    a.script(Scripted::respond(
+        401,
+        json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}}).to_string(),
+    ));
+    c.script(Scripted::respond(
+        200,
+        json!({"id": "resp_c1", "object": "response", "status": "queued", "output": []})
+            .to_string(),
+    ));
+    let r = client()
+        .get(gw.url("/v1/responses/resp_c1"))
+        .bearer_auth("sk-stored")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-route"], "spare");
+    // Held nowhere, one provider refusing: the client gets the "not found".
+    a.script(Scripted::respond(405, r#"{"detail":"Method Not Allowed"}"#));
+    c.script(Scripted::respond(
+        404,
+        json!({"error": {"message": "Response with id 'resp_c1' not found.", "type": "invalid_request_error", "code": null}}).to_string(),
+    ));
+    let r = client()
+        .delete(gw.url("/v1/responses/resp_c1"))
+        .bearer_auth("sk-stored")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!((a.request_count(), c.request_count()), (2, 2));
+}

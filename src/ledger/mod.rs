@@ -383,6 +383,8 @@ pub struct Tap {
     json: BytesMut,
     /// The JSON answer passed `JSON_KEPT_MAX`: `json` holds its tail only.
     json_cut: bool,
+    /// A Responses stream said `response.failed`.
+    response_failed: bool,
     /// A stream's bytes in `kept`, and the answer text of the chunks it no longer holds
     /// (`KEEP_STREAM_BYTES`).
     kept_bytes: usize,
@@ -436,6 +438,7 @@ impl Tap {
             kept: Vec::new(),
             json: BytesMut::new(),
             json_cut: false,
+            response_failed: false,
             kept_bytes: 0,
             text: String::new(),
             first_byte: None,
@@ -469,8 +472,14 @@ impl Tap {
             self.kept.clear();
             self.kept_bytes = 0;
         }
-        if self.record.as_ref().is_some_and(|r| is_image_op(r.op)) {
-            self.count_images(&chunk);
+        match self.record.as_ref().map(|r| r.op) {
+            Some(op) if is_image_op(op) => self.count_images(&chunk),
+            // The Responses API's terminal failure: the response did not run on.
+            Some(Operation::Responses) if !self.response_failed => {
+                self.response_failed =
+                    memchr::memmem::find(&chunk, b"\"response.failed\"").is_some();
+            }
+            _ => {}
         }
         if usage_all_null(&chunk) {
             return chunk;
@@ -621,14 +630,14 @@ impl Tap {
         if success
             && self.mode == Mode::Sse
             && usage.is_none()
-            && !(self.complete || self.done)
+            && !self.response_failed
             && record.op == Operation::Responses
             && in_background(&record.request_body)
         {
-            // A background response streamed, cut before its end (its client gone): it runs
-            // on upstream to its end, billed there. Charged what its reservation assumed, as
-            // a plain background request is. (One whose stream ended, in `response.failed`
-            // say, is counted as any stream is.)
+            // A background response streamed, cut before its end (its client gone, the
+            // route's timeout, the upstream's connection): it runs on upstream to its end,
+            // billed there. Charged what its reservation assumed, as a plain background
+            // request is. (One whose stream said `response.failed` is counted as any stream.)
             let mut u = record.estimate("");
             u.completion = record.output_cap;
             usage = Some(u);
@@ -924,6 +933,7 @@ impl Drop for Tap {
                     kept: Vec::new(),
                     json: std::mem::take(&mut self.json),
                     json_cut: self.json_cut,
+                    response_failed: false,
                     kept_bytes: 0,
                     text: String::new(),
                     first_byte: self.first_byte,

@@ -507,9 +507,10 @@ impl Drop for Unrecorded<'_> {
 
 /// A call on a stored response (`GET`/`DELETE /v1/responses/{id}`, `POST …/cancel`, `GET
 /// …/input_items`): it names no model, and a response lives where it was made, so the
-/// providers of the routes the key may use are asked in turn (each once, in the config's
-/// order; mocks store nothing) until one does not answer 404. The answer is passed on as it
-/// comes (a `stream=true` retrieval too); such calls cost nothing and make no ledger row.
+/// providers of the routes the key may use, and of the routes those fall back to (which serve
+/// the key too), are asked in turn (each once, in the config's order; mocks store nothing)
+/// until one holds it. The answer is passed on as it comes (a `stream=true` retrieval too);
+/// such calls cost nothing and make no ledger row.
 async fn stored_response(
     rt: &Runtime,
     key: &ClientKey,
@@ -518,12 +519,39 @@ async fn stored_response(
     rest: &str,
     facts: &mut RequestFacts,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let mut asked: Vec<&str> = Vec::new();
-    let (mut last, mut not_found): (Option<GatewayError>, Option<GatewayError>) = (None, None);
-    for route in rt.routes.values() {
-        if check_route(rt, key, &route.name).is_err() {
-            continue;
+    // The key's routes, then their fallbacks (and theirs), each once.
+    let mut routes: Vec<&route::Route> = rt
+        .routes
+        .values()
+        .filter(|r| check_route(rt, key, &r.name).is_ok())
+        .map(|r| &**r)
+        .collect();
+    let mut i = 0;
+    while i < routes.len() {
+        let r = routes[i];
+        for name in r
+            .fallbacks
+            .iter()
+            .chain(&r.context_fallbacks)
+            .chain(&r.content_filter_fallbacks)
+        {
+            if let Some(f) = rt.routes.get(name.as_str()) {
+                if !routes.iter().any(|x| x.name == f.name) {
+                    routes.push(f);
+                }
+            }
         }
+        i += 1;
+    }
+    facts.stream = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|p| p == "stream=true"));
+    let mut asked: Vec<&str> = Vec::new();
+    // Kept for the client when none holds it: an upstream that could not say (down, busy)
+    // first, then a "not found", then a refusal that says nothing of the response (an
+    // upstream key refused, a method it does not serve).
+    let (mut unsure, mut not_found, mut refused) = (None, None, None);
+    for route in routes {
         for d in &route.deployments {
             if asked.contains(&&*d.provider.name) {
                 continue;
@@ -536,8 +564,10 @@ async fn stored_response(
             else {
                 continue;
             };
+            facts.attempts += 1;
             facts.route.clone_from(&route.name);
             facts.deployment.clone_from(&d.label);
+            facts.provider.clone_from(&d.provider.name);
             let e = match answer {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e.into_gateway_error(),
@@ -548,15 +578,21 @@ async fn stored_response(
                     not_found.get_or_insert(e);
                 }
                 // Held there, and refused (a cancel of a response not in the background).
-                400..=499 if e.status != http::StatusCode::TOO_MANY_REQUESTS => return Err(e),
-                // That upstream cannot say (down, busy): asked of the others still.
-                _ => last = Some(e),
+                400 | 409 | 422 => return Err(e),
+                // Says nothing of the response: its key refused (401, 403), a call it does
+                // not serve (405: vLLM has no DELETE).
+                401..=499 if e.status != http::StatusCode::TOO_MANY_REQUESTS => {
+                    refused.get_or_insert(e);
+                }
+                // Could not say (down, busy): asked of the others still.
+                _ => unsure = Some(e),
             }
         }
     }
     facts.route = Default::default();
     facts.deployment = Default::default();
-    Err(last.or(not_found).unwrap_or_else(|| {
+    facts.provider = Default::default();
+    Err(unsure.or(not_found).or(refused).unwrap_or_else(|| {
         GatewayError::not_found(format!(
             "no upstream of the routes this key may use holds response `{}`",
             rest.split('/').next().unwrap_or(rest)
