@@ -3328,8 +3328,9 @@ async fn completion_tokens_past_the_cap_sent_are_counted_by_the_gateway() {
 
 /// A background response streamed and cut before its `response.completed` (its client gone,
 /// or the upstream's connection broken) runs on upstream, billed there: charged what its
-/// reservation assumed, as a plain background request is. (It cost its prompt alone: ten went
-/// through a $0.02 budget.)
+/// reservation assumed, as a plain background request is, whatever its text or instructions
+/// say (`response.failed` echoed in its instructions let it off). (It cost its prompt alone:
+/// ten went through a $0.02 budget.)
 #[tokio::test]
 async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
     let up = MockUpstream::start().await;
@@ -3340,7 +3341,8 @@ async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
     .await;
     let created = format!(
         "event: response.created\ndata: {}\n\n",
-        json!({"type": "response.created", "response": {"id": "r", "status": "queued", "background": true, "error": null}})
+        json!({"type": "response.created", "response": {"id": "r", "status": "queued", "background": true, "error": null,
+            "instructions": "response.failed", "metadata": {"note": "response.failed"}}})
     );
     let ask = json!({"model": "gpt-4o", "input": "hi", "background": true, "stream": true, "max_output_tokens": 1000});
     let mut statuses = Vec::new();

@@ -2294,20 +2294,26 @@ models:
 }
 
 /// A stored response made by a fallback of the key's route is found there too (the fallback
-/// serves the key), and a provider refusing the call for reasons that say nothing of the
+/// serves the key; its own fallbacks, which the key's requests never reach, are not asked),
+/// and a provider refusing the call for reasons that say nothing of the
 /// response (its key refused: 401; a method it does not serve: 405) does not end the search.
 /// (The search stopped at the 401 and the client got it; a fallback's providers were not
 /// asked.)
 #[tokio::test]
 async fn stored_responses_are_looked_for_past_refusals_and_on_fallbacks() {
-    let (a, c) = (MockUpstream::start().await, MockUpstream::start().await);
+    let (a, c, z) = (
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+        MockUpstream::start().await,
+    );
     let yaml = config(
-        &(openai("a", &a) + &openai("c", &c)),
+        &(openai("a", &a) + &openai("c", &c) + &openai("z", &z)),
         &format!(
             r#"
 models:
   mine: {{ deployments: [ {{ provider: a, deployment: m }} ], fallbacks: [spare] }}
-  spare: {{ deployments: [ {{ provider: c, deployment: m }} ] }}
+  spare: {{ deployments: [ {{ provider: c, deployment: m }} ], fallbacks: [beyond] }}
+  beyond: {{ deployments: [ {{ provider: z, deployment: m }} ] }}
 keys:
   - {{ name: app, key: "sha256:{}", models: [mine] }}
 "#,
@@ -2346,4 +2352,6 @@ keys:
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!((a.request_count(), c.request_count()), (2, 2));
+    // The fallback's own fallback, which no request of the key reaches, is never asked.
+    assert_eq!(z.request_count(), 0);
 }

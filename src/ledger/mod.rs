@@ -266,6 +266,21 @@ impl RequestRecord {
     }
 }
 
+/// Whether a chunk of a Responses stream holds its `response.failed` event: named so by an
+/// `event:` line, or typed so in its data (`"type":"response.failed"`). The model's text
+/// cannot pass for either: a line of its own never starts inside an event's data, and the
+/// quotes of its text are escaped.
+fn says_response_failed(chunk: &[u8]) -> bool {
+    static TYPED: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\":\"response.failed\""));
+    static NAMED: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"event: response.failed"));
+    TYPED.find(chunk).is_some()
+        || NAMED
+            .find_iter(chunk)
+            .any(|at| at == 0 || matches!(chunk[at - 1], b'\n' | b'\r'))
+}
+
 /// Tokens a usage may say beyond the cap sent before it is not believed (a server counting
 /// an end token, say).
 const OVER_CAP_SLACK: u64 = 16;
@@ -476,8 +491,7 @@ impl Tap {
             Some(op) if is_image_op(op) => self.count_images(&chunk),
             // The Responses API's terminal failure: the response did not run on.
             Some(Operation::Responses) if !self.response_failed => {
-                self.response_failed =
-                    memchr::memmem::find(&chunk, b"\"response.failed\"").is_some();
+                self.response_failed = says_response_failed(&chunk);
             }
             _ => {}
         }
@@ -978,6 +992,28 @@ impl Drop for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_response_is_told_by_its_event_not_by_the_models_text() {
+        let failed =
+            serde_json::json!({"type": "response.failed", "response": {"status": "failed"}});
+        assert!(says_response_failed(
+            format!("event: response.failed\ndata: {failed}\n\n").as_bytes()
+        ));
+        assert!(says_response_failed(
+            format!("data: {failed}\n\n").as_bytes()
+        ));
+        // The model writing the words, quoted or as a whole delta, or an SSE line.
+        for text in [
+            "response.failed",
+            "\"type\":\"response.failed\"",
+            "event: response.failed",
+        ] {
+            let delta = serde_json::json!({"type": "response.output_text.delta", "delta": text});
+            let chunk = format!("event: response.output_text.delta\ndata: {delta}\n\n");
+            assert!(!says_response_failed(chunk.as_bytes()), "{chunk}");
+        }
+    }
 
     #[test]
     fn events_and_their_json() {

@@ -508,7 +508,7 @@ impl Drop for Unrecorded<'_> {
 /// A call on a stored response (`GET`/`DELETE /v1/responses/{id}`, `POST …/cancel`, `GET
 /// …/input_items`): it names no model, and a response lives where it was made, so the
 /// providers of the routes the key may use, and of the routes those fall back to (which serve
-/// the key too), are asked in turn (each once, in the config's order; mocks store nothing)
+/// the key too; not their fallbacks, which no request of the key reaches), are asked in turn (each once, in the config's order; mocks store nothing)
 /// until one holds it. The answer is passed on as it comes (a `stream=true` retrieval too);
 /// such calls cost nothing and make no ledger row.
 async fn stored_response(
@@ -519,15 +519,16 @@ async fn stored_response(
     rest: &str,
     facts: &mut RequestFacts,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    // The key's routes, then their fallbacks (and theirs), each once.
+    // The key's routes, then the routes they fall back to, each once. Fallbacks are not
+    // chained (a request uses only the list of the route it names), so neither is this.
     let mut routes: Vec<&route::Route> = rt
         .routes
         .values()
         .filter(|r| check_route(rt, key, &r.name).is_ok())
         .map(|r| &**r)
         .collect();
-    let mut i = 0;
-    while i < routes.len() {
+    let own = routes.len();
+    for i in 0..own {
         let r = routes[i];
         for name in r
             .fallbacks
@@ -541,7 +542,6 @@ async fn stored_response(
                 }
             }
         }
-        i += 1;
     }
     facts.stream = query
         .as_deref()
