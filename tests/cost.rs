@@ -3342,7 +3342,7 @@ async fn a_background_stream_cut_before_its_end_is_charged_its_reservation() {
     let created = format!(
         "event: response.created\ndata: {}\n\n",
         json!({"type": "response.created", "response": {"id": "r", "status": "queued", "background": true, "error": null,
-            "instructions": "response.failed", "metadata": {"note": "response.failed"}}})
+            "instructions": "response.failed", "metadata": {"type": "response.failed"}}})
     );
     let ask = json!({"model": "gpt-4o", "input": "hi", "background": true, "stream": true, "max_output_tokens": 1000});
     let mut statuses = Vec::new();

@@ -266,19 +266,36 @@ impl RequestRecord {
     }
 }
 
-/// Whether a chunk of a Responses stream holds its `response.failed` event: named so by an
-/// `event:` line, or typed so in its data (`"type":"response.failed"`). The model's text
-/// cannot pass for either: a line of its own never starts inside an event's data, and the
-/// quotes of its text are escaped.
+/// Whether a chunk of a Responses stream (whole events) holds its `response.failed` event:
+/// one named so by its `event:` line, or whose data's own `type` says so. The words elsewhere
+/// (the model's text, instructions or metadata echoed in a response object) do not count.
 fn says_response_failed(chunk: &[u8]) -> bool {
-    static TYPED: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"type\":\"response.failed\""));
-    static NAMED: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"event: response.failed"));
-    TYPED.find(chunk).is_some()
-        || NAMED
-            .find_iter(chunk)
-            .any(|at| at == 0 || matches!(chunk[at - 1], b'\n' | b'\r'))
+    static WORDS: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"response.failed"));
+    if WORDS.find(chunk).is_none() {
+        return false;
+    }
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, rename = "type")]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    let mut start = 0;
+    event_ends(chunk).into_iter().any(|end| {
+        let event = &chunk[std::mem::replace(&mut start, end)..end];
+        if WORDS.find(event).is_none() {
+            return false;
+        }
+        let named = event.split(|b| matches!(b, b'\n' | b'\r')).any(|line| {
+            line.strip_prefix(b"event:")
+                .is_some_and(|name| name.trim_ascii() == b"response.failed")
+        });
+        named
+            || event_data(event).is_some_and(|d| {
+                serde_json::from_slice::<Head>(&d)
+                    .is_ok_and(|h| h.kind.as_deref() == Some("response.failed"))
+            })
+    })
 }
 
 /// Tokens a usage may say beyond the cap sent before it is not believed (a server counting
@@ -1013,6 +1030,18 @@ mod tests {
             let chunk = format!("event: response.output_text.delta\ndata: {delta}\n\n");
             assert!(!says_response_failed(chunk.as_bytes()), "{chunk}");
         }
+        // Spelled another way: no space after `event:`, CRLF, spaced JSON.
+        assert!(says_response_failed(
+            b"event:response.failed\r\ndata: {\"type\": \"response.failed\"}\r\n\r\n"
+        ));
+        assert!(says_response_failed(
+            b"data: {\"sequence_number\": 3, \"type\" : \"response.failed\"}\n\n"
+        ));
+        // Metadata or instructions echoed in a response object.
+        let created = serde_json::json!({"type": "response.created", "response": {
+            "metadata": {"type": "response.failed"}, "instructions": "response.failed"}});
+        let chunk = format!("event: response.created\ndata: {created}\n\n");
+        assert!(!says_response_failed(chunk.as_bytes()), "{chunk}");
     }
 
     #[test]
