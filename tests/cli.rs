@@ -326,6 +326,31 @@ models:
     assert!(!err.contains("route `prod`"), "{err}");
 }
 
+/// A base URL with a query, a fragment or a space is refused: the operation's path would be
+/// added after the query (`…?key=x/chat/completions`), and a space is taken out silently.
+#[test]
+fn a_base_url_with_a_query_or_a_space_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for url in [
+        "http://127.0.0.1:9/v1?key=abc",
+        "http://127.0.0.1:9/v1#x",
+        "http://127.0.0.1:9/v1 extra",
+    ] {
+        let (code, _, err, _) = check_text(
+            &dir,
+            &format!(
+                "providers:\n  up: {{ kind: openai, base_url: \"{url}\" }}\nmodels:\n  a: {{ deployments: [ {{ provider: up, deployment: m }} ] }}\n"
+            ),
+            &[],
+        );
+        assert_ne!(code, 0, "{url}: {err}");
+        assert!(
+            err.contains("providers.up.base_url must be a base URL without spaces, query"),
+            "{url}: {err}"
+        );
+    }
+}
+
 /// `check` refuses the state URLs `serve` would refuse at start, without printing them.
 #[test]
 fn check_refuses_state_urls_that_serve_would_refuse() {

@@ -316,6 +316,21 @@ impl Checker<'_> {
                          (`user:password@`): put the upstream's key in `api_key`"
                     ),
                 ),
+                // The operation's path is added after it: a query or fragment would end up
+                // before it (`…?key=x/chat/completions`), and a space makes no URL at all
+                // (the parser takes it out silently).
+                Ok(u)
+                    if u.query().is_some()
+                        || u.fragment().is_some()
+                        || url.contains(|c: char| c.is_whitespace()) =>
+                {
+                    self.error(
+                        &path,
+                        format!(
+                            "providers.{name}.{field} must be a base URL without spaces, query (`?…`) or fragment (`#…`); the operation's path is added to it"
+                        ),
+                    )
+                }
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
                 _ => self.error(
                     &path,
