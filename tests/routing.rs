@@ -2190,13 +2190,18 @@ models:
             .contains("not found"),
         "{e}"
     );
-    // Not a response id: not sent anywhere.
-    let r = client()
-        .get(gw.url("/v1/responses/..%2Fmodels"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 404);
+    // Not a response id: not sent anywhere, and a 404 (`input_tokens` and `compact` are
+    // calls the gateway does not serve: they got a 405 naming GET and DELETE, and a GET was
+    // sent upstream as a lookup).
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/responses/..%2Fmodels"),
+        (reqwest::Method::POST, "/v1/responses/input_tokens"),
+        (reqwest::Method::GET, "/v1/responses/input_tokens"),
+        (reqwest::Method::POST, "/v1/responses/compact"),
+    ] {
+        let r = client().request(method, gw.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
     assert_eq!((a.request_count(), b.request_count()), (5, 4));
 }
 

@@ -202,9 +202,11 @@ pub fn classify(method: &http::Method, path: &str) -> Target {
     }
     if let Some(stored) = rest.strip_prefix("responses/") {
         let (id, action) = stored.split_once('/').unwrap_or((stored, ""));
-        // A response id (`resp_…`): letters, digits, `_` and `-` only, so that it is one
-        // path segment upstream.
-        if id.is_empty()
+        // A response id: `resp_` then letters, digits, `_` and `-` only, so that it is one
+        // path segment upstream (and `responses/input_tokens`, `responses/compact`, calls
+        // the gateway does not serve, are not taken for ids).
+        if id.len() <= "resp_".len()
+            || !id.starts_with("resp_")
             || !id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
