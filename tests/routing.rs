@@ -2360,3 +2360,89 @@ keys:
     // The fallback's own fallback, which no request of the key reaches, is never asked.
     assert_eq!(z.request_count(), 0);
 }
+
+/// A chat completion stored upstream (`store: true`) is retrieved, its messages listed and it
+/// is deleted through the gateway, looked for as a stored response is. (Each was a 404
+/// unknown endpoint; the completion could not be read back.)
+#[tokio::test]
+async fn stored_chat_completions_are_looked_for_on_the_keys_providers() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let azure = format!(
+        "  b: {{ kind: azure_openai, endpoint: \"{}\", api_key: sk-upstream-b, api_version: 2025-04-01-preview }}\n",
+        b.url()
+    );
+    let yaml = config(
+        &(openai("a", &a) + &azure),
+        r#"
+models:
+  first: { deployments: [ { provider: a, deployment: m } ] }
+  second: { deployments: [ { provider: b, deployment: m } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let not_found = || {
+        Scripted::respond(
+            404,
+            json!({"error": {"message": "Completion with id 'chatcmpl-abc1' not found.", "type": "invalid_request_error", "code": null}}).to_string(),
+        )
+    };
+    a.script(not_found());
+    b.script(Scripted::respond(200, completion_json()));
+    let r = client()
+        .get(gw.url("/v1/chat/completions/chatcmpl-abc1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-switchyard-deployment"], "b/m");
+    assert_eq!(a.requests()[0].path, "/v1/chat/completions/chatcmpl-abc1");
+    assert_eq!(
+        b.requests()[0].path,
+        "/openai/chat/completions/chatcmpl-abc1"
+    );
+    a.script(Scripted::respond(
+        200,
+        json!({"object": "list", "data": []}).to_string(),
+    ));
+    let r = client()
+        .get(gw.url("/v1/chat/completions/chatcmpl-abc1/messages?limit=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        a.requests()[1].path,
+        "/v1/chat/completions/chatcmpl-abc1/messages"
+    );
+    assert_eq!(a.requests()[1].query.as_deref(), Some("limit=2"));
+    a.script(Scripted::respond(
+        200,
+        json!({"object": "chat.completion.deleted", "id": "chatcmpl-abc1", "deleted": true})
+            .to_string(),
+    ));
+    let r = client()
+        .delete(gw.url("/v1/chat/completions/chatcmpl-abc1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(a.requests()[2].method, "DELETE");
+    // An update (POST) is not served; nor is an id of another kind.
+    let r = client()
+        .post(gw.url("/v1/chat/completions/chatcmpl-abc1"))
+        .json(&json!({"metadata": {"k": "v"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = client()
+        .get(gw.url("/v1/chat/completions/resp_x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!((a.request_count(), b.request_count()), (3, 1));
+    // Plain chat completions are as they were.
+    a.script(Scripted::respond(200, completion_json()));
+    chat(&gw, "first").await.served_by("first", "a/m");
+}

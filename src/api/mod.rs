@@ -140,9 +140,10 @@ pub enum Shape {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Call(Operation, Shape),
-    /// A call on a response an upstream stores: the path after `responses/` (`{id}`,
-    /// `{id}/cancel`, `{id}/input_items`).
-    StoredResponse(String),
+    /// A call on what an upstream stores, by its path under `/v1` (`responses/{id}`,
+    /// `responses/{id}/cancel`, `responses/{id}/input_items`, `chat/completions/{id}`,
+    /// `chat/completions/{id}/messages`).
+    Stored(String),
     ListModels,
     GetModel(String),
     Healthz,
@@ -200,13 +201,21 @@ pub fn classify(method: &http::Method, path: &str) -> Target {
     if rest == "models" {
         return either(get, Target::ListModels);
     }
-    if let Some(stored) = rest.strip_prefix("responses/") {
-        let (id, action) = stored.split_once('/').unwrap_or((stored, ""));
-        // A response id: `resp_` then letters, digits, `_` and `-` only, so that it is one
-        // path segment upstream (and `responses/input_tokens`, `responses/compact`, calls
-        // the gateway does not serve, are not taken for ids).
-        if id.len() <= "resp_".len()
-            || !id.starts_with("resp_")
+    // Calls on what an upstream stores: a response (`resp_…`), a chat completion made with
+    // `store: true` (`chatcmpl-…`).
+    let stored = [("responses/", "resp_"), ("chat/completions/", "chatcmpl-")]
+        .into_iter()
+        .find_map(|(collection, prefix)| {
+            let after = rest.strip_prefix(collection)?;
+            Some((collection, prefix, after))
+        });
+    if let Some((collection, prefix, after)) = stored {
+        let (id, action) = after.split_once('/').unwrap_or((after, ""));
+        // An id of the collection's kind: its prefix, then letters, digits, `_` and `-`
+        // only, so that it is one path segment upstream (and `responses/input_tokens`,
+        // `responses/compact`, calls the gateway does not serve, are not taken for ids).
+        if id.len() <= prefix.len()
+            || !id.starts_with(prefix)
             || !id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
@@ -214,13 +223,16 @@ pub fn classify(method: &http::Method, path: &str) -> Target {
             return Target::NotFound;
         }
         let delete = method == http::Method::DELETE;
-        return match action {
-            "" if get || delete => Target::StoredResponse(stored.to_string()),
-            "" => Target::WrongMethod("GET, HEAD, DELETE"),
-            "input_items" if get => Target::StoredResponse(stored.to_string()),
-            "input_items" => Target::WrongMethod("GET, HEAD"),
-            "cancel" if post => Target::StoredResponse(stored.to_string()),
-            "cancel" => Target::WrongMethod("POST"),
+        let target = || Target::Stored(rest.to_string());
+        return match (collection, action) {
+            (_, "") if get || delete => target(),
+            (_, "") => Target::WrongMethod("GET, HEAD, DELETE"),
+            ("responses/", "input_items") | ("chat/completions/", "messages") if get => target(),
+            ("responses/", "input_items") | ("chat/completions/", "messages") => {
+                Target::WrongMethod("GET, HEAD")
+            }
+            ("responses/", "cancel") if post => target(),
+            ("responses/", "cancel") => Target::WrongMethod("POST"),
             _ => Target::NotFound,
         };
     }

@@ -220,9 +220,10 @@ impl HttpUpstream {
         }
     }
 
-    /// A call on a response the upstream stores: `GET` or `DELETE /responses/{id}`, `POST
-    /// /responses/{id}/cancel`, `GET /responses/{id}/input_items`. `rest` is the path after
-    /// `responses/`, `query` the client's query string (Azure's `api-version` is the
+    /// A call on what the upstream stores: `GET` or `DELETE /responses/{id}`, `POST
+    /// /responses/{id}/cancel`, `GET /responses/{id}/input_items`, `GET` or `DELETE
+    /// /chat/completions/{id}`, `GET /chat/completions/{id}/messages`. `rest` is that path
+    /// (without its `/`), `query` the client's query string (Azure's `api-version` is the
     /// provider's).
     pub async fn send_stored(
         &self,
@@ -236,8 +237,8 @@ impl HttpUpstream {
             Flavor::Azure {
                 endpoint,
                 api_version,
-            } => format!("{endpoint}/openai/responses/{rest}?api-version={api_version}"),
-            Flavor::OpenAi { base_url } => format!("{base_url}/responses/{rest}"),
+            } => format!("{endpoint}/openai/{rest}?api-version={api_version}"),
+            Flavor::OpenAi { base_url } => format!("{base_url}/{rest}"),
         };
         let query = query
             .into_iter()

@@ -120,10 +120,14 @@ where
             facts.endpoint = op.path();
             proxy(&gateway, &rt, op, shape, req, &mut facts).await
         }
-        Target::StoredResponse(rest) => match rt.keys.authenticate(req.headers()) {
+        Target::Stored(rest) => match rt.keys.authenticate(req.headers()) {
             Err(e) => Err(e),
             Ok(key) => {
-                facts.endpoint = "responses";
+                facts.endpoint = if rest.starts_with("responses/") {
+                    "responses"
+                } else {
+                    "chat/completions"
+                };
                 facts.of_key(&key);
                 let method = match req.method() {
                     &http::Method::HEAD => http::Method::GET,
@@ -594,8 +598,10 @@ async fn stored_response(
     facts.provider = Default::default();
     Err(unsure.or(not_found).or(refused).unwrap_or_else(|| {
         GatewayError::not_found(format!(
-            "no upstream of the routes this key may use holds response `{}`",
-            rest.split('/').next().unwrap_or(rest)
+            "no upstream of the routes this key may use holds `{}`",
+            rest.split('/')
+                .find(|p| p.contains(['_', '-']))
+                .unwrap_or(rest)
         ))
     }))
 }
