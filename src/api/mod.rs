@@ -303,6 +303,8 @@ pub struct ApiRequest {
     /// What the handler puts in `n_predict`'s place when a budget applies and it asks more
     /// than the reservation's cap.
     pub n_predict_cap: Option<u64>,
+    /// A Responses request asking to run in the background (`"background": true`).
+    pub background: bool,
     /// The body's `user`, for the ledger.
     pub user: Option<String>,
     /// The client asked for the usage chunk of its stream (`stream_options.include_usage`).
@@ -375,6 +377,7 @@ impl ApiRequest {
         let mut max_tokens = None;
         let mut null_caps = Vec::new();
         let mut n_predict = None;
+        let mut background = false;
         let mut choices = 1;
         let mut user = None;
         let mut client_wants_usage = false;
@@ -499,6 +502,8 @@ impl ApiRequest {
                     }
                 }
             }
+            background = op == Operation::Responses
+                && head.field("background").is_some_and(|v| v.get() == "true");
             if matches!(op, Operation::ChatCompletions | Operation::Completions) {
                 // A number in any JSON form (`5000`, `-1`, `5e3`) that fits in an i64.
                 n_predict = head.member("n_predict").and_then(|(_, value)| {
@@ -619,6 +624,7 @@ impl ApiRequest {
             null_caps,
             n_predict,
             n_predict_cap: None,
+            background,
             user,
             client_wants_usage,
             upstream_headers,

@@ -142,7 +142,6 @@ impl Usage {
         )
     }
 
-    /// The counts of `usage`, else of the Responses API's `response.usage`.
     /// Usage from the last bytes of an answer too large to keep whole: the object after the
     /// last `"usage":` in them (where the upstreams write it, at the answer's end).
     pub fn from_answer_tail(tail: &[u8]) -> Option<Usage> {
@@ -154,6 +153,7 @@ impl Usage {
         usage.usage()
     }
 
+    /// The counts of `usage`, else of the Responses API's `response.usage`.
     fn reported(usage: Option<UsageObject>, response: Option<ResponseHead>) -> Option<Usage> {
         usage
             .and_then(|u| u.usage())

@@ -80,6 +80,8 @@ pub struct RequestRecord {
     /// The output cap sent upstream (the client's, or the one the gateway added), times the
     /// answers asked for: a usage saying more completion tokens than that is not believed.
     pub sent_cap: Option<u64>,
+    /// A Responses request run in the background (`ApiRequest::background`).
+    pub background: bool,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -239,6 +241,16 @@ impl RequestRecord {
         }
     }
 
+    /// What its reservation assumed, as a row: the prompt counted with the tokenizer and the
+    /// whole output cap, estimated. What a background response (usage known upstream only
+    /// when it is done, which the gateway does not follow) is charged, so that no budget is
+    /// overspent by it.
+    fn reserved_usage(&self) -> Usage {
+        let mut u = self.estimate("");
+        u.completion = self.output_cap;
+        u
+    }
+
     /// Counts tokens with the tokenizer when the upstream reported no usage.
     fn estimate(&self, answer_text: &str) -> Usage {
         let mut prompt_text = String::new();
@@ -286,11 +298,7 @@ fn says_response_failed(chunk: &[u8]) -> bool {
         if WORDS.find(event).is_none() {
             return false;
         }
-        let named = event.split(|b| matches!(b, b'\n' | b'\r')).any(|line| {
-            line.strip_prefix(b"event:")
-                .is_some_and(|name| name.trim_ascii() == b"response.failed")
-        });
-        named
+        crate::stream::sse::is_named(event, b"response.failed")
             || event_data(event).is_some_and(|d| {
                 serde_json::from_slice::<Head>(&d)
                     .is_ok_and(|h| h.kind.as_deref() == Some("response.failed"))
@@ -301,15 +309,6 @@ fn says_response_failed(chunk: &[u8]) -> bool {
 /// Tokens a usage may say beyond the cap sent before it is not believed (a server counting
 /// an end token, say).
 const OVER_CAP_SLACK: u64 = 16;
-
-/// Whether a request asks to run in the background (`"background": true`).
-fn in_background(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Head {
-        background: Option<bool>,
-    }
-    serde_json::from_slice::<Head>(body).is_ok_and(|h| h.background == Some(true))
-}
 
 /// Whether a Responses answer is one still running upstream (`status` `queued` or
 /// `in_progress`: a background response).
@@ -560,6 +559,22 @@ impl Tap {
         self.images_sent += DONE.find_iter(chunk).count() as u64;
     }
 
+    /// The answer's text, for counting its tokens: of the whole JSON answer when there is
+    /// one (none when it is not JSON), else of the stream's events (and of those whose text
+    /// alone was kept).
+    fn answer_text(&mut self, whole: Option<&Bytes>) -> String {
+        let mut text = std::mem::take(&mut self.text);
+        match whole {
+            Some(whole) => {
+                if let Ok(v) = serde_json::from_slice::<Value>(whole) {
+                    answer_text(&v, &mut text);
+                }
+            }
+            None => stream_text(&self.kept, &mut text),
+        }
+        text
+    }
+
     /// Keeps a JSON answer's chunk, whole up to `JSON_KEPT_MAX`, then its tail only.
     fn keep_json(&mut self, data: &[u8]) {
         if !self.json_cut && self.json.len() + data.len() <= JSON_KEPT_MAX {
@@ -614,28 +629,19 @@ impl Tap {
                 }
             }
             if usage.is_none() && record.op == Operation::Responses && runs_on(&whole) {
-                // Run in the background (`background: true`): answered at once, `queued`,
-                // its usage known upstream only when it is done, which the gateway does not
-                // follow. Charged what its reservation assumed: the prompt counted and the
-                // whole output cap, estimated, so that no budget is overspent by it.
-                let mut u = record.estimate("");
-                u.completion = record.output_cap;
-                usage = Some(u);
+                // Run in the background (`background: true`): answered at once, `queued`.
+                usage = Some(record.reserved_usage());
             }
             if usage.is_none() && counts_tokens(record.op) {
-                if record.op == Operation::Embeddings {
+                usage = Some(if record.op == Operation::Embeddings {
                     // Vectors, no text: only the input is counted. Not parsed into a tree,
                     // which for a batch of float vectors is several times its size.
-                    usage = Some(record.estimate(""));
-                } else if let Ok(v) = serde_json::from_slice::<Value>(&whole) {
-                    let mut text = String::new();
-                    answer_text(&v, &mut text);
-                    usage = Some(record.estimate(&text));
+                    record.estimate("")
                 } else {
-                    // A success that is not JSON (an HTML page from a misconfigured upstream,
-                    // say): its answer is no text of the model's, but the prompt was sent.
-                    usage = Some(record.estimate(""));
-                }
+                    // A success that is not JSON (an HTML page from a misconfigured
+                    // upstream, say) has no text of the model's; its prompt was sent.
+                    record.estimate(&self.answer_text(Some(&whole)))
+                });
             }
             answer = Some(whole);
         }
@@ -662,36 +668,23 @@ impl Tap {
             && self.mode == Mode::Sse
             && usage.is_none()
             && !self.response_failed
-            && record.op == Operation::Responses
-            && in_background(&record.request_body)
+            && record.background
         {
             // A background response streamed, cut before its end (its client gone, the
             // route's timeout, the upstream's connection): it runs on upstream to its end,
-            // billed there. Charged what its reservation assumed, as a plain background
-            // request is. (One whose stream said `response.failed` is counted as any stream.)
-            let mut u = record.estimate("");
-            u.completion = record.output_cap;
-            usage = Some(u);
+            // billed there, and is charged as a plain background request is. (One whose
+            // stream said `response.failed` is counted as any stream.)
+            usage = Some(record.reserved_usage());
         }
         if success && self.mode == Mode::Sse && usage.is_none() && counts_tokens(record.op) {
-            let mut text = std::mem::take(&mut self.text);
-            stream_text(&self.kept, &mut text);
-            usage = Some(record.estimate(&text));
+            usage = Some(record.estimate(&self.answer_text(None)));
         }
         // More completion tokens than the cap sent upstream allows: not believed (a broken
         // or hostile upstream), the answer counted instead (which also counts what a server
         // ignoring the cap really made).
         if let (Some(u), Some(cap)) = (usage, record.sent_cap) {
             if success && !u.estimated && u.completion > cap.saturating_add(OVER_CAP_SLACK) {
-                let mut text = std::mem::take(&mut self.text);
-                match &answer {
-                    Some(whole) => {
-                        if let Ok(v) = serde_json::from_slice::<Value>(whole) {
-                            answer_text(&v, &mut text);
-                        }
-                    }
-                    None => stream_text(&self.kept, &mut text),
-                }
+                let text = self.answer_text(answer.as_ref());
                 tracing::warn!(
                     reported = u.completion,
                     cap,

@@ -79,10 +79,8 @@ impl Provider {
             ProviderKind::Mock(m) => m.send(req, deployment).await,
         }
     }
-}
 
-impl Provider {
-    /// A call on a response this provider's upstream stores (`HttpUpstream::send_stored`);
+    /// A call on what this provider's upstream stores (`HttpUpstream::send_stored`);
     /// `None` for a mock, which stores none.
     pub async fn send_stored(
         &self,

@@ -590,10 +590,10 @@ impl Route {
         // Attempts allowed: `retries` more than the first, and one more for each deployment
         // that did not hold the response a Responses request continues (`held_elsewhere`).
         let mut allowed = self.retries;
-        let mut attempt = 0;
-        while attempt <= allowed {
-            attempt += 1;
-            let attempt = attempt - 1;
+        for attempt in 0.. {
+            if attempt > allowed {
+                break;
+            }
             let (i, probe) = match self.pick(&tried, tokens, req.stream) {
                 Ok(p) => p,
                 Err(wait) => {

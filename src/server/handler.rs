@@ -509,11 +509,11 @@ impl Drop for Unrecorded<'_> {
     }
 }
 
-/// A call on a stored response (`GET`/`DELETE /v1/responses/{id}`, `POST …/cancel`, `GET
-/// …/input_items`): it names no model, and a response lives where it was made, so the
-/// providers of the routes the key may use, and of the routes those fall back to (which serve
-/// the key too; not their fallbacks, which no request of the key reaches), are asked in turn (each once, in the config's order; mocks store nothing)
-/// until one holds it. The answer is passed on as it comes (a `stream=true` retrieval too);
+/// A call on what an upstream stores (a response, a chat completion made with `store: true`;
+/// `api::Target::Stored`): it names no model, and what is stored lives where it was made,
+/// so the providers of the routes the key may use, and of the routes those fall back to
+/// (which serve the key too; not their fallbacks, which no request of the key reaches), are
+/// asked in turn (each once, in the config's order; mocks store nothing) until one holds it. The answer is passed on as it comes (a `stream=true` retrieval too);
 /// such calls cost nothing and make no ledger row.
 async fn stored_response(
     rt: &Runtime,
@@ -670,6 +670,7 @@ fn new_record(
         generation: None,
         output_cap: route.output_cap(req),
         sent_cap: sent_cap(req),
+        background: req.background,
     }
 }
 

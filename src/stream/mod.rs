@@ -104,11 +104,7 @@ enum ErrorEvent {
 
 /// Reads an event holding `error` as JSON.
 fn read_error_event(event: &[u8]) -> ErrorEvent {
-    let named_error = event.split(|b| matches!(b, b'\n' | b'\r')).any(|line| {
-        line.strip_prefix(b"event:")
-            .is_some_and(|name| name.trim_ascii() == b"error")
-    });
-    if named_error {
+    if sse::is_named(event, b"error") {
         return ErrorEvent::Error;
     }
     let Some(data) = sse::event_data(event) else {

@@ -76,6 +76,14 @@ pub fn last_event_end_after(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// Whether an event is named `name` by an `event:` line (a space after the colon or not).
+pub fn is_named(event: &[u8], name: &[u8]) -> bool {
+    lines(event).any(|line| {
+        line.strip_prefix(b"event:")
+            .is_some_and(|n| n.trim_ascii() == name)
+    })
+}
+
 /// The lines of an event, without their line ends.
 pub fn lines(event: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut rest = event;
