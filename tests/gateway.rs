@@ -490,16 +490,16 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
 
     // An upstream that echoes its key: scrubbed.
     up.script(Scripted::respond(
-        401,
+        400,
         json!({"error": {"message": format!("bad key {OPENAI_SECRET}"), "code": "invalid_api_key"}}).to_string(),
     ));
     let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
-    assert_eq!(status, 401);
+    assert_eq!(status, 400);
     assert!(!body.to_string().contains(OPENAI_SECRET));
     // Echoed URL-encoded (after `%20`), and in an HTML page where the 300 characters kept
     // of it end inside the key: none of it is left (18 of its characters were).
     up.script(Scripted::respond(
-        401,
+        400,
         json!({"error": {"message": format!("denied: Authorization=Bearer%20{OPENAI_SECRET}")}})
             .to_string(),
     ));
@@ -525,14 +525,14 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
     assert_eq!(r.headers()["openai-processing-ms"], "12");
     let page = format!("<html>{} key {OPENAI_SECRET} end</html>", "x".repeat(278));
     up.script(Scripted::Respond {
-        status: 403,
+        status: 400,
         headers: vec![("content-type".into(), "text/html".into())],
         body: page,
     });
     let (status, body) = error_of(post(&gw, "/v1/chat/completions", chat).await).await;
     let message = body["error"]["message"].as_str().unwrap();
     assert!(
-        status == 403 && message.contains("non-JSON body: <html>xxx"),
+        status == 400 && message.contains("non-JSON body: <html>xxx"),
         "{body}"
     );
     assert!(
@@ -1638,7 +1638,7 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
     let (up, gw) = setup().await;
     for (route, secret) in [("gpt-4o", OPENAI_SECRET), ("gpt-4o-azure", AZURE_SECRET)] {
         up.script(Scripted::respond(
-            401,
+            400,
             json!({"error": {"message": format!("Incorrect API key provided: {secret}."),
                              "code": "invalid_api_key", "key": format!("Bearer {secret}"),
                              "innererror": {"detail": [secret, {"seen": secret}]}}})
@@ -1647,7 +1647,7 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
         let body =
             format!(r#"{{"model":"{route}","messages":[{{"role":"user","content":"hi"}}]}}"#);
         let resp = post(&gw, "/v1/chat/completions", &body).await;
-        assert_eq!(resp.status(), 401);
+        assert_eq!(resp.status(), 400);
         let text = resp.text().await.unwrap();
         assert!(!text.contains(secret), "{text}");
         let e: Value = serde_json::from_str(&text).unwrap();
@@ -1659,7 +1659,7 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
         assert_eq!(e["error"]["innererror"]["detail"][1]["seen"], "***", "{e}");
         // Flat (Azure AI inference) shape.
         up.script(Scripted::respond(
-            401,
+            400,
             json!({"status": 401, "code": "Unauthorized", "message": "no",
                    "detail": format!("key {secret} is not valid")})
             .to_string(),
@@ -1675,7 +1675,7 @@ async fn an_upstream_error_that_echoes_the_upstream_key_reaches_the_client_scrub
         let addr = up.url();
         let host_port = addr.trim_start_matches("http://");
         up.script(Scripted::respond(
-            401,
+            400,
             json!({"error": {"message": format!("Incorrect API key for {addr}/v1/chat/completions"),
                              "detail": format!("{host_port} refused it")}})
             .to_string(),

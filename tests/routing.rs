@@ -273,7 +273,9 @@ models:
 }
 
 /// 408, 500, 502, 503 and 504 are retried; a 4xx that is the request's own fault is not.
-/// (429 is retried too, and cools the deployment down: see the next test.)
+/// (429 is retried too, and cools the deployment down: see the next test; so are the
+/// upstream's refusals of the gateway itself, 401, 403 and a 404 of its deployment: see
+/// `an_upstream_that_refuses_the_gateway_is_a_failing_deployment`.)
 #[tokio::test]
 async fn the_retryable_statuses_are_retried_and_the_clients_errors_are_not() {
     let a = MockUpstream::start().await;
@@ -292,13 +294,155 @@ models:
         sent += 2;
         assert_eq!(a.request_count(), sent, "{status}: retried once");
     }
-    for status in [400, 401, 403, 404, 422] {
+    for status in [400, 409, 413, 422] {
         a.script(Scripted::server_error(status));
         let r = chat(&gw, "solo").await;
         assert_eq!(r.status, status, "{}", r.text);
         sent += 1;
         assert_eq!(a.request_count(), sent, "{status}: not retried");
     }
+}
+
+/// An upstream that refuses the gateway itself (its key rotated: 401; key auth turned off:
+/// 403; the deployment deleted: Azure's 404 `DeploymentNotFound`, OpenAI's
+/// `model_not_found`, a 404 page with no JSON) has a wrong config, not a wrong request: it
+/// counts against the deployment (cooldown), another deployment serves the request, and a
+/// client that gets it sees a 502 naming what the upstream said, never a 401 or 404 that
+/// would tell it that its own key or model name is wrong.
+#[tokio::test]
+async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &format!("{}{}", openai("a", &a), openai("b", &b)),
+        r#"
+models:
+  pair:
+    strategy: priority
+    allowed_fails: 2
+    cooldown: 60s
+    deployments: [ { provider: a, deployment: m, priority: 0 }, { provider: b, deployment: m, priority: 1 } ]
+  solo: { retries: 1, allowed_fails: 100, deployments: [ { provider: a, deployment: solo } ] }
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let refusals = [
+        (401, json!({"error": {"message": "Incorrect API key provided: sk-upstream-a.",
+                               "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+            .to_string()),
+        (403, json!({"error": {"code": "AuthenticationTypeDisabled",
+                               "message": "Key based authentication is disabled for this resource."}})
+            .to_string()),
+        (404, json!({"error": {"code": "DeploymentNotFound",
+                               "message": "The API deployment for this resource does not exist."}})
+            .to_string()),
+        (404, json!({"error": {"message": "The model `m` does not exist.", "type": "NotFoundError",
+                               "param": null, "code": 404}})
+            .to_string()),
+        (404, "404 page not found".to_string()),
+    ];
+    // Each served by b; a counts each refusal (allowed_fails 2: cooling down at the third).
+    for (n, (status, body)) in refusals.iter().take(2).enumerate() {
+        a.script(Scripted::respond(*status, body.clone()));
+        chat(&gw, "pair").await.served_by("pair", "b/m");
+        assert_eq!(dep_state(&gw, "a/m").await["fails_in_row"], n + 1);
+    }
+    a.script(Scripted::respond(refusals[2].0, refusals[2].1.clone()));
+    chat(&gw, "pair").await.served_by("pair", "b/m");
+    assert_eq!(dep_state(&gw, "a/m").await["up"], false, "cooling down");
+    let before = a.request_count();
+    chat(&gw, "pair").await.served_by("pair", "b/m");
+    assert_eq!(
+        a.request_count(),
+        before,
+        "a cooling deployment is not asked"
+    );
+
+    // Alone on its route: retried (once here), then a 502 that says what the upstream said,
+    // with the key it echoed blanked.
+    for (status, body) in &refusals {
+        a.script(Scripted::respond(*status, body.clone()));
+        a.script(Scripted::respond(*status, body.clone()));
+        let sent = a.request_count();
+        let r = chat(&gw, "solo").await;
+        assert_eq!(a.request_count(), sent + 2, "{status}: retried once");
+        let e = &r.json()["error"];
+        assert_eq!(
+            (r.status, e["code"].as_str()),
+            (502, Some("upstream_error")),
+            "{}",
+            r.text
+        );
+        let message = e["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("refused the gateway ({status} ")),
+            "{message}"
+        );
+        assert!(!r.text.contains("sk-upstream-a"), "{}", r.text);
+    }
+    let e = &chat_refused(&gw, &a, &refusals[0]).await;
+    assert!(e.contains("Incorrect API key provided: ***."), "{e}");
+}
+
+async fn chat_refused(gw: &Gateway, a: &MockUpstream, refusal: &(u16, String)) -> String {
+    a.script(Scripted::respond(refusal.0, refusal.1.clone()));
+    a.script(Scripted::respond(refusal.0, refusal.1.clone()));
+    chat(gw, "solo").await.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A 404 for something the request names that is not the deployment (a conversation, a
+/// file: stored where it was made) is asked of the route's other deployments, which may hold
+/// it, and counts nothing against the one that said it: a client naming ids that do not
+/// exist cannot take deployments out of rotation. Held nowhere: the client gets the 404.
+#[tokio::test]
+async fn a_404_for_what_the_request_names_is_looked_for_on_the_other_deployments() {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &format!("{}{}", openai("a", &a), openai("b", &b)),
+        r#"
+models:
+  pair:
+    strategy: priority
+    allowed_fails: 1
+    retries: 0
+    deployments: [ { provider: a, deployment: m, priority: 0 }, { provider: b, deployment: m, priority: 1 } ]
+"#,
+    );
+    let gw = Gateway::start(&yaml).await;
+    let missing = || {
+        Scripted::respond(
+            404,
+            json!({"error": {"message": "Conversation with id 'conv_1' not found.",
+                             "type": "invalid_request_error", "param": "conversation", "code": null}})
+            .to_string(),
+        )
+    };
+    let body = json!({"model": "pair", "input": "hi", "conversation": "conv_1"});
+    a.script(missing());
+    b.script(Scripted::respond(
+        200,
+        json!({"id": "resp_1", "object": "response", "status": "completed",
+        "output": [], "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}})
+        .to_string(),
+    ));
+    let r = send_to(&client(), &gw, "/v1/responses", &body).await;
+    r.served_by("pair", "b/m");
+    for _ in 0..3 {
+        a.script(missing());
+        b.script(missing());
+        let r = send_to(&client(), &gw, "/v1/responses", &body).await;
+        assert_eq!(r.status, 404, "{}", r.text);
+        assert_eq!(r.json()["error"]["param"], "conversation");
+    }
+    let d = dep_state(&gw, "a/m").await;
+    assert_eq!(
+        (d["up"].as_bool(), d["fails_in_row"].as_u64()),
+        (Some(true), Some(0)),
+        "{d}"
+    );
+    assert_eq!(dep_state(&gw, "b/m").await["up"], true);
 }
 
 /// Azure's 429 (`code: "429"`, no `type`) reaches the client as Azure wrote it, in the

@@ -111,22 +111,52 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
-    /// Connect errors, timeouts, 408, 429, 500, 502, 503 and 504 may succeed elsewhere.
+    /// Connect errors, timeouts, 408, 429, 500, 502, 503 and 504 may succeed elsewhere, and
+    /// so may a request the upstream refused for its own config (`refused_gateway`).
     pub fn retryable(&self) -> bool {
         match self {
             AttemptError::Connect(_) | AttemptError::Timeout(_) => true,
             AttemptError::Status { error, .. } => {
                 matches!(error.status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
+                    || self.refused_gateway()
             }
         }
     }
 
-    /// The upstream does not hold the response a Responses request continues
-    /// (`previous_response_id`): stored responses live where they were made, on one
-    /// deployment, so another deployment of the route may hold it. Says nothing of this one.
+    /// The upstream refused the gateway rather than the request: the key it was sent (401),
+    /// its access (403: key auth disabled, a network rule, a region), or a deployment, model
+    /// or path it does not have (404 `DeploymentNotFound`, `model_not_found`, "the model …
+    /// does not exist", a 404 page that is not JSON). The deployment's config is wrong,
+    /// whatever the request: it counts against the deployment, and another may serve it.
+    pub fn refused_gateway(&self) -> bool {
+        let AttemptError::Status { error, .. } = self else {
+            return false;
+        };
+        match error.status.as_u16() {
+            401 | 403 => true,
+            404 => {
+                let m = error.message.to_ascii_lowercase();
+                matches!(
+                    error.code.as_str(),
+                    "DeploymentNotFound" | "model_not_found" | "ModelNotFound"
+                ) || (m.contains("model") && (m.contains("not found") || m.contains("not exist")))
+                    // No message of the upstream's own: a page of a server or proxy that
+                    // has no such path (normalize_error wrote this one).
+                    || (error.code == "upstream_error" && m.starts_with("the upstream answered 404"))
+            }
+            _ => false,
+        }
+    }
+
+    /// The upstream does not hold what the request names: the response a Responses request
+    /// continues (`previous_response_id`), or anything else it answers 404 for that is not
+    /// the deployment's own config (a conversation, a file): stored objects live where they
+    /// were made, on one deployment, so another deployment of the route may hold it. Says
+    /// nothing of this one.
     pub fn held_elsewhere(&self) -> bool {
         matches!(self, AttemptError::Status { error, .. }
-            if matches!(error.status.as_u16(), 400 | 404) && error.code == "previous_response_not_found")
+            if (matches!(error.status.as_u16(), 400 | 404) && error.code == "previous_response_not_found")
+                || (error.status == StatusCode::NOT_FOUND && !self.refused_gateway()))
     }
 
     /// The upstream said a retry cannot help (`x-should-retry: false`, as OpenAI sends with a
@@ -141,6 +171,29 @@ impl AttemptError {
             AttemptError::Status { error, .. } => Some(error.status),
             _ => None,
         }
+    }
+
+    /// The error a client gets when this was a request's last attempt: as the upstream
+    /// wrote it, but for a refusal of the gateway itself (`refused_gateway`), which is a 502
+    /// naming what the upstream said: a 401 or 404 passed on as it was would tell the
+    /// client its own key or model name is wrong.
+    pub fn into_client_error(self) -> GatewayError {
+        if !self.refused_gateway() {
+            return self.into_gateway_error();
+        }
+        let e = self.into_gateway_error();
+        let mut out = GatewayError::upstream_error(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "the upstream refused the gateway ({} {}): the deployment's key, access or \
+                 name is misconfigured; its message: {}",
+                e.status.as_u16(),
+                e.status.canonical_reason().unwrap_or(""),
+                e.message
+            ),
+        );
+        out.headers = e.headers.clone();
+        out
     }
 
     pub fn into_gateway_error(self) -> GatewayError {

@@ -233,7 +233,7 @@ impl RouteError {
     /// take the request, named by the `Unavailable` message.
     fn into_gateway_error(self, routes: &str) -> GatewayError {
         match self {
-            RouteError::Failed(e) => e.into_gateway_error(),
+            RouteError::Failed(e) => e.into_client_error(),
             RouteError::Limited(refused) => refused.into_error(),
             RouteError::Unavailable { retry_after } => {
                 let mut e = GatewayError::new(
