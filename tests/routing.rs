@@ -303,6 +303,21 @@ models:
     }
 }
 
+/// Route `pair`: deployment `a/m` first, `b/m` second (`strategy: priority`), with the
+/// route's other fields `fields`, and the routes `more` beside it.
+async fn priority_pair(fields: &str, more: &str) -> (MockUpstream, MockUpstream, Gateway) {
+    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
+    let yaml = config(
+        &format!("{}{}", openai("a", &a), openai("b", &b)),
+        &format!(
+            "models:\n  pair: {{ strategy: priority, {fields}, deployments: [ \
+             {{ provider: a, deployment: m, priority: 0 }}, {{ provider: b, deployment: m, priority: 1 }} ] }}\n{more}\n"
+        ),
+    );
+    let gw = Gateway::start(&yaml).await;
+    (a, b, gw)
+}
+
 /// An upstream that refuses the gateway itself (its key rotated: 401; key auth turned off:
 /// 403; the deployment deleted: Azure's 404 `DeploymentNotFound`, OpenAI's
 /// `model_not_found`, a 404 page with no JSON) has a wrong config, not a wrong request: it
@@ -311,20 +326,11 @@ models:
 /// would tell it that its own key or model name is wrong.
 #[tokio::test]
 async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
-    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let yaml = config(
-        &format!("{}{}", openai("a", &a), openai("b", &b)),
-        r#"
-models:
-  pair:
-    strategy: priority
-    allowed_fails: 2
-    cooldown: 60s
-    deployments: [ { provider: a, deployment: m, priority: 0 }, { provider: b, deployment: m, priority: 1 } ]
-  solo: { retries: 1, allowed_fails: 100, deployments: [ { provider: a, deployment: solo } ] }
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, _b, gw) = priority_pair(
+        "allowed_fails: 2, cooldown: 60s",
+        "  solo: { retries: 1, allowed_fails: 100, deployments: [ { provider: a, deployment: solo } ] }",
+    )
+    .await;
     let refusals = [
         (401, json!({"error": {"message": "Incorrect API key provided: sk-upstream-a.",
                                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
@@ -398,19 +404,7 @@ async fn chat_refused(gw: &Gateway, a: &MockUpstream, refusal: &(u16, String)) -
 /// exist cannot take deployments out of rotation. Held nowhere: the client gets the 404.
 #[tokio::test]
 async fn a_404_for_what_the_request_names_is_looked_for_on_the_other_deployments() {
-    let (a, b) = (MockUpstream::start().await, MockUpstream::start().await);
-    let yaml = config(
-        &format!("{}{}", openai("a", &a), openai("b", &b)),
-        r#"
-models:
-  pair:
-    strategy: priority
-    allowed_fails: 1
-    retries: 0
-    deployments: [ { provider: a, deployment: m, priority: 0 }, { provider: b, deployment: m, priority: 1 } ]
-"#,
-    );
-    let gw = Gateway::start(&yaml).await;
+    let (a, b, gw) = priority_pair("allowed_fails: 1, retries: 0", "").await;
     let missing = || {
         Scripted::respond(
             404,
