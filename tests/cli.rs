@@ -194,6 +194,37 @@ models:
     assert!(!err.contains("first_token_timeout"), "{err}");
 }
 
+/// A duration past ten years is refused where it is written: `check` panicked on
+/// 99999999999999999999h, and passed 3000000000000000h, on which every request panicked
+/// (the deadline overflowed the clock) and its connection dropped without an answer.
+#[test]
+fn check_refuses_a_duration_longer_than_the_clock_can_add() {
+    let dir = tempfile::tempdir().unwrap();
+    for (field, value, col) in [
+        ("timeout", "99999999999999999999h", 17),
+        ("cooldown", "3000000000000000h", 18),
+        ("cache: { ttl", "87601h", 22),
+    ] {
+        let close = if field.starts_with("cache") { " }" } else { "" };
+        let (code, out, err, p) = check_text(
+            &dir,
+            &format!(
+                "providers:\n  demo: {{ kind: mock }}\nmodels:\n  a: {{ {field}: {value}{close}, \
+                 first_token_timeout: 87600h, deployments: [ {{ provider: demo }} ] }}\n"
+            ),
+            &[],
+        );
+        assert_eq!(code, 1, "{out}{err}");
+        let e = format!("{p}:4:{col}: ");
+        assert!(
+            err.lines().any(|l| l.starts_with(&e)
+                && l.contains(&format!("`{value}` is longer than any duration"))),
+            "missing `{e}` for {value} in:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
 #[test]
 fn check_refuses_a_negative_price_and_takes_a_price_per_character() {
     let dir = tempfile::tempdir().unwrap();
@@ -252,6 +283,86 @@ models:
     // Written in the file, the value is shown as before.
     let (_, _, err, _) = check_text(&dir, "server: { admin_key: 1234 }\n", &[]);
     assert!(err.contains("invalid type: integer `1234`"), "{err}");
+}
+
+/// Inside a provider (read by its `kind`), a type error names the field and its line, and a
+/// value from the environment is not printed (an unquoted `${VLLM_TOKEN}` of digits was,
+/// as `providers.vllm: invalid type: integer `918273645501`` at the `kind:` line, by
+/// `check`, in the log of `serve` and in the answer of `/admin/reload`); a float too.
+#[test]
+fn a_type_error_inside_a_provider_names_its_field_and_hides_a_value_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    for (token, shown) in [
+        ("918273645501", "integer"),
+        ("31415926e12", "floating point"),
+    ] {
+        let (code, out, err, p) = check_text(
+            &dir,
+            "\
+providers:
+  vllm:
+    kind: openai
+    base_url: http://127.0.0.1:9/v1
+    api_key: ${VLLM_TOKEN}
+models:
+  a: { deployments: [ { provider: vllm, deployment: m } ] }
+",
+            &[("VLLM_TOKEN", token)],
+        );
+        assert_ne!(code, 0);
+        let all = format!("{out}{err}");
+        assert!(!all.contains(token) && !all.contains("3.1415926"), "{all}");
+        assert!(
+            err.contains(&format!(
+                "{p}:5:14: providers.vllm.api_key: invalid type: {shown} (the value from the environment), expected a string"
+            )),
+            "{err}"
+        );
+    }
+    // Written in the file: the field and its line, the value shown.
+    let (_, _, err, p) = check_text(
+        &dir,
+        "providers:\n  demo:\n    kind: mock\n    latency: 20\nmodels:\n  a: { deployments: [ { provider: demo } ] }\n",
+        &[],
+    );
+    assert!(
+        err.contains(&format!(
+            "{p}:4:14: providers.demo.latency: invalid type: integer `20`"
+        )),
+        "{err}"
+    );
+}
+
+/// Nested aliases ("billion laughs": a few hundred bytes that copy out to billions of values)
+/// are refused where the bound is passed, at once (six levels took `check` 720 MB and two
+/// seconds, seven 3 GB, nine aborted a serving gateway at its reload); shared blocks of a
+/// real config still work.
+#[test]
+fn nested_aliases_that_expand_without_end_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut laughs = String::from("x-a:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..=9 {
+        let prev = format!("*a{}", i - 1);
+        laughs += &format!("  a{i}: &a{i} [{}]\n", vec![prev; 10].join(", "));
+    }
+    let (code, _, err, p) = check_text(&dir, &laughs, &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains(&format!("{p}:6:")) && err.contains("copy out more than 100000 values"),
+        "{err}"
+    );
+    let (code, out, err, _) = check_text(
+        &dir,
+        "\
+providers:
+  demo: { kind: mock }
+models:
+  a: { deployments: [ &demo { provider: demo, weight: 2 } ] }
+  b: { deployments: [ *demo, *demo ] }
+",
+        &[],
+    );
+    assert_eq!(code, 0, "{out}{err}");
 }
 
 /// A value from the environment put in the wrong field (an upstream key as a `base_url`) is

@@ -76,6 +76,15 @@ async fn post(gw: &Gateway, path: &str, body: &str) -> reqwest::Response {
         .unwrap()
 }
 
+/// `POST /admin/reload` with the admin key.
+async fn reload(c: &reqwest::Client, gw: &Gateway) -> reqwest::Response {
+    c.post(gw.url("/admin/reload"))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn error_of(resp: reqwest::Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let body: Value = resp.json().await.unwrap();
@@ -807,18 +816,31 @@ async fn reload_by_admin_api_signal_and_file_change_and_bad_configs_are_refused(
         ),
     )
     .unwrap();
-    let resp = c
-        .post(gw.url("/admin/reload"))
-        .bearer_auth("admin-secret")
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = error_of(resp).await;
+    let (status, body) = error_of(reload(&c, &gw).await).await;
     assert_eq!(status, 400);
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(
         msg.contains("routes.yaml:") && msg.contains("unknown field `bogus`"),
         "{msg}"
+    );
+    assert_eq!(route_status("demo").await, 200);
+    // Nested aliases that would copy out a billion values: refused, the old config serves.
+    let mut laughs = format!("{original}\nx-a:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..=9 {
+        laughs += &format!(
+            "  a{i}: &a{i} [{}]\n",
+            vec![format!("*a{}", i - 1); 10].join(", ")
+        );
+    }
+    std::fs::write(gw.config_path(), laughs).unwrap();
+    let (status, body) = error_of(reload(&c, &gw).await).await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("aliases"),
+        "{body}"
     );
     assert_eq!(route_status("demo").await, 200);
 
@@ -961,13 +983,7 @@ async fn a_half_written_or_emptied_config_is_not_loaded_and_no_reload_turns_auth
     // Without keys, asked for: refused with the reason.
     let no_keys = &with_new[..with_new.find("keys:").unwrap()];
     std::fs::write(gw.config_path(), no_keys).unwrap();
-    let resp = c
-        .post(gw.url("/admin/reload"))
-        .bearer_auth("admin-secret")
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = error_of(resp).await;
+    let (status, body) = error_of(reload(&c, &gw).await).await;
     assert_eq!(status, 400);
     let msg = body["error"]["message"].as_str().unwrap();
     assert!(msg.contains("without client authentication"), "{msg}");

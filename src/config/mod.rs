@@ -110,20 +110,24 @@ pub fn load_str(text: &str, file: &str, env: &dyn EnvSource) -> Result<Loaded, C
                 .collect(),
         )
     })?;
-    let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-        let mut path: Vec<Seg> = e
-            .path()
-            .iter()
-            .filter_map(|s| match s {
-                serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
-                serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
-                _ => None,
-            })
-            .collect();
+    let config: Config = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let mut path = seg_path(e.path());
         let mut inner = e.into_inner().to_string();
+        // A provider is read by its `kind` (a tagged enum), which loses the path inside it:
+        // read again as its kind's own type, to point at the field.
+        if let [Seg::Key(top), Seg::Key(name)] = path.as_slice() {
+            if top == "providers" {
+                if let Some((sub, message)) = provider_error(&value["providers"][name]) {
+                    path.extend(sub);
+                    inner = message;
+                }
+            }
+        }
         // A value from the environment may be a secret (an unquoted `${ADMIN_KEY}` of digits
-        // reads as a number and fails as one): its type is said, never the value.
-        if positions.was_interpolated(&path) {
+        // reads as a number and fails as one): its type is said, never the value; and so
+        // wherever serde's path stops short of the field, when a value under it came from
+        // the environment.
+        if positions.interpolated_under(&path) {
             inner = without_quoted_value(&inner);
         }
         // Point an unknown field at the field itself, not at its parent.
@@ -158,6 +162,31 @@ pub fn load_str(text: &str, file: &str, env: &dyn EnvSource) -> Result<Loaded, C
         key_hashes,
         warnings: check.warnings,
     })
+}
+
+fn seg_path(p: &serde_path_to_error::Path) -> Vec<Seg> {
+    p.iter()
+        .filter_map(|s| match s {
+            serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+            serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Where in a provider's mapping, and what, its kind's own type refuses (`None` when the
+/// kind itself is wrong or missing: serde's message for the whole provider says so).
+fn provider_error(provider: &serde_json::Value) -> Option<(Vec<Seg>, String)> {
+    let mut fields = provider.as_object()?.clone();
+    let kind = fields.remove("kind")?;
+    let fields = serde_json::Value::Object(fields);
+    let err = match kind.as_str()? {
+        "azure_openai" => serde_path_to_error::deserialize::<_, types::AzureCfg>(fields).err(),
+        "openai" => serde_path_to_error::deserialize::<_, types::OpenAiCfg>(fields).err(),
+        "mock" => serde_path_to_error::deserialize::<_, types::MockCfg>(fields).err(),
+        _ => None,
+    }?;
+    Some((seg_path(err.path()), err.into_inner().to_string()))
 }
 
 /// serde's message with the first quoted value (`` `918273` `` or `"abc"`) replaced: "invalid

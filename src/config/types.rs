@@ -530,8 +530,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ))
         }
     };
+    // Past this, deadlines (now + the duration) overflow the clock: every request panicked
+    // on a `timeout` of 3,000,000,000,000,000h, and `from_secs_f64` itself on 1e20h.
+    if !secs.is_finite() || secs > MAX_DURATION_SECS {
+        return Err(format!(
+            "`{s}` is longer than any duration the gateway keeps (at most 87600h, ten years)"
+        ));
+    }
     Ok(Duration::from_secs_f64(secs))
 }
+
+/// Ten years: more than any timeout, cooldown or TTL needs.
+const MAX_DURATION_SECS: f64 = 10.0 * 365.0 * 86_400.0;
 
 /// A size written `64KiB`, `32MiB`, `1GiB` (or plain bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -108,6 +108,11 @@ impl Positions {
         self.interpolated.contains(path)
     }
 
+    /// Whether any scalar at `path` or under it came from `${VAR}` interpolation.
+    pub fn interpolated_under(&self, path: &[Seg]) -> bool {
+        self.interpolated.iter().any(|p| p.starts_with(path))
+    }
+
     /// `message` with any value that holds text from the environment (4 characters or
     /// more) said as such: a secret put in the wrong field is not printed by the check
     /// that refuses it.
@@ -131,12 +136,48 @@ pub struct YamlError {
     pub message: String,
 }
 
+/// Values that aliases may copy out in one document, all aliases together: far more than
+/// any config's shared blocks, far less than the few hundred bytes of nested aliases that
+/// would otherwise expand to gigabytes (a "billion laughs" file, saved by mistake or not,
+/// would take the serving gateway's memory at its reload).
+const ALIAS_VALUES_MAX: usize = 100_000;
+
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
     documents: usize,
+    /// Values copied out by aliases so far, and where the alias that went past the bound stood.
+    aliased: usize,
+    too_many: Option<Pos>,
+}
+
+/// The values in `node` (itself included), counted up to `max`.
+fn count_values(node: &Node, max: usize) -> usize {
+    match &node.kind {
+        Kind::Scalar { .. } => 1,
+        Kind::Seq(items) => {
+            let mut n = 1;
+            for i in items {
+                if n > max {
+                    break;
+                }
+                n += count_values(i, max - n);
+            }
+            n
+        }
+        Kind::Map(entries) => {
+            let mut n = 1;
+            for (k, v) in entries {
+                if n > max {
+                    break;
+                }
+                n += count_values(k, max) + count_values(v, max.saturating_sub(n));
+            }
+            n
+        }
+    }
 }
 
 enum Frame {
@@ -179,13 +220,25 @@ impl MarkedEventReceiver for Builder {
                 self.push_node(node);
             }
             Event::Alias(id) => {
-                let node = self.anchors.get(&id).cloned().unwrap_or(Node {
+                let empty = Node {
                     pos: mark.into(),
                     kind: Kind::Scalar {
                         text: String::new(),
                         plain: true,
                     },
-                });
+                };
+                let node = match self.anchors.get(&id) {
+                    Some(n) if self.too_many.is_none() => {
+                        self.aliased += count_values(n, ALIAS_VALUES_MAX);
+                        if self.aliased > ALIAS_VALUES_MAX {
+                            self.too_many = Some(mark.into());
+                            empty
+                        } else {
+                            n.clone()
+                        }
+                    }
+                    _ => empty,
+                };
                 self.push_node(node);
             }
             Event::SequenceStart(anchor, _) => {
@@ -244,6 +297,15 @@ pub fn parse(text: &str, env: &dyn EnvSource) -> Result<(Value, Positions), Vec<
         return Err(vec![YamlError {
             pos: m.into(),
             message: format!("YAML syntax error: {}", e.info()),
+        }]);
+    }
+    if let Some(pos) = builder.too_many {
+        return Err(vec![YamlError {
+            pos,
+            message: format!(
+                "the aliases (`*name`) copy out more than {ALIAS_VALUES_MAX} values: write \
+                 the shared blocks out, or nest fewer aliases in one another"
+            ),
         }]);
     }
     if builder.documents > 1 {
