@@ -2347,8 +2347,10 @@ async fn audio_tokens_of_a_chat_answer_are_priced_at_the_audio_prices() {
 }
 
 /// A client that gives up before the answer begins takes nothing with it: its `max_parallel`
-/// slot and its budget reservation are released, and its ledger row says 499 at no cost.
-/// (They were held until a restart and the period's end, and the row was lost.)
+/// slot and its budget reservation are released (they were held until a restart and the
+/// period's end, and the row was lost), and its ledger row says 499. The request was out
+/// upstream, which may go on and bill it: the row is charged what its reservation assumed,
+/// estimated (it cost 0, so that an SDK timing out and retrying spent without end).
 #[tokio::test]
 async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_and_reservation() {
     let up = MockUpstream::start().await;
@@ -2405,18 +2407,79 @@ async fn a_request_whose_client_goes_away_before_the_answer_releases_its_slot_an
         let n = gw.metric("switchyard_requests_total", &labels).await;
         assert_eq!(n, Some(1.0), "{labels:?}\n{}", gw.metrics_text().await);
     }
+    let spent = spend["budgets"][0]["spent_usd"].as_f64().unwrap();
     let rows = sqlite_rows_after_shutdown(&mut gw).await;
-    let statuses: Vec<(u16, f64)> = rows.iter().map(|r| (r.status, r.cost_usd)).collect();
-    assert_eq!(statuses.len(), 2, "{statuses:?}");
-    assert!(statuses.contains(&(499, 0.0)), "{statuses:?}");
+    assert_eq!(rows.len(), 2, "{rows:?}");
     // The abandoned row names the deployment it was waiting on (which one keeps clients
-    // waiting is what on-call asks).
+    // waiting is what on-call asks), and is charged its prompt and whole cap (100 tokens).
     let gone = rows.iter().find(|r| r.status == 499).unwrap();
     assert_eq!(
         (&*gone.route, &*gone.deployment, &*gone.provider),
         ("slow", "slow/slow", "slow"),
         "{gone:?}"
     );
+    assert_eq!(
+        (gone.completion_tokens, gone.estimated),
+        (100, true),
+        "{gone:?}"
+    );
+    let cost = gone.prompt_tokens as f64 * 2.5e-6 + 100.0 * 10e-6;
+    assert!(
+        gone.prompt_tokens > 0 && (gone.cost_usd - cost).abs() < 1e-12,
+        "{gone:?}"
+    );
+    assert!((spent - cost).abs() < 1e-9, "spent {spent}, charged {cost}");
+}
+
+/// A request the route's `timeout` gives up on (504) was out upstream, which may go on and
+/// bill it: a plain one is charged its prompt and whole cap, a stream (whose upstream stops
+/// when its connection closes, here before its first token) its prompt, estimated. They
+/// cost 0, and the SDK retries a 504 twice: a key spent without end on a slow upstream.
+#[tokio::test]
+async fn a_request_given_up_upstream_by_the_routes_timeout_is_charged_its_reservation() {
+    let up = MockUpstream::start().await;
+    let routes =
+        "  hang:\n    timeout: 200ms\n    retries: 0\n    first_token_timeout: 200ms\n    \
+                  pricing: { input_per_1m: 2.50, output_per_1m: 10.00 }\n    \
+                  deployments: [ { provider: up, deployment: hang-up } ]\n";
+    let mut gw = Gateway::start(&config_with_routes(
+        &up,
+        routes,
+        &keys(", budget: { usd: 1, period: daily }"),
+    ))
+    .await;
+    for stream in [false, true] {
+        up.script(Scripted::Hang);
+        let body = json!({"model": "hang", "max_tokens": 300, "stream": stream,
+                          "messages": [{"role": "user", "content": "tell me a long story"}]});
+        let r = post(&gw, "/v1/chat/completions", body).await;
+        assert_eq!(r.status(), 504);
+    }
+    let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
+    let spent = spend["budgets"][0]["spent_usd"].as_f64().unwrap();
+    let rows = sqlite_rows_after_shutdown(&mut gw).await;
+    let got: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.status,
+                r.completion_tokens,
+                r.estimated,
+                r.prompt_tokens > 0,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [(504, 300, true, true), (504, 0, true, true)],
+        "{rows:?}"
+    );
+    let cost = |r: &LedgerRow| r.prompt_tokens as f64 * 2.5e-6 + r.completion_tokens as f64 * 10e-6;
+    for r in &rows {
+        assert!((r.cost_usd - cost(r)).abs() < 1e-12, "{r:?}");
+    }
+    let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    assert!((spent - total).abs() < 1e-9, "spent {spent}, rows {total}");
 }
 
 /// While the last ledger write at shutdown keeps failing, another SIGTERM stops waiting

@@ -44,8 +44,9 @@ pub fn now_ms() -> i64 {
 
 /// One request's record, filled in as it goes and written once at its end. Dropped unfinished
 /// (the client went away, or the gateway shut down, before the answer began), it is finished
-/// as status 499 at no cost: its row is written and its reservation and in-flight count are
-/// released, so a cancelled request holds no budget or `max_parallel` slot.
+/// as status 499: its row is written and its reservation and in-flight count are released,
+/// so a cancelled request holds no budget or `max_parallel` slot; at no cost unless an
+/// attempt was out upstream (`finish_abandoned`).
 pub struct RequestRecord {
     /// `None` once finished.
     pub accounting: Option<Accounting>,
@@ -69,7 +70,7 @@ pub struct RequestRecord {
     /// The attempts' facts while the route tries its deployments: a request dropped then
     /// (its client gone) is recorded with the deployment it was waiting on.
     pub served: crate::route::Served,
-    /// Priced though not a success (`finish_billed_refusal`).
+    /// Priced though not a success (`finish_billed_refusal`, `finish_abandoned`).
     pub billed_refusal: bool,
     /// Its config generation's token (`Runtime::requests`), let go once it is settled.
     pub generation: Option<Arc<()>>,
@@ -82,6 +83,11 @@ pub struct RequestRecord {
     pub sent_cap: Option<u64>,
     /// A Responses request run in the background (`ApiRequest::background`).
     pub background: bool,
+    /// Asked for as a stream.
+    pub stream: bool,
+    /// A cost set outright rather than priced from usage (an abandoned image request: its
+    /// reservation's worst case).
+    pub charge_usd: Option<f64>,
 }
 
 /// The status of a request whose client closed it before the answer began (nginx's).
@@ -89,7 +95,18 @@ pub const CLIENT_CLOSED: u16 = 499;
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
-        self.settle(CLIENT_CLOSED, None, None);
+        if self.accounting.is_none() {
+            return;
+        }
+        if self.served.attempts > 0 {
+            // Its client gone while an attempt was out: the upstream may go on and bill it.
+            self.price = self.served.price;
+            self.tokenizer_model
+                .clone_from(&self.served.tokenizer_model);
+            self.settle_abandoned(CLIENT_CLOSED);
+        } else {
+            self.settle(CLIENT_CLOSED, None, None);
+        }
     }
 }
 
@@ -120,6 +137,37 @@ impl RequestRecord {
         self.settle(status, Some(usage), None);
     }
 
+    /// A request given up while its last attempt was out upstream, before the answer began:
+    /// the route's timeout passed (504), or its client left (499). The upstream may go on and
+    /// bill it (OpenAI and Azure do for a plain request whose client left), which the
+    /// gateway would never see: charged what its reservation assumed, so that no budget can
+    /// be spent without end by requests that time out (each, retried by the SDK, was free).
+    pub fn finish_abandoned(mut self, status: u16) {
+        self.settle_abandoned(status);
+    }
+
+    fn settle_abandoned(&mut self, status: u16) {
+        let usage = if counts_tokens(self.op) {
+            if self.stream {
+                // An upstream stops making a stream whose connection closed; before its first
+                // token here: its prompt.
+                self.estimate("")
+            } else {
+                self.reserved_usage()
+            }
+        } else {
+            // Audio by its measured length or text; images at the reservation's worst case.
+            let mut u = self.measured_usage.unwrap_or_default();
+            u.estimated = true;
+            if is_image_op(self.op) {
+                self.charge_usd = Some(self.plan.worst_usd);
+            }
+            u
+        };
+        self.billed_refusal = true;
+        self.settle(status, Some(usage), None);
+    }
+
     fn settle(&mut self, status: u16, usage: Option<Usage>, first_byte: Option<Instant>) {
         let Some(accounting) = self.accounting.take() else {
             return;
@@ -130,7 +178,7 @@ impl RequestRecord {
         }
         let usage = usage.unwrap_or_default();
         let cost = if (200..300).contains(&status) || self.billed_refusal {
-            self.price.cost(&usage)
+            self.charge_usd.unwrap_or_else(|| self.price.cost(&usage))
         } else {
             0.0
         };

@@ -433,6 +433,11 @@ where
             record.finish_billed_refusal(e.status.as_u16());
             Err(e)
         }
+        Err(e) if e.code == "upstream_timeout" && served.attempts > 0 => {
+            // Given up while upstream: what the reservation assumed (`finish_abandoned`).
+            record.finish_abandoned(e.status.as_u16());
+            Err(e)
+        }
         Err(e) => {
             record.finish(e.status.as_u16(), None, None);
             Err(e)
@@ -671,6 +676,8 @@ fn new_record(
         output_cap: route.output_cap(req),
         sent_cap: sent_cap(req),
         background: req.background,
+        stream: req.stream,
+        charge_usd: None,
     }
 }
 
