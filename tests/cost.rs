@@ -1544,6 +1544,31 @@ async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstr
     assert_eq!(sent["max_tokens"], 7);
     assert!(sent.get("max_completion_tokens").is_none());
 
+    // A deployment whose output is free (self-hosted, no price) takes the request as the
+    // client wrote it: a cap protects nothing there, and a small-context server (vLLM with
+    // `--max-model-len 4096`) refused the 4096 added to a prompt with a context-length error,
+    // which sent every budgeted request to a paid `context_fallbacks` route. Not believed
+    // past a cap either (it sent none): its usage is taken as reported.
+    up.script(Scripted::respond(
+        200,
+        json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "long"},
+                            "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 9, "completion_tokens": 5000, "total_tokens": 5009}})
+        .to_string(),
+    ));
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        json!({"model": "emb", "messages": [{"role": "user", "content": "hi"}], "n_predict": -1}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let sent = up.requests()[2].json();
+    assert!(sent.get("max_tokens").is_none(), "{sent}");
+    assert_eq!(sent["n_predict"], -1, "{sent}");
+
     // Without a budget, nothing is added.
     let up2 = MockUpstream::start().await;
     let gw2 = Gateway::start(&config(&up2, &keys(""))).await;

@@ -685,8 +685,17 @@ impl ApiRequest {
     /// The body as one upstream gets it: `model` set to `model` (when given and different)
     /// and, when `ask_usage`, `stream_options.include_usage` turned on. The same bytes when
     /// nothing must change.
-    /// `served_model` (the upstream's name for it) picks the name of the output-cap field.
-    pub fn upstream_body(&self, model: Option<&str>, ask_usage: bool, served_model: &str) -> Bytes {
+    /// `served_model` (the upstream's name for it) picks the name of the output-cap field;
+    /// the gateway's cap (`output_cap`, `n_predict_cap`) goes in only with `cap` (a
+    /// deployment whose output is free takes the request as the client wrote it: a cap there
+    /// protects no budget, and a small-context server refuses a large one).
+    pub fn upstream_body(
+        &self,
+        model: Option<&str>,
+        ask_usage: bool,
+        served_model: &str,
+        cap: bool,
+    ) -> Bytes {
         match &self.payload {
             Payload::Json {
                 slot,
@@ -700,7 +709,7 @@ impl ApiRequest {
                 if ask_usage {
                     edits.extend(usage.edit());
                 }
-                if let Some(cap) = self.output_cap {
+                if let (true, Some(cap)) = (cap, self.output_cap) {
                     let mut digits = itoa::Buffer::new();
                     let digits = digits.format(cap);
                     let field = cap_field(self.op, served_model);
@@ -724,7 +733,9 @@ impl ApiRequest {
                     edits.push(cap);
                     edits.extend(others.map(|m| (body::member_cut(&self.body, m), vec![])));
                 }
-                if let (Some((value, _)), Some(cap)) = (&self.n_predict, self.n_predict_cap) {
+                if let (true, Some((value, _)), Some(cap)) =
+                    (cap, &self.n_predict, self.n_predict_cap)
+                {
                     let mut digits = itoa::Buffer::new();
                     edits.push((value.clone(), digits.format(cap).as_bytes().to_vec()));
                 }

@@ -626,6 +626,14 @@ pub struct Price {
     pub image_input_per_1m: f64,
 }
 
+impl Price {
+    /// Whether output tokens cost anything here: where they do not, a cap on them protects
+    /// no budget.
+    pub fn charges_output(&self) -> bool {
+        self.output_per_1m > 0.0 || self.audio_output_per_1m > 0.0
+    }
+}
+
 impl From<&Pricing> for Price {
     fn from(p: &Pricing) -> Price {
         Price {

@@ -731,7 +731,11 @@ impl Tap {
         // or hostile upstream), the answer counted instead (which also counts what a server
         // ignoring the cap really made).
         if let (Some(u), Some(cap)) = (usage, record.sent_cap) {
-            if success && !u.estimated && u.completion > cap.saturating_add(OVER_CAP_SLACK) {
+            if success
+                && !u.estimated
+                && record.price.charges_output()
+                && u.completion > cap.saturating_add(OVER_CAP_SLACK)
+            {
                 let text = self.answer_text(answer.as_ref());
                 tracing::warn!(
                     reported = u.completion,

@@ -167,12 +167,13 @@ impl HttpUpstream {
 
     /// Azure takes the deployment from the path, so its body stays as the client sent it;
     /// everywhere else `model` must name what the upstream serves.
-    fn body(&self, req: &ApiRequest, deployment: &str, model: &str) -> Bytes {
+    /// `cap`: whether the gateway's output cap goes in (`ApiRequest::upstream_body`).
+    fn body(&self, req: &ApiRequest, deployment: &str, model: &str, cap: bool) -> Bytes {
         match &self.flavor {
             Flavor::Azure { .. } if req.op.azure_deployment_scoped() => {
-                req.upstream_body(None, self.stream_usage, model)
+                req.upstream_body(None, self.stream_usage, model, cap)
             }
-            _ => req.upstream_body(Some(deployment), self.stream_usage, model),
+            _ => req.upstream_body(Some(deployment), self.stream_usage, model, cap),
         }
     }
 
@@ -183,6 +184,7 @@ impl HttpUpstream {
         model: &str,
         target: Option<&http::Uri>,
         timeout: Duration,
+        cap: bool,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         // One deadline for the whole attempt: the answer's head, then its body to the end.
         let deadline = Box::pin(tokio::time::sleep(timeout));
@@ -190,7 +192,7 @@ impl HttpUpstream {
         let uri = target
             .cloned()
             .ok_or_else(|| AttemptError::Connect("the upstream URL is not valid".into()))?;
-        let mut request = http::Request::new(Full::new(self.body(req, deployment, model)));
+        let mut request = http::Request::new(Full::new(self.body(req, deployment, model, cap)));
         *request.method_mut() = http::Method::POST;
         // Sized once for the client's headers, Host and the upstream's key (a clone of the
         // client's map would grow, and move, to take the two more).

@@ -83,7 +83,8 @@ impl MockProvider {
         let body: Value = match &req.payload {
             // As an upstream would see it, asked for usage on streams.
             Payload::Json { .. } => {
-                serde_json::from_slice(&req.upstream_body(None, true, model)).unwrap_or(Value::Null)
+                serde_json::from_slice(&req.upstream_body(None, true, model, true))
+                    .unwrap_or(Value::Null)
             }
             // A form's text fields, numbers as numbers.
             Payload::Multipart { parts, .. } => Value::Object(

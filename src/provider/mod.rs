@@ -73,9 +73,10 @@ impl Provider {
         model: &str,
         target: Option<&http::Uri>,
         timeout: Duration,
+        cap: bool,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         match &self.kind {
-            ProviderKind::Http(h) => h.send(req, deployment, model, target, timeout).await,
+            ProviderKind::Http(h) => h.send(req, deployment, model, target, timeout, cap).await,
             ProviderKind::Mock(m) => m.send(req, deployment).await,
         }
     }

@@ -734,9 +734,14 @@ impl Route {
         };
         let model = d.model.as_deref().unwrap_or(&d.upstream);
         let target = d.targets.get(req.op as usize).and_then(Option::as_ref);
-        let send = d
-            .provider
-            .send(req, &d.upstream, model, target, self.timeout);
+        let send = d.provider.send(
+            req,
+            &d.upstream,
+            model,
+            target,
+            self.timeout,
+            d.price.charges_output(),
+        );
         let resp = if req.stream {
             tokio::time::timeout_at(deadline.into(), send)
                 .await
