@@ -253,6 +253,48 @@ fn chat_answer(id: &str, content: &str) -> String {
     .to_string()
 }
 
+/// An answer a fallback route made (the route asked for failing) is not kept under the route
+/// asked for: once that is back, the same request gets its answer, not the fallback's for
+/// the whole `ttl` (it was served from the cache, labelled as the route asked for).
+#[tokio::test]
+async fn a_fallbacks_answer_is_not_kept_under_the_route_asked_for() {
+    let (up, down) = (MockUpstream::start().await, MockUpstream::start().await);
+    let cfg = config(&up, "{}")
+        .replace(
+            "providers:\n",
+            &format!(
+                "providers:\n  down: {{ kind: openai, base_url: \"{}/v1\" }}\n",
+                down.url()
+            ),
+        )
+        .replace(
+            "routing:",
+            "  main:\n    cache: { ttl: 30s }\n    fallbacks: [plain]\n    \
+             deployments: [ { provider: down, deployment: main-up } ]\nrouting:",
+        );
+    let gw = Gateway::start(&cfg).await;
+    let q = ask("main", "What is the capital of France?");
+    down.script(Scripted::server_error(503));
+    let first = chat(&gw, "red1", &q).await;
+    assert_eq!(
+        (first.status, first.deployment.as_deref()),
+        (200, Some("up/m-up")),
+        "{}",
+        first.body
+    );
+    let again = chat(&gw, "red1", &q).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(
+        (again.cache(), again.deployment.as_deref()),
+        ("miss", Some("down/main-up")),
+        "the route's own answer: {}",
+        again.body
+    );
+    // The route's own answer is kept.
+    let hit = chat(&gw, "red1", &q).await;
+    assert_eq!((hit.cache(), down.request_count()), ("hit", 2));
+}
+
 #[tokio::test]
 async fn a_hit_is_served_without_the_upstream_costs_nothing_and_its_saving_is_counted() {
     not_near_a_minute_boundary().await;

@@ -272,7 +272,8 @@ models:
     assert_eq!(d["up"], true, "allowed_fails 10: no cooldown yet");
 }
 
-/// 408, 500, 502, 503 and 504 are retried; a 4xx that is the request's own fault is not.
+/// 408 and every 5xx are retried (501, 507 and a proxy's 520 to 524 were not); a 4xx that is
+/// the request's own fault is not.
 /// (429 is retried too, and cools the deployment down: see the next test; so are the
 /// upstream's refusals of the gateway itself, 401, 403 and a 404 of its deployment: see
 /// `an_upstream_that_refuses_the_gateway_is_a_failing_deployment`.)
@@ -288,7 +289,7 @@ models:
     );
     let gw = Gateway::start(&yaml).await;
     let mut sent = 0;
-    for status in [408, 500, 502, 503, 504] {
+    for status in [408, 500, 501, 502, 503, 504, 507, 520, 522, 524, 529] {
         a.script(Scripted::server_error(status));
         chat(&gw, "solo").await.served_by("solo", "a/solo");
         sent += 2;

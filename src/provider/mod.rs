@@ -112,14 +112,15 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
-    /// Connect errors, timeouts, 408, 429, 500, 502, 503 and 504 may succeed elsewhere, and
-    /// so may a request the upstream refused for its own config (`refused_gateway`).
+    /// Connect errors, timeouts, 408, 429 and every 5xx may succeed elsewhere (not only
+    /// 500, 502, 503 and 504: a server without the endpoint answers 501, a proxy in front of
+    /// one that is down 520 to 524, as the SDK retries them all), and so may a request the
+    /// upstream refused for its own config (`refused_gateway`).
     pub fn retryable(&self) -> bool {
         match self {
             AttemptError::Connect(_) | AttemptError::Timeout(_) => true,
             AttemptError::Status { error, .. } => {
-                matches!(error.status.as_u16(), 408 | 429 | 500 | 502 | 503 | 504)
-                    || self.refused_gateway()
+                matches!(error.status.as_u16(), 408 | 429 | 500..=599) || self.refused_gateway()
             }
         }
     }

@@ -466,7 +466,10 @@ where
                 drop_usage_chunk,
                 encoded,
             );
-            if let Some((leader, ttl)) = cache_leader {
+            // A fallback route's answer is not kept under the route asked for: once that is
+            // back, its own answer is what the same request should get (the degraded one
+            // was served from the cache for the whole `ttl`). Those waiting for it ask again.
+            if let Some((leader, ttl)) = cache_leader.filter(|_| facts.fallback_from.is_empty()) {
                 tap = tap.cache_into(leader, ttl);
             }
             if let Some(result) = cache_result {
