@@ -149,6 +149,83 @@ async fn openai_upstream_gets_the_body_byte_for_byte_with_only_model_rewritten()
     }
 }
 
+/// An upstream that refuses the `stream_options` the gateway adds to ask for usage (Azure's
+/// API versions before 2024-09-01-preview: "Unrecognized request argument supplied"; a
+/// serverless endpoint: FastAPI's `{"detail": "Extra parameters ['stream_options'] are not
+/// allowed"}`) gets the stream again without it, and every later stream without it; the
+/// client's own `stream_options`, refused, is the client's error. Every stream failed with a
+/// 400 about a field the client never sent, its reason lost in `detail`.
+#[tokio::test]
+async fn an_upstream_refusing_the_added_stream_options_streams_without_it() {
+    let (up, gw) = setup().await;
+    let stream = || {
+        Scripted::stream(
+            &[
+                (
+                    0,
+                    &format!(
+                        "data: {}\n\n",
+                        chat_chunk(Some("assistant"), Some("hi"), None)
+                    ),
+                ),
+                (0, "data: [DONE]\n\n"),
+            ],
+            StreamEnd::Finish,
+        )
+    };
+    let body = r#"{"model":"ROUTE","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    for (route, refusal) in [
+        (
+            "gpt-4o-azure",
+            json!({"error": {"message": "Unrecognized request argument supplied: stream_options",
+                             "type": "invalid_request_error", "param": null, "code": null}}),
+        ),
+        (
+            "gpt-4o",
+            json!({"detail": "Extra parameters ['stream_options'] are not allowed when extra-parameters is not set or set to be 'error'."}),
+        ),
+    ] {
+        up.reset();
+        up.script(Scripted::respond(400, refusal.to_string()));
+        up.script(stream());
+        let r = post(&gw, "/v1/chat/completions", &body.replace("ROUTE", route)).await;
+        assert_eq!(r.status(), 200, "{route}");
+        let text = r.text().await.unwrap();
+        assert!(
+            text.contains("\"hi\"") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
+        let sent = up.requests();
+        assert_eq!(sent.len(), 2, "{route}");
+        assert!(sent[0].json().get("stream_options").is_some());
+        assert!(sent[1].json().get("stream_options").is_none(), "{route}");
+        // Learned: the next stream goes without it at once.
+        up.script(stream());
+        let r = post(&gw, "/v1/chat/completions", &body.replace("ROUTE", route)).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        assert!(up.requests()[2].json().get("stream_options").is_none());
+    }
+    // The client's own `stream_options`, refused: its error, with the text of `detail`.
+    up.reset();
+    up.script(Scripted::respond(
+        400,
+        json!({"detail": "Extra parameters ['stream_options'] are not allowed."}).to_string(),
+    ));
+    let own =
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let (status, e) = error_of(post(&gw, "/v1/chat/completions", own).await).await;
+    assert_eq!(status, 400);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Extra parameters"),
+        "{e}"
+    );
+    assert_eq!(up.request_count(), 1);
+}
+
 #[tokio::test]
 async fn azure_upstream_gets_deployment_path_api_version_and_api_key() {
     let (up, gw) = setup().await;

@@ -678,6 +678,18 @@ impl ApiRequest {
             .map(|p| p.value.clone())
     }
 
+    /// Whether the gateway adds `stream_options` to this request's body to ask for usage (the
+    /// client sent none): a refusal of it is the gateway's doing, not the client's.
+    pub fn adds_stream_options(&self) -> bool {
+        matches!(
+            &self.payload,
+            Payload::Json {
+                usage: body::UsageAsk::AddField { .. },
+                ..
+            }
+        )
+    }
+
     pub fn request_id_str(&self) -> &str {
         self.request_id.to_str().unwrap_or("")
     }

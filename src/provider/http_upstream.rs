@@ -3,6 +3,7 @@
 //! normalised to the OpenAI shape, with the upstream's key scrubbed from any message.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::{json, Map, Value};
 
 use super::scrub::Scrub;
-use super::{AttemptError, UpstreamQuota};
+use super::{AttemptError, Target, UpstreamQuota};
 use crate::api::{ApiRequest, Operation};
 use crate::config::ProviderCfg;
 use crate::error::GatewayError;
@@ -58,6 +59,10 @@ pub struct HttpUpstream {
     /// `Host` for every request: the URL's host, and its port when not the scheme's default.
     host: Option<HeaderValue>,
     stream_usage: bool,
+    /// The upstream refused a `stream_options` the gateway added (Azure's API versions before
+    /// 2024-09-01-preview, a serverless endpoint's `extra-parameters: error`): learned from
+    /// its first refusal, so later streams go without (counted with the tokenizer).
+    refuses_stream_options: AtomicBool,
     /// What an upstream's error must not carry to the client: its key and its address.
     scrub: Arc<Scrub>,
 }
@@ -128,6 +133,7 @@ impl HttpUpstream {
             auth,
             host,
             stream_usage,
+            refuses_stream_options: AtomicBool::new(false),
             scrub,
         })
     }
@@ -167,32 +173,61 @@ impl HttpUpstream {
 
     /// Azure takes the deployment from the path, so its body stays as the client sent it;
     /// everywhere else `model` must name what the upstream serves.
-    /// `cap`: whether the gateway's output cap goes in (`ApiRequest::upstream_body`).
-    fn body(&self, req: &ApiRequest, deployment: &str, model: &str, cap: bool) -> Bytes {
+    /// `ask_usage`: whether `stream_options.include_usage` goes in.
+    fn body(&self, req: &ApiRequest, to: &Target<'_>, ask_usage: bool) -> Bytes {
         match &self.flavor {
             Flavor::Azure { .. } if req.op.azure_deployment_scoped() => {
-                req.upstream_body(None, self.stream_usage, model, cap)
+                req.upstream_body(None, ask_usage, to.model, to.cap)
             }
-            _ => req.upstream_body(Some(deployment), self.stream_usage, model, cap),
+            _ => req.upstream_body(Some(to.deployment), ask_usage, to.model, to.cap),
         }
     }
 
     pub async fn send(
         &self,
         req: &ApiRequest,
-        deployment: &str,
-        model: &str,
-        target: Option<&http::Uri>,
-        timeout: Duration,
-        cap: bool,
+        to: &Target<'_>,
+    ) -> Result<http::Response<ResponseBody>, AttemptError> {
+        let ask_usage = self.stream_usage && !self.refuses_stream_options.load(Ordering::Relaxed);
+        let sent = self.send_once(req, to, ask_usage).await;
+        match sent {
+            // The `stream_options` the gateway added (the client sent none) refused: the
+            // request again without it, and every later stream too.
+            Err(AttemptError::Status { error, .. })
+                if ask_usage
+                    && req.adds_stream_options()
+                    && matches!(error.status.as_u16(), 400 | 422)
+                    && error.message.contains("stream_options") =>
+            {
+                if !self.refuses_stream_options.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        upstream = self.kind_name(),
+                        message = %error.message,
+                        "the upstream refuses stream_options: its streams are sent without it \
+                         from now on, and counted with the tokenizer (set `stream_usage: false` \
+                         on the provider to say so)"
+                    );
+                }
+                self.send_once(req, to, false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send_once(
+        &self,
+        req: &ApiRequest,
+        to: &Target<'_>,
+        ask_usage: bool,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         // One deadline for the whole attempt: the answer's head, then its body to the end.
-        let deadline = Box::pin(tokio::time::sleep(timeout));
+        let deadline = Box::pin(tokio::time::sleep(to.timeout));
         // `None`: the URL did not parse when the config was loaded.
-        let uri = target
+        let uri = to
+            .url
             .cloned()
             .ok_or_else(|| AttemptError::Connect("the upstream URL is not valid".into()))?;
-        let mut request = http::Request::new(Full::new(self.body(req, deployment, model, cap)));
+        let mut request = http::Request::new(Full::new(self.body(req, to, ask_usage)));
         *request.method_mut() = http::Method::POST;
         // Sized once for the client's headers, Host and the upstream's key (a clone of the
         // client's map would grow, and move, to take the two more).
@@ -203,7 +238,7 @@ impl HttpUpstream {
         }
         self.own_headers(headers);
         *request.uri_mut() = uri;
-        self.answer(request, deadline, timeout).await
+        self.answer(request, deadline, to.timeout).await
     }
 
     /// The headers every request to this upstream carries: uncompressed answers (the gateway
@@ -563,9 +598,15 @@ pub fn normalize_error(
     if !scrub.is_empty() {
         scrub_map(&mut obj, scrub);
     }
+    // FastAPI's `{"detail": "..."}` (an Azure serverless endpoint refusing a field, vLLM's
+    // router): its text is the message (the detail stays beside it).
     let message = match obj.remove("message") {
+        None => match obj.get("detail") {
+            Some(Value::String(d)) => d.clone(),
+            _ => format!("the upstream answered {}", status.as_u16()),
+        },
         Some(Value::String(s)) => s,
-        Some(Value::Null) | None => format!("the upstream answered {}", status.as_u16()),
+        Some(Value::Null) => format!("the upstream answered {}", status.as_u16()),
         Some(other) => other.to_string(),
     };
     let kind = match obj.remove("type") {

@@ -64,20 +64,15 @@ impl Provider {
         }
     }
 
-    /// One attempt against this provider for `deployment` (the upstream's model or Azure
-    /// deployment name); `model` is the underlying model when the config names it.
+    /// One attempt of `req` against this provider.
     pub async fn send(
         &self,
         req: &ApiRequest,
-        deployment: &str,
-        model: &str,
-        target: Option<&http::Uri>,
-        timeout: Duration,
-        cap: bool,
+        to: &Target<'_>,
     ) -> Result<http::Response<ResponseBody>, AttemptError> {
         match &self.kind {
-            ProviderKind::Http(h) => h.send(req, deployment, model, target, timeout, cap).await,
-            ProviderKind::Mock(m) => m.send(req, deployment).await,
+            ProviderKind::Http(h) => h.send(req, to).await,
+            ProviderKind::Mock(m) => m.send(req, to.deployment).await,
         }
     }
 
@@ -224,6 +219,21 @@ impl UpstreamQuota {
         };
         (q.remaining_requests.is_some() || q.remaining_tokens.is_some()).then_some(q)
     }
+}
+
+/// Where one attempt goes, and how.
+pub struct Target<'a> {
+    /// The upstream's model or Azure deployment name.
+    pub deployment: &'a str,
+    /// The underlying model: the config's `model:`, else `deployment`.
+    pub model: &'a str,
+    /// The upstream URL for the request's operation, parsed at config load (`None`: it did
+    /// not parse).
+    pub url: Option<&'a http::Uri>,
+    /// The whole attempt's deadline: the answer's head, then its body to the end.
+    pub timeout: Duration,
+    /// Whether the gateway's output cap goes in (`ApiRequest::upstream_body`).
+    pub cap: bool,
 }
 
 /// Providers by name, shared by every route of one config generation.

@@ -732,16 +732,14 @@ impl Route {
                 self.first_token_timeout.as_secs_f64()
             ))
         };
-        let model = d.model.as_deref().unwrap_or(&d.upstream);
-        let target = d.targets.get(req.op as usize).and_then(Option::as_ref);
-        let send = d.provider.send(
-            req,
-            &d.upstream,
-            model,
-            target,
-            self.timeout,
-            d.price.charges_output(),
-        );
+        let to = crate::provider::Target {
+            deployment: &d.upstream,
+            model: d.model.as_deref().unwrap_or(&d.upstream),
+            url: d.targets.get(req.op as usize).and_then(Option::as_ref),
+            timeout: self.timeout,
+            cap: d.price.charges_output(),
+        };
+        let send = d.provider.send(req, &to);
         let resp = if req.stream {
             tokio::time::timeout_at(deadline.into(), send)
                 .await
