@@ -2024,7 +2024,10 @@ models:
 }
 
 /// Active health checks: a provider whose `/health` fails leaves rotation (even at priority 0)
-/// and rejoins once it answers 2xx again.
+/// and rejoins once it answers 2xx again. The check carries the provider's key, as its
+/// requests do (an endpoint that wants it everywhere, Azure serverless's `/info`, answered
+/// 401 to a check without it, and its deployments left rotation for good), and the log says
+/// what the check got.
 #[tokio::test]
 async fn a_failing_health_check_takes_a_provider_out_of_rotation_and_back() {
     let primary = MockUpstream::start().await;
@@ -2033,7 +2036,7 @@ async fn a_failing_health_check_takes_a_provider_out_of_rotation_and_back() {
         r#"
 server: {{ admin_key: hc-admin }}
 providers:
-  primary: {{ kind: openai, base_url: "{p}/v1", health_check: {{ path: /health, interval: 100ms, timeout: 1s }} }}
+  primary: {{ kind: openai, base_url: "{p}/v1", api_key: sk-hc-primary, health_check: {{ path: /health, interval: 100ms, timeout: 1s }} }}
   spare: {{ kind: openai, base_url: "{s}/v1" }}
 models:
   m:
@@ -2070,14 +2073,22 @@ models:
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let checks = primary
+    let checks: Vec<_> = primary
         .requests()
-        .iter()
+        .into_iter()
         .filter(|r| r.path == "/health" && r.method == "GET")
-        .count();
+        .collect();
     assert!(
-        checks >= 1,
+        !checks.is_empty(),
         "the check is GET {{origin}}/health, not under /v1"
+    );
+    for c in &checks {
+        assert_eq!(c.header("authorization"), Some("Bearer sk-hc-primary"));
+    }
+    assert!(
+        gw.logs().contains("healthy=false status=404"),
+        "{}",
+        gw.logs()
     );
     let routes: serde_json::Value = gw.get_json("/admin/routes", "hc-admin").await;
     assert_eq!(routes["routes"][0]["deployments"][0]["up"], false);

@@ -138,6 +138,12 @@ impl HttpUpstream {
         })
     }
 
+    /// The header that carries this upstream's key (`Authorization: Bearer …` or Azure's
+    /// `api-key`), marked sensitive: what a health check sends too.
+    pub fn auth(&self) -> Option<&(HeaderName, HeaderValue)> {
+        self.auth.as_ref()
+    }
+
     pub fn kind_name(&self) -> &'static str {
         match self.flavor {
             Flavor::Azure { .. } => "azure_openai",

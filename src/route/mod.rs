@@ -242,7 +242,7 @@ impl RouteError {
                     "no_deployment_available",
                     format!(
                         "no deployment of `{routes}` can take the request now: every one is \
-                         cooling down or out of its upstream quota"
+                         cooling down, out of its upstream quota or failing its health check"
                     ),
                 );
                 let secs = retry_after.map_or(1, |d| d.as_secs_f64().ceil().max(1.0) as u64);

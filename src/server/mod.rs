@@ -81,25 +81,54 @@ impl Drop for Runtime {
 }
 
 /// Checks a provider every `interval`: a 2xx in time keeps its deployments in rotation.
-fn spawn_health_check(
-    client: reqwest::Client,
+/// One provider's active health check.
+struct HealthCheck {
     provider: String,
     url: String,
     interval: Duration,
     timeout: Duration,
+    /// The provider's key, as its requests carry it: an endpoint that wants it for every
+    /// path (Azure serverless `/info`) answers 401 without it.
+    auth: Option<(http::HeaderName, http::HeaderValue)>,
+}
+
+fn spawn_health_check(
+    client: reqwest::Client,
+    check: HealthCheck,
     states: Vec<Arc<crate::route::state::DeploymentState>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let HealthCheck {
+            provider,
+            url,
+            interval,
+            timeout,
+            auth,
+        } = check;
         let mut tick = tokio::time::interval(interval);
         let mut last = None;
         loop {
             tick.tick().await;
-            let healthy = matches!(
-                client.get(&url).timeout(timeout).send().await,
-                Ok(r) if r.status().is_success()
-            );
+            let mut get = client.get(&url).timeout(timeout);
+            if let Some((name, value)) = &auth {
+                get = get.header(name, value);
+            }
+            // What it answered, for the log: a status, or why there was none.
+            let said = match get.send().await {
+                Ok(r) => Ok(r.status()),
+                Err(e) if e.is_timeout() => Err("no answer in time"),
+                Err(_) => Err("no connection"),
+            };
+            let healthy = said.is_ok_and(|s| s.is_success());
             if last != Some(healthy) {
-                tracing::info!(provider = %provider, healthy, "health check");
+                match said {
+                    Ok(status) => tracing::info!(
+                        provider = %provider, healthy, status = status.as_u16(), "health check"
+                    ),
+                    Err(why) => {
+                        tracing::info!(provider = %provider, healthy, error = why, "health check")
+                    }
+                }
                 last = Some(healthy);
             }
             for s in &states {
@@ -188,14 +217,18 @@ impl Runtime {
                 } else {
                     format!("/{}", hc.path)
                 };
-                health_checks.push(spawn_health_check(
-                    check_client.clone(),
-                    name.clone(),
-                    format!("{origin}{path}"),
-                    hc.interval.0,
-                    hc.timeout.0,
-                    states,
-                ));
+                let auth = match providers.get(name).map(|p| &p.kind) {
+                    Some(provider::ProviderKind::Http(h)) => h.auth().cloned(),
+                    _ => None,
+                };
+                let check = HealthCheck {
+                    provider: name.clone(),
+                    url: format!("{origin}{path}"),
+                    interval: hc.interval.0,
+                    timeout: hc.timeout.0,
+                    auth,
+                };
+                health_checks.push(spawn_health_check(check_client.clone(), check, states));
             }
         }
         {
