@@ -102,6 +102,19 @@ fn assert_rows(rows: &[LedgerRow], endpoint: &str, expected: &[(u16, f64, bool)]
     }
 }
 
+/// A chat completion that reports `prompt` and `completion` tokens.
+fn answer_with_usage(prompt: u64, completion: u64) -> Scripted {
+    Scripted::respond(
+        200,
+        json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": "long"},
+                            "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                         "total_tokens": prompt + completion}})
+        .to_string(),
+    )
+}
+
 fn keys(extra_key_fields: &str) -> String {
     format!(
         "teams:\n  research: {{}}\nkeys:\n  - {{ name: app, key: \"sha256:{}\", team: research{extra_key_fields} }}\n",
@@ -664,6 +677,62 @@ async fn chat_as(gw: &Gateway, key: &str, max_tokens: u64) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+/// A request no wait lets through (a prompt estimate above the key's `tpm`, `rpm: 0`, a worst
+/// case above the budget's whole `usd`) is told so, without a `retry-after` and with
+/// OpenAI's `x-should-retry: false`: it was told to retry after the minute (or the period),
+/// and the SDK did, twice, for over a minute, each attempt a 429 row.
+#[tokio::test]
+async fn a_request_no_wait_lets_through_is_told_not_to_retry() {
+    let up = MockUpstream::start().await;
+    let long = "word ".repeat(500);
+    for (fields, max_tokens, code, kind, starts) in [
+        (
+            ", limits: { tpm: 100 }",
+            10,
+            "rate_limit_exceeded",
+            "tokens",
+            "Request too large for key:app on tokens per minute: limit 100",
+        ),
+        (
+            ", limits: { rpm: 0 }",
+            10,
+            "rate_limit_exceeded",
+            "requests",
+            "key:app admits no requests (rpm: 0)",
+        ),
+        (
+            ", budget: { usd: 0.01, period: daily }",
+            4096,
+            "budget_exceeded",
+            "insufficient_quota",
+            "Request too large for key:app: it could cost up to 0.04",
+        ),
+    ] {
+        let gw = Gateway::start(&config(&up, &keys(fields))).await;
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o", "max_tokens": max_tokens,
+                   "messages": [{"role": "user", "content": long}]}),
+        )
+        .await;
+        assert_eq!(r.status(), 429, "{fields}");
+        assert_eq!(r.headers()["x-should-retry"], "false", "{fields}");
+        assert!(r.headers().get("retry-after").is_none(), "{fields}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(
+            (e["error"]["code"].as_str(), e["error"]["type"].as_str()),
+            (Some(code), Some(kind)),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap().starts_with(starts),
+            "{e}"
+        );
+        assert_eq!(up.request_count(), 0);
+    }
+}
+
 /// A team's budget is shared by the team's keys and refuses them all; the global budget
 /// holds for a key of no team; each refuses with `budget_exceeded` naming itself, and each
 /// sends one hard alert per period (webhook and counter), not one per refusal.
@@ -672,7 +741,8 @@ async fn team_and_global_budgets_refuse_and_alert_hard_once_per_period() {
     let up = MockUpstream::start().await;
     let hook = MockUpstream::start().await;
     // gpt-4o: 2.50 in, 10.00 out per 1M. A request's worst case is about its max_tokens ×
-    // 10 / 1M: 3,000 → 0.03 USD (over the team's 0.025), 100 → 0.001.
+    // 10 / 1M: 1,000 → 0.01 USD, 100 → 0.001; one that alone is over a budget's whole `usd`
+    // is refused otherwise (see `a_request_no_wait_lets_through_is_told_not_to_retry`).
     let extra = format!(
         r#"alerts: {{ webhook: "{hook}/hook" }}
 budget: {{ usd: 0.05, period: daily }}
@@ -694,13 +764,16 @@ keys:
         assert_eq!(body["error"]["code"], "budget_exceeded", "{body}");
         body["error"]["message"].as_str().unwrap().to_string()
     };
+    // 0.02 of the team's 0.025 (and of the global 0.05) spent: an answer of 2,000 tokens.
+    up.script(answer_with_usage(1, 2000));
+    assert_eq!(chat_as(&gw, "sk-alice", 2000).await.0, 200);
     for key in ["sk-alice", "sk-bob"] {
         assert_eq!(
             chat_as(&gw, key, 100).await.0,
             200,
             "within the team's budget"
         );
-        let message = refused_by(chat_as(&gw, key, 3000).await);
+        let message = refused_by(chat_as(&gw, key, 1000).await);
         assert!(
             message.starts_with("Budget exceeded for team:research:"),
             "{message}"
@@ -710,14 +783,14 @@ keys:
             "{message}"
         );
     }
-    // The key of no team is held by the global budget only: 0.03 fits, 0.06 does not.
-    assert_eq!(chat_as(&gw, "sk-solo", 3000).await.0, 200);
-    let message = refused_by(chat_as(&gw, "sk-solo", 6000).await);
+    // The key of no team is held by the global budget only: 0.02 more fits, 0.03 does not.
+    assert_eq!(chat_as(&gw, "sk-solo", 2000).await.0, 200);
+    let message = refused_by(chat_as(&gw, "sk-solo", 3000).await);
     assert!(
         message.starts_with("Budget exceeded for global:"),
         "{message}"
     );
-    let message = refused_by(chat_as(&gw, "sk-solo", 6000).await);
+    let message = refused_by(chat_as(&gw, "sk-solo", 3000).await);
     assert!(
         message.starts_with("Budget exceeded for global:"),
         "{message}"
@@ -1549,14 +1622,7 @@ async fn under_a_budget_a_request_without_max_tokens_gets_the_reserved_cap_upstr
     // `--max-model-len 4096`) refused the 4096 added to a prompt with a context-length error,
     // which sent every budgeted request to a paid `context_fallbacks` route. Not believed
     // past a cap either (it sent none): its usage is taken as reported.
-    up.script(Scripted::respond(
-        200,
-        json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": "long"},
-                            "finish_reason": "stop"}],
-               "usage": {"prompt_tokens": 9, "completion_tokens": 5000, "total_tokens": 5009}})
-        .to_string(),
-    ));
+    up.script(answer_with_usage(9, 5000));
     let r = post(
         &gw,
         "/v1/chat/completions",

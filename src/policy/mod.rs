@@ -184,6 +184,13 @@ pub enum Refused {
     },
     /// The shared state (Redis) is unreachable and `on_redis_error` says `closed`.
     Unavailable,
+    /// A request no wait lets through (`Plan::never_admitted`): told so, not to retry.
+    Never {
+        limit: Arc<str>,
+        /// `rpm`, `tpm`, `max_parallel` or `budget`.
+        kind: &'static str,
+        message: String,
+    },
 }
 
 impl Refused {
@@ -205,6 +212,12 @@ impl Refused {
             }
             Refused::Budget { budget, .. } => (budget.scope.kind(), budget.scope.name(), "budget"),
             Refused::Unavailable => ("state", "redis", "unavailable"),
+            // As the others name them: a budget `global` is scope and name `global`.
+            Refused::Never { limit, kind, .. } => {
+                let whole = if *kind == "budget" { limit } else { "" };
+                let (scope, name) = limit.split_once(':').unwrap_or((whole, limit));
+                (scope, name, *kind)
+            }
         };
         m.ratelimited.with_label_values(&[scope, name, kind]).inc();
     }
@@ -280,7 +293,80 @@ impl Refused {
                 }
                 e
             }
+            Refused::Never { kind, message, .. } => {
+                let (kind, code) = match kind {
+                    "budget" => ("insufficient_quota", "budget_exceeded"),
+                    "tpm" => ("tokens", "rate_limit_exceeded"),
+                    _ => ("requests", "rate_limit_exceeded"),
+                };
+                let mut e = GatewayError::new(StatusCode::TOO_MANY_REQUESTS, kind, code, message);
+                // OpenAI's word to its SDKs that a retry cannot help (they retry a 429).
+                e.headers.push(("x-should-retry", "false".to_string()));
+                e
+            }
         }
+    }
+}
+
+impl Plan {
+    /// A limit or budget this request can pass under no count, at no time: `rpm: 0` or
+    /// `max_parallel: 0`, a prompt estimate above a `tpm`, a worst case above a budget's
+    /// whole `usd`. Told at once that waiting will not help (it was told to retry after the
+    /// minute or the period, and the SDK did, for minutes).
+    pub fn never_admitted(&self) -> Option<Refused> {
+        let never = |limit: &Arc<str>, kind, message| {
+            Some(Refused::Never {
+                limit: limit.clone(),
+                kind,
+                message,
+            })
+        };
+        for l in self.limits.iter() {
+            if l.rpm == Some(0) {
+                return never(
+                    &l.id,
+                    "rpm",
+                    format!("{} admits no requests (rpm: 0).", l.id),
+                );
+            }
+            if l.max_parallel == Some(0) {
+                return never(
+                    &l.id,
+                    "max_parallel",
+                    format!("{} admits no requests (max_parallel: 0).", l.id),
+                );
+            }
+            if let Some(tpm) = l.tpm.filter(|t| self.tokens > *t) {
+                return never(
+                    &l.id,
+                    "tpm",
+                    format!(
+                        "Request too large for {} on tokens per minute: limit {tpm}, requested \
+                         {} (the prompt's estimate). The input must be reduced in order to run \
+                         successfully.",
+                        l.id, self.tokens
+                    ),
+                );
+            }
+        }
+        for b in self.budgets.iter() {
+            if self.worst_usd.is_nan() || nanos_up(self.worst_usd) > nanos(b.usd) {
+                return never(
+                    &b.id,
+                    "budget",
+                    format!(
+                        "Request too large for {}: it could cost up to {} USD, more than the \
+                         whole {} USD {} budget. Lower its max_tokens (or its input) for it to \
+                         run.",
+                        b.id,
+                        usd(self.worst_usd),
+                        usd(b.usd),
+                        period_name(b.period)
+                    ),
+                );
+            }
+        }
+        None
     }
 }
 

@@ -340,12 +340,17 @@ where
     let mut record = new_record(gateway, &key, &api_req, route, plan);
     unrecorded.armed = false;
     record.generation = Some(rt.requests.clone());
-    match gateway
-        .accounting
-        .policy
-        .admit(&record.plan, ledger::now_ms())
-        .await
-    {
+    let admitted = match record.plan.never_admitted() {
+        Some(never) => Err(never),
+        None => {
+            gateway
+                .accounting
+                .policy
+                .admit(&record.plan, ledger::now_ms())
+                .await
+        }
+    };
+    match admitted {
         Ok(admitted) => record.admitted = Some(admitted),
         Err(refused) => {
             refused.count();
