@@ -440,6 +440,64 @@ async fn a_404_for_what_the_request_names_is_looked_for_on_the_other_deployments
     assert_eq!(dep_state(&gw, "b/m").await["up"], true);
 }
 
+/// A plain answer whose body breaks off (its connection closed mid-body) is a failure of its
+/// deployment, as a stream's is: counted (`broke_off`), and enough of them in a row cool it
+/// down; a whole answer ends the run. It counted nothing: the deployment stayed up, every
+/// client got a cut body.
+#[tokio::test]
+async fn a_plain_answer_cut_mid_body_counts_against_its_deployment() {
+    let a = MockUpstream::start().await;
+    let yaml = config(
+        &openai("a", &a),
+        "models:\n  solo: { allowed_fails: 2, cooldown: 60s, deployments: [ { provider: a, deployment: solo } ] }\n",
+    );
+    let gw = Gateway::start(&yaml).await;
+    let cut = || {
+        Scripted::JsonPartsCut(vec![(
+            Duration::ZERO,
+            r#"{"id":"c","object":"chat.comp"#.into(),
+        )])
+    };
+    // The client's read fails (the body ends short).
+    let cut_read = || async {
+        let r = client()
+            .post(gw.url("/v1/chat/completions"))
+            .json(&chat_body("solo"))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.bytes().await.is_err(), "a cut body");
+    };
+    a.script(cut());
+    cut_read().await;
+    wait_dep(
+        &gw,
+        "a/solo",
+        |d| d["fails_in_row"] == 1,
+        Duration::from_secs(5),
+    )
+    .await;
+    // A whole answer ends the run.
+    chat(&gw, "solo").await.served_by("solo", "a/solo");
+    assert_eq!(dep_state(&gw, "a/solo").await["fails_in_row"], 0);
+    for _ in 0..2 {
+        a.script(cut());
+        cut_read().await;
+    }
+    wait_dep(&gw, "a/solo", |d| d["up"] == false, Duration::from_secs(5)).await;
+    let n = gw
+        .metric(
+            "switchyard_upstream_errors_total",
+            &[
+                ("route", "solo"),
+                ("deployment", "a/solo"),
+                ("kind", "broke_off"),
+            ],
+        )
+        .await;
+    assert_eq!(n, Some(3.0));
+}
+
 /// Azure's 429 (`code: "429"`, no `type`) reaches the client as Azure wrote it, in the
 /// OpenAI shape: its code kept, the type OpenAI gives a rate limit, its `retry-after`.
 #[tokio::test]

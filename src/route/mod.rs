@@ -301,6 +301,8 @@ struct TrackedBody {
     /// Its deployment's in-flight count, and its state for `watch`.
     in_flight: InFlight,
     watch: Option<BreakWatch>,
+    /// How a plain answer's body failed (`broke_off`, `timeout`), when it did.
+    broke: Option<&'static str>,
 }
 
 /// A stream that fails after its first event (`stream::StreamState`: broken off, timed out,
@@ -310,8 +312,11 @@ struct TrackedBody {
 /// (a probe's verdict, its time to first token); its failures in a row end only with the
 /// stream, whole (its `[DONE]` sent, or its body's end), so a deployment whose streams all
 /// die after their first event cools down like any failing one.
+/// A plain answer whose body breaks off (its connection cut, or the attempt's time up,
+/// mid-body) is one too: counted as `broke_off` (or `timeout`) when its body is dropped.
 struct BreakWatch {
-    stream: Arc<crate::stream::StreamState>,
+    /// An event stream's state; `None` for a plain answer (`TrackedBody::broke` tells).
+    stream: Option<Arc<crate::stream::StreamState>>,
     allowed_fails: u32,
     cooldown: Duration,
     route: Name,
@@ -325,9 +330,15 @@ impl Drop for TrackedBody {
             return;
         };
         let state = &self.in_flight.0;
-        let Some(kind) = w.stream.failure() else {
+        let failure = match &w.stream {
+            Some(s) => s.failure(),
+            None => self.broke,
+        };
+        let Some(kind) = failure else {
             // Whole (else its client left: nothing said either way).
-            if w.stream.done() || (self.first.is_none() && self.rest.is_end_stream()) {
+            if w.stream.as_ref().is_some_and(|s| s.done())
+                || (self.first.is_none() && self.rest.is_end_stream())
+            {
                 state.stream_ended();
             }
             return;
@@ -343,7 +354,7 @@ impl Drop for TrackedBody {
             deployment = %w.deployment,
             kind,
             cooling_down = cooled,
-            "upstream stream failed after its first event"
+            "upstream answer failed after it began"
         );
     }
 }
@@ -359,7 +370,17 @@ impl Body for TrackedBody {
         if let Some(f) = self.first.take() {
             return std::task::Poll::Ready(Some(Ok(f)));
         }
-        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.rest).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &polled {
+            // A plain answer's guard ends a broken body with an error (an event stream's
+            // with an error event, told by its state).
+            self.broke = Some(if e.to_string().contains("did not finish within") {
+                "timeout"
+            } else {
+                "broke_off"
+            });
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -771,29 +792,31 @@ impl Route {
             None
         };
         // Left in the extensions too: the access log tells a broken stream by it.
-        let watch = parts
-            .extensions
-            .get::<Arc<crate::stream::StreamState>>()
-            .map(|stream| BreakWatch {
-                stream: stream.clone(),
-                allowed_fails: self.allowed_fails,
-                cooldown: self.cooldown,
-                route: self.name.clone(),
-                deployment: d.label.clone(),
-                provider: d.provider.name.clone(),
-            });
+        let watch = Some(BreakWatch {
+            stream: parts
+                .extensions
+                .get::<Arc<crate::stream::StreamState>>()
+                .cloned(),
+            allowed_fails: self.allowed_fails,
+            cooldown: self.cooldown,
+            route: self.name.clone(),
+            deployment: d.label.clone(),
+            provider: d.provider.name.clone(),
+        });
         // A stream's sample is its time to first token; a plain request's, its latency.
         let elapsed = start.elapsed();
-        match (req.stream, &watch) {
-            (true, Some(_)) => d.state.first_event(elapsed),
-            (true, None) => d.state.success(None, Some(elapsed)),
-            (false, _) => d.state.success(Some(elapsed), None),
+        let is_sse = watch.as_ref().is_some_and(|w| w.stream.is_some());
+        match (req.stream, is_sse) {
+            (true, true) => d.state.first_event(elapsed),
+            (true, false) => d.state.success(None, Some(elapsed)),
+            (false, _) => d.state.began(elapsed),
         }
         let body = TrackedBody {
             first,
             rest: body,
             in_flight,
             watch,
+            broke: None,
         };
         Ok(http::Response::from_parts(parts, body.boxed_unsync()))
     }

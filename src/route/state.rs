@@ -260,7 +260,15 @@ impl DeploymentState {
         ewma(&self.ttft_ms, ttft.as_secs_f64() * 1000.0);
     }
 
-    /// An event stream that reached its end.
+    /// A plain answer's head: up (as `success` says) and a latency sample, but its failures
+    /// in a row end only with its body, whole (`stream_ended`): one whose body breaks off is
+    /// a failure (`route::TrackedBody`).
+    pub fn began(&self, latency: Duration) {
+        self.came_back();
+        ewma(&self.latency_ms, latency.as_secs_f64() * 1000.0);
+    }
+
+    /// An answer (an event stream, a plain body) that reached its end.
     pub fn stream_ended(&self) {
         self.fails_in_row.store(0, Ordering::Release);
     }

@@ -111,6 +111,8 @@ pub enum Scripted {
     },
     /// A `200 application/json` answer written in parts, each after its delay.
     JsonParts(Vec<(Duration, String)>),
+    /// As `JsonParts`, then the connection closed before the body's end.
+    JsonPartsCut(Vec<(Duration, String)>),
     /// Accept the request and never answer, until the client goes away.
     Hang,
     /// Wait, then answer as the inner script says.
@@ -674,14 +676,8 @@ async fn handle(
                 chunks,
                 end,
             },
-            Some(Scripted::JsonParts(parts)) => Reply::Stream {
-                headers: vec![("content-type".into(), "application/json".into())],
-                chunks: parts
-                    .into_iter()
-                    .map(|(d, s)| (d, Bytes::from(s)))
-                    .collect(),
-                end: StreamEnd::Finish,
-            },
+            Some(Scripted::JsonParts(parts)) => json_parts(parts, StreamEnd::Finish),
+            Some(Scripted::JsonPartsCut(parts)) => json_parts(parts, StreamEnd::Abort),
             Some(Scripted::Stream { chunks, end }) => Reply::Stream {
                 headers: Vec::new(),
                 chunks: chunks
@@ -692,6 +688,17 @@ async fn handle(
             },
         };
         return Ok(build(reply, guard));
+    }
+}
+
+fn json_parts(parts: Vec<(Duration, String)>, end: StreamEnd) -> Reply {
+    Reply::Stream {
+        headers: vec![("content-type".into(), "application/json".into())],
+        chunks: parts
+            .into_iter()
+            .map(|(d, s)| (d, Bytes::from(s)))
+            .collect(),
+        end,
     }
 }
 
