@@ -226,6 +226,62 @@ async fn an_upstream_refusing_the_added_stream_options_streams_without_it() {
     assert_eq!(up.request_count(), 1);
 }
 
+/// An error event in a stream is put in OpenAI's shape as an error answer is: TGI's
+/// `{"error": "text", "error_type": "generation"}` (the SDK raised "An error occurred during
+/// streaming", the text lost), vLLM's integer `code`, vLLM's older flat `{"object":
+/// "error"}`; one already in OpenAI's shape goes as it came; the upstream's key is blanked.
+#[tokio::test]
+async fn error_events_in_a_stream_are_put_in_openais_shape() {
+    let (up, gw) = setup().await;
+    let body = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    for (event, want) in [
+        (
+            json!({"error": format!("Request failed during generation: CUDA out of memory ({OPENAI_SECRET})"),
+                   "error_type": "generation"}),
+            json!({"message": "Request failed during generation: CUDA out of memory (***)",
+                   "type": "generation", "param": null, "code": "upstream_error"}),
+        ),
+        (
+            json!({"error": {"message": "engine dead", "type": "InternalServerError", "param": null, "code": 500}}),
+            json!({"message": "engine dead", "type": "InternalServerError", "param": null, "code": "upstream_error"}),
+        ),
+        (
+            json!({"object": "error", "message": "engine dead", "type": "InternalServerError", "param": null, "code": 500}),
+            json!({"message": "engine dead", "type": "InternalServerError", "param": null, "code": "upstream_error"}),
+        ),
+        (
+            json!({"error": {"message": "overloaded", "type": "server_error", "param": null, "code": "server_overloaded"}}),
+            json!({"message": "overloaded", "type": "server_error", "param": null, "code": "server_overloaded"}),
+        ),
+    ] {
+        up.script(Scripted::stream(
+            &[
+                (
+                    0,
+                    &format!(
+                        "data: {}\n\n",
+                        chat_chunk(Some("assistant"), Some("Hel"), None)
+                    ),
+                ),
+                (0, &format!("data: {event}\n\n")),
+            ],
+            StreamEnd::Finish,
+        ));
+        let text = post(&gw, "/v1/chat/completions", body)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let last = text
+            .split("\n\n")
+            .filter(|e| !e.trim().is_empty())
+            .last()
+            .unwrap();
+        let got: Value = serde_json::from_str(last.strip_prefix("data: ").unwrap()).unwrap();
+        assert_eq!(got["error"], want, "{text}");
+    }
+}
+
 #[tokio::test]
 async fn azure_upstream_gets_deployment_path_api_version_and_api_key() {
     let (up, gw) = setup().await;

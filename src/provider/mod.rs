@@ -4,6 +4,7 @@
 //! goes; that is `route/`.
 
 mod http_upstream;
+pub use http_upstream::normalize_error;
 pub mod mock;
 pub mod proxy;
 pub mod scrub;

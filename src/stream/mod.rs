@@ -128,6 +128,40 @@ fn read_error_event(event: &[u8]) -> ErrorEvent {
     }
 }
 
+/// An error event whose data is not in OpenAI's shape, as a `data:` event in it: TGI's
+/// `{"error": "text", "error_type": "…"}` (the SDK raised "An error occurred during
+/// streaming", the text lost), vLLM's and llama.cpp's integer `code`, vLLM's older flat
+/// `{"object": "error", …}`, as their plain error answers are normalised
+/// (`normalize_error`). `None` for one already in OpenAI's shape, or not JSON.
+fn normalized_error_event(event: &[u8], scrub: Option<&Scrub>) -> Option<Vec<u8>> {
+    let data = sse::event_data(event)?;
+    let serde_json::Value::Object(m) = serde_json::from_slice::<serde_json::Value>(&data).ok()?
+    else {
+        return None;
+    };
+    let odd = match m.get("error") {
+        Some(serde_json::Value::String(_)) => true,
+        Some(serde_json::Value::Object(e)) => e.get("code").is_some_and(|c| !c.is_string()),
+        _ => m.get("object").and_then(|o| o.as_str()) == Some("error"),
+    };
+    if !odd {
+        return None;
+    }
+    let none = Scrub::new(None, "");
+    let e = crate::provider::normalize_error(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        "application/json",
+        &data,
+        scrub.unwrap_or(&none),
+    );
+    let body = e.upstream_body.as_deref()?;
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b"\n\n");
+    Some(out)
+}
+
 /// The upstream's body as a stream of chunks for the client, cut off at `deadline`.
 pub fn guard_upstream_stream<B>(
     inner: B,
@@ -296,11 +330,13 @@ impl<B> UpstreamStream<B> {
                 }
             }
             // Only errors are scrubbed: the text of other events is the model's, passed on
-            // as it came, whatever it says.
-            let clean = if kind == ErrorEvent::No {
-                None
-            } else {
-                self.scrub.as_ref().and_then(|s| s.bytes(event))
+            // as it came, whatever it says. An error in a shape of its own is put in
+            // OpenAI's (scrubbed on the way).
+            let clean = match kind {
+                ErrorEvent::No => None,
+                ErrorEvent::Error => normalized_error_event(event, self.scrub.as_deref())
+                    .or_else(|| self.scrub.as_ref().and_then(|s| s.bytes(event))),
+                ErrorEvent::Failed => self.scrub.as_ref().and_then(|s| s.bytes(event)),
             };
             match (&mut out, clean) {
                 (None, Some(clean)) => {
