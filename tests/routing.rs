@@ -930,6 +930,37 @@ models:
     r.served_by("r", "a/m");
     assert!(r.elapsed >= Duration::from_millis(1000), "{:?}", r.elapsed);
     assert_eq!(b.request_count(), 2);
+
+    // A comment (an upstream's `: ping`) is no token: it did not stop the clock (the
+    // stream stayed on a, its token 6 s late, and its time to first token read 0).
+    a.script(Scripted::stream(
+        &[(0, ": ping\n\n"), (6000, &late), (0, "data: [DONE]\n\n")],
+        StreamEnd::Finish,
+    ));
+    let r = send(&c, &gw, &stream_body("r")).await;
+    r.served_by("r", "b/m");
+    assert!(!r.text.contains("late"), "{}", r.text);
+    // Within the time, the comment goes out with the first event; the time to first token
+    // is the event's.
+    a.script(Scripted::stream(
+        &[(0, ": ping\n\n"), (300, &late), (0, "data: [DONE]\n\n")],
+        StreamEnd::Finish,
+    ));
+    let r = send(&c, &gw, &stream_body("r")).await;
+    r.served_by("r", "a/m");
+    assert!(
+        r.text.starts_with(": ping\n\n") && r.text.contains("late"),
+        "{}",
+        r.text
+    );
+    let ttft = gw
+        .metric(
+            "switchyard_time_to_first_token_seconds_sum",
+            &[("route", "r"), ("deployment", "a/m")],
+        )
+        .await
+        .unwrap();
+    assert!(ttft >= 0.3, "time to first token {ttft}s");
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -775,19 +775,46 @@ impl Route {
         let (mut parts, mut body) = resp.into_parts();
         let first = if req.stream {
             let head_at = Instant::now();
-            let first = tokio::time::timeout_at(deadline.into(), body.frame()).await;
+            let is_sse = parts
+                .extensions
+                .get::<Arc<crate::stream::StreamState>>()
+                .is_some();
+            // The first event that carries data: comments (`: ping`, an upstream's keep-alive)
+            // before it are held and go with it, so that neither the time to first token nor
+            // `first_token_timeout` takes a comment for a token.
+            let mut held: Option<BytesMut> = None;
+            let first = loop {
+                let next = tokio::time::timeout_at(deadline.into(), body.frame()).await;
+                match next {
+                    Err(_) => return Err(no_first_token()),
+                    Ok(Some(Err(_))) => {
+                        return Err(AttemptError::Connect(
+                            "the upstream stream broke off before its first byte".into(),
+                        ))
+                    }
+                    Ok(Some(Ok(frame))) => {
+                        let data = frame.data_ref().is_some_and(|d| has_data_field(d));
+                        if !is_sse || data || !frame.is_data() {
+                            break Some(match held.take() {
+                                None => frame,
+                                Some(mut h) => {
+                                    if let Some(d) = frame.data_ref() {
+                                        h.extend_from_slice(d);
+                                    }
+                                    Frame::data(h.freeze())
+                                }
+                            });
+                        }
+                        if let Some(d) = frame.data_ref() {
+                            held.get_or_insert_with(BytesMut::new).extend_from_slice(d);
+                        }
+                    }
+                    Ok(None) => break held.take().map(|h| Frame::data(h.freeze())),
+                }
+            };
             // After the head, the wait for the first event is the upstream's time too.
             parts.extensions.insert(FirstFrameWait(head_at.elapsed()));
-            match first {
-                Err(_) => return Err(no_first_token()),
-                Ok(Some(Err(_))) => {
-                    return Err(AttemptError::Connect(
-                        "the upstream stream broke off before its first byte".into(),
-                    ))
-                }
-                Ok(Some(Ok(frame))) => Some(frame),
-                Ok(None) => None,
-            }
+            first
         } else {
             None
         };
@@ -820,6 +847,13 @@ impl Route {
         };
         Ok(http::Response::from_parts(parts, body.boxed_unsync()))
     }
+}
+
+/// Whether SSE bytes hold a `data` field (a line starting `data`), not only comments and
+/// blank lines.
+fn has_data_field(b: &[u8]) -> bool {
+    b.split(|c| *c == b'\n' || *c == b'\r')
+        .any(|line| line.starts_with(b"data"))
 }
 
 fn weighted(candidates: &[usize], weight: impl Fn(usize) -> f64, rng: &mut impl Rng) -> usize {
