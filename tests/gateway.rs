@@ -656,6 +656,8 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
                 format!("attachment; filename=\"{OPENAI_SECRET}.json\""),
             ),
             ("openai-processing-ms".into(), "12".into()),
+            ("x-request-id".into(), "req_upstream1".into()),
+            ("apim-request-id".into(), "0f8e-azure".into()),
         ],
         body: json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
@@ -665,6 +667,23 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("content-disposition").is_none());
     assert_eq!(r.headers()["openai-processing-ms"], "12");
+    // The upstream's ids of the request, which its support asks for, beside the gateway's.
+    assert_eq!(r.headers()["x-upstream-request-id"], "req_upstream1");
+    assert_eq!(r.headers()["apim-request-id"], "0f8e-azure");
+    assert_ne!(r.headers()["x-request-id"], "req_upstream1");
+    up.script(Scripted::Respond {
+        status: 400,
+        headers: vec![("x-request-id".into(), "req_upstream2".into())],
+        body: json!({"error": {"message": "bad", "type": "invalid_request_error"}}).to_string(),
+    });
+    let r = post(&gw, "/v1/chat/completions", chat).await;
+    assert_eq!(
+        (
+            r.status().as_u16(),
+            r.headers()["x-upstream-request-id"].to_str().unwrap()
+        ),
+        (400, "req_upstream2")
+    );
     let page = format!("<html>{} key {OPENAI_SECRET} end</html>", "x".repeat(278));
     up.script(Scripted::Respond {
         status: 400,

@@ -345,8 +345,15 @@ impl HttpUpstream {
         *out.extensions_mut() = extensions;
         for (name, value) in &parts.headers {
             // A value echoing the upstream's key or address stays behind with the rest.
-            if PASS_HEADERS.contains(&name.as_str()) && !self.scrub.found_in(value.as_bytes()) {
+            if self.scrub.found_in(value.as_bytes()) {
+                continue;
+            }
+            if PASS_HEADERS.contains(&name.as_str()) {
                 out.headers_mut().append(name.clone(), value.clone());
+            } else if name == "x-request-id" {
+                // The upstream's own id (OpenAI's `req_…`), which its support asks for: the
+                // client's `x-request-id` is the gateway's.
+                out.headers_mut().append(UPSTREAM_REQUEST_ID, value.clone());
             }
         }
         if let Some(q) = UpstreamQuota::from_headers(&parts.headers) {
@@ -382,6 +389,17 @@ impl HttpUpstream {
             error
                 .headers
                 .push(("retry-after-ms", ra.as_millis().to_string()));
+        }
+        // The upstream's ids of the request, which its support asks for.
+        for (from, to) in [
+            ("x-request-id", "x-upstream-request-id"),
+            ("apim-request-id", "apim-request-id"),
+        ] {
+            if let Some(v) = parts.headers.get(from).and_then(|v| v.to_str().ok()) {
+                if !self.scrub.found_in(v.as_bytes()) {
+                    error.headers.push((to, v.to_string()));
+                }
+            }
         }
         // OpenAI's word to its SDKs on whether a retry can help (`false` for a 429 of an
         // account out of credit): the SDK reads it, so it goes on with the error.
@@ -423,7 +441,13 @@ const PASS_HEADERS: &[&str] = &[
     "content-encoding",
     "openai-processing-ms",
     "openai-version",
+    // Azure's id of the request and the region that served it, which its support asks for.
+    "apim-request-id",
+    "x-ms-region",
 ];
+
+/// The upstream's `x-request-id`, as the client gets it.
+const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 
 fn path_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
