@@ -113,7 +113,8 @@ pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
                 "{group},requests,prompt_tokens,cached_tokens,completion_tokens,cost_usd,cache_hits\n"
             );
             for l in lines {
-                let name = if l.name.contains([',', '"', '\n']) {
+                // RFC 4180: a field holding a comma, a quote or a line break (CR too) is quoted.
+                let name = if l.name.contains([',', '"', '\n', '\r']) {
                     format!("\"{}\"", l.name.replace('"', "\"\""))
                 } else {
                     l.name.clone()
@@ -131,9 +132,19 @@ pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
             out
         }
         Format::Table => {
-            let width = lines
+            // A name holding control characters (a user id with a line break, say) is shown
+            // escaped: written raw, it broke the table's lines on a terminal.
+            let shown: Vec<std::borrow::Cow<str>> = lines
                 .iter()
-                .map(|l| l.name.chars().count())
+                .map(|l| match l.name.as_str() {
+                    "" => "-".into(),
+                    n if n.chars().any(char::is_control) => n.escape_debug().to_string().into(),
+                    n => n.into(),
+                })
+                .collect();
+            let width = shown
+                .iter()
+                .map(|n| n.chars().count())
                 .chain([group.len(), 5])
                 .max()
                 .unwrap_or(10);
@@ -141,8 +152,7 @@ pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
                 "{group:<width$}  {:>9}  {:>12}  {:>10}  {:>12}  {:>14}\n",
                 "requests", "prompt", "cached", "completion", "cost (USD)"
             );
-            for l in lines {
-                let name = if l.name.is_empty() { "-" } else { &l.name };
+            for (l, name) in lines.iter().zip(&shown) {
                 out.push_str(&format!(
                     "{name:<width$}  {:>9}  {:>12}  {:>10}  {:>12}  {:>14.6}\n",
                     l.requests, l.prompt_tokens, l.cached_tokens, l.completion_tokens, l.cost_usd
@@ -165,6 +175,20 @@ pub fn render(lines: &[SpendLine], by: GroupBy, format: Format) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_with_line_breaks_keep_csv_and_table_rows_whole() {
+        let lines = [SpendLine {
+            name: "alice\rbob,\"x\"".into(),
+            requests: 1,
+            ..Default::default()
+        }];
+        let csv = render(&lines, GroupBy::Key, Format::Csv);
+        assert!(csv.contains("\n\"alice\rbob,\"\"x\"\"\",1,"), "{csv}");
+        let table = render(&lines, GroupBy::Key, Format::Table);
+        assert_eq!(table.matches('\r').count(), 0, "{table}");
+        assert!(table.contains("alice\\rbob"), "{table}");
+    }
 
     #[test]
     fn times() {

@@ -176,7 +176,7 @@ impl GroupBy {
 }
 
 /// One line of a spend report.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct SpendLine {
     pub name: String,
     pub requests: i64,
