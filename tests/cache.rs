@@ -270,7 +270,9 @@ async fn a_fallbacks_answer_is_not_kept_under_the_route_asked_for() {
         .replace(
             "routing:",
             "  main:\n    cache: { ttl: 30s }\n    fallbacks: [plain]\n    \
-             deployments: [ { provider: down, deployment: main-up } ]\nrouting:",
+             deployments: [ { provider: down, deployment: main-up } ]\n  \
+             small: { cache: { ttl: 30s }, context_window: 5, context_fallbacks: [plain], \
+             deployments: [ { provider: down, deployment: small-up } ] }\nrouting:",
         );
     let gw = Gateway::start(&cfg).await;
     let q = ask("main", "What is the capital of France?");
@@ -293,6 +295,15 @@ async fn a_fallbacks_answer_is_not_kept_under_the_route_asked_for() {
     // The route's own answer is kept.
     let hit = chat(&gw, "red1", &q).await;
     assert_eq!((hit.cache(), down.request_count()), ("hit", 2));
+    // A context fallback serves a long request whenever it comes: its answer is kept.
+    let long = ask("small", &"a long question ".repeat(20));
+    let first = chat(&gw, "red1", &long).await;
+    assert_eq!(
+        (first.cache(), first.deployment.as_deref()),
+        ("miss", Some("up/m-up"))
+    );
+    let again = chat(&gw, "red1", &long).await;
+    assert_eq!(again.cache(), "hit", "{}", again.body);
 }
 
 #[tokio::test]

@@ -319,6 +319,16 @@ models:
             "{err}"
         );
     }
+    // A misspelt field whose value is from the environment: the field's name is no secret.
+    let (_, _, err, _) = check_text(
+        &dir,
+        "providers:\n  vllm:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n    apikey: ${VLLM_TOKEN}\nmodels:\n  a: { deployments: [ { provider: vllm, deployment: m } ] }\n",
+        &[("VLLM_TOKEN", "918273645501")],
+    );
+    assert!(
+        err.contains("unknown field `apikey`") && !err.contains("918273645501"),
+        "{err}"
+    );
     // Written in the file: the field and its line, the value shown.
     let (_, _, err, p) = check_text(
         &dir,
@@ -351,6 +361,15 @@ fn nested_aliases_that_expand_without_end_are_refused_at_once() {
         err.contains(&format!("{p}:6:")) && err.contains("copy out more than 100000 values"),
         "{err}"
     );
+    // One long string aliased many times (180 KB of file took check past 3 GB).
+    let long = format!(
+        "x-a: &a {}\nx-b: [{}]\n",
+        "y".repeat(100_000),
+        vec!["*a"; 20_000].join(", ")
+    );
+    let (code, _, err, _) = check_text(&dir, &long, &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("16 MiB of text"), "{err}");
     let (code, out, err, _) = check_text(
         &dir,
         "\

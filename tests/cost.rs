@@ -2532,20 +2532,40 @@ async fn a_request_given_up_upstream_by_the_routes_timeout_is_charged_its_reserv
     let routes =
         "  hang:\n    timeout: 200ms\n    retries: 0\n    first_token_timeout: 200ms\n    \
                   pricing: { input_per_1m: 2.50, output_per_1m: 10.00 }\n    \
-                  deployments: [ { provider: up, deployment: hang-up } ]\n";
+                  deployments: [ { provider: up, deployment: hang-up } ]\n  \
+         hang-then: { timeout: 200ms, retries: 0, fallbacks: [gpt-4o], \
+                  pricing: { input_per_1m: 2.50, output_per_1m: 10.00 }, \
+                  deployments: [ { provider: up, deployment: hang-up } ] }\n";
     let mut gw = Gateway::start(&config_with_routes(
         &up,
         routes,
         &keys(", budget: { usd: 1, period: daily }"),
     ))
     .await;
-    for stream in [false, true] {
+    let ask = |route: &str, stream: bool, n: u64| {
+        json!({"model": route, "max_tokens": 300, "stream": stream, "n": n,
+               "messages": [{"role": "user", "content": "tell me a long story"}]})
+    };
+    for (stream, n) in [(false, 1), (true, 1), (false, 3)] {
         up.script(Scripted::Hang);
-        let body = json!({"model": "hang", "max_tokens": 300, "stream": stream,
-                          "messages": [{"role": "user", "content": "tell me a long story"}]});
-        let r = post(&gw, "/v1/chat/completions", body).await;
+        let r = post(&gw, "/v1/chat/completions", ask("hang", stream, n)).await;
         assert_eq!(r.status(), 504);
     }
+    // Given up on, then a fallback's refusal: charged still (it was free, and the SDK
+    // retried it without end).
+    up.script(Scripted::Hang);
+    up.script(Scripted::rate_limited(1000));
+    let r = post(&gw, "/v1/chat/completions", ask("hang-then", false, 1)).await;
+    assert_eq!(r.status(), 429);
+    // An upstream's own error saying `upstream_timeout` (another gateway in front): its
+    // request was answered, not given up on: nothing.
+    up.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "x", "type": "api_error", "code": "upstream_timeout"}})
+            .to_string(),
+    ));
+    let r = post(&gw, "/v1/chat/completions", ask("hang", false, 1)).await;
+    assert_eq!(r.status(), 400);
     let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
     let spent = spend["budgets"][0]["spent_usd"].as_f64().unwrap();
     let rows = sqlite_rows_after_shutdown(&mut gw).await;
@@ -2562,7 +2582,13 @@ async fn a_request_given_up_upstream_by_the_routes_timeout_is_charged_its_reserv
         .collect();
     assert_eq!(
         got,
-        [(504, 300, true, true), (504, 0, true, true)],
+        [
+            (504, 300, true, true),
+            (504, 0, true, true),
+            (504, 900, true, true),
+            (429, 300, true, true),
+            (400, 0, false, false)
+        ],
         "{rows:?}"
     );
     let cost = |r: &LedgerRow| r.prompt_tokens as f64 * 2.5e-6 + r.completion_tokens as f64 * 10e-6;

@@ -110,6 +110,11 @@ async fn openai_upstream_gets_the_body_byte_for_byte_with_only_model_rewritten()
         .header("connection", "keep-alive, X-Secret-Hop")
         .header("x-secret-hop", "1")
         .header("cookie", "session=abc")
+        // What the SDK sends from OPENAI_ORG_ID / OPENAI_PROJECT_ID: the client's own
+        // account, not the gateway's upstream key's (OpenAI answers 401
+        // mismatched_organization, which would count against the deployment).
+        .header("openai-organization", "org-client")
+        .header("openai-project", "proj_client")
         .body(body)
         .send()
         .await
@@ -139,6 +144,8 @@ async fn openai_upstream_gets_the_body_byte_for_byte_with_only_model_rewritten()
     assert_eq!(r.header("x-request-id"), Some("client-chosen-id-1"));
     assert_eq!(r.header("x-secret-hop"), None);
     assert_eq!(r.header("cookie"), None);
+    assert_eq!(r.header("openai-organization"), None);
+    assert_eq!(r.header("openai-project"), None);
     let expected = body.replace(r#""model":"gpt-4o""#, r#""model":"gpt-4o-upstream""#);
     assert_eq!(std::str::from_utf8(&r.body).unwrap(), expected);
     for (name, value) in &r.headers {
@@ -206,6 +213,89 @@ async fn an_upstream_refusing_the_added_stream_options_streams_without_it() {
         r.bytes().await.unwrap();
         assert!(up.requests()[2].json().get("stream_options").is_none());
     }
+    // A refusal for another reason that only mentions it (a context-length error echoing
+    // the request's parameters; a 400 the request gets without it too) teaches nothing:
+    // the next stream still asks for usage (a gateway that has learned nothing yet).
+    let fresh = Gateway::start(&config(&up, "")).await;
+    up.reset();
+    up.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "This model's maximum context length is 4096 tokens. params: {'stream_options': {'include_usage': True}}", "type": "invalid_request_error"}}).to_string(),
+    ));
+    let r = post(
+        &fresh,
+        "/v1/chat/completions",
+        &body.replace("ROUTE", "gpt-4o-azure"),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    up.reset();
+    up.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "Invalid value for stream_options", "type": "invalid_request_error"}}).to_string(),
+    ));
+    up.script(Scripted::respond(
+        400,
+        json!({"error": {"message": "something else is wrong", "type": "invalid_request_error"}})
+            .to_string(),
+    ));
+    up.script(stream());
+    let r = post(
+        &fresh,
+        "/v1/chat/completions",
+        &body.replace("ROUTE", "gpt-4o"),
+    )
+    .await;
+    assert_eq!(r.status(), 400);
+    r.bytes().await.unwrap();
+    let r = post(
+        &fresh,
+        "/v1/chat/completions",
+        &body.replace("ROUTE", "gpt-4o"),
+    )
+    .await;
+    r.bytes().await.unwrap();
+    assert!(
+        up.requests()[2].json().get("stream_options").is_some(),
+        "not learned"
+    );
+    // FastAPI's validation list naming it (only in `loc`): learned, its text the message.
+    let gw2 = Gateway::start(&config(&up, "")).await;
+    up.reset();
+    up.script(Scripted::respond(
+        422,
+        json!({"detail": [{"loc": ["body", "stream_options"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}]}).to_string(),
+    ));
+    up.script(stream());
+    let r = post(
+        &gw2,
+        "/v1/chat/completions",
+        &body.replace("ROUTE", "gpt-4o"),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert!(up.requests()[1].json().get("stream_options").is_none());
+    up.reset();
+    up.script(Scripted::respond(
+        422,
+        json!({"detail": [{"loc": ["body", "temperature"], "msg": "Input should be a number"}]})
+            .to_string(),
+    ));
+    let (status, e) = error_of(
+        post(
+            &gw2,
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4o","messages":[]}"#,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 422);
+    assert_eq!(
+        e["error"]["message"], "body.temperature: Input should be a number",
+        "{e}"
+    );
     // The client's own `stream_options`, refused: its error, with the text of `detail`.
     up.reset();
     up.script(Scripted::respond(

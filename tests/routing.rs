@@ -272,8 +272,8 @@ models:
     assert_eq!(d["up"], true, "allowed_fails 10: no cooldown yet");
 }
 
-/// 408 and every 5xx are retried (501, 507 and a proxy's 520 to 524 were not); a 4xx that is
-/// the request's own fault is not.
+/// 408 and every 5xx but 501 are retried (507 and a proxy's 520 to 524 were not); a 4xx that
+/// is the request's own fault is not.
 /// (429 is retried too, and cools the deployment down: see the next test; so are the
 /// upstream's refusals of the gateway itself, 401, 403 and a 404 of its deployment: see
 /// `an_upstream_that_refuses_the_gateway_is_a_failing_deployment`.)
@@ -289,13 +289,15 @@ models:
     );
     let gw = Gateway::start(&yaml).await;
     let mut sent = 0;
-    for status in [408, 500, 501, 502, 503, 504, 507, 520, 522, 524, 529] {
+    for status in [408, 500, 502, 503, 504, 507, 520, 522, 524, 529] {
         a.script(Scripted::server_error(status));
         chat(&gw, "solo").await.served_by("solo", "a/solo");
         sent += 2;
         assert_eq!(a.request_count(), sent, "{status}: retried once");
     }
-    for status in [400, 409, 413, 422] {
+    // (501: an operation the server lacks is asked of the route's other deployments, none
+    // here, and is no failure of this one.)
+    for status in [400, 409, 413, 422, 501] {
         a.script(Scripted::server_error(status));
         let r = chat(&gw, "solo").await;
         assert_eq!(r.status, status, "{}", r.text);
@@ -321,7 +323,7 @@ async fn priority_pair(fields: &str, more: &str) -> (MockUpstream, MockUpstream,
 
 /// An upstream that refuses the gateway itself (its key rotated: 401; key auth turned off:
 /// 403; the deployment deleted: Azure's 404 `DeploymentNotFound`, OpenAI's
-/// `model_not_found`, a 404 page with no JSON) has a wrong config, not a wrong request: it
+/// `model_not_found`, vLLM's and Ollama's model not found) has a wrong config, not a wrong request: it
 /// counts against the deployment (cooldown), another deployment serves the request, and a
 /// client that gets it sees a 502 naming what the upstream said, never a 401 or 404 that
 /// would tell it that its own key or model name is wrong.
@@ -345,7 +347,9 @@ async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
         (404, json!({"error": {"message": "The model `m` does not exist.", "type": "NotFoundError",
                                "param": null, "code": 404}})
             .to_string()),
-        (404, "404 page not found".to_string()),
+        (404, json!({"error": {"message": "model \"m\" not found, try pulling it first",
+                               "type": "api_error", "param": null, "code": null}})
+            .to_string()),
     ];
     // Each served by b; a counts each refusal (allowed_fails 2: cooling down at the third).
     for (n, (status, body)) in refusals.iter().take(2).enumerate() {
@@ -415,6 +419,18 @@ async fn a_404_for_what_the_request_names_is_looked_for_on_the_other_deployments
         )
     };
     let body = json!({"model": "pair", "input": "hi", "conversation": "conv_1"});
+    // Nor an operation a server lacks (Ollama's 404 page for speech, llama.cpp's 501 for
+    // embeddings without `--embeddings`, FastAPI's `{"detail": "Not Found"}`), nor an id
+    // whose name holds "model": asked of the other deployment, counting nothing.
+    for lacks in [
+        Scripted::respond(404, "404 page not found"),
+        Scripted::respond(501, json!({"error": {"code": 501, "message": "This server does not support embeddings. Start it with `--embeddings`", "type": "not_supported_error"}}).to_string()),
+        Scripted::respond(404, json!({"detail": "Not Found"}).to_string()),
+        Scripted::respond(404, json!({"error": {"message": "Conversation with id 'conv_model42' not found.", "type": "invalid_request_error", "param": "conversation", "code": null}}).to_string()),
+    ] {
+        a.script(lacks);
+        chat(&gw, "pair").await.served_by("pair", "b/m");
+    }
     a.script(missing());
     b.script(Scripted::respond(
         200,

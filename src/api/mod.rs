@@ -342,14 +342,19 @@ pub enum Payload {
 /// `input_fidelity: high`; the bound keeps a budget's reservation above either.
 pub const IMAGE_INPUT_TOKENS: u64 = 10_000;
 
-/// Client headers that never go upstream: credentials, hop-by-hop headers, lengths and
-/// encodings the gateway sets itself, and the gateway's own.
+/// Client headers that never go upstream: credentials, and what scopes them (the client's
+/// OpenAI organization and project, which the SDK sends from `OPENAI_ORG_ID` and
+/// `OPENAI_PROJECT_ID`: meaningless for the gateway's own upstream key, which OpenAI then
+/// refuses with `401 mismatched_organization`), hop-by-hop headers, lengths and encodings
+/// the gateway sets itself, and the gateway's own.
 fn forwardable(name: &HeaderName) -> bool {
     !matches!(
         name.as_str(),
         "host"
             | "authorization"
             | "api-key"
+            | "openai-organization"
+            | "openai-project"
             | "cookie"
             | "content-length"
             | "transfer-encoding"

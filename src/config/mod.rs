@@ -127,7 +127,8 @@ pub fn load_str(text: &str, file: &str, env: &dyn EnvSource) -> Result<Loaded, C
         // reads as a number and fails as one): its type is said, never the value; and so
         // wherever serde's path stops short of the field, when a value under it came from
         // the environment.
-        if positions.interpolated_under(&path) {
+        // (An unknown field's message names the field, never its value.)
+        if positions.interpolated_under(&path) && unknown_field_name(&inner).is_none() {
             inner = without_quoted_value(&inner);
         }
         // Point an unknown field at the field itself, not at its parent.

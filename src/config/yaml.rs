@@ -141,6 +141,8 @@ pub struct YamlError {
 /// would otherwise expand to gigabytes (a "billion laughs" file, saved by mistake or not,
 /// would take the serving gateway's memory at its reload).
 const ALIAS_VALUES_MAX: usize = 100_000;
+/// And the text they may copy out: one long string aliased many times is as large.
+const ALIAS_BYTES_MAX: usize = 16 << 20;
 
 #[derive(Default)]
 struct Builder {
@@ -148,32 +150,61 @@ struct Builder {
     anchors: HashMap<usize, Node>,
     root: Option<Node>,
     documents: usize,
-    /// Values copied out by aliases so far, and where the alias that went past the bound stood.
-    aliased: usize,
+    /// Values and bytes of text copied out by aliases so far, and where the alias that went
+    /// past a bound stood.
+    aliased: Size,
     too_many: Option<Pos>,
 }
 
-/// The values in `node` (itself included), counted up to `max`.
-fn count_values(node: &Node, max: usize) -> usize {
+/// What a node holds: its values (itself included) and the bytes of its scalars' text.
+#[derive(Default, Clone, Copy)]
+struct Size {
+    values: usize,
+    bytes: usize,
+}
+
+impl Size {
+    fn over(self) -> bool {
+        self.values > ALIAS_VALUES_MAX || self.bytes > ALIAS_BYTES_MAX
+    }
+
+    fn add(&mut self, other: Size) {
+        self.values = self.values.saturating_add(other.values);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+    }
+}
+
+/// `node`'s size, counted until it is past a bound.
+fn size_of(node: &Node) -> Size {
     match &node.kind {
-        Kind::Scalar { .. } => 1,
+        Kind::Scalar { text, .. } => Size {
+            values: 1,
+            bytes: text.len(),
+        },
         Kind::Seq(items) => {
-            let mut n = 1;
+            let mut n = Size {
+                values: 1,
+                bytes: 0,
+            };
             for i in items {
-                if n > max {
+                if n.over() {
                     break;
                 }
-                n += count_values(i, max - n);
+                n.add(size_of(i));
             }
             n
         }
         Kind::Map(entries) => {
-            let mut n = 1;
+            let mut n = Size {
+                values: 1,
+                bytes: 0,
+            };
             for (k, v) in entries {
-                if n > max {
+                if n.over() {
                     break;
                 }
-                n += count_values(k, max) + count_values(v, max.saturating_sub(n));
+                n.add(size_of(k));
+                n.add(size_of(v));
             }
             n
         }
@@ -229,8 +260,8 @@ impl MarkedEventReceiver for Builder {
                 };
                 let node = match self.anchors.get(&id) {
                     Some(n) if self.too_many.is_none() => {
-                        self.aliased += count_values(n, ALIAS_VALUES_MAX);
-                        if self.aliased > ALIAS_VALUES_MAX {
+                        self.aliased.add(size_of(n));
+                        if self.aliased.over() {
                             self.too_many = Some(mark.into());
                             empty
                         } else {
@@ -303,8 +334,9 @@ pub fn parse(text: &str, env: &dyn EnvSource) -> Result<(Value, Positions), Vec<
         return Err(vec![YamlError {
             pos,
             message: format!(
-                "the aliases (`*name`) copy out more than {ALIAS_VALUES_MAX} values: write \
-                 the shared blocks out, or nest fewer aliases in one another"
+                "the aliases (`*name`) copy out more than {ALIAS_VALUES_MAX} values or {} \
+                 MiB of text: write the shared blocks out, or nest fewer aliases in one another",
+                ALIAS_BYTES_MAX >> 20
             ),
         }]);
     }

@@ -74,9 +74,9 @@ pub struct RequestRecord {
     pub billed_refusal: bool,
     /// Its config generation's token (`Runtime::requests`), let go once it is settled.
     pub generation: Option<Arc<()>>,
-    /// The output tokens its reservation assumed (`Route::output_cap`): what a Responses
-    /// request run in the background (answered `queued`, its usage to come later, upstream)
-    /// is charged.
+    /// The output tokens its reservation assumed (`Route::output_cap`, times the answers
+    /// asked for): what a Responses request run in the background (answered `queued`, its
+    /// usage to come later, upstream) and an abandoned one (`finish_abandoned`) are charged.
     pub output_cap: u64,
     /// The output cap sent upstream (the client's, or the one the gateway added), times the
     /// answers asked for: a usage saying more completion tokens than that is not believed.
@@ -98,8 +98,9 @@ impl Drop for RequestRecord {
         if self.accounting.is_none() {
             return;
         }
-        if self.served.attempts > 0 {
-            // Its client gone while an attempt was out: the upstream may go on and bill it.
+        if self.served.out || self.served.abandoned {
+            // Its client gone while an attempt was out (or after one was given up on): the
+            // upstream may go on and bill it.
             self.price = self.served.price;
             self.tokenizer_model
                 .clone_from(&self.served.tokenizer_model);

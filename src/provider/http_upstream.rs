@@ -197,15 +197,23 @@ impl HttpUpstream {
         let ask_usage = self.stream_usage && !self.refuses_stream_options.load(Ordering::Relaxed);
         let sent = self.send_once(req, to, ask_usage).await;
         match sent {
-            // The `stream_options` the gateway added (the client sent none) refused: the
-            // request again without it, and every later stream too.
+            // The `stream_options` the gateway added (the client sent none) named in a refusal
+            // (its message, or a FastAPI `detail` listing it): the request again without
+            // it, and, if that is taken, every later stream too. (A refusal for another
+            // reason that only mentions it, a context-length error echoing the request's
+            // parameters say, fails again without it, and teaches nothing.)
             Err(AttemptError::Status { error, .. })
                 if ask_usage
                     && req.adds_stream_options()
                     && matches!(error.status.as_u16(), 400 | 422)
-                    && error.message.contains("stream_options") =>
+                    && !error.is_context_length()
+                    && error
+                        .upstream_body
+                        .as_deref()
+                        .is_some_and(|b| memchr::memmem::find(b, b"stream_options").is_some()) =>
             {
-                if !self.refuses_stream_options.swap(true, Ordering::Relaxed) {
+                let again = self.send_once(req, to, false).await;
+                if again.is_ok() && !self.refuses_stream_options.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         upstream = self.kind_name(),
                         message = %error.message,
@@ -214,7 +222,7 @@ impl HttpUpstream {
                          on the provider to say so)"
                     );
                 }
-                self.send_once(req, to, false).await
+                again
             }
             other => other,
         }
@@ -633,6 +641,28 @@ pub fn normalize_error(
     let message = match obj.remove("message") {
         None => match obj.get("detail") {
             Some(Value::String(d)) => d.clone(),
+            // FastAPI's validation errors: `[{"loc": ["body", "x"], "msg": "…"}, …]`.
+            Some(Value::Array(items)) if items.iter().any(|i| i.get("msg").is_some()) => items
+                .iter()
+                .filter_map(|i| {
+                    let msg = i.get("msg")?.as_str()?;
+                    let loc: Vec<String> = i
+                        .get("loc")
+                        .and_then(Value::as_array)
+                        .map(|l| {
+                            l.iter()
+                                .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Some(if loc.is_empty() {
+                        msg.to_string()
+                    } else {
+                        format!("{}: {msg}", loc.join("."))
+                    })
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
             _ => format!("the upstream answered {}", status.as_u16()),
         },
         Some(Value::String(s)) => s,

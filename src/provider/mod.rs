@@ -108,24 +108,26 @@ pub enum AttemptError {
 }
 
 impl AttemptError {
-    /// Connect errors, timeouts, 408, 429 and every 5xx may succeed elsewhere (not only
-    /// 500, 502, 503 and 504: a server without the endpoint answers 501, a proxy in front of
-    /// one that is down 520 to 524, as the SDK retries them all), and so may a request the
-    /// upstream refused for its own config (`refused_gateway`).
+    /// Connect errors, timeouts, 408, 429 and every 5xx but 501 may succeed elsewhere (not
+    /// only 500, 502, 503 and 504: a proxy in front of a server that is down answers 520 to
+    /// 524, and the SDK retries them all), and so may a request the upstream refused for
+    /// its own config (`refused_gateway`). They count against the deployment.
     pub fn retryable(&self) -> bool {
         match self {
             AttemptError::Connect(_) | AttemptError::Timeout(_) => true,
             AttemptError::Status { error, .. } => {
-                matches!(error.status.as_u16(), 408 | 429 | 500..=599) || self.refused_gateway()
+                matches!(error.status.as_u16(), 408 | 429 | 500 | 502..=599)
+                    || self.refused_gateway()
             }
         }
     }
 
     /// The upstream refused the gateway rather than the request: the key it was sent (401),
-    /// its access (403: key auth disabled, a network rule, a region), or a deployment, model
-    /// or path it does not have (404 `DeploymentNotFound`, `model_not_found`, "the model …
-    /// does not exist", a 404 page that is not JSON). The deployment's config is wrong,
-    /// whatever the request: it counts against the deployment, and another may serve it.
+    /// its access (403: key auth disabled, a network rule, a region), or a deployment or
+    /// model it does not have (404 `DeploymentNotFound`, `model_not_found`, vLLM's "The
+    /// model `m` does not exist", Ollama's "model \"m\" not found"). The deployment's config
+    /// is wrong, whatever the request (the client's credentials and their scope never go
+    /// upstream): it counts against the deployment, and another may serve it.
     pub fn refused_gateway(&self) -> bool {
         let AttemptError::Status { error, .. } = self else {
             return false;
@@ -137,23 +139,25 @@ impl AttemptError {
                 matches!(
                     error.code.as_str(),
                     "DeploymentNotFound" | "model_not_found" | "ModelNotFound"
-                ) || (m.contains("model") && (m.contains("not found") || m.contains("not exist")))
-                    // No message of the upstream's own: a page of a server or proxy that
-                    // has no such path (normalize_error wrote this one).
-                    || (error.code == "upstream_error" && m.starts_with("the upstream answered 404"))
+                ) || ((m.starts_with("the model ") || m.starts_with("model "))
+                    && (m.contains("not found") || m.contains("not exist")))
             }
             _ => false,
         }
     }
 
-    /// The upstream does not hold what the request names: the response a Responses request
-    /// continues (`previous_response_id`), or anything else it answers 404 for that is not
-    /// the deployment's own config (a conversation, a file): stored objects live where they
-    /// were made, on one deployment, so another deployment of the route may hold it. Says
-    /// nothing of this one.
+    /// The upstream does not have what the request asks, and another deployment of the
+    /// route may: the response a Responses request continues (`previous_response_id`), an
+    /// object the request names (a conversation, a file: a 404 that is not the deployment's
+    /// own, above), an operation its server does not serve (a 404 page, Azure's "Resource
+    /// not found", llama.cpp's 501 for embeddings without `--embeddings`). Stored objects
+    /// live where they were made, servers differ in what they serve: it is asked of the
+    /// others, and says nothing of this deployment (a client asking for what does not
+    /// exist, or for an operation a server lacks, cannot take deployments out of rotation).
     pub fn held_elsewhere(&self) -> bool {
         matches!(self, AttemptError::Status { error, .. }
             if (matches!(error.status.as_u16(), 400 | 404) && error.code == "previous_response_not_found")
+                || error.status == StatusCode::NOT_IMPLEMENTED
                 || (error.status == StatusCode::NOT_FOUND && !self.refused_gateway()))
     }
 

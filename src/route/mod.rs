@@ -192,8 +192,18 @@ pub struct Served {
     pub deployment: Name,
     pub provider: Name,
     pub attempts: u32,
+    /// An attempt is out upstream now (set when one starts, cleared when it fails): a
+    /// request dropped meanwhile (its client gone) may be billed there.
+    pub out: bool,
+    /// An attempt was given up on upstream by a timeout (the route's `timeout` or
+    /// `first_token_timeout`): the upstream may go on and bill it, whatever came after.
+    pub abandoned: bool,
     /// The route the client asked for, when a fallback route served instead.
     pub fallback_from: Option<Name>,
+    /// A route of `fallbacks` served because the route asked for failed (not one of its
+    /// context or content-filter fallbacks, which serve such a request whenever it comes):
+    /// its answer is not the route's, and is not cached as the route's.
+    pub failed_over: bool,
     /// The serving deployment's price, and the model whose tokenizer counts its tokens.
     pub price: Price,
     pub tokenizer_model: Name,
@@ -652,6 +662,7 @@ impl Route {
             served.deployment.clone_from(&d.label);
             served.provider.clone_from(&d.provider.name);
             served.attempts += 1;
+            served.out = true;
             served.price = d.price;
             if let (Some(t), Some(ask)) = (&d.image_prices, &req.image) {
                 served.price.per_image = t.unit(ask, d.price.per_image);
@@ -663,6 +674,10 @@ impl Route {
             match self.send_once(req, d).await {
                 Ok(resp) => return Ok(resp),
                 Err(e) => {
+                    served.out = false;
+                    if matches!(e, AttemptError::Timeout(_)) {
+                        served.abandoned = true;
+                    }
                     // Only failures that say something about the deployment count against it.
                     let cooled = if e.retryable() {
                         let retry_after = match &e {
@@ -787,6 +802,11 @@ impl Route {
                 let next = tokio::time::timeout_at(deadline.into(), body.frame()).await;
                 match next {
                     Err(_) => return Err(no_first_token()),
+                    // The attempt's `timeout` passed (shorter than `first_token_timeout`): a
+                    // timeout, not a break.
+                    Ok(Some(Err(e))) if e.to_string().contains("did not finish within") => {
+                        return Err(AttemptError::Timeout(e.to_string()))
+                    }
                     Ok(Some(Err(_))) => {
                         return Err(AttemptError::Connect(
                             "the upstream stream broke off before its first byte".into(),
@@ -961,6 +981,7 @@ pub async fn dispatch(
         }
         tracing::info!(request_id = %req.request_id_str(), from = %route.name, to = %name, "falling back");
         served.fallback_from = Some(route.name.clone());
+        served.failed_over = list_name == "fallbacks";
         let admitted = match admission
             .table
             .fallback_plan(name, req.estimated_prompt_tokens)
@@ -1028,6 +1049,7 @@ pub async fn dispatch(
     if served.route.is_empty() || served.route == route.name {
         // The answer is the route's own: no fallback got as far as a deployment.
         served.fallback_from = None;
+        served.failed_over = false;
     }
     // A fallback's limit refusing counts as a refusal when it is what the client gets.
     if let Some(RouteError::Limited(refused)) = &last {

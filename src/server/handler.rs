@@ -422,6 +422,7 @@ where
     facts.provider = served.provider;
     facts.attempts = served.attempts;
     facts.fallback_from = served.fallback_from.unwrap_or_default();
+    let failed_over = served.failed_over;
     facts.op = Some(op);
     // The key's series on the serving deployment: looked up once, for the record and the log.
     let counters = served
@@ -438,8 +439,9 @@ where
             record.finish_billed_refusal(e.status.as_u16());
             Err(e)
         }
-        Err(e) if e.code == "upstream_timeout" && served.attempts > 0 => {
-            // Given up while upstream: what the reservation assumed (`finish_abandoned`).
+        Err(e) if served.abandoned => {
+            // An attempt given up on while upstream, whatever the last one said: what the
+            // reservation assumed (`finish_abandoned`).
             record.finish_abandoned(e.status.as_u16());
             Err(e)
         }
@@ -471,10 +473,12 @@ where
                 drop_usage_chunk,
                 encoded,
             );
-            // A fallback route's answer is not kept under the route asked for: once that is
-            // back, its own answer is what the same request should get (the degraded one
-            // was served from the cache for the whole `ttl`). Those waiting for it ask again.
-            if let Some((leader, ttl)) = cache_leader.filter(|_| facts.fallback_from.is_empty()) {
+            // The answer of a route that served because the route asked for failed is not
+            // kept under the route asked for: once that is back, its own answer is what the
+            // same request should get (the degraded one was served from the cache for the
+            // whole `ttl`). Those waiting for it ask again. (A context or content-filter
+            // fallback serves such a request whenever it comes: kept.)
+            if let Some((leader, ttl)) = cache_leader.filter(|_| !failed_over) {
                 tap = tap.cache_into(leader, ttl);
             }
             if let Some(result) = cache_result {
@@ -681,7 +685,8 @@ fn new_record(
         served: Served::default(),
         billed_refusal: false,
         generation: None,
-        output_cap: route.output_cap(req),
+        // Every answer asked for (`n`, `best_of`, a batch of prompts), as the reservation.
+        output_cap: route.output_cap(req).saturating_mul(req.choices),
         sent_cap: sent_cap(req),
         background: req.background,
         stream: req.stream,
