@@ -2566,6 +2566,15 @@ async fn a_request_given_up_upstream_by_the_routes_timeout_is_charged_its_reserv
     ));
     let r = post(&gw, "/v1/chat/completions", ask("hang", false, 1)).await;
     assert_eq!(r.status(), 400);
+    // A plain answer cut before its end (made whole upstream, and billed there): its
+    // reservation, as the status it began with (it was charged its prompt alone).
+    up.script(Scripted::JsonPartsCut(vec![(
+        Duration::ZERO,
+        r#"{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"content":"once upon"#.into(),
+    )]));
+    let r = post(&gw, "/v1/chat/completions", ask("hang", false, 1)).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "a cut body");
     let spend: Value = gw.get_json("/admin/spend", ADMIN).await;
     let spent = spend["budgets"][0]["spent_usd"].as_f64().unwrap();
     let rows = sqlite_rows_after_shutdown(&mut gw).await;
@@ -2587,7 +2596,8 @@ async fn a_request_given_up_upstream_by_the_routes_timeout_is_charged_its_reserv
             (504, 0, true, true),
             (504, 900, true, true),
             (429, 300, true, true),
-            (400, 0, false, false)
+            (400, 0, false, false),
+            (200, 300, true, true)
         ],
         "{rows:?}"
     );

@@ -669,6 +669,13 @@ impl Tap {
                 whole.freeze()
             };
             usage = Usage::from_answer_bytes(&whole);
+            if usage.is_none() && !(self.complete || self.done) && counts_tokens(record.op) {
+                // Cut before its end (its connection broken, the route's timeout, the
+                // gateway's shutdown): a plain answer is made whole upstream before its first
+                // byte, and billed whole there: what its reservation assumed, as an
+                // abandoned request (`RequestRecord::finish_abandoned`).
+                usage = Some(record.reserved_usage());
+            }
             // A GPT Image answer without its tokens, on a deployment priced by them: the
             // images at their per-image price, the prompt counted, the row estimated.
             if let Some(u) = usage.as_mut().filter(|_| is_image_op(record.op)) {
