@@ -321,12 +321,15 @@ async fn priority_pair(fields: &str, more: &str) -> (MockUpstream, MockUpstream,
     (a, b, gw)
 }
 
-/// An upstream that refuses the gateway itself (its key rotated: 401; key auth turned off:
-/// 403; the deployment deleted: Azure's 404 `DeploymentNotFound`, OpenAI's
-/// `model_not_found`, vLLM's and Ollama's model not found) has a wrong config, not a wrong request: it
-/// counts against the deployment (cooldown), another deployment serves the request, and a
-/// client that gets it sees a 502 naming what the upstream said, never a 401 or 404 that
-/// would tell it that its own key or model name is wrong.
+/// An upstream that refuses the gateway itself: its key rotated (401), key auth turned off
+/// (403), the deployment deleted (Azure's 404 `DeploymentNotFound`, OpenAI's
+/// `model_not_found`, vLLM's and Ollama's model not found). The route's other deployment
+/// serves the request; a deployment that is not there counts against itself (cooldown),
+/// which no request can cause; a 401 or 403, which a request can (a header an upstream
+/// proxy reads, a prompt a firewall blocks, an operation a restricted key may not use),
+/// counts nothing, and a client cannot take deployments out of rotation by what it sends.
+/// A client that gets any of them sees a 502 naming what the upstream said, never a 401 or
+/// 404 that would tell it that its own key or model name is wrong.
 #[tokio::test]
 async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
     let (a, _b, gw) = priority_pair(
@@ -338,9 +341,7 @@ async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
         (401, json!({"error": {"message": "Incorrect API key provided: sk-upstream-a.",
                                "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
             .to_string()),
-        (403, json!({"error": {"code": "AuthenticationTypeDisabled",
-                               "message": "Key based authentication is disabled for this resource."}})
-            .to_string()),
+        (403, "<html>Sorry, you have been blocked</html>".to_string()),
         (404, json!({"error": {"code": "DeploymentNotFound",
                                "message": "The API deployment for this resource does not exist."}})
             .to_string()),
@@ -351,13 +352,24 @@ async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
                                "type": "api_error", "param": null, "code": null}})
             .to_string()),
     ];
-    // Each served by b; a counts each refusal (allowed_fails 2: cooling down at the third).
-    for (n, (status, body)) in refusals.iter().take(2).enumerate() {
-        a.script(Scripted::respond(*status, body.clone()));
-        chat(&gw, "pair").await.served_by("pair", "b/m");
-        assert_eq!(dep_state(&gw, "a/m").await["fails_in_row"], n + 1);
+    // 401 and 403: served by b, a counts nothing.
+    for (status, body) in refusals.iter().take(2) {
+        for _ in 0..3 {
+            a.script(Scripted::respond(*status, body.clone()));
+            chat(&gw, "pair").await.served_by("pair", "b/m");
+        }
+        let d = dep_state(&gw, "a/m").await;
+        assert_eq!(
+            (d["fails_in_row"].as_u64(), d["up"].as_bool()),
+            (Some(0), Some(true)),
+            "{status}: {d}"
+        );
     }
+    // Not there: served by b, a counts each (allowed_fails 2: cooling down at the second).
     a.script(Scripted::respond(refusals[2].0, refusals[2].1.clone()));
+    chat(&gw, "pair").await.served_by("pair", "b/m");
+    assert_eq!(dep_state(&gw, "a/m").await["fails_in_row"], 1);
+    a.script(Scripted::respond(refusals[3].0, refusals[3].1.clone()));
     chat(&gw, "pair").await.served_by("pair", "b/m");
     assert_eq!(dep_state(&gw, "a/m").await["up"], false, "cooling down");
     let before = a.request_count();
@@ -368,14 +380,16 @@ async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
         "a cooling deployment is not asked"
     );
 
-    // Alone on its route: retried (once here), then a 502 that says what the upstream said,
-    // with the key it echoed blanked.
+    // Alone on its route: a 502 that says what the upstream said, with the key it echoed
+    // blanked (a deployment not there retried once, as a failure; a refused key not: it
+    // said it would not).
     for (status, body) in &refusals {
         a.script(Scripted::respond(*status, body.clone()));
         a.script(Scripted::respond(*status, body.clone()));
         let sent = a.request_count();
         let r = chat(&gw, "solo").await;
-        assert_eq!(a.request_count(), sent + 2, "{status}: retried once");
+        let tries = if *status == 404 { 2 } else { 1 };
+        assert_eq!(a.request_count(), sent + tries, "{status}");
         let e = &r.json()["error"];
         assert_eq!(
             (r.status, e["code"].as_str()),
@@ -389,18 +403,14 @@ async fn an_upstream_that_refuses_the_gateway_is_a_failing_deployment() {
             "{message}"
         );
         assert!(!r.text.contains("sk-upstream-a"), "{}", r.text);
+        a.reset();
     }
-    let e = &chat_refused(&gw, &a, &refusals[0]).await;
-    assert!(e.contains("Incorrect API key provided: ***."), "{e}");
-}
-
-async fn chat_refused(gw: &Gateway, a: &MockUpstream, refusal: &(u16, String)) -> String {
-    a.script(Scripted::respond(refusal.0, refusal.1.clone()));
-    a.script(Scripted::respond(refusal.0, refusal.1.clone()));
-    chat(gw, "solo").await.json()["error"]["message"]
+    a.script(Scripted::respond(refusals[0].0, refusals[0].1.clone()));
+    let e = chat(&gw, "solo").await.json()["error"]["message"]
         .as_str()
         .unwrap()
-        .to_string()
+        .to_string();
+    assert!(e.contains("Incorrect API key provided: ***."), "{e}");
 }
 
 /// A 404 for something the request names that is not the deployment (a conversation, a

@@ -330,6 +330,26 @@ impl Checker<'_> {
             }
         }
         for (name, provider) in &c.providers {
+            let version = match provider {
+                ProviderCfg::AzureOpenai(a) => Some(a.api_version.as_str()),
+                ProviderCfg::Openai(o) => o.api_version.as_deref(),
+                ProviderCfg::Mock(_) => None,
+            };
+            // Put in the URL as it is written: nothing a query would read otherwise.
+            if let Some(v) = version.filter(|v| {
+                v.is_empty()
+                    || !v
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            }) {
+                self.error(
+                    &p(&["providers", name, "api_version"]),
+                    format!(
+                        "providers.{name}.api_version `{v}` must be letters, digits, `-`, `.` \
+                         and `_` (e.g. 2024-10-21)"
+                    ),
+                );
+            }
             let (field, url) = match provider {
                 ProviderCfg::AzureOpenai(a) => ("endpoint", a.endpoint.as_str()),
                 ProviderCfg::Openai(o) => ("base_url", o.base_url.as_str()),

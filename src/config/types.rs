@@ -217,6 +217,9 @@ pub struct OpenAiCfg {
     /// Up to and including `/v1`, e.g. `http://127.0.0.1:8000/v1`.
     pub base_url: String,
     pub api_key: Option<Secret>,
+    /// Sent as `?api-version=` on every request, for servers that require it (Azure AI
+    /// Foundry's model inference endpoint, `https://{res}.services.ai.azure.com/models`).
+    pub api_version: Option<String>,
     /// Ask for `stream_options.include_usage` on streams (usage for the ledger); turn off
     /// for servers that refuse the field.
     #[serde(default = "default_true")]

@@ -74,6 +74,8 @@ enum Flavor {
     },
     OpenAi {
         base_url: String,
+        /// `?api-version=…` when the provider sets one, else empty.
+        query: String,
     },
 }
 
@@ -96,6 +98,10 @@ impl HttpUpstream {
             ProviderCfg::Openai(o) => (
                 Flavor::OpenAi {
                     base_url: o.base_url.trim_end_matches('/').to_string(),
+                    query: o
+                        .api_version
+                        .as_ref()
+                        .map_or_else(String::new, |v| format!("?api-version={v}")),
                 },
                 o.api_key.as_ref(),
                 http::header::AUTHORIZATION,
@@ -120,11 +126,11 @@ impl HttpUpstream {
         };
         let host = match &flavor {
             Flavor::Azure { endpoint, .. } => host_header(endpoint),
-            Flavor::OpenAi { base_url } => host_header(base_url),
+            Flavor::OpenAi { base_url, .. } => host_header(base_url),
         };
         let base = match &flavor {
             Flavor::Azure { endpoint, .. } => endpoint,
-            Flavor::OpenAi { base_url } => base_url,
+            Flavor::OpenAi { base_url, .. } => base_url,
         };
         let scrub = Arc::new(Scrub::new(key.map(|k| k.expose()), base));
         Ok(HttpUpstream {
@@ -173,7 +179,7 @@ impl HttpUpstream {
                     format!("{endpoint}/openai/{}?api-version={api_version}", op.path())
                 }
             }
-            Flavor::OpenAi { base_url } => format!("{base_url}/{}", op.path()),
+            Flavor::OpenAi { base_url, query } => format!("{base_url}/{}{query}", op.path()),
         }
     }
 
@@ -289,7 +295,7 @@ impl HttpUpstream {
                 endpoint,
                 api_version,
             } => format!("{endpoint}/openai/{rest}?api-version={api_version}"),
-            Flavor::OpenAi { base_url } => format!("{base_url}/{rest}"),
+            Flavor::OpenAi { base_url, query } => format!("{base_url}/{rest}{query}"),
         };
         let query = query
             .into_iter()

@@ -110,55 +110,61 @@ pub enum AttemptError {
 impl AttemptError {
     /// Connect errors, timeouts, 408, 429 and every 5xx but 501 may succeed elsewhere (not
     /// only 500, 502, 503 and 504: a proxy in front of a server that is down answers 520 to
-    /// 524, and the SDK retries them all), and so may a request the upstream refused for
-    /// its own config (`refused_gateway`). They count against the deployment.
+    /// 524, and the SDK retries them all), and so may a request whose deployment the
+    /// upstream does not have (`deployment_missing`). They count against the deployment.
     pub fn retryable(&self) -> bool {
         match self {
             AttemptError::Connect(_) | AttemptError::Timeout(_) => true,
             AttemptError::Status { error, .. } => {
                 matches!(error.status.as_u16(), 408 | 429 | 500 | 502..=599)
-                    || self.refused_gateway()
+                    || self.deployment_missing()
             }
         }
     }
 
-    /// The upstream refused the gateway rather than the request: the key it was sent (401),
-    /// its access (403: key auth disabled, a network rule, a region), or a deployment or
-    /// model it does not have (404 `DeploymentNotFound`, `model_not_found`, vLLM's "The
-    /// model `m` does not exist", Ollama's "model \"m\" not found"). The deployment's config
-    /// is wrong, whatever the request (the client's credentials and their scope never go
-    /// upstream): it counts against the deployment, and another may serve it.
-    pub fn refused_gateway(&self) -> bool {
+    /// The upstream does not have the deployment or model the config names (404
+    /// `DeploymentNotFound`, `model_not_found`, vLLM's "The model `m` does not exist",
+    /// Ollama's "model \"m\" not found"): the config's fault, which no request can cause
+    /// (the model sent is the config's).
+    pub fn deployment_missing(&self) -> bool {
         let AttemptError::Status { error, .. } = self else {
             return false;
         };
-        match error.status.as_u16() {
-            401 | 403 => true,
-            404 => {
-                let m = error.message.to_ascii_lowercase();
-                matches!(
-                    error.code.as_str(),
-                    "DeploymentNotFound" | "model_not_found" | "ModelNotFound"
-                ) || ((m.starts_with("the model ") || m.starts_with("model "))
-                    && (m.contains("not found") || m.contains("not exist")))
-            }
-            _ => false,
+        if error.status != StatusCode::NOT_FOUND {
+            return false;
         }
+        let m = error.message.to_ascii_lowercase();
+        matches!(
+            error.code.as_str(),
+            "DeploymentNotFound" | "model_not_found" | "ModelNotFound"
+        ) || ((m.starts_with("the model ") || m.starts_with("model "))
+            && (m.contains("not found") || m.contains("not exist")))
     }
 
-    /// The upstream does not have what the request asks, and another deployment of the
-    /// route may: the response a Responses request continues (`previous_response_id`), an
-    /// object the request names (a conversation, a file: a 404 that is not the deployment's
-    /// own, above), an operation its server does not serve (a 404 page, Azure's "Resource
-    /// not found", llama.cpp's 501 for embeddings without `--embeddings`). Stored objects
-    /// live where they were made, servers differ in what they serve: it is asked of the
-    /// others, and says nothing of this deployment (a client asking for what does not
-    /// exist, or for an operation a server lacks, cannot take deployments out of rotation).
+    /// The upstream refused the gateway rather than the request, as far as a client can
+    /// tell: its key (401), its access (403), or its deployment (`deployment_missing`). A
+    /// client that gets it is told so (`into_client_error`), not that its own key or model
+    /// name is wrong. (A 401 or 403 can also follow from what a request carries, a header
+    /// an upstream proxy reads, a prompt a firewall blocks, an operation a restricted key may
+    /// not use: it does not count against the deployment; see `held_elsewhere`.)
+    pub fn refused_gateway(&self) -> bool {
+        matches!(self, AttemptError::Status { error, .. } if matches!(error.status.as_u16(), 401 | 403))
+            || self.deployment_missing()
+    }
+
+    /// The upstream does not have, or will not give, what the request asks, and another
+    /// deployment of the route may: the response a Responses request continues
+    /// (`previous_response_id`), an object the request names (a conversation, a file: a 404
+    /// that is not `deployment_missing`), an operation its server does not serve (a 404
+    /// page, Azure's "Resource not found", llama.cpp's 501 for embeddings without
+    /// `--embeddings`), a refusal of its key (401, 403: rotated, or a key that may not use
+    /// the operation, or a firewall before it). It is asked of the others, and says nothing
+    /// of this deployment: no client can take deployments out of rotation by what it asks.
     pub fn held_elsewhere(&self) -> bool {
         matches!(self, AttemptError::Status { error, .. }
             if (matches!(error.status.as_u16(), 400 | 404) && error.code == "previous_response_not_found")
-                || error.status == StatusCode::NOT_IMPLEMENTED
-                || (error.status == StatusCode::NOT_FOUND && !self.refused_gateway()))
+                || matches!(error.status.as_u16(), 401 | 403 | 501)
+                || (error.status == StatusCode::NOT_FOUND && !self.deployment_missing()))
     }
 
     /// The upstream said a retry cannot help (`x-should-retry: false`, as OpenAI sends with a

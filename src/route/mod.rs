@@ -266,7 +266,9 @@ impl RouteError {
     fn falls_back(&self) -> bool {
         match self {
             RouteError::Unavailable { .. } | RouteError::Limited(_) => true,
-            RouteError::Failed(e) => e.retryable(),
+            // Refused for the route's own config (its keys, its deployments): another route
+            // may serve it.
+            RouteError::Failed(e) => e.retryable() || e.refused_gateway(),
         }
     }
 }
