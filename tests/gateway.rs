@@ -372,6 +372,57 @@ async fn error_events_in_a_stream_are_put_in_openais_shape() {
     }
 }
 
+/// An OpenAI-compatible server that requires an `api-version` (Azure AI Foundry's model
+/// inference endpoint, `…services.ai.azure.com/models`) gets the provider's on every request;
+/// `check` refuses one that would change the URL.
+#[tokio::test]
+async fn an_openai_provider_with_an_api_version_sends_it_on_every_request() {
+    let up = MockUpstream::start().await;
+    let cfg = config(&up, "").replace(
+        "  dead: {",
+        &format!(
+            "  foundry: {{ kind: openai, base_url: \"{}/models\", api_version: 2024-05-01-preview }}\n  dead: {{",
+            up.url()
+        ),
+    ).replace(
+        "  demo: { deployments:",
+        "  phi: { deployments: [ { provider: foundry, deployment: Phi-4 } ] }\n  demo: { deployments:",
+    );
+    let gw = Gateway::start(&cfg).await;
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        r#"{"model":"phi","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let sent = &up.requests()[0];
+    assert_eq!(
+        (sent.path.as_str(), sent.query.as_deref()),
+        (
+            "/models/chat/completions",
+            Some("api-version=2024-05-01-preview")
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(
+        &path,
+        cfg.replace("2024-05-01-preview", "\"2024-05-01&x=1\""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("providers.foundry.api_version"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn azure_upstream_gets_deployment_path_api_version_and_api_key() {
     let (up, gw) = setup().await;
