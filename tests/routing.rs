@@ -457,6 +457,21 @@ async fn a_404_for_what_the_request_names_is_looked_for_on_the_other_deployments
         assert_eq!(r.status, 404, "{}", r.text);
         assert_eq!(r.json()["error"]["param"], "conversation");
     }
+    // Not found on one, the other's key refused (it may be the one holding it): the
+    // refusal is the answer, whichever was asked last (it was the last one's).
+    let refused = || {
+        Scripted::respond(
+            401,
+            json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+                .to_string(),
+        )
+    };
+    for (first, second) in [(missing(), refused()), (refused(), missing())] {
+        a.script(first);
+        b.script(second);
+        let r = send_to(&client(), &gw, "/v1/responses", &body).await;
+        assert_eq!(r.status, 502, "{}", r.text);
+    }
     let d = dep_state(&gw, "a/m").await;
     assert_eq!(
         (d["up"].as_bool(), d["fails_in_row"].as_u64()),

@@ -729,9 +729,17 @@ impl Route {
                             allowed += 1;
                         }
                         // What another deployment said (the one holding it, busy: a 429)
-                        // is the client's answer rather than this one's "not found".
-                        if last.is_none() || last.as_ref().is_some_and(AttemptError::held_elsewhere)
-                        {
+                        // is the client's answer rather than this one's "not found"; so is
+                        // one that refused the gateway's key (it may be the one holding
+                        // it), whichever was asked last.
+                        let replace = match &last {
+                            None => true,
+                            Some(l) if l.held_elsewhere() => {
+                                !l.refused_gateway() || e.refused_gateway()
+                            }
+                            Some(_) => false,
+                        };
+                        if replace {
                             last = Some(e);
                         }
                         continue;
