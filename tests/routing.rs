@@ -1002,6 +1002,14 @@ models:
         .await
         .unwrap();
     assert!(ttft >= 0.3, "time to first token {ttft}s");
+    // A stream that ends before any event with data (comments only, or nothing) is no
+    // answer: the next deployment serves (it went to the client as a 200 without `[DONE]`).
+    for events in [&[(0, ": ping\n\n")][..], &[]] {
+        a.script(Scripted::stream(events, StreamEnd::Finish));
+        let r = send(&c, &gw, &stream_body("r")).await;
+        r.served_by("r", "b/m");
+        assert!(r.text.contains("[DONE]"), "{}", r.text);
+    }
 }
 
 #[tokio::test]

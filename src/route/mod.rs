@@ -839,6 +839,14 @@ impl Route {
                             held.get_or_insert_with(BytesMut::new).extend_from_slice(d);
                         }
                     }
+                    // An event stream that ended before any event with data (nothing, or
+                    // comments only): no answer, as one broken before its first byte is
+                    // (it reached the client as a 200 without `[DONE]`).
+                    Ok(None) if is_sse => {
+                        return Err(AttemptError::Connect(
+                            "the upstream stream ended before its first event".into(),
+                        ))
+                    }
                     Ok(None) => break held.take().map(|h| Frame::data(h.freeze())),
                 }
             };
