@@ -799,6 +799,8 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
             ("openai-processing-ms".into(), "12".into()),
             ("x-request-id".into(), "req_upstream1".into()),
             ("apim-request-id".into(), "0f8e-azure".into()),
+            // Past any id's length: not passed.
+            ("x-ms-region".into(), "r".repeat(2000)),
         ],
         body: json!({"id": "c", "object": "chat.completion", "created": 1, "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
@@ -811,6 +813,7 @@ async fn upstream_failures_are_retried_normalised_and_never_leak_the_upstream_ke
     // The upstream's ids of the request, which its support asks for, beside the gateway's.
     assert_eq!(r.headers()["x-upstream-request-id"], "req_upstream1");
     assert_eq!(r.headers()["apim-request-id"], "0f8e-azure");
+    assert!(r.headers().get("x-ms-region").is_none());
     assert_ne!(r.headers()["x-request-id"], "req_upstream1");
     up.script(Scripted::Respond {
         status: 400,

@@ -2614,6 +2614,12 @@ keys:
         ),
     );
     let gw = Gateway::start(&yaml).await;
+    let call = |method: reqwest::Method| {
+        client()
+            .request(method, gw.url("/v1/responses/resp_c1"))
+            .bearer_auth("sk-stored")
+            .send()
+    };
     a.script(Scripted::respond(
         401,
         json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "code": "invalid_api_key"}}).to_string(),
@@ -2623,12 +2629,7 @@ keys:
         json!({"id": "resp_c1", "object": "response", "status": "queued", "output": []})
             .to_string(),
     ));
-    let r = client()
-        .get(gw.url("/v1/responses/resp_c1"))
-        .bearer_auth("sk-stored")
-        .send()
-        .await
-        .unwrap();
+    let r = call(reqwest::Method::GET).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-switchyard-route"], "spare");
     // Held nowhere, one provider refusing: the client gets the "not found".
@@ -2637,16 +2638,30 @@ keys:
         404,
         json!({"error": {"message": "Response with id 'resp_c1' not found.", "type": "invalid_request_error", "code": null}}).to_string(),
     ));
-    let r = client()
-        .delete(gw.url("/v1/responses/resp_c1"))
-        .bearer_auth("sk-stored")
-        .send()
-        .await
-        .unwrap();
+    let r = call(reqwest::Method::DELETE).await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!((a.request_count(), c.request_count()), (2, 2));
     // The fallback's own fallback, which no request of the key reaches, is never asked.
     assert_eq!(z.request_count(), 0);
+    // Held nowhere, every provider refusing the gateway's key: a 502 that says so (the
+    // SDK raised the upstream's 401 as `AuthenticationError` about the client's own key).
+    for up in [&a, &c] {
+        up.script(Scripted::respond(
+            401,
+            json!({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}})
+                .to_string(),
+        ));
+    }
+    let r = call(reqwest::Method::GET).await.unwrap();
+    assert_eq!(r.status(), 502);
+    let e: Value = r.json().await.unwrap();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("refused the gateway (401"),
+        "{e}"
+    );
 }
 
 /// A chat completion stored upstream (`store: true`) is retrieved, its messages listed and it

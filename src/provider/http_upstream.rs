@@ -359,7 +359,8 @@ impl HttpUpstream {
         *out.extensions_mut() = extensions;
         for (name, value) in &parts.headers {
             // A value echoing the upstream's key or address stays behind with the rest.
-            if self.scrub.found_in(value.as_bytes()) {
+            // Nor one past any id's length (an upstream's header is passed whole otherwise).
+            if self.scrub.found_in(value.as_bytes()) || value.len() > MAX_PASSED_HEADER {
                 continue;
             }
             if PASS_HEADERS.contains(&name.as_str()) {
@@ -410,7 +411,7 @@ impl HttpUpstream {
             ("apim-request-id", "apim-request-id"),
         ] {
             if let Some(v) = parts.headers.get(from).and_then(|v| v.to_str().ok()) {
-                if !self.scrub.found_in(v.as_bytes()) {
+                if !self.scrub.found_in(v.as_bytes()) && v.len() <= MAX_PASSED_HEADER {
                     error.headers.push((to, v.to_string()));
                 }
             }
@@ -459,6 +460,10 @@ const PASS_HEADERS: &[&str] = &[
     "apim-request-id",
     "x-ms-region",
 ];
+
+/// The longest upstream header value passed on (ids, types, durations are far shorter; a
+/// `content-disposition` with a long file name fits).
+const MAX_PASSED_HEADER: usize = 1024;
 
 /// The upstream's `x-request-id`, as the client gets it.
 const UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
