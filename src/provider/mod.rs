@@ -186,22 +186,11 @@ impl AttemptError {
     /// naming what the upstream said: a 401 or 404 passed on as it was would tell the
     /// client its own key or model name is wrong.
     pub fn into_client_error(self) -> GatewayError {
-        if !self.refused_gateway() {
-            return self.into_gateway_error();
+        if self.refused_gateway() {
+            told_as_refusal(self.into_gateway_error())
+        } else {
+            self.into_gateway_error()
         }
-        let e = self.into_gateway_error();
-        let mut out = GatewayError::upstream_error(
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "the upstream refused the gateway ({} {}): the deployment's key, access or \
-                 name is misconfigured; its message: {}",
-                e.status.as_u16(),
-                e.status.canonical_reason().unwrap_or(""),
-                e.message
-            ),
-        );
-        out.headers = e.headers.clone();
-        out
     }
 
     pub fn into_gateway_error(self) -> GatewayError {
@@ -230,6 +219,23 @@ impl UpstreamQuota {
         };
         (q.remaining_requests.is_some() || q.remaining_tokens.is_some()).then_some(q)
     }
+}
+
+/// An upstream's refusal of the gateway (`AttemptError::refused_gateway`) as the client is
+/// told it: a 502 naming what the upstream said, its headers kept.
+pub fn told_as_refusal(mut e: GatewayError) -> GatewayError {
+    let mut out = GatewayError::upstream_error(
+        StatusCode::BAD_GATEWAY,
+        format!(
+            "the upstream refused the gateway ({} {}): the deployment's key, access or name \
+             is misconfigured; its message: {}",
+            e.status.as_u16(),
+            e.status.canonical_reason().unwrap_or(""),
+            e.message
+        ),
+    );
+    out.headers = std::mem::take(&mut e.headers);
+    out
 }
 
 /// Where one attempt goes, and how.

@@ -312,7 +312,7 @@ struct TrackedBody {
     rest: ResponseBody,
     /// Its deployment's in-flight count, and its state for `watch`.
     in_flight: InFlight,
-    watch: Option<BreakWatch>,
+    watch: BreakWatch,
     /// How a plain answer's body failed (`broke_off`, `timeout`), when it did.
     broke: Option<&'static str>,
 }
@@ -338,9 +338,7 @@ struct BreakWatch {
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        let Some(w) = &self.watch else {
-            return;
-        };
+        let w = &self.watch;
         let state = &self.in_flight.0;
         let failure = match &w.stream {
             Some(s) => s.failure(),
@@ -386,7 +384,7 @@ impl Body for TrackedBody {
         if let std::task::Poll::Ready(Some(Err(e))) = &polled {
             // A plain answer's guard ends a broken body with an error (an event stream's
             // with an error event, told by its state).
-            self.broke = Some(if e.to_string().contains("did not finish within") {
+            self.broke = Some(if crate::stream::timed_out(e) {
                 "timeout"
             } else {
                 "broke_off"
@@ -814,7 +812,7 @@ impl Route {
                     Err(_) => return Err(no_first_token()),
                     // The attempt's `timeout` passed (shorter than `first_token_timeout`): a
                     // timeout, not a break.
-                    Ok(Some(Err(e))) if e.to_string().contains("did not finish within") => {
+                    Ok(Some(Err(e))) if crate::stream::timed_out(&e) => {
                         return Err(AttemptError::Timeout(e.to_string()))
                     }
                     Ok(Some(Err(_))) => {
@@ -857,25 +855,25 @@ impl Route {
             None
         };
         // Left in the extensions too: the access log tells a broken stream by it.
-        let watch = Some(BreakWatch {
-            stream: parts
-                .extensions
-                .get::<Arc<crate::stream::StreamState>>()
-                .cloned(),
+        let stream = parts
+            .extensions
+            .get::<Arc<crate::stream::StreamState>>()
+            .cloned();
+        // A stream's sample is its time to first token; a plain request's, its latency.
+        let elapsed = start.elapsed();
+        match (req.stream, stream.is_some()) {
+            (true, true) => d.state.first_event(elapsed),
+            (true, false) => d.state.success(None, Some(elapsed)),
+            (false, _) => d.state.began(elapsed),
+        }
+        let watch = BreakWatch {
+            stream,
             allowed_fails: self.allowed_fails,
             cooldown: self.cooldown,
             route: self.name.clone(),
             deployment: d.label.clone(),
             provider: d.provider.name.clone(),
-        });
-        // A stream's sample is its time to first token; a plain request's, its latency.
-        let elapsed = start.elapsed();
-        let is_sse = watch.as_ref().is_some_and(|w| w.stream.is_some());
-        match (req.stream, is_sse) {
-            (true, true) => d.state.first_event(elapsed),
-            (true, false) => d.state.success(None, Some(elapsed)),
-            (false, _) => d.state.began(elapsed),
-        }
+        };
         let body = TrackedBody {
             first,
             rest: body,

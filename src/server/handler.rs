@@ -615,12 +615,9 @@ async fn stored_response(
     facts.provider = Default::default();
     // A refusal of the gateway's key is told as one (a 502 saying what the upstream said),
     // not as a 401 the SDK raises as `AuthenticationError` about the client's own key.
-    let refused = refused.map(|e| {
-        crate::provider::AttemptError::Status {
-            error: e,
-            retry_after: None,
-        }
-        .into_client_error()
+    let refused = refused.map(|e| match e.status.as_u16() {
+        401 | 403 => crate::provider::told_as_refusal(e),
+        _ => e,
     });
     Err(unsure.or(not_found).or(refused).unwrap_or_else(|| {
         GatewayError::not_found(format!(

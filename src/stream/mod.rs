@@ -89,6 +89,24 @@ impl StreamState {
     }
 }
 
+/// The error a guarded body ends with when the attempt's time was up before its end (else
+/// it broke off): told apart by type (`timed_out`), not by its words.
+#[derive(Debug)]
+struct TimedOut(String);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// Whether a guarded body's error says the attempt's time was up (`timeout`), not a break.
+pub fn timed_out(e: &BoxError) -> bool {
+    e.downcast_ref::<TimedOut>().is_some()
+}
+
 /// What an event holding `error` is.
 #[derive(PartialEq)]
 enum ErrorEvent {
@@ -386,6 +404,8 @@ impl<B> UpstreamStream<B> {
         }
         if self.is_sse && self.sent_any {
             Ok(error_event(code, &message))
+        } else if timed_out {
+            Err(Box::new(TimedOut(message)))
         } else {
             Err(message.into())
         }
